@@ -1,0 +1,56 @@
+"""Every error jaxpersona raises on bad input. One module, one hierarchy.
+
+Each message says what went wrong *and* what to do about it. The CLI maps any
+:class:`JaxPersonaError` to a non-zero exit code with the message on stderr.
+"""
+
+from __future__ import annotations
+
+
+class JaxPersonaError(Exception):
+    """Base class of all jaxpersona errors."""
+
+    exit_code: int = 2
+
+
+# --- files and formats ------------------------------------------------------
+class ModelNotFoundError(JaxPersonaError, FileNotFoundError):
+    """A model path, registry name or required file does not exist."""
+
+
+class CorruptCheckpointError(JaxPersonaError):
+    """A weights file (GGUF, safetensors) is truncated, corrupt or unreadable."""
+
+
+class UnsupportedQuantizationError(JaxPersonaError):
+    """A GGUF tensor uses a quantization type jaxpersona cannot dequantize."""
+
+
+# --- models and configs -----------------------------------------------------
+class UnsupportedArchitectureError(JaxPersonaError):
+    """The model family (HF ``model_type`` / GGUF ``general.architecture``) is not implemented."""
+
+
+class UnsupportedConfigError(JaxPersonaError):
+    """A config field has a value the forward does not honour (would silently change the model)."""
+
+
+class ShapeMismatchError(JaxPersonaError):
+    """Weights do not have the shapes the config implies."""
+
+
+class UnsupportedDtypeError(JaxPersonaError):
+    """A compute dtype other than float32 / bfloat16 was requested."""
+
+
+# --- inputs -----------------------------------------------------------------
+class InputError(JaxPersonaError, ValueError):
+    """Bad user input: empty batch, malformed messages, invalid sampling settings, ..."""
+
+
+class ContextLengthError(InputError):
+    """Prompt (+ new tokens) is longer than the model's context window."""
+
+
+class ChatTemplateError(InputError):
+    """The tokenizer has no chat template, or the template rejected the messages."""

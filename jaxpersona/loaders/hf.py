@@ -1,0 +1,169 @@
+"""Load an HF model directory (``config.json`` + ``*.safetensors``, sharded or not) into params.
+
+The HF -> jaxpersona name map lives here once; the GGUF loader converts GGUF files into HF
+directories and comes through this same path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.config import ModelConfig, from_hf_config
+from jaxpersona.models.transformer import Params, check_params
+
+# HF per-layer names (after "model.layers.{i}.") -> (our name, transpose?)
+_LAYER_MAP: dict[str, tuple[str, bool]] = {
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.o_proj.bias": ("bo", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+    "input_layernorm.weight": ("attn_norm", False),
+}
+# post_attention_layernorm is the pre-MLP norm in Llama/Qwen, but a sandwich norm in Gemma.
+_LLAMA_NORMS = {"post_attention_layernorm.weight": ("mlp_norm", False)}
+_GEMMA_NORMS = {
+    "post_attention_layernorm.weight": ("post_attn_norm", False),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", False),
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", False),
+}
+_LAYER_RE = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\.(.+)$")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+def _strip(name: str) -> str:
+    for prefix in ("model.language_model.", "language_model.model.", "model."):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def params_from_hf_tensors(
+    cfg: ModelConfig, names: list[str], get: Callable[[str], np.ndarray], dtype: Any = jnp.float32
+) -> Params:
+    """Build the stacked params pytree from HF-named tensors (``get(name) -> [out, in]`` arrays)."""
+    layer_map = {**_LAYER_MAP, **(_GEMMA_NORMS if cfg.sandwich_norm else _LLAMA_NORMS)}
+    per_layer: dict[str, dict[int, str]] = {}
+    top: dict[str, str] = {}
+    unexpected = []
+    for name in names:
+        if _IGNORED.search(name):
+            continue
+        m = _LAYER_RE.match(name)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            if rest not in layer_map:
+                unexpected.append(name)
+                continue
+            per_layer.setdefault(layer_map[rest][0], {})[i] = name
+            continue
+        short = _strip(name)
+        key = {"embed_tokens.weight": "embed", "norm.weight": "final_norm", "lm_head.weight": "lm_head"}.get(short)
+        if key is None:
+            unexpected.append(name)
+        elif not (key == "lm_head" and cfg.tie_embeddings):
+            top[key] = name
+    if unexpected:
+        raise errors.ShapeMismatchError(
+            f"checkpoint has weights this {cfg.family} config does not use: {unexpected[:8]}"
+            " — the config.json does not describe these weights"
+        )
+
+    def cast(a: np.ndarray) -> jnp.ndarray:
+        return jnp.asarray(np.asarray(a, dtype=np.float32) if a.dtype != np.float32 else a, dtype=dtype)
+
+    params: Params = {"layers": {}}
+    for key, name in top.items():
+        a = get(name)
+        params[key] = cast(a.T if key == "lm_head" else a)
+    transpose = {ours: t for ours, t in layer_map.values()}
+    for key, by_layer in per_layer.items():
+        missing = sorted(set(range(cfg.n_layers)) - set(by_layer))
+        if missing or len(by_layer) != cfg.n_layers:
+            raise errors.ShapeMismatchError(
+                f"{key}: checkpoint has layers {sorted(by_layer)[:4]}... but config says {cfg.n_layers} layers"
+                f" (missing {missing[:8]})"
+            )
+        arrs = [get(by_layer[i]) for i in range(cfg.n_layers)]
+        shapes = {a.shape for a in arrs}
+        if len(shapes) != 1:
+            raise errors.ShapeMismatchError(f"{key}: layers have different shapes {sorted(shapes)}")
+        stacked = np.stack([a.T if transpose[key] else a for a in arrs])
+        params["layers"][key] = cast(stacked)
+    check_params(params, cfg)
+    return params
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise errors.CorruptCheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise errors.ModelNotFoundError(
+                f"{index.name} lists shards that are not in {path}: {missing} — download every shard"
+            )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise errors.ModelNotFoundError(f"no *.safetensors in {path}; expected an HF model directory")
+    return files
+
+
+def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
+    """Read ``config.json`` + safetensors weights from an HF model directory."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise errors.ModelNotFoundError(f"{path} is not a directory (expected an HF model directory)")
+    if not (path / "config.json").exists():
+        raise errors.ModelNotFoundError(f"{path} has no config.json; is this an HF model directory?")
+    try:
+        cfg = from_hf_config(json.loads((path / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise errors.CorruptCheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+
+    handles = {}
+    where: dict[str, Any] = {}
+    try:
+        for f in _safetensors_files(path):
+            h = safe_open(str(f), framework="numpy")
+            handles[f] = h
+            for name in h.keys():
+                where[name] = h
+        params = params_from_hf_tensors(cfg, list(where), lambda n: where[n].get_tensor(n), dtype)
+    except SafetensorError as e:
+        raise errors.CorruptCheckpointError(
+            f"cannot read safetensors in {path}: {e} — the file is truncated or corrupt; re-download it"
+        ) from e
+    return cfg, params
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The HF tokenizer saved in ``path`` (left padding, for batched generation)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    tok.padding_side = "left"
+    return tok

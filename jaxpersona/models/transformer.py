@@ -1,0 +1,397 @@
+"""One pure forward for every supported decoder family (Llama, Mistral, Qwen2/3, Gemma 2/3).
+
+Model = data: ``params`` is a nested dict of arrays whose per-layer weights are stacked on a
+leading ``[L]`` axis; ``cfg`` is a frozen :class:`~jaxpersona.config.ModelConfig`. The forward is
+a ``lax.scan`` over the stacked layers and is usable under ``jit``, ``vmap`` and ``grad``.
+
+Residual-stream convention (used by capture and interventions alike)::
+
+    resid[0]   = embedding output (after Gemma's sqrt(d) scale)
+    resid[l]   = output of block l-1, for l = 1..L      (L + 1 points in all)
+
+This is HF's ``hidden_states`` convention for ``l < L``. HF's ``hidden_states[L]`` has the final
+norm applied; ``resid[L]`` here is the raw residual (the final norm is part of the unembedding).
+
+Hook point: ``hook(layer, h, ctx) -> h`` is called on every ``resid[l]`` before it flows on, with
+``layer`` a traced int32 scalar, so a hook that is a pytree of arrays (an intervention) never
+forces a recompile when its values change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.config import ModelConfig
+
+Params = dict[str, Any]
+Reduce = Literal["tokens", "mean", "last"]
+
+
+# --- capture / hook types ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """Which residual points to return, and how to reduce them over tokens (static under jit).
+
+    ``layers`` index ``resid`` (``0..L``). ``reduce``:
+      * ``"tokens"``: per token, ``[n, B, T, D]``
+      * ``"mean"``:   mean over the capture mask, ``[n, B, D]``
+      * ``"last"``:   the last position of the capture mask, ``[n, B, D]``
+    Only the requested layers are ever kept; nothing of size ``L x T`` is materialised.
+    """
+
+    layers: tuple[int, ...]
+    reduce: Reduce = "tokens"
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if not self.layers:
+            raise errors.InputError("Capture.layers is empty; ask for at least one resid index")
+        bad = [l for l in self.layers if not 0 <= l <= cfg.n_layers]
+        if bad:
+            raise errors.InputError(
+                f"capture layers {bad} are outside resid[0..{cfg.n_layers}] "
+                f"(resid[0] = embeddings, resid[l] = output of block l-1)"
+            )
+        if self.reduce not in ("tokens", "mean", "last"):
+            raise errors.InputError(f"capture reduce {self.reduce!r}; use 'tokens', 'mean' or 'last'")
+
+
+class HookContext(NamedTuple):
+    """What a hook sees besides the residual. All ``[B, T]``."""
+
+    positions: jax.Array  # rope position of each token
+    slots: jax.Array  # absolute index in the sequence / KV cache
+    valid: jax.Array  # bool, False on padding
+
+
+Hook = Callable[[jax.Array, jax.Array, HookContext], jax.Array]
+
+
+class KVCache(NamedTuple):
+    """Fixed-size cache. ``k``/``v``: ``[L, B, S, KV, hd]``; ``valid``: ``[B, S]`` (False = padding/empty)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
+        shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool))
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32 (None when not asked for)
+    captured: jax.Array | None  # [n, B, T, D] or [n, B, D]
+    cache: KVCache | None
+
+
+# --- shared math ------------------------------------------------------------------------------
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32. ``offset=1`` is Gemma's ``(1 + w)`` scale."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:  # Gemma: scale in float32, then cast
+        return (normed * (offset + w.astype(jnp.float32))).astype(x.dtype)
+    return w * normed.astype(x.dtype)  # Llama: cast, then scale
+
+
+def rope_tables(inv_freq: np.ndarray, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[B, T, hd]`` (HF rotate-half layout) for integer positions ``[B, T]``."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x``: ``[B, T, heads, hd]``; cos/sin ``[B, T, hd]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    xf = x.astype(jnp.float32)
+    out = xf * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def attention_masks(cfg: ModelConfig, q_slots: jax.Array, k_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Boolean masks ``[B, T, S]`` (True = may attend) for global and sliding layers.
+
+    ``q_slots``: ``[B, T]`` absolute index of each query; keys are slots ``0..S-1``.
+    """
+    k_slots = jnp.arange(k_valid.shape[1])
+    causal = (k_slots[None, None, :] <= q_slots[:, :, None]) & k_valid[:, None, :]
+    if cfg.sliding_window is None:
+        return causal, causal
+    near = (q_slots[:, :, None] - k_slots[None, None, :]) < cfg.sliding_window
+    return causal, causal & near
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q ``[B,T,H,hd]``, k/v ``[B,S,KV,hd]``, mask ``[B,T,S]`` -> ``[B,T,H*hd]``."""
+    b, t, h, hd = q.shape
+    g = h // cfg.n_kv_heads
+    qg = q.reshape(b, t, cfg.n_kv_heads, g, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * cfg.scale
+    scores = softcap(scores, cfg.attn_softcap)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * hd)
+
+
+def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Final norm + LM head: ``[..., D] -> [..., V]`` float32 logits."""
+    x = rms_norm(h, params["final_norm"], cfg.rms_eps, cfg.norm_offset)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+    return softcap(logits, cfg.final_softcap)
+
+
+# --- the block --------------------------------------------------------------------------------
+def block(
+    cfg: ModelConfig,
+    lp: Params,
+    x: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    mask: jax.Array,
+    kv: tuple[jax.Array, jax.Array, jax.Array] | None,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One decoder block on ``x [B, T, D]``; ``lp`` holds this layer's (unstacked) weights.
+
+    ``kv`` = (cache_k ``[B,S,KV,hd]``, cache_v, write index) or None when attending to ``x`` only.
+    Returns the block output and the ``T`` new keys/values ``[B, T, KV, hd]`` (to write to a cache).
+    """
+    b, t, _ = x.shape
+    eps, off = cfg.rms_eps, cfg.norm_offset
+    hx = rms_norm(x, lp["attn_norm"], eps, off)
+    q = hx @ lp["wq"]
+    k = hx @ lp["wk"]
+    v = hx @ lp["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], eps, off)
+        k = rms_norm(k, lp["k_norm"], eps, off)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k_all, v_all = k, v
+    if kv is not None:
+        cache_k, cache_v, index = kv
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+    attn = attention(cfg, q, k_all, v_all, mask) @ lp["wo"]
+    if cfg.o_bias:
+        attn = attn + lp["bo"]
+    if cfg.sandwich_norm:
+        attn = rms_norm(attn, lp["post_attn_norm"], eps, off)
+    x = x + attn
+    hx = rms_norm(x, lp["mlp_norm"], eps, off)
+    mlp = (activation(cfg.activation, hx @ lp["w_gate"]) * (hx @ lp["w_up"])) @ lp["w_down"]
+    if cfg.sandwich_norm:
+        mlp = rms_norm(mlp, lp["post_mlp_norm"], eps, off)
+    return x + mlp, (k, v)
+
+
+# --- capture helpers --------------------------------------------------------------------------
+def _reduce(h: jax.Array, reduce: Reduce, cmask: jax.Array) -> jax.Array:
+    """``h [B,T,D]`` -> capture value under ``cmask [B,T]``."""
+    if reduce == "tokens":
+        return h
+    w = cmask.astype(jnp.float32)
+    if reduce == "mean":
+        return (jnp.einsum("btd,bt->bd", h.astype(jnp.float32), w) / jnp.maximum(w.sum(1), 1.0)[:, None]).astype(
+            h.dtype
+        )
+    last = jnp.max(jnp.where(cmask, jnp.arange(h.shape[1])[None, :], 0), axis=1)
+    return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+
+
+# --- the forward ------------------------------------------------------------------------------
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    capture: Capture | None = None,
+    capture_mask: jax.Array | None = None,
+    hook: Hook | None = None,
+    logits: bool | Literal["last"] = True,
+) -> ForwardOutput:
+    """Run the model on ``tokens [B, T]`` (int32).
+
+    Args:
+      valid: ``[B, T]`` bool, False on (left) padding. Default: all True.
+      positions: ``[B, T]`` rope positions. Default: ``cumsum(valid) - 1`` (+ tokens already cached).
+      cache: a :class:`KVCache`; the ``T`` new keys/values are written at slots
+        ``cache_index .. cache_index + T - 1`` and attention covers the whole cache.
+      capture: which ``resid`` points to return (see :class:`Capture`); ``capture_mask [B, T]``
+        selects the tokens for ``mean``/``last`` (default ``valid``).
+      hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).
+      logits: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]``, False for none.
+    """
+    b, t = tokens.shape
+    chex.assert_rank(tokens, 2)
+    if valid is None:
+        valid = jnp.ones((b, t), bool)
+    valid = valid.astype(bool)
+    index = jnp.asarray(cache_index, jnp.int32)
+    if positions is None:
+        prior = jnp.zeros((b,), jnp.int32) if cache is None else cache.valid.sum(axis=1).astype(jnp.int32)
+        positions = jnp.maximum(prior[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+    slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    ctx = HookContext(positions=positions, slots=slots, valid=valid)
+
+    if cache is not None:
+        k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
+    else:
+        k_valid = valid
+    mask_full, mask_local = attention_masks(cfg, slots, k_valid)
+    rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
+    rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
+    sliding = jnp.asarray(cfg.layer_sliding)
+
+    dtype = params["embed"].dtype
+    h = params["embed"][tokens]
+    if cfg.embed_scale != 1.0:
+        h = h * jnp.asarray(cfg.embed_scale, dtype)
+
+    # Capture buffer: one slot per requested layer; other layers write nowhere.
+    if capture is not None:
+        capture.validate(cfg)
+        cmask = valid if capture_mask is None else capture_mask.astype(bool)
+        slot_of = np.full(cfg.n_resid, -1, np.int32)
+        for i, l in enumerate(capture.layers):
+            slot_of[l] = i
+        slot_of_j = jnp.asarray(slot_of)
+        probe = _reduce(h, capture.reduce, cmask)
+        buf = jnp.zeros((len(capture.layers), *probe.shape), dtype)
+
+        def record(buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
+            s = slot_of_j[layer]
+            new = jnp.where(s >= 0, _reduce(h, capture.reduce, cmask), buf[jnp.maximum(s, 0)])
+            return jax.lax.dynamic_update_index_in_dim(buf, new, jnp.maximum(s, 0), axis=0)
+
+    else:
+        buf = jnp.zeros((0,), dtype)
+
+        def record(buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
+            return buf
+
+    def at_resid(h: jax.Array, buf: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if hook is not None:
+            h = hook(layer, h, ctx).astype(h.dtype)
+        return h, record(buf, layer, h)
+
+    h, buf = at_resid(h, buf, jnp.int32(0))
+
+    def step(carry, xs):
+        h, buf, ck, cv = carry
+        lp, layer, is_sliding = xs
+        mask = jnp.where(is_sliding, mask_local, mask_full)
+        rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), rope_l, rope_g)
+        if cache is None:
+            h, _ = block(cfg, lp, h, rope, mask, None)
+        else:
+            h, (k, v) = block(cfg, lp, h, rope, mask, (ck[layer], cv[layer], index))
+            at = (layer, jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+        h, buf = at_resid(h, buf, layer + 1)
+        return (h, buf, ck, cv), None
+
+    ck = cache.k if cache is not None else jnp.zeros((0,), dtype)
+    cv = cache.v if cache is not None else jnp.zeros((0,), dtype)
+    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+    (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), (params["layers"], layer_ids, sliding))
+
+    out_logits = None
+    if logits == "last":
+        out_logits = unembed(params, cfg, h[:, -1:])
+    elif logits:
+        out_logits = unembed(params, cfg, h)
+    new_cache = KVCache(ck, cv, k_valid) if cache is not None else None
+    return ForwardOutput(out_logits, buf if capture is not None else None, new_cache)
+
+
+# --- params -----------------------------------------------------------------------------------
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The params pytree's structure with shapes (tuples) as leaves. Matmul weights are ``[in, out]``."""
+    L, D, F, V = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    layers: dict[str, tuple[int, ...]] = {
+        "attn_norm": (L, D),
+        "wq": (L, D, H * hd),
+        "wk": (L, D, KV * hd),
+        "wv": (L, D, KV * hd),
+        "wo": (L, H * hd, D),
+        "mlp_norm": (L, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=(L, H * hd), bk=(L, KV * hd), bv=(L, KV * hd))
+    if cfg.o_bias:
+        layers["bo"] = (L, D)
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, hd), k_norm=(L, hd))
+    if cfg.sandwich_norm:
+        layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
+    shapes: Params = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def check_params(params: Params, cfg: ModelConfig) -> None:
+    """Raise :class:`~jaxpersona.errors.ShapeMismatchError` unless ``params`` fits ``cfg`` exactly."""
+    want = jax.tree.leaves_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    flat_have = dict(jax.tree.leaves_with_path(params))
+    problems = []
+    for path, shape in want:
+        have = flat_have.pop(path, None)
+        name = jax.tree_util.keystr(path)
+        if have is None:
+            problems.append(f"missing {name} (expected shape {shape})")
+        elif tuple(have.shape) != tuple(shape):
+            problems.append(f"{name}: weights have shape {tuple(have.shape)}, config implies {tuple(shape)}")
+    problems += [f"unexpected weight {jax.tree_util.keystr(p)}" for p in flat_have]
+    if problems:
+        raise errors.ShapeMismatchError(
+            "weights do not match the config (wrong config.json for these weights?):\n  " + "\n  ".join(problems[:20])
+        )
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, scale: float = 0.02) -> Params:
+    """Random params (normal(0, scale) matrices, norms at their identity) — for tests and benchmarks."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.leaves_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.full(shape, 1.0 - cfg.norm_offset, dtype))
+        else:
+            out.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
