@@ -154,7 +154,7 @@ def _rope_from_params(p: Mapping[str, Any], max_position: int, where: str) -> Ro
     )
 
 
-def _eos_tuple(eos: Any) -> tuple[int, ...]:
+def eos_tuple(eos: Any) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
@@ -279,6 +279,6 @@ def from_hf_config(hf: Any) -> ModelConfig:
         attn_softcap=float(get("attn_logit_softcapping")) if get("attn_logit_softcapping") else None,
         final_softcap=float(get("final_logit_softcapping")) if get("final_logit_softcapping") else None,
         bos_token_id=get("bos_token_id"),
-        eos_token_ids=_eos_tuple(get("eos_token_id")),
+        eos_token_ids=eos_tuple(get("eos_token_id")),
         pad_token_id=get("pad_token_id"),
     )

@@ -6,6 +6,7 @@ directories and comes through this same path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.config import ModelConfig, from_hf_config
+from jaxpersona.config import ModelConfig, eos_tuple, from_hf_config
 from jaxpersona.models.transformer import Params, check_params
 
 # HF per-layer names (after "model.layers.{i}.") -> (our name, transpose?)
@@ -143,6 +144,14 @@ def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig
         cfg = from_hf_config(json.loads((path / "config.json").read_text()))
     except json.JSONDecodeError as e:
         raise errors.CorruptCheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+    gen_cfg = path / "generation_config.json"
+    if gen_cfg.exists():  # stop tokens for generation (e.g. Qwen's <|im_end|> and <|endoftext|>)
+        try:
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise errors.CorruptCheckpointError(f"{gen_cfg} is not valid JSON ({e})") from e
+        if eos is not None:
+            cfg = dataclasses.replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *eos_tuple(eos)})))
 
     handles = {}
     where: dict[str, Any] = {}

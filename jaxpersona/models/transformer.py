@@ -75,7 +75,7 @@ Hook = Callable[[jax.Array, jax.Array, HookContext], jax.Array]
 
 
 class KVCache(NamedTuple):
-    """Fixed-size cache. ``k``/``v``: ``[L, B, S, KV, hd]``; ``valid``: ``[B, S]`` (False = padding/empty)."""
+    """Fixed-size cache. ``k``/``v``: ``[L, B, KV, S, hd]``; ``valid``: ``[B, S]`` (False = padding/empty)."""
 
     k: jax.Array
     v: jax.Array
@@ -83,7 +83,7 @@ class KVCache(NamedTuple):
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
-        shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool))
 
 
@@ -141,61 +141,57 @@ def attention_masks(cfg: ModelConfig, q_slots: jax.Array, k_valid: jax.Array) ->
 
 
 def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q ``[B,T,H,hd]``, k/v ``[B,S,KV,hd]``, mask ``[B,T,S]`` -> ``[B,T,H*hd]``."""
+    """Grouped-query attention. q ``[B,T,H,hd]``, k/v ``[B,KV,S,hd]``, mask ``[B,T,S]`` -> ``[B,T,H*hd]``.
+
+    Heads are laid out ``[B, KV, G*T, hd]`` so both products are plain batched matmuls (fast on CPU).
+    """
     b, t, h, hd = q.shape
-    g = h // cfg.n_kv_heads
-    qg = q.reshape(b, t, cfg.n_kv_heads, g, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * cfg.scale
-    scores = softcap(scores, cfg.attn_softcap)
+    kvh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
+    qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * cfg.scale
+    scores = softcap(scores, cfg.attn_softcap).reshape(b, kvh, g, t, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, g, t, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Final norm + LM head: ``[..., D] -> [..., V]`` float32 logits."""
     x = rms_norm(h, params["final_norm"], cfg.rms_eps, cfg.norm_offset)
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+    if cfg.tie_embeddings:  # contract against [V, D] directly: no transposed copy of the embedding
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
     return softcap(logits, cfg.final_softcap)
 
 
 # --- the block --------------------------------------------------------------------------------
-def block(
-    cfg: ModelConfig,
-    lp: Params,
-    x: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    mask: jax.Array,
-    kv: tuple[jax.Array, jax.Array, jax.Array] | None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One decoder block on ``x [B, T, D]``; ``lp`` holds this layer's (unstacked) weights.
-
-    ``kv`` = (cache_k ``[B,S,KV,hd]``, cache_v, write index) or None when attending to ``x`` only.
-    Returns the block output and the ``T`` new keys/values ``[B, T, KV, hd]`` (to write to a cache).
-    """
+def project_qkv(
+    cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention inputs of one block: q ``[B,T,H,hd]``, k/v ``[B,KV,T,hd]`` (rope applied)."""
     b, t, _ = x.shape
     eps, off = cfg.rms_eps, cfg.norm_offset
     hx = rms_norm(x, lp["attn_norm"], eps, off)
-    q = hx @ lp["wq"]
-    k = hx @ lp["wk"]
-    v = hx @ lp["wv"]
+    q, k, v = hx @ lp["wq"], hx @ lp["wk"], hx @ lp["wv"]
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], eps, off)
-        k = rms_norm(k, lp["k_norm"], eps, off)
+        q, k = rms_norm(q, lp["q_norm"], eps, off), rms_norm(k, lp["k_norm"], eps, off)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k_all, v_all = k, v
-    if kv is not None:
-        cache_k, cache_v, index = kv
-        k_all = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
-    attn = attention(cfg, q, k_all, v_all, mask) @ lp["wo"]
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def finish_block(
+    cfg: ModelConfig, lp: Params, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``), output projection, MLP; residual adds."""
+    eps, off = cfg.rms_eps, cfg.norm_offset
+    attn = attention(cfg, q, k, v, mask) @ lp["wo"]
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
@@ -205,7 +201,13 @@ def block(
     mlp = (activation(cfg.activation, hx @ lp["w_gate"]) * (hx @ lp["w_up"])) @ lp["w_down"]
     if cfg.sandwich_norm:
         mlp = rms_norm(mlp, lp["post_mlp_norm"], eps, off)
-    return x + mlp, (k, v)
+    return x + mlp
+
+
+def block(cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+    """One decoder block on ``x [B, T, D]`` attending to itself; ``lp`` = this layer's weights."""
+    q, k, v = project_qkv(cfg, lp, x, rope)
+    return finish_block(cfg, lp, x, q, k, v, mask)
 
 
 # --- capture helpers --------------------------------------------------------------------------
@@ -310,12 +312,13 @@ def forward(
         mask = jnp.where(is_sliding, mask_local, mask_full)
         rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), rope_l, rope_g)
         if cache is None:
-            h, _ = block(cfg, lp, h, rope, mask, None)
-        else:
-            h, (k, v) = block(cfg, lp, h, rope, mask, (ck[layer], cv[layer], index))
-            at = (layer, jnp.int32(0), index, jnp.int32(0), jnp.int32(0))
+            h = block(cfg, lp, h, rope, mask)
+        else:  # write the new keys/values in place first, then read this layer's slice
+            q, k, v = project_qkv(cfg, lp, h, rope)
+            at = (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            h = finish_block(cfg, lp, h, q, ck[layer], cv[layer], mask)
         h, buf = at_resid(h, buf, layer + 1)
         return (h, buf, ck, cv), None
 

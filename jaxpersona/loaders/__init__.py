@@ -1,0 +1,1 @@
+"""Checkpoint loaders: HF model directories and GGUF files."""

@@ -1,0 +1,249 @@
+"""The user-facing handle: ``load()`` a model by registry name, HF directory or GGUF file, then
+chat, generate, score and capture residual activations with a few calls.
+
+``Model`` is a thin shell around the pure functions (``forward``, ``generate``): it owns the
+tokenizer and chat template, pads batches on the left, and buckets prompt lengths so repeated
+calls reuse compiled code. Everything numerical stays in the pure functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors, registry
+from jaxpersona.config import ModelConfig
+from jaxpersona.generate import GenerateOutput, generate
+from jaxpersona.loaders.hf import load_hf_dir, load_tokenizer
+from jaxpersona.models.transformer import Capture, Hook, Params, Reduce, forward
+
+Message = dict[str, str]
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+
+
+def parse_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise errors.UnsupportedDtypeError(f"dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
+        return _DTYPES[dtype]
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise errors.UnsupportedDtypeError(f"dtype {dtype} is not supported; use float32 or bfloat16")
+    return dtype
+
+
+class Batch(NamedTuple):
+    """Left-padded token batch: ``tokens [B, T]`` int32 and ``valid [B, T]`` bool."""
+
+    tokens: np.ndarray
+    valid: np.ndarray
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, bucket: int = BUCKET) -> Batch:
+    """Left-pad id lists into a :class:`Batch`, length rounded up to a multiple of ``bucket``."""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise errors.InputError("empty batch or empty prompt; give at least one non-empty prompt")
+    t = max(len(s) for s in seqs)
+    t = -(-t // bucket) * bucket if bucket > 1 else t
+    tokens = np.full((len(seqs), t), pad_id, np.int32)
+    valid = np.zeros((len(seqs), t), bool)
+    for i, s in enumerate(seqs):
+        tokens[i, t - len(s) :] = s
+        valid[i, t - len(s) :] = True
+    return Batch(tokens, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "logits"))
+def _forward_jit(params, cfg, tokens, valid, capture_mask, hook, *, capture, logits):
+    return forward(params, cfg, tokens, valid=valid, capture=capture, capture_mask=capture_mask, hook=hook, logits=logits)
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: ``cfg`` (static), ``params`` (pytree), ``tokenizer`` (HF), ``name``."""
+
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any
+    name: str = ""
+
+    # --- text <-> tokens ------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, self.cfg.pad_token_id, tok.eos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    def format_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """Render one conversation with the tokenizer's chat template.
+
+        Templates without a system role (Gemma) get the system prompt prefixed to the first user turn.
+        """
+        import jinja2
+
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise errors.ChatTemplateError(
+                f"model {self.name or self.cfg.family!r} has no chat template (a base model?); "
+                "pass raw text prompts instead (chat=False)"
+            )
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise errors.ChatTemplateError(f"each message needs 'role' and 'content', got {m!r}")
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            if messages and messages[0]["role"] == "system" and len(messages) > 1 and messages[1]["role"] == "user":
+                merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+                return self.format_chat([merged, *messages[2:]], add_generation_prompt)
+            raise errors.ChatTemplateError(f"the chat template rejected the messages: {e}") from e
+
+    def encode(self, texts: list[str], *, chat: bool = False, system: str | None = None, bucket: int = BUCKET) -> Batch:
+        """Tokenize prompts (``chat=True``: each text is a user turn, optional system prompt)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise errors.InputError("empty batch: give at least one prompt")
+        if chat:
+            texts = [self.format_chat(conversation(t, system)) for t in texts]
+            ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        else:
+            ids = [self.tokenizer.encode(t) for t in texts]
+        return pad_left(ids, self.pad_id, bucket)
+
+    def encode_conversations(self, conversations: list[list[Message]], bucket: int = BUCKET) -> Batch:
+        texts = [self.format_chat(c) for c in conversations]
+        return pad_left([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], self.pad_id, bucket)
+
+    def decode(self, out: GenerateOutput) -> list[str]:
+        toks = np.asarray(out.tokens)
+        lengths = np.asarray(out.lengths)
+        eos = set(self.eos_ids)
+        texts = []
+        for row, n in zip(toks, lengths):
+            row = [int(t) for t in row[:n] if int(t) not in eos]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    # --- computation ----------------------------------------------------------------------
+    def check_length(self, batch: Batch, new_tokens: int = 0) -> None:
+        t = batch.tokens.shape[1]
+        if t + new_tokens > self.cfg.max_position:
+            raise errors.ContextLengthError(
+                f"prompt of {t} tokens (+{new_tokens} new) exceeds the context of {self.cfg.max_position}; "
+                "shorten the prompt or ask for fewer new tokens"
+            )
+
+    def run(
+        self,
+        batch: Batch,
+        *,
+        capture: Capture | None = None,
+        capture_mask: np.ndarray | None = None,
+        hook: Hook | None = None,
+        logits: bool | str = True,
+    ):
+        """Jitted :func:`~jaxpersona.models.transformer.forward` on a batch."""
+        self.check_length(batch)
+        if capture is not None:
+            capture.validate(self.cfg)
+        cmask = batch.valid if capture_mask is None else capture_mask
+        return _forward_jit(
+            self.params, self.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(cmask, bool), hook,
+            capture=capture, logits=logits,
+        )
+
+    def resid(
+        self,
+        texts: list[str] | str,
+        layers: tuple[int, ...] | list[int],
+        reduce: Reduce = "mean",
+        *,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> np.ndarray:
+        """Residual stream at ``resid[l]`` for each ``l`` in ``layers``: ``[n, B, D]`` (or ``[n, B, T, D]``)."""
+        batch = self.encode(texts, chat=chat, system=system)
+        out = self.run(batch, capture=Capture(tuple(int(l) for l in layers), reduce), logits=False)
+        return np.asarray(out.captured.astype(jnp.float32))
+
+    def generate(
+        self,
+        prompts: list[str] | str,
+        *,
+        chat: bool = True,
+        system: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        hook: Hook | None = None,
+    ) -> list[str]:
+        """Generate a completion for each prompt (chat-formatted by default). Same seed -> same text."""
+        batch = self.encode(prompts, chat=chat, system=system)
+        return self.decode(self.generate_tokens(batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                top_p=top_p, seed=seed, hook=hook))
+
+    def generate_tokens(self, batch: Batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int = 0, hook: Hook | None = None) -> GenerateOutput:
+        self.check_length(batch, max_new_tokens)
+        return generate(
+            self.params, self.cfg, batch.tokens, batch.valid, max_new_tokens=max_new_tokens,
+            key=jax.random.key(seed), temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,
+            pad_id=self.pad_id, hook=hook,
+        )
+
+    def chat(self, message: str | list[Message], *, system: str | None = None, **kw: Any) -> str:
+        """One chat reply. ``message``: a user string or a whole conversation (list of messages)."""
+        conv = conversation(message, system) if isinstance(message, str) else list(message)
+        batch = self.encode_conversations([conv])
+        return self.decode(self.generate_tokens(batch, **kw))[0]
+
+
+def conversation(user: str, system: str | None = None) -> list[Message]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return [*msgs, {"role": "user", "content": user}]
+
+
+def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float32") -> Model:
+    """Load a registered model name, an HF model directory, or a ``.gguf`` file.
+
+    GGUF files are converted once to an HF directory under :func:`jaxpersona.registry.cache_dir`.
+    """
+    from jaxpersona.loaders.gguf import convert_gguf_to_hf_dir
+
+    dtype = parse_dtype(dtype)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in registry.REGISTRY:
+        gguf_path = registry.resolve(name)
+    elif path.is_dir():
+        cfg, params = load_hf_dir(path, dtype)
+        return Model(cfg, params, load_tokenizer(path), name)
+    elif path.suffix == ".gguf":
+        if not path.exists():
+            raise errors.ModelNotFoundError(f"GGUF file {path} does not exist")
+        gguf_path = path
+    else:
+        registry.resolve(name)  # raises a clear ModelNotFoundError
+        raise AssertionError("unreachable")
+    hf_dir = registry.converted_dir(gguf_path)
+    if not (hf_dir / "config.json").exists():
+        convert_gguf_to_hf_dir(gguf_path, hf_dir)
+    cfg, params = load_hf_dir(hf_dir, dtype)
+    return Model(cfg, params, load_tokenizer(hf_dir), name)
