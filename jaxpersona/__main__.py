@@ -1,0 +1,5 @@
+import sys
+
+from jaxpersona.cli import main
+
+sys.exit(main())
