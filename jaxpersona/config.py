@@ -30,6 +30,24 @@ _MODEL_TYPE_TO_FAMILY = {
     "gemma3": "gemma3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def parse_dtype(dtype: Any) -> Any:
+    """``"float32"``/``"bfloat16"`` (or the jnp dtypes) -> a jnp dtype; anything else is an error."""
+    import jax.numpy as jnp
+
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise errors.UnsupportedDtypeError(f"dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
+        return jnp.dtype(_DTYPES[dtype])
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise errors.UnsupportedDtypeError(f"dtype {dtype!r} is not supported; use float32 or bfloat16") from e
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise errors.UnsupportedDtypeError(f"dtype {dt} is not supported; use float32 or bfloat16")
+    return dt
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,24 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors, registry
-from jaxpersona.config import ModelConfig
+from jaxpersona.config import ModelConfig, parse_dtype
 from jaxpersona.generate import GenerateOutput, generate
 from jaxpersona.loaders.hf import load_hf_dir, load_tokenizer
 from jaxpersona.models.transformer import Capture, Hook, Params, Reduce, forward
 
 Message = dict[str, str]
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompiles)
-
-
-def parse_dtype(dtype: Any) -> Any:
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise errors.UnsupportedDtypeError(f"dtype {dtype!r} is not supported; use 'float32' or 'bfloat16'")
-        return _DTYPES[dtype]
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
-        raise errors.UnsupportedDtypeError(f"dtype {dtype} is not supported; use float32 or bfloat16")
-    return dtype
 
 
 class Batch(NamedTuple):
@@ -129,6 +118,39 @@ class Model:
     def encode_conversations(self, conversations: list[list[Message]], bucket: int = BUCKET) -> Batch:
         texts = [self.format_chat(c) for c in conversations]
         return pad_left([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], self.pad_id, bucket)
+
+    def role_mask(self, conversations: list[list[Message]], role: str, *, add_generation_prompt: bool = True,
+                  bucket: int = BUCKET) -> tuple[Batch, np.ndarray]:
+        """Tokens of one chat role's *content* (template tokens excluded): ``(batch, mask [B, T])``.
+
+        Spans come from the rendered template: each message's content is located in the rendered
+        text in order, and tokens whose characters fall inside it are selected.
+        """
+        tok = self.tokenizer
+        seqs, masks = [], []
+        for conv in conversations:
+            text = self.format_chat(conv, add_generation_prompt)
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            spans, pos = [], 0
+            for m in conv:
+                start = text.find(m["content"], pos) if m["content"] else -1
+                if start < 0:
+                    if m["role"] == role and m["content"]:
+                        raise errors.ChatTemplateError(
+                            f"could not locate a {role!r} message's content in the rendered chat template"
+                        )
+                    continue
+                pos = start + len(m["content"])
+                if m["role"] == role:
+                    spans.append((start, pos))
+            sel = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+            seqs.append(enc["input_ids"])
+            masks.append(sel)
+        batch = pad_left(seqs, self.pad_id, bucket)
+        mask = np.zeros_like(batch.valid)
+        for i, sel in enumerate(masks):
+            mask[i, mask.shape[1] - len(sel):] = sel
+        return batch, mask
 
     def decode(self, out: GenerateOutput) -> list[str]:
         toks = np.asarray(out.tokens)

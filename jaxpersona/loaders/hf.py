@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.config import ModelConfig, eos_tuple, from_hf_config
+from jaxpersona.config import ModelConfig, eos_tuple, from_hf_config, parse_dtype
 from jaxpersona.models.transformer import Params, check_params
 
 # HF per-layer names (after "model.layers.{i}.") -> (our name, transpose?)
@@ -135,6 +135,7 @@ def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig
     """Read ``config.json`` + safetensors weights from an HF model directory."""
     from safetensors import SafetensorError, safe_open
 
+    dtype = parse_dtype(dtype)
     path = Path(path)
     if not path.is_dir():
         raise errors.ModelNotFoundError(f"{path} is not a directory (expected an HF model directory)")

@@ -224,7 +224,133 @@ def _reduce(h: jax.Array, reduce: Reduce, cmask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
 
 
-# --- the forward ------------------------------------------------------------------------------
+# --- the forward, in pieces ------------------------------------------------------------------
+class Prepared(NamedTuple):
+    """Per-call tensors every layer needs: hook context, attention masks, rope tables."""
+
+    ctx: HookContext
+    mask_full: jax.Array  # [B, T, S]
+    mask_local: jax.Array  # [B, T, S]
+    rope_g: tuple[jax.Array, jax.Array]
+    rope_l: tuple[jax.Array, jax.Array]
+    k_valid: jax.Array  # [B, S]
+
+
+def prepare(
+    cfg: ModelConfig,
+    valid: jax.Array,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+) -> Prepared:
+    """Masks, rope tables and hook context for a ``[B, T]`` chunk written at ``cache_index``."""
+    b, t = valid.shape
+    valid = valid.astype(bool)
+    index = jnp.asarray(cache_index, jnp.int32)
+    if positions is None:
+        prior = jnp.zeros((b,), jnp.int32) if cache is None else cache.valid.sum(axis=1).astype(jnp.int32)
+        positions = jnp.maximum(prior[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+    slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    k_valid = valid if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
+    mask_full, mask_local = attention_masks(cfg, slots, k_valid)
+    rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
+    rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
+    return Prepared(HookContext(positions, slots, valid), mask_full, mask_local, rope_g, rope_l, k_valid)
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """``resid[0]``: token embeddings ``[B, T, D]`` (Gemma scales by sqrt(d) in the model dtype)."""
+    h = params["embed"][tokens]
+    if cfg.embed_scale != 1.0:
+        h = h * jnp.asarray(cfg.embed_scale, h.dtype)
+    return h
+
+
+class Recorder(NamedTuple):
+    """Capture state: writes ``reduce(resid[l])`` into ``buf[slot_of[l]]`` for requested layers."""
+
+    capture: Capture | None
+    slot_of: np.ndarray  # [L+1] slot index or -1
+    cmask: jax.Array
+
+    @classmethod
+    def make(cls, cfg: ModelConfig, capture: Capture | None, cmask: jax.Array) -> Recorder:
+        slot_of = np.full(cfg.n_resid, -1, np.int32)
+        if capture is not None:
+            capture.validate(cfg)
+            for i, l in enumerate(capture.layers):
+                slot_of[l] = i
+        return cls(capture, slot_of, cmask.astype(bool))
+
+    def empty(self, h: jax.Array) -> jax.Array:
+        if self.capture is None:
+            return jnp.zeros((0,), h.dtype)
+        probe = jax.eval_shape(lambda x: _reduce(x, self.capture.reduce, self.cmask), h)
+        return jnp.zeros((len(self.capture.layers), *probe.shape), h.dtype)
+
+    def __call__(self, buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
+        if self.capture is None:
+            return buf
+        s = jnp.asarray(self.slot_of)[layer]
+        i = jnp.maximum(s, 0)
+        new = jnp.where(s >= 0, _reduce(h, self.capture.reduce, self.cmask), buf[i])
+        return jax.lax.dynamic_update_index_in_dim(buf, new, i, axis=0)
+
+
+def apply_hook(hook: Hook | None, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+    return h if hook is None else hook(layer, h, ctx).astype(h.dtype)
+
+
+def run_layers(
+    params: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    prep: Prepared,
+    buf: jax.Array,
+    record: Recorder,
+    *,
+    hook: Hook | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    span: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """Blocks ``0..L-1`` (or only ``start <= l < stop`` with ``span``) as one ``lax.scan``.
+
+    After block ``l`` the hook and the recorder see ``resid[l+1]``. ``span`` may be traced (one
+    compile serves every split point): layers outside it are skipped with ``lax.cond``.
+    """
+    index = jnp.asarray(cache_index, jnp.int32)
+
+    def step(carry, xs):
+        h, buf, ck, cv = carry
+        lp, layer, is_sliding = xs
+        mask = jnp.where(is_sliding, prep.mask_local, prep.mask_full)
+        rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
+
+        def run(h, buf, ck, cv):
+            if cache is None:
+                h = block(cfg, lp, h, rope, mask)
+            else:  # write the new keys/values in place first, then read this layer's slice
+                q, k, v = project_qkv(cfg, lp, h, rope)
+                at = (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                h = finish_block(cfg, lp, h, q, ck[layer], cv[layer], mask)
+            h = apply_hook(hook, layer + 1, h, prep.ctx)
+            return h, record(buf, layer + 1, h), ck, cv
+
+        if span is None:
+            return run(h, buf, ck, cv), None
+        inside = (layer >= span[0]) & (layer < span[1])
+        return jax.lax.cond(inside, run, lambda *a: a, h, buf, ck, cv), None
+
+    ck = cache.k if cache is not None else jnp.zeros((0,), h.dtype)
+    cv = cache.v if cache is not None else jnp.zeros((0,), h.dtype)
+    xs = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(cfg.layer_sliding))
+    (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), xs)
+    return h, buf, (KVCache(ck, cv, prep.k_valid) if cache is not None else None)
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -251,88 +377,20 @@ def forward(
       hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).
       logits: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]``, False for none.
     """
-    b, t = tokens.shape
     chex.assert_rank(tokens, 2)
-    if valid is None:
-        valid = jnp.ones((b, t), bool)
-    valid = valid.astype(bool)
-    index = jnp.asarray(cache_index, jnp.int32)
-    if positions is None:
-        prior = jnp.zeros((b,), jnp.int32) if cache is None else cache.valid.sum(axis=1).astype(jnp.int32)
-        positions = jnp.maximum(prior[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
-    slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    ctx = HookContext(positions=positions, slots=slots, valid=valid)
-
-    if cache is not None:
-        k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
-    else:
-        k_valid = valid
-    mask_full, mask_local = attention_masks(cfg, slots, k_valid)
-    rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
-    rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
-    sliding = jnp.asarray(cfg.layer_sliding)
-
-    dtype = params["embed"].dtype
-    h = params["embed"][tokens]
-    if cfg.embed_scale != 1.0:
-        h = h * jnp.asarray(cfg.embed_scale, dtype)
-
-    # Capture buffer: one slot per requested layer; other layers write nowhere.
-    if capture is not None:
-        capture.validate(cfg)
-        cmask = valid if capture_mask is None else capture_mask.astype(bool)
-        slot_of = np.full(cfg.n_resid, -1, np.int32)
-        for i, l in enumerate(capture.layers):
-            slot_of[l] = i
-        slot_of_j = jnp.asarray(slot_of)
-        probe = _reduce(h, capture.reduce, cmask)
-        buf = jnp.zeros((len(capture.layers), *probe.shape), dtype)
-
-        def record(buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
-            s = slot_of_j[layer]
-            new = jnp.where(s >= 0, _reduce(h, capture.reduce, cmask), buf[jnp.maximum(s, 0)])
-            return jax.lax.dynamic_update_index_in_dim(buf, new, jnp.maximum(s, 0), axis=0)
-
-    else:
-        buf = jnp.zeros((0,), dtype)
-
-        def record(buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
-            return buf
-
-    def at_resid(h: jax.Array, buf: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-        if hook is not None:
-            h = hook(layer, h, ctx).astype(h.dtype)
-        return h, record(buf, layer, h)
-
-    h, buf = at_resid(h, buf, jnp.int32(0))
-
-    def step(carry, xs):
-        h, buf, ck, cv = carry
-        lp, layer, is_sliding = xs
-        mask = jnp.where(is_sliding, mask_local, mask_full)
-        rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), rope_l, rope_g)
-        if cache is None:
-            h = block(cfg, lp, h, rope, mask)
-        else:  # write the new keys/values in place first, then read this layer's slice
-            q, k, v = project_qkv(cfg, lp, h, rope)
-            at = (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            h = finish_block(cfg, lp, h, q, ck[layer], cv[layer], mask)
-        h, buf = at_resid(h, buf, layer + 1)
-        return (h, buf, ck, cv), None
-
-    ck = cache.k if cache is not None else jnp.zeros((0,), dtype)
-    cv = cache.v if cache is not None else jnp.zeros((0,), dtype)
-    layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-    (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), (params["layers"], layer_ids, sliding))
-
+    valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
+    prep = prepare(cfg, valid, positions, cache, cache_index)
+    record = Recorder.make(cfg, capture, valid if capture_mask is None else capture_mask)
+    h = apply_hook(hook, jnp.int32(0), embed(params, cfg, tokens), prep.ctx)
+    buf = record(record.empty(h), jnp.int32(0), h)
+    h, buf, new_cache = run_layers(
+        params, cfg, h, prep, buf, record, hook=hook, cache=cache, cache_index=cache_index
+    )
     out_logits = None
     if logits == "last":
         out_logits = unembed(params, cfg, h[:, -1:])
     elif logits:
         out_logits = unembed(params, cfg, h)
-    new_cache = KVCache(ck, cv, k_valid) if cache is not None else None
     return ForwardOutput(out_logits, buf if capture is not None else None, new_cache)
 
 

@@ -1,0 +1,228 @@
+"""Interventions on the residual stream as data: steer, ablate, cap — composed, jitted, vmapped.
+
+Each intervention is a small pytree of arrays applied at ``resid[l]`` (``resid[0]`` = embeddings,
+``resid[l]`` = output of block ``l-1``) inside the compiled forward:
+
+* :class:`Steer`  — ``h + c * w[l] * v``  (``v`` raw, or unit with ``unit=True``)
+* :class:`Ablate` — ``h - <h, v̂> v̂ + m * v̂``  (``m = 0``: directional ablation; ``m`` = a mean:
+  mean-ablation), optionally followed by ``+ c * v``
+* :class:`Cap`    — clamp ``<h, v̂>`` to ``[lo, hi]``: ``h - max(0, <h,v̂> - hi) v̂ + max(0, lo - <h,v̂>) v̂``.
+  Tokens already inside the range come out bit-identical (a ``where``, not an arithmetic no-op).
+
+*Where*: ``layers`` is a weight per resid point ``[L+1]`` (0 = off; a steer scales by it), and a
+:class:`Positions` selector says which tokens: a ``[B, P]`` mask over the prompt's slots plus a
+flag ``after`` for every slot ``>= P`` (generated tokens). ``Positions.prompt()`` applies at
+prefill only, which edits the KV cache of past positions and leaves later generation untouched.
+
+*Composition*: :class:`Chain` applies its items in order at each resid point (steer-then-cap is
+not cap-then-steer). Every numeric field is an array, so new values never recompile, and
+``jax.vmap`` over any of them gives a batch of differently-intervened forwards. The *kind* and
+*order* of interventions are structure (static).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.models.transformer import HookContext
+
+
+def _pytree(cls: type) -> type:
+    """Register a dataclass as a pytree: array fields are data, ``static_*`` fields are metadata."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+    meta = [f for f in fields if f in getattr(cls, "_static", ())]
+    return jax.tree_util.register_dataclass(cls, data_fields=[f for f in fields if f not in meta], meta_fields=meta)
+
+
+# --- where: positions ---------------------------------------------------------------------
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class Positions:
+    """Token selector. ``mask [B, P]`` over prompt slots; ``after [B]`` for slots ``>= P``."""
+
+    mask: jax.Array
+    after: jax.Array
+
+    def at(self, ctx: HookContext) -> jax.Array:
+        """Boolean ``[B, T]`` for the tokens the hook sees (by absolute slot)."""
+        p = self.mask.shape[-1]
+        inside = jnp.take_along_axis(self.mask, jnp.clip(ctx.slots, 0, p - 1), axis=-1)
+        return jnp.where(ctx.slots < p, inside, self.after[..., None]) & ctx.valid
+
+    # Constructors. ``valid [B, P]`` is the prompt batch's padding mask.
+    @staticmethod
+    def all(valid: Any) -> Positions:
+        valid = jnp.asarray(valid, bool)
+        return Positions(valid, jnp.ones(valid.shape[:1], bool))
+
+    @staticmethod
+    def prompt(valid: Any) -> Positions:
+        """Prompt tokens only (prefill): with a KV cache this edits past positions only."""
+        valid = jnp.asarray(valid, bool)
+        return Positions(valid, jnp.zeros(valid.shape[:1], bool))
+
+    @staticmethod
+    def response(valid: Any) -> Positions:
+        """The last prompt token and every generated token (persona_vectors' "response")."""
+        valid = jnp.asarray(valid, bool)
+        last = jnp.zeros_like(valid).at[:, -1].set(True)
+        return Positions(last, jnp.ones(valid.shape[:1], bool))
+
+    @staticmethod
+    def explicit(mask: Any, after: Any = False) -> Positions:
+        mask = jnp.asarray(mask, bool)
+        return Positions(mask, jnp.broadcast_to(jnp.asarray(after, bool), mask.shape[:1]))
+
+
+def layer_weights(n_resid: int, layers: Any, weight: float = 1.0) -> jax.Array:
+    """``[L+1]`` weights: ``weight`` at each resid index in ``layers`` (an int, list or range)."""
+    idx = np.atleast_1d(np.asarray(layers, dtype=np.int64))
+    bad = idx[(idx < 0) | (idx >= n_resid)]
+    if bad.size:
+        raise errors.InputError(
+            f"layers {bad.tolist()} are outside resid[0..{n_resid - 1}] "
+            "(resid[0] = embeddings, resid[l] = output of block l-1)"
+        )
+    return jnp.zeros((n_resid,), jnp.float32).at[idx].set(weight)
+
+
+def _unit(v: jax.Array) -> jax.Array:
+    return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _proj(h: jax.Array, u: jax.Array) -> jax.Array:
+    """``<h, u>`` in float32: ``[B, T]``."""
+    return jnp.einsum("btd,d->bt", h.astype(jnp.float32), u)
+
+
+# --- what: the three interventions --------------------------------------------------------
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class Steer:
+    """``h + coeff * layers[l] * v`` at the selected positions."""
+
+    vector: jax.Array  # [D]
+    coeff: jax.Array  # []
+    layers: jax.Array  # [L+1]
+    positions: Positions
+    unit: bool = False
+    _static = ("unit",)
+
+    def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        v = _unit(self.vector) if self.unit else self.vector
+        w = self.layers[layer]
+        on = self.positions.at(ctx) & (w != 0)
+        add = (self.coeff * w) * v.astype(jnp.float32)
+        return jnp.where(on[..., None], (h.astype(jnp.float32) + add).astype(h.dtype), h)
+
+
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class Ablate:
+    """Project ``v̂`` out: ``h - <h,v̂> v̂ + mean * v̂ (+ coeff * v)`` where ``layers[l] != 0``."""
+
+    vector: jax.Array  # [D]
+    layers: jax.Array  # [L+1]
+    positions: Positions
+    mean: jax.Array  # [] projection value to restore (0 = plain ablation)
+    coeff: jax.Array  # [] optional re-add of coeff * v
+
+    def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        u = _unit(self.vector.astype(jnp.float32))
+        on = self.positions.at(ctx) & (self.layers[layer] != 0)
+        hf = h.astype(jnp.float32)
+        new = hf + (self.mean - _proj(h, u))[..., None] * u + self.coeff * self.vector.astype(jnp.float32)
+        return jnp.where(on[..., None], new.astype(h.dtype), h)
+
+
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class Cap:
+    """Clamp ``<h, v̂>`` into ``[lo, hi]`` (use ``-inf`` / ``inf`` for a one-sided cap)."""
+
+    vector: jax.Array  # [D]
+    lo: jax.Array  # []
+    hi: jax.Array  # []
+    layers: jax.Array  # [L+1]
+    positions: Positions
+
+    def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        u = _unit(self.vector.astype(jnp.float32))
+        p = _proj(h, u)
+        shift = jnp.maximum(0.0, self.lo - p) - jnp.maximum(0.0, p - self.hi)
+        outside = (p > self.hi) | (p < self.lo)
+        on = self.positions.at(ctx) & (self.layers[layer] != 0) & outside
+        new = h.astype(jnp.float32) + shift[..., None] * u
+        return jnp.where(on[..., None], new.astype(h.dtype), h)
+
+
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class Chain:
+    """An ordered composition: ``items[0]`` first, at every resid point."""
+
+    items: tuple
+
+    def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        for it in self.items:
+            h = it(layer, h, ctx)
+        return h
+
+
+# --- friendly constructors with validation ------------------------------------------------
+def _vector(v: Any, d_model: int, what: str) -> jax.Array:
+    v = np.asarray(v, np.float32)
+    if v.shape[-1:] != (d_model,):
+        raise errors.InputError(f"{what}: vector has shape {v.shape}, expected [..., d_model={d_model}]")
+    if not np.all(np.isfinite(v)):
+        raise errors.InputError(f"{what}: vector contains NaN or inf")
+    if what != "steer" and np.any(np.linalg.norm(v, axis=-1) == 0):
+        raise errors.InputError(f"{what}: zero vector has no direction")
+    return jnp.asarray(v)
+
+
+def _scalar(x: Any, what: str, allow_inf: bool = False) -> jax.Array:
+    a = np.asarray(x, np.float32)
+    if np.any(np.isnan(a)) or (not allow_inf and not np.all(np.isfinite(a))):
+        raise errors.InputError(f"{what} must be finite, got {x}")
+    return jnp.asarray(a)
+
+
+def steer(n_resid: int, vector: Any, coeff: Any, layers: Any, positions: Positions, unit: bool = False) -> Steer:
+    v = _vector(vector, np.shape(vector)[-1], "steer")
+    return Steer(v, _scalar(coeff, "steer coeff"), layer_weights(n_resid, layers), positions, unit)
+
+
+def ablate(n_resid: int, vector: Any, layers: Any, positions: Positions, mean: Any = 0.0, coeff: Any = 0.0) -> Ablate:
+    v = _vector(vector, np.shape(vector)[-1], "ablate")
+    return Ablate(v, layer_weights(n_resid, layers), positions, _scalar(mean, "ablate mean"),
+                  _scalar(coeff, "ablate coeff"))
+
+
+def cap(n_resid: int, vector: Any, layers: Any, positions: Positions, lo: Any = -np.inf, hi: Any = np.inf) -> Cap:
+    v = _vector(vector, np.shape(vector)[-1], "cap")
+    lo_a, hi_a = _scalar(lo, "cap floor", allow_inf=True), _scalar(hi, "cap ceiling", allow_inf=True)
+    if np.any(np.asarray(lo_a) > np.asarray(hi_a)):
+        raise errors.InputError(f"cap floor {lo} is above the ceiling {hi}")
+    return Cap(v, lo_a, hi_a, layer_weights(n_resid, layers), positions)
+
+
+def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
+    """Raise :class:`~jaxpersona.errors.InputError` if an intervention does not fit the model."""
+    items = hook.items if isinstance(hook, Chain) else (hook,)
+    for it in items:
+        if it.vector.shape[-1] != d_model:
+            raise errors.InputError(
+                f"{type(it).__name__}: vector dimension {it.vector.shape[-1]} != model d_model {d_model}"
+            )
+        if it.layers.shape[-1] != n_resid:
+            raise errors.InputError(
+                f"{type(it).__name__}: layer weights have {it.layers.shape[-1]} entries; this model has "
+                f"resid[0..{n_resid - 1}] ({n_resid} points)"
+            )

@@ -1,0 +1,389 @@
+"""Grids of interventions as one batched computation: vectors x layers x coefficients over a prompt set.
+
+Scoring (teacher-forced log-probs of target responses, and projections of the residual stream
+onto any vectors at any layers) is one jitted function per chunk of grid points:
+
+* grid points are stacked into one intervention pytree and ``vmap``-ed, batched with the prompts;
+* **shared prefix**: grid points whose intervention starts at resid ``l`` share layers ``< l`` —
+  the prefix is computed once per group, only the suffix runs per grid point (``run_layers`` with
+  a traced span, so one compile serves every split point);
+* logits are computed only at target-response positions;
+* chunks are sized from a memory budget and their rows are appended to ``results.jsonl`` as they
+  finish; a killed sweep resumes from ``progress.json`` without redoing finished chunks;
+* with a ``jax.sharding.Mesh``, the grid axis of a chunk is sharded over the mesh's ``data`` axis
+  (params replicated) — the same numbers as one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona import interventions as iv
+from jaxpersona.config import ModelConfig
+from jaxpersona.models.transformer import Capture, Params, Recorder, apply_hook, embed, prepare, run_layers, unembed
+
+KINDS = ("steer", "ablate", "cap")
+POSITIONS = ("all", "prompt", "response")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The grid: every (vector, layer, coeff) combination.
+
+    ``vectors``: ``[K, D]`` (one direction for every layer) or ``[K, L+1, D]`` (a direction per
+    resid point, as persona-vector banks are). ``window``: the intervention acts on resid
+    ``layer .. layer+window-1``. ``coeffs`` mean: steer coefficient; cap ceiling (``cap_floor``
+    adds a floor); ablate re-add coefficient.
+    """
+
+    kind: str
+    vectors: np.ndarray
+    names: tuple[str, ...]
+    layers: tuple[int, ...]
+    coeffs: tuple[float, ...]
+    positions: str = "all"
+    window: int = 1
+    unit: bool = False
+    cap_floor: float = -np.inf
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if self.kind not in KINDS:
+            raise errors.InputError(f"grid kind {self.kind!r}; use one of {KINDS}")
+        if self.positions not in POSITIONS:
+            raise errors.InputError(f"grid positions {self.positions!r}; use one of {POSITIONS}")
+        v = np.asarray(self.vectors)
+        if v.ndim not in (2, 3) or v.shape[-1] != cfg.d_model:
+            raise errors.InputError(f"vectors have shape {v.shape}; expected [K, {cfg.d_model}] or "
+                                    f"[K, {cfg.n_resid}, {cfg.d_model}] for this model")
+        if v.ndim == 3 and v.shape[1] != cfg.n_resid:
+            raise errors.InputError(f"per-layer vectors have {v.shape[1]} layers; model has {cfg.n_resid} resid points")
+        if len(self.names) != v.shape[0]:
+            raise errors.InputError(f"{len(self.names)} names for {v.shape[0]} vectors")
+        if not np.all(np.isfinite(v)):
+            raise errors.InputError("vectors contain NaN or inf")
+        if not np.all(np.isfinite(self.coeffs)):
+            raise errors.InputError(f"coefficients must be finite, got {self.coeffs}")
+        if not self.layers or not self.coeffs:
+            raise errors.InputError("the grid needs at least one layer and one coefficient")
+        bad = [l for l in self.layers if not (0 <= l and l + self.window - 1 <= cfg.n_layers)]
+        if bad:
+            raise errors.InputError(f"layers {bad} (window {self.window}) fall outside resid[0..{cfg.n_layers}]")
+
+    def points(self) -> list[dict[str, Any]]:
+        """Grid coordinates, grouped by layer (the shared-prefix order)."""
+        return [
+            {"vector": name, "vector_index": k, "layer": int(l), "coeff": float(c)}
+            for l in sorted(self.layers)
+            for k, name in enumerate(self.names)
+            for c in self.coeffs
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSet:
+    """Prompts (chat user turns) and the target responses whose log-probs are scored."""
+
+    prompts: tuple[str, ...]
+    responses: tuple[str, ...]
+    system: str | None = None
+
+
+def encode_scoring(model: Any, data: ScoringSet) -> dict[str, np.ndarray]:
+    """Tokenize prompt + response per row: tokens/valid ``[B, T]``, the target positions
+    ``pred_idx [B, R]`` (position t predicts token t+1), ``pred_tok``, ``pred_ok``, and the
+    response-token mask ``resp [B, T]``."""
+    if not data.prompts or len(data.prompts) != len(data.responses):
+        raise errors.InputError(f"need one response per prompt, got {len(data.prompts)} prompts and "
+                                f"{len(data.responses)} responses")
+    from jaxpersona.model import conversation, pad_left
+
+    tok = model.tokenizer
+    seqs, n_prompt = [], []
+    for p, r in zip(data.prompts, data.responses):
+        prompt_ids = tok.encode(model.format_chat(conversation(p, data.system)), add_special_tokens=False)
+        resp_ids = tok.encode(r, add_special_tokens=False)
+        if not resp_ids:
+            raise errors.InputError(f"empty target response for prompt {p!r}")
+        seqs.append(prompt_ids + resp_ids)
+        n_prompt.append(len(prompt_ids))
+    batch = pad_left(seqs, model.pad_id)
+    b, t = batch.tokens.shape
+    r_max = max(len(s) - n for s, n in zip(seqs, n_prompt))
+    pred_idx = np.zeros((b, r_max), np.int32)
+    pred_tok = np.zeros((b, r_max), np.int32)
+    pred_ok = np.zeros((b, r_max), bool)
+    resp = np.zeros((b, t), bool)
+    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+        off = t - len(s)
+        r = len(s) - n
+        pos = off + n + np.arange(r)  # slots of the response tokens
+        pred_idx[i, :r], pred_tok[i, :r], pred_ok[i, :r] = pos - 1, batch.tokens[i, pos], True
+        resp[i, pos] = True
+    return {"tokens": batch.tokens, "valid": batch.valid, "pred_idx": pred_idx, "pred_tok": pred_tok,
+            "pred_ok": pred_ok, "resp": resp, "prompt_width": np.asarray([t - r_max])}
+
+
+def positions_for(kind: str, valid: np.ndarray, resp: np.ndarray) -> iv.Positions:
+    """Selector in scoring mode: ``prompt`` = tokens before the response; ``response`` = the last
+    prompt token and the response tokens (persona_vectors' convention)."""
+    if kind == "all":
+        return iv.Positions.all(valid)
+    last_prompt = np.roll(resp, -1, axis=1) & ~resp
+    if kind == "prompt":
+        return iv.Positions.explicit(valid & ~resp, after=False)
+    return iv.Positions.explicit(resp | last_prompt, after=True)
+
+
+def build_hooks(grid: Grid, cfg: ModelConfig, points: list[dict[str, Any]], pos: iv.Positions) -> Any:
+    """Stack the interventions of ``points`` into one pytree with a leading grid axis."""
+    vecs = np.asarray(grid.vectors, np.float32)
+    items = []
+    for pt in points:
+        v = vecs[pt["vector_index"]]
+        v = v[pt["layer"]] if v.ndim == 2 else v
+        layers = iv.layer_weights(cfg.n_resid, range(pt["layer"], pt["layer"] + grid.window))
+        c = jnp.float32(pt["coeff"])
+        if grid.kind == "steer":
+            items.append(iv.Steer(jnp.asarray(v), c, layers, pos, grid.unit))
+        elif grid.kind == "ablate":
+            items.append(iv.Ablate(jnp.asarray(v), layers, pos, jnp.float32(0.0), c))
+        else:
+            items.append(iv.Cap(jnp.asarray(v), jnp.float32(grid.cap_floor), c, layers, pos))
+    return jax.tree.map(lambda *x: jnp.stack(x), *items)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+def score_chunk(
+    params: Params,
+    cfg: ModelConfig,
+    data: dict[str, jax.Array],
+    hooks: Any,
+    start: jax.Array,
+    units: jax.Array,
+    *,
+    capture: Capture | None,
+) -> dict[str, jax.Array]:
+    """Score a chunk of grid points ``hooks`` (leading axis G) that are all off below resid ``start``.
+
+    Returns ``logprob [G, B]`` (mean log-prob of the target response tokens) and, with a capture,
+    ``proj [G, n_layers, B, P]``: mean over response tokens of ``<resid[l], units[p]>``.
+    """
+    tokens, valid = data["tokens"], data["valid"]
+    prep = prepare(cfg, valid)
+    record = Recorder.make(cfg, capture, data["resp"])
+    h0 = embed(params, cfg, tokens)
+    buf = record(record.empty(h0), jnp.int32(0), h0)
+    h_start, buf, _ = run_layers(params, cfg, h0, prep, buf, record, span=(jnp.int32(0), start))
+
+    def one(hook: Any) -> dict[str, jax.Array]:
+        h = apply_hook(hook, start, h_start, prep.ctx)
+        b = record(buf, start, h)
+        h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, span=(start, jnp.int32(cfg.n_layers)))
+        hs = jnp.take_along_axis(h, data["pred_idx"][..., None], axis=1)  # [B, R, D]
+        logp = jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
+        lp = jnp.take_along_axis(logp, data["pred_tok"][..., None], axis=-1)[..., 0]
+        ok = data["pred_ok"].astype(jnp.float32)
+        out = {"logprob": (lp * ok).sum(-1) / jnp.maximum(ok.sum(-1), 1.0)}
+        if capture is not None:
+            out["proj"] = jnp.einsum("nbd,pd->nbp", b.astype(jnp.float32), units)
+        return out
+
+    return jax.vmap(one)(hooks)
+
+
+def point_bytes(cfg: ModelConfig, batch: int, seq: int, n_targets: int, itemsize: int = 4) -> int:
+    """Rough peak bytes one grid point needs (activations, attention scores, target logits)."""
+    act = batch * seq * (6 * cfg.d_model + 3 * cfg.d_ff + cfg.n_heads * cfg.head_dim * 3)
+    attn = 2 * batch * cfg.n_heads * seq * seq
+    logits = 3 * batch * n_targets * cfg.vocab_size
+    return int((act + attn + logits) * itemsize)
+
+
+def available_bytes() -> int:
+    """Free memory of the default device (host RAM on CPU), for the default budget."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+
+
+def chunk_size(grid_size: int, per_point: int, budget: int | None, chunking: bool, n_devices: int = 1) -> int:
+    budget = int(0.5 * available_bytes()) if budget is None else int(budget)
+    fit = max(1, budget // max(per_point, 1))
+    if not chunking and grid_size > fit:
+        raise errors.InputError(
+            f"the grid ({grid_size} points x ~{per_point / 2**20:.0f} MiB each) does not fit the memory budget "
+            f"of {budget / 2**20:.0f} MiB with chunking disabled; enable chunking or raise the budget"
+        )
+    size = min(grid_size, fit)
+    return max(n_devices, -(-size // n_devices) * n_devices) if n_devices > 1 else size
+
+
+def _shard(tree: Any, mesh: Any, spec: Any) -> Any:
+    from jax.sharding import NamedSharding
+
+    return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def run_sweep(
+    model: Any,
+    grid: Grid,
+    data: ScoringSet,
+    *,
+    project: dict[str, np.ndarray] | None = None,
+    project_layers: Sequence[int] = (),
+    budget_bytes: int | None = None,
+    chunking: bool = True,
+    out_dir: str | Path | None = None,
+    mesh: Any = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate every grid point on every prompt; returns one row per (grid point, prompt).
+
+    Row fields: ``kind, vector, layer, coeff, prompt, logprob`` and, for each ``project`` vector
+    ``name`` and ``l`` in ``project_layers``, ``proj/{name}@{l}`` (mean over response tokens of the
+    projection onto the unit vector). With ``out_dir``, rows stream into ``results.jsonl`` and a
+    rerun resumes after the last finished chunk.
+    """
+    from jaxpersona.model import Batch
+
+    cfg = model.cfg
+    grid.validate(cfg)
+    enc = encode_scoring(model, data)
+    model.check_length(Batch(enc["tokens"], enc["valid"]))
+    names = tuple(project or {})
+    units = np.zeros((max(len(names), 1), cfg.d_model), np.float32)
+    for i, n in enumerate(names):
+        v = np.asarray(project[n], np.float32)
+        if v.shape != (cfg.d_model,) or not np.all(np.isfinite(v)) or not np.any(v):
+            raise errors.InputError(f"projection vector {n!r} must be a finite nonzero [{cfg.d_model}] vector")
+        units[i] = v / np.linalg.norm(v)
+    capture = Capture(tuple(int(l) for l in project_layers), "mean") if (names and project_layers) else None
+    if capture is not None:
+        capture.validate(cfg)
+
+    points = grid.points()
+    b, t = enc["tokens"].shape
+    n_dev = mesh.shape["data"] if mesh is not None else 1
+    size = chunk_size(len(points), point_bytes(cfg, b, t, enc["pred_idx"].shape[1]), budget_bytes, chunking, n_dev)
+    pos = positions_for(grid.positions, enc["valid"], enc["resp"])
+    # chunks never straddle a shared-prefix group (all points in a chunk start at the same layer)
+    chunks: list[list[dict[str, Any]]] = []
+    for layer in sorted(set(p["layer"] for p in points)):
+        group = [p for p in points if p["layer"] == layer]
+        chunks += [group[i : i + size] for i in range(0, len(group), size)]
+
+    store = _Store(Path(out_dir)) if out_dir is not None else None
+    data_j = {k: jnp.asarray(v) for k, v in enc.items() if k != "prompt_width"}
+    params = model.params
+    if mesh is not None:
+        from jax.sharding import PartitionSpec as P
+
+        params = _shard(params, mesh, P())
+        data_j = _shard(data_j, mesh, P())
+    rows: list[dict[str, Any]] = []
+    bar = _progress(len(chunks), progress)
+    for chunk in chunks:
+        key = _chunk_key(grid, data, chunk, names, project_layers)
+        done = store.load(key) if store else None
+        if done is None:
+            padded = chunk + [chunk[-1]] * (size - len(chunk))  # fixed shape: one compile
+            hooks = build_hooks(grid, cfg, padded, pos)
+            if mesh is not None:
+                from jax.sharding import PartitionSpec as P
+
+                hooks = _shard(hooks, mesh, P("data"))
+            res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
+                              capture=capture)
+            res = jax.tree.map(np.asarray, res)
+            done = []
+            for g, pt in enumerate(chunk):
+                for i in range(b):
+                    row = {"kind": grid.kind, "vector": pt["vector"], "layer": pt["layer"], "coeff": pt["coeff"],
+                           "prompt": i, "logprob": float(res["logprob"][g, i])}
+                    if capture is not None:
+                        for li, l in enumerate(capture.layers):
+                            for pi, n in enumerate(names):
+                                row[f"proj/{n}@{l}"] = float(res["proj"][g, li, i, pi])
+                    done.append(row)
+            if store:
+                store.save(key, done)
+        rows += done
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+def _chunk_key(grid: Grid, data: ScoringSet, chunk: list[dict[str, Any]], names: tuple, layers: Sequence[int]) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(grid.vectors, np.float32).tobytes())
+    meta = [grid.kind, grid.positions, grid.window, grid.unit, grid.cap_floor, list(data.prompts),
+            list(data.responses), data.system, list(names), list(layers), chunk]
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+class _Store:
+    """Append-only results: ``results.jsonl`` rows + ``progress.json`` finished chunk keys (atomic)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.progress = root / "progress.json"
+        self.results = root / "results.jsonl"
+        self.done: dict[str, int] = json.loads(self.progress.read_text()) if self.progress.exists() else {}
+        self._rows: dict[str, list[dict[str, Any]]] | None = None
+
+    def load(self, key: str) -> list[dict[str, Any]] | None:
+        if key not in self.done:
+            return None
+        if self._rows is None:
+            self._rows = {}
+            with open(self.results) as f:
+                for line in f:
+                    if line.strip():
+                        r = json.loads(line)
+                        self._rows.setdefault(r.pop("_chunk"), []).append(r)
+        # a chunk interrupted between its rows and progress.json may have left rows: keep the last write
+        return self._rows.get(key, [])[-self.done[key]:]
+
+    def save(self, key: str, rows: list[dict[str, Any]]) -> None:
+        with open(self.results, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "_chunk": key}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = len(rows)
+        tmp = self.progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done))
+        os.replace(tmp, self.progress)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sweep chunks", disable=not enabled)
+
+
+def as_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows -> a column table (dict of numpy arrays), e.g. for ``pandas.DataFrame(as_columns(rows))``."""
+    keys = list(rows[0]) if rows else []
+    return {k: np.asarray([r.get(k) for r in rows]) for k in keys}
