@@ -6,6 +6,7 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
     jaxpersona generate --prompts prompts.txt --temperature 0.7 --seed 1
     jaxpersona resid "some text" --layers 0,10,30 --reduce mean --out resid.npy
     jaxpersona convert model.gguf out_dir/               # GGUF -> HF directory (float32 safetensors)
+    jaxpersona sweep --config configs/sweep_optimism.toml  # a steering grid, one batched computation
 """
 
 from __future__ import annotations
@@ -106,6 +107,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from jaxpersona.runs import run_sweep_config
+
+    summary = run_sweep_config(args.config, out_dir=args.out, model=args.model, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="save as .npy")
     _add_model_args(p)
     p.set_defaults(func=cmd_resid)
+
+    p = sub.add_parser("sweep", help="run an intervention grid from a TOML config (see configs/)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
+    p.add_argument("--model", default=None, help="override the config's model")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or registered name) to an HF model directory")
     p.add_argument("gguf")

@@ -237,6 +237,18 @@ def chunk_size(grid_size: int, per_point: int, budget: int | None, chunking: boo
     return max(n_devices, -(-size // n_devices) * n_devices) if n_devices > 1 else size
 
 
+def data_mesh(n_devices: int | None = None) -> Any:
+    """A 1-D ``("data",)`` mesh over the first ``n_devices`` devices (all by default).
+
+    Multi-host (TPU pods, several GPU hosts): call ``jax.distributed.initialize()`` on every host
+    first; ``jax.devices()`` then spans all hosts and the same sweep code runs unchanged.
+    """
+    from jax.sharding import AxisType
+
+    n = n_devices or jax.device_count()
+    return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
 def _shard(tree: Any, mesh: Any, spec: Any) -> Any:
     from jax.sharding import NamedSharding
 

@@ -1,0 +1,106 @@
+"""Config-file runs (``configs/*.toml``): build the vector, run the sweep, write a run directory.
+
+Run directory: ``config.toml`` (copy), ``vectors.npy`` ``[K, L+1, D]``, ``results.jsonl`` (one row per
+grid point x prompt, streamed; resumable), ``results.csv`` and ``summary.txt`` (mean log-prob per
+layer x coefficient).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.sweep import Grid, ScoringSet, run_sweep
+
+
+def _need(table: dict[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise errors.InputError(f"config [{where}] is missing {key!r}")
+    return table[key]
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise errors.InputError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise errors.InputError(f"{path} is not valid TOML: {e}") from e
+
+
+def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray]:
+    """``[L+1, D]`` from ``file = "x.npy"`` or contrastive ``positive``/``negative`` texts."""
+    from jaxpersona.extract import contrast_vectors
+
+    name = spec.get("name", "vector")
+    if "file" in spec:
+        f = (base / spec["file"]) if not Path(spec["file"]).is_absolute() else Path(spec["file"])
+        if not f.exists():
+            raise errors.InputError(f"vector file {f} does not exist")
+        v = np.load(f).astype(np.float32)
+        if v.ndim == 1:
+            v = np.broadcast_to(v, (model.cfg.n_resid, v.shape[0])).copy()
+        return name, v
+    pos, neg = _need(spec, "positive", "vector"), _need(spec, "negative", "vector")
+    return name, contrast_vectors(model, list(pos), list(neg), reduce=spec.get("contrast_reduce", "mean"))
+
+
+def run_sweep_config(
+    config_path: str | Path, *, out_dir: str | Path | None = None, model: str | None = None, progress: bool = True
+) -> str:
+    """Run the sweep a config describes; returns a printable summary."""
+    from jaxpersona.model import load
+
+    config_path = Path(config_path)
+    cfg = load_config(config_path)
+    out = Path(out_dir or cfg.get("out_dir") or f"runs/{config_path.stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_path, out / "config.toml")
+    m = load(model or cfg.get("model", "smollm2-135m-instruct"), dtype=cfg.get("dtype", "float32"))
+
+    name, vec = build_vector(m, _need(cfg, "vector", "vector"), config_path.parent)
+    np.save(out / "vectors.npy", vec[None])
+    g = _need(cfg, "grid", "grid")
+    grid = Grid(
+        kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),
+        layers=tuple(int(x) for x in _need(g, "layers", "grid")),
+        coeffs=tuple(float(x) for x in _need(g, "coeffs", "grid")),
+        positions=g.get("positions", "all"), window=int(g.get("window", 1)), unit=bool(g.get("unit", False)),
+        cap_floor=float(g.get("cap_floor", -np.inf)),
+    )
+    d = _need(cfg, "data", "data")
+    data = ScoringSet(tuple(_need(d, "prompts", "data")), tuple(_need(d, "responses", "data")), d.get("system"))
+    proj_layers = tuple(cfg.get("project", {}).get("layers", ()))
+    run = cfg.get("run", {})
+    budget = int(run["budget_mb"]) << 20 if "budget_mb" in run else None
+    rows = run_sweep(
+        m, grid, data, project={name: vec[max(proj_layers)] if proj_layers else vec[-1]},
+        project_layers=proj_layers, budget_bytes=budget, chunking=bool(run.get("chunking", True)),
+        out_dir=out, progress=progress,
+    )
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows, grid)
+    (out / "summary.txt").write_text(summary + "\n")
+    return summary + f"\n\nwrote {out}/ (results.jsonl, results.csv, vectors.npy, summary.txt)"
+
+
+def summarize(rows: list[dict[str, Any]], grid: Grid) -> str:
+    """Mean target log-prob (over prompts) per layer x coefficient, and its slope per layer."""
+    coeffs = sorted(grid.coeffs)
+    lines = [f"{grid.kind} '{grid.names[0]}', mean log-prob of target responses (rows: resid layer)",
+             "layer " + "".join(f"{c:>9g}" for c in coeffs) + "    slope"]
+    for layer in sorted(grid.layers):
+        vals = [np.mean([r["logprob"] for r in rows if r["layer"] == layer and r["coeff"] == c]) for c in coeffs]
+        slope = np.polyfit(coeffs, vals, 1)[0] if len(coeffs) > 1 else float("nan")
+        lines.append(f"{layer:5d} " + "".join(f"{v:9.3f}" for v in vals) + f"  {slope:+.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Sweep throughput: jaxpersona's batched, shared-prefix sweep vs an HF + torch forward-hook loop.
+
+Grid: one steering vector x 10 layers x 5 coefficients (50 points), steer on all positions, over
+8 chat prompts with target responses (~64 tokens each); metric: mean log-prob of the response
+tokens. Both sides use the same weights, tokens and math; the peer runs one forward per grid
+point with a hook on the decoder layer, the way persona_vectors / repeng do. Prints the ratio,
+checks the two agree, and writes JSON.
+
+    python scripts/bench_sweep.py                 # SmolLM2-135M, fp32, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxpersona import registry  # noqa: E402
+from jaxpersona.model import load  # noqa: E402
+from jaxpersona.runs import build_vector, load_config  # noqa: E402
+from jaxpersona.sweep import Grid, ScoringSet, encode_scoring, run_sweep  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict]) -> tuple[np.ndarray, float]:
+    """One HF forward per grid point with a torch hook adding coeff * v to resid[layer]."""
+    import torch
+
+    tokens = torch.tensor(enc["tokens"]).long()
+    mask = torch.tensor(enc["valid"]).long()
+    pos = torch.clamp(mask.cumsum(-1) - 1, min=0)
+    pred_idx = torch.tensor(enc["pred_idx"]).long()
+    pred_tok = torch.tensor(enc["pred_tok"]).long()
+    ok = torch.tensor(enc["pred_ok"]).float()
+    valid = torch.tensor(enc["valid"])[..., None]
+    out = np.zeros((len(points), tokens.shape[0]), np.float32)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for g, pt in enumerate(points):
+            v = torch.tensor(vec[pt["layer"]]) * pt["coeff"]
+
+            def add(module, args, output, v=v):
+                h = output[0] if isinstance(output, tuple) else output
+                h = torch.where(valid, h + v, h)
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+
+            layer = pt["layer"]
+            target = hf.model.embed_tokens if layer == 0 else hf.model.layers[layer - 1]
+            handle = target.register_forward_hook(add)
+            try:
+                logits = hf(input_ids=tokens, attention_mask=mask, position_ids=pos).logits
+            finally:
+                handle.remove()
+            logp = torch.log_softmax(logits.float(), -1)
+            sel = logp.gather(1, pred_idx[..., None].expand(-1, -1, logp.shape[-1]))
+            lp = sel.gather(-1, pred_tok[..., None])[..., 0]
+            out[g] = ((lp * ok).sum(-1) / ok.sum(-1)).numpy()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/sweep_optimism.toml"))
+    ap.add_argument("--out", default="bench_results/sweep.json")
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+
+    cfg = load_config(args.config)
+    model = load(cfg.get("model", registry.DEFAULT_MODEL))
+    name, vec = build_vector(model, cfg["vector"], Path(args.config).parent)
+    g = cfg["grid"]
+    grid = Grid("steer", vec[None], (name,), tuple(g["layers"]), tuple(g["coeffs"]), positions="all")
+    data = ScoringSet(tuple(cfg["data"]["prompts"]), tuple(cfg["data"]["responses"]), cfg["data"].get("system"))
+    enc = encode_scoring(model, data)
+
+    # warm-up compiles on a 1-layer grid, then time the full grid
+    warm = Grid("steer", vec[None], (name,), (grid.layers[0],), grid.coeffs, positions="all")
+    t0 = time.perf_counter()
+    run_sweep(model, warm, data, progress=False)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = run_sweep(model, grid, data, progress=False)
+    jax_s = time.perf_counter() - t0
+    jax_peak = peak_rss_mb()
+    points = grid.points()
+    ours = np.asarray([[r["logprob"] for r in rows if r["layer"] == p["layer"] and r["coeff"] == p["coeff"]]
+                       for p in points])
+    n_tok = int(enc["valid"].sum())
+    res = {
+        "model": cfg.get("model", registry.DEFAULT_MODEL), "grid_points": len(points),
+        "prompts": int(enc["tokens"].shape[0]), "seq_len": int(enc["tokens"].shape[1]), "cpu_count": os.cpu_count(),
+        "jaxpersona": {"seconds": jax_s, "compile_s": compile_s, "points_per_s": len(points) / jax_s,
+                       "tokens_per_s": len(points) * n_tok / jax_s, "peak_rss_mb_after": jax_peak},
+    }
+    if not args.no_hf:
+        import torch
+        import transformers
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        hf_dir = registry.converted_dir(registry.resolve(res["model"]))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        hf_loop(hf, enc, vec, points[:1])  # warm-up
+        theirs, hf_s = hf_loop(hf, enc, vec, points)
+        res["hf_torch_hooks"] = {"seconds": hf_s, "points_per_s": len(points) / hf_s,
+                                 "tokens_per_s": len(points) * n_tok / hf_s, "peak_rss_mb_after": peak_rss_mb()}
+        res["ratio"] = hf_s / jax_s
+        res["max_abs_logprob_diff"] = float(np.abs(ours - theirs).max())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    j = res["jaxpersona"]
+    print(f"\n{len(points)} grid points x {res['prompts']} prompts x {res['seq_len']} tokens, {os.cpu_count()} cpus")
+    print(f"jaxpersona sweep   {j['seconds']:7.2f} s  {j['points_per_s']:6.2f} points/s  (compile {compile_s:.1f} s,"
+          f" peak RSS {j['peak_rss_mb_after']:.0f} MB)")
+    if "ratio" in res:
+        h = res["hf_torch_hooks"]
+        print(f"HF + torch hooks   {h['seconds']:7.2f} s  {h['points_per_s']:6.2f} points/s")
+        print(f"ratio {res['ratio']:.2f}x   (max |logprob diff| {res['max_abs_logprob_diff']:.2e})")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

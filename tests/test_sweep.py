@@ -1,0 +1,198 @@
+"""The sweep: batched + shared-prefix grids equal one-by-one forwards; chunking, resume, sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxpersona.sweep as sweep_mod
+from jaxpersona import errors
+from jaxpersona import interventions as iv
+from jaxpersona.model import load
+from jaxpersona.sweep import Grid, ScoringSet, encode_scoring, positions_for, run_sweep
+
+DATA = ScoringSet(
+    ("How do you feel about tomorrow?", "Describe your week in one line."),
+    ("I am so excited, tomorrow will be amazing!", "It was a wonderful, joyful week."),
+    "You are a helpful assistant.",
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def bank(model):
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(2, model.cfg.n_resid, model.cfg.d_model)) * 0.5).astype(np.float32)
+
+
+def reference_logprob(model, enc, hook) -> np.ndarray:
+    """Plain full forward with the hook (no prefix sharing, no vmap): mean response log-prob per prompt."""
+    from jaxpersona.model import Batch
+
+    out = model.run(Batch(enc["tokens"], enc["valid"]), hook=hook)
+    logp = jax.nn.log_softmax(out.logits, axis=-1)
+    lp = np.take_along_axis(np.asarray(logp), enc["pred_idx"][..., None], axis=1)
+    lp = np.take_along_axis(lp, enc["pred_tok"][..., None], axis=-1)[..., 0]
+    ok = enc["pred_ok"]
+    return (lp * ok).sum(-1) / ok.sum(-1)
+
+
+@pytest.mark.parametrize("kind,positions", [("steer", "all"), ("cap", "response"), ("ablate", "prompt")])
+def test_grid_equals_points_one_by_one(model, bank, kind, positions):
+    coeffs = {"steer": (-6.0, 0.0, 6.0), "cap": (-2.0, 5.0), "ablate": (0.0, 3.0)}[kind]
+    grid = Grid(kind, bank, ("a", "b"), layers=(0, 7, 20), coeffs=coeffs, positions=positions, window=2)
+    rows = run_sweep(model, grid, DATA, progress=False)
+    enc = encode_scoring(model, DATA)
+    pos = positions_for(positions, enc["valid"], enc["resp"])
+    points = grid.points()
+    assert len(rows) == len(points) * len(DATA.prompts)
+    for p in points:
+        hook = jax.tree.map(lambda x: x[0], sweep_mod.build_hooks(grid, model.cfg, [p], pos))
+        want = reference_logprob(model, enc, hook)
+        got = [r["logprob"] for r in rows if (r["vector"], r["layer"], r["coeff"]) == (p["vector"], p["layer"], p["coeff"])]
+        np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5)
+
+
+def test_steering_changes_logprob_and_zero_is_identity(model, bank):
+    grid = Grid("steer", bank[:1], ("a",), layers=(5, 15), coeffs=(0.0, 20.0))
+    rows = run_sweep(model, grid, DATA, progress=False)
+    base = reference_logprob(model, encode_scoring(model, DATA), None)
+    for r in rows:
+        if r["coeff"] == 0.0:
+            assert r["logprob"] == pytest.approx(base[r["prompt"]], abs=2e-4)
+        else:
+            assert abs(r["logprob"] - base[r["prompt"]]) > 1e-2
+
+
+def test_projections_match_capture(model, bank):
+    unit = bank[0, 10] / np.linalg.norm(bank[0, 10])
+    grid = Grid("steer", bank[:1], ("a",), layers=(12,), coeffs=(0.0, 8.0))
+    rows = run_sweep(model, grid, DATA, project={"a": bank[0, 10]}, project_layers=(10, 20), progress=False)
+    enc = encode_scoring(model, DATA)
+    from jaxpersona.model import Batch
+    from jaxpersona.models.transformer import Capture
+
+    caps = model.run(Batch(enc["tokens"], enc["valid"]), capture=Capture((10, 20), "mean"),
+                     capture_mask=enc["resp"], logits=False).captured
+    want = np.asarray(caps) @ unit  # [2 layers, B]
+    base = [r for r in rows if r["coeff"] == 0.0]
+    np.testing.assert_allclose([r["proj/a@10"] for r in base], want[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose([r["proj/a@20"] for r in base], want[1], rtol=1e-4, atol=1e-3)
+    steered = [r for r in rows if r["coeff"] == 8.0]
+    # steering at 12 cannot change resid[10] (shared prefix) but does change resid[20]
+    np.testing.assert_allclose([r["proj/a@10"] for r in steered], want[0], rtol=1e-4, atol=1e-3)
+    assert not np.allclose([r["proj/a@20"] for r in steered], want[1], atol=1e-2)
+
+
+def test_chunking_gives_same_rows(model, bank):
+    grid = Grid("steer", bank, ("a", "b"), layers=(3, 9), coeffs=(-4.0, 4.0))
+    big = run_sweep(model, grid, DATA, progress=False)
+    small = run_sweep(model, grid, DATA, budget_bytes=1, progress=False)  # one point per chunk
+    assert [r["logprob"] for r in big] == pytest.approx([r["logprob"] for r in small], abs=1e-5)
+    with pytest.raises(errors.InputError, match="memory budget"):
+        run_sweep(model, grid, DATA, budget_bytes=1, chunking=False, progress=False)
+
+
+def test_resume_skips_finished_chunks(model, bank, tmp_path, monkeypatch):
+    grid = Grid("steer", bank[:1], ("a",), layers=(3, 9, 15), coeffs=(1.0, 2.0))
+    first = run_sweep(model, grid, DATA, out_dir=tmp_path, progress=False)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    assert len(progress) == 3
+    # simulate a kill after two chunks: forget the last chunk
+    last = list(progress)[-1]
+    del progress[last]
+    (tmp_path / "progress.json").write_text(json.dumps(progress))
+    calls = []
+    real = sweep_mod.score_chunk
+    monkeypatch.setattr(sweep_mod, "score_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_sweep(model, grid, DATA, out_dir=tmp_path, progress=False)
+    assert len(calls) == 1  # only the unfinished chunk is recomputed
+    assert [r["logprob"] for r in again] == pytest.approx([r["logprob"] for r in first], abs=1e-6)
+    assert len(json.loads((tmp_path / "progress.json").read_text())) == 3
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(vectors=np.zeros((1, 7), np.float32), names=("a",)), "shape"),
+        (dict(layers=(31,)), "outside"),
+        (dict(coeffs=(float("nan"),)), "finite"),
+        (dict(kind="shift"), "kind"),
+        (dict(positions="assistant-ish"), "positions"),
+    ],
+)
+def test_bad_grid(model, bank, change, match):
+    base = dict(kind="steer", vectors=bank[:1], names=("a",), layers=(3,), coeffs=(1.0,))
+    with pytest.raises(errors.InputError, match=match):
+        run_sweep(model, Grid(**{**base, **change}), DATA, progress=False)
+
+
+def test_nan_vector_and_mismatched_data(model, bank):
+    v = bank[:1].copy()
+    v[0, 3, 5] = np.nan
+    with pytest.raises(errors.InputError, match="NaN"):
+        run_sweep(model, Grid("steer", v, ("a",), (3,), (1.0,)), DATA, progress=False)
+    with pytest.raises(errors.InputError, match="one response per prompt"):
+        run_sweep(model, Grid("steer", bank[:1], ("a",), (3,), (1.0,)), ScoringSet(("a", "b"), ("x",)), progress=False)
+
+
+def test_positions_selectors_in_scoring(model):
+    enc = encode_scoring(model, DATA)
+    valid, resp = enc["valid"], enc["resp"]
+    ctx_slots = np.broadcast_to(np.arange(valid.shape[1]), valid.shape)
+    from jaxpersona.models.transformer import HookContext
+
+    ctx = HookContext(jnp.asarray(ctx_slots), jnp.asarray(ctx_slots), jnp.asarray(valid))
+    allm = np.asarray(positions_for("all", valid, resp).at(ctx))
+    prompt = np.asarray(positions_for("prompt", valid, resp).at(ctx))
+    response = np.asarray(positions_for("response", valid, resp).at(ctx))
+    np.testing.assert_array_equal(allm, valid)
+    np.testing.assert_array_equal(prompt, valid & ~resp)
+    assert (response.sum(1) == resp.sum(1) + 1).all()  # response tokens + the last prompt token
+    assert not (prompt & resp).any()
+
+
+SHARDED = textwrap.dedent(
+    """
+    import json, sys, numpy as np, jax
+    from jaxpersona.model import load
+    from jaxpersona.sweep import Grid, ScoringSet, data_mesh, run_sweep
+    assert jax.device_count() == 8, jax.devices()
+    m = load("smollm2-135m-instruct")
+    rng = np.random.default_rng(1)
+    bank = (rng.normal(size=(1, m.cfg.n_resid, m.cfg.d_model)) * 0.5).astype(np.float32)
+    data = ScoringSet(("How are you?", "Name a color."), ("Great, thanks!", "Blue."))
+    grid = Grid("steer", bank, ("a",), layers=(4, 12), coeffs=(-5.0, 0.0, 5.0))
+    mesh = data_mesh()
+    a = run_sweep(m, grid, data, project={"a": bank[0, 12]}, project_layers=(12, 30), progress=False)
+    b = run_sweep(m, grid, data, project={"a": bank[0, 12]}, project_layers=(12, 30), mesh=mesh, progress=False)
+    json.dump({"single": a, "sharded": b}, sys.stdout)
+    """
+)
+
+
+def test_sharded_sweep_on_8_cpu_devices_matches_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    single, sharded = res["single"], res["sharded"]
+    assert len(single) == len(sharded) == 12
+    for x, y in zip(single, sharded):
+        assert (x["layer"], x["coeff"], x["prompt"]) == (y["layer"], y["coeff"], y["prompt"])
+        for k in x:
+            if k.startswith(("logprob", "proj/")):
+                assert x[k] == pytest.approx(y[k], abs=1e-4, rel=1e-5), k
