@@ -82,7 +82,10 @@ class Positions:
 
 def layer_weights(n_resid: int, layers: Any, weight: float = 1.0) -> jax.Array:
     """``[L+1]`` weights: ``weight`` at each resid index in ``layers`` (an int, list or range)."""
-    idx = np.atleast_1d(np.asarray(layers, dtype=np.int64))
+    raw = np.atleast_1d(np.asarray(list(layers) if isinstance(layers, range) else layers))
+    if raw.size == 0 or not np.issubdtype(raw.dtype, np.number) or np.any(raw != np.round(raw)):
+        raise errors.InputError(f"layers must be whole resid indices, got {layers!r}")
+    idx = raw.astype(np.int64)
     bad = idx[(idx < 0) | (idx >= n_resid)]
     if bad.size:
         raise errors.InputError(
@@ -178,6 +181,8 @@ class Chain:
 # --- friendly constructors with validation ------------------------------------------------
 def _vector(v: Any, d_model: int, what: str) -> jax.Array:
     v = np.asarray(v, np.float32)
+    if v.ndim == 0:
+        raise errors.InputError(f"{what}: expected a vector of shape [d_model], got a scalar")
     if v.shape[-1:] != (d_model,):
         raise errors.InputError(f"{what}: vector has shape {v.shape}, expected [..., d_model={d_model}]")
     if not np.all(np.isfinite(v)):
@@ -195,28 +200,35 @@ def _scalar(x: Any, what: str, allow_inf: bool = False) -> jax.Array:
 
 
 def steer(n_resid: int, vector: Any, coeff: Any, layers: Any, positions: Positions, unit: bool = False) -> Steer:
-    v = _vector(vector, np.shape(vector)[-1], "steer")
+    v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "steer")
     return Steer(v, _scalar(coeff, "steer coeff"), layer_weights(n_resid, layers), positions, unit)
 
 
 def ablate(n_resid: int, vector: Any, layers: Any, positions: Positions, mean: Any = 0.0, coeff: Any = 0.0) -> Ablate:
-    v = _vector(vector, np.shape(vector)[-1], "ablate")
+    v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "ablate")
     return Ablate(v, layer_weights(n_resid, layers), positions, _scalar(mean, "ablate mean"),
                   _scalar(coeff, "ablate coeff"))
 
 
 def cap(n_resid: int, vector: Any, layers: Any, positions: Positions, lo: Any = -np.inf, hi: Any = np.inf) -> Cap:
-    v = _vector(vector, np.shape(vector)[-1], "cap")
+    v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "cap")
     lo_a, hi_a = _scalar(lo, "cap floor", allow_inf=True), _scalar(hi, "cap ceiling", allow_inf=True)
     if np.any(np.asarray(lo_a) > np.asarray(hi_a)):
         raise errors.InputError(f"cap floor {lo} is above the ceiling {hi}")
+    if np.any(np.asarray(hi_a) == -np.inf) or np.any(np.asarray(lo_a) == np.inf):
+        raise errors.InputError(f"cap range [{lo}, {hi}] is empty (a ceiling of -inf or a floor of +inf)")
     return Cap(v, lo_a, hi_a, layer_weights(n_resid, layers), positions)
 
 
 def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
-    """Raise :class:`~jaxpersona.errors.InputError` if an intervention does not fit the model."""
-    items = hook.items if isinstance(hook, Chain) else (hook,)
-    for it in items:
+    """Raise :class:`~jaxpersona.errors.InputError` if an intervention (or any item of a possibly
+    nested :class:`Chain`) does not fit the model. Other hooks pass through unchecked."""
+    def flat(h: Any) -> list[Any]:
+        return [x for it in h.items for x in flat(it)] if isinstance(h, Chain) else [h]
+
+    for it in flat(hook):
+        if not isinstance(it, (Steer, Ablate, Cap)):
+            continue  # a user-defined hook: its own business
         if it.vector.shape[-1] != d_model:
             raise errors.InputError(
                 f"{type(it).__name__}: vector dimension {it.vector.shape[-1]} != model d_model {d_model}"

@@ -20,6 +20,7 @@ import numpy as np
 from jaxpersona import errors, registry
 from jaxpersona.config import ModelConfig, parse_dtype
 from jaxpersona.generate import GenerateOutput, generate
+from jaxpersona.interventions import check_for_model
 from jaxpersona.loaders.hf import load_hf_dir, load_tokenizer
 from jaxpersona.models.transformer import Capture, Hook, Params, Reduce, forward
 
@@ -182,6 +183,8 @@ class Model:
     ):
         """Jitted :func:`~jaxpersona.models.transformer.forward` on a batch."""
         self.check_length(batch)
+        if hook is not None:
+            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid)
         if capture is not None:
             capture.validate(self.cfg)
         cmask = batch.valid if capture_mask is None else capture_mask
@@ -224,6 +227,8 @@ class Model:
     def generate_tokens(self, batch: Batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, seed: int = 0, hook: Hook | None = None) -> GenerateOutput:
         self.check_length(batch, max_new_tokens)
+        if hook is not None:
+            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid)
         return generate(
             self.params, self.cfg, batch.tokens, batch.valid, max_new_tokens=max_new_tokens,
             key=jax.random.key(seed), temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,

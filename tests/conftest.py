@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random HF models of every family (built once per session) and SmolLM2.
+
+``JAXPERSONA_CACHE`` is left as the user / CI sets it (default ``~/.cache/jaxpersona``): the GGUF ->
+HF conversion of the real models is slow, and reusing it across tests and runs is the point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import hf_tiny  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # the tests that need the torch reference import it themselves (and error)
+    torch = None
+else:
+    # The torch reference runs single-threaded: on small CI machines (2 cores) torch's OpenMP
+    # workers and XLA's thread pool otherwise spin against each other, and an HF generate() of
+    # 40 tiny steps swings from 0.1 s to 15 s. One thread is stable and fast enough here.
+    torch.set_num_threads(1)
+
+FAMILIES = tuple(hf_tiny.FAMILY_CONFIGS)
+WORDS = "the a cat dog sat on mat hello world what is capital of france paris you are helpful assistant".split()
+
+
+@dataclasses.dataclass
+class Tiny:
+    """One tiny random model: the HF torch reference, its saved directory, and our load of it."""
+
+    family: str
+    hf: Any  # transformers PreTrainedModel, fp32, eval, eager attention
+    path: Path  # HF directory (config.json + model.safetensors)
+    cfg: Any  # jaxpersona ModelConfig
+    params: Any  # fp32 params pytree
+
+
+class TinyZoo:
+    """Builds each family's tiny model on first use and keeps it for the session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._models: dict[str, Tiny] = {}
+
+    def __call__(self, family: str) -> Tiny:
+        if family not in self._models:
+            from jaxpersona.loaders.hf import load_hf_dir
+
+            hf = hf_tiny.hf_model(family)
+            path = hf_tiny.save_hf_dir(hf, self.root / family)
+            cfg, params = load_hf_dir(path)
+            self._models[family] = Tiny(family, hf, path, cfg, params)
+        return self._models[family]
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> TinyZoo:
+    """``tiny_zoo(family)`` -> :class:`Tiny` (built once per session)."""
+    return TinyZoo(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny(request: pytest.FixtureRequest, tiny_zoo: TinyZoo) -> Tiny:
+    """Parametrizes a test over all six families."""
+    return tiny_zoo(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_zoo: TinyZoo) -> Tiny:
+    return tiny_zoo("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model, loaded (and on a cold cache converted) once per session."""
+    import jaxpersona.model
+
+    return jaxpersona.model.load("smollm2-135m-instruct")
+
+
+def make_word_tokenizer(chat_template: str | None = None):
+    """A small word-level tokenizer (ids < hf_tiny.VOCAB) wrapped as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in [*WORDS, "?", ".", ",", "!", "<", ">", "user", "system", "assistant"]:
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) <= hf_tiny.VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    return fast
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer() -> Callable[..., Any]:
+    """``word_tokenizer(chat_template=None)`` -> a fresh PreTrainedTokenizerFast."""
+    return make_word_tokenizer
