@@ -11,13 +11,12 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 
 from jaxpersona import errors
 from jaxpersona.config import ModelConfig
-from jaxpersona.models.transformer import Hook, KVCache, Params, forward
+from jaxpersona.models.transformer import Hook, KVCache, Params, check_tokens, forward
 
 
 class GenerateOutput(NamedTuple):
@@ -173,27 +172,23 @@ def generate(
     ``temperature == 0`` is greedy. ``hook`` must be a pytree (e.g. an intervention, or
     ``jax.tree_util.Partial(fn)``); it is applied at every resid point in prefill and decode.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    chex.assert_rank(tokens, 2)
-    b, t = tokens.shape
-    if b == 0 or t == 0:
-        raise errors.InputError(f"empty batch (tokens shape {tokens.shape}); give at least one non-empty prompt")
+    tokens, valid = check_tokens(cfg, tokens, valid)
     check_sampling(temperature, top_p, max_new_tokens)
-    if t + max_new_tokens > cfg.max_position:
+    longest = int(valid.sum(axis=1).max())
+    if longest + max_new_tokens > cfg.max_position:
         raise errors.ContextLengthError(
-            f"prompt length {t} + max_new_tokens {max_new_tokens} exceeds the model's context of "
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
             f"{cfg.max_position} tokens; shorten the prompt or ask for fewer new tokens"
         )
-    valid = jnp.ones((b, t), bool) if valid is None else jnp.asarray(valid, bool)
-    if not bool(jnp.all(valid[:, -1])):
+    if not valid[:, -1].all():
         raise errors.InputError("prompts must be left-padded: the last column of `valid` must be all True")
     if key is None:
         key = jax.random.key(0)
     return _generate(
         params,
         cfg,
-        tokens,
-        valid,
+        jnp.asarray(tokens),
+        jnp.asarray(valid),
         key,
         jnp.float32(temperature),
         jnp.float32(top_p),

@@ -166,6 +166,30 @@ def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return softcap(logits, cfg.final_softcap)
 
 
+# --- input checks (outside jit) ---------------------------------------------------------------
+def check_tokens(cfg: ModelConfig, tokens: Any, valid: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a host-side batch: ``tokens [B, T]`` ids in ``[0, vocab)``, ``valid`` of the same shape.
+
+    Returns numpy ``(tokens int32, valid bool)``; raises :class:`~jaxpersona.errors.InputError`.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        raise errors.InputError(f"empty batch (tokens shape {tokens.shape}); give at least one non-empty prompt")
+    if tokens.ndim != 2:
+        raise errors.InputError(f"tokens must be [B, T] (2-D), got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise errors.InputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        raise errors.InputError(
+            f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {tokens.min()} max {tokens.max()}; "
+            "was the batch encoded with another model's tokenizer?"
+        )
+    valid = np.ones(tokens.shape, bool) if valid is None else np.asarray(valid, bool)
+    if valid.shape != tokens.shape:
+        raise errors.InputError(f"valid mask shape {valid.shape} != tokens shape {tokens.shape}")
+    return tokens.astype(np.int32), valid
+
+
 # --- the block --------------------------------------------------------------------------------
 def project_qkv(
     cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
