@@ -298,10 +298,13 @@ def run_sweep(
     size = chunk_size(len(points), point_bytes(cfg, b, t, enc["pred_idx"].shape[1]), budget_bytes, chunking, n_dev)
     pos = positions_for(grid.positions, enc["valid"], enc["resp"])
     # chunks never straddle a shared-prefix group (all points in a chunk start at the same layer)
-    chunks: list[list[dict[str, Any]]] = []
+    # (chunk, padded size): chunks never straddle a shared-prefix group, and are padded only to the
+    # group's own chunk size (groups of equal size share one compile)
+    chunks: list[tuple[list[dict[str, Any]], int]] = []
     for layer in sorted(set(p["layer"] for p in points)):
         group = [p for p in points if p["layer"] == layer]
-        chunks += [group[i : i + size] for i in range(0, len(group), size)]
+        csize = min(size, -(-len(group) // n_dev) * n_dev)
+        chunks += [(group[i : i + csize], csize) for i in range(0, len(group), csize)]
 
     store = _Store(Path(out_dir)) if out_dir is not None else None
     data_j = {k: jnp.asarray(v) for k, v in enc.items() if k != "prompt_width"}
@@ -313,11 +316,11 @@ def run_sweep(
         data_j = _shard(data_j, mesh, P())
     rows: list[dict[str, Any]] = []
     bar = _progress(len(chunks), progress)
-    for chunk in chunks:
+    for chunk, csize in chunks:
         key = _chunk_key(grid, data, chunk, names, project_layers)
         done = store.load(key) if store else None
         if done is None:
-            padded = chunk + [chunk[-1]] * (size - len(chunk))  # fixed shape: one compile
+            padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
             hooks = build_hooks(grid, cfg, padded, pos)
             if mesh is not None:
                 from jax.sharding import PartitionSpec as P
