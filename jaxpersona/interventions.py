@@ -120,7 +120,7 @@ class Steer:
     def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
         v = _unit(self.vector) if self.unit else self.vector
         w = self.layers[layer]
-        on = self.positions.at(ctx) & (w != 0)
+        on = self.positions.at(ctx) & (self.coeff * w != 0)  # c*w == 0 leaves h bit-identical
         add = (self.coeff * w) * v.astype(jnp.float32)
         return jnp.where(on[..., None], (h.astype(jnp.float32) + add).astype(h.dtype), h)
 

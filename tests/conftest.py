@@ -7,6 +7,7 @@ HF conversion of the real models is slow, and reusing it across tests and runs i
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -111,3 +112,11 @@ def make_word_tokenizer(chat_template: str | None = None):
 def word_tokenizer() -> Callable[..., Any]:
     """``word_tokenizer(chat_template=None)`` -> a fresh PreTrainedTokenizerFast."""
     return make_word_tokenizer
+
+
+# Property tests: random exploration locally, a fixed example sequence in CI (reproducible runs).
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")

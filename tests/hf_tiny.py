@@ -101,3 +101,18 @@ def left_padded_batch(seed: int = 0, lengths=(12, 7, 1, 10), vocab: int = VOCAB)
         tokens[i, t - n :] = rng.integers(3, vocab, n)
         valid[i, t - n :] = True
     return tokens, valid
+
+
+def hf_greedy(hf, tokens, valid, n: int) -> np.ndarray:
+    """HF greedy continuation (EOS disabled) of a left-padded batch: ``[B, n]`` new tokens."""
+    import torch
+
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.long)
+    mask = torch.tensor(np.asarray(valid), dtype=torch.long)
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0
+        )
+    out = out[:, ids.shape[1] :].numpy()
+    assert out.shape == (ids.shape[0], n), "HF stopped early: EOS was not disabled"
+    return out

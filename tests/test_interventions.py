@@ -909,3 +909,12 @@ def test_model_run_checks_the_intervention(tiny_zoo, word_tokenizer, bad: str) -
 def test_non_integer_layers_are_input_error(layers) -> None:
     with pytest.raises(errors.InputError, match="whole resid indices"):
         steer(N, GOOD, 1.0, layers, POS)
+
+
+def test_zero_steer_keeps_subnormals_bit_identical() -> None:
+    """Found by hypothesis in CI: XLA on CPU flushes subnormals in h + 0*v; a zero steer must not touch h."""
+    h = jnp.asarray(np.array([[[1e-45, -3e-42, 0.0, 1.0]]], np.float32))
+    ctx = HookContext(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), bool))
+    it = Steer(jnp.ones(4), jnp.float32(0.0), jnp.ones(5), Positions.all(np.ones((1, 1), bool)))
+    out = jax.jit(lambda h: it(jnp.int32(0), h, ctx))(h)
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(h).view(np.uint32))

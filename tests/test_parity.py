@@ -85,15 +85,7 @@ def hf_forward(hf, tokens=TOKENS, valid=VALID, add: dict[int, np.ndarray] | None
 
 def hf_greedy(hf, n: int, tokens=TOKENS, valid=VALID) -> np.ndarray:
     """HF greedy continuation of ``n`` tokens with EOS disabled: ``[B, n]``."""
-    ids, mask, _ = _torch_batch(tokens, valid)
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-            eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
-    out = out[:, tokens.shape[1] :].numpy()
-    assert out.shape == (tokens.shape[0], n)
-    return out
+    return hf_tiny.hf_greedy(hf, tokens, valid, n)
 
 
 def add_at(layer_target, vec, layer, h, ctx):

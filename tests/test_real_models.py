@@ -62,16 +62,7 @@ def hf_run(hf, batch: jm.Batch):
 
 def hf_greedy(hf, batch: jm.Batch, n: int) -> np.ndarray:
     """HF greedy continuation (EOS disabled) of a left-padded batch: ``[B, n]``."""
-    ids = torch.tensor(batch.tokens, dtype=torch.long)
-    mask = torch.tensor(batch.valid, dtype=torch.long)
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-            eos_token_id=None, pad_token_id=0,
-        )  # fmt: skip
-    out = out[:, ids.shape[1] :].numpy()
-    assert out.shape == (ids.shape[0], n), "HF stopped early: EOS was not disabled"
-    return out
+    return hf_tiny.hf_greedy(hf, batch.tokens, batch.valid, n)
 
 
 @pytest.fixture(scope="module")
