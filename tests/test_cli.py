@@ -1,0 +1,84 @@
+"""The command line: real runs write what they say, bad input is one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxpersona.cli import main
+
+SMALL_SWEEP = """
+model = "smollm2-135m-instruct"
+[vector]
+name = "joy"
+positive = ["I am so happy!", "What a lovely day!"]
+negative = ["I am so sad.", "What an awful day."]
+[grid]
+kind = "steer"
+layers = [4, 12]
+coeffs = [-6.0, 0.0, 6.0]
+[data]
+prompts = ["How are you?", "Describe today."]
+responses = ["Wonderful, thanks!", "Bright and happy."]
+[project]
+layers = [12]
+"""
+
+
+def test_sweep_from_config_writes_run_dir_and_resumes(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL_SWEEP)
+    out = tmp_path / "run"
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean log-prob" in printed and "slope" in printed
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 2  # layers x coeffs x prompts
+    assert {"logprob", "proj/joy@12", "layer", "coeff"} <= set(rows[0])
+    assert np.load(out / "vectors.npy").shape == (1, 31, 576)
+    base = [r["logprob"] for r in rows if r["coeff"] == 0.0]
+    assert base[:2] == pytest.approx(base[2:], abs=1e-5)  # coeff 0 is the same at both layers
+    before = (out / "results.jsonl").read_text()
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert (out / "results.jsonl").read_text() == before  # resumed: nothing recomputed or appended
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["chat", "hi", "--model", "no-such-model"], "unknown model"),
+        (["chat", "hi", "--dtype", "float16"], "not supported"),
+        (["generate"], "no prompts"),
+        (["generate", "--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+        (["resid", "hello", "--layers", "0,99"], "outside resid"),
+        (["resid", "hello", "--layers", "a,b"], "comma-separated"),
+        (["sweep", "--config", "/nonexistent.toml"], "does not exist"),
+        (["convert", "/nonexistent.gguf", "/tmp/x"], "not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxpersona: error:") and needle in err
+
+
+def test_bad_config_files(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = [unclosed")
+    assert main(["sweep", "--config", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    nogrid = tmp_path / "nogrid.toml"
+    nogrid.write_text(SMALL_SWEEP.split("[grid]")[0])
+    assert main(["sweep", "--config", str(nogrid), "--out", str(tmp_path / "o")]) == 2
+    assert "missing 'grid'" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code() -> None:
+    r = subprocess.run([sys.executable, "-m", "jaxpersona", "chat", "x", "--model", "nope"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown model" in r.stderr and "Traceback" not in r.stderr
