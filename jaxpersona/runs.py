@@ -83,7 +83,7 @@ def run_sweep_config(
     rows = run_sweep(
         m, grid, data, project={name: vec[max(proj_layers)] if proj_layers else vec[-1]},
         project_layers=proj_layers, budget_bytes=budget, chunking=bool(run.get("chunking", True)),
-        out_dir=out, progress=progress,
+        out_dir=out, progress=progress, generate_tokens=int(run.get("generate_tokens", 0)),
     )
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

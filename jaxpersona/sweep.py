@@ -203,6 +203,19 @@ def score_chunk(
     return jax.vmap(one)(hooks)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id"))
+def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hooks: Any, *,
+                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int) -> Any:
+    """Greedy generation for every grid point of ``hooks`` (leading axis G): tokens ``[G, B, N]``."""
+    from jaxpersona.generate import _generate
+
+    def one(hook: Any) -> Any:
+        return _generate(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
+                         max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id)
+
+    return jax.vmap(one)(hooks)
+
+
 def point_bytes(cfg: ModelConfig, batch: int, seq: int, n_targets: int, itemsize: int = 4) -> int:
     """Rough peak bytes one grid point needs (activations, attention scores, target logits)."""
     act = batch * seq * (6 * cfg.d_model + 3 * cfg.d_ff + cfg.n_heads * cfg.head_dim * 3)
@@ -267,13 +280,16 @@ def run_sweep(
     out_dir: str | Path | None = None,
     mesh: Any = None,
     progress: bool = True,
+    generate_tokens: int = 0,
 ) -> list[dict[str, Any]]:
     """Evaluate every grid point on every prompt; returns one row per (grid point, prompt).
 
     Row fields: ``kind, vector, layer, coeff, prompt, logprob`` and, for each ``project`` vector
     ``name`` and ``l`` in ``project_layers``, ``proj/{name}@{l}`` (mean over response tokens of the
-    projection onto the unit vector). With ``out_dir``, rows stream into ``results.jsonl`` and a
-    rerun resumes after the last finished chunk.
+    projection onto the unit vector). With ``generate_tokens > 0`` each row also gets ``text``: the
+    greedy reply to the prompt alone under that intervention (positions: ``all`` = every token,
+    ``prompt`` = prefill only, ``response`` = last prompt token + generated tokens). With ``out_dir``,
+    rows stream into ``results.jsonl`` and a rerun resumes after the last finished chunk.
     """
     from jaxpersona.model import Batch
 
@@ -297,6 +313,11 @@ def run_sweep(
     n_dev = mesh.shape["data"] if mesh is not None else 1
     size = chunk_size(len(points), point_bytes(cfg, b, t, enc["pred_idx"].shape[1]), budget_bytes, chunking, n_dev)
     pos = positions_for(grid.positions, enc["valid"], enc["resp"])
+    if generate_tokens:
+        gen_batch = model.encode(list(data.prompts), chat=True, system=data.system)
+        model.check_length(gen_batch, generate_tokens)
+        gen_pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt,
+                   "response": iv.Positions.response}[grid.positions](gen_batch.valid)
     # chunks never straddle a shared-prefix group (all points in a chunk start at the same layer)
     # (chunk, padded size): chunks never straddle a shared-prefix group, and are padded only to the
     # group's own chunk size (groups of equal size share one compile)
@@ -317,7 +338,7 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     bar = _progress(len(chunks), progress)
     for chunk, csize in chunks:
-        key = _chunk_key(grid, data, chunk, names, project_layers)
+        key = _chunk_key(grid, data, chunk, names, project_layers, generate_tokens)
         done = store.load(key) if store else None
         if done is None:
             padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
@@ -329,11 +350,19 @@ def run_sweep(
             res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
                               capture=capture)
             res = jax.tree.map(np.asarray, res)
+            texts = None
+            if generate_tokens:
+                gen = generate_chunk(params, cfg, jnp.asarray(gen_batch.tokens), jnp.asarray(gen_batch.valid),
+                                     build_hooks(grid, cfg, padded, gen_pos), max_new_tokens=int(generate_tokens),
+                                     eos_ids=model.eos_ids, pad_id=model.pad_id)
+                texts = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
             done = []
             for g, pt in enumerate(chunk):
                 for i in range(b):
                     row = {"kind": grid.kind, "vector": pt["vector"], "layer": pt["layer"], "coeff": pt["coeff"],
                            "prompt": i, "logprob": float(res["logprob"][g, i])}
+                    if texts is not None:
+                        row["text"] = texts[g][i]
                     if capture is not None:
                         for li, l in enumerate(capture.layers):
                             for pi, n in enumerate(names):
@@ -347,11 +376,12 @@ def run_sweep(
     return rows
 
 
-def _chunk_key(grid: Grid, data: ScoringSet, chunk: list[dict[str, Any]], names: tuple, layers: Sequence[int]) -> str:
+def _chunk_key(grid: Grid, data: ScoringSet, chunk: list[dict[str, Any]], names: tuple, layers: Sequence[int],
+               generate_tokens: int = 0) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(grid.vectors, np.float32).tobytes())
     meta = [grid.kind, grid.positions, grid.window, grid.unit, grid.cap_floor, list(data.prompts),
-            list(data.responses), data.system, list(names), list(layers), chunk]
+            list(data.responses), data.system, list(names), list(layers), chunk, generate_tokens]
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 

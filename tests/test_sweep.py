@@ -196,3 +196,16 @@ def test_sharded_sweep_on_8_cpu_devices_matches_one_device():
         for k in x:
             if k.startswith(("logprob", "proj/")):
                 assert x[k] == pytest.approx(y[k], abs=1e-4, rel=1e-5), k
+
+
+def test_sweep_generation_matches_per_point_generate(model, bank):
+    grid = Grid("steer", bank[:1], ("a",), layers=(6,), coeffs=(0.0, 12.0), positions="response")
+    rows = run_sweep(model, grid, DATA, generate_tokens=8, progress=False)
+    batch = model.encode(list(DATA.prompts), chat=True, system=DATA.system)
+    pos = iv.Positions.response(batch.valid)
+    for p in grid.points():
+        hook = jax.tree.map(lambda x: x[0], sweep_mod.build_hooks(grid, model.cfg, [p], pos))
+        want = model.decode(model.generate_tokens(batch, max_new_tokens=8, hook=hook))
+        got = [r["text"] for r in rows if r["coeff"] == p["coeff"]]
+        assert got == want
+    assert [r["text"] for r in rows if r["coeff"] == 0.0] != [r["text"] for r in rows if r["coeff"] == 12.0]
