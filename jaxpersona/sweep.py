@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxpersona import errors
 from jaxpersona import interventions as iv
@@ -331,8 +332,6 @@ def run_sweep(
     data_j = {k: jnp.asarray(v) for k, v in enc.items() if k != "prompt_width"}
     params = model.params
     if mesh is not None:
-        from jax.sharding import PartitionSpec as P
-
         params = _shard(params, mesh, P())
         data_j = _shard(data_j, mesh, P())
     rows: list[dict[str, Any]] = []
@@ -344,8 +343,6 @@ def run_sweep(
             padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
             hooks = build_hooks(grid, cfg, padded, pos)
             if mesh is not None:
-                from jax.sharding import PartitionSpec as P
-
                 hooks = _shard(hooks, mesh, P("data"))
             res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
                               capture=capture)
