@@ -54,3 +54,21 @@ class ContextLengthError(InputError):
 
 class ChatTemplateError(InputError):
     """The tokenizer has no chat template, or the template rejected the messages."""
+
+
+class TraitFileError(InputError):
+    """A trait file is malformed: missing keys, too few pairs/questions, bad placeholders, ..."""
+
+
+class FilterError(InputError):
+    """No (or too few) contrastive pairs survived the judge filter, so no vector can be extracted."""
+
+
+class ModelMismatchError(InputError):
+    """A vector bank (or other artifact) was made for a different model: d_model or layer count differ."""
+
+
+# --- remote endpoints ---------------------------------------------------------
+class EndpointError(JaxPersonaError):
+    """A configured HTTP endpoint (judge, generator) is unreachable, refuses, or returns unusable output
+    (e.g. no logprobs). Finished work is kept; rerun to resume."""
