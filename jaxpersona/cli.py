@@ -7,6 +7,10 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
     jaxpersona resid "some text" --layers 0,10,30 --reduce mean --out resid.npy
     jaxpersona convert model.gguf out_dir/               # GGUF -> HF directory (float32 safetensors)
     jaxpersona sweep --config configs/sweep_optimism.toml  # a steering grid, one batched computation
+    jaxpersona extract --trait evil                      # the persona-vector pipeline (Chen et al. 2025)
+    jaxpersona traits list | show evil | new NAME --description "..."
+    jaxpersona vectors show|export|import ...            # Orbax vector banks <-> .pt / control-vector GGUF
+    jaxpersona screen --vectors runs/persona_evil/vectors --trait evil --data train.jsonl
 """
 
 from __future__ import annotations
@@ -115,6 +119,126 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_judge_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("judge (default: the subject model itself, run locally)")
+    g.add_argument("--judge", default="self",
+                   help="'self', a registered name, an HF directory or .gguf file: a local JAX judge")
+    g.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. https://api.openai.com/v1)")
+    g.add_argument("--judge-model", default=None, help="model name at --judge-url (e.g. gpt-4.1-mini)")
+    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (never logged)")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from jaxpersona.model import load
+    from jaxpersona.pipeline import build_judge, load_extract_config, run_extract
+    from jaxpersona.traits import load_trait
+
+    trait = load_trait(args.trait)
+    config = load_extract_config(args.config, full=args.full)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    model = load(args.model, dtype=args.dtype)
+    judge, judge_id = build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
+                                  key_env=args.judge_key_env)
+    out = Path(args.out or f"runs/persona_{trait.name}")
+    result = run_extract(model, trait, judge, config, out, judge_id=judge_id, progress=not args.quiet)
+    print(result.table())
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_traits(args: argparse.Namespace) -> int:
+    from jaxpersona import traits
+
+    if args.action == "list":
+        for name in traits.list_traits():
+            t = traits.load_trait(name)
+            print(f"{name}: {t.description} ({len(t.pairs)} pairs, {len(t.questions)} + {len(t.eval_questions)} questions)")
+        return 0
+    if args.action == "show":
+        if not args.name:
+            raise errors.InputError("traits show needs a trait name or file")
+        print(json.dumps(traits.load_trait(args.name).to_json(), indent=2))
+        return 0
+    if not args.name or not args.description:
+        raise errors.InputError('traits new needs a NAME and --description "..."')
+    if args.endpoint:
+        from jaxpersona.endpoint import OpenAIEndpoint
+
+        if not args.endpoint_model:
+            raise errors.InputError("--endpoint needs --endpoint-model")
+        completer = OpenAIEndpoint(args.endpoint, args.endpoint_model, api_key_env=args.key_env)
+    else:
+        from jaxpersona.endpoint import LocalCompleter
+        from jaxpersona.model import load
+
+        completer = LocalCompleter(load(args.model, dtype=args.dtype))
+    trait = traits.draft_trait(args.name, args.description, completer, seed=args.seed)
+    out = Path(args.out or f"{args.name}.json")
+    traits.save_trait(trait, out)
+    print(f"wrote {out}: {len(trait.pairs)} pairs, {len(trait.questions)} extraction + "
+          f"{len(trait.eval_questions)} evaluation questions (validated; review and edit before use)")
+    return 0
+
+
+def cmd_vectors(args: argparse.Namespace) -> int:
+    from jaxpersona import bank as vb
+
+    if args.action == "import":
+        if not (args.pt and args.trait and args.bank):
+            raise errors.InputError("vectors import needs --pt FILE --trait NAME --bank DIR")
+        new = vb.import_pt(args.pt, args.trait, args.model_id or "unknown")
+        target = Path(args.bank)
+        if target.exists():
+            old = vb.VectorBank.load(target)
+            new = old.with_entry(args.trait, new.get(args.trait), {"source": str(args.pt)})
+        new.save(target, overwrite=True)
+        print(f"saved {args.trait} into {target}")
+        return 0
+    if not args.bank:
+        raise errors.InputError(f"vectors {args.action} needs --bank DIR")
+    bank = vb.VectorBank.load(args.bank)
+    if args.action == "show":
+        print(f"{args.bank}: model {bank.model}, {len(bank.names)} entries x {bank.n_resid} resid points x "
+              f"{bank.d_model}, created {bank.created}\nconvention: {bank.convention}")
+        for name, meta in zip(bank.names, bank.meta):
+            print(f"  {name}: {json.dumps(meta)}")
+        return 0
+    if not (args.trait and args.out and args.format):
+        raise errors.InputError("vectors export needs --trait NAME --format pt|control|assistant-axis --out FILE")
+    if args.format == "pt":
+        vb.export_pt(bank, args.trait, args.out)
+    elif args.format == "control":
+        vb.export_control_vector(bank, args.trait, args.out, coeff=args.coeff)
+    else:
+        import numpy as np
+
+        np.save(args.out, vb.to_assistant_axis(bank.get(args.trait)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_screen(args: argparse.Namespace) -> int:
+    from jaxpersona.bank import VectorBank
+    from jaxpersona.model import load
+    from jaxpersona.screen import screen_dataset
+
+    model = load(args.model, dtype=args.dtype)
+    bank = VectorBank.load(args.vectors, model.cfg)
+    layer = args.layer
+    if layer is None:
+        meta = bank.meta[bank.names.index(args.trait)] if args.trait in bank.names else {}
+        if "best_layer" not in meta:
+            raise errors.InputError(f"no best layer recorded for {args.trait!r} in {args.vectors}; pass --layer")
+        layer = int(meta["best_layer"])
+    res = screen_dataset(model, bank.get(args.trait), layer, args.data, args.out or "runs/screen",
+                         max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    print(f"{res['n']} samples, layer {res['layer']}: mean projection difference {res['mean_difference']:+.3f}")
+    for r in res["rows"][: args.top]:
+        print(f"  #{r['index']:<5} {r['difference']:+8.3f}  {r['prompt'][:60]!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -154,6 +278,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("extract", help="persona-vector pipeline: generate, judge, filter, extract, steer, monitor")
+    p.add_argument("--trait", required=True, help="shipped trait name (see `traits list`) or a trait JSON file")
+    p.add_argument("--config", default=None, help="TOML with an [extract] table overriding the preset")
+    p.add_argument("--full", action="store_true", help="the paper's sizes (hours on a CPU; for a GPU)")
+    p.add_argument("--out", default=None, help="run directory (default runs/persona_TRAIT); reruns resume")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    _add_judge_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("traits", help="list / show shipped trait files, or draft a new one")
+    p.add_argument("action", choices=["list", "show", "new"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--description", default=None)
+    p.add_argument("--out", default=None, help="where to write the drafted trait (default NAME.json)")
+    p.add_argument("--endpoint", default=None, help="draft with an OpenAI-compatible endpoint instead of a local model")
+    p.add_argument("--endpoint-model", default=None)
+    p.add_argument("--key-env", default="OPENAI_API_KEY")
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_traits)
+
+    p = sub.add_parser("vectors", help="vector banks (Orbax): show, export (.pt / llama.cpp control GGUF / "
+                                       "assistant-axis .npy), import persona_vectors .pt")
+    p.add_argument("action", choices=["show", "export", "import"])
+    p.add_argument("--bank", default=None, help="vector bank directory (e.g. runs/persona_evil/vectors)")
+    p.add_argument("--trait", default=None)
+    p.add_argument("--format", choices=["pt", "control", "assistant-axis"], default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--coeff", type=float, default=1.0, help="scale for control-vector export")
+    p.add_argument("--pt", default=None, help="persona_vectors .pt file [L+1, d] to import")
+    p.add_argument("--model-id", default=None, help="model the imported vectors belong to")
+    p.set_defaults(func=cmd_vectors)
+
+    p = sub.add_parser("screen", help="rank a chat JSONL dataset by projection difference onto a persona vector")
+    p.add_argument("--vectors", required=True, help="vector bank directory")
+    p.add_argument("--trait", required=True)
+    p.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} per line, last = assistant')
+    p.add_argument("--layer", type=int, default=None, help="resid layer (default: the bank's best layer)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_screen)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or registered name) to an HF model directory")
     p.add_argument("gguf")

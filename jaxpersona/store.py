@@ -1,0 +1,72 @@
+"""Append-only keyed JSONL records: the resume mechanism of long runs.
+
+Every finished unit of work (a generated response, a judgement, ...) is one JSON line with a
+``key``. Writes are flushed and fsync-ed before the run moves on, so a killed run loses at most the
+unit in flight; a rerun reads the file back and skips every key it already has. A torn last line
+(killed mid-write) is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def digest(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (keys for cached work)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class KeyedJsonl:
+    """``{key: record}`` backed by an append-only JSONL file (last write of a key wins)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, dict[str, Any]] = {}
+        self._torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                self._torn = f.read(1) != b"\n"
+        if self.path.exists():
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a torn final line from a killed run
+                    if isinstance(rec, dict) and "key" in rec:
+                        self.records[rec["key"]] = rec
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return self.records[key]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.records.get(key, default)
+
+    def put(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append records (each with a ``key``) durably."""
+        records = list(records)
+        if not records:
+            return
+        with open(self.path, "a") as f:
+            if self._torn:  # end the torn line so the next record starts on its own
+                f.write("\n")
+                self._torn = False
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.records[r["key"]] = r
