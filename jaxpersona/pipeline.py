@@ -149,8 +149,15 @@ def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractC
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise errors.InputError(f"{path} is not valid TOML: {e}") from e
-    if table.get("preset") == "full":
-        base = ExtractConfig.full()
+    unknown = sorted(set(table) - {"preset", "extract"})
+    if unknown:
+        raise errors.InputError(f"{path}: unknown top-level keys {unknown}; use preset = \"full\" and an [extract] table")
+    preset = table.get("preset", "full" if full else "default")
+    if preset not in ("default", "full"):
+        raise errors.InputError(f"{path}: preset must be \"default\" or \"full\", got {preset!r}")
+    base = ExtractConfig.full() if preset == "full" else ExtractConfig.default()
+    if not isinstance(table.get("extract", {}), dict):
+        raise errors.InputError(f"{path}: [extract] must be a table")
     return base.replace(**table.get("extract", {}))
 
 

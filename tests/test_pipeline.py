@@ -785,3 +785,25 @@ def test_cli_vectors_show(base_run, capsys) -> None:
     printed = capsys.readouterr().out
     assert "tiny-llama" in printed and all(f"  {n}: " in printed for n in NAMES)
     assert main(["vectors", "show", "--bank", str(out / "nope")]) == 2
+
+
+def test_shipped_persona_configs_match_the_presets() -> None:
+    """configs/persona_default.toml documents the CLI default exactly; persona_full.toml starts from --full."""
+    from jaxpersona.pipeline import ExtractConfig, load_extract_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    assert load_extract_config(root / "persona_default.toml") == ExtractConfig.default()
+    full = load_extract_config(root / "persona_full.toml")
+    assert full.filter == "absolute" and full.samples == ExtractConfig.full().samples
+
+
+def test_extract_config_rejects_unknown_top_level_keys(tmp_path) -> None:
+    from jaxpersona.pipeline import load_extract_config
+
+    f = tmp_path / "c.toml"
+    f.write_text('presett = "full"\n[extract]\nn_pairs = 2\n')
+    with pytest.raises(errors.InputError, match="unknown top-level keys"):
+        load_extract_config(f)
+    f.write_text('preset = "huge"\n')
+    with pytest.raises(errors.InputError, match="preset"):
+        load_extract_config(f)
