@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxpersona import errors
 from jaxpersona.config import ModelConfig
-from jaxpersona.models.transformer import Hook, KVCache, Params, check_tokens, forward
+from jaxpersona.models.transformer import Hook, KVCache, Params, check_context, check_tokens, forward
 
 
 class GenerateOutput(NamedTuple):
@@ -174,12 +174,7 @@ def generate(
     """
     tokens, valid = check_tokens(cfg, tokens, valid)
     check_sampling(temperature, top_p, max_new_tokens)
-    longest = int(valid.sum(axis=1).max())
-    if longest + max_new_tokens > cfg.max_position:
-        raise errors.ContextLengthError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
-            f"{cfg.max_position} tokens; shorten the prompt or ask for fewer new tokens"
-        )
+    check_context(cfg, valid, max_new_tokens)
     if not valid[:, -1].all():
         raise errors.InputError("prompts must be left-padded: the last column of `valid` must be all True")
     if key is None:

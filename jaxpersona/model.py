@@ -22,7 +22,7 @@ from jaxpersona.config import ModelConfig, parse_dtype
 from jaxpersona.generate import GenerateOutput, generate
 from jaxpersona.interventions import check_for_model
 from jaxpersona.loaders.hf import load_hf_dir, load_tokenizer
-from jaxpersona.models.transformer import Capture, Hook, Params, Reduce, check_tokens, forward
+from jaxpersona.models.transformer import Capture, Hook, Params, Reduce, check_context, check_tokens, forward
 
 Message = dict[str, str]
 BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompiles)
@@ -167,13 +167,8 @@ class Model:
     def check_length(self, batch: Batch, new_tokens: int = 0) -> None:
         """Refuse a batch whose longest prompt (valid tokens, not bucket padding) + new tokens
         exceeds the context; also checks shapes and token ids."""
-        check_tokens(self.cfg, batch.tokens, batch.valid)
-        longest = int(np.asarray(batch.valid).sum(axis=1).max())
-        if longest + new_tokens > self.cfg.max_position:
-            raise errors.ContextLengthError(
-                f"prompt of {longest} tokens (+{new_tokens} new) exceeds the context of {self.cfg.max_position}; "
-                "shorten the prompt or ask for fewer new tokens"
-            )
+        _, valid = check_tokens(self.cfg, batch.tokens, batch.valid)
+        check_context(self.cfg, valid, new_tokens)
 
     def run(
         self,

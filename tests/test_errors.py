@@ -299,7 +299,7 @@ def test_prompt_longer_than_context(small_ctx: jm.Model) -> None:
     out = generate(params, cfg, np.full((1, 20), 5), max_new_tokens=4)  # exactly fills the context
     assert out.tokens.shape == (1, 4)
     long_text = " ".join(["hello world"] * 20)
-    with pytest.raises(errors.ContextLengthError, match="exceeds the context of 24"):
+    with pytest.raises(errors.ContextLengthError, match="exceeds the model's context of 24 tokens"):
         small_ctx.generate([long_text], chat=False, max_new_tokens=2)
     with pytest.raises(errors.ContextLengthError, match="shorten the prompt"):
         small_ctx.resid([long_text], [1])

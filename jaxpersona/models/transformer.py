@@ -190,6 +190,16 @@ def check_tokens(cfg: ModelConfig, tokens: Any, valid: Any | None = None) -> tup
     return tokens.astype(np.int32), valid
 
 
+def check_context(cfg: ModelConfig, valid: np.ndarray, new_tokens: int = 0) -> None:
+    """Refuse a batch whose longest prompt (valid tokens, not padding) + ``new_tokens`` exceeds the context."""
+    longest = int(np.asarray(valid).sum(axis=1).max())
+    if longest + new_tokens > cfg.max_position:
+        raise errors.ContextLengthError(
+            f"prompt of {longest} tokens (+{new_tokens} new) exceeds the model's context of {cfg.max_position} "
+            "tokens; shorten the prompt or ask for fewer new tokens"
+        )
+
+
 # --- the block --------------------------------------------------------------------------------
 def project_qkv(
     cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
