@@ -141,7 +141,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     judge, judge_id = build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
                                   key_env=args.judge_key_env)
     out = Path(args.out or f"runs/persona_{trait.name}")
-    result = run_extract(model, trait, judge, config, out, judge_id=judge_id, progress=not args.quiet)
+    result = run_extract(model, trait, judge, config, out, judge_id=judge_id, progress=not args.quiet,
+                         log=(lambda _: None) if args.quiet else print)
     print(result.table())
     print(f"run directory: {out}")
     return 0
@@ -227,7 +228,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     bank = VectorBank.load(args.vectors, model.cfg)
     layer = args.layer
     if layer is None:
-        meta = bank.meta[bank.names.index(args.trait)] if args.trait in bank.names else {}
+        meta = bank.meta_of(args.trait)  # unknown trait -> an error listing the bank's entries
         if "best_layer" not in meta:
             raise errors.InputError(f"no best layer recorded for {args.trait!r} in {args.vectors}; pass --layer")
         layer = int(meta["best_layer"])

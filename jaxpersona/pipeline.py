@@ -381,8 +381,12 @@ def run_extract(
         prompts = [trait.judge_prompt(r["question"], r["response"]) for r in live]
         if coherence:
             prompts += [coherence_prompt(r["question"], r["response"]) for r in live]
-        scores = judge_cached(judge, judge_id, judged, prompts, batch=config.judge_batch, min_mass=config.min_mass,
-                              desc=desc, progress=progress)
+        try:
+            scores = judge_cached(judge, judge_id, judged, prompts, batch=config.judge_batch,
+                                  min_mass=config.min_mass, desc=desc, progress=progress)
+        except errors.EndpointError as e:
+            raise errors.EndpointError(f"{e} Finished generations and judgements are kept in {out}; "
+                                       "rerun the same command to resume.") from e
         for r in rows:
             r["trait"] = r["coherence"] = None
         for i, r in enumerate(live):
@@ -473,7 +477,7 @@ def run_extract(
     log(f"      judging {len(steer_rows)} steered responses")
     judge_rows(steer_rows, "judge steering")
     steering = _steering_table(steer_rows, layers, config.steer_coeffs)
-    best = choose_layer(steering, config.coherence_threshold)
+    best = choose_layer(steering, c_cut)  # the coherence cut the filter used (a percentile in relative mode)
     _write_jsonl(out / "steering_scored.jsonl", steer_rows)
     bank = dataclasses.replace(bank, meta=tuple({**m, "best_layer": best} for m in bank.meta))
     bank.save(out / "vectors", overwrite=True)
