@@ -24,16 +24,15 @@ import math
 import re
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fake_openai import FakeOpenAI
 from jaxpersona.bank import VectorBank
 from jaxpersona.cli import main
 from jaxpersona.traits import load_trait
@@ -65,50 +64,6 @@ SECRET = "sk-cli-persona-SECRET-0123456789abcdef"
 # --------------------------------------------------------------------------------------------------
 # helpers: a local OpenAI-format server, a closed port, capturing the CLI
 # --------------------------------------------------------------------------------------------------
-class FakeOpenAI:
-    """``POST /v1/chat/completions`` answered by ``answer(request_json) -> (status, json)``; records
-    each request as ``(headers, body)``."""
-
-    def __init__(self, answer: Callable[[dict], tuple[int, Any]]) -> None:
-        self.answer = answer
-        self.requests: list[tuple[dict[str, str], dict]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append((dict(self.headers), body))
-                if self.path != "/v1/chat/completions":
-                    status, out = 404, {"error": f"no route {self.path}"}
-                else:
-                    status, out = outer.answer(body)
-                data = json.dumps(out).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeOpenAI:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
 def chat_reply(content: str, top: list[tuple[str, float]] | None = None) -> dict:
     choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
                               "finish_reason": "stop"}

@@ -7,14 +7,13 @@ import dataclasses
 import json
 import random
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
 import jaxpersona.model as jm
+from fake_openai import FakeOpenAI
 from jaxpersona import errors
 from jaxpersona.endpoint import LocalCompleter, OpenAIEndpoint, redact_url
 from jaxpersona.judge import (
@@ -226,60 +225,20 @@ def completion(top: dict[str, float] | None, content: str = "7") -> dict:
     return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
-class FakeServer:
-    """OpenAI-format chat completions. ``script``: queue of (status, json body) answers; when empty,
-    ``default(request_json)`` answers. Records each request's headers and body."""
-
-    def __init__(self) -> None:
-        self.script: list[tuple[int, dict | str]] = []
-        self.default = lambda req: (200, completion({"7": -0.1}))
-        self.requests: list[tuple[dict, dict]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append((dict(self.headers), body))
-                    status, out = outer.script.pop(0) if outer.script else outer.default(body)
-                if self.path != "/v1/chat/completions":
-                    status, out = 404, {"error": "no such route " + self.path}
-                data = (out if isinstance(out, str) else json.dumps(out)).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = FakeServer()
+    s = FakeOpenAI(lambda req: (200, completion({"7": -0.1})))
     yield s
     s.close()
 
 
 @pytest.fixture
-def endpoint(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> OpenAIEndpoint:
+def endpoint(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> OpenAIEndpoint:
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
     return OpenAIEndpoint(server.url, "judge-model", api_key_env="JUDGE_TEST_KEY", timeout=5, retries=3, backoff=0)
 
 
-def test_http_judge_parses_top_logprobs(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_http_judge_parses_top_logprobs(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     top = {"7": np.log(0.5), " 7": np.log(0.1), "70": np.log(0.05), "REFUSAL": np.log(0.2), "-7": np.log(0.05),
            "7.5": np.log(0.02), "101": np.log(0.01), " 100\n": np.log(0.03)}
     server.script = [(200, completion(top))]
@@ -297,7 +256,7 @@ def test_http_judge_parses_top_logprobs(server: FakeServer, endpoint: OpenAIEndp
     assert HTTPJudge(endpoint).scores(["x"]) == [None]
 
 
-def test_http_judge_keeps_order_under_concurrency(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_http_judge_keeps_order_under_concurrency(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     def answer(req):
         k = int(req["messages"][0]["content"].split()[-1])
         time.sleep(random.random() * 0.02)  # finish out of order
@@ -309,7 +268,7 @@ def test_http_judge_keeps_order_under_concurrency(server: FakeServer, endpoint: 
     assert scores == [pytest.approx(k) for k in range(0, 100, 3)]
 
 
-def test_no_auth_header_without_key(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_auth_header_without_key(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UNSET_KEY_VAR", raising=False)
     for env in ("UNSET_KEY_VAR", None):
         server.requests.clear()
@@ -318,7 +277,7 @@ def test_no_auth_header_without_key(server: FakeServer, monkeypatch: pytest.Monk
         assert "Authorization" not in server.requests[0][0]
 
 
-def test_retries_5xx_and_429_then_succeeds(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_retries_5xx_and_429_then_succeeds(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     server.script = [(500, {"error": "boom"}), (503, "overloaded"), (200, completion({"42": 0.0}))]
     assert HTTPJudge(endpoint).scores(["x"]) == [pytest.approx(42.0)]
     assert len(server.requests) == 3
@@ -328,7 +287,7 @@ def test_retries_5xx_and_429_then_succeeds(server: FakeServer, endpoint: OpenAIE
     assert len(server.requests) == 2
 
 
-def test_exhausted_retries_raise_endpoint_error(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_exhausted_retries_raise_endpoint_error(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     server.default = lambda req: (502, {"error": f"bad gateway, your key is {SECRET}"})
     with pytest.raises(errors.EndpointError) as e:
         HTTPJudge(endpoint).probs(["x"])
@@ -338,7 +297,7 @@ def test_exhausted_retries_raise_endpoint_error(server: FakeServer, endpoint: Op
     assert len(server.requests) == 4
 
 
-def test_4xx_fails_fast_with_server_message(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_4xx_fails_fast_with_server_message(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     server.script = [(400, {"error": {"message": "model 'judge-model' not found " + "x" * 1000}})]
     with pytest.raises(errors.EndpointError, match="HTTP 400.*model 'judge-model' not found") as e:
         endpoint.chat([{"role": "user", "content": "hi"}], max_tokens=1)
@@ -363,7 +322,7 @@ def test_server_down_raises_after_retries(monkeypatch: pytest.MonkeyPatch) -> No
     assert "--judge-url" in msg
 
 
-def test_timeout_is_retried(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_timeout_is_retried(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     def slow(req):
         time.sleep(0.5)
         return 200, completion({"1": 0.0})
@@ -374,7 +333,7 @@ def test_timeout_is_retried(server: FakeServer, endpoint: OpenAIEndpoint) -> Non
         ep.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 
 
-def test_missing_logprobs_and_bad_bodies(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_missing_logprobs_and_bad_bodies(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     server.script = [(200, completion(None))]
     with pytest.raises(errors.EndpointError, match="no logprobs.*top_logprobs"):
         HTTPJudge(endpoint).probs(["x"])
@@ -408,7 +367,7 @@ def test_endpoint_validation() -> None:
         ep.chat_many([[{"content": "hi"}]], max_tokens=1)
 
 
-def test_endpoint_complete(server: FakeServer, endpoint: OpenAIEndpoint) -> None:
+def test_endpoint_complete(server: FakeOpenAI, endpoint: OpenAIEndpoint) -> None:
     server.default = lambda req: (200, completion(None, content="re: " + req["messages"][-1]["content"]))
     convs = [[{"role": "system", "content": "s"}, {"role": "user", "content": f"q{i}"}] for i in range(5)]
     assert endpoint.complete(convs, max_tokens=8, temperature=0.7, seed=3) == [f"re: q{i}" for i in range(5)]
