@@ -8,11 +8,28 @@ A model is a params pytree plus a frozen :class:`ModelConfig`; the forward is a 
     >>> model.resid(["some text"], layers=(0, 10, 30), reduce="mean").shape   # [3, 1, 576]
 """
 
-from jaxpersona import errors
-from jaxpersona.config import ModelConfig, from_hf_config
-from jaxpersona.generate import GenerateOutput, generate
-from jaxpersona.model import Batch, Model, load
-from jaxpersona.models.transformer import Capture, ForwardOutput, HookContext, KVCache, forward, init_params
+import logging as _logging
+
+
+def _drop_pytorch_not_found(record: _logging.LogRecord) -> bool:
+    """transformers announces "PyTorch was not found. Models won't be available ..." on import when torch
+    is absent. jaxpersona never uses transformers' (torch) models, so that advice is noise here; this
+    filter drops exactly that record and nothing else (other transformers warnings still show)."""
+    try:
+        return not str(record.msg).startswith("PyTorch was not found")
+    except Exception:  # noqa: BLE001 - a filter must never break logging
+        return True
+
+
+# The record is logged by the "transformers" logger itself, so a filter there (installed before
+# transformers is first imported, which happens lazily inside jaxpersona) catches it.
+_logging.getLogger("transformers").addFilter(_drop_pytorch_not_found)
+
+from jaxpersona import errors  # noqa: E402
+from jaxpersona.config import ModelConfig, from_hf_config  # noqa: E402
+from jaxpersona.generate import GenerateOutput, generate  # noqa: E402
+from jaxpersona.model import Batch, Model, load  # noqa: E402
+from jaxpersona.models.transformer import Capture, ForwardOutput, HookContext, KVCache, forward, init_params  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

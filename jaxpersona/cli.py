@@ -8,6 +8,7 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
     jaxpersona convert model.gguf out_dir/               # GGUF -> HF directory (float32 safetensors)
     jaxpersona sweep --config configs/sweep_optimism.toml  # a steering grid, one batched computation
     jaxpersona extract --trait evil                      # the persona-vector pipeline (Chen et al. 2025)
+    jaxpersona extract --all-traits                      # every shipped trait, one batched steering sweep
     jaxpersona traits list | show evil | new NAME --description "..."
     jaxpersona vectors show|export|import ...            # Orbax vector banks <-> .pt / control-vector GGUF
     jaxpersona screen --vectors runs/persona_evil/vectors --trait evil --data train.jsonl
@@ -130,19 +131,31 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from jaxpersona.model import load
-    from jaxpersona.pipeline import build_judge, load_extract_config, run_extract
-    from jaxpersona.traits import load_trait
+    from jaxpersona.pipeline import build_judge, load_extract_config, load_run_traits, run_extract, run_extract_all
+    from jaxpersona.traits import list_traits, load_anchors, load_trait
 
-    trait = load_trait(args.trait)
     config = load_extract_config(args.config, full=args.full)
+    names = list_traits() if args.all_traits else ([args.trait] if args.trait else load_run_traits(args.config))
+    if not names:
+        raise errors.InputError("extract needs --trait NAME|FILE, --all-traits, or traits = [...] in the --config file")
+    if args.anchors and len(names) > 1:
+        raise errors.InputError("--anchors checks one trait's judge; with several traits put anchors in "
+                                "jaxpersona/trait_data/anchors/ or run the traits one by one")
+    traits = [load_trait(n) for n in names]
+    anchors = load_anchors(traits[0], args.anchors) if args.anchors else "shipped"
     if args.seed is not None:
         config = config.replace(seed=args.seed)
     model = load(args.model, dtype=args.dtype)
     judge, judge_id = build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
                                   key_env=args.judge_key_env)
-    out = Path(args.out or f"runs/persona_{trait.name}")
-    result = run_extract(model, trait, judge, config, out, judge_id=judge_id, progress=not args.quiet,
-                         log=(lambda _: None) if args.quiet else print)
+    log = (lambda _: None) if args.quiet else print
+    if len(traits) == 1:
+        out = Path(args.out or f"runs/persona_{traits[0].name}")
+        result = run_extract(model, traits[0], judge, config, out, judge_id=judge_id, anchors=anchors,
+                             progress=not args.quiet, log=log)
+    else:
+        out = Path(args.out or "runs/persona_all")
+        result = run_extract_all(model, traits, judge, config, out, judge_id=judge_id, progress=not args.quiet, log=log)
     print(result.table())
     print(f"run directory: {out}")
     return 0
@@ -281,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("extract", help="persona-vector pipeline: generate, judge, filter, extract, steer, monitor")
-    p.add_argument("--trait", required=True, help="shipped trait name (see `traits list`) or a trait JSON file")
+    p.add_argument("--trait", default=None, help="shipped trait name (see `traits list`) or a trait JSON file")
+    p.add_argument("--all-traits", action="store_true",
+                   help="every shipped trait, with one batched steering sweep (traits x layers x coefficients)")
+    p.add_argument("--anchors", default=None, help="anchor answers (JSON) to check the judge with (default: the "
+                                                   "trait's shipped anchors)")
     p.add_argument("--config", default=None, help="TOML with an [extract] table overriding the preset")
     p.add_argument("--full", action="store_true", help="the paper's sizes (hours on a CPU; for a GPU)")
     p.add_argument("--out", default=None, help="run directory (default runs/persona_TRAIT); reruns resume")

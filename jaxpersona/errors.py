@@ -72,3 +72,8 @@ class ModelMismatchError(InputError):
 class EndpointError(JaxPersonaError):
     """A configured HTTP endpoint (judge, generator) is unreachable, refuses, or returns unusable output
     (e.g. no logprobs). Finished work is kept; rerun to resume."""
+
+
+class JudgeCheckError(InputError):
+    """The judge failed its check on the trait's anchor answers (or could not be checked) while the run
+    was configured to rely on it (forced thresholds). Finished work is kept."""

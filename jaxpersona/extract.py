@@ -54,23 +54,29 @@ def contrast_vectors(
 
 
 class _WeightedMeans(NamedTuple):
-    """Recorder for ``run_layers``: ``buf[l] = einsum(w [V, B, T], resid[l] [B, T, D])`` -> ``[V, B, D]``."""
+    """Recorder for ``run_layers``: ``means[l] = einsum(w [V, B, T], resid[l] [B, T, D])`` -> ``[V, B, D]``
+    and ``norms[l] = einsum(w, |resid[l]|)`` -> ``[V, B]`` (the weighted mean token norm)."""
 
     weights: jax.Array
 
-    def __call__(self, buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
-        red = jnp.einsum("vbt,btd->vbd", self.weights, h.astype(jnp.float32))
-        return jax.lax.dynamic_update_index_in_dim(buf, red, layer, axis=0)
+    def __call__(self, buf: tuple[jax.Array, jax.Array], layer: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        hf = h.astype(jnp.float32)
+        red = jnp.einsum("vbt,btd->vbd", self.weights, hf)
+        nrm = jnp.einsum("vbt,bt->vb", self.weights, jnp.linalg.norm(hf, axis=-1))
+        return (jax.lax.dynamic_update_index_in_dim(buf[0], red, layer, axis=0),
+                jax.lax.dynamic_update_index_in_dim(buf[1], nrm, layer, axis=0))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _reduced_resid(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-                   weights: jax.Array) -> jax.Array:
-    """Weighted token means of every resid point: ``[L+1, V, B, D]`` float32."""
+                   weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Weighted token means of every resid point ``[L+1, V, B, D]`` and of its token norms
+    ``[L+1, V, B]``, float32."""
     prep = prepare(cfg, valid)
     record = _WeightedMeans(weights)
     h = embed(params, cfg, tokens)
-    buf = jnp.zeros((cfg.n_resid, weights.shape[0], tokens.shape[0], cfg.d_model), jnp.float32)
+    v, b = weights.shape[0], tokens.shape[0]
+    buf = (jnp.zeros((cfg.n_resid, v, b, cfg.d_model), jnp.float32), jnp.zeros((cfg.n_resid, v, b), jnp.float32))
     buf = record(buf, jnp.int32(0), h)
     _, buf, _ = run_layers(params, cfg, h, prep, buf, record)
     return buf
@@ -108,13 +114,15 @@ def encode_pairs(model: Any, prompts: list[list[Message]], responses: list[str],
 
 
 def response_activations(model: Any, prompts: list[list[Message]], responses: list[str], *,
-                         rows: int | None = None, width: int | None = None) -> np.ndarray:
+                         rows: int | None = None, width: int | None = None,
+                         with_norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Per-row activation means of every resid point for each variant in :data:`VARIANTS`.
 
     ``prompts``: chat conversations (ending with the user turn); ``responses``: the assistant reply
-    texts. Returns ``[3, L+1, N, D]`` float32 (order of :data:`VARIANTS`). A row with an empty
-    response has zeros for ``response_mean``. Callers chunk ``N``; ``rows``/``width`` pad the batch to
-    a fixed ``[rows, width]`` so every chunk reuses one compile (see :func:`iter_activations`).
+    texts. Returns ``[3, L+1, N, D]`` float32 (order of :data:`VARIANTS`); with ``with_norms`` also the
+    mean token norms ``[3, L+1, N]`` over the same tokens. A row with an empty response has zeros
+    for ``response_mean``. Callers chunk ``N``; ``rows``/``width`` pad the batch to a fixed
+    ``[rows, width]`` so every chunk reuses one compile (see :func:`iter_activations`).
     """
     n = len(prompts)
     if rows is not None and rows > n:  # pad with copies of the last row (dropped below)
@@ -130,18 +138,23 @@ def response_activations(model: Any, prompts: list[list[Message]], responses: li
         return m / np.maximum(m.sum(axis=1, keepdims=True), 1)
 
     w = np.stack([norm(rmask.astype(np.float32)), norm(pmask.astype(np.float32)), last.astype(np.float32)])
-    out = _reduced_resid(model.params, model.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(w))
-    return np.asarray(out).transpose(1, 0, 2, 3)[:, :, :n]  # [V, L+1, N, D]
+    means, norms = _reduced_resid(model.params, model.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid),
+                                  jnp.asarray(w))
+    acts = np.asarray(means).transpose(1, 0, 2, 3)[:, :, :n]  # [V, L+1, N, D]
+    return (acts, np.asarray(norms).transpose(1, 0, 2)[:, :, :n]) if with_norms else acts
 
 
-def iter_activations(model: Any, prompts: list[list[Message]], responses: list[str], batch_size: int = 16):
-    """Yield ``(start, acts [3, L+1, n, D])`` over chunks of ``batch_size`` rows, every chunk padded
-    to one ``[rows, width]`` shape (one compile for the whole set)."""
+def iter_activations(model: Any, prompts: list[list[Message]], responses: list[str], batch_size: int = 16,
+                     with_norms: bool = False):
+    """Yield ``(start, acts [3, L+1, n, D])`` (with ``with_norms``: ``(start, (acts, norms [3, L+1, n]))``)
+    over chunks of ``batch_size`` rows, every chunk padded to one ``[rows, width]`` shape (one compile
+    for the whole set)."""
     tok = model.tokenizer
     longest = max(len(tok.encode(model.format_chat(p), add_special_tokens=False))
                   + len(tok.encode(r, add_special_tokens=False) if r else []) for p, r in zip(prompts, responses))
     width = -(-longest // 16) * 16
-    rows = min(batch_size, len(prompts))
-    for i in range(0, len(prompts), batch_size):
-        yield i, response_activations(model, prompts[i : i + batch_size], responses[i : i + batch_size],
-                                      rows=rows, width=width)
+    n_chunks = -(-len(prompts) // batch_size)
+    rows = -(-len(prompts) // n_chunks)  # equal chunks: no padded rows beyond the last chunk's remainder
+    for i in range(0, len(prompts), rows):
+        yield i, response_activations(model, prompts[i : i + rows], responses[i : i + rows],
+                                      rows=rows, width=width, with_norms=with_norms)

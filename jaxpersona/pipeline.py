@@ -1,18 +1,26 @@
 """The persona-vector pipeline of Chen et al. 2025, batched in JAX, resumable.
 
-``run_extract(model, trait, judge, config, out_dir)`` runs, for one trait:
+``run_extract(model, trait, judge, config, out_dir)`` runs, for one trait (``run_extract_all``: for
+every trait, with one batched steering sweep):
 
 1. **generate** a response for every (instruction pair side x question x sample) under the system
-   prompt "You are a/an {name} assistant. {instruction}" (batched, seeded sampling);
-2. **judge** each response for the trait and for coherence (0-100, expected value of the judge's
-   integer distribution; see :mod:`jaxpersona.judge`);
-3. **filter** aligned pairs: pos trait >= t, neg trait < t, both coherence >= c;
+   prompts "You are a/an {trait} assistant. {pos instruction}" / "You are a helpful assistant. {neg
+   instruction}" (the negative side never names the trait), plus pos/neg answers to the held-out
+   evaluation questions (batched, seeded sampling);
+2. **check the judge** on the trait's anchor answers (AUROC trait vs not, coherent vs broken); a
+   judge below the bar (a 135M model is at chance) is not trusted and drives nothing;
+3. **judge + filter** aligned pairs when the judge is trusted (pos trait >= t, neg < t, coherence >=
+   c), else keep every pair with two different answers; fewer than ``min_pairs`` is an error;
 4. **extract** per resid point ``0..L``: ``mean(pos) - mean(neg)`` of the response-mean, prompt-mean
-   and last-prompt-token activations -> a :class:`~jaxpersona.bank.VectorBank` (Orbax);
-5. **choose the layer** by a steering sweep (layers x coefficients, vmapped greedy generation on
-   the evaluation questions, judged): the trait-score-vs-coefficient curve per layer;
-6. **monitor**: projection of the last prompt token onto the unit vector vs the judged trait score
-   across system prompts that elicit the trait to different degrees (Pearson r per layer).
+   and last-prompt-token activations, and the mean residual norm -> a :class:`~jaxpersona.bank.VectorBank`;
+5. **steering sweep** (judge-free), coefficients relative to the residual norm: the contrastive
+   likelihood of the evaluation answers (teacher-forced) and greedy generations, every (trait,
+   layer, coefficient) in one vmapped, shared-prefix computation;
+6. **choose the layer**: largest trait-score gain among coefficients whose generations stay coherent
+   (NLL under the unsteered model, distinct-2, repeats; thresholds calibrated on unsteered answers);
+   the coefficient where coherence breaks; Spearman rho below it;
+7. **monitor**: projection of the last prompt token vs the judge-free trait score of the answer
+   (Pearson r per layer with a Fisher interval; the judged r beside it when the judge is trusted).
 
 Every unit of work is appended to a JSONL file in the run directory as it finishes, keyed by a
 hash of what determines it, so a killed run resumes without redoing finished generations or
@@ -25,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import tomllib
@@ -33,12 +40,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.extract import VARIANTS, iter_activations
+from jaxpersona.measures import pearson  # noqa: F401  (kept importable from here)
 from jaxpersona.store import KeyedJsonl, digest
 
 Message = dict[str, str]
@@ -46,41 +52,51 @@ Message = dict[str, str]
 
 @dataclasses.dataclass(frozen=True)
 class ExtractConfig:
-    """Sizes and thresholds of one pipeline run. ``default()`` fits ~10 min on a 2-core CPU with the
-    135M default model; ``full()`` follows the paper's sizes and absolute thresholds.
+    """Sizes, thresholds and units of one pipeline run. ``default()`` fits < 3 min on a 2-core CPU
+    with the 135M default model; ``full()`` follows the paper's sizes.
 
-    ``filter``: ``"absolute"`` keeps a pair when pos trait >= ``trait_threshold``, neg trait <
-    ``trait_threshold`` and both coherences >= ``coherence_threshold`` (Chen et al.: 50/50/50).
-    ``"relative"`` reads the thresholds as percentiles of this run's own trait and coherence scores
-    (50 = the median), which survives a weak judge whose scale is compressed or shifted (a 135M judge
-    scores everything ~25); it selects the pairs the judge ranks most contrastive, not pairs that
-    cross a fixed bar.
+    ``filter`` (which contrastive pairs are kept):
+      * ``"auto"`` (default): if the judge passes its check on the trait's anchor answers, the paper's
+        absolute cuts (pos trait >= ``trait_threshold``, neg < it, both coherences >=
+        ``coherence_threshold``); otherwise every pair with two non-empty, different answers — an
+        unchecked judge never drives the filter;
+      * ``"absolute"`` / ``"relative"`` (thresholds read as percentiles of this run's scores): forced
+        judge filters — a judge that fails its check is then an error unless ``trust_judge``;
+      * ``"none"``: keep every pair, no judging.
+    ``coeff_units``: ``"relative"`` — a steering coefficient c adds ``c * |resid[l]| * v̂[l]`` where
+    ``|resid[l]|`` is the mean response-token norm on the extraction answers (recorded in the bank),
+    so 0.5 means "half the residual norm" at any layer and in any model; ``"absolute"`` — ``c * v[l]``
+    with the raw mean-difference vector (persona_vectors' units).
     """
 
     n_pairs: int = 5  # instruction pairs used (<= the trait's)
     n_questions: int = 10  # extraction questions used
     samples: int = 1  # responses per (pair side, question)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     temperature: float = 0.7  # the paper samples at 1.0 (full preset); a 135M model stays coherent at 0.7
     top_p: float = 0.95
     seed: int = 0
     batch_size: int = 40
-    filter: str = "relative"  # "absolute" (the paper's) or "relative" (percentiles of this run's scores)
+    filter: str = "auto"  # "auto", "absolute", "relative" or "none"
     trait_threshold: float = 50.0
     coherence_threshold: float = 50.0
-    min_pairs: int = 1
+    min_pairs: int = 10  # fewer kept pairs is a FilterError, never a silent tiny-sample vector
     min_mass: float = 0.25
     judge_batch: int = 16
-    # layer choice by steering
+    judge_min_auroc: float = 0.8  # the judge check's bar (trait and coherence AUROC on the anchors)
+    trust_judge: bool = False  # use the judge even if it fails (or lacks) its check; said in the summary
+    # layer choice by steering (judge-free)
+    coeff_units: str = "relative"  # "relative" (fraction of the residual norm) or "absolute"
     steer_layers: tuple[int, ...] = ()  # () -> evenly spaced over the middle of the model
-    n_steer_layers: int = 5
-    steer_coeffs: tuple[float, ...] = (0.0, 4.0, 8.0)
+    n_steer_layers: int = 4
+    steer_coeffs: tuple[float, ...] = (-0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
     n_eval: int = 8
-    steer_tokens: int = 40
-    steer_points_per_chunk: int = 4
+    steer_tokens: int = 24
+    steer_points_per_chunk: int = 8  # kept for old configs; the sweep chunks by layer and memory budget
+    max_bad: float = 0.25  # a grid point is incoherent when more of its generations than this are
     # monitoring
-    monitor_pairs: int = 2  # system prompts: none + pos_i + neg_i for i < monitor_pairs
-    monitor_tokens: int = 40
+    monitor_pairs: int = 1  # system prompts: none + pos_i + neg_i for i < monitor_pairs
+    monitor_tokens: int = 32
 
     @classmethod
     def default(cls) -> ExtractConfig:
@@ -89,9 +105,9 @@ class ExtractConfig:
     @classmethod
     def full(cls) -> ExtractConfig:
         """Chen et al.'s sizes: 5 pairs x all extraction questions x 10 samples, 20 eval questions."""
-        return cls(filter="absolute", temperature=1.0, top_p=1.0, n_questions=10_000, samples=10, max_new_tokens=256, n_eval=20, steer_tokens=128,
-                   n_steer_layers=10, steer_coeffs=(0.0, 2.0, 4.0, 6.0, 8.0, 12.0), monitor_pairs=5,
-                   monitor_tokens=128, batch_size=64)
+        return cls(temperature=1.0, top_p=1.0, n_questions=10_000, samples=10, max_new_tokens=256, n_eval=20,
+                   steer_tokens=128, n_steer_layers=10, steer_coeffs=(-0.5, -0.25, 0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+                   monitor_pairs=2, monitor_tokens=128, batch_size=64)
 
     def replace(self, **kw: Any) -> ExtractConfig:
         fields = {f.name for f in dataclasses.fields(self)}
@@ -107,7 +123,7 @@ class ExtractConfig:
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
             ok = {"int": isinstance(v, int) and not isinstance(v, bool),
                   "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-                  "str": isinstance(v, str)}.get(kind)
+                  "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
             if kind.startswith("tuple"):
                 ok = isinstance(v, tuple) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
             if ok is False:
@@ -117,10 +133,16 @@ class ExtractConfig:
         for k in positive:
             if int(getattr(self, k)) < 1:
                 raise errors.InputError(f"extract config {k} must be >= 1, got {getattr(self, k)}")
-        if self.filter not in ("absolute", "relative"):
-            raise errors.InputError(f"extract config filter must be 'absolute' or 'relative', got {self.filter!r}")
+        if self.filter not in FILTERS:
+            raise errors.InputError(f"extract config filter must be one of {FILTERS}, got {self.filter!r}")
+        if self.coeff_units not in ("relative", "absolute"):
+            raise errors.InputError(f"extract config coeff_units must be 'relative' or 'absolute', got {self.coeff_units!r}")
         if self.filter == "relative" and not (0 <= self.trait_threshold <= 100 and 0 <= self.coherence_threshold <= 100):
             raise errors.InputError("with filter = 'relative' the thresholds are percentiles in [0, 100]")
+        if not 0.5 <= self.judge_min_auroc <= 1:
+            raise errors.InputError(f"judge_min_auroc must be in [0.5, 1], got {self.judge_min_auroc}")
+        if not 0 <= self.max_bad < 1:
+            raise errors.InputError(f"max_bad must be in [0, 1), got {self.max_bad}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise errors.InputError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
         bad = [l for l in self.steer_layers if not 0 <= l < n_resid]
@@ -128,6 +150,9 @@ class ExtractConfig:
             raise errors.InputError(f"steer_layers {bad} outside resid[0..{n_resid - 1}]")
         if not self.steer_coeffs or not all(math.isfinite(c) for c in self.steer_coeffs):
             raise errors.InputError(f"steer_coeffs must be finite and non-empty, got {self.steer_coeffs}")
+        if 0.0 not in self.steer_coeffs or not any(c > 0 for c in self.steer_coeffs):
+            raise errors.InputError(f"steer_coeffs must contain 0 (the unsteered baseline) and a positive coefficient, "
+                                    f"got {self.steer_coeffs}")
 
     def layers_for(self, n_layers: int) -> tuple[int, ...]:
         """Steering layers: given, or ``n_steer_layers`` evenly spaced over resid[L/4 .. 3L/4]."""
@@ -135,6 +160,9 @@ class ExtractConfig:
             return tuple(sorted(set(self.steer_layers)))
         lo, hi = max(1, n_layers // 4), max(1, (3 * n_layers) // 4)
         return tuple(sorted(set(int(round(x)) for x in np.linspace(lo, hi, self.n_steer_layers))))
+
+
+FILTERS = ("auto", "absolute", "relative", "none")
 
 
 def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractConfig:
@@ -149,9 +177,10 @@ def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractC
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise errors.InputError(f"{path} is not valid TOML: {e}") from e
-    unknown = sorted(set(table) - {"preset", "extract"})
+    unknown = sorted(set(table) - {"preset", "extract", "traits"})
     if unknown:
-        raise errors.InputError(f"{path}: unknown top-level keys {unknown}; use preset = \"full\" and an [extract] table")
+        raise errors.InputError(f"{path}: unknown top-level keys {unknown}; use preset = \"full\", traits = [...] "
+                                "and an [extract] table")
     preset = table.get("preset", "full" if full else "default")
     if preset not in ("default", "full"):
         raise errors.InputError(f"{path}: preset must be \"default\" or \"full\", got {preset!r}")
@@ -159,6 +188,21 @@ def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractC
     if not isinstance(table.get("extract", {}), dict):
         raise errors.InputError(f"{path}: [extract] must be a table")
     return base.replace(**table.get("extract", {}))
+
+
+def load_run_traits(path: str | Path | None) -> list[str]:
+    """The config file's top-level ``traits``: a list of trait names/files, or ``"all"`` (every shipped
+    trait); [] without a file or key."""
+    if path is None or not Path(path).exists():
+        return []
+    value = tomllib.loads(Path(path).read_text()).get("traits", [])
+    if value == "all":
+        from jaxpersona.traits import list_traits
+
+        return list_traits()
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise errors.InputError(f"{path}: traits must be \"all\" or a list of trait names/files, got {value!r}")
+    return value
 
 
 LOCAL_ANSWER_PREFIX = "Score: "
@@ -279,12 +323,6 @@ def judge_cached(
     return out
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson r (None with < 3 points or a constant input)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -295,45 +333,96 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 # --- the pipeline -----------------------------------------------------------------------------
 @dataclasses.dataclass
 class ExtractResult:
-    """What ``run_extract`` found; also written to ``summary.json``."""
+    """What the pipeline found for one trait; also written to ``summary.json``.
+
+    Every number says which measure produced it: ``steering`` cells are judge-free (contrastive
+    likelihood, with bootstrap intervals; coherence from NLL/distinct-2/repeats), ``steering_judged``
+    holds judge scores only when the judge passed its check; ``decisions`` names the measure that
+    drove the filter and the layer choice."""
 
     trait: str
     model: str
     judge: str
+    judge_check: dict[str, Any]
+    decisions: dict[str, str]
     n_generated: int
     n_pairs_total: int
     n_pairs_kept: int
-    filter: str  # mode and the cuts used
-    best_layer: int
-    steering: dict[str, dict[str, dict[str, float | None]]]  # layer -> coeff -> {trait, coherence}
-    monitor_r: dict[str, float | None]  # layer -> r (per response)
-    monitor_r_prompt_means: float | None  # at best layer, over per-system-prompt means
+    filter: str
+    coeff_units: str
+    resid_norm: dict[str, float]  # layer -> the norm a relative coefficient of 1 adds (steering layers)
+    best_layer: int | None
+    choice: dict[str, Any]  # gain, cliff, rho, per_layer (evaluate.choose_layer)
+    baseline_score: float
+    steering: dict[str, dict[str, dict[str, Any]]]  # layer -> coeff -> judge-free cell
+    steering_judged: dict[str, dict[str, dict[str, float | None]]] | None
+    coherence_thresholds: dict[str, float]
+    monitor: dict[str, dict[str, Any]]  # layer -> {r, lo, hi, n}: projection vs judge-free answer score
+    monitor_judged: dict[str, dict[str, Any]] | None  # layer -> {r, lo, hi, n} vs the judge (if trusted)
     wall_s: dict[str, float]
     out_dir: str
 
     def table(self) -> str:
         coeffs = sorted({c for v in self.steering.values() for c in v}, key=float)
-        lines = [f"trait {self.trait} on {self.model} (judge: {self.judge})",
-                 f"pairs kept {self.n_pairs_kept}/{self.n_pairs_total} ({self.n_generated} responses generated; "
-                 f"filter {self.filter})",
-                 "steering: mean trait score (coherence) per layer x coefficient",
-                 "layer  " + "  ".join(f"c={float(c):>5g}     " for c in coeffs)]
+        units = "x residual norm" if self.coeff_units == "relative" else "x raw vector"
+        lines = [f"trait {self.trait} on {self.model}",
+                 self.judge_check.get("describe", ""),
+                 f"pairs kept {self.n_pairs_kept}/{self.n_pairs_total} ({self.n_generated} responses generated); "
+                 f"filter: {self.decisions['filter']}",
+                 f"steering (judge-free): change in contrastive log-likelihood lp(pos answer) - lp(neg answer) vs "
+                 f"unsteered ({self.baseline_score:+.3f}), per layer x coefficient ({units}); * = incoherent "
+                 "generations (judge-free)",
+                 "layer  " + "  ".join(f"{float(c):>+8g}" for c in coeffs)]
         for layer, row in self.steering.items():
-            cells = []
-            for c in coeffs:
-                t, h = row.get(c, {}).get("trait"), row.get(c, {}).get("coherence")
-                cells.append(f"{_fmt(t):>5} ({_fmt(h):>5})")
-            lines.append(f"{layer:>5}  " + "  ".join(cells))
-        lines.append(f"best layer: {self.best_layer}")
-        r = self.monitor_r.get(str(self.best_layer))
-        lines.append(f"monitoring: Pearson r(last-prompt projection, trait score) at layer {self.best_layer} = {_fmt(r, 3)}"
-                     f"; over system-prompt means = {_fmt(self.monitor_r_prompt_means, 3)}")
+            cells = [f"{row[c]['delta']:>+7.3f}{'*' if not row[c]['coherent'] else ' '}" for c in coeffs]
+            per = self.choice["per_layer"].get(layer, {})
+            cliff = per.get("cliff")
+            lines.append(f"{layer:>5}  " + "  ".join(cells) + f"   cliff {'>' + format(max(map(float, coeffs)), 'g') if cliff is None else format(cliff, 'g')}"
+                         f", rho {_fmt(per.get('rho'), 2)}")
+        if self.best_layer is None:
+            lines.append(f"best layer: none ({self.choice['reason']})")
+        else:
+            b = self.steering[str(self.best_layer)]
+            bc = self.choice.get("best_coeff")
+            cell = b[f"{bc:g}"] if bc is not None else None
+            ci = f" [{cell['delta_lo']:+.3f}, {cell['delta_hi']:+.3f}]" if cell else ""
+            lines.append(f"best layer: {self.best_layer} (gain {_fmt(self.choice['gain'], 3)}{ci} at c={bc:g}; "
+                         f"coherence breaks at c={_fmt(self.choice['cliff'], 3) if self.choice['cliff'] is not None else 'none in grid'}; "
+                         f"Spearman rho(coeff, trait score) below the cliff = {_fmt(self.choice['rho'], 2)}) — "
+                         f"chosen by {self.decisions['layer']}")
+        m = self.monitor.get(str(self.best_layer)) if self.best_layer is not None else None
+        if m:
+            lines.append(f"monitoring (judge-free): Pearson r(last-prompt projection, answer trait score) at layer "
+                         f"{self.best_layer} = {_fmt(m['r'], 3)} [{_fmt(m['lo'], 2)}, {_fmt(m['hi'], 2)}], n={m['n']}")
+        if self.monitor_judged and self.best_layer is not None:
+            mj = self.monitor_judged.get(str(self.best_layer), {})
+            lines.append(f"monitoring (judged): r = {_fmt(mj.get('r'), 3)} [{_fmt(mj.get('lo'), 2)}, {_fmt(mj.get('hi'), 2)}]")
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.wall_s.items()))
-        return "\n".join(lines)
+        return "\n".join(line for line in lines if line)
 
 
 def _fmt(x: float | None, nd: int = 1) -> str:
-    return "-" if x is None else f"{x:.{nd}f}"
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+@dataclasses.dataclass
+class _TraitState:
+    """One trait's run between stages."""
+
+    trait: Any
+    out: Path
+    check: Any  # evaluate.JudgeCheck
+    trusted: bool
+    rows: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    kept: list[tuple[dict[str, Any], dict[str, Any]]]
+    filter_desc: str
+    filter_decision: str
+    eval_items: list[tuple[str, str, str]]  # (question, pos answer, neg answer)
+    vecs: np.ndarray  # [V, L+1, D]
+    norms: np.ndarray  # [L+1]
+    bank: Any
+    wall: dict[str, float]
 
 
 def run_extract(
@@ -344,24 +433,104 @@ def run_extract(
     out_dir: str | Path,
     *,
     judge_id: str,
+    anchors: Any = "shipped",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> ExtractResult:
-    """Steps 1-6 for ``trait`` (a :class:`~jaxpersona.traits.Trait`); see the module docstring.
+    """The whole pipeline for one trait (see the module docstring).
 
-    Run directory ``out_dir``: ``responses.jsonl``, ``judgements.jsonl``, ``steering.jsonl``,
-    ``monitor.jsonl`` (resumable caches), ``pairs.jsonl`` (scored pairs, kept flag), ``vectors/``
-    (Orbax :class:`VectorBank`: ``{trait}`` = response-mean, ``{trait}.prompt_mean``,
-    ``{trait}.prompt_last``), ``steering.csv``, ``summary.json``, ``summary.txt``, ``steering.png``,
+    ``anchors``: a :class:`~jaxpersona.traits.Anchors`, ``"shipped"`` (the trait's shipped anchors,
+    if any) or None (the judge is unchecked). Run directory ``out_dir``: ``responses.jsonl``,
+    ``judgements.jsonl``, ``monitor.jsonl`` (resumable caches), ``steering/`` (the sweep's resumable
+    rows), ``judge_check.json``, ``pairs.jsonl``, ``vectors/`` (Orbax bank with the residual norms),
+    ``steering_scored.jsonl``, ``monitor_scored.jsonl``, ``summary.json``/``.txt``, ``steering.png``,
     ``monitor.png``.
     """
+    return run_extract_many(model, [trait], judge, config, [out_dir], judge_id=judge_id, anchors=[anchors],
+                            progress=progress, log=log)[0]
+
+
+def run_extract_many(
+    model: Any,
+    traits: Sequence[Any],
+    judge: Any,
+    config: ExtractConfig,
+    out_dirs: Sequence[str | Path],
+    *,
+    judge_id: str,
+    anchors: Sequence[Any] | None = None,
+    sweep_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[ExtractResult]:
+    """Stages 1-4 per trait, then **one** steering sweep over traits x layers x coefficients (one
+    compile, chunked by the memory budget; ``sweep_dir`` holds its resumable rows, default
+    ``out_dirs[0]/steering``), then layer choice and monitoring per trait."""
     import time
 
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.traits import load_anchors
 
     cfg = model.cfg
     config.validate(cfg.n_resid)
-    out = Path(out_dir)
+    if len({t.name for t in traits}) != len(traits):
+        raise errors.InputError("each trait may appear once per run")
+    anchors = list(anchors) if anchors is not None else ["shipped"] * len(traits)
+    states = []
+    for trait, out, anc in zip(traits, out_dirs, anchors):
+        anc = load_anchors(trait) if isinstance(anc, str) and anc == "shipped" else anc
+        tag = f"[{trait.name}] " if len(traits) > 1 else ""
+        states.append(_prepare_trait(model, trait, judge, config, Path(out), judge_id=judge_id, anchors=anc,
+                                     progress=progress, log=lambda m, tag=tag: log(tag + m)))
+    t0 = time.perf_counter()
+    sweep = _steer_traits(model, states, judge, config, Path(sweep_dir or Path(out_dirs[0]) / "steering"),
+                          judge_id=judge_id, progress=progress, log=log)
+    share = (time.perf_counter() - t0) / len(states)
+    results = []
+    for st in states:
+        st.wall["steer"] = share
+        tag = f"[{st.trait.name}] " if len(traits) > 1 else ""
+        results.append(_finish_trait(model, st, sweep[st.trait.name], judge, config, judge_id=judge_id,
+                                     progress=progress, log=lambda m, tag=tag: log(tag + m)))
+    return results
+
+
+def _judge_rows(judge: Any, judge_id: str, store: KeyedJsonl, trait: Any, rows: list[dict[str, Any]],
+                config: ExtractConfig, out: Path, desc: str, progress: bool, coherence: bool = True) -> None:
+    """Adds ``trait`` and ``coherence`` judge scores to rows with ``question``/``response`` (None for an
+    empty response, or where the judge's integer mass is below ``min_mass``)."""
+    from jaxpersona.traits import coherence_prompt
+
+    live = [r for r in rows if r["response"]]
+    prompts = [trait.judge_prompt(r["question"], r["response"]) for r in live]
+    if coherence:
+        prompts += [coherence_prompt(r["question"], r["response"]) for r in live]
+    scores = _judge_scores(judge, judge_id, store, prompts, config, out, desc, progress)
+    for r in rows:
+        r["trait"] = r["coherence"] = None
+    for i, r in enumerate(live):
+        r["trait"] = scores[i]
+        r["coherence"] = scores[len(live) + i] if coherence else None
+
+
+def _judge_scores(judge: Any, judge_id: str, store: KeyedJsonl, prompts: list[str], config: ExtractConfig, out: Path,
+                  desc: str, progress: bool) -> list[float | None]:
+    try:
+        return judge_cached(judge, judge_id, store, prompts, batch=config.judge_batch, min_mass=config.min_mass,
+                            desc=desc, progress=progress)
+    except errors.EndpointError as e:
+        raise errors.EndpointError(f"{e} Finished generations and judgements are kept in {out}; "
+                                   "rerun the same command to resume.") from e
+
+
+def _prepare_trait(model: Any, trait: Any, judge: Any, config: ExtractConfig, out: Path, *, judge_id: str,
+                   anchors: Any, progress: bool, log: Callable[[str], None]) -> _TraitState:
+    """Stages 1-4: generate, check the judge, judge + filter, extract (vectors and residual norms)."""
+    import time
+
+    from jaxpersona.bank import VectorBank
+    from jaxpersona.evaluate import check_judge
+
+    cfg = model.cfg
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"trait": trait.name, "model": model.name, "judge": judge_id,
                                                  **dataclasses.asdict(config)}, indent=2))
@@ -369,124 +538,265 @@ def run_extract(
     judged = KeyedJsonl(out / "judgements.jsonl")
     wall: dict[str, float] = {}
     t0 = time.perf_counter()
-    gen_kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                  seed=config.seed, batch_size=config.batch_size, progress=progress)
-
-    def judge_rows(rows: list[dict[str, Any]], desc: str, coherence: bool = True) -> None:
-        """Adds ``trait`` and ``coherence`` scores to rows with ``question``/``response`` (None for an
-        empty response, or where the judge's integer mass is below ``min_mass``)."""
-        from jaxpersona.traits import coherence_prompt
-
-        live = [r for r in rows if r["response"]]
-        prompts = [trait.judge_prompt(r["question"], r["response"]) for r in live]
-        if coherence:
-            prompts += [coherence_prompt(r["question"], r["response"]) for r in live]
-        try:
-            scores = judge_cached(judge, judge_id, judged, prompts, batch=config.judge_batch,
-                                  min_mass=config.min_mass, desc=desc, progress=progress)
-        except errors.EndpointError as e:
-            raise errors.EndpointError(f"{e} Finished generations and judgements are kept in {out}; "
-                                       "rerun the same command to resume.") from e
-        for r in rows:
-            r["trait"] = r["coherence"] = None
-        for i, r in enumerate(live):
-            r["trait"] = scores[i]
-            r["coherence"] = scores[len(live) + i] if coherence else None
-
     mid = model_fingerprint(model)
 
-    # 1. generate -----------------------------------------------------------------------------
+    # 1. generate: extraction answers + the evaluation answers the trait score is measured on --------
     n_pairs = min(config.n_pairs, len(trait.pairs))
     questions = list(trait.questions[: config.n_questions])
+    eval_qs = list(trait.eval_questions[: config.n_eval])
+    if not eval_qs:
+        raise errors.InputError(f"trait {trait.name!r} has no evaluation questions: the judge-free trait score needs "
+                                "held-out questions (add 'eval_questions' to the trait file)")
     jobs = []
+
+    def job(kind: str, side: str, i: int, q: str, s: int, extra: dict[str, Any]) -> None:
+        system = trait.system_prompt(side, i)
+        conv = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        key = digest(kind, mid, side, system, q, s, config.max_new_tokens, config.temperature, config.top_p, config.seed)
+        jobs.append((key, conv, {"side": side, "pair": i, "question": q, "sample": s, **extra}))
+
     for i in range(n_pairs):
-        for qi, q in enumerate(questions):
+        for q in questions:
             for s in range(config.samples):
                 for side in ("pos", "neg"):
-                    system = trait.system_prompt(side, i)
-                    conv = [{"role": "system", "content": system}, {"role": "user", "content": q}]
-                    key = digest("extract", mid, side, system, q, s, config.max_new_tokens, config.temperature,
-                                 config.top_p, config.seed)
-                    jobs.append((key, conv, {"side": side, "pair": i, "question": q, "sample": s}))
-    log(f"[1/6] generating {len(jobs)} responses ({n_pairs} pairs x {len(questions)} questions x "
-        f"{config.samples} samples x 2 sides, {config.max_new_tokens} new tokens)")
-    # chunk order is fixed by the full job list (seed per chunk), cached keys are skipped
-    recs = generate_cached(model, responses, jobs, desc="generate", **gen_kw)
-    rows = [{**recs[k], "key": k} for k, _, _ in jobs]
+                    job("extract", side, i, q, s, {})
+    n_extract = len(jobs)
+    for qi, q in enumerate(eval_qs):
+        for side in ("pos", "neg"):
+            job("eval", side, qi % n_pairs, q, 0, {"eval": True})
+    log(f"[1/7] generating {n_extract} extraction responses ({n_pairs} pairs x {len(questions)} questions x "
+        f"{config.samples} samples x 2 sides) + {len(jobs) - n_extract} evaluation answers, "
+        f"{config.max_new_tokens} new tokens")
+    recs = generate_cached(model, responses, jobs, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                           top_p=config.top_p, seed=config.seed, batch_size=config.batch_size, desc="generate",
+                           progress=progress)
+    rows = [{**recs[k], "key": k} for k, _, _ in jobs[:n_extract]]
+    ev = [recs[k] for k, _, _ in jobs[n_extract:]]
+    eval_items = [(ev[2 * j]["question"], ev[2 * j]["response"], ev[2 * j + 1]["response"]) for j in range(len(eval_qs))]
+    same = [q for q, p, n in eval_items if not p or not n or p == n]
+    eval_items = [(q, p, n) for q, p, n in eval_items if q not in same]
+    if same:
+        log(f"      warning: {len(same)} evaluation question(s) dropped: empty or identical pos/neg answers")
+    if not eval_items:
+        raise errors.InputError(f"every evaluation question got empty or identical pos and neg answers ({out}/"
+                                "responses.jsonl): the contrastive trait score has nothing to compare; raise "
+                                "max_new_tokens or the temperature")
     wall["generate"] = time.perf_counter() - t0
 
-    # 2. judge -------------------------------------------------------------------------------
+    # 2. the judge check -------------------------------------------------------------------------
     t1 = time.perf_counter()
-    log(f"[2/6] judging {len(rows)} responses for {trait.name} and coherence with {judge_id}")
-    judge_rows(rows, "judge responses")
-    wall["judge"] = time.perf_counter() - t1
+    if config.filter == "none" and not config.trust_judge:
+        from jaxpersona.evaluate import JudgeCheck
 
-    # 3. filter ------------------------------------------------------------------------------
+        check = JudgeCheck(judge_id, None, None, config.judge_min_auroc, {}, 0.0, False)
+        log("[2/7] judge not used (filter = 'none')")
+    else:
+        check = check_judge(lambda ps: _judge_scores(judge, judge_id, judged, ps, config, out, "judge check", progress),
+                            trait, anchors, judge_id, config.judge_min_auroc)
+        log(f"[2/7] {check.describe()}")
+    (out / "judge_check.json").write_text(json.dumps({**check.to_json(), "describe": check.describe()}, indent=2))
+    trusted = check.passed or config.trust_judge
+    if config.filter in ("absolute", "relative") and not trusted:
+        raise errors.JudgeCheckError(
+            f"{check.describe()}, but filter = {config.filter!r} relies on it. Use a judge that passes (--judge NAME, "
+            "--judge-url), filter = 'auto' (judge-free when the judge fails), or trust_judge = true to use it "
+            f"anyway. Generations so far are kept in {out}.")
+    if config.trust_judge and not check.passed:
+        log("      warning: trust_judge = true: using a judge that did not pass its check")
+    wall["judge_check"] = time.perf_counter() - t1
+
+    # 3. judge + filter --------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    use_judge = trusted and config.filter != "none"
+    if use_judge:
+        log(f"[3/7] judging {len(rows)} responses for {trait.name} and coherence with {judge_id}")
+        _judge_rows(judge, judge_id, judged, trait, rows, config, out, "judge responses", progress)
+    else:
+        for r in rows:
+            r["trait"] = r["coherence"] = None
     by_slot: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in rows:
         by_slot.setdefault((r["pair"], r["question"], r["sample"]), {})[r["side"]] = r
-    t_cut, c_cut = filter_thresholds(rows, config)
+    if use_judge:
+        mode = "absolute" if config.filter == "auto" else config.filter
+        t_cut, c_cut = filter_thresholds(rows, dataclasses.replace(config, filter=mode))
+        how = "" if mode == "absolute" else (f" = percentiles {config.trait_threshold:g}/"
+                                             f"{config.coherence_threshold:g} of this run's scores")
+        filter_desc = f"{mode}: pos trait >= {t_cut:.2f}, neg trait < {t_cut:.2f}, coherence >= {c_cut:.2f}{how}"
+        decision = f"judge {judge_id} ({'passed its check' if check.passed else 'trusted without passing: trust_judge'}); {filter_desc}"
+    else:
+        filter_desc = "none: every pair with two non-empty, different answers"
+        why = "filter = 'none'" if config.filter == "none" else "the judge did not pass its check"
+        decision = f"judge-free: kept every pair with two non-empty, different answers ({why})"
     pairs, kept = [], []
     for slot, sides in by_slot.items():
         p, n = sides["pos"], sides["neg"]
-        ok = (p["trait"] is not None and n["trait"] is not None and p["coherence"] is not None
-              and n["coherence"] is not None and p["trait"] >= t_cut
-              and n["trait"] < t_cut and p["coherence"] >= c_cut
-              and n["coherence"] >= c_cut)
+        if use_judge:
+            ok = (p["trait"] is not None and n["trait"] is not None and p["coherence"] is not None
+                  and n["coherence"] is not None and p["trait"] >= t_cut and n["trait"] < t_cut
+                  and p["coherence"] >= c_cut and n["coherence"] >= c_cut)
+        else:
+            ok = bool(p["response"]) and bool(n["response"]) and p["response"] != n["response"]
         pairs.append({"pair": slot[0], "question": slot[1], "sample": slot[2], "kept": ok,
                       "pos_trait": p["trait"], "neg_trait": n["trait"], "pos_coherence": p["coherence"],
                       "neg_coherence": n["coherence"], "pos_response": p["response"], "neg_response": n["response"]})
         if ok:
             kept.append((p, n))
     _write_jsonl(out / "pairs.jsonl", pairs)
-    how = "" if config.filter == "absolute" else (f" = percentiles {config.trait_threshold:g}/"
-                                                    f"{config.coherence_threshold:g} of this run's scores")
-    log(f"[3/6] {len(kept)}/{len(pairs)} pairs kept (pos {trait.name} >= {t_cut:.1f}, neg < {t_cut:.1f}, "
-        f"coherence >= {c_cut:.1f}{how})")
+    log(f"[3/7] {len(kept)}/{len(pairs)} pairs kept ({filter_desc})")
     if len(kept) < config.min_pairs:
-        raise errors.FilterError(_filter_message(pairs, config, judge_id, out))
+        raise errors.FilterError(_filter_message(pairs, config, judge_id, out, use_judge))
+    wall["judge"] = time.perf_counter() - t1
 
-    # 4. extract -----------------------------------------------------------------------------
+    # 4. extract: vectors and the residual norm a relative coefficient refers to -----------------
     t1 = time.perf_counter()
-    log(f"[4/6] extracting {', '.join(VARIANTS)} vectors at resid[0..{cfg.n_layers}]")
+    log(f"[4/7] extracting {', '.join(VARIANTS)} vectors at resid[0..{cfg.n_layers}] and residual norms")
     sums = np.zeros((2, len(VARIANTS), cfg.n_resid, cfg.d_model), np.float64)
+    norm_sum = np.zeros(cfg.n_resid, np.float64)
     for side_i, side_rows in enumerate(([p for p, _ in kept], [n for _, n in kept])):
-        for _, acts in iter_activations(model, [r["messages"] for r in side_rows],
-                                        [r["response"] for r in side_rows], config.batch_size):
+        for _, (acts, norms) in iter_activations(model, [r["messages"] for r in side_rows],
+                                                 [r["response"] for r in side_rows], config.batch_size, with_norms=True):
             sums[side_i] += acts.sum(axis=2)
+            norm_sum += norms[VARIANTS.index("response_mean")].sum(axis=1)
     vecs = ((sums[0] - sums[1]) / len(kept)).astype(np.float32)  # [V, L+1, D]
+    resid_norm = (norm_sum / (2 * len(kept))).astype(np.float32)  # [L+1]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     counts = {"pairs_kept": len(kept), "pairs_total": len(pairs), "responses": len(rows)}
+    meta = {"judge": judge_id, "judge_check": "passed" if check.passed else ("unchecked" if not check.checked else "failed"),
+            "filter": filter_desc, **counts, "date": now, "contrast": CONTRAST_VERSION,
+            "resid_norm": [round(float(x), 5) for x in resid_norm],
+            "resid_norm_of": "mean token norm of resid[l] over the kept extraction answers (response tokens)"}
     bank = VectorBank(
         vectors=vecs, names=tuple(trait.name if v == "response_mean" else f"{trait.name}.{v}" for v in VARIANTS),
-        model=model.name or cfg.family,
-        meta=tuple({"trait": trait.name, "variant": v, "judge": judge_id, **counts, "date": now} for v in VARIANTS),
+        model=model.name or cfg.family, meta=tuple({"trait": trait.name, "variant": v, **meta} for v in VARIANTS),
         created=now,
     )
     bank.save(out / "vectors", overwrite=True)
     np.save(out / "vectors.npy", vecs[0])
     wall["extract"] = time.perf_counter() - t1
+    return _TraitState(trait, out, check, trusted, rows, pairs, kept, filter_desc, decision, eval_items, vecs,
+                       resid_norm, bank, wall)
 
-    # 5. choose the layer by steering ----------------------------------------------------------
-    t1 = time.perf_counter()
+
+CONTRAST_VERSION = 2  # 2: the negative system prompt no longer names the trait (banks before differ)
+
+
+def steering_vectors(vectors: np.ndarray, resid_norm: np.ndarray | None, units: str) -> np.ndarray:
+    """``[L+1, D]`` vectors a coefficient multiplies: ``|resid[l]| * v̂[l]`` (relative units) or ``v[l]``."""
+    v = np.asarray(vectors, np.float32)
+    if units == "absolute":
+        return v
+    if resid_norm is None:
+        raise errors.InputError("relative steering coefficients need the residual norms recorded in the bank "
+                                "(banks from before jaxpersona 0.2 lack them): re-run `jaxpersona extract` for the "
+                                "trait to record them, or use coeff_units = 'absolute'")
+    norms = np.asarray(resid_norm, np.float32)
+    if norms.shape != v.shape[:1] or not np.all(np.isfinite(norms)):
+        raise errors.InputError(f"residual norms have shape {norms.shape}; expected [{v.shape[0]}] finite values")
+    unit = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    return (unit * norms[:, None]).astype(np.float32)
+
+
+def bank_resid_norm(bank: Any, name: str) -> np.ndarray | None:
+    """The residual norms recorded with bank entry ``name`` (None for older banks)."""
+    norms = bank.meta_of(name).get("resid_norm")
+    return None if norms is None else np.asarray(norms, np.float32)
+
+
+def _steer_traits(model: Any, states: list[_TraitState], judge: Any, config: ExtractConfig, sweep_dir: Path, *,
+                  judge_id: str, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Stage 5: one batched steering sweep over traits x layers x coefficients: teacher-forced
+    contrastive likelihood of each trait's evaluation answers + greedy generations (for coherence),
+    intervention at response positions (last prompt token + answer tokens)."""
+    from jaxpersona.evaluate import coherence_stats
+    from jaxpersona.measures import CoherenceThresholds
+    from jaxpersona.model import conversation
+    from jaxpersona.sweep import Grid, ScoringSet, run_sweep
+
+    cfg = model.cfg
     layers = config.layers_for(cfg.n_layers)
-    eval_qs = list(trait.eval_questions[: config.n_eval]) or questions[: config.n_eval]
-    steer_rows = steering_sweep(model, vecs[0], layers, config.steer_coeffs, eval_qs, out / "steering.jsonl",
-                                max_new_tokens=config.steer_tokens, points_per_chunk=config.steer_points_per_chunk,
-                                progress=progress, log=log)
-    log(f"      judging {len(steer_rows)} steered responses")
-    judge_rows(steer_rows, "judge steering")
-    steering = _steering_table(steer_rows, layers, config.steer_coeffs)
-    best = choose_layer(steering, c_cut)  # the coherence cut the filter used (a percentile in relative mode)
-    _write_jsonl(out / "steering_scored.jsonl", steer_rows)
-    bank = dataclasses.replace(bank, meta=tuple({**m, "best_layer": best} for m in bank.meta))
-    bank.save(out / "vectors", overwrite=True)
-    wall["steer"] = time.perf_counter() - t1
+    coeffs = tuple(sorted(float(c) for c in config.steer_coeffs))
+    vectors = np.stack([steering_vectors(st.vecs[0], st.norms, config.coeff_units) for st in states])
+    grid = Grid("steer", vectors, tuple(st.trait.name for st in states), layers, coeffs, positions="response",
+                baseline_once=True)
+    sets = [ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
+                       tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items)) for st in states]
+    n_points = len(grid.points())
+    log(f"[5/7] steering sweep: {len(states)} trait(s) x {len(layers)} layers x {len(coeffs)} coefficients "
+        f"({config.coeff_units}; {n_points} points) on {len(states[0].eval_items)} evaluation questions: contrastive "
+        f"likelihood (teacher-forced) + {config.steer_tokens} greedy tokens, one batched computation")
+    rows = run_sweep(model, grid, sets, out_dir=sweep_dir, progress=progress, generate_tokens=config.steer_tokens)
 
-    # 6. monitor -----------------------------------------------------------------------------
+    # coherence of every generation (NLL under the unsteered model), calibrated per trait on unsteered answers
+    # rows i and i + n_q of a set share question i: its generation is taken once
+    qs = {st.trait.name: [q for q, _, _ in st.eval_items] for st in states}
+    texts = [(r["vector"], r["layer"], r["coeff"], r["prompt"], r["text"]) for r in rows
+             if r["prompt"] < len(qs[r["vector"]])]
+    refs = [(st.trait.name, q, a) for st in states for q, p, n in st.eval_items for a in (p, n)]
+    stats = coherence_stats(model, [qs[t][i] for t, _, _, i, _ in texts] + [q for _, q, _ in refs],
+                            [x for *_, x in texts] + [a for _, _, a in refs], batch_size=config.batch_size)
+    text_stats, ref_stats = stats[: len(texts)], stats[len(texts):]
+    out: dict[str, dict[str, Any]] = {}
+    for st in states:
+        name = st.trait.name
+        base = [s for (t, _, c, _, _), s in zip(texts, text_stats) if t == name and c == 0.0]
+        ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + base
+        thr = CoherenceThresholds.calibrate(ref, max_bad=config.max_bad)
+        by_point: dict[tuple[int, float], list[dict[str, float]]] = {}
+        for (t, l, c, _, _), s in zip(texts, text_stats):
+            if t == name:
+                by_point.setdefault((l, c), []).append(s)
+        coherence = {k: thr.point(v) for k, v in by_point.items()}
+        steer_rows = [{"layer": l, "coeff": c, "question": qs[name][i], "response": x, **s}
+                      for (t, l, c, i, x), s in zip(texts, text_stats) if t == name]
+        out[name] = {"rows": [r for r in rows if r["vector"] == name], "coherence": coherence, "thresholds": thr,
+                     "steer_rows": steer_rows, "layers": layers, "coeffs": coeffs}
+    return out
+
+
+def _finish_trait(model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
+                  judge_id: str, progress: bool, log: Callable[[str], None]) -> ExtractResult:
+    """Stages 6-7 for one trait: the judge-free steering table and layer choice, monitoring; writes
+    the summary and plots."""
+    import time
+
+    from jaxpersona import plots
+    from jaxpersona.evaluate import answer_trait_scores, choose_layer, steering_table
+    from jaxpersona.measures import pearson_ci
+
+    cfg, trait, out = model.cfg, st.trait, st.out
     t1 = time.perf_counter()
+    n_q = len(st.eval_items)
+    table = steering_table(sw["rows"], n_q, sw["coherence"], sw["layers"], sw["coeffs"], seed=config.seed)
+    choice = choose_layer(table)
+    best = choice["best_layer"]
+    baseline = table[str(sw["layers"][0])]["0"]["score"]
+    steer_rows = sw["steer_rows"]
+    judged_table = None
+    if st.trusted:
+        judged = KeyedJsonl(out / "judgements.jsonl")
+        _judge_rows(judge, judge_id, judged, trait, steer_rows, config, out, "judge steering", progress)
+        judged_table = {}
+        for l in sw["layers"]:
+            judged_table[str(l)] = {}
+            for c in sw["coeffs"]:
+                sel = [r for r in steer_rows if r["coeff"] == c and (r["layer"] == l or c == 0.0)]
+                judged_table[str(l)][f"{c:g}"] = {"trait": _mean([r["trait"] for r in sel]),
+                                                  "coherence": _mean([r["coherence"] for r in sel])}
+    _write_jsonl(out / "steering_scored.jsonl", steer_rows)
+    log(f"[6/7] layer choice (judge-free): best layer {best} — {choice['reason']}")
+    st.bank = dataclasses.replace(st.bank, meta=tuple({**m, "best_layer": best, "cliff": choice["cliff"],
+                                                       "coeff_units": config.coeff_units} for m in st.bank.meta))
+    st.bank.save(out / "vectors", overwrite=True)
+    st.wall["choose"] = time.perf_counter() - t1
+
+    # 7. monitor -------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    mid = model_fingerprint(model)
+    eval_qs = [q for q, _, _ in st.eval_items]
+    n_mon = min(config.monitor_pairs, len(trait.pairs))
     systems: list[tuple[str, str | None]] = [("none", None)]
-    for i in range(min(config.monitor_pairs, len(trait.pairs))):
+    for i in range(n_mon):
         systems += [(f"pos{i}", trait.system_prompt("pos", i)), (f"neg{i}", trait.system_prompt("neg", i))]
     mjobs = []
     for label, system in systems:
@@ -494,150 +804,67 @@ def run_extract(
             conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
             mjobs.append((digest("monitor", mid, system, q, config.monitor_tokens, config.temperature, config.top_p,
                                  config.seed), conv, {"system_label": label, "question": q}))
-    log(f"[6/6] monitoring: {len(mjobs)} responses under {len(systems)} system prompts")
-    mrecs = generate_cached(model, KeyedJsonl(out / "monitor.jsonl"), mjobs, desc="monitor generate",
-                            **{**gen_kw, "max_new_tokens": config.monitor_tokens})
+    log(f"[7/7] monitoring: {len(mjobs)} responses under {len(systems)} system prompts")
+    mrecs = generate_cached(model, KeyedJsonl(out / "monitor.jsonl"), mjobs, max_new_tokens=config.monitor_tokens,
+                            temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                            batch_size=config.batch_size, desc="monitor generate", progress=progress)
     mrows = [{**mrecs[k]} for k, _, _ in mjobs]
-    judge_rows(mrows, "judge monitor", coherence=False)
+    # judge-free answer score, from instruction pairs that did not generate the monitored answers
+    score_pairs = [i for i in range(len(trait.pairs)) if i >= n_mon][:1] or [0]
+    free = answer_trait_scores(model, trait, [r["question"] for r in mrows], [r["response"] for r in mrows],
+                               score_pairs, batch_size=config.batch_size)
+    for r, f in zip(mrows, free):
+        r["score_free"] = None if not np.isfinite(f) else float(f)
+    if st.trusted:
+        _judge_rows(judge, judge_id, KeyedJsonl(out / "judgements.jsonl"), trait, mrows, config, out, "judge monitor",
+                    progress, coherence=False)
     proj = np.zeros((cfg.n_resid, len(mrows)), np.float32)
-    units = vecs[0] / np.maximum(np.linalg.norm(vecs[0], axis=-1, keepdims=True), 1e-12)  # [L+1, D]
+    units = st.vecs[0] / np.maximum(np.linalg.norm(st.vecs[0], axis=-1, keepdims=True), 1e-12)  # [L+1, D]
     for i, acts in iter_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows],
                                     config.batch_size):
         proj[:, i : i + acts.shape[2]] = np.einsum("lbd,ld->lb", acts[VARIANTS.index("prompt_last")], units)
-    scored = [j for j, r in enumerate(mrows) if r["trait"] is not None]
-    monitor_r = {str(l): pearson(proj[l, scored], [mrows[j]["trait"] for j in scored]) for l in range(cfg.n_resid)}
+    ok = [j for j, r in enumerate(mrows) if r["score_free"] is not None]
+    monitor = {str(l): pearson_ci(proj[l, ok], [mrows[j]["score_free"] for j in ok]) for l in range(cfg.n_resid)}
+    monitor_judged = None
+    if st.trusted:
+        sj = [j for j, r in enumerate(mrows) if r.get("trait") is not None]
+        monitor_judged = {str(l): pearson_ci(proj[l, sj], [mrows[j]["trait"] for j in sj]) for l in range(cfg.n_resid)}
+    show = best if best is not None else sw["layers"][len(sw["layers"]) // 2]
     for j, r in enumerate(mrows):
-        r["projection"] = float(proj[best, j])
-    means = [(np.mean([proj[best, j] for j in scored if mrows[j]["system_label"] == lab]),
-              _mean([mrows[j]["trait"] for j in scored if mrows[j]["system_label"] == lab])) for lab, _ in systems]
-    means = [m for m in means if m[1] is not None and not np.isnan(m[0])]
-    r_means = pearson([m[0] for m in means], [m[1] for m in means])
+        r["projection"] = float(proj[show, j])
     _write_jsonl(out / "monitor_scored.jsonl", mrows)
-    wall["monitor"] = time.perf_counter() - t1
-    wall["total"] = time.perf_counter() - t0
+    st.wall["monitor"] = time.perf_counter() - t1
+    st.wall["total"] = sum(st.wall.values())
 
-    filt = f"{config.filter}: pos trait >= {t_cut:.2f}, neg trait < {t_cut:.2f}, coherence >= {c_cut:.2f}"
-    result = ExtractResult(trait.name, model.name or cfg.family, judge_id, len(rows), len(pairs), len(kept), filt, best,
-                           steering, monitor_r, r_means, wall, str(out))
+    decisions = {
+        "filter": st.filter_decision,
+        "layer": "judge-free measures (contrastive likelihood of held-out answers; coherence from NLL under the "
+                 "unsteered model, distinct-2 and longest repeated span)",
+        "monitor": "judge-free answer score (log-likelihood ratio of the answer under held-out pos vs neg system "
+                   "prompts)" + ("; judged r beside it" if st.trusted else "; no judged r (judge not trusted)"),
+    }
+    check = {**st.check.to_json(), "describe": st.check.describe()}
+    steering_layers = [str(l) for l in sw["layers"]]
+    result = ExtractResult(
+        trait.name, model.name or cfg.family, judge_id, check, decisions, len(st.rows), len(st.pairs), len(st.kept),
+        st.filter_desc, config.coeff_units, {l: float(st.norms[int(l)]) for l in steering_layers}, best, choice,
+        baseline, table, judged_table, dataclasses.asdict(sw["thresholds"]), monitor, monitor_judged, dict(st.wall),
+        str(out))
     (out / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     (out / "summary.txt").write_text(result.table() + "\n")
-    from jaxpersona import plots
-
-    plots.steering_curves(steering, out / "steering.png", title=f"{trait.name}: steering on {result.model}",
-                          best=best)
-    plots.monitor_scatter([r["projection"] for r in mrows], [r["trait"] for r in mrows],
+    plots.steering_judge_free({trait.name: {"table": table, "choice": choice}}, out / "steering.png",
+                              title=f"{trait.name}: judge-free steering on {result.model} ({config.coeff_units} units)")
+    plots.monitor_scatter([r["projection"] for r in mrows], [r["score_free"] for r in mrows],
                           [r["system_label"] for r in mrows], out / "monitor.png",
-                          title=f"{trait.name}: last-prompt projection @ resid[{best}] vs judged score",
-                          r=monitor_r.get(str(best)))
+                          title=f"{trait.name}: last-prompt projection @ resid[{show}] vs judge-free answer score",
+                          r=monitor[str(show)]["r"], ylabel="answer score: lp(pos prompts) - lp(neg prompts)")
     return result
-
-
-def steering_sweep(
-    model: Any,
-    vectors: np.ndarray,
-    layers: Sequence[int],
-    coeffs: Sequence[float],
-    questions: list[str],
-    path: str | Path,
-    *,
-    max_new_tokens: int,
-    points_per_chunk: int = 4,
-    system: str | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> list[dict[str, Any]]:
-    """Greedy replies to ``questions`` under ``h + c * v[l]`` at resid ``l`` (response positions:
-    last prompt token + generated tokens), for every layer x coefficient; coefficient 0 is run once.
-
-    Grid points are vmapped together (``sweep.generate_chunk``); each chunk is cached in ``path``.
-    Returns rows ``{layer, coeff, question, response}`` (the baseline has ``layer = -1``).
-    """
-    from jaxpersona import interventions as iv
-    from jaxpersona.model import conversation
-    from jaxpersona.sweep import Grid, build_hooks, generate_chunk
-
-    cfg = model.cfg
-    store = KeyedJsonl(path)
-    batch = model.encode_conversations([conversation(q, system) for q in questions])
-    model.check_length(batch, max_new_tokens)
-    pos = iv.Positions.response(batch.valid)
-    nonzero = [float(c) for c in coeffs if c != 0]
-    points = [{"vector": "v", "vector_index": 0, "layer": int(layers[0]), "coeff": 0.0}]
-    points += [{"vector": "v", "vector_index": 0, "layer": int(l), "coeff": c} for l in layers for c in nonzero]
-    grid = Grid("steer", np.asarray(vectors, np.float32)[None], ("v",), tuple(int(l) for l in layers),
-                tuple(float(c) for c in coeffs) or (0.0,), positions="response")
-    grid.validate(cfg)
-    vec_id = hashlib.sha256(np.ascontiguousarray(vectors, np.float32).tobytes()).hexdigest()[:24]
-
-    def key(pt: dict[str, Any]) -> str:
-        layer = -1 if pt["coeff"] == 0 else pt["layer"]
-        return digest("steer", model_fingerprint(model), vec_id, layer, pt["coeff"], questions, system, max_new_tokens)
-
-    log(f"[5/6] steering sweep: {len(layers)} layers x {len(nonzero)} coefficients (+ baseline) on "
-        f"{len(questions)} evaluation questions, {max_new_tokens} greedy tokens each")
-    todo = [p for p in points if key(p) not in store]
-    bar = _bar(len(points), "steering", progress)
-    bar.update(len(points) - len(todo))
-    size = max(1, points_per_chunk)
-    for i in range(0, len(todo), size):
-        chunk = todo[i : i + size]
-        padded = chunk + [chunk[-1]] * (size - len(chunk))  # one compile for every chunk
-        hooks = build_hooks(grid, cfg, padded, pos)
-        gen = generate_chunk(model.params, cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), hooks,
-                             max_new_tokens=int(max_new_tokens), eos_ids=model.eos_ids, pad_id=model.pad_id)
-        store.put({"key": key(pt), "layer": -1 if pt["coeff"] == 0 else pt["layer"], "coeff": pt["coeff"],
-                   "responses": [t.strip() for t in model.decode(jax.tree.map(lambda x, g=g: x[g], gen))]}
-                  for g, pt in enumerate(chunk))
-        bar.update(len(chunk))
-    bar.close()
-    rows = []
-    for pt in points:
-        rec = store[key(pt)]
-        for q, text in zip(questions, rec["responses"]):
-            rows.append({"layer": rec["layer"], "coeff": rec["coeff"], "question": q, "response": text})
-    return rows
-
-
-def _steering_table(rows: list[dict[str, Any]], layers: Sequence[int], coeffs: Sequence[float]) -> dict:
-    """``{layer: {coeff: {trait, coherence, n_scored}}}`` (string keys, JSON-able); the coefficient-0
-    baseline is shared by every layer."""
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    for l in layers:
-        row = {}
-        for c in sorted(coeffs):
-            sel = [r for r in rows if r["coeff"] == float(c) and (r["layer"] == l or (c == 0 and r["layer"] == -1))]
-            row[f"{float(c):g}"] = {"trait": _mean([r["trait"] for r in sel]),
-                                    "coherence": _mean([r["coherence"] for r in sel]),
-                                    "n_scored": sum(r["trait"] is not None for r in sel)}
-        table[str(l)] = row
-    return table
-
-
-def choose_layer(steering: dict, coherence_threshold: float) -> int:
-    """The layer whose steering raises the trait score most over the unsteered baseline, counting
-    only coefficients whose mean coherence stays >= ``coherence_threshold`` (all, if none does)."""
-    def gain(row: dict, coherent_only: bool) -> float:
-        base = row.get("0", {}).get("trait")
-        best = -np.inf
-        for c, cell in row.items():
-            if float(c) == 0 or cell["trait"] is None:
-                continue
-            if coherent_only and (cell["coherence"] is None or cell["coherence"] < coherence_threshold):
-                continue
-            best = max(best, cell["trait"] - (base or 0.0))
-        return best
-
-    for coherent_only in (True, False):
-        gains = {int(l): gain(row, coherent_only) for l, row in steering.items()}
-        if any(np.isfinite(g) for g in gains.values()):
-            return max(gains, key=lambda l: (gains[l], -l))
-    return int(next(iter(steering)))
 
 
 def filter_thresholds(rows: list[dict[str, Any]], config: ExtractConfig) -> tuple[float, float]:
     """(trait cut, coherence cut): the config's values, or with ``filter = "relative"`` those
     percentiles of the scored rows' trait and coherence scores."""
-    if config.filter == "absolute":
+    if config.filter != "relative":
         return config.trait_threshold, config.coherence_threshold
     ts = [r["trait"] for r in rows if r["trait"] is not None]
     cs = [r["coherence"] for r in rows if r["coherence"] is not None]
@@ -646,14 +873,18 @@ def filter_thresholds(rows: list[dict[str, Any]], config: ExtractConfig) -> tupl
     return t_cut, c_cut
 
 
-def _filter_message(pairs: list[dict[str, Any]], config: ExtractConfig, judge_id: str, out: Path) -> str:
+def _filter_message(pairs: list[dict[str, Any]], config: ExtractConfig, judge_id: str, out: Path, judged: bool) -> str:
     def stat(key: str) -> str:
         xs = [p[key] for p in pairs if p[key] is not None]
         return f"{key} mean {np.mean(xs):.1f} (n={len(xs)})" if xs else f"{key}: no scores"
 
+    kept = sum(p["kept"] for p in pairs)
+    if not judged:
+        return (f"only {kept} of {len(pairs)} pairs have two non-empty, different answers (need min_pairs = "
+                f"{config.min_pairs}); inspect {out / 'pairs.jsonl'}; use more questions/samples or more new tokens. "
+                "Generations so far are kept; a rerun resumes.")
     return (
-        f"only {sum(p['kept'] for p in pairs)} of {len(pairs)} pairs survived the {config.filter} filter "
-        f"(need {config.min_pairs}): "
+        f"only {kept} of {len(pairs)} pairs survived the judge filter (need min_pairs = {config.min_pairs}): "
         + "; ".join(stat(k) for k in ("pos_trait", "neg_trait", "pos_coherence", "neg_coherence"))
         + f". Judge: {judge_id}. Inspect {out / 'pairs.jsonl'}; try more samples/questions, lower "
         "trait_threshold/coherence_threshold in a [extract] config, or a stronger judge (--judge NAME or "
@@ -667,3 +898,46 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     tmp.replace(path)
+
+
+@dataclasses.dataclass
+class AllTraitsResult:
+    """``--all-traits``: one result per trait plus the shared sweep's wall time."""
+
+    results: list[ExtractResult]
+    out_dir: str
+
+    def table(self) -> str:
+        lines = [f"{'trait':<14} {'best':>4} {'gain':>7} {'95% CI':>17} {'cliff':>6} {'rho':>5} {'monitor r':>10} "
+                 "judge check"]
+        for r in self.results:
+            bc = r.choice.get("best_coeff")
+            cell = r.steering[str(r.best_layer)][f"{bc:g}"] if r.best_layer is not None and bc is not None else None
+            ci = f"[{cell['delta_lo']:+.3f},{cell['delta_hi']:+.3f}]" if cell else "-"
+            m = r.monitor.get(str(r.best_layer), {}) if r.best_layer is not None else {}
+            lines.append(f"{r.trait:<14} {str(r.best_layer):>4} {_fmt(r.choice.get('gain'), 3):>7} {ci:>17} "
+                         f"{_fmt(r.choice.get('cliff'), 3):>6} {_fmt(r.choice.get('rho'), 2):>5} {_fmt(m.get('r'), 3):>10} "
+                         f"{'passed' if r.judge_check.get('passed') else 'failed/unchecked'}")
+        lines.append("gain: judge-free contrastive log-likelihood change at the best coherent coefficient (95% bootstrap "
+                     "over questions); cliff: smallest coefficient whose generations are incoherent (- = none in the "
+                     "grid); rho: Spearman(coefficient, trait score) below the cliff; monitor r: judge-free")
+        return "\n".join(lines)
+
+
+def run_extract_all(model: Any, traits: Sequence[Any], judge: Any, config: ExtractConfig, out_dir: str | Path, *,
+                    judge_id: str, progress: bool = True, log: Callable[[str], None] = print) -> AllTraitsResult:
+    """Every trait in one run directory ``out_dir/<trait>/``; the steering sweep of all traits is one
+    batched computation (``out_dir/steering/``). Writes ``summary.json``/``.txt`` and a per-trait
+    ``steering.png`` grid in ``out_dir``."""
+    from jaxpersona import plots
+
+    out = Path(out_dir)
+    results = run_extract_many(model, traits, judge, config, [out / t.name for t in traits], judge_id=judge_id,
+                               sweep_dir=out / "steering", progress=progress, log=log)
+    res = AllTraitsResult(results, str(out))
+    (out / "summary.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    (out / "summary.txt").write_text(res.table() + "\n")
+    plots.steering_judge_free({r.trait: {"table": r.steering, "choice": r.choice} for r in results},
+                              out / "steering.png", title=f"judge-free steering on {results[0].model} "
+                                                          f"({config.coeff_units} units)")
+    return res

@@ -40,8 +40,9 @@ def steering_curves(steering: dict[str, dict[str, dict[str, Any]]], path: str | 
 
 
 def monitor_scatter(projection: Sequence[float], score: Sequence[float | None], labels: Sequence[str],
-                    path: str | Path, *, title: str = "", r: float | None = None) -> Path:
-    """Projection of the last prompt token vs judged trait score, coloured by system prompt."""
+                    path: str | Path, *, title: str = "", r: float | None = None,
+                    ylabel: str = "judged trait score (0-100)") -> Path:
+    """Projection of the last prompt token vs a trait score, coloured by system prompt."""
     fig = _figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
     for lab in dict.fromkeys(labels):
@@ -49,9 +50,50 @@ def monitor_scatter(projection: Sequence[float], score: Sequence[float | None], 
         if pts:
             ax.scatter([p for p, _ in pts], [s for _, s in pts], label=lab, s=18, alpha=0.8)
     ax.set_xlabel("projection of last prompt token onto unit persona vector")
-    ax.set_ylabel("judged trait score (0-100)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="system prompt")
     ax.set_title(title + (f"\nPearson r = {r:.3f}" if r is not None else ""), fontsize=10)
     fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def steering_judge_free(results: dict[str, dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Per trait (one row each): the judge-free trait score change (left; 95% band at the best layer)
+    and the fraction of incoherent generations (right) vs coefficient, one line per layer; the
+    coherence cliff of the best layer is a dashed vertical line.
+
+    ``results``: ``{trait: {"table": {layer: {coeff: cell}}, "choice": evaluate.choose_layer(...)}}``."""
+    n = len(results)
+    fig = _figure(figsize=(10, 3.2 * n + 0.6), layout="constrained")
+    axes = fig.subplots(n, 2, squeeze=False)
+    for (trait, res), (ax_t, ax_c) in zip(results.items(), axes):
+        best, cliff = res["choice"].get("best_layer"), res["choice"].get("cliff")
+        for layer, row in res["table"].items():
+            cs = sorted(row, key=float)
+            xs = [float(c) for c in cs]
+            is_best = best is not None and int(layer) == best
+            lw = 2.5 if is_best else 1.2
+            label = f"resid[{layer}]" + (" (best)" if is_best else "")
+            line = ax_t.plot(xs, [row[c]["delta"] for c in cs], marker="o", lw=lw, label=label)[0]
+            if is_best:
+                ax_t.fill_between(xs, [row[c]["delta_lo"] for c in cs], [row[c]["delta_hi"] for c in cs],
+                                  color=line.get_color(), alpha=0.15)
+            bad = [c for c in cs if not row[c]["coherent"]]
+            ax_t.scatter([float(c) for c in bad], [row[c]["delta"] for c in bad], marker="x", color="k", s=30, zorder=3)
+            ax_c.plot(xs, [row[c]["bad_frac"] for c in cs], marker="o", lw=lw, label=label)
+        for ax in (ax_t, ax_c):
+            if cliff is not None:
+                ax.axvline(cliff, ls="--", color="r", lw=1, label=f"cliff (best layer): {cliff:g}")
+            ax.set_xlabel("steering coefficient")
+            ax.grid(alpha=0.3)
+        ax_t.axhline(0, color="grey", lw=0.8)
+        ax_t.set_ylabel("Δ lp(pos) − lp(neg) [nats/token]")
+        ax_t.set_title(f"{trait}: judge-free trait score (x = incoherent)", fontsize=10)
+        ax_c.set_ylabel("fraction of incoherent generations")
+        ax_c.set_ylim(-0.03, 1.03)
+        ax_c.set_title(f"{trait}: judge-free coherence", fontsize=10)
+        ax_t.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
     return Path(path)

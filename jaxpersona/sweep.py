@@ -33,7 +33,8 @@ from jax.sharding import PartitionSpec as P
 from jaxpersona import errors
 from jaxpersona import interventions as iv
 from jaxpersona.config import ModelConfig
-from jaxpersona.models.transformer import Capture, Params, Recorder, apply_hook, embed, prepare, run_layers, unembed
+from jaxpersona.models.transformer import (Capture, KVCache, Params, Recorder, apply_hook, check_context, embed, prepare,
+                                           run_layers, unembed)
 
 KINDS = ("steer", "ablate", "cap")
 POSITIONS = ("all", "prompt", "response")
@@ -58,6 +59,7 @@ class Grid:
     window: int = 1
     unit: bool = False
     cap_floor: float = -np.inf
+    baseline_once: bool = False  # steer: coefficient 0 is the same forward at every layer -> one point per vector
 
     def validate(self, cfg: ModelConfig) -> None:
         if self.kind not in KINDS:
@@ -83,12 +85,16 @@ class Grid:
             raise errors.InputError(f"layers {bad} (window {self.window}) fall outside resid[0..{cfg.n_layers}]")
 
     def points(self) -> list[dict[str, Any]]:
-        """Grid coordinates, grouped by layer (the shared-prefix order)."""
+        """Grid coordinates, grouped by layer (the shared-prefix order). With ``baseline_once`` (steer
+        only) a zero coefficient appears once per vector, at the lowest layer."""
+        once = self.baseline_once and self.kind == "steer"
+        low = min(self.layers)
         return [
             {"vector": name, "vector_index": k, "layer": int(l), "coeff": float(c)}
             for l in sorted(self.layers)
             for k, name in enumerate(self.names)
             for c in self.coeffs
+            if not (once and c == 0 and l != low)
         ]
 
 
@@ -100,28 +106,42 @@ class ScoringSet:
     responses: tuple[str, ...]
     system: str | None = None
 
+    def conversations(self) -> list[list[dict[str, str]]]:
+        from jaxpersona.model import conversation
 
-def encode_scoring(model: Any, data: ScoringSet) -> dict[str, np.ndarray]:
-    """Tokenize prompt + response per row: tokens/valid ``[B, T]``, the target positions
+        return [conversation(p, self.system) for p in self.prompts]
+
+
+def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                   rows: int | None = None, width: int | None = None, r_width: int | None = None) -> dict[str, np.ndarray]:
+    """Tokenize chat prompt + response per row: tokens/valid ``[B, T]``, the target positions
     ``pred_idx [B, R]`` (position t predicts token t+1), ``pred_tok``, ``pred_ok``, and the
-    response-token mask ``resp [B, T]``."""
-    if not data.prompts or len(data.prompts) != len(data.responses):
-        raise errors.InputError(f"need one response per prompt, got {len(data.prompts)} prompts and "
-                                f"{len(data.responses)} responses")
-    from jaxpersona.model import conversation, pad_left
+    response-token mask ``resp [B, T]``.
+
+    ``rows``/``width``/``r_width`` pad to a fixed ``[rows, width]`` batch with ``R = r_width`` (extra
+    rows copy the last one; callers drop them), so differently sized sets share one compile."""
+    if not conversations or len(conversations) != len(responses):
+        raise errors.InputError(f"need one response per prompt, got {len(conversations)} prompts and "
+                                f"{len(responses)} responses")
+    from jaxpersona.model import pad_left
 
     tok = model.tokenizer
     seqs, n_prompt = [], []
-    for p, r in zip(data.prompts, data.responses):
-        prompt_ids = tok.encode(model.format_chat(conversation(p, data.system)), add_special_tokens=False)
+    for conv, r in zip(conversations, responses):
+        prompt_ids = tok.encode(model.format_chat(list(conv)), add_special_tokens=False)
         resp_ids = tok.encode(r, add_special_tokens=False)
         if not resp_ids:
-            raise errors.InputError(f"empty target response for prompt {p!r}")
+            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
         seqs.append(prompt_ids + resp_ids)
         n_prompt.append(len(prompt_ids))
-    batch = pad_left(seqs, model.pad_id)
+    if rows is not None and rows > len(seqs):
+        seqs += [seqs[-1]] * (rows - len(seqs))
+        n_prompt += [n_prompt[-1]] * (rows - len(n_prompt))
+    longest = max(len(s) for s in seqs)
+    batch = pad_left(seqs, model.pad_id, bucket=width if width is not None and longest <= width else 16)
     b, t = batch.tokens.shape
     r_max = max(len(s) - n for s, n in zip(seqs, n_prompt))
+    r_max = max(r_max, r_width or 0)
     pred_idx = np.zeros((b, r_max), np.int32)
     pred_tok = np.zeros((b, r_max), np.int32)
     pred_ok = np.zeros((b, r_max), bool)
@@ -133,7 +153,122 @@ def encode_scoring(model: Any, data: ScoringSet) -> dict[str, np.ndarray]:
         pred_idx[i, :r], pred_tok[i, :r], pred_ok[i, :r] = pos - 1, batch.tokens[i, pos], True
         resp[i, pos] = True
     return {"tokens": batch.tokens, "valid": batch.valid, "pred_idx": pred_idx, "pred_tok": pred_tok,
-            "pred_ok": pred_ok, "resp": resp, "prompt_width": np.asarray([t - r_max])}
+            "pred_ok": pred_ok, "resp": resp}
+
+
+def target_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
+    """``(width, r_width)`` that fits every (prompt, response): sequence length rounded up to 16 and
+    the longest response in tokens."""
+    tok = model.tokenizer
+    width = r_width = 1
+    for conv, r in zip(conversations, responses):
+        p, n = len(tok.encode(model.format_chat(list(conv)), add_special_tokens=False)), len(tok.encode(r, add_special_tokens=False))
+        width, r_width = max(width, p + n), max(r_width, n)
+    return -(-width // 16) * 16, r_width
+
+
+def _ids(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    tok = model.tokenizer
+    return [(tok.encode(model.format_chat(list(c)), add_special_tokens=False), tok.encode(r, add_special_tokens=False))
+            for c, r in zip(conversations, responses)]
+
+
+def split_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
+    """``(prefix width, suffix width)`` for :func:`encode_split`: the prompt minus its last token
+    (rounded up to 16) and last prompt token + response."""
+    ids = _ids(model, conversations, responses)
+    return -(-max(len(p) - 1 for p, _ in ids) // 16) * 16 or 16, max(1 + len(r) for _, r in ids)
+
+
+def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                 rows: int | None = None, p_width: int | None = None, s_width: int | None = None) -> dict[str, np.ndarray]:
+    """Rows laid out as an unintervened prefix and a per-grid-point suffix (see :func:`score_chunk`):
+    ``prefix_tokens/prefix_valid [B, P]`` (the prompt minus its last token, left-padded) and
+    ``tokens/valid [B, S]`` (last prompt token + response, right-padded), targets in suffix
+    coordinates, ``resp [B, S]`` (response tokens) and ``select [B, P+S]`` (the slots the
+    ``response`` selector covers: last prompt token + response)."""
+    if not conversations or len(conversations) != len(responses):
+        raise errors.InputError(f"need one response per prompt, got {len(conversations)} prompts and "
+                                f"{len(responses)} responses")
+    ids = _ids(model, conversations, responses)
+    for (p, r), conv in zip(ids, conversations):
+        if not r:
+            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    if rows is not None and rows > len(ids):
+        ids += [ids[-1]] * (rows - len(ids))
+    p_need, s_need = -(-max(len(p) - 1 for p, _ in ids) // 16) * 16 or 16, max(1 + len(r) for _, r in ids)
+    pw, sw = max(p_width or 0, p_need), max(s_width or 0, s_need)
+    b, pad = len(ids), model.pad_id
+    out = {"prefix_tokens": np.full((b, pw), pad, np.int32), "prefix_valid": np.zeros((b, pw), bool),
+           "tokens": np.full((b, sw), pad, np.int32), "valid": np.zeros((b, sw), bool),
+           "pred_idx": np.zeros((b, sw - 1), np.int32), "pred_tok": np.zeros((b, sw - 1), np.int32),
+           "pred_ok": np.zeros((b, sw - 1), bool), "resp": np.zeros((b, sw), bool), "select": np.zeros((b, pw + sw), bool)}
+    for i, (p, r) in enumerate(ids):
+        pre, suf = p[:-1], [p[-1], *r]
+        if pre:
+            out["prefix_tokens"][i, pw - len(pre):] = pre
+            out["prefix_valid"][i, pw - len(pre):] = True
+        out["tokens"][i, : len(suf)] = suf
+        out["valid"][i, : len(suf)] = True
+        out["pred_idx"][i, : len(r)] = np.arange(len(r))
+        out["pred_tok"][i, : len(r)] = r
+        out["pred_ok"][i, : len(r)] = True
+        out["resp"][i, 1 : len(suf)] = True
+        out["select"][i, pw : pw + len(suf)] = True
+    return out
+
+
+def encode_scoring(model: Any, data: ScoringSet, **pad: Any) -> dict[str, np.ndarray]:
+    """:func:`encode_targets` of a :class:`ScoringSet` (user turns with the set's system prompt)."""
+    if not data.prompts or len(data.prompts) != len(data.responses):
+        raise errors.InputError(f"need one response per prompt, got {len(data.prompts)} prompts and "
+                                f"{len(data.responses)} responses")
+    return encode_targets(model, data.conversations(), data.responses, **pad)
+
+
+def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[str, jax.Array]) -> jax.Array:
+    """Mean log-prob of each row's target tokens given the last residual ``h [B, T, D]``: ``[B]``.
+    Logits are computed at the target positions only."""
+    hs = jnp.take_along_axis(h, data["pred_idx"][..., None], axis=1)  # [B, R, D]
+    logp = jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
+    lp = jnp.take_along_axis(logp, data["pred_tok"][..., None], axis=-1)[..., 0]
+    ok = data["pred_ok"].astype(jnp.float32)
+    return (lp * ok).sum(-1) / jnp.maximum(ok.sum(-1), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array]) -> jax.Array:
+    prep = prepare(cfg, data["valid"])
+    h = embed(params, cfg, data["tokens"])
+    h, _, _ = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, data["valid"]))
+    return target_logprob(params, cfg, h, data)
+
+
+def mean_logprobs(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                  batch_size: int = 16) -> np.ndarray:
+    """Mean per-token log-prob of each response after its chat prompt, unintervened: ``[N]``.
+
+    Chunks share one ``[batch_size, width]`` shape (one compile). Empty responses give NaN."""
+    out = np.full(len(responses), np.nan, np.float64)
+    live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
+    if not live:
+        return out
+    convs, resps = [conversations[i] for i in live], [responses[i] for i in live]
+    width, r_width = target_shape(model, convs, resps)
+    rows = min(batch_size, len(live))
+    for s in range(0, len(live), rows):
+        enc = encode_targets(model, convs[s : s + rows], resps[s : s + rows], rows=rows, width=width, r_width=r_width)
+        model.check_length(_batch(enc))
+        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()}))
+        n = min(rows, len(live) - s)
+        out[live[s : s + n]] = lp[:n]
+    return out
+
+
+def _batch(enc: dict[str, np.ndarray]) -> Any:
+    from jaxpersona.model import Batch
+
+    return Batch(enc["tokens"], enc["valid"])
 
 
 def positions_for(kind: str, valid: np.ndarray, resp: np.ndarray) -> iv.Positions:
@@ -178,25 +313,34 @@ def score_chunk(
 ) -> dict[str, jax.Array]:
     """Score a chunk of grid points ``hooks`` (leading axis G) that are all off below resid ``start``.
 
+    With ``data["prefix_tokens"]`` (:func:`encode_split`), that prefix — the prompt before the first
+    intervened token — runs once, unintervened, into a KV cache, and only the suffix (last prompt
+    token + response) runs per grid point: exact for interventions that never touch the prefix.
+
     Returns ``logprob [G, B]`` (mean log-prob of the target response tokens) and, with a capture,
     ``proj [G, n_layers, B, P]``: mean over response tokens of ``<resid[l], units[p]>``.
     """
     tokens, valid = data["tokens"], data["valid"]
-    prep = prepare(cfg, valid)
+    cache, index = None, 0
+    if "prefix_tokens" in data:
+        ptok, pval = data["prefix_tokens"], data["prefix_valid"]
+        index = ptok.shape[1]
+        empty = KVCache.empty(cfg, ptok.shape[0], index + tokens.shape[1], params["embed"].dtype)
+        _, _, cache = run_layers(params, cfg, embed(params, cfg, ptok), prepare(cfg, pval, cache=empty),
+                                 jnp.zeros((0,), jnp.float32), Recorder.make(cfg, None, pval), cache=empty)
+    prep = prepare(cfg, valid, cache=cache, cache_index=index)
     record = Recorder.make(cfg, capture, data["resp"])
     h0 = embed(params, cfg, tokens)
     buf = record(record.empty(h0), jnp.int32(0), h0)
-    h_start, buf, _ = run_layers(params, cfg, h0, prep, buf, record, span=(jnp.int32(0), start))
+    h_start, buf, cache = run_layers(params, cfg, h0, prep, buf, record, cache=cache, cache_index=index,
+                                     span=(jnp.int32(0), start))
 
     def one(hook: Any) -> dict[str, jax.Array]:
         h = apply_hook(hook, start, h_start, prep.ctx)
         b = record(buf, start, h)
-        h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, span=(start, jnp.int32(cfg.n_layers)))
-        hs = jnp.take_along_axis(h, data["pred_idx"][..., None], axis=1)  # [B, R, D]
-        logp = jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
-        lp = jnp.take_along_axis(logp, data["pred_tok"][..., None], axis=-1)[..., 0]
-        ok = data["pred_ok"].astype(jnp.float32)
-        out = {"logprob": (lp * ok).sum(-1) / jnp.maximum(ok.sum(-1), 1.0)}
+        h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, cache=cache, cache_index=index,
+                             span=(start, jnp.int32(cfg.n_layers)))
+        out = {"logprob": target_logprob(params, cfg, h, data)}
         if capture is not None:
             out["proj"] = jnp.einsum("nbd,pd->nbp", b.astype(jnp.float32), units)
         return out
@@ -272,7 +416,7 @@ def _shard(tree: Any, mesh: Any, spec: Any) -> Any:
 def run_sweep(
     model: Any,
     grid: Grid,
-    data: ScoringSet,
+    data: ScoringSet | Sequence[ScoringSet],
     *,
     project: dict[str, np.ndarray] | None = None,
     project_layers: Sequence[int] = (),
@@ -285,19 +429,45 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Evaluate every grid point on every prompt; returns one row per (grid point, prompt).
 
-    Row fields: ``kind, vector, layer, coeff, prompt, logprob`` and, for each ``project`` vector
-    ``name`` and ``l`` in ``project_layers``, ``proj/{name}@{l}`` (mean over response tokens of the
-    projection onto the unit vector). With ``generate_tokens > 0`` each row also gets ``text``: the
-    greedy reply to the prompt alone under that intervention (positions: ``all`` = every token,
-    ``prompt`` = prefill only, ``response`` = last prompt token + generated tokens). With ``out_dir``,
-    rows stream into ``results.jsonl`` and a rerun resumes after the last finished chunk.
+    ``data``: one :class:`ScoringSet` scored under every grid point, or one set per grid vector
+    (``len(data) == len(grid.names)``): vector ``k`` is scored on set ``k`` only (e.g. each trait's
+    vector on its own evaluation answers) — all sets padded to one shape, so the whole grid is one
+    compile. Row fields: ``kind, vector, layer, coeff, prompt, logprob`` (``prompt`` indexes the
+    row's set) and, for each ``project`` vector ``name`` and ``l`` in ``project_layers``,
+    ``proj/{name}@{l}`` (mean over response tokens of the projection onto the unit vector). With
+    ``generate_tokens > 0`` each row also gets ``text``: the greedy reply to the prompt alone under
+    that intervention (positions: ``all`` = every token, ``prompt`` = prefill only, ``response`` =
+    last prompt token + generated tokens; a prompt repeated in a set is generated once). With
+    ``out_dir``, rows stream into ``results.jsonl`` and a rerun resumes after the last finished chunk.
     """
-    from jaxpersona.model import Batch
-
     cfg = model.cfg
     grid.validate(cfg)
-    enc = encode_scoring(model, data)
-    model.check_length(Batch(enc["tokens"], enc["valid"]))
+    paired = not isinstance(data, ScoringSet)
+    sets: list[ScoringSet] = list(data) if paired else [data]
+    if paired and len(sets) != len(grid.names):
+        raise errors.InputError(f"{len(sets)} scoring sets for {len(grid.names)} grid vectors; give one set per "
+                                "vector, or one set for all")
+    for d in sets:
+        if not d.prompts or len(d.prompts) != len(d.responses):
+            raise errors.InputError(f"need one response per prompt, got {len(d.prompts)} prompts and "
+                                    f"{len(d.responses)} responses")
+    rows_n = max(len(d.prompts) for d in sets)
+    # response positions never touch the prompt before its last token: that prefix runs once per chunk
+    split = grid.positions == "response"
+    shape_of = split_shape if split else target_shape
+    shapes = [shape_of(model, d.conversations(), d.responses) for d in sets]
+    width, r_width = max(w for w, _ in shapes), max(r for _, r in shapes)
+    if split:
+        encs = [encode_split(model, d.conversations(), d.responses, rows=rows_n, p_width=width, s_width=r_width)
+                for d in sets]
+        for e in encs:
+            check_context(cfg, np.concatenate([e["prefix_valid"], e["valid"]], axis=1))
+        pos = [iv.Positions.explicit(e.pop("select"), after=False) for e in encs]
+    else:
+        encs = [encode_scoring(model, d, rows=rows_n, width=width, r_width=r_width) for d in sets]
+        for e in encs:
+            model.check_length(_batch(e))
+        pos = [positions_for(grid.positions, e["valid"], e["resp"]) for e in encs]
     names = tuple(project or {})
     units = np.zeros((max(len(names), 1), cfg.d_model), np.float32)
     for i, n in enumerate(names):
@@ -310,38 +480,50 @@ def run_sweep(
         capture.validate(cfg)
 
     points = grid.points()
-    b, t = enc["tokens"].shape
+    b, t = encs[0]["tokens"].shape
     n_dev = mesh.shape["data"] if mesh is not None else 1
-    size = chunk_size(len(points), point_bytes(cfg, b, t, enc["pred_idx"].shape[1]), budget_bytes, chunking, n_dev)
-    pos = positions_for(grid.positions, enc["valid"], enc["resp"])
+    size = chunk_size(len(points), point_bytes(cfg, b, t + (width if split else 0), r_width), budget_bytes, chunking, n_dev)
+    gens: list[tuple[Any, list[int]]] = []  # per set: (batch of unique prompts, row -> unique index)
     if generate_tokens:
-        gen_batch = model.encode(list(data.prompts), chat=True, system=data.system)
-        model.check_length(gen_batch, generate_tokens)
-        gen_pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt,
-                   "response": iv.Positions.response}[grid.positions](gen_batch.valid)
-    # chunks never straddle a shared-prefix group (all points in a chunk start at the same layer)
-    # (chunk, padded size): chunks never straddle a shared-prefix group, and are padded only to the
-    # group's own chunk size (groups of equal size share one compile)
-    chunks: list[tuple[list[dict[str, Any]], int]] = []
+        from jaxpersona.model import pad_left
+
+        uniq = [list(dict.fromkeys(d.prompts)) for d in sets]
+        ids = [[model.tokenizer.encode(model.format_chat(c), add_special_tokens=False)
+                for c in ScoringSet(tuple(u), tuple(u), d.system).conversations()] for u, d in zip(uniq, sets)]
+        g_rows = max(len(u) for u in uniq)
+        g_width = -(-max(len(x) for i in ids for x in i) // 16) * 16
+        for u, i, d in zip(uniq, ids, sets):
+            batch = pad_left(i + [i[-1]] * (g_rows - len(i)), model.pad_id, bucket=g_width)
+            model.check_length(batch, generate_tokens)
+            gens.append((batch, [u.index(p) for p in d.prompts]))
+        make_pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt, "response": iv.Positions.response}
+        gen_pos = [make_pos[grid.positions](g.valid) for g, _ in gens]
+    # (set, chunk): chunks never straddle a shared-prefix group (one start layer) or a scoring set, and
+    # all are padded to one size (one compile for the whole grid)
+    groups = []
     for layer in sorted(set(p["layer"] for p in points)):
-        group = [p for p in points if p["layer"] == layer]
-        csize = min(size, -(-len(group) // n_dev) * n_dev)
-        chunks += [(group[i : i + csize], csize) for i in range(0, len(group), csize)]
+        for si in range(len(sets)):
+            g = [p for p in points if p["layer"] == layer and (not paired or p["vector_index"] == si)]
+            if g:
+                groups.append((si, g))
+    csize = min(size, -(-max(len(g) for _, g in groups) // n_dev) * n_dev)
+    chunks = [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)]
 
     store = _Store(Path(out_dir)) if out_dir is not None else None
-    data_j = {k: jnp.asarray(v) for k, v in enc.items() if k != "prompt_width"}
     params = model.params
     if mesh is not None:
         params = _shard(params, mesh, P())
-        data_j = _shard(data_j, mesh, P())
     rows: list[dict[str, Any]] = []
     bar = _progress(len(chunks), progress)
-    for chunk, csize in chunks:
-        key = _chunk_key(grid, data, chunk, names, project_layers, generate_tokens)
+    for si, chunk in chunks:
+        key = _chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens)
         done = store.load(key) if store else None
         if done is None:
+            data_j = {k: jnp.asarray(v) for k, v in encs[si].items()}
+            if mesh is not None:
+                data_j = _shard(data_j, mesh, P())
             padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
-            hooks = build_hooks(grid, cfg, padded, pos)
+            hooks = build_hooks(grid, cfg, padded, pos[si])
             if mesh is not None:
                 hooks = _shard(hooks, mesh, P("data"))
             res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
@@ -349,13 +531,15 @@ def run_sweep(
             res = jax.tree.map(np.asarray, res)
             texts = None
             if generate_tokens:
-                gen = generate_chunk(params, cfg, jnp.asarray(gen_batch.tokens), jnp.asarray(gen_batch.valid),
-                                     build_hooks(grid, cfg, padded, gen_pos), max_new_tokens=int(generate_tokens),
+                gb, gmap = gens[si]
+                gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
+                                     build_hooks(grid, cfg, padded, gen_pos[si]), max_new_tokens=int(generate_tokens),
                                      eos_ids=model.eos_ids, pad_id=model.pad_id)
                 texts = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
+                texts = [[tx[j] for j in gmap] for tx in texts]
             done = []
             for g, pt in enumerate(chunk):
-                for i in range(b):
+                for i in range(len(sets[si].prompts)):
                     row = {"kind": grid.kind, "vector": pt["vector"], "layer": pt["layer"], "coeff": pt["coeff"],
                            "prompt": i, "logprob": float(res["logprob"][g, i])}
                     if texts is not None:

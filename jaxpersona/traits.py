@@ -104,6 +104,9 @@ def coherence_prompt(question: str, answer: str) -> str:
     return _fill(COHERENCE_PROMPT, {QUESTION: question, ANSWER: answer}, _PLACEHOLDER_RE)
 
 
+NEUTRAL_NAME = "helpful"  # the negative side's assistant name when the trait file gives no antonym
+
+
 def _sentence(text: str) -> str:
     text = " ".join(text.split())
     return text if not text or text[-1] in ".!?" else text + "."
@@ -134,6 +137,7 @@ class Trait:
     eval_questions: tuple[str, ...]  # evaluation questions, disjoint from ``questions``
     eval_prompt: str  # 0-100 rubric containing {question} and {answer}
     source: Path | None = None  # the file it was loaded from (None if drafted / built in memory)
+    antonym: str | None = None  # the negative side's assistant name (default: NEUTRAL_NAME)
 
     @property
     def display_name(self) -> str:
@@ -141,14 +145,17 @@ class Trait:
         return self.name.replace("_", " ").strip()
 
     def system_prompt(self, side: Literal["pos", "neg"], i: int) -> str:
-        """``"You are a/an {name} assistant. {instruction}"`` for pair ``i``; ``pos`` elicits, ``neg`` suppresses."""
+        """``"You are a/an {name} assistant. {instruction}"`` for pair ``i``; ``pos`` elicits, ``neg``
+        suppresses. The negative side never names the trait (that would prime it on both sides): it
+        uses the file's ``antonym`` when given, else :data:`NEUTRAL_NAME` ("helpful"), as
+        persona_vectors does."""
         if side not in ("pos", "neg"):
             raise InputError(f"system_prompt: side must be 'pos' or 'neg', got {side!r}.")
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.pairs):
             raise InputError(f"system_prompt: pair index {i!r} out of range; trait {self.name!r} has "
                              f"{len(self.pairs)} instruction pairs (0..{len(self.pairs) - 1}).")
         instruction = self.pairs[i][0 if side == "pos" else 1]
-        name = self.display_name
+        name = self.display_name if side == "pos" else (self.antonym or NEUTRAL_NAME)
         return f"You are {_article(name)} {name} assistant. {instruction}"
 
     def judge_prompt(self, question: str, answer: str) -> str:
@@ -164,6 +171,7 @@ class Trait:
             "questions": list(self.questions),
             "eval_questions": list(self.eval_questions),
             "eval_prompt": self.eval_prompt,
+            **({"antonym": self.antonym} if self.antonym else {}),
         }
 
 
@@ -254,6 +262,12 @@ def trait_from_dict(data: Any, source: str | os.PathLike[str] | None = None, *, 
     if not isinstance(description, str):
         c.fail(f"'description' must be a string, got {_json_type(description)}",
                'Write it as "description": "<one sentence>".')
+    antonym = data.get("antonym")
+    if antonym is not None and (not isinstance(antonym, str) or not antonym.strip()):
+        c.fail(f"'antonym' must be a non-empty string, got {_json_type(antonym)}",
+               f'Write it as "antonym": "<the opposite trait>", or leave it out to use "{NEUTRAL_NAME}".')
+    if isinstance(antonym, str) and _key(antonym) == _key(name.replace("_", " ")):
+        c.fail(f"'antonym' {antonym!r} is the trait's own name", "Name the opposite trait, or leave it out.")
 
     # instruction pairs
     instr = data["instruction"]
@@ -325,7 +339,8 @@ def trait_from_dict(data: Any, source: str | os.PathLike[str] | None = None, *, 
                "braces) where the question and the model's answer go.")
 
     return Trait(name=name, description=" ".join(description.split()), pairs=tuple(pairs), questions=questions,
-                 eval_questions=eval_questions, eval_prompt=ep, source=Path(source) if source is not None else None)
+                 eval_questions=eval_questions, eval_prompt=ep, source=Path(source) if source is not None else None,
+                 antonym=antonym.strip() if antonym else None)
 
 
 # --- files ----------------------------------------------------------------------------------------------
@@ -394,6 +409,66 @@ def load_trait(name_or_path: str | os.PathLike[str], *, allow_no_eval: bool = Fa
     stem = path.name[: -len(".json")] if path.name.endswith(".json") else path.stem
     return trait_from_dict(data, path, default_name=stem, sibling_eval=sibling, sibling_src=sibling_src,
                            allow_no_eval=allow_no_eval)
+
+
+# --- anchors: answers with known labels, to check a judge before trusting it ------------------------------
+ANCHOR_LABELS = ("trait", "no_trait", "incoherent")
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchors:
+    """Answers written with known labels for one trait: ``trait`` (clearly shows it), ``no_trait``
+    (coherent, clearly does not), ``incoherent`` (broken text). ``rows``: ``(label, question, answer)``."""
+
+    trait: str
+    rows: tuple[tuple[str, str, str], ...]
+    source: Path | None = None
+
+    def of(self, label: str) -> list[tuple[str, str]]:
+        """``(question, answer)`` pairs with ``label``."""
+        return [(q, a) for lab, q, a in self.rows if lab == label]
+
+
+def anchors_from_dict(data: Any, trait: Trait, source: str | os.PathLike[str] | None = None,
+                      min_per_label: int = 3) -> Anchors:
+    """Validate anchor-file content for ``trait`` (raises :class:`TraitFileError`).
+
+    Format: ``{"trait": NAME, "anchors": [{"label": "trait"|"no_trait"|"incoherent", "question": ...,
+    "answer": ...}, ...]}`` with at least ``min_per_label`` answers per label."""
+    src = str(source) if source is not None else "<in memory>"
+    fix = ('Write it as {"trait": "<name>", "anchors": [{"label": "trait", "question": "...", "answer": "..."}, ...]} '
+           f"with labels {', '.join(ANCHOR_LABELS)}.")
+    if not isinstance(data, dict) or not isinstance(data.get("anchors"), list):
+        raise TraitFileError(f"anchor file {src}: expected an object with an 'anchors' array. {fix}")
+    if data.get("trait") != trait.name:
+        raise TraitFileError(f"anchor file {src} is for trait {data.get('trait')!r}, not {trait.name!r}: anchors "
+                             "must be written for the trait they check. Pass the anchors of this trait.")
+    rows = []
+    for j, a in enumerate(data["anchors"]):
+        if not isinstance(a, dict) or a.get("label") not in ANCHOR_LABELS:
+            raise TraitFileError(f"anchor file {src}: anchors[{j}] needs a 'label' in {ANCHOR_LABELS}. {fix}")
+        for k in ("question", "answer"):
+            if not isinstance(a.get(k), str) or not a[k].strip():
+                raise TraitFileError(f"anchor file {src}: anchors[{j}].{k} must be a non-empty string. {fix}")
+        rows.append((a["label"], a["question"].strip(), a["answer"].strip()))
+    short = {lab: sum(r[0] == lab for r in rows) for lab in ANCHOR_LABELS}
+    short = {k: v for k, v in short.items() if v < min_per_label}
+    if short:
+        raise TraitFileError(f"anchor file {src}: too few anchors {short}; need >= {min_per_label} per label "
+                             "to measure a judge's separation. Add answers for those labels.")
+    return Anchors(trait.name, tuple(rows), Path(source) if source is not None else None)
+
+
+def load_anchors(trait: Trait, path: str | os.PathLike[str] | None = None) -> Anchors | None:
+    """The anchors at ``path``, else the shipped ones for ``trait.name`` (``trait_data/anchors/``), else
+    None (a judge of this trait cannot be checked)."""
+    if path is None:
+        res = _shipped_dir() / "anchors" / f"{trait.name}.json"
+        if not res.is_file():
+            return None
+        return anchors_from_dict(_parse_json(res.read_text(encoding="utf-8"), str(res)), trait, str(res))
+    p = Path(path)
+    return anchors_from_dict(_parse_json(_read(p), str(p)), trait, p)
 
 
 def _dump(trait: Trait) -> str:

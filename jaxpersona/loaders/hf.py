@@ -170,10 +170,74 @@ def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig
     return cfg, params
 
 
+# Files a tokenizer can be built from (besides tokenizer.json, which is enough on its own): each set
+# is what one family of slow tokenizers reads (BPE, sentencepiece, WordPiece).
+_VOCAB_FILE_SETS: tuple[tuple[str, ...], ...] = (
+    ("vocab.json", "merges.txt"),  # byte-level BPE (GPT-2, Qwen2, ...)
+    ("tokenizer.model",),  # sentencepiece / tiktoken (Llama, Mistral, Gemma, ...)
+    ("spiece.model",),  # sentencepiece (T5-style)
+    ("sentencepiece.bpe.model",),  # sentencepiece (XLM-R-style)
+    ("vocab.txt",),  # WordPiece
+)
+_ADD_TOKENIZER = "copy tokenizer.json and tokenizer_config.json from the original model into that directory"
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """Refuse a directory that has no tokenizer transformers can build (it would fail or fall back to junk)."""
+    if (path / "tokenizer.json").is_file():
+        return
+    if any(all((path / f).is_file() for f in files) for files in _VOCAB_FILE_SETS):
+        return
+    partial = [files for files in _VOCAB_FILE_SETS if any((path / f).is_file() for f in files)]
+    if partial:  # e.g. vocab.json without merges.txt: name exactly what is missing
+        missing = [f for files in partial for f in files if not (path / f).is_file()]
+        what = f"tokenizer.json, or {' + '.join(missing)} to go with the vocabulary files it has"
+    else:
+        what = "tokenizer.json (or tokenizer_config.json with tokenizer.model, or vocab.json + merges.txt)"
+    raise errors.ModelNotFoundError(f"{path} has no usable tokenizer: missing {what} — {_ADD_TOKENIZER}")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_tokenizer_works(tok: Any, path: Path) -> None:
+    """Refuse the one-token fallback transformers builds from a config alone (it would run on garbage)."""
+    try:
+        size = len(tok)
+        ids = list(tok.encode("hello world", add_special_tokens=False))
+    except Exception as e:  # noqa: BLE001 - any failure here means the tokenizer is unusable
+        raise errors.CorruptCheckpointError(
+            f"the tokenizer in {path} cannot encode text ({_one_line(e)}) — {_ADD_TOKENIZER}"
+        ) from e
+    unk = getattr(tok, "unk_token_id", None)
+    if size < 2 or not ids or (len(ids) == 1 and ids[0] == unk):
+        raise errors.ModelNotFoundError(
+            f"{path} has no usable tokenizer: it loads as a degenerate tokenizer ({size} tokens; 'hello world' -> "
+            f"{ids}), so tokenizer.json / the vocabulary files are missing or empty — {_ADD_TOKENIZER}"
+        )
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """The HF tokenizer saved in ``path`` (left padding, for batched generation)."""
+    """The HF tokenizer saved in ``path`` (left padding, for batched generation).
+
+    Raises :class:`~jaxpersona.errors.ModelNotFoundError` naming the missing files when ``path`` has no
+    tokenizer (transformers would raise a ValueError or silently build a useless fallback tokenizer),
+    and :class:`~jaxpersona.errors.CorruptCheckpointError` when the tokenizer files cannot be read.
+    """
+    path = Path(path)
+    _check_tokenizer_files(path)
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers / tokenizers raise ValueError, OSError, KeyError, bare Exception, ...
+        raise errors.CorruptCheckpointError(
+            f"cannot load the tokenizer in {path} ({_one_line(e)}) — the tokenizer files are"
+            f" incomplete or corrupt; {_ADD_TOKENIZER}"
+        ) from e
+    _check_tokenizer_works(tok, path)
     tok.padding_side = "left"
     return tok
