@@ -35,7 +35,7 @@ import pytest
 from fake_openai import FakeOpenAI
 from jaxpersona.bank import VectorBank
 from jaxpersona.cli import main
-from jaxpersona.traits import load_trait
+from jaxpersona.traits import load_anchors, load_trait
 
 # seed 2 / coherence percentile 0: with the 135M model judging itself, this run keeps both of its
 # 2 pairs under the relative filter (most seeds keep 0 of 2: the self-judge cannot tell the sides
@@ -48,7 +48,8 @@ max_new_tokens = 8
 n_eval = 2
 steer_tokens = 8
 steer_layers = [10, 20]
-steer_coeffs = [0.0, 4.0]
+steer_coeffs = [0.0, 0.25]
+min_pairs = 1
 monitor_pairs = 1
 monitor_tokens = 8
 batch_size = 4
@@ -56,7 +57,7 @@ judge_batch = 8
 seed = 2
 coherence_threshold = 0.0
 """
-CACHES = ("responses.jsonl", "judgements.jsonl", "steering.jsonl", "monitor.jsonl")
+CACHES = ("responses.jsonl", "judgements.jsonl", "steering/results.jsonl", "monitor.jsonl")
 NAMES = ("optimistic", "optimistic.prompt_mean", "optimistic.prompt_last")
 SECRET = "sk-cli-persona-SECRET-0123456789abcdef"
 
@@ -74,20 +75,30 @@ def chat_reply(content: str, top: list[tuple[str, float]] | None = None) -> dict
 
 
 def run_labels(out: Path) -> dict[str, set[str]]:
-    """What produced each response text of a run so far: ``"pos"``/``"neg"`` (responses.jsonl) and
-    ``"L{layer}"`` (steering.jsonl, ``L-1`` = unsteered). Both files are on disk before the judging
-    of their rows starts."""
+    """What produced each response text of a run so far: ``"pos"``/``"neg"`` (responses.jsonl),
+    ``"L{layer}"`` (the steering sweep's rows, ``L-1`` = unsteered) and the anchor labels of the
+    trait's shipped anchors (``"A:trait"``, ...). The files are on disk before their rows are judged."""
     got: dict[str, set[str]] = {}
+    for lab, _, answer in load_anchors(load_trait("optimistic")).rows:
+        got.setdefault(answer, set()).add(f"A:{lab}")
     if (out / "responses.jsonl").exists():
         for line in (out / "responses.jsonl").read_text().splitlines():
             r = json.loads(line)
             got.setdefault(r["response"], set()).add(r["side"])
-    if (out / "steering.jsonl").exists():
-        for line in (out / "steering.jsonl").read_text().splitlines():
+    if (out / "steering" / "results.jsonl").exists():
+        for line in (out / "steering" / "results.jsonl").read_text().splitlines():
             r = json.loads(line)
-            for text in r["responses"]:
-                got.setdefault(text.strip(), set()).add(f"L{r['layer']}")
+            got.setdefault(r["text"].strip(), set()).add("L-1" if r["coeff"] == 0 else f"L{r['layer']}")
     return got
+
+
+def anchor_score(kind: str, labels: set[str]) -> int | None:
+    """A judge that separates the anchors (it passes the check); None for other texts."""
+    if "A:trait" in labels or "A:no_trait" in labels or "A:incoherent" in labels:
+        if kind == "trait":
+            return 90 if "A:trait" in labels else 10
+        return 10 if "A:incoherent" in labels else 90
+    return None
 
 
 _ANSWER_RE = re.compile(r"\nAnswer: (.*)\n\n(How strongly|Rate the coherence)", re.S)
@@ -179,10 +190,14 @@ def test_extract_writes_run_dir_and_rerun_recomputes_nothing(run_dir, tiny_confi
     assert summary["trait"] == "optimistic" and summary["model"] == "smollm2-135m-instruct"
     assert summary["n_pairs_total"] == 2 and 1 <= summary["n_pairs_kept"] <= 2
     assert summary["n_generated"] == 4
-    assert summary["best_layer"] in (10, 20)
-    assert f"best layer: {summary['best_layer']}" in stdout
+    # the 135M model judging itself fails its anchor check: the run says so and goes judge-free
+    assert summary["judge_check"]["checked"] and not summary["judge_check"]["passed"]
+    assert "FAILED its check" in stdout and "judge-free" in summary["decisions"]["filter"]
+    assert summary["steering_judged"] is None and summary["monitor_judged"] is None
+    assert summary["best_layer"] in (10, 20, None)
+    assert f"best layer: {summary['best_layer'] if summary['best_layer'] is not None else 'none'}" in stdout
     assert set(summary["steering"]) == {"10", "20"}
-    assert all(set(row) == {"0", "4"} for row in summary["steering"].values())
+    assert all(set(row) == {"0", "0.25"} for row in summary["steering"].values())
     assert summary["judge"].startswith("local:smollm2-135m-instruct")
 
     bank = VectorBank.load(out / "vectors")
@@ -194,7 +209,7 @@ def test_extract_writes_run_dir_and_rerun_recomputes_nothing(run_dir, tiny_confi
     np.testing.assert_array_equal(np.load(out / "vectors.npy"), bank.get("optimistic"))
     for png in ("steering.png", "monitor.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    assert n_lines(out / "responses.jsonl") == 4
+    assert n_lines(out / "responses.jsonl") == 4 + 4  # extraction + evaluation answers
     assert n_lines(out / "pairs.jsonl") == 2
 
     # rerun: everything comes from the caches; the summary is the same but for wall times
@@ -228,7 +243,7 @@ def test_extract_judge_endpoint_down_exits_2_and_keeps_responses(tmp_path: Path,
     assert "Traceback" not in err
     # finished work is kept: the generations are on disk, nothing was judged
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {r["side"] for r in rows} == {"pos", "neg"}
+    assert len(rows) == 4 + 4 and {r["side"] for r in rows} == {"pos", "neg"}  # extraction + eval answers
     assert all(isinstance(r["response"], str) for r in rows)
     assert not (out / "judgements.jsonl").exists() or n_lines(out / "judgements.jsonl") == 0
     assert not (out / "summary.json").exists()
@@ -248,6 +263,8 @@ def test_extract_with_http_judge(tmp_path: Path, tiny_config: Path, run_ok: Path
     monkeypatch.setenv("MYKEY", SECRET)
 
     def score(kind: str, answer: str, labels: set[str]) -> int:
+        if (a := anchor_score(kind, labels)) is not None:
+            return a
         if kind == "coherence":
             return 80
         if labels == {"pos"}:
@@ -267,8 +284,10 @@ def test_extract_with_http_judge(tmp_path: Path, tiny_config: Path, run_ok: Path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["judge"] == f"http:{server.url}:fake"
     assert summary["n_pairs_kept"] == summary["n_pairs_total"] == 2
-    assert summary["filter"].startswith("absolute")
-    assert summary["best_layer"] in (10, 20)
+    assert summary["filter"].startswith("absolute") and summary["judge_check"]["passed"]
+    assert "passed its check" in summary["decisions"]["filter"]
+    assert summary["steering_judged"] is not None and summary["monitor_judged"] is not None
+    assert summary["best_layer"] in (10, 20, None)
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert all(p["kept"] and p["pos_trait"] > 75 and p["neg_trait"] < 25 for p in pairs)
     assert VectorBank.load(out / "vectors").names == NAMES
@@ -287,46 +306,6 @@ def test_extract_with_http_judge(tmp_path: Path, tiny_config: Path, run_ok: Path
     assert len(files) > 10
     leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaked, leaked
-
-
-@pytest.mark.slow
-def test_extract_relative_filter_layer_choice_uses_the_runs_coherence_scale(tmp_path: Path, tiny_config: Path,
-                                                                            run_ok: Path, capsys) -> None:
-    """With ``filter = "relative"`` the thresholds are percentiles of the run's own scores; the layer
-    choice still compares steered coherence with the raw ``coherence_threshold`` (50) as if it were a
-    score. Here the judge's coherence scale is low (every extraction response 10, so the 50th
-    percentile cut is 10): layer 10 raises the trait most (20 -> 90) at coherence 40, far above the
-    run's cut, yet layer 20 (20 -> 60 at coherence 60) is chosen because 40 < 50."""
-    config = tmp_path / "rel.toml"
-    config.write_text(TINY.replace("coherence_threshold = 0.0", "coherence_threshold = 50.0"))
-    out = tmp_path / "run"
-    table = {"L-1": (20, 40), "L10": (90, 40), "L20": (60, 60)}  # steering rows: (trait, coherence)
-
-    def score(kind: str, answer: str, labels: set[str]) -> int:
-        i = 0 if kind == "trait" else 1
-        if labels and labels <= {"pos", "neg"}:
-            return (80 if labels == {"pos"} else 20) if i == 0 else 10
-        hits = [table[lab][i] for lab in labels if lab in table]
-        if len(hits) == 1:
-            return hits[0]
-        return 50  # monitor responses (trait only), or a text produced by several steering rows
-
-    with FakeOpenAI(file_judge(out, score)) as server:
-        code = main(extract_argv(config, out, "--judge-url", server.url, "--judge-model", "fake"))
-    err = capsys.readouterr().err
-    assert code == 0, err
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["filter"].startswith("relative")
-    c_cut = float(re.search(r"coherence >= ([0-9.]+)", summary["filter"]).group(1))
-    assert c_cut < 15  # the run's median coherence (10, plus the judge's small mass on " 50")
-    assert summary["n_pairs_kept"] == 2
-    steer = summary["steering"]
-    got = {l: (steer[l]["4"]["trait"], steer[l]["4"]["coherence"]) for l in ("10", "20")}
-    assert got["10"] == pytest.approx((89, 40), abs=2) and got["20"] == pytest.approx((60, 60), abs=2)
-    if summary["best_layer"] != 10:
-        pytest.xfail("library bug: pipeline.run_extract calls choose_layer(steering, config.coherence_threshold); "
-                     "with filter='relative' that is a percentile, not a score (pass the computed c_cut)")
-    assert summary["best_layer"] == 10
 
 
 # --------------------------------------------------------------------------------------------------

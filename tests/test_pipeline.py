@@ -24,11 +24,13 @@ import pytest
 
 import conftest
 import hf_tiny
+import jax
 import jaxpersona.model as jm
 from jaxpersona import errors
 from jaxpersona.bank import VectorBank
 from jaxpersona.models.transformer import Capture
-from jaxpersona.pipeline import ExtractConfig, choose_layer, load_extract_config, pearson, run_extract
+from jaxpersona.evaluate import choose_layer
+from jaxpersona.pipeline import ExtractConfig, load_extract_config, pearson, run_extract
 from jaxpersona.store import KeyedJsonl
 from jaxpersona.traits import Trait, coherence_prompt
 
@@ -50,11 +52,12 @@ TRAIT = Trait(
 
 CONFIG = ExtractConfig(
     n_pairs=3, n_questions=4, samples=1, max_new_tokens=8, temperature=1.0, top_p=1.0, seed=0, batch_size=8,
-    filter="absolute", trait_threshold=50.0, coherence_threshold=50.0,
-    judge_batch=4, steer_layers=(1, 2), steer_coeffs=(0.0, 2.0), n_eval=2, steer_tokens=6,
-    steer_points_per_chunk=2, monitor_pairs=1, monitor_tokens=5,
+    filter="absolute", trait_threshold=50.0, coherence_threshold=50.0, min_pairs=1, trust_judge=True,
+    judge_batch=4, steer_layers=(1, 2), steer_coeffs=(0.0, 0.5, 2.0), n_eval=2, steer_tokens=6,
+    monitor_pairs=1, monitor_tokens=5,
 )
 N_RESPONSES = 3 * 4 * 1 * 2  # pairs x questions x samples x sides
+N_EVAL_ANSWERS = 2 * 2  # eval questions x sides
 
 
 def _quiet(_: str) -> None:
@@ -198,10 +201,12 @@ def ref_activations(model, convs, responses) -> dict[str, np.ndarray]:
     h = np.asarray(out.captured, np.float64)  # [L+1, B, T, D]
     t = h.shape[2]
     res = {k: np.zeros((n_resid, len(seqs), h.shape[-1])) for k in ("response_mean", "prompt_mean", "prompt_last")}
+    res["response_norm"] = np.zeros((n_resid, len(seqs)))
     for i, (s, n) in enumerate(zip(seqs, n_prompt)):
         off = t - len(s)
         if len(s) > n:
             res["response_mean"][:, i] = h[:, i, off + n :].mean(axis=1)
+            res["response_norm"][:, i] = np.linalg.norm(h[:, i, off + n :], axis=-1).mean(axis=1)
         res["prompt_mean"][:, i] = h[:, i, off : off + n].mean(axis=1)
         res["prompt_last"][:, i] = h[:, i, off + n - 1]
     return res
@@ -232,7 +237,7 @@ def assert_same_results(a: Path, b: Path) -> None:
     va, vb = VectorBank.load(a / "vectors"), VectorBank.load(b / "vectors")
     assert va.names == vb.names
     np.testing.assert_array_equal(va.vectors, vb.vectors)
-    for name in ("responses.jsonl", "pairs.jsonl", "steering_scored.jsonl", "monitor_scored.jsonl"):
+    for name in ("responses.jsonl", "pairs.jsonl", "steering_scored.jsonl", "monitor_scored.jsonl", "judge_check.json"):
         assert (a / name).read_text() == (b / name).read_text(), name
     ja = {r["key"]: r for r in read_jsonl(a / "judgements.jsonl")}
     jb = {r["key"]: r for r in read_jsonl(b / "judgements.jsonl")}
@@ -262,8 +267,8 @@ def base_run(model, tmp_path_factory):
 # ============================================================================================
 def test_run_dir_files(base_run, model) -> None:
     out, result, _ = base_run
-    for name in ("config.json", "responses.jsonl", "judgements.jsonl", "pairs.jsonl", "steering.jsonl",
-                 "monitor.jsonl", "summary.json", "summary.txt"):
+    for name in ("config.json", "responses.jsonl", "judgements.jsonl", "judge_check.json", "pairs.jsonl",
+                 "steering/results.jsonl", "steering_scored.jsonl", "monitor.jsonl", "summary.json", "summary.txt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for name in ("steering.png", "monitor.png"):
         data = (out / name).read_bytes()
@@ -274,6 +279,10 @@ def test_run_dir_files(base_run, model) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trait"] == "cat" and summary["judge"] == "scripted"
     assert summary["n_generated"] == N_RESPONSES and summary["n_pairs_total"] == N_RESPONSES // 2
+    assert summary["coeff_units"] == "relative"
+    # the cat trait ships no anchors: the judge is unchecked, used only because trust_judge = true
+    assert summary["judge_check"]["checked"] is False and "UNCHECKED" in (out / "summary.txt").read_text()
+    assert "trust_judge" in summary["decisions"]["filter"] and "judge-free" in summary["decisions"]["layer"]
     assert f"best layer: {summary['best_layer']}" in (out / "summary.txt").read_text()
     np.testing.assert_array_equal(np.load(out / "vectors.npy"), bank.get("cat"))
 
@@ -281,16 +290,26 @@ def test_run_dir_files(base_run, model) -> None:
 def test_responses_are_the_jobs(base_run) -> None:
     out, _, _ = base_run
     rows = read_jsonl(out / "responses.jsonl")
-    assert len(rows) == N_RESPONSES and len({r["key"] for r in rows}) == N_RESPONSES
-    seen = set()
+    assert len(rows) == N_RESPONSES + N_EVAL_ANSWERS and len({r["key"] for r in rows}) == len(rows)
+    seen, evals = set(), set()
     for r in rows:
         system, user = r["messages"]
         assert system == {"role": "system", "content": TRAIT.system_prompt(r["side"], r["pair"])}
         assert user == {"role": "user", "content": r["question"]}
         assert 1 <= r["tokens"] <= CONFIG.max_new_tokens
-        seen.add((r["side"], r["pair"], r["question"], r["sample"]))
+        (evals if r.get("eval") else seen).add((r["side"], r["pair"], r["question"], r["sample"]))
     assert seen == {(s, i, q, 0) for s in ("pos", "neg") for i in range(3) for q in TRAIT.questions}
+    assert evals == {(s, j % 3, q, 0) for s in ("pos", "neg") for j, q in enumerate(TRAIT.eval_questions[:2])}
     assert sum(bool(r["response"]) for r in rows) >= N_RESPONSES - 2, "responses should be mostly non-empty"
+
+
+def test_negative_side_never_names_the_trait() -> None:
+    for i in range(3):
+        neg = TRAIT.system_prompt("neg", i)
+        assert neg.startswith("You are a helpful assistant. ") and "cat assistant" not in neg
+        assert TRAIT.system_prompt("pos", i).startswith("You are a cat assistant. ")
+    anto = dataclasses.replace(TRAIT, antonym="dog-like")
+    assert anto.system_prompt("neg", 0).startswith("You are a dog-like assistant. ")
 
 
 def check_kept_flags(pairs: list[dict], t: float, c: float) -> int:
@@ -307,7 +326,8 @@ def check_kept_flags(pairs: list[dict], t: float, c: float) -> int:
 def check_vectors(out: Path, model) -> None:
     """The bank's vectors vs mean(pos) - mean(neg) over the kept pairs of per-row reductions computed
     from per-token captures."""
-    rows = {(r["side"], r["pair"], r["question"], r["sample"]): r for r in read_jsonl(out / "responses.jsonl")}
+    rows = {(r["side"], r["pair"], r["question"], r["sample"]): r for r in read_jsonl(out / "responses.jsonl")
+            if not r.get("eval")}
     kept = [p for p in read_jsonl(out / "pairs.jsonl") if p["kept"]]
     ref = {}
     for side in ("pos", "neg"):
@@ -317,6 +337,9 @@ def check_vectors(out: Path, model) -> None:
     for name, variant in zip(NAMES, ("response_mean", "prompt_mean", "prompt_last")):
         want = ref["pos"][variant].mean(axis=1) - ref["neg"][variant].mean(axis=1)  # [L+1, D]
         assert_close_rel(bank.get(name), want)
+    # the residual norm relative coefficients refer to: mean response-token norm over both sides
+    want_norm = np.concatenate([ref["pos"]["response_norm"], ref["neg"]["response_norm"]], axis=1).mean(axis=1)
+    assert_close_rel([m for m in bank.meta][0]["resid_norm"], want_norm, rel=1e-4)
     # the variants are really different reductions
     assert np.abs(bank.get("cat") - bank.get("cat.prompt_last")).max() > 1e-2
     for m in bank.meta:
@@ -325,7 +348,7 @@ def check_vectors(out: Path, model) -> None:
 
 def test_scores_and_kept_flags_follow_thresholds(base_run) -> None:
     out, result, judge = base_run
-    rows = read_jsonl(out / "responses.jsonl")
+    rows = [r for r in read_jsonl(out / "responses.jsonl") if not r.get("eval")]
     resp = {(r["side"], r["pair"], r["question"], r["sample"]): r["response"] for r in rows}
     pairs = read_jsonl(out / "pairs.jsonl")
     assert len(pairs) == N_RESPONSES // 2
@@ -357,7 +380,7 @@ def test_relative_filter_uses_percentiles_of_the_runs_scores(base_run, model, tm
     out, _, _ = base_run
     run = tmp_path / "relative"
     shutil.copytree(out, run)
-    config = CONFIG.replace(filter="relative", trait_threshold=40.0, coherence_threshold=30.0)
+    config = CONFIG.replace(filter="relative", trait_threshold=30.0, coherence_threshold=20.0)
     model.calls.clear()
     result = run_extract(model, TRAIT, NoJudgeForCached(), config, run, judge_id="scripted", progress=False,
                          log=_quiet)
@@ -365,7 +388,7 @@ def test_relative_filter_uses_percentiles_of_the_runs_scores(base_run, model, tm
     pairs = read_jsonl(run / "pairs.jsonl")
     traits = [p[f"{s}_trait"] for p in pairs for s in ("pos", "neg") if p[f"{s}_trait"] is not None]
     cohs = [p[f"{s}_coherence"] for p in pairs for s in ("pos", "neg") if p[f"{s}_coherence"] is not None]
-    t_cut, c_cut = np.percentile(traits, 40.0), np.percentile(cohs, 30.0)
+    t_cut, c_cut = np.percentile(traits, 30.0), np.percentile(cohs, 20.0)
     assert 0 < t_cut < 100 and 0 < c_cut < 100
     n_kept = check_kept_flags(pairs, t_cut, c_cut)
     assert result.n_pairs_kept == n_kept
@@ -374,44 +397,111 @@ def test_relative_filter_uses_percentiles_of_the_runs_scores(base_run, model, tm
     check_vectors(run, model)
 
 
-def test_steering_table_best_layer_and_monitor(base_run, model) -> None:
+def _ref_mean_logprob(model, convs, answers, hook_for=None) -> np.ndarray:
+    """Mean log-prob of each answer after its chat prompt, from full logits of our own left-padded
+    batch; ``hook_for(batch, pos_mask)`` gives the intervention (positions = last prompt token + answer)."""
+    tok = model.tokenizer
+    seqs, n_prompt = [], []
+    for conv, a in zip(convs, answers):
+        p = tok.encode(model.format_chat(conv), add_special_tokens=False)
+        seqs.append(p + tok.encode(a, add_special_tokens=False))
+        n_prompt.append(len(p))
+    batch = jm.pad_left(seqs, model.pad_id, bucket=1)
+    t = batch.tokens.shape[1]
+    mask = np.zeros(batch.tokens.shape, bool)
+    for i, (s_, n) in enumerate(zip(seqs, n_prompt)):
+        mask[i, t - len(s_) + n - 1 :] = True
+    hook = hook_for(mask) if hook_for else None
+    logp = np.asarray(jax.nn.log_softmax(model.run(batch, hook=hook).logits, axis=-1), np.float64)
+    out = []
+    for i, (s_, n) in enumerate(zip(seqs, n_prompt)):
+        off = t - len(s_)
+        pos = np.arange(off + n, t)
+        out.append(logp[i, pos - 1, batch.tokens[i, pos]].mean())
+    return np.asarray(out)
+
+
+def test_judge_free_steering_score_matches_independent_reference(base_run, model) -> None:
+    """The table's contrastive-likelihood score = mean over eval questions of lp(pos answer) - lp(neg
+    answer) without a system prompt, with h + c * |resid[l]| * v̂[l] at the last prompt token and the
+    answer tokens — recomputed here from full logits of plain forwards."""
+    from jaxpersona import interventions as iv
+    from jaxpersona.model import conversation
+
     out, result, _ = base_run
     summary = json.loads((out / "summary.json").read_text())
     steering = summary["steering"]
-    assert set(steering) == {"1", "2"} and all(set(row) == {"0", "2"} for row in steering.values())
-    # the table is the mean of the scored steered responses
-    srows = read_jsonl(out / "steering_scored.jsonl")
-    assert len(srows) == (1 + 2) * CONFIG.n_eval  # baseline + 2 layers x 1 nonzero coeff
-    for layer, row in steering.items():
-        for c, cell in row.items():
-            sel = [r for r in srows if r["coeff"] == float(c) and (r["layer"] == (-1 if c == "0" else int(layer)))]
-            assert len(sel) == CONFIG.n_eval
-            for r in sel:
-                want = ref_score(TRAIT.judge_prompt(r["question"], r["response"])) if r["response"] else None
-                if want is None:
-                    assert r["trait"] is None
-                else:
-                    assert r["trait"] == pytest.approx(want, abs=1e-6)
-            ts = [r["trait"] for r in sel if r["trait"] is not None]
-            assert cell["trait"] == (pytest.approx(np.mean(ts)) if ts else None)
-    assert result.best_layer == summary["best_layer"] == choose_layer(steering, CONFIG.coherence_threshold)
+    assert set(steering) == {"1", "2"} and all(set(row) == {"0", "0.5", "2"} for row in steering.values())
+    ev = [r for r in read_jsonl(out / "responses.jsonl") if r.get("eval")]
+    items = {}
+    for r in ev:
+        items.setdefault(r["question"], {})[r["side"]] = r["response"]
+    items = [(q, d["pos"], d["neg"]) for q, d in items.items() if d["pos"] and d["neg"] and d["pos"] != d["neg"]]
+    assert items, "the tiny model should give different pos/neg answers to some eval question"
+    convs = [conversation(q) for q, _, _ in items]
     bank = VectorBank.load(out / "vectors")
-    assert all(m["best_layer"] == result.best_layer for m in bank.meta)
+    norms = np.asarray(bank.meta_of("cat")["resid_norm"])
+    L1 = model.cfg.n_resid
 
-    # monitoring: projection of the last prompt token at the best layer, and its Pearson r
+    def score(layer, c):
+        def hook_for(mask):
+            if c == 0:
+                return None
+            v = bank.get("cat")[layer]
+            return iv.steer(L1, v / np.linalg.norm(v) * norms[layer], c, layer, iv.Positions.explicit(mask, False))
+        lp_pos = _ref_mean_logprob(model, convs, [p for _, p, _ in items], hook_for)
+        lp_neg = _ref_mean_logprob(model, convs, [n for _, _, n in items], hook_for)
+        return np.mean(lp_pos - lp_neg)
+
+    base = score(1, 0.0)
+    assert summary["baseline_score"] == pytest.approx(base, abs=2e-4)
+    for layer in ("1", "2"):
+        assert steering[layer]["0"]["delta"] == pytest.approx(0.0, abs=1e-9)
+        for c in ("0.5", "2"):
+            cell = steering[layer][c]
+            want = score(int(layer), float(c))
+            assert cell["score"] == pytest.approx(want, abs=2e-4)
+            assert cell["delta"] == pytest.approx(want - base, abs=2e-4)
+            assert cell["lo"] <= cell["score"] + 1e-9 <= cell["hi"] + 2e-9
+    # coherence cells and the layer choice come from the same table
+    assert all({"coherent", "bad_frac", "nll", "distinct2", "repeat_frac"} <= set(cell)
+               for row in steering.values() for cell in row.values())
+    assert result.best_layer == summary["best_layer"] == choose_layer(steering)["best_layer"]
+    bank_meta = bank.meta_of("cat")
+    assert bank_meta["best_layer"] == result.best_layer and bank_meta["coeff_units"] == "relative"
+    # steered generations: baseline once + 2 layers x 2 nonzero coefficients, one per eval question
+    srows = read_jsonl(out / "steering_scored.jsonl")
+    assert len(srows) == (1 + 2 * 2) * len(items)
+    # judged columns exist only because the (unchecked) judge is trusted by config
+    assert summary["steering_judged"] is not None
+
+
+def test_monitor_projection_and_judge_free_score(base_run, model) -> None:
+    from jaxpersona.model import conversation
+
+    out, result, _ = base_run
+    summary = json.loads((out / "summary.json").read_text())
+    bank = VectorBank.load(out / "vectors")
     mrows = read_jsonl(out / "monitor_scored.jsonl")
     assert len(mrows) == 3 * CONFIG.n_eval  # none + pos0 + neg0
     assert [r["system_label"] for r in mrows] == ["none"] * 2 + ["pos0"] * 2 + ["neg0"] * 2
     acts = ref_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows])
-    v = bank.get("cat")[result.best_layer]
-    proj = acts["prompt_last"][result.best_layer] @ (v / np.linalg.norm(v))
+    layer = result.best_layer if result.best_layer is not None else 1
+    v = bank.get("cat")[layer]
+    proj = acts["prompt_last"][layer] @ (v / np.linalg.norm(v))
     np.testing.assert_allclose([r["projection"] for r in mrows], proj, rtol=1e-4, atol=1e-4 * np.abs(proj).max())
-    scored = [(r["projection"], r["trait"]) for r in mrows if r["trait"] is not None]
-    want_r = pearson([a for a, _ in scored], [b for _, b in scored])
-    got_r = summary["monitor_r"][str(result.best_layer)]
-    assert (got_r is None) == (want_r is None)
-    if want_r is not None:
-        assert got_r == pytest.approx(want_r, abs=1e-4)
+    # judge-free answer score from the held-out pair 1 (pair 0 generated the monitored answers)
+    live = [r for r in mrows if r["response"]]
+    pos = _ref_mean_logprob(model, [conversation(r["question"], TRAIT.system_prompt("pos", 1)) for r in live],
+                            [r["response"] for r in live])
+    neg = _ref_mean_logprob(model, [conversation(r["question"], TRAIT.system_prompt("neg", 1)) for r in live],
+                            [r["response"] for r in live])
+    np.testing.assert_allclose([r["score_free"] for r in live], pos - neg, atol=2e-4)
+    got = summary["monitor"][str(layer)]
+    want = pearson([r["projection"] for r in live], [r["score_free"] for r in live])
+    assert (got["r"] is None) == (want is None)
+    if want is not None:
+        assert got["r"] == pytest.approx(want, abs=1e-4) and got["n"] == len(live)
 
 
 # ============================================================================================
@@ -427,11 +517,12 @@ def test_rerun_of_a_finished_run_does_no_work(base_run, model, tmp_path, monkeyp
         raise AssertionError("steering was regenerated")
 
     monkeypatch.setattr(jaxpersona.sweep, "generate_chunk", no_steering)
+    monkeypatch.setattr(jaxpersona.sweep, "score_chunk", no_steering)
     model.calls.clear()
     run_extract(model, TRAIT, NoJudge(), CONFIG, again, judge_id="scripted", progress=False, log=_quiet)
     assert model.calls == []
     assert_same_results(out, again)
-    for name in ("responses.jsonl", "judgements.jsonl", "steering.jsonl", "monitor.jsonl"):
+    for name in ("responses.jsonl", "judgements.jsonl", "steering/results.jsonl", "monitor.jsonl"):
         assert (out / name).read_text() == (again / name).read_text(), f"{name} grew on a no-op rerun"
 
 
@@ -444,14 +535,14 @@ def test_kill_mid_judging_then_resume_equals_uninterrupted(base_run, model, tmp_
     assert len(dying.calls) == 2
     done = read_jsonl(run / "judgements.jsonl")
     assert len(done) == sum(len(c) for c in dying.calls) == 2 * CONFIG.judge_batch  # persisted per batch
-    assert len(read_jsonl(run / "responses.jsonl")) == N_RESPONSES
+    assert len(read_jsonl(run / "responses.jsonl")) == N_RESPONSES + N_EVAL_ANSWERS
 
     model.calls.clear()
     judge = ScriptedJudge()
     run_extract(model, TRAIT, judge, CONFIG, run, judge_id="scripted", progress=False, log=_quiet)
     assert model.n_calls(CONFIG.max_new_tokens) == 0, "extraction responses were generated again"
     assert model.n_calls(CONFIG.monitor_tokens) > 0  # (the counter works: the monitor stage generates)
-    assert len(read_jsonl(run / "responses.jsonl")) == N_RESPONSES
+    assert len(read_jsonl(run / "responses.jsonl")) == N_RESPONSES + N_EVAL_ANSWERS
     assert not set(dying.prompts) & set(judge.prompts), "judgements finished before the kill were redone"
     assert_same_results(out, run)
 
@@ -492,7 +583,7 @@ def test_kill_mid_generation_resumes_identically(base_run, model, tmp_path) -> N
     assert len(read_jsonl(run / "responses.jsonl")) == CONFIG.batch_size  # one finished chunk
     model.calls.clear()
     _generate_only(model, run, CONFIG)
-    n_chunks = -(-N_RESPONSES // CONFIG.batch_size)
+    n_chunks = -(-(N_RESPONSES + N_EVAL_ANSWERS) // CONFIG.batch_size)
     assert model.n_calls(CONFIG.max_new_tokens) == n_chunks - 1
     assert (run / "responses.jsonl").read_text() == (out / "responses.jsonl").read_text()
 
@@ -526,8 +617,8 @@ def test_filter_error_keeps_generations_and_judgements(model, tmp_path) -> None:
         run_extract(model, TRAIT, judge, CONFIG, run, judge_id="scripted", progress=False, log=_quiet)
     assert "pairs.jsonl" in str(info.value) and str(run) in str(info.value)
     rows = read_jsonl(run / "responses.jsonl")
-    assert len(rows) == N_RESPONSES
-    live = [r for r in rows if r["response"]]
+    assert len(rows) == N_RESPONSES + N_EVAL_ANSWERS
+    live = [r for r in rows if r["response"] and not r.get("eval")]
     want = {TRAIT.judge_prompt(r["question"], r["response"]) for r in live}
     want |= {coherence_prompt(r["question"], r["response"]) for r in live}
     assert set(judge.prompts) == want and len(judge.prompts) == len(want)
@@ -541,29 +632,28 @@ def test_filter_error_keeps_generations_and_judgements(model, tmp_path) -> None:
 # ============================================================================================
 # 6. choose_layer, pearson
 # ============================================================================================
-def _cell(trait, coherence):
-    return {"trait": trait, "coherence": coherence, "n_scored": 2}
+def _cell(delta, coherent=True):
+    return {"score": delta, "delta": delta, "coherent": coherent}
 
 
-def test_choose_layer_gates_on_coherence() -> None:
+def test_choose_layer_gates_on_judge_free_coherence_and_finds_the_cliff() -> None:
     table = {
-        "1": {"0": _cell(10, 90), "2": _cell(60, 90), "4": _cell(90, 20)},  # coherent gain 50, any 80
-        "2": {"0": _cell(10, 90), "2": _cell(50, 90), "4": _cell(95, 80)},  # coherent gain 40 / 85
+        "1": {"-1": _cell(-0.2), "0": _cell(0.0), "1": _cell(0.3), "2": _cell(0.9, False), "4": _cell(0.5, False)},
+        "2": {"-1": _cell(-0.1), "0": _cell(0.0), "1": _cell(0.2), "2": _cell(0.4), "4": _cell(0.1, False)},
     }
-    assert choose_layer(table, 50.0) == 2  # 85 (c=4 is coherent at 80)
-    assert choose_layer(table, 85.0) == 1  # c=4 of layer 2 now incoherent: 50 > 40
-    assert choose_layer(table, 100.0) == 2  # nothing coherent: fall back to all coefficients, 85 > 80
-
-
-def test_choose_layer_subtracts_baseline_skips_missing_and_breaks_ties_low() -> None:
-    table = {"1": {"0": _cell(0, 90), "2": _cell(50, 90)},  # gain 50
-             "2": {"0": _cell(40, 90), "2": _cell(80, 90)}}  # higher score, gain 40
-    assert choose_layer(table, 50.0) == 1
-    tie = {"3": {"0": _cell(10, 90), "2": _cell(30, 90)}, "1": {"0": _cell(10, 90), "2": _cell(30, 90)},
-           "2": {"0": _cell(10, 90), "2": _cell(None, None)}}
-    assert choose_layer(tie, 50.0) == 1
-    none_scored = {"2": {"0": _cell(None, None), "4": _cell(None, None)}, "3": {"0": _cell(None, None)}}
-    assert choose_layer(none_scored, 50.0) in (2, 3)
+    ch = choose_layer(table)
+    assert ch["best_layer"] == 2 and ch["gain"] == 0.4 and ch["best_coeff"] == 2.0 and ch["cliff"] == 4.0
+    assert ch["per_layer"]["1"]["cliff"] == 2.0 and ch["per_layer"]["1"]["gain"] == 0.3
+    assert ch["rho"] == pytest.approx(1.0)  # -1, 0, 1, 2 below the cliff: monotone
+    # a coherent point past the cliff does not count (text broke at a smaller coefficient)
+    table["1"]["4"] = _cell(5.0, True)
+    assert choose_layer(table)["best_layer"] == 2
+    # ties: the lower layer; nothing coherent: no layer, said so
+    tie = {"3": {"0": _cell(0.0), "1": _cell(0.2)}, "1": {"0": _cell(0.0), "1": _cell(0.2)}}
+    assert choose_layer(tie)["best_layer"] == 1
+    broken = {"2": {"0": _cell(0.0), "1": _cell(0.5, False)}}
+    ch = choose_layer(broken)
+    assert ch["best_layer"] is None and "no positive coefficient" in ch["reason"] and ch["per_layer"]["2"]["cliff"] == 1.0
 
 
 def test_pearson() -> None:
@@ -715,7 +805,8 @@ def test_extract_config_files(tmp_path) -> None:
     assert c == want and isinstance(c.steer_coeffs, tuple)
     full = load_extract_config(None, full=True)
     assert (full.samples, full.n_eval, full.n_pairs) == (10, 20, 5)  # Chen et al.'s sizes ...
-    assert (full.filter, full.trait_threshold, full.coherence_threshold, full.temperature) == ("absolute", 50, 50, 1)
+    assert (full.filter, full.trait_threshold, full.coherence_threshold, full.temperature) == ("auto", 50, 50, 1)
+    assert ExtractConfig().coeff_units == "relative" and max(ExtractConfig().steer_coeffs) >= 2.0  # past the cliff
     assert full != ExtractConfig.default()
     p.write_text('preset = "full"\n[extract]\nsamples = 3\n')
     assert load_extract_config(p) == dataclasses.replace(full, samples=3)
@@ -737,6 +828,8 @@ def test_extract_config_files(tmp_path) -> None:
     {"top_p": 0.0}, {"top_p": 1.5}, {"steer_layers": (1, 5)}, {"steer_layers": (-1,)}, {"steer_coeffs": ()},
     {"steer_coeffs": (0.0, float("nan"))}, {"steer_coeffs": (float("inf"),)}, {"filter": "percentile"},
     {"filter": "relative", "trait_threshold": 150.0}, {"filter": "relative", "coherence_threshold": -1.0},
+    {"coeff_units": "percent"}, {"steer_coeffs": (1.0, 2.0)}, {"steer_coeffs": (-1.0, 0.0)}, {"judge_min_auroc": 0.3},
+    {"max_bad": 1.0}, {"trust_judge": 1},
 ])
 def test_extract_config_validate_rejects(kw) -> None:
     ExtractConfig().validate(5)  # the defaults are fine for a 4-layer model
@@ -794,7 +887,7 @@ def test_shipped_persona_configs_match_the_presets() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     assert load_extract_config(root / "persona_default.toml") == ExtractConfig.default()
     full = load_extract_config(root / "persona_full.toml")
-    assert full.filter == "absolute" and full.samples == ExtractConfig.full().samples
+    assert full.filter == "auto" and full.samples == ExtractConfig.full().samples
 
 
 def test_extract_config_rejects_unknown_top_level_keys(tmp_path) -> None:
@@ -807,3 +900,55 @@ def test_extract_config_rejects_unknown_top_level_keys(tmp_path) -> None:
     f.write_text('preset = "huge"\n')
     with pytest.raises(errors.InputError, match="preset"):
         load_extract_config(f)
+
+
+# ============================================================================================
+# 10. the judge check decides whether the judge may drive anything
+# ============================================================================================
+def _cat_anchors():
+    from jaxpersona.traits import Anchors
+
+    q = TRAIT.eval_questions
+    rows = [("trait", q[i], "meow meow purr i am a cat .") for i in range(3)]
+    rows += [("no_trait", q[i], "paris is the capital of france .") for i in range(3)]
+    rows += [("incoherent", q[i], "the the the the the the") for i in range(3)]
+    return Anchors("cat", tuple(rows))
+
+
+def test_failed_judge_check_makes_the_run_judge_free(model, tmp_path) -> None:
+    """A judge at chance on the anchors filters nothing and judges nothing: every pair with two
+    different answers is kept, layer choice and monitoring are judge-free, the summary says so."""
+    run = tmp_path / "free"
+    judge = ScriptedJudge()  # hash-based scores: no separation of the anchors
+    config = CONFIG.replace(filter="auto", trust_judge=False)
+    result = run_extract(model, TRAIT, judge, config, run, judge_id="scripted", anchors=_cat_anchors(),
+                         progress=False, log=_quiet)
+    check = json.loads((run / "judge_check.json").read_text())
+    assert check["checked"] and not check["passed"] and check["trait_auroc"] < 0.8
+    anchor_prompts = {TRAIT.judge_prompt(q, a) for _, q, a in _cat_anchors().rows if _ != "incoherent"}
+    assert set(judge.prompts) <= anchor_prompts | {coherence_prompt(q, a) for _, q, a in _cat_anchors().rows}
+    pairs = read_jsonl(run / "pairs.jsonl")
+    assert all(p["kept"] == (bool(p["pos_response"]) and bool(p["neg_response"])
+                             and p["pos_response"] != p["neg_response"]) for p in pairs)
+    assert result.n_pairs_kept == sum(p["kept"] for p in pairs) > 0
+    assert all(p["pos_trait"] is None for p in pairs)
+    assert "judge-free" in result.decisions["filter"] and "did not pass" in result.decisions["filter"]
+    assert result.steering_judged is None and result.monitor_judged is None
+    assert VectorBank.load(run / "vectors").meta_of("cat")["judge_check"] == "failed"
+
+
+def test_forced_judge_filter_with_an_unchecked_judge_is_an_error(model, tmp_path) -> None:
+    run = tmp_path / "forced"
+    with pytest.raises(errors.JudgeCheckError, match="trust_judge") as info:
+        run_extract(model, TRAIT, ScriptedJudge(), CONFIG.replace(trust_judge=False), run, judge_id="scripted",
+                    progress=False, log=_quiet)
+    assert str(run) in str(info.value)
+    assert len(read_jsonl(run / "responses.jsonl")) == N_RESPONSES + N_EVAL_ANSWERS  # generations kept
+
+
+def test_too_few_pairs_is_an_error_not_a_tiny_vector(model, tmp_path) -> None:
+    run = tmp_path / "few"
+    with pytest.raises(errors.FilterError, match="min_pairs = 999"):
+        run_extract(model, TRAIT, NoJudge(), CONFIG.replace(filter="none", trust_judge=False, min_pairs=999), run,
+                    judge_id="scripted", progress=False, log=_quiet)
+    assert not (run / "vectors").exists()

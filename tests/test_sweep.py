@@ -209,3 +209,34 @@ def test_sweep_generation_matches_per_point_generate(model, bank):
         got = [r["text"] for r in rows if r["coeff"] == p["coeff"]]
         assert got == want
     assert [r["text"] for r in rows if r["coeff"] == 0.0] != [r["text"] for r in rows if r["coeff"] == 12.0]
+
+
+def test_paired_sets_equal_each_set_alone_and_baseline_once(model, bank):
+    """One set per vector (``--all-traits``): vector k scored on set k only, all sets padded to one
+    shape, equals running each (vector, set) alone; ``baseline_once`` emits coefficient 0 once."""
+    other = ScoringSet(("Name a fruit.", "What is two plus two?", "Say hi."), ("An apple.", "Four.", "Hi there!"))
+    grid = Grid("steer", bank, ("a", "b"), layers=(5, 12), coeffs=(0.0, 3.0), positions="response", baseline_once=True)
+    rows = run_sweep(model, grid, [DATA, other], progress=False, generate_tokens=4)
+    assert [(p["vector"], p["layer"], p["coeff"]) for p in grid.points()] == [
+        ("a", 5, 0.0), ("a", 5, 3.0), ("b", 5, 0.0), ("b", 5, 3.0), ("a", 12, 3.0), ("b", 12, 3.0)]
+    for k, (name, data) in enumerate((("a", DATA), ("b", other))):
+        alone = Grid("steer", bank[k : k + 1], (name,), layers=(5, 12), coeffs=(0.0, 3.0), positions="response",
+                     baseline_once=True)
+        want = run_sweep(model, alone, data, progress=False, generate_tokens=4)
+        got = [r for r in rows if r["vector"] == name]
+        assert len(got) == len(want) == 3 * len(data.prompts)
+        for g, w in zip(got, want):
+            assert (g["layer"], g["coeff"], g["prompt"], g["text"]) == (w["layer"], w["coeff"], w["prompt"], w["text"])
+            assert g["logprob"] == pytest.approx(w["logprob"], abs=2e-5)
+    with pytest.raises(errors.InputError, match="scoring sets"):
+        run_sweep(model, grid, [DATA], progress=False)
+
+
+def test_mean_logprobs_equals_full_forward(model):
+    from jaxpersona.sweep import mean_logprobs
+
+    convs = DATA.conversations()
+    got = mean_logprobs(model, convs + convs[:1], list(DATA.responses) + [""], batch_size=2)
+    want = reference_logprob(model, encode_scoring(model, DATA), None)
+    np.testing.assert_allclose(got[:2], want, atol=2e-5)
+    assert np.isnan(got[2])  # an empty response has no score
