@@ -35,11 +35,20 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise errors.InputError(f"{path} is not valid TOML: {e}") from e
 
 
-def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray]:
-    """``[L+1, D]`` from ``file = "x.npy"`` or contrastive ``positive``/``negative`` texts."""
+def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """``(name, [L+1, D], residual norms [L+1] or None)`` from ``bank = DIR`` + ``entry = NAME`` (a
+    vector bank, with the norms it recorded), ``file = "x.npy"`` or contrastive ``positive``/``negative`` texts."""
     from jaxpersona.extract import contrast_vectors
 
-    name = spec.get("name", "vector")
+    name = spec.get("name", spec.get("entry", "vector"))
+    if "bank" in spec:
+        from jaxpersona.bank import VectorBank
+        from jaxpersona.pipeline import bank_resid_norm
+
+        d = (base / spec["bank"]) if not Path(spec["bank"]).is_absolute() else Path(spec["bank"])
+        bank = VectorBank.load(d, model.cfg)
+        entry = _need(spec, "entry", "vector")
+        return name, bank.get(entry), bank_resid_norm(bank, entry)
     if "file" in spec:
         f = (base / spec["file"]) if not Path(spec["file"]).is_absolute() else Path(spec["file"])
         if not f.exists():
@@ -47,9 +56,9 @@ def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.
         v = np.load(f).astype(np.float32)
         if v.ndim == 1:
             v = np.broadcast_to(v, (model.cfg.n_resid, v.shape[0])).copy()
-        return name, v
+        return name, v, None
     pos, neg = _need(spec, "positive", "vector"), _need(spec, "negative", "vector")
-    return name, contrast_vectors(model, list(pos), list(neg), reduce=spec.get("contrast_reduce", "mean"))
+    return name, contrast_vectors(model, list(pos), list(neg), reduce=spec.get("contrast_reduce", "mean")), None
 
 
 def run_sweep_config(
@@ -65,9 +74,16 @@ def run_sweep_config(
     shutil.copyfile(config_path, out / "config.toml")
     m = load(model or cfg.get("model", "smollm2-135m-instruct"), dtype=cfg.get("dtype", "float32"))
 
-    name, vec = build_vector(m, _need(cfg, "vector", "vector"), config_path.parent)
-    np.save(out / "vectors.npy", vec[None])
+    name, vec, norms = build_vector(m, _need(cfg, "vector", "vector"), config_path.parent)
     g = _need(cfg, "grid", "grid")
+    units = g.get("units", "absolute")
+    if units not in ("absolute", "relative"):
+        raise errors.InputError(f"[grid] units must be 'absolute' or 'relative', got {units!r}")
+    if units == "relative":  # c = fraction of the residual norm the bank recorded at each layer
+        from jaxpersona.pipeline import steering_vectors
+
+        vec = steering_vectors(vec, norms, "relative")
+    np.save(out / "vectors.npy", vec[None])
     grid = Grid(
         kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),
         layers=tuple(int(x) for x in _need(g, "layers", "grid")),

@@ -127,3 +127,21 @@ def test_relative_units_need_recorded_norms():
         steering_vectors(v, None, "relative")
     with pytest.raises(errors.InputError, match="shape"):
         steering_vectors(v, norms[:2], "relative")
+
+
+def test_cli_sweep_relative_units_on_a_bank_without_norms_exits_2(tmp_path, capsys):
+    """An older bank (no recorded residual norms) with relative units: one clear line saying how to
+    recompute them, exit 2."""
+    from jaxpersona.bank import VectorBank
+    from jaxpersona.cli import main
+    from jaxpersona.model import load
+
+    cfg = load("smollm2-135m-instruct").cfg
+    vecs = np.random.default_rng(0).normal(size=(1, cfg.n_resid, cfg.d_model)).astype(np.float32)
+    VectorBank(vectors=vecs, names=("old",), model="smollm2-135m-instruct").save(tmp_path / "bank")
+    conf = tmp_path / "s.toml"
+    conf.write_text('[vector]\nbank = "bank"\nentry = "old"\n[grid]\nlayers = [10]\ncoeffs = [0.0, 0.5]\n'
+                    'units = "relative"\n[data]\nprompts = ["Hi"]\nresponses = ["Hello!"]\n')
+    assert main(["sweep", "--config", str(conf), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "re-run `jaxpersona extract`" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
