@@ -102,11 +102,18 @@ def _generate(
     greedy: bool,
     eos_ids: tuple[int, ...],
     pad_id: int,
+    prefix_cache: KVCache | None = None,
 ) -> GenerateOutput:
+    """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, cache of size
+    ``T + max_new_tokens``); only the last prompt token then runs here, under the hook."""
     b, t = tokens.shape
     dtype = params["embed"].dtype
-    cache = KVCache.empty(cfg, b, t + max_new_tokens, dtype)
-    pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
+    if prefix_cache is None:
+        cache = KVCache.empty(cfg, b, t + max_new_tokens, dtype)
+        pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
+    else:
+        pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
+                      hook=hook, logits="last")
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def pick(logits: jax.Array, step: jax.Array) -> jax.Array:

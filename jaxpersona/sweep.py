@@ -33,8 +33,8 @@ from jax.sharding import PartitionSpec as P
 from jaxpersona import errors
 from jaxpersona import interventions as iv
 from jaxpersona.config import ModelConfig
-from jaxpersona.models.transformer import (Capture, KVCache, Params, Recorder, apply_hook, check_context, embed, prepare,
-                                           run_layers, unembed)
+from jaxpersona.models.transformer import (Capture, KVCache, Params, Recorder, apply_hook, check_context, embed, forward,
+                                           prepare, run_layers, unembed)
 
 KINDS = ("steer", "ablate", "cap")
 POSITIONS = ("all", "prompt", "response")
@@ -348,15 +348,25 @@ def score_chunk(
     return jax.vmap(one)(hooks)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "shared_prefix"))
 def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hooks: Any, *,
-                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int) -> Any:
-    """Greedy generation for every grid point of ``hooks`` (leading axis G): tokens ``[G, B, N]``."""
+                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, shared_prefix: bool = False) -> Any:
+    """Greedy generation for every grid point of ``hooks`` (leading axis G): tokens ``[G, B, N]``.
+
+    ``shared_prefix``: the hooks never touch the prompt before its last token (``response``
+    positions), so that prefix is prefilled once for all grid points."""
     from jaxpersona.generate import _generate
+
+    cache = None
+    if shared_prefix:
+        b, t = tokens.shape
+        empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
+        cache = forward(params, cfg, tokens[:, :-1], valid=valid[:, :-1], cache=empty, logits=False).cache
 
     def one(hook: Any) -> Any:
         return _generate(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
-                         max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id)
+                         max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
+                         prefix_cache=cache)
 
     return jax.vmap(one)(hooks)
 
@@ -534,7 +544,7 @@ def run_sweep(
                 gb, gmap = gens[si]
                 gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
                                      build_hooks(grid, cfg, padded, gen_pos[si]), max_new_tokens=int(generate_tokens),
-                                     eos_ids=model.eos_ids, pad_id=model.pad_id)
+                                     eos_ids=model.eos_ids, pad_id=model.pad_id, shared_prefix=split)
                 texts = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
                 texts = [[tx[j] for j in gmap] for tx in texts]
             done = []

@@ -952,3 +952,18 @@ def test_too_few_pairs_is_an_error_not_a_tiny_vector(model, tmp_path) -> None:
         run_extract(model, TRAIT, NoJudge(), CONFIG.replace(filter="none", trust_judge=False, min_pairs=999), run,
                     judge_id="scripted", progress=False, log=_quiet)
     assert not (run / "vectors").exists()
+
+
+def test_empty_evaluation_set_and_identical_answers_are_errors(model, tmp_path) -> None:
+    no_eval = dataclasses.replace(TRAIT, eval_questions=())
+    with pytest.raises(errors.InputError, match="no evaluation questions"):
+        run_extract(model, no_eval, NoJudge(), CONFIG, tmp_path / "a", judge_id="scripted", progress=False, log=_quiet)
+    # a trait named "helpful" whose pos and neg instructions are the same: greedy answers are identical
+    same = Trait(name="helpful", description="x", pairs=(("be nice .", "be nice ."),), questions=TRAIT.questions,
+                 eval_questions=TRAIT.eval_questions, eval_prompt=TRAIT.eval_prompt)
+    assert same.system_prompt("pos", 0) == same.system_prompt("neg", 0)
+    run = tmp_path / "b"
+    with pytest.raises(errors.InputError, match="identical pos and neg answers"):
+        run_extract(model, same, NoJudge(), CONFIG.replace(temperature=0.0, filter="none", trust_judge=False), run,
+                    judge_id="scripted", progress=False, log=_quiet)
+    assert (run / "responses.jsonl").is_file()  # finished generations are kept
