@@ -112,6 +112,12 @@ class ScoringSet:
         return [conversation(p, self.system) for p in self.prompts]
 
 
+def _ids(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    tok = model.tokenizer
+    return [(tok.encode(model.format_chat(list(c)), add_special_tokens=False), tok.encode(r, add_special_tokens=False))
+            for c, r in zip(conversations, responses)]
+
+
 def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                    rows: int | None = None, width: int | None = None, r_width: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize chat prompt + response per row: tokens/valid ``[B, T]``, the target positions
@@ -125,11 +131,8 @@ def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], re
                                 f"{len(responses)} responses")
     from jaxpersona.model import pad_left
 
-    tok = model.tokenizer
     seqs, n_prompt = [], []
-    for conv, r in zip(conversations, responses):
-        prompt_ids = tok.encode(model.format_chat(list(conv)), add_special_tokens=False)
-        resp_ids = tok.encode(r, add_special_tokens=False)
+    for conv, (prompt_ids, resp_ids) in zip(conversations, _ids(model, conversations, responses)):
         if not resp_ids:
             raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
         seqs.append(prompt_ids + resp_ids)
@@ -159,24 +162,18 @@ def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], re
 def target_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
     """``(width, r_width)`` that fits every (prompt, response): sequence length rounded up to 16 and
     the longest response in tokens."""
-    tok = model.tokenizer
-    width = r_width = 1
-    for conv, r in zip(conversations, responses):
-        p, n = len(tok.encode(model.format_chat(list(conv)), add_special_tokens=False)), len(tok.encode(r, add_special_tokens=False))
-        width, r_width = max(width, p + n), max(r_width, n)
-    return -(-width // 16) * 16, r_width
-
-
-def _ids(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    tok = model.tokenizer
-    return [(tok.encode(model.format_chat(list(c)), add_special_tokens=False), tok.encode(r, add_special_tokens=False))
-            for c, r in zip(conversations, responses)]
+    ids = _ids(model, conversations, responses)
+    return -(-max(len(p) + len(r) for p, r in ids) // 16) * 16, max(1, max(len(r) for _, r in ids))
 
 
 def split_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
     """``(prefix width, suffix width)`` for :func:`encode_split`: the prompt minus its last token
     (rounded up to 16) and last prompt token + response."""
     ids = _ids(model, conversations, responses)
+    return _split_widths(ids)
+
+
+def _split_widths(ids: list[tuple[list[int], list[int]]]) -> tuple[int, int]:
     return -(-max(len(p) - 1 for p, _ in ids) // 16) * 16 or 16, max(1 + len(r) for _, r in ids)
 
 
@@ -196,7 +193,7 @@ def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], resp
             raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
     if rows is not None and rows > len(ids):
         ids += [ids[-1]] * (rows - len(ids))
-    p_need, s_need = -(-max(len(p) - 1 for p, _ in ids) // 16) * 16 or 16, max(1 + len(r) for _, r in ids)
+    p_need, s_need = _split_widths(ids)
     pw, sw = max(p_width or 0, p_need), max(s_width or 0, s_need)
     b, pad = len(ids), model.pad_id
     out = {"prefix_tokens": np.full((b, pw), pad, np.int32), "prefix_valid": np.zeros((b, pw), bool),
