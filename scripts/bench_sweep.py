@@ -34,8 +34,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict]) -> tuple[np.ndarray, float]:
-    """One HF forward per grid point with a torch hook adding coeff * v to resid[layer]."""
+def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict], positions: str = "all") -> tuple[np.ndarray, float]:
+    """One HF forward per grid point with a torch hook adding coeff * v to resid[layer] (every valid
+    token, or the last prompt token + response tokens)."""
     import torch
 
     tokens = torch.tensor(enc["tokens"]).long()
@@ -44,7 +45,8 @@ def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict]) -> tuple[np.ndar
     pred_idx = torch.tensor(enc["pred_idx"]).long()
     pred_tok = torch.tensor(enc["pred_tok"]).long()
     ok = torch.tensor(enc["pred_ok"]).float()
-    valid = torch.tensor(enc["valid"])[..., None]
+    where = enc["valid"] if positions == "all" else (enc["resp"] | (np.roll(enc["resp"], -1, axis=1) & ~enc["resp"]))
+    valid = torch.tensor(where)[..., None]
     out = np.zeros((len(points), tokens.shape[0]), np.float32)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -75,18 +77,21 @@ def main() -> None:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/sweep_optimism.toml"))
     ap.add_argument("--out", default="bench_results/sweep.json")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--positions", choices=["all", "response"], default="all",
+                    help="steer every token, or only the last prompt token + response (the pipeline's setting: "
+                         "the prompt prefix then runs once per chunk)")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
     model = load(cfg.get("model", registry.DEFAULT_MODEL))
-    name, vec = build_vector(model, cfg["vector"], Path(args.config).parent)
+    name, vec, _ = build_vector(model, cfg["vector"], Path(args.config).parent)
     g = cfg["grid"]
-    grid = Grid("steer", vec[None], (name,), tuple(g["layers"]), tuple(g["coeffs"]), positions="all")
+    grid = Grid("steer", vec[None], (name,), tuple(g["layers"]), tuple(g["coeffs"]), positions=args.positions)
     data = ScoringSet(tuple(cfg["data"]["prompts"]), tuple(cfg["data"]["responses"]), cfg["data"].get("system"))
     enc = encode_scoring(model, data)
 
     # warm-up compiles on a 1-layer grid, then time the full grid
-    warm = Grid("steer", vec[None], (name,), (grid.layers[0],), grid.coeffs, positions="all")
+    warm = Grid("steer", vec[None], (name,), (grid.layers[0],), grid.coeffs, positions=args.positions)
     t0 = time.perf_counter()
     run_sweep(model, warm, data, progress=False)
     compile_s = time.perf_counter() - t0
@@ -99,7 +104,7 @@ def main() -> None:
                        for p in points])
     n_tok = int(enc["valid"].sum())
     res = {
-        "model": cfg.get("model", registry.DEFAULT_MODEL), "grid_points": len(points),
+        "model": cfg.get("model", registry.DEFAULT_MODEL), "grid_points": len(points), "positions": args.positions,
         "prompts": int(enc["tokens"].shape[0]), "seq_len": int(enc["tokens"].shape[1]), "cpu_count": os.cpu_count(),
         "jaxpersona": {"seconds": jax_s, "compile_s": compile_s, "points_per_s": len(points) / jax_s,
                        "tokens_per_s": len(points) * n_tok / jax_s, "peak_rss_mb_after": jax_peak},
@@ -111,8 +116,8 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         hf_dir = registry.converted_dir(registry.resolve(res["model"]))
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        hf_loop(hf, enc, vec, points[:1])  # warm-up
-        theirs, hf_s = hf_loop(hf, enc, vec, points)
+        hf_loop(hf, enc, vec, points[:1], args.positions)  # warm-up
+        theirs, hf_s = hf_loop(hf, enc, vec, points, args.positions)
         res["hf_torch_hooks"] = {"seconds": hf_s, "points_per_s": len(points) / hf_s,
                                  "tokens_per_s": len(points) * n_tok / hf_s, "peak_rss_mb_after": peak_rss_mb()}
         res["ratio"] = hf_s / jax_s
