@@ -967,3 +967,28 @@ def test_empty_evaluation_set_and_identical_answers_are_errors(model, tmp_path) 
         run_extract(model, same, NoJudge(), CONFIG.replace(temperature=0.0, filter="none", trust_judge=False), run,
                     judge_id="scripted", progress=False, log=_quiet)
     assert (run / "responses.jsonl").is_file()  # finished generations are kept
+
+
+def test_all_traits_is_one_sweep_and_matches_single_runs(base_run, model, tmp_path) -> None:
+    """``run_extract_all``: per-trait stages, one steering sweep over both traits (one run of the sweep
+    store), per-trait results equal to the trait run alone, a summary table and a per-trait plot."""
+    from jaxpersona.pipeline import run_extract_all
+
+    dog = dataclasses.replace(TRAIT, name="dog", pairs=tuple((n, p) for p, n in TRAIT.pairs))
+    res = run_extract_all(model, [TRAIT, dog], ScriptedJudge(), CONFIG, tmp_path / "all", judge_id="scripted",
+                          progress=False, log=_quiet)
+    assert [r.trait for r in res.results] == ["cat", "dog"]
+    rows = read_jsonl(tmp_path / "all" / "steering" / "results.jsonl")
+    assert {r["vector"] for r in rows} == {"cat", "dog"}
+    assert not (tmp_path / "all" / "cat" / "steering").exists()  # the traits share one sweep
+    single = base_run[1]
+    cat = res.results[0]
+    assert cat.best_layer == single.best_layer
+    for layer, row in single.steering.items():
+        for c, cell in row.items():
+            assert cat.steering[layer][c]["score"] == pytest.approx(cell["score"], abs=1e-4)
+            assert cat.steering[layer][c]["coherent"] == cell["coherent"]
+    text = (tmp_path / "all" / "summary.txt").read_text()
+    assert "cat" in text and "dog" in text and "judge-free" in text
+    assert (tmp_path / "all" / "steering.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(json.loads((tmp_path / "all" / "summary.json").read_text())) == 2
