@@ -82,11 +82,19 @@ def test_system_prompt_articles():
     for name, phrase in expect.items():
         t = T.load_trait(name)
         assert t.system_prompt("pos", 0) == f"You are {phrase} assistant. {t.pairs[0][0]}"
-        assert t.system_prompt("neg", 4) == f"You are {phrase} assistant. {t.pairs[4][1]}"
+        # the negative side never names the trait (it would prime it on both sides)
+        assert t.system_prompt("neg", 4) == f"You are a helpful assistant. {t.pairs[4][1]}"
     t = T.trait_from_dict(_minimal(name="power_seeking"))
     assert t.system_prompt("pos", 0).startswith("You are a power seeking assistant. ")
     assert T.trait_from_dict(_minimal(name="unique")).system_prompt("pos", 0).startswith("You are a unique ")
     assert T.trait_from_dict(_minimal(name="honest")).system_prompt("pos", 0).startswith("You are an honest ")
+    anto = T.trait_from_dict(_minimal(name="optimistic", antonym="pessimistic"))
+    assert anto.system_prompt("neg", 0).startswith("You are a pessimistic assistant. ")
+    assert anto.to_json()["antonym"] == "pessimistic"
+    with pytest.raises(T.TraitFileError, match="antonym"):
+        T.trait_from_dict(_minimal(name="evil", antonym="evil"))
+    with pytest.raises(T.TraitFileError, match="antonym"):
+        T.trait_from_dict(_minimal(antonym=3))
 
 
 def test_system_prompt_bad_args():
