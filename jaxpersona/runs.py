@@ -61,6 +61,40 @@ def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.
     return name, contrast_vectors(model, list(pos), list(neg), reduce=spec.get("contrast_reduce", "mean")), None
 
 
+def sweep_vector(model: Any, cfg: dict[str, Any], base: Path) -> tuple[str, np.ndarray]:
+    """The ``[L+1, D]`` vectors a sweep coefficient multiplies, per ``[grid] units``:
+
+    * ``"relative"`` (default): ``|resid[l]| * v̂[l]``, so a coefficient is a fraction of the residual
+      norm. The norms are the ones a bank entry recorded (a bank without them is an error), or for
+      vectors from texts / ``.npy`` the mean response-token norm measured on the sweep's own data;
+    * ``"absolute"``: the raw vectors."""
+    from jaxpersona.pipeline import steering_vectors
+
+    name, vec, norms = build_vector(model, _need(cfg, "vector", "vector"), base)
+    spec, g = cfg["vector"], _need(cfg, "grid", "grid")
+    units = g.get("units", "relative")
+    if units not in ("absolute", "relative"):
+        raise errors.InputError(f"[grid] units must be 'absolute' or 'relative', got {units!r}")
+    if units == "relative" and norms is None and "bank" not in spec:
+        norms = data_resid_norm(model, _need(cfg, "data", "data"))
+    return name, steering_vectors(vec, norms, units)
+
+
+def data_resid_norm(model: Any, d: dict[str, Any]) -> np.ndarray:
+    """Mean response-token norm of every resid point over a sweep's ``[data]`` (unintervened): ``[L+1]``."""
+    from jaxpersona.extract import VARIANTS, iter_activations
+    from jaxpersona.model import conversation
+
+    prompts, responses = list(_need(d, "prompts", "data")), list(_need(d, "responses", "data"))
+    if not prompts or len(prompts) != len(responses):
+        raise errors.InputError(f"[data] needs one response per prompt, got {len(prompts)} and {len(responses)}")
+    convs = [conversation(p, d.get("system")) for p in prompts]
+    total = np.zeros(model.cfg.n_resid, np.float64)
+    for _, (_, norms) in iter_activations(model, convs, responses, with_norms=True):
+        total += norms[VARIANTS.index("response_mean")].sum(axis=1)
+    return (total / len(prompts)).astype(np.float32)
+
+
 def run_sweep_config(
     config_path: str | Path, *, out_dir: str | Path | None = None, model: str | None = None, progress: bool = True
 ) -> str:
@@ -74,15 +108,8 @@ def run_sweep_config(
     shutil.copyfile(config_path, out / "config.toml")
     m = load(model or cfg.get("model", "smollm2-135m-instruct"), dtype=cfg.get("dtype", "float32"))
 
-    name, vec, norms = build_vector(m, _need(cfg, "vector", "vector"), config_path.parent)
+    name, vec = sweep_vector(m, cfg, config_path.parent)
     g = _need(cfg, "grid", "grid")
-    units = g.get("units", "absolute")
-    if units not in ("absolute", "relative"):
-        raise errors.InputError(f"[grid] units must be 'absolute' or 'relative', got {units!r}")
-    if units == "relative":  # c = fraction of the residual norm the bank recorded at each layer
-        from jaxpersona.pipeline import steering_vectors
-
-        vec = steering_vectors(vec, norms, "relative")
     np.save(out / "vectors.npy", vec[None])
     grid = Grid(
         kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),

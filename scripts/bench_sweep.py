@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxpersona import registry  # noqa: E402
 from jaxpersona.model import load  # noqa: E402
-from jaxpersona.runs import build_vector, load_config  # noqa: E402
+from jaxpersona.runs import load_config, sweep_vector  # noqa: E402
 from jaxpersona.sweep import Grid, ScoringSet, encode_scoring, run_sweep  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def main() -> None:
 
     cfg = load_config(args.config)
     model = load(cfg.get("model", registry.DEFAULT_MODEL))
-    name, vec, _ = build_vector(model, cfg["vector"], Path(args.config).parent)
+    name, vec = sweep_vector(model, cfg, Path(args.config).parent)  # scaled per [grid] units
     g = cfg["grid"]
     grid = Grid("steer", vec[None], (name,), tuple(g["layers"]), tuple(g["coeffs"]), positions=args.positions)
     data = ScoringSet(tuple(cfg["data"]["prompts"]), tuple(cfg["data"]["responses"]), cfg["data"].get("system"))

@@ -82,3 +82,31 @@ def test_module_entry_point_exit_code() -> None:
     r = subprocess.run([sys.executable, "-m", "jaxpersona", "chat", "x", "--model", "nope"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_relative_units_scale_by_the_datas_residual_norm(tmp_path: Path) -> None:
+    """Relative units (the default): the saved vectors have norm |resid[l]| = the mean response-token
+    norm of the unsteered residual on the sweep's data, recomputed here from per-token captures."""
+    from jaxpersona.model import conversation, load, pad_left
+    from jaxpersona.models.transformer import Capture
+
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL_SWEEP)
+    out = tmp_path / "run"
+    assert main(["sweep", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    vec = np.load(out / "vectors.npy")[0]
+    m = load("smollm2-135m-instruct")
+    tok = m.tokenizer
+    norms = []
+    for p, r in (("How are you?", "Wonderful, thanks!"), ("Describe today.", "Bright and happy.")):
+        ids_p = tok.encode(m.format_chat(conversation(p)), add_special_tokens=False)
+        ids_r = tok.encode(r, add_special_tokens=False)
+        h = np.asarray(m.run(pad_left([ids_p + ids_r], m.pad_id, bucket=1),
+                             capture=Capture(tuple(range(m.cfg.n_resid)), "tokens"), logits=False).captured)
+        norms.append(np.linalg.norm(h[:, 0, len(ids_p):], axis=-1).mean(axis=1))
+    np.testing.assert_allclose(np.linalg.norm(vec, axis=-1), np.mean(norms, axis=0), rtol=1e-4)
+    cfg.write_text(SMALL_SWEEP.replace('kind = "steer"', 'kind = "steer"\nunits = "absolute"'))
+    assert main(["sweep", "--config", str(cfg), "--out", str(tmp_path / "abs"), "--quiet"]) == 0
+    raw = np.load(tmp_path / "abs" / "vectors.npy")[0]
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=-1, keepdims=True),
+                               vec / np.linalg.norm(vec, axis=-1, keepdims=True), atol=1e-5)
