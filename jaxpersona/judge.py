@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import os
 import math
 import re
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -243,29 +244,39 @@ def _row_stats(params: Params, cfg: ModelConfig, h: jax.Array, trie: IntegerTrie
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def integer_logprobs(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-                     trie: IntegerTrie) -> jax.Array:
+                     trie: IntegerTrie, prefix: jax.Array | None = None) -> jax.Array:
     """``log p(k)`` ``[B, 101]`` for left-padded prompts ``tokens``/``valid [B, T]`` (see :class:`LocalJudge`).
 
     One prefill writes the prompt into a KV cache; then all ``N`` trie nodes go through the model as
     one chunk of ``N`` tokens with a *tree* attention mask: node ``j`` sees the prompt and its own
     ancestors, at rope position ``prompt_len + depth_j - 1`` -- exactly what feeding each path after
     the prompt would compute, for one short extra forward.
+
+    ``prefix [P]``: token ids every prompt starts with (a judge rubric's head), prefilled once for the
+    whole batch; ``tokens`` are then each prompt's remainder (left-padded, so there is padding between
+    the two: not for sliding-window models, whose masks measure distance in slots).
     """
     b, t = tokens.shape
     n = trie.tokens.shape[0]
-    cache = KVCache.empty(cfg, b, t + n, params["embed"].dtype)
-    pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, logits="last")
+    p = 0 if prefix is None else prefix.shape[0]
+    dtype = params["embed"].dtype
+    cache = KVCache.empty(cfg, b, p + t + n, dtype)
+    if prefix is not None:
+        one = forward(params, cfg, prefix[None], cache=KVCache.empty(cfg, 1, p + t + n, dtype), logits=False).cache
+        cache = jax.tree.map(lambda x, like: jnp.broadcast_to(x, like.shape), one, cache)
+    pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=p, logits="last")
     cache = pre.cache
+    valid = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1)  # [B, P+T]: the whole prompt
 
-    # the tree chunk at slots t .. t+n-1
+    # the tree chunk at slots p+t .. p+t+n-1
     prompt_len = valid.sum(axis=1).astype(jnp.int32)  # [B]
     q_pos = prompt_len[:, None] + jnp.asarray(trie.depth)[None, :] - 1  # [B, N]
     tvalid = jnp.ones((b, n), bool)
-    prep = prepare(cfg, tvalid, q_pos, cache, t)
+    prep = prepare(cfg, tvalid, q_pos, cache, p + t)
     k_pos = jnp.concatenate([jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0), q_pos], axis=1)
-    prompt_part = jnp.broadcast_to(valid[:, None, :], (b, n, t))
+    prompt_part = jnp.broadcast_to(valid[:, None, :], (b, n, p + t))
     tree_part = jnp.broadcast_to(jnp.asarray(trie.ancestors)[None], (b, n, n))
-    mask_full = jnp.concatenate([prompt_part, tree_part], axis=2)  # [B, N, T+N]
+    mask_full = jnp.concatenate([prompt_part, tree_part], axis=2)  # [B, N, P+T+N]
     if cfg.sliding_window is None:
         mask_local = mask_full
     else:
@@ -273,7 +284,7 @@ def integer_logprobs(params: Params, cfg: ModelConfig, tokens: jax.Array, valid:
     prep = prep._replace(mask_full=mask_full, mask_local=mask_local)
     record = Recorder.make(cfg, None, tvalid)
     h = embed(params, cfg, jnp.broadcast_to(jnp.asarray(trie.tokens)[None], (b, n)))
-    h, _, _ = run_layers(params, cfg, h, prep, record.empty(h), record, cache=cache, cache_index=t)
+    h, _, _ = run_layers(params, cfg, h, prep, record.empty(h), record, cache=cache, cache_index=p + t)
 
     # distributions: row 0 = after the prompt, row j+1 = after node j's path
     root = pre.logits[:, 0]
@@ -307,7 +318,8 @@ class LocalJudge(Judge):
     number directly (for byte-level BPE models such as SmolLM2, one ending in a space).
 
     Cost per batch: one prefill plus one forward of the ~100 trie nodes with a tree attention mask
-    (:func:`integer_logprobs`), jitted once per (batch, bucketed length) shape.
+    (:func:`integer_logprobs`), jitted once per (batch, bucketed length) shape. The prompts' common
+    head (the rubric before the question) is prefilled once per batch and shared by its rows.
     """
 
     def __init__(self, model: Model, *, batch_size: int = 8, answer_prefix: str = "") -> None:
@@ -346,6 +358,14 @@ class LocalJudge(Judge):
             return np.zeros((0, N_SCORES))
         trie = self.trie
         seqs = [self.render(p) for p in prompts]
+        # the tokens every prompt starts with (chat template + rubric head) are prefilled once per batch;
+        # rounded down to a multiple of 16 so calls with similar prompts share a compile. Not with a
+        # sliding window: the left padding between head and remainder would widen slot distances.
+        share = len(seqs) > 1 and self.model.cfg.sliding_window is None
+        shared = len(os.path.commonprefix(seqs)) if share else 0
+        shared = min(shared, min(len(x) for x in seqs) - 1) // 16 * 16
+        prefix = jnp.asarray(seqs[0][:shared], jnp.int32) if shared else None
+        seqs = [x[shared:] for x in seqs]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
         out = np.zeros((len(seqs), N_SCORES), np.float64)
         rows = min(self.batch_size, 1 << (len(order) - 1).bit_length())  # one batch shape per call
@@ -354,11 +374,11 @@ class LocalJudge(Judge):
             chunk = [seqs[i] for i in idx]
             chunk += [chunk[-1]] * (rows - len(chunk))
             batch = pad_left(chunk, self.model.pad_id)
-            self.model.check_length(batch, trie.max_depth)
+            self.model.check_length(batch, trie.max_depth + shared)
             if self._device_trie is None:
                 self._device_trie = jax.tree.map(jnp.asarray, trie)
             lp = integer_logprobs(self.model.params, self.model.cfg, jnp.asarray(batch.tokens),
-                                  jnp.asarray(batch.valid), self._device_trie)
+                                  jnp.asarray(batch.valid), self._device_trie, prefix)
             out[idx] = np.asarray(lp, np.float64)[: len(idx)]
         return out
 

@@ -4,6 +4,7 @@ real local server (parsing, auth, retries, errors, ordering), and the local comp
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import random
 import socket
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import jaxpersona.judge as judge_mod
 import jaxpersona.model as jm
 from fake_openai import FakeOpenAI
 from jaxpersona import errors
@@ -165,6 +167,28 @@ def test_local_judge_matches_brute_force(tiny_judge_model: jm.Model) -> None:
     np.testing.assert_allclose(judge.probs(prompts[::-1]), p[::-1], rtol=1e-6)  # results follow input order
     s = judge.scores(prompts, min_mass=0.0)
     np.testing.assert_allclose(s, score_from_probs(p, 0.0), rtol=1e-12)
+
+
+def test_local_judge_shared_prefix_matches_brute_force(tiny_judge_model: jm.Model, tiny_zoo) -> None:
+    """Prompts with a long common head (a rubric): the head is prefilled once per batch and shared;
+    p(k) still equals plain forwards. A sliding-window family (window 6 < the head) takes the
+    unshared path (padding between head and remainder would widen its slot distances) and matches too."""
+    head = "rate how evil the answer is from zero to a hundred. the answer: "
+    prompts = [head + "the cat sat", head + "a", head + "is the dog on the mat? it is"]
+    g = tiny_zoo("gemma3")
+    for model in (tiny_judge_model, jm.Model(g.cfg, g.params, digit_tokenizer(), "tiny-gemma3")):
+        judge = LocalJudge(model, batch_size=2, answer_prefix="score:")
+        seqs = [judge.render(q) for q in prompts]
+
+        assert len(os.path.commonprefix(seqs)) >= 32  # long enough for the shared-prefix path
+        calls = []
+        real = judge_mod.integer_logprobs
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(judge_mod, "integer_logprobs", lambda *a: calls.append(a[-1] is not None) or real(*a))
+            got = judge.probs(prompts)
+        assert calls and all(calls) == (model.cfg.sliding_window is None)
+        ref = brute_force_probs(model, judge, prompts, judge.trie.continues)
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=0)
 
 
 def test_local_judge_render(tiny_judge_model: jm.Model) -> None:
