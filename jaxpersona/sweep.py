@@ -112,6 +112,11 @@ class ScoringSet:
         return [conversation(p, self.system) for p in self.prompts]
 
 
+def _check_pairs(n_prompts: int, n_responses: int) -> None:
+    if not n_prompts or n_prompts != n_responses:
+        raise errors.InputError(f"need one response per prompt, got {n_prompts} prompts and {n_responses} responses")
+
+
 def _ids(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
     tok = model.tokenizer
     return [(tok.encode(model.format_chat(list(c)), add_special_tokens=False), tok.encode(r, add_special_tokens=False))
@@ -126,9 +131,7 @@ def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], re
 
     ``rows``/``width``/``r_width`` pad to a fixed ``[rows, width]`` batch with ``R = r_width`` (extra
     rows copy the last one; callers drop them), so differently sized sets share one compile."""
-    if not conversations or len(conversations) != len(responses):
-        raise errors.InputError(f"need one response per prompt, got {len(conversations)} prompts and "
-                                f"{len(responses)} responses")
+    _check_pairs(len(conversations), len(responses))
     from jaxpersona.model import pad_left
 
     seqs, n_prompt = [], []
@@ -184,9 +187,7 @@ def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], resp
     ``tokens/valid [B, S]`` (last prompt token + response, right-padded), targets in suffix
     coordinates, ``resp [B, S]`` (response tokens) and ``select [B, P+S]`` (the slots the
     ``response`` selector covers: last prompt token + response)."""
-    if not conversations or len(conversations) != len(responses):
-        raise errors.InputError(f"need one response per prompt, got {len(conversations)} prompts and "
-                                f"{len(responses)} responses")
+    _check_pairs(len(conversations), len(responses))
     ids = _ids(model, conversations, responses)
     for (p, r), conv in zip(ids, conversations):
         if not r:
@@ -217,9 +218,7 @@ def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], resp
 
 def encode_scoring(model: Any, data: ScoringSet, **pad: Any) -> dict[str, np.ndarray]:
     """:func:`encode_targets` of a :class:`ScoringSet` (user turns with the set's system prompt)."""
-    if not data.prompts or len(data.prompts) != len(data.responses):
-        raise errors.InputError(f"need one response per prompt, got {len(data.prompts)} prompts and "
-                                f"{len(data.responses)} responses")
+    _check_pairs(len(data.prompts), len(data.responses))
     return encode_targets(model, data.conversations(), data.responses, **pad)
 
 
@@ -323,8 +322,7 @@ def score_chunk(
         ptok, pval = data["prefix_tokens"], data["prefix_valid"]
         index = ptok.shape[1]
         empty = KVCache.empty(cfg, ptok.shape[0], index + tokens.shape[1], params["embed"].dtype)
-        _, _, cache = run_layers(params, cfg, embed(params, cfg, ptok), prepare(cfg, pval, cache=empty),
-                                 jnp.zeros((0,), jnp.float32), Recorder.make(cfg, None, pval), cache=empty)
+        cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False).cache
     prep = prepare(cfg, valid, cache=cache, cache_index=index)
     record = Recorder.make(cfg, capture, data["resp"])
     h0 = embed(params, cfg, tokens)
@@ -455,9 +453,7 @@ def run_sweep(
         raise errors.InputError(f"{len(sets)} scoring sets for {len(grid.names)} grid vectors; give one set per "
                                 "vector, or one set for all")
     for d in sets:
-        if not d.prompts or len(d.prompts) != len(d.responses):
-            raise errors.InputError(f"need one response per prompt, got {len(d.prompts)} prompts and "
-                                    f"{len(d.responses)} responses")
+        _check_pairs(len(d.prompts), len(d.responses))
     rows_n = max(len(d.prompts) for d in sets)
     # response positions never touch the prompt before its last token: that prefix runs once per chunk
     split = grid.positions == "response"
@@ -522,13 +518,14 @@ def run_sweep(
         params = _shard(params, mesh, P())
     rows: list[dict[str, Any]] = []
     bar = _progress(len(chunks), progress)
+    data_js = [{k: jnp.asarray(v) for k, v in e.items()} for e in encs]  # on device once per set
+    if mesh is not None:
+        data_js = [_shard(d, mesh, P()) for d in data_js]
     for si, chunk in chunks:
         key = _chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens)
         done = store.load(key) if store else None
         if done is None:
-            data_j = {k: jnp.asarray(v) for k, v in encs[si].items()}
-            if mesh is not None:
-                data_j = _shard(data_j, mesh, P())
+            data_j = data_js[si]
             padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
             hooks = build_hooks(grid, cfg, padded, pos[si])
             if mesh is not None:
