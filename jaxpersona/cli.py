@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from jaxpersona import errors, registry
 
@@ -35,6 +36,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cap", default=None, help="a capping config (capping.json from `jaxpersona space`) applied to "
+                                                 "every token")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -56,12 +59,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cap_hook(path: str | None, model: Any, rows: int) -> Any:
+    """The capping config at ``path`` as a hook on every token of ``rows`` sequences (None without one)."""
+    if not path:
+        return None
+    import jax.numpy as jnp
+
+    from jaxpersona.axis import CapConfig
+    from jaxpersona.interventions import Positions
+
+    cap = CapConfig.load(path, model.cfg)
+    return cap.hook(Positions(jnp.ones((rows, 1), bool), jnp.ones((rows,), bool)))
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from jaxpersona.model import load
 
     model = load(args.model, dtype=args.dtype)
     print(model.chat(args.message, system=args.system, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                     hook=_cap_hook(args.cap, model, 1)))
     return 0
 
 
@@ -79,7 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise errors.InputError("no prompts: pass PROMPT arguments or --prompts FILE (one prompt per line)")
     model = load(args.model, dtype=args.dtype)
     texts = model.generate(prompts, chat=not args.raw, system=args.system, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                           hook=_cap_hook(args.cap, model, len(prompts)))
     for p, t in zip(prompts, texts):
         print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False))
     return 0
@@ -120,10 +138,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_judge_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("judge (default: the subject model itself, run locally)")
-    g.add_argument("--judge", default="self",
-                   help="'self', a registered name, an HF directory or .gguf file: a local JAX judge")
+def _add_judge_args(p: argparse.ArgumentParser, default: str = "self") -> None:
+    g = p.add_argument_group(f"judge (default: {'the subject model itself, run locally' if default == 'self' else default})")
+    g.add_argument("--judge", default=default,
+                   help="'self', a registered name, an HF directory or .gguf file: a local JAX judge"
+                        + ("; 'none': no judge" if default == "none" else ""))
     g.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. https://api.openai.com/v1)")
     g.add_argument("--judge-model", default=None, help="model name at --judge-url (e.g. gpt-4.1-mini)")
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (never logged)")
@@ -158,6 +177,67 @@ def cmd_extract(args: argparse.Namespace) -> int:
         result = run_extract_all(model, traits, judge, config, out, judge_id=judge_id, progress=not args.quiet, log=log)
     print(result.table())
     print(f"run directory: {out}")
+    return 0
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    from jaxpersona.model import load
+    from jaxpersona.pipeline import build_judge
+    from jaxpersona.roles import load_conversations, load_roles
+    from jaxpersona.space import load_space_config, run_space
+
+    config = load_space_config(args.config, full=args.full)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    scripts = list(load_conversations(args.conversations))
+    model = load(args.model, dtype=args.dtype)
+    roles = load_roles(args.roles, questions=args.questions, model_name=model.name)
+    if args.judge == "none" and not args.judge_url:
+        judge, judge_id = None, "none"
+    else:
+        judge, judge_id = build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
+                                      key_env=args.judge_key_env)
+    out = Path(args.out or "runs/space")
+    log = (lambda _: None) if args.quiet else print
+    result = run_space(model, roles, scripts, judge, config, out, judge_id=judge_id, progress=not args.quiet, log=log)
+    print(result.table())
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_capping(args: argparse.Namespace) -> int:
+    from jaxpersona.axis import CapConfig, import_reference_capping
+
+    if args.action == "show":
+        cap = CapConfig.load(args.file)
+        print(f"capping config for {cap.model} (d_model {cap.d_model}, resid[0..{cap.n_resid - 1}])")
+        for l, lo, hi in zip(cap.layers, cap.floors, cap.ceilings):
+            print(f"  resid[{l}]: clamp <h, direction> into [{lo:.4g}, {hi:.4g}]")
+        for k, v in cap.info.items():
+            print(f"  {k}: {v}")
+        return 0
+    from jaxpersona.bank import VectorBank
+
+    if not args.bank and not args.model_id:
+        raise errors.InputError("capping import needs --bank (a `jaxpersona space` bank of this model: gives the "
+                                "layer count and the axis to check the sign against) or --model-id with --n-layers")
+    if args.bank:
+        bank = VectorBank.load(args.bank)
+        axis = bank.get("assistant_axis") if "assistant_axis" in bank else None
+        model_id, n_resid = bank.model, bank.n_resid
+    else:
+        if not args.n_layers:
+            raise errors.InputError("--model-id needs --n-layers (the model's number of blocks)")
+        axis, model_id, n_resid = None, args.model_id, args.n_layers + 1
+    cap = import_reference_capping(args.file, model=model_id, n_resid=n_resid, experiment=args.experiment, axis=axis)
+    if axis is not None and cap.d_model != bank.d_model:
+        raise errors.ModelMismatchError(f"{args.file}: vectors have d_model {cap.d_model}; the bank's model has "
+                                        f"{bank.d_model}")
+    out = cap.save(args.out or Path(args.file).with_suffix(".json"))
+    print(f"wrote {out}: {len(cap.layers)} caps at resid{list(cap.layers)} (floors on -v, from the reference's "
+          "ceilings on v)")
+    if "cos_with_axis" in cap.info:
+        print("cos(-v, our axis) per layer: " + ", ".join(f"{c:.3f}" for c in cap.info["cos_with_axis"]))
     return 0
 
 
@@ -307,6 +387,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_judge_args(p)
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("space", help="persona space + Assistant Axis: role answers, PCA, calibrated capping, drift")
+    p.add_argument("--config", default=None, help="TOML with a [space] table overriding the preset")
+    p.add_argument("--full", action="store_true", help="the GPU-sized run (every role prompt, 80 questions)")
+    p.add_argument("--roles", default=None, help="role directory in the reference layout (default: the shipped set)")
+    p.add_argument("--questions", default=None, help="questions JSONL (default: next to the roles, else shipped)")
+    p.add_argument("--conversations", default=None, help="conversation scripts (.jsonl) or transcripts (.json / dir)")
+    p.add_argument("--out", default=None, help="run directory (default runs/space); reruns resume")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    _add_judge_args(p, default="none")
+    p.set_defaults(func=cmd_space)
+
+    p = sub.add_parser("capping", help="show a capping config, or import the reference's capping_config.pt")
+    p.add_argument("action", choices=["show", "import"])
+    p.add_argument("file", help="capping.json (show) or capping_config.pt (import)")
+    p.add_argument("--bank", default=None, help="a `jaxpersona space` bank of the same model (layer count, axis)")
+    p.add_argument("--model-id", default=None)
+    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--experiment", default=None, help="experiment id in the .pt (e.g. layers_46:54-p0.25)")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_capping)
 
     p = sub.add_parser("traits", help="list / show shipped trait files, or draft a new one")
     p.add_argument("action", choices=["list", "show", "new"])

@@ -77,3 +77,11 @@ class EndpointError(JaxPersonaError):
 class JudgeCheckError(InputError):
     """The judge failed its check on the trait's anchor answers (or could not be checked) while the run
     was configured to rely on it (forced thresholds). Finished work is kept."""
+
+
+class RoleFileError(InputError):
+    """A role file, role directory or question file is malformed (named in the message, with the fix)."""
+
+
+class ConversationError(InputError):
+    """A conversation script or transcript is malformed: non-alternating roles, an empty turn, no turns."""

@@ -145,16 +145,22 @@ def response_activations(model: Any, prompts: list[list[Message]], responses: li
 
 
 def iter_activations(model: Any, prompts: list[list[Message]], responses: list[str], batch_size: int = 16,
-                     with_norms: bool = False):
-    """Yield ``(start, acts [3, L+1, n, D])`` (with ``with_norms``: ``(start, (acts, norms [3, L+1, n]))``)
-    over chunks of ``batch_size`` rows, every chunk padded to one ``[rows, width]`` shape (one compile
-    for the whole set)."""
+                     with_norms: bool = False, bucket: int = 32):
+    """Yield ``(idx, acts [3, L+1, n, D])`` (with ``with_norms``: ``(idx, (acts, norms [3, L+1, n]))``) over
+    chunks of rows; ``idx`` holds the chunk's row indices into the inputs.
+
+    Rows are grouped by length (longest first) so a chunk pads only to its own longest row, rounded up
+    to ``bucket`` tokens: a few compiles, far less padding than one width for all. Every chunk has the
+    same number of rows."""
     tok = model.tokenizer
-    longest = max(len(tok.encode(model.format_chat(p), add_special_tokens=False))
-                  + len(tok.encode(r, add_special_tokens=False) if r else []) for p, r in zip(prompts, responses))
-    width = -(-longest // 16) * 16
+    lengths = np.asarray([len(tok.encode(model.format_chat(p), add_special_tokens=False))
+                          + (len(tok.encode(r, add_special_tokens=False)) if r else 0)
+                          for p, r in zip(prompts, responses)])
+    order = np.argsort(-lengths, kind="stable")
     n_chunks = -(-len(prompts) // batch_size)
     rows = -(-len(prompts) // n_chunks)  # equal chunks: no padded rows beyond the last chunk's remainder
     for i in range(0, len(prompts), rows):
-        yield i, response_activations(model, prompts[i : i + rows], responses[i : i + rows],
-                                      rows=rows, width=width, with_norms=with_norms)
+        idx = order[i : i + rows]
+        width = -(-int(lengths[idx].max()) // bucket) * bucket
+        yield idx, response_activations(model, [prompts[j] for j in idx], [responses[j] for j in idx],
+                                        rows=rows, width=width, with_norms=with_norms)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxpersona import errors
 from jaxpersona.config import ModelConfig
-from jaxpersona.models.transformer import Hook, KVCache, Params, check_context, check_tokens, forward
+from jaxpersona.models.transformer import Capture, Hook, KVCache, Params, check_context, check_tokens, forward
 
 
 class GenerateOutput(NamedTuple):
@@ -87,6 +87,81 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
         raise errors.InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+class _Decoded(NamedTuple):
+    out: GenerateOutput
+    cache: KVCache
+    proj: jax.Array  # [B, N, n] projections of each new token's resid at the monitored points
+
+
+def _monitor_capture(monitor: tuple[int, ...]) -> Capture | None:
+    return Capture(monitor, "tokens") if monitor else None
+
+
+def _project(captured: jax.Array | None, units: jax.Array | None) -> jax.Array:
+    """``captured [n, B, T, D]`` onto ``units [n, D]`` -> ``[B, T, n]`` (float32); empty when unmonitored."""
+    if captured is None:
+        return jnp.zeros((0,), jnp.float32)
+    return jnp.einsum("nbtd,nd->btn", captured.astype(jnp.float32), units)
+
+
+def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache, start: jax.Array | int,
+            key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *, max_new_tokens: int,
+            greedy: bool, eos_ids: tuple[int, ...], pad_id: int, monitor: tuple[int, ...] = (),
+            units: jax.Array | None = None) -> _Decoded:
+    """The decode loop after a prefill: ``logits [B, V]`` of the last prompt token; new tokens are written
+    into ``cache`` at slots ``start, start+1, ...``. A row's tokens after its EOS are written as padding
+    (``valid`` False), so the cache can carry on into a next turn. ``monitor``: resid points whose
+    projections on ``units [n, D]`` are recorded per new token (post-hook)."""
+    b = logits.shape[0]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    capture = _monitor_capture(monitor)
+
+    def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sample_token(logits, jax.random.fold_in(key, step), temperature, top_p).astype(jnp.int32)
+
+    class State(NamedTuple):
+        step: jax.Array
+        cache: KVCache
+        logits: jax.Array  # [B, V]
+        out: jax.Array
+        logprobs: jax.Array
+        done: jax.Array
+        lengths: jax.Array
+        proj: jax.Array
+
+    def cond(s: State) -> jax.Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: State) -> State:
+        tok = pick(s.logits, s.step)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        tok = jnp.where(s.done, pad_id, tok)
+        lp = jnp.where(s.done, 0.0, lp)
+        out = s.out.at[:, s.step].set(tok)
+        logprobs = s.logprobs.at[:, s.step].set(lp)
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
+        nxt = forward(params, cfg, tok[:, None], valid=~s.done[:, None], cache=s.cache, cache_index=start + s.step,
+                      hook=hook, logits="last", capture=capture)
+        proj = s.proj
+        if capture is not None:
+            proj = jax.lax.dynamic_update_slice_in_dim(proj, _project(nxt.captured, units), s.step, axis=1)
+        done = s.done | jnp.isin(tok, eos)
+        return State(s.step + 1, nxt.cache, nxt.logits[:, 0], out, logprobs, done, lengths, proj)
+
+    init = State(
+        jnp.int32(0), cache, logits,
+        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((b, max_new_tokens), jnp.float32),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b, max_new_tokens, len(monitor)) if monitor else (0,), jnp.float32),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    return _Decoded(GenerateOutput(final.out, final.logprobs, final.lengths), final.cache, final.proj)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id"))
 def _generate(
     params: Params,
@@ -114,50 +189,51 @@ def _generate(
     else:
         pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
                       hook=hook, logits="last")
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    return _decode(params, cfg, pre.logits[:, 0], pre.cache, t, key, temperature, top_p, hook,
+                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id).out
 
-    def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
-        if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return sample_token(logits, jax.random.fold_in(key, step), temperature, top_p).astype(jnp.int32)
 
-    class State(NamedTuple):
-        step: jax.Array
-        cache: KVCache
-        logits: jax.Array  # [B, V]
-        out: jax.Array
-        logprobs: jax.Array
-        done: jax.Array
-        lengths: jax.Array
+class TurnOutput(NamedTuple):
+    """One conversation turn continued from a KV cache."""
 
-    def cond(s: State) -> jax.Array:
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+    out: GenerateOutput
+    cache: KVCache  # now also holding this turn's prompt chunk and new tokens
+    prompt_proj: jax.Array  # [B, T, n] projections of the prompt chunk's tokens at the monitored points
+    proj: jax.Array  # [B, N, n] the same for each new token
 
-    def body(s: State) -> State:
-        tok = pick(s.logits, s.step)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-        tok = jnp.where(s.done, pad_id, tok)
-        lp = jnp.where(s.done, 0.0, lp)
-        out = s.out.at[:, s.step].set(tok)
-        logprobs = s.logprobs.at[:, s.step].set(lp)
-        lengths = s.lengths + (~s.done).astype(jnp.int32)
-        done = s.done | jnp.isin(tok, eos)
-        nxt = forward(
-            params, cfg, tok[:, None], cache=s.cache, cache_index=t + s.step, hook=hook, logits="last"
-        )
-        return State(s.step + 1, nxt.cache, nxt.logits[:, 0], out, logprobs, done, lengths)
 
-    init = State(
-        jnp.int32(0),
-        pre.cache,
-        pre.logits[:, 0],
-        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((b, max_new_tokens), jnp.float32),
-        jnp.zeros((b,), bool),
-        jnp.zeros((b,), jnp.int32),
-    )
-    final = jax.lax.while_loop(cond, body, init)
-    return GenerateOutput(final.out, final.logprobs, final.lengths)
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id", "monitor"))
+def continue_turn(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    tokens: jax.Array,
+    valid: jax.Array,
+    write_at: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    hook: Hook | None,
+    units: jax.Array,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    monitor: tuple[int, ...],
+) -> TurnOutput:
+    """Prefill the chunk ``tokens [B, T]`` (left-padded; ``valid`` False on padding) into ``cache`` at slots
+    ``write_at .. write_at+T-1`` — earlier slots (past turns) are attended to as they are — then
+    generate up to ``max_new_tokens`` at the following slots. Rope positions continue from the number
+    of valid cached tokens, so gaps of invalid slots are harmless. ``monitor``/``units [n, D]``: resid
+    points and directions whose projections are recorded for every token (post-hook)."""
+    t = tokens.shape[1]
+    pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=write_at, hook=hook, logits="last",
+                  capture=_monitor_capture(monitor))
+    dec = _decode(params, cfg, pre.logits[:, 0], pre.cache, write_at + t, key, temperature, top_p, hook,
+                  max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, monitor=monitor,
+                  units=units)
+    return TurnOutput(dec.out, dec.cache, _project(pre.captured, units), dec.proj)
 
 
 def generate(

@@ -14,6 +14,9 @@ Each intervention is a small pytree of arrays applied at ``resid[l]`` (``resid[0
 flag ``after`` for every slot ``>= P`` (generated tokens). ``Positions.prompt()`` applies at
 prefill only, which edits the KV cache of past positions and leaves later generation untouched.
 
+*Per layer*: a ``vector`` may be ``[D]`` (one direction everywhere) or ``[L+1, D]`` (its own direction
+at each resid point, e.g. the Assistant Axis); a cap's ``lo``/``hi`` may be scalars or ``[L+1]``.
+
 *Composition*: :class:`Chain` applies its items in order at each resid point (steer-then-cap is
 not cap-then-steer). Every numeric field is an array, so new values never recompile, and
 ``jax.vmap`` over any of them gives a batch of differently-intervened forwards. The *kind* and
@@ -99,6 +102,11 @@ def _unit(v: jax.Array) -> jax.Array:
     return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
+def _at(x: jax.Array, layer: jax.Array, per_layer_ndim: int) -> jax.Array:
+    """``x[layer]`` when ``x`` has a leading per-resid-point axis (``ndim == per_layer_ndim``), else ``x``."""
+    return x[layer] if x.ndim == per_layer_ndim else x
+
+
 def _proj(h: jax.Array, u: jax.Array) -> jax.Array:
     """``<h, u>`` in float32: ``[B, T]``."""
     return jnp.einsum("btd,d->bt", h.astype(jnp.float32), u)
@@ -110,7 +118,7 @@ def _proj(h: jax.Array, u: jax.Array) -> jax.Array:
 class Steer:
     """``h + coeff * layers[l] * v`` at the selected positions."""
 
-    vector: jax.Array  # [D]
+    vector: jax.Array  # [D] or [L+1, D]
     coeff: jax.Array  # []
     layers: jax.Array  # [L+1]
     positions: Positions
@@ -118,7 +126,8 @@ class Steer:
     _static = ("unit",)
 
     def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
-        v = _unit(self.vector) if self.unit else self.vector
+        v = _at(self.vector, layer, 2)
+        v = _unit(v) if self.unit else v
         w = self.layers[layer]
         on = self.positions.at(ctx) & (self.coeff * w != 0)  # c*w == 0 leaves h bit-identical
         add = (self.coeff * w) * v.astype(jnp.float32)
@@ -130,17 +139,18 @@ class Steer:
 class Ablate:
     """Project ``v̂`` out: ``h - <h,v̂> v̂ + mean * v̂ (+ coeff * v)`` where ``layers[l] != 0``."""
 
-    vector: jax.Array  # [D]
+    vector: jax.Array  # [D] or [L+1, D]
     layers: jax.Array  # [L+1]
     positions: Positions
     mean: jax.Array  # [] projection value to restore (0 = plain ablation)
     coeff: jax.Array  # [] optional re-add of coeff * v
 
     def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
-        u = _unit(self.vector.astype(jnp.float32))
+        v = _at(self.vector, layer, 2).astype(jnp.float32)
+        u = _unit(v)
         on = self.positions.at(ctx) & (self.layers[layer] != 0)
         hf = h.astype(jnp.float32)
-        new = hf + (self.mean - _proj(h, u))[..., None] * u + self.coeff * self.vector.astype(jnp.float32)
+        new = hf + (self.mean - _proj(h, u))[..., None] * u + self.coeff * v
         return jnp.where(on[..., None], new.astype(h.dtype), h)
 
 
@@ -149,17 +159,18 @@ class Ablate:
 class Cap:
     """Clamp ``<h, v̂>`` into ``[lo, hi]`` (use ``-inf`` / ``inf`` for a one-sided cap)."""
 
-    vector: jax.Array  # [D]
-    lo: jax.Array  # []
-    hi: jax.Array  # []
+    vector: jax.Array  # [D] or [L+1, D]
+    lo: jax.Array  # [] or [L+1]
+    hi: jax.Array  # [] or [L+1]
     layers: jax.Array  # [L+1]
     positions: Positions
 
     def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
-        u = _unit(self.vector.astype(jnp.float32))
+        u = _unit(_at(self.vector, layer, 2).astype(jnp.float32))
+        lo, hi = _at(self.lo, layer, 1), _at(self.hi, layer, 1)
         p = _proj(h, u)
-        shift = jnp.maximum(0.0, self.lo - p) - jnp.maximum(0.0, p - self.hi)
-        outside = (p > self.hi) | (p < self.lo)
+        shift = jnp.maximum(0.0, lo - p) - jnp.maximum(0.0, p - hi)
+        outside = (p > hi) | (p < lo)
         on = self.positions.at(ctx) & (self.layers[layer] != 0) & outside
         new = h.astype(jnp.float32) + shift[..., None] * u
         return jnp.where(on[..., None], new.astype(h.dtype), h)
@@ -183,8 +194,8 @@ def _vector(v: Any, d_model: int, what: str) -> jax.Array:
     v = np.asarray(v, np.float32)
     if v.ndim == 0:
         raise errors.InputError(f"{what}: expected a vector of shape [d_model], got a scalar")
-    if v.shape[-1:] != (d_model,):
-        raise errors.InputError(f"{what}: vector has shape {v.shape}, expected [..., d_model={d_model}]")
+    if v.shape[-1:] != (d_model,) or v.ndim > 2:
+        raise errors.InputError(f"{what}: vector has shape {v.shape}, expected [d_model={d_model}] or [L+1, d_model]")
     if not np.all(np.isfinite(v)):
         raise errors.InputError(f"{what}: vector contains NaN or inf")
     if what != "steer" and np.any(np.linalg.norm(v, axis=-1) == 0):
@@ -233,6 +244,15 @@ def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
             raise errors.InputError(
                 f"{type(it).__name__}: vector dimension {it.vector.shape[-1]} != model d_model {d_model}"
             )
+        if it.vector.ndim == 2 and it.vector.shape[0] != n_resid:
+            raise errors.InputError(
+                f"{type(it).__name__}: per-layer vectors cover {it.vector.shape[0]} resid points; this model has "
+                f"resid[0..{n_resid - 1}] ({n_resid} points): vectors from another model?"
+            )
+        bounds = (it.lo, it.hi) if isinstance(it, Cap) else ()
+        if any(b.ndim == 1 and b.shape[0] != n_resid for b in bounds):
+            raise errors.InputError(f"Cap: per-layer bounds have {it.lo.shape}/{it.hi.shape} entries; this model has "
+                                    f"{n_resid} resid points")
         if it.layers.shape[-1] != n_resid:
             raise errors.InputError(
                 f"{type(it).__name__}: layer weights have {it.layers.shape[-1]} entries; this model has "

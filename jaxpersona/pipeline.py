@@ -45,6 +45,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.extract import VARIANTS, iter_activations
 from jaxpersona.measures import pearson  # noqa: F401  (kept importable from here)
+from jaxpersona.settings import check_positive, check_types, preset_config, replace_checked
 from jaxpersona.store import KeyedJsonl, digest
 
 Message = dict[str, str]
@@ -110,29 +111,13 @@ class ExtractConfig:
                    monitor_pairs=2, monitor_tokens=128, batch_size=64)
 
     def replace(self, **kw: Any) -> ExtractConfig:
-        fields = {f.name for f in dataclasses.fields(self)}
-        bad = sorted(set(kw) - fields)
-        if bad:
-            raise errors.InputError(f"unknown extract config keys {bad}; known: {sorted(fields)}")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
-        return dataclasses.replace(self, **kw)
+        return replace_checked(self, "extract", **kw)
 
     def validate(self, n_resid: int) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-            ok = {"int": isinstance(v, int) and not isinstance(v, bool),
-                  "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-                  "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
-            if kind.startswith("tuple"):
-                ok = isinstance(v, tuple) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-            if ok is False:
-                raise errors.InputError(f"extract config {f.name} = {v!r} has the wrong type; expected {kind}")
-        positive = ("n_pairs", "n_questions", "samples", "max_new_tokens", "batch_size", "min_pairs", "judge_batch",
-                    "n_eval", "steer_tokens", "steer_points_per_chunk", "monitor_tokens", "n_steer_layers")
-        for k in positive:
-            if int(getattr(self, k)) < 1:
-                raise errors.InputError(f"extract config {k} must be >= 1, got {getattr(self, k)}")
+        check_types(self, "extract")
+        check_positive(self, "extract", ("n_pairs", "n_questions", "samples", "max_new_tokens", "batch_size", "min_pairs",
+                                         "judge_batch", "n_eval", "steer_tokens", "steer_points_per_chunk",
+                                         "monitor_tokens", "n_steer_layers"))
         if self.filter not in FILTERS:
             raise errors.InputError(f"extract config filter must be one of {FILTERS}, got {self.filter!r}")
         if self.coeff_units not in ("relative", "absolute"):
@@ -167,27 +152,9 @@ FILTERS = ("auto", "absolute", "relative", "none")
 
 def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractConfig:
     """Preset (``default`` or ``full``) overridden by the ``[extract]`` table of a TOML file."""
-    base = ExtractConfig.full() if full else ExtractConfig.default()
-    if path is None:
-        return base
-    path = Path(path)
-    if not path.exists():
-        raise errors.InputError(f"config file {path} does not exist")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise errors.InputError(f"{path} is not valid TOML: {e}") from e
-    unknown = sorted(set(table) - {"preset", "extract", "traits"})
-    if unknown:
-        raise errors.InputError(f"{path}: unknown top-level keys {unknown}; use preset = \"full\", traits = [...] "
-                                "and an [extract] table")
-    preset = table.get("preset", "full" if full else "default")
-    if preset not in ("default", "full"):
-        raise errors.InputError(f"{path}: preset must be \"default\" or \"full\", got {preset!r}")
-    base = ExtractConfig.full() if preset == "full" else ExtractConfig.default()
-    if not isinstance(table.get("extract", {}), dict):
-        raise errors.InputError(f"{path}: [extract] must be a table")
-    return base.replace(**table.get("extract", {}))
+    presets = {"default": ExtractConfig.default(), "full": ExtractConfig.full()}
+    return preset_config(path, "extract", presets, "full" if full else "default",
+                         'use preset = "full", traits = [...] and an [extract] table', {"traits"})
 
 
 def load_run_traits(path: str | Path | None) -> list[str]:
@@ -300,9 +267,11 @@ def judge_cached(
     min_mass: float,
     desc: str = "judge",
     progress: bool = True,
+    max_score: int = 100,
 ) -> list[float | None]:
     """Scores of ``prompts`` (None where the judge puts < ``min_mass`` on integers), cached by
-    ``(judge_id, prompt)``; each finished batch of judgements is persisted before the next."""
+    ``(judge_id, prompt)``; each finished batch of judgements is persisted before the next.
+    ``max_score``: the rubric's top integer (3 for role adherence): only ``0..max_score`` count."""
     from jaxpersona.judge import score_from_probs
 
     keys = [digest(judge_id, p) for p in prompts]
@@ -318,7 +287,9 @@ def judge_cached(
     bar.close()
     out = []
     for k in keys:
-        s = float(score_from_probs(np.asarray(store[k]["probs"]), min_mass))
+        p = np.asarray(store[k]["probs"], np.float64)
+        p[max_score + 1:] = 0.0
+        s = float(score_from_probs(p, min_mass))
         out.append(None if math.isnan(s) else s)
     return out
 
@@ -820,9 +791,9 @@ def _finish_trait(model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, c
                     progress, coherence=False)
     proj = np.zeros((cfg.n_resid, len(mrows)), np.float32)
     units = st.vecs[0] / np.maximum(np.linalg.norm(st.vecs[0], axis=-1, keepdims=True), 1e-12)  # [L+1, D]
-    for i, acts in iter_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows],
-                                    config.batch_size):
-        proj[:, i : i + acts.shape[2]] = np.einsum("lbd,ld->lb", acts[VARIANTS.index("prompt_last")], units)
+    for idx, acts in iter_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows],
+                                      config.batch_size):
+        proj[:, idx] = np.einsum("lbd,ld->lb", acts[VARIANTS.index("prompt_last")], units)
     ok = [j for j, r in enumerate(mrows) if r["score_free"] is not None]
     monitor = {str(l): pearson_ci(proj[l, ok], [mrows[j]["score_free"] for j in ok]) for l in range(cfg.n_resid)}
     monitor_judged = None

@@ -97,3 +97,96 @@ def steering_judge_free(results: dict[str, dict[str, Any]], path: str | Path, *,
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     return Path(path)
+
+
+# --- persona space ------------------------------------------------------------------------------
+def persona_map(scores: Any, names: Sequence[str], default_pc1: float, default_pc2: float, path: str | Path, *,
+                title: str = "") -> Path:
+    """Roles on PC1/PC2 (``scores [R, 2]``) with their labels; the default Assistant as a star."""
+    import numpy as np
+
+    s = np.asarray(scores, float)
+    fig = _figure(figsize=(11, 8), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(s[:, 0], s[:, 1], s=14, c=s[:, 0], cmap="coolwarm")
+    for (x, y), n in zip(s, names):
+        ax.annotate(n, (x, y), fontsize=6, alpha=0.8, xytext=(2, 2), textcoords="offset points")
+    ax.scatter([default_pc1], [default_pc2], marker="*", s=250, c="k", label="default Assistant")
+    ax.set_xlabel("PC1 (oriented toward the Assistant Axis)")
+    ax.set_ylabel("PC2")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def variance_curve(variance_ratio: Any, path: str | Path, *, fraction: float = 0.7, title: str = "") -> Path:
+    """Cumulative variance explained by the leading components, with the ``fraction`` line."""
+    import numpy as np
+
+    r = np.asarray(variance_ratio, float)
+    k = min(len(r), 40)
+    cum = np.cumsum(r)[:k]
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(np.arange(1, k + 1), r[:k], alpha=0.5, label="per component")
+    ax.plot(np.arange(1, k + 1), cum, marker="o", ms=3, label="cumulative")
+    ax.axhline(fraction, color="gray", ls="--", lw=1, label=f"{fraction:.0%}")
+    ax.set_xlabel("component")
+    ax.set_ylabel("fraction of variance")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def cos_by_layer(cos: Any, path: str | Path, *, mark: int | None = None, title: str = "") -> Path:
+    """``|cos(axis, PC1)|`` per resid point."""
+    import numpy as np
+
+    c = np.abs(np.asarray(cos, float))
+    fig = _figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(np.arange(len(c)), c, marker="o", ms=3)
+    if mark is not None:
+        ax.axvline(mark, color="gray", ls="--", lw=1, label=f"resid[{mark}]")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("resid index")
+    ax.set_ylabel("|cos(Assistant Axis, PC1)|")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def drift_traces(records: Sequence[dict[str, Any]], path: str | Path, *, labels: Sequence[str] = (), title: str = "") -> Path:
+    """Per-turn projection of assistant turns, one panel per script, variants overlaid (the probe turn
+    marked); one row per monitored point."""
+    scripts = list(dict.fromkeys(r["script"] for r in records))
+    variants = list(dict.fromkeys(r["variant"] for r in records))
+    n_mon = max((len(r["proj"]) for r in records if r["proj"]), default=1)
+    fig = _figure(figsize=(3.2 * len(scripts), 2.8 * n_mon), layout="constrained")
+    axes = fig.subplots(n_mon, len(scripts), squeeze=False)
+    for j, s in enumerate(scripts):
+        for i in range(n_mon):
+            ax = axes[i][j]
+            for v in variants:
+                rs = sorted((r for r in records if r["script"] == s and r["variant"] == v and r["proj"]),
+                            key=lambda r: r["turn"])
+                ax.plot([r["turn"] for r in rs], [r["proj"][i] for r in rs], marker="o", ms=3, label=v)
+                probe = [r for r in rs if r["probe"]]
+                if probe:
+                    ax.scatter([probe[0]["turn"]], [probe[0]["proj"][i]], marker="s", s=30, edgecolors="k")
+            ax.set_title(s if i == 0 else "", fontsize=9)
+            ax.set_xlabel("assistant turn (last: identity probe)" if i == n_mon - 1 else "")
+            if j == 0:
+                ax.set_ylabel(f"projection at {labels[i]}" if i < len(labels) else "projection")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return Path(path)

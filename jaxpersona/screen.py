@@ -60,8 +60,8 @@ def projections(model: Any, prompts: list[list[Message]], responses: list[str], 
     """Mean over response tokens of ``<resid[layer], unit>`` per row: ``[N]``."""
     out = np.zeros(len(prompts), np.float32)
     v = VARIANTS.index("response_mean")
-    for i, acts in iter_activations(model, prompts, responses, batch_size):
-        out[i : i + acts.shape[2]] = acts[v, layer] @ unit
+    for idx, acts in iter_activations(model, prompts, responses, batch_size):
+        out[idx] = acts[v, layer] @ unit
     return out
 
 

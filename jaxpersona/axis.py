@@ -1,0 +1,275 @@
+"""Persona space math: the Assistant Axis, PCA of role vectors, projections and capping configs.
+
+Conventions (explicit, unlike the reference code where the sign lives in the data file):
+
+* ``axis[l] = mean(default) - mean(role vectors)`` at every resid point ``l`` (``[L+1, D]``): it points
+  **toward the Assistant**; a projection ``<h, axis[l]/|axis[l]|>`` is higher for more Assistant-like
+  activations.
+* A :class:`CapConfig` holds, per capped resid point, a unit ``direction``, a ``floor`` and a
+  ``ceiling`` (``-inf``/``inf`` = none). Capping clamps the projection into ``[floor, ceiling]``;
+  calibrated configs put a floor on the Assistant Axis (activations may not drift further from the
+  Assistant than the chosen percentile of the default Assistant's own tokens).
+* The reference project's ``capping_config.pt`` caps *from above* on a stored vector ``v`` with
+  threshold ``tau`` (``h -= max(0, <h, v̂> - tau) v̂``). That is the same operation as a floor of
+  ``-tau`` on direction ``-v̂``; :func:`import_reference_capping` writes it that way (so, with their
+  vectors pointing away from the Assistant, it becomes a floor on the Assistant Axis). Their layer
+  ``i`` (output of block ``i``) is our ``resid[i+1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    """Unit vectors along the last axis (zeros stay zero)."""
+    v = np.asarray(v, np.float32)
+    return (v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def assistant_axis(default: np.ndarray, roles: np.ndarray) -> np.ndarray:
+    """``default [L+1, D]`` minus the mean of ``roles [R, L+1, D]``: ``[L+1, D]``, toward the Assistant."""
+    return (np.asarray(default, np.float64) - np.asarray(roles, np.float64).mean(axis=0)).astype(np.float32)
+
+
+class PCA(NamedTuple):
+    """PCA of mean-centred role vectors at every resid point (``k`` = min(R, D) components).
+
+    Each PC1 is oriented so that ``cos(axis, PC1) >= 0`` (PC signs are arbitrary otherwise)."""
+
+    mean: np.ndarray  # [L+1, D] the role mean the vectors are centred on
+    components: np.ndarray  # [L+1, k, D] unit rows
+    variance_ratio: np.ndarray  # [L+1, k]
+    scores: np.ndarray  # [L+1, R, k] role coordinates
+
+
+@jax.jit
+def _svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per resid point SVD of centred ``x [L+1, R, D]``: ``(u, s, vt)``."""
+    return jax.vmap(lambda a: jnp.linalg.svd(a, full_matrices=False))(x)
+
+
+def role_pca(roles: np.ndarray, axis: np.ndarray | None = None) -> PCA:
+    """PCA over ``roles [R, L+1, D]`` at each resid point (jnp SVD, float32)."""
+    x = np.asarray(roles, np.float32).transpose(1, 0, 2)  # [L+1, R, D]
+    if x.shape[1] < 2:
+        raise errors.InputError(f"PCA needs at least 2 role vectors, got {x.shape[1]}")
+    mean = x.mean(axis=1, keepdims=True)
+    u, s, vt = (np.array(a, np.float32) for a in _svd(jnp.asarray(x - mean)))
+    var = s**2
+    ratio = var / np.maximum(var.sum(axis=-1, keepdims=True), 1e-30)
+    scores = u * s[:, None, :]
+    if axis is not None:  # orient PC1 toward the Assistant
+        sign = np.where(np.einsum("ld,ld->l", vt[:, 0], np.asarray(axis, np.float32)) < 0, -1.0, 1.0)
+        vt[:, 0] *= sign[:, None]
+        scores[:, :, 0] *= sign[:, None]
+    return PCA(mean[:, 0], vt, ratio, scores)
+
+
+def components_for(variance_ratio: np.ndarray, fraction: float = 0.7) -> np.ndarray:
+    """``[L+1]``: the number of leading components whose variance ratios sum to ``>= fraction``."""
+    cum = np.cumsum(np.asarray(variance_ratio, np.float64), axis=-1)
+    return (np.argmax(cum >= fraction - 1e-9, axis=-1) + 1).astype(np.int64)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of ``[..., D]`` arrays."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (np.sum(a * b, -1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30))
+
+
+def default_position(pca: PCA, default: np.ndarray) -> dict[str, np.ndarray]:
+    """Where the default lands on PC1 at each resid point, against the roles' range.
+
+    ``score`` = ``<default - mean, PC1>``; ``relative`` = (score - min role) / (max role - min role)
+    (> 1: beyond every role on the Assistant side); ``beyond`` = fraction of roles it exceeds."""
+    d = np.einsum("ld,ld->l", np.asarray(default, np.float32) - pca.mean, pca.components[:, 0])
+    r = pca.scores[:, :, 0]
+    lo, hi = r.min(axis=1), r.max(axis=1)
+    return {"score": d, "relative": (d - lo) / np.maximum(hi - lo, 1e-12), "beyond": (r < d[:, None]).mean(axis=1)}
+
+
+def percentile_floors(projections: list[np.ndarray], layers: list[int], percentile: float) -> np.ndarray:
+    """Per capped resid point, the ``percentile`` of the pooled per-token projections
+    (``projections``: one ``[L+1, n_tokens]`` array per answer): ``[len(layers)]``."""
+    check_percentile(percentile)
+    pooled = np.concatenate([np.asarray(p, np.float64)[layers] for p in projections if p.shape[1]], axis=1)
+    if pooled.size == 0:
+        raise errors.InputError("no tokens to calibrate on: every default answer is empty")
+    return np.percentile(pooled, percentile, axis=1).astype(np.float32)
+
+
+def check_percentile(percentile: float) -> None:
+    if not (isinstance(percentile, (int, float)) and 0 < percentile < 100):
+        raise errors.InputError(f"cap percentile must be in (0, 100) (exclusive), got {percentile!r}; the reference "
+                                "caps at the 25th percentile of the default Assistant's projections")
+
+
+def cap_layer_range(n_layers: int, spec: Any) -> list[int]:
+    """Resid points to cap: a list of ints, or ``"a:b"`` with fractions of the depth (``"0.7:0.85"``
+    -> blocks ``floor(0.7 L) .. floor(0.85 L) - 1``, i.e. resid points one higher), like the reference's
+    ``layers_46:54`` on a 64-layer model."""
+    if isinstance(spec, str):
+        try:
+            a, b = (float(x) for x in spec.split(":"))
+        except ValueError:
+            raise errors.InputError(f"cap_layers {spec!r}: use 'a:b' with fractions of the depth (e.g. '0.7:0.85') "
+                                    "or a list of resid indices") from None
+        if not 0 <= a < b <= 1:
+            raise errors.InputError(f"cap_layers {spec!r}: need 0 <= a < b <= 1")
+        lo, hi = int(math.floor(a * n_layers)), max(int(math.floor(b * n_layers)), int(math.floor(a * n_layers)) + 1)
+        return [blk + 1 for blk in range(lo, hi)]
+    layers = [int(x) for x in spec]
+    bad = [l for l in layers if not 0 <= l <= n_layers]
+    if not layers or bad:
+        raise errors.InputError(f"cap_layers {spec!r}: resid indices must be in 0..{n_layers}")
+    return sorted(set(layers))
+
+
+# --- capping configs --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CapConfig:
+    """Explicit capping: at resid point ``layers[i]``, clamp ``<h, directions[i]>`` into
+    ``[floors[i], ceilings[i]]`` (``directions`` are unit vectors)."""
+
+    model: str
+    n_resid: int
+    d_model: int
+    layers: tuple[int, ...]
+    directions: np.ndarray  # [n, D] unit
+    floors: np.ndarray  # [n]
+    ceilings: np.ndarray  # [n]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.layers)
+        if np.shape(self.directions) != (n, self.d_model) or np.shape(self.floors) != (n,) or np.shape(self.ceilings) != (n,):
+            raise errors.InputError(f"capping config: {n} layers need directions [{n}, {self.d_model}] and {n} "
+                                    f"floors/ceilings, got {np.shape(self.directions)}, {np.shape(self.floors)}, "
+                                    f"{np.shape(self.ceilings)}")
+        if any(not 0 <= l < self.n_resid for l in self.layers):
+            raise errors.InputError(f"capping config layers {self.layers} outside resid[0..{self.n_resid - 1}]")
+        if np.any(np.asarray(self.floors) > np.asarray(self.ceilings)):
+            raise errors.InputError("capping config: a floor is above its ceiling")
+
+    def check_model(self, cfg: Any) -> None:
+        if (self.d_model, self.n_resid) != (cfg.d_model, cfg.n_resid):
+            raise errors.ModelMismatchError(
+                f"capping config for {self.model!r} (d_model {self.d_model}, {self.n_resid - 1} layers) does not fit "
+                f"this model (d_model {cfg.d_model}, {cfg.n_layers} layers); calibrate one for this model with "
+                "`jaxpersona space`")
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(vectors [L+1, D], floors [L+1], ceilings [L+1], layer weights [L+1])`` for a per-layer Cap."""
+        vec = np.zeros((self.n_resid, self.d_model), np.float32)
+        lo = np.full(self.n_resid, -np.inf, np.float32)
+        hi = np.full(self.n_resid, np.inf, np.float32)
+        w = np.zeros(self.n_resid, np.float32)
+        idx = list(self.layers)
+        vec[idx], lo[idx], hi[idx], w[idx] = self.directions, self.floors, self.ceilings, 1.0
+        return vec, lo, hi, w
+
+    def hook(self, positions: Any) -> Any:
+        """A :class:`~jaxpersona.interventions.Cap` applying this config at ``positions``."""
+        from jaxpersona.interventions import Cap
+
+        vec, lo, hi, w = self.arrays()
+        return Cap(jnp.asarray(vec), jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(w), positions)
+
+    def to_json(self) -> dict[str, Any]:
+        f = lambda x: None if not math.isfinite(x) else round(float(x), 6)  # noqa: E731
+        return {"format": "jaxpersona.CapConfig", "version": 1, "model": self.model, "n_resid": self.n_resid,
+                "d_model": self.d_model,
+                "convention": "resid[0]=embeddings, resid[l]=output of block l-1; clamp <h, direction> into "
+                              "[floor, ceiling] (null = unbounded); directions are unit vectors",
+                "caps": [{"layer": l, "floor": f(lo), "ceiling": f(hi), "direction": [round(float(x), 7) for x in d]}
+                         for l, d, lo, hi in zip(self.layers, self.directions, self.floors, self.ceilings)],
+                "info": self.info}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: Any | None = None) -> CapConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise errors.InputError(f"capping config {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise errors.InputError(f"capping config {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        try:
+            caps = data["caps"]
+            num = lambda x, inf: inf if x is None else float(x)  # noqa: E731
+            out = cls(str(data["model"]), int(data["n_resid"]), int(data["d_model"]),
+                      tuple(int(c["layer"]) for c in caps),
+                      np.asarray([c["direction"] for c in caps], np.float32).reshape(len(caps), int(data["d_model"])),
+                      np.asarray([num(c["floor"], -np.inf) for c in caps], np.float32),
+                      np.asarray([num(c["ceiling"], np.inf) for c in caps], np.float32), dict(data.get("info", {})))
+        except (KeyError, TypeError, ValueError) as e:
+            raise errors.InputError(f"capping config {path} is malformed ({type(e).__name__}: {e}); expected the "
+                                    "format `jaxpersona space` writes") from None
+        if cfg is not None:
+            out.check_model(cfg)
+        return out
+
+
+def import_reference_capping(path: str | Path, *, model: str, n_resid: int, experiment: str | None = None,
+                             axis: np.ndarray | None = None) -> CapConfig:
+    """Read the reference project's ``capping_config.pt`` (``{'vectors': {name: {'layer', 'vector'}},
+    'experiments': [{'id', 'interventions': [{'vector', 'cap'}]}]}``) into an explicit :class:`CapConfig`.
+
+    Their operation ``h -= max(0, <h, v̂> - cap) v̂`` (a ceiling on ``v̂``) is written as a floor of
+    ``-cap`` on ``-v̂``. With ``axis [L+1, D]`` (ours, toward the Assistant), ``info`` records the cosine
+    of each imported direction with it (positive: the floor is on the Assistant side, as intended)."""
+    from jaxpersona.bank import _torch
+
+    torch = _torch()
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise errors.InputError(f"capping config {path} does not exist") from None
+    if not isinstance(data, dict) or "vectors" not in data or "experiments" not in data:
+        raise errors.InputError(f"{path}: not a reference capping config (expected a dict with 'vectors' and "
+                                "'experiments')")
+    exps = {e["id"]: e for e in data["experiments"]}
+    if experiment is None:
+        if len(exps) != 1:
+            raise errors.InputError(f"{path} holds experiments {sorted(exps)}; choose one (--experiment ID)")
+        experiment = next(iter(exps))
+    if experiment not in exps:
+        raise errors.InputError(f"{path}: no experiment {experiment!r}; it has {sorted(exps)}")
+    layers, dirs, floors, cos = [], [], [], []
+    for it in exps[experiment]["interventions"]:
+        spec = data["vectors"][it["vector"]]
+        v = np.asarray(spec["vector"].float().numpy() if hasattr(spec["vector"], "numpy") else spec["vector"], np.float32)
+        layer = int(spec["layer"]) + 1  # their block-output index -> our resid index
+        if not 0 < layer < n_resid:
+            raise errors.ModelMismatchError(f"{path}: vector {it['vector']!r} is at their layer {spec['layer']}, "
+                                            f"outside this model's {n_resid - 1} layers")
+        layers.append(layer)
+        dirs.append(-unit(v))
+        floors.append(-float(it["cap"]))
+        if axis is not None:
+            cos.append(float(cosine(-v, np.asarray(axis)[layer])))
+    d_model = dirs[0].shape[-1]
+    info = {"source": str(path), "experiment": experiment, "imported": "reference ceiling `cap` on v -> floor -cap "
+            "on -v/|v| (identical operation)", **({"cos_with_axis": cos} if cos else {})}
+    order = np.argsort(layers)
+    return CapConfig(model, n_resid, d_model, tuple(int(layers[i]) for i in order), np.stack(dirs)[order],
+                     np.asarray(floors, np.float32)[order], np.full(len(layers), np.inf, np.float32), info)

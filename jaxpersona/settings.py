@@ -1,0 +1,72 @@
+"""Shared plumbing of the pipelines' run configs (frozen dataclasses read from TOML tables)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from jaxpersona import errors
+
+
+def replace_checked(config: Any, what: str, **kw: Any) -> Any:
+    """``dataclasses.replace`` that names unknown keys and turns lists into tuples."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    bad = sorted(set(kw) - fields)
+    if bad:
+        raise errors.InputError(f"unknown {what} config keys {bad}; known: {sorted(fields)}")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    return dataclasses.replace(config, **kw)
+
+
+def check_types(config: Any, what: str) -> None:
+    """Every field holds its annotated type (``int``, ``float``, ``str``, ``bool``, tuples of numbers;
+    other annotations are checked by the config itself)."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool),
+              "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
+        if kind.startswith("tuple"):
+            ok = isinstance(v, tuple) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if ok is False:
+            raise errors.InputError(f"{what} config {f.name} = {v!r} has the wrong type; expected {kind}")
+
+
+def check_positive(config: Any, what: str, names: tuple[str, ...]) -> None:
+    for k in names:
+        if int(getattr(config, k)) < 1:
+            raise errors.InputError(f"{what} config {k} must be >= 1, got {getattr(config, k)}")
+
+
+def read_toml(path: str | Path, allowed: set[str], hint: str) -> dict[str, Any]:
+    """The TOML file's top-level table; unknown top-level keys are an error (``hint`` says what is known)."""
+    path = Path(path)
+    if not path.exists():
+        raise errors.InputError(f"config file {path} does not exist")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise errors.InputError(f"{path} is not valid TOML: {e}") from e
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise errors.InputError(f"{path}: unknown top-level keys {unknown}; {hint}")
+    return table
+
+
+def preset_config(path: str | Path | None, table_name: str, presets: dict[str, Any], default: str,
+                  hint: str, extra_top: set[str] = frozenset()) -> Any:
+    """A preset (``presets[name]``, chosen by the file's ``preset`` or ``default``) overridden by the
+    file's ``[table_name]`` table."""
+    if path is None:
+        return presets[default]
+    table = read_toml(path, {"preset", table_name, *extra_top}, hint)
+    preset = table.get("preset", default)
+    if preset not in presets:
+        raise errors.InputError(f"{path}: preset must be one of {sorted(presets)}, got {preset!r}")
+    body = table.get(table_name, {})
+    if not isinstance(body, dict):
+        raise errors.InputError(f"{path}: [{table_name}] must be a table")
+    return replace_checked(presets[preset], table_name, **body)
