@@ -231,20 +231,23 @@ def generate_cached(
 ) -> dict[str, dict[str, Any]]:
     """Generate a reply for each ``(key, conversation, extra)`` job not yet in ``store``.
 
-    Chunks are fixed by the job order (chunk ``c`` = jobs ``c*bs .. (c+1)*bs``) and sampled with key
-    ``(seed, c)``, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
+    Jobs are grouped by prompt length (longest first, ties in job order) into chunks of
+    ``batch_size``; chunk ``c`` is sampled with key ``(seed, c)`` and padded only to its own longest
+    prompt (rounded up to 32 tokens: a few compiles, little padding). The grouping depends only on
+    the jobs, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
     """
     from jaxpersona.model import pad_left
 
-    chunks = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     ids = {k: model.tokenizer.encode(model.format_chat(conv), add_special_tokens=False) for k, conv, _ in jobs}
-    width = -(-max((len(x) for x in ids.values()), default=1) // 16) * 16  # one prompt width: one compile
+    order = sorted(range(len(jobs)), key=lambda i: -len(ids[jobs[i][0]]))
+    chunks = [[jobs[i] for i in order[j : j + batch_size]] for j in range(0, len(jobs), batch_size)]
     bar = _bar(len(jobs), desc, progress)
     for c, chunk in enumerate(chunks):
         todo = [j for j in chunk if j[0] not in store]
         if todo:
             seqs = [ids[k] for k, _, _ in chunk]
-            seqs += [seqs[-1]] * (min(batch_size, len(jobs)) - len(seqs))  # a full batch: one compile
+            seqs += [seqs[-1]] * (min(batch_size, len(jobs)) - len(seqs))  # a full batch: one compile per width
+            width = -(-max(len(x) for x in seqs) // 32) * 32
             out = model.generate_tokens(pad_left(seqs, model.pad_id, bucket=width), max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                         seed=seed * 100_003 + c)

@@ -56,7 +56,7 @@ class SpaceConfig:
     n_questions: int = 4
     default_questions: int = 12  # the default Assistant answers more questions: its answers calibrate the caps
     samples: int = 1
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     temperature: float = 0.7  # the reference samples at 0.7, top_p 0.9
     top_p: float = 0.9
     seed: int = 0
@@ -577,6 +577,11 @@ def _drift_summary(recs: list[dict[str, Any]], monitor: tuple[int, ...]) -> dict
                            "slope_ci": list(measures.bootstrap_ci(slopes)[1:]) if len(slopes) > 1 else None,
                            "probe": float(np.mean(pp)) if pp else None})
         out["variants"][v] = {"points": points, "probe_answers": {r["script"]: r["answer"] for r in probe}}
+    out["by_domain"] = {}  # unsteered, first monitored point: per-turn projection per domain
+    for r in recs:
+        if r["variant"] == "unsteered" and r["proj"] is not None and not r["probe"]:
+            out["by_domain"].setdefault(r["domain"] or r["script"], {}).setdefault(r["turn"], []).append(r["proj"][0])
+    out["by_domain"] = {d: [float(np.mean(t[k])) for k in sorted(t)] for d, t in out["by_domain"].items()}
     base = out["variants"]["unsteered"]["probe_answers"]
     edit = out["variants"]["kv_edit"]["probe_answers"]
     out["kv_edit_changed_probe_answers"] = sum(base[s] != edit.get(s) for s in base)
@@ -662,6 +667,8 @@ def _summary_text(s: dict[str, Any], pca: dict[str, Any]) -> str:
             lines.append(f"    {v:17s} turn 0 {_fmt(pt['first'], 2)} -> last {_fmt(pt['last'], 2)}; slope/turn "
                          f"{_fmt(pt['slope'], 3)}" + (f" [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]" if ci else "")
                          + f"; probe {_fmt(pt['probe'], 2)}")
+    lines.append(f"  unsteered by domain at resid[{d['monitor'][0]}] (turn 0 -> last): " + "; ".join(
+        f"{dom} {_fmt(v[0], 1)} -> {_fmt(v[-1], 1)}" for dom, v in d["by_domain"].items() if v))
     u = d["assistant_only_cap_user_tokens"]
     lines += [f"assistant-only capping, user tokens (teacher-forced): {u['user_tokens_changed']}/{u['user_tokens']} changed "
               f"at resid{u['layers']}, max relative change {u['max_relative_change']:.2e}",
