@@ -205,6 +205,31 @@ def cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consistency(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from jaxpersona.bank import VectorBank
+    from jaxpersona.consistency import load_consistency_config, run_consistency
+    from jaxpersona.model import load
+
+    config = load_consistency_config(args.config)
+    model = load(args.model, dtype=args.dtype)
+    bank = VectorBank.load(args.bank, model.cfg) if args.bank else None
+    if bank is not None and args.entries:
+        names = [n.strip() for n in args.entries.split(",") if n.strip()]
+        missing = [n for n in names if n not in bank]
+        if missing:
+            raise errors.InputError(f"--entries {missing} not in the bank; it has {list(bank.names)[:12]} ...")
+        bank = VectorBank(np.stack([bank.get(n) for n in names]), tuple(names), bank.model,
+                          tuple(bank.meta_of(n) for n in names))
+    out = Path(args.out or "runs/consistency")
+    log = (lambda _: None) if args.quiet else print
+    summary = run_consistency(model, config, out, bank=bank, space_dir=args.space, progress=not args.quiet, log=log)
+    print((out / "summary.txt").read_text())
+    print(f"run directory: {out}")
+    return 0 if summary else 1
+
+
 def cmd_capping(args: argparse.Namespace) -> int:
     from jaxpersona.axis import CapConfig, import_reference_capping
 
@@ -400,6 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_judge_args(p, default="none")
     p.set_defaults(func=cmd_space)
+
+    p = sub.add_parser("consistency", help="run-to-run variance within vs between personas (seeds vmapped)")
+    p.add_argument("--config", default=None, help="TOML with a [consistency] table")
+    p.add_argument("--bank", default=None, help="vector bank whose unit vectors are measured too (extract/space)")
+    p.add_argument("--entries", default=None, help="comma-separated bank entries to measure (default: all)")
+    p.add_argument("--space", default=None, help="a `jaxpersona space` run directory: adds consistency over turns "
+                                                 "with and without its capping / KV edit")
+    p.add_argument("--out", default=None, help="run directory (default runs/consistency); reruns resume")
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_consistency)
 
     p = sub.add_parser("capping", help="show a capping config, or import the reference's capping_config.pt")
     p.add_argument("action", choices=["show", "import"])

@@ -8,7 +8,8 @@ run as one ``vmap``-ed computation per turn (their histories diverge as their an
 * ``unsteered``      — no intervention;
 * ``capped``         — the capping config on every token (prompt and answers);
 * ``capped_assistant`` — the same caps on the assistant's tokens only (user tokens untouched);
-* ``kv_edit``        — no intervention while talking; before the last turn (the identity probe) the
+* ``kv_edit``        — no intervention while talking; before the last turn (the identity probe, or the
+  script's own last turn without one) the
   cached keys/values of every past assistant token are recomputed with a steer toward the Assistant
   end (``coeff * |resid[l]| * axis_unit[l]`` at the edit layers), then the conversation continues.
 
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpersona import errors
 from jaxpersona import interventions as iv
 from jaxpersona.generate import continue_turn
 from jaxpersona.models.transformer import KVCache, forward
@@ -126,7 +128,7 @@ def _run_group(model: Any, scripts: list[Any], spec: DriftSpec, progress: bool) 
     ptr, records = 0, []
     bar = tqdm(total=n_turns, desc="drift turns", disable=not progress, dynamic_ncols=True)
     for k in range(n_turns):
-        probe = spec.probe is not None and k == n_turns - 1
+        probe = k == n_turns - 1  # the last turn: the probe if one is appended, else the script's own last turn
         chunks, amasks, umasks = [], [], []
         for v in range(V):
             for b in range(B):
@@ -140,6 +142,11 @@ def _run_group(model: Any, scripts: list[Any], spec: DriftSpec, progress: bool) 
                 chunks.append(ids[c:])
                 amasks.append(am[c:])
                 umasks.append(um[c:])
+        longest = max(len(cached[i // B][i % B]) + len(x) for i, x in enumerate(chunks))
+        if longest + N > cfg.max_position:
+            raise errors.ContextLengthError(
+                f"conversation turn {k} reaches {longest} tokens (+{N} new), past the model's context of "
+                f"{cfg.max_position}: use fewer or shorter turns, or fewer new tokens per answer")
         tc = -(-max(len(x) for x in chunks) // 64) * 64
         need = ptr + tc + N
         if need > S:  # grow the cache (a recompile)

@@ -189,6 +189,36 @@ class Chain:
         return h
 
 
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """A mix of persona directions: ``h + alpha * sum_k w_k v_k`` where ``layers[l] != 0``.
+
+    ``conditional`` (static): ``w = softmax(<h, v̂_k> / tau)`` over the bank, from the current residual
+    at each token (context-conditional); otherwise the fixed ``weights``. ``vectors [K, D]``."""
+
+    vectors: jax.Array  # [K, D]
+    alpha: jax.Array  # []
+    tau: jax.Array  # []
+    weights: jax.Array  # [K] (used when not conditional)
+    layers: jax.Array  # [L+1]
+    positions: Positions
+    conditional: bool = True
+    _static = ("conditional",)
+
+    def mix(self, h: jax.Array) -> jax.Array:
+        """The weights ``[B, T, K]`` at residual ``h [B, T, D]``."""
+        if not self.conditional:
+            return jnp.broadcast_to(self.weights.astype(jnp.float32), (*h.shape[:-1], self.vectors.shape[0]))
+        u = _unit(self.vectors.astype(jnp.float32))
+        return jax.nn.softmax(jnp.einsum("btd,kd->btk", h.astype(jnp.float32), u) / self.tau, axis=-1)
+
+    def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        add = self.alpha * jnp.einsum("btk,kd->btd", self.mix(h), self.vectors.astype(jnp.float32))
+        on = self.positions.at(ctx) & (self.layers[layer] != 0) & (self.alpha != 0)
+        return jnp.where(on[..., None], (h.astype(jnp.float32) + add).astype(h.dtype), h)
+
+
 # --- friendly constructors with validation ------------------------------------------------
 def _vector(v: Any, d_model: int, what: str) -> jax.Array:
     v = np.asarray(v, np.float32)
@@ -231,6 +261,27 @@ def cap(n_resid: int, vector: Any, layers: Any, positions: Positions, lo: Any = 
     return Cap(v, lo_a, hi_a, layer_weights(n_resid, layers), positions)
 
 
+def mixture(n_resid: int, vectors: Any, layers: Any, positions: Positions, alpha: Any, tau: Any = 1.0,
+            weights: Any = None) -> Mixture:
+    """A :class:`Mixture` over ``vectors [K, D]`` (K >= 2): context-conditional with temperature ``tau > 0``,
+    or fixed ``weights [K]`` when given."""
+    v = np.asarray(vectors, np.float32)
+    if v.ndim != 2 or v.shape[0] < 2:
+        raise errors.InputError(f"a mixture needs a bank of >= 2 vectors [K, D], got shape {v.shape}")
+    v = _vector(v, v.shape[-1], "mixture")
+    t = np.asarray(tau, np.float32)
+    if not np.all(np.isfinite(t)) or np.any(t <= 0):
+        raise errors.InputError(f"mixture temperature tau must be > 0, got {tau}")
+    if weights is None:
+        w, cond = np.full(v.shape[0], 1.0 / v.shape[0], np.float32), True
+    else:
+        w, cond = np.asarray(weights, np.float32), False
+        if w.shape != (v.shape[0],) or not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise errors.InputError(f"mixture weights must be {v.shape[0]} finite non-negative numbers, got {weights}")
+    return Mixture(v, _scalar(alpha, "mixture alpha"), jnp.asarray(t), jnp.asarray(w), layer_weights(n_resid, layers),
+                   positions, cond)
+
+
 def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
     """Raise :class:`~jaxpersona.errors.InputError` if an intervention (or any item of a possibly
     nested :class:`Chain`) does not fit the model. Other hooks pass through unchecked."""
@@ -238,13 +289,14 @@ def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
         return [x for it in h.items for x in flat(it)] if isinstance(h, Chain) else [h]
 
     for it in flat(hook):
-        if not isinstance(it, (Steer, Ablate, Cap)):
+        if not isinstance(it, (Steer, Ablate, Cap, Mixture)):
             continue  # a user-defined hook: its own business
-        if it.vector.shape[-1] != d_model:
+        vec = it.vectors if isinstance(it, Mixture) else it.vector
+        if vec.shape[-1] != d_model:
             raise errors.InputError(
-                f"{type(it).__name__}: vector dimension {it.vector.shape[-1]} != model d_model {d_model}"
+                f"{type(it).__name__}: vector dimension {vec.shape[-1]} != model d_model {d_model}"
             )
-        if it.vector.ndim == 2 and it.vector.shape[0] != n_resid:
+        if not isinstance(it, Mixture) and it.vector.ndim == 2 and it.vector.shape[0] != n_resid:
             raise errors.InputError(
                 f"{type(it).__name__}: per-layer vectors cover {it.vector.shape[0]} resid points; this model has "
                 f"resid[0..{n_resid - 1}] ({n_resid} points): vectors from another model?"

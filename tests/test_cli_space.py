@@ -91,3 +91,32 @@ def test_space_bad_input_exits_2(space_dir: Path, tmp_path: Path, capsys) -> Non
     wrong.save(tmp_path / "other.json")
     assert main(["chat", "hi", "--cap", str(tmp_path / "other.json"), "--max-new-tokens", "2"]) == 2
     assert "does not fit" in capsys.readouterr().err
+
+
+CONS = """\
+[consistency]
+n_personas = 2
+n_questions = 2
+seeds = 2
+temperatures = [1.0]
+max_new_tokens = 8
+batch_size = 4
+n_boot = 200
+"""
+
+
+def test_consistency_cli_with_space_bank(space_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "c.toml").write_text(CONS)
+    bank = str(space_dir / "run" / "vectors")
+    assert main(["consistency", "--config", str(tmp_path / "c.toml"), "--bank", bank, "--entries", "assistant_axis",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    m = s["results"]["1"]["measures"]
+    assert set(m) == {"activation", "proj:assistant_axis"} and all(v["ratio"] > 0 for v in m.values())
+    assert "ratio" in capsys.readouterr().out
+    assert main(["consistency", "--config", str(tmp_path / "c.toml"), "--bank", bank, "--entries", "nope",
+                 "--out", str(tmp_path / "run2")]) == 2
+    assert "nope" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text("[consistency]\nseeds = 1\n")
+    assert main(["consistency", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "run3")]) == 2
+    assert ">= 2 seeds" in capsys.readouterr().err
