@@ -43,9 +43,9 @@ class ConsistencyConfig:
     prompt_index: int = 0  # which of each persona's system prompts
     n_questions: int = 8  # shared questions (the role set's)
     seeds: int = 8  # K runs of every (persona, question)
-    temperatures: tuple[float, ...] = (0.7, 1.0)
+    temperatures: tuple[float, ...] = (0.3, 0.7, 1.0)
     top_p: float = 1.0
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     layer: int = -1  # resid point of the measures; -1: the middle (resid[L//2 + 1])
     batch_size: int = 16  # prompts per chunk; each chunk runs all K seeds at once (K x batch rows)
     seed: int = 0
@@ -54,6 +54,10 @@ class ConsistencyConfig:
     turn_scripts: int = 2  # the first n conversation scripts, played under every persona (0 = skip)
     turn_tokens: int = 32
     edit_coeff: float = 0.5
+    # persona mixtures (trait personas): the run's persona vectors as a bank, on each trait's held-out questions
+    mix_questions: int = 4  # 0 = skip
+    mix_alpha: float = 0.5  # fraction of the residual norm
+    mix_tau: float = 1.0
 
     @classmethod
     def default(cls) -> ConsistencyConfig:
@@ -275,12 +279,32 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
             tstore.put([{"key": key, **res_t}])
         turns = {k: v for k, v in tstore[key].items() if k not in ("key", "records")}
         wall["turns"] = time.perf_counter() - t1
-    summary = {"model": model.name, "personas": [n for n, _ in personas], "questions": Q, "seeds": K,
+    mix = None
+    if config.personas == "traits" and config.mix_questions:
+        from jaxpersona.mixture import compare_mixtures
+        from jaxpersona.traits import load_trait
+
+        t1 = time.perf_counter()
+        key = digest(model_fingerprint(model), dataclasses.asdict(config), persona_vecs.tobytes().hex()[:64])
+        mstore = KeyedJsonl(out / "mixtures.jsonl")
+        if key not in mstore:
+            log(f"mixtures: {P} trait personas, {config.mix_questions} held-out questions each, 4 conditions")
+            mstore.put([{"key": key, **compare_mixtures(model, [load_trait(n) for n, _ in personas], persona_vecs,
+                                                        layer, alpha=config.mix_alpha, tau=config.mix_tau,
+                                                        n_questions=config.mix_questions,
+                                                        max_new_tokens=config.max_new_tokens, seed=config.seed,
+                                                        batch_size=config.batch_size)}])
+        mix = {k: v for k, v in mstore[key].items() if k not in ("key", "answers")}
+        wall["mixtures"] = time.perf_counter() - t1
+    summary = {"model": model.name, "personas": [n for n, _ in personas], "questions": Q, "seeds": K, "mixtures": mix,
                "layer": layer, "bank": None if bank is None else list(bank.names), "results": results, "turns": turns,
                "wall_s": {k: round(v, 1) for k, v in {**wall, "total": time.perf_counter() - t0}.items()}}
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers_out))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.txt").write_text(_text(summary))
+    from jaxpersona import plots
+
+    plots.ratio_by_temperature(results, out / "ratio.png", title=f"{model.name}: within / between persona variance")
     return summary
 
 
@@ -305,39 +329,26 @@ def _text(s: dict[str, Any]) -> str:
             for v, ms in t["variants"].items():
                 m = ms[name]
                 lines.append(f"    {v:17s} {m['mean']:+.3f} [{m['lo']:+.3f}, {m['hi']:+.3f}]")
+    m = s.get("mixtures")
+    if m:
+        lines += ["", f"persona mixtures at resid[{m['layer']}] (bank = the run's persona vectors, alpha {m['alpha']} x "
+                  f"residual norm, tau {m['tau']}; {m['questions']} held-out trait questions, greedy; 95% bootstrap "
+                  "intervals over questions):",
+                  "  condition          intended-trait score          log-lik (unsteered)        distinct-2  "
+                  "attribution = intended"]
+        for c, r in m["conditions"].items():
+            ts, ll = r["trait_score"], r["loglik"]
+            lines.append(f"  {c:17s} {ts[0]:+.3f} [{ts[1]:+.3f}, {ts[2]:+.3f}]   {ll[0]:+.3f} [{ll[1]:+.3f}, "
+                         f"{ll[2]:+.3f}]   {r['distinct2']:.2f}        {r['attribution_agrees']:.0%}")
+        for ex in m["examples"]:
+            lines.append(f"  example (conditional mix, intended {ex['intended']}): {ex['question']!r} -> "
+                         f"{ex['answer'][:100]!r}; attribution {ex['weights']}, unexplained {ex['unexplained']}")
     lines.append("")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["wall_s"].items()))
     return "\n".join(lines) + "\n"
 
 
-# --- attribution --------------------------------------------------------------------------------------
-def attribute(acts: np.ndarray, vectors: np.ndarray, names: list[str] | None = None,
-              baseline: np.ndarray | None = None) -> dict[str, Any]:
-    """Decompose activations ``[N, D]`` (minus ``baseline [D]``, e.g. the default Assistant's mean: the
-    shared part every answer carries) into non-negative combinations of the unit ``vectors [K, D]``
-    (non-negative least squares per row): ``coeffs [N, K]``, ``unexplained [N]`` (the residual's share
-    of the squared norm, 0..1) and the dominant name per row."""
-    from scipy.optimize import nnls
-
-    a = np.asarray(acts, np.float64)
-    v = np.asarray(vectors, np.float64)
-    if baseline is not None:
-        if np.shape(baseline) != a.shape[1:]:
-            raise errors.ModelMismatchError(f"attribution: baseline {np.shape(baseline)} vs activations {a.shape}")
-        a = a - np.asarray(baseline, np.float64)
-    if a.ndim != 2 or v.ndim != 2 or a.shape[1] != v.shape[1]:
-        raise errors.ModelMismatchError(f"attribution: activations {a.shape} and vectors {v.shape} do not share "
-                                        "d_model (a bank from another model?)")
-    u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    coeffs = np.zeros((len(a), len(u)))
-    unexplained = np.zeros(len(a))
-    for i, row in enumerate(a):
-        c, r = nnls(u.T, row)
-        coeffs[i] = c
-        unexplained[i] = r**2 / max(float(row @ row), 1e-30)
-    names = names or [str(k) for k in range(len(u))]
-    return {"coeffs": coeffs, "unexplained": unexplained, "names": names,
-            "dominant": [names[int(np.argmax(c))] if c.any() else None for c in coeffs]}
+from jaxpersona.mixture import attribute  # noqa: E402,F401  (kept importable from here)
 
 
 # --- consistency over turns ----------------------------------------------------------------------------

@@ -200,7 +200,7 @@ class Mixture:
     vectors: jax.Array  # [K, D]
     alpha: jax.Array  # []
     tau: jax.Array  # []
-    weights: jax.Array  # [K] (used when not conditional)
+    weights: jax.Array  # [K], or [B, K] per row (used when not conditional)
     layers: jax.Array  # [L+1]
     positions: Positions
     conditional: bool = True
@@ -209,7 +209,9 @@ class Mixture:
     def mix(self, h: jax.Array) -> jax.Array:
         """The weights ``[B, T, K]`` at residual ``h [B, T, D]``."""
         if not self.conditional:
-            return jnp.broadcast_to(self.weights.astype(jnp.float32), (*h.shape[:-1], self.vectors.shape[0]))
+            w = self.weights.astype(jnp.float32)
+            w = w[:, None, :] if w.ndim == 2 else w
+            return jnp.broadcast_to(w, (*h.shape[:-1], self.vectors.shape[0]))
         u = _unit(self.vectors.astype(jnp.float32))
         return jax.nn.softmax(jnp.einsum("btd,kd->btk", h.astype(jnp.float32), u) / self.tau, axis=-1)
 
@@ -264,7 +266,7 @@ def cap(n_resid: int, vector: Any, layers: Any, positions: Positions, lo: Any = 
 def mixture(n_resid: int, vectors: Any, layers: Any, positions: Positions, alpha: Any, tau: Any = 1.0,
             weights: Any = None) -> Mixture:
     """A :class:`Mixture` over ``vectors [K, D]`` (K >= 2): context-conditional with temperature ``tau > 0``,
-    or fixed ``weights [K]`` when given."""
+    or fixed ``weights`` when given (``[K]``, or ``[B, K]``: one mix per batch row)."""
     v = np.asarray(vectors, np.float32)
     if v.ndim != 2 or v.shape[0] < 2:
         raise errors.InputError(f"a mixture needs a bank of >= 2 vectors [K, D], got shape {v.shape}")
@@ -276,7 +278,7 @@ def mixture(n_resid: int, vectors: Any, layers: Any, positions: Positions, alpha
         w, cond = np.full(v.shape[0], 1.0 / v.shape[0], np.float32), True
     else:
         w, cond = np.asarray(weights, np.float32), False
-        if w.shape != (v.shape[0],) or not np.all(np.isfinite(w)) or np.any(w < 0):
+        if w.shape[-1:] != (v.shape[0],) or w.ndim > 2 or not np.all(np.isfinite(w)) or np.any(w < 0):
             raise errors.InputError(f"mixture weights must be {v.shape[0]} finite non-negative numbers, got {weights}")
     return Mixture(v, _scalar(alpha, "mixture alpha"), jnp.asarray(t), jnp.asarray(w), layer_weights(n_resid, layers),
                    positions, cond)

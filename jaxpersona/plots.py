@@ -190,3 +190,26 @@ def drift_traces(records: Sequence[dict[str, Any]], path: str | Path, *, labels:
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def ratio_by_temperature(results: dict[str, Any], path: str | Path, *, title: str = "") -> Path:
+    """Within/between variance ratio (with intervals) against the sampling temperature, one line per measure
+    (``results``: ``{temperature: {"measures": {name: {ratio, ratio_lo, ratio_hi}}}}``; at most 6 measures)."""
+    temps = sorted(results, key=float)
+    names = list(next(iter(results.values()))["measures"])[:6]
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for n in names:
+        ms = [results[t]["measures"][n] for t in temps]
+        x = [float(t) for t in temps]
+        ax.errorbar(x, [m["ratio"] for m in ms], yerr=[[m["ratio"] - m["ratio_lo"] for m in ms],
+                                                        [m["ratio_hi"] - m["ratio"] for m in ms]],
+                    marker="o", capsize=3, label=n)
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel("within / between persona variance")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)

@@ -14,9 +14,10 @@ import pytest
 
 from jaxpersona import errors
 from jaxpersona import interventions as iv
-from jaxpersona.consistency import (ConsistencyConfig, attribute, ratio_with_interval, run_consistency,
+from jaxpersona.consistency import (ConsistencyConfig, ratio_with_interval, run_consistency,
                                     sample_seeds, variance_components)
 from jaxpersona.generate import generate
+from jaxpersona.mixture import attribute
 from jaxpersona.models.transformer import HookContext
 from test_pipeline import CountingModel, full_word_tokenizer, read_jsonl
 
@@ -190,6 +191,7 @@ def test_consistency_over_turns_with_space_interventions(model, tmp_path) -> Non
         for name in ("p2l", "l2l", "repeat_proj", "repeat_lp"):
             assert np.isfinite(ms[name]["mean"]) and ms[name]["lo"] <= ms[name]["mean"] <= ms[name]["hi"], name
     assert "over turns" in (tmp_path / "run" / "summary.txt").read_text()
+    assert (tmp_path / "run" / "ratio.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     long = [Script("l", tuple(["what is the capital of france ? " * 6] * 12), "x")]
     with pytest.raises(errors.ContextLengthError, match="context"):
         run_consistency(model, config, tmp_path / "run2", space_dir=space, scripts=long, progress=False,
@@ -198,3 +200,27 @@ def test_consistency_over_turns_with_space_interventions(model, tmp_path) -> Non
     # 3 personas x 1 script x (3 turns + the first question again) x 4 variants
     assert len(rec) == 3 * 4 * 4 and all(r["user"] == r0["user"] for r in rec if r["probe"]
                                          for r0 in rec if r0["turn"] == 0 and r0["script"] == r["script"])
+
+
+def test_mixture_comparison_in_the_run(model, tmp_path) -> None:
+    config = ConsistencyConfig().replace(**CFG, mix_questions=2, mix_alpha=2.0)
+    s = run_consistency(model, config, tmp_path, progress=False, log=lambda _: None)
+    m = s["mixtures"]
+    assert set(m["conditions"]) == {"none", "single", "fixed_mix", "conditional_mix"} and m["questions"] == 3 * 2
+    for r in m["conditions"].values():
+        assert r["trait_score"][1] <= r["trait_score"][0] <= r["trait_score"][2]
+        assert 0 <= r["attribution_agrees"] <= 1
+    answers = read_jsonl(tmp_path / "mixtures.jsonl")[0]["answers"]
+    assert answers["single"] != answers["none"]  # alpha 2 x the residual norm changes greedy text
+    assert "persona mixtures" in (tmp_path / "summary.txt").read_text() and m["examples"]
+
+
+def test_per_row_mixture_weights() -> None:
+    rng = np.random.default_rng(8)
+    v = rng.normal(size=(3, 6)).astype(np.float32)
+    h = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    w = np.array([[1, 0, 0], [0, 0.5, 0.5]], np.float32)
+    mix = iv.mixture(2, v, [1], iv.Positions.all(np.ones((2, 3), bool)), alpha=1.0, weights=w)
+    out = np.asarray(mix(jnp.int32(1), jnp.asarray(h), _ctx(2, 3)))
+    np.testing.assert_allclose(out[0], h[0] + v[0], atol=1e-5)
+    np.testing.assert_allclose(out[1], h[1] + 0.5 * (v[1] + v[2]), atol=1e-5)
