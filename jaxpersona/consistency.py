@@ -56,7 +56,7 @@ class ConsistencyConfig:
     edit_coeff: float = 0.5
     # persona mixtures (trait personas): the run's persona vectors as a bank, on each trait's held-out questions
     mix_questions: int = 4  # 0 = skip
-    mix_alpha: float = 0.5  # fraction of the residual norm
+    mix_alpha: float = 0.15  # fraction of the residual norm (0.5 breaks SmolLM2's text)
     mix_tau: float = 1.0
 
     @classmethod
@@ -269,8 +269,8 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
 
         t1 = time.perf_counter()
         scripts = list(scripts if scripts is not None else load_conversations())[: config.turn_scripts]
-        key = digest(model_fingerprint(model), dataclasses.asdict(config), str(space_dir), persona_vecs.tobytes().hex()[:64],
-                     [dataclasses.asdict(x) for x in scripts])
+        key = digest("turns", model_fingerprint(model), config.turn_scripts, config.turn_tokens, config.edit_coeff, layer,
+                     str(space_dir), persona_vecs.tobytes().hex()[:64], [dataclasses.asdict(x) for x in scripts])
         tstore = KeyedJsonl(out / "turns.jsonl")
         if key not in tstore:
             log(f"over turns: {P} personas x {len(scripts)} scripts (+ the first question again) x 4 variants")
@@ -285,7 +285,8 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
         from jaxpersona.traits import load_trait
 
         t1 = time.perf_counter()
-        key = digest(model_fingerprint(model), dataclasses.asdict(config), persona_vecs.tobytes().hex()[:64])
+        key = digest("mixtures", model_fingerprint(model), config.mix_questions, config.mix_alpha, config.mix_tau, layer,
+                     config.max_new_tokens, config.seed, persona_vecs.tobytes().hex()[:64])
         mstore = KeyedJsonl(out / "mixtures.jsonl")
         if key not in mstore:
             log(f"mixtures: {P} trait personas, {config.mix_questions} held-out questions each, 4 conditions")

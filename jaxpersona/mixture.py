@@ -20,11 +20,12 @@ from jaxpersona.interventions import Mixture, Positions, mixture  # noqa: F401  
 
 
 def attribute(acts: np.ndarray, vectors: np.ndarray, names: list[str] | None = None,
-              baseline: np.ndarray | None = None) -> dict[str, Any]:
+              baseline: np.ndarray | None = None, ridge: float = 1e-3) -> dict[str, Any]:
     """Decompose activations ``[N, D]`` (minus ``baseline [D]``, e.g. the unsteered mean: the shared part
     every answer carries) into non-negative combinations of the unit ``vectors [K, D]`` (non-negative
-    least squares per row): ``coeffs [N, K]``, ``unexplained [N]`` (the residual's share of the squared
-    norm, 0..1) and the dominant name per row."""
+    least squares per row, with a small ``ridge`` so that a degenerate bank — e.g. deviations from
+    their own mean, which sum to zero — still gets the smallest such weights): ``coeffs [N, K]``,
+    ``unexplained [N]`` (the residual's share of the squared norm, 0..1) and the dominant name."""
     from scipy.optimize import nnls
 
     a = np.asarray(acts, np.float64)
@@ -39,10 +40,12 @@ def attribute(acts: np.ndarray, vectors: np.ndarray, names: list[str] | None = N
     u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     coeffs = np.zeros((len(a), len(u)))
     unexplained = np.zeros(len(a))
+    design = np.concatenate([u.T, np.sqrt(ridge) * np.eye(len(u))]) if ridge else u.T
     for i, row in enumerate(a):
-        c, r = nnls(u.T, row)
+        c, _ = nnls(design, np.concatenate([row, np.zeros(len(u))]) if ridge else row)
         coeffs[i] = c
-        unexplained[i] = r**2 / max(float(row @ row), 1e-30)
+        res = row - c @ u
+        unexplained[i] = float(res @ res) / max(float(row @ row), 1e-30)
     names = names or [str(k) for k in range(len(u))]
     return {"coeffs": coeffs, "unexplained": unexplained, "names": names,
             "dominant": [names[int(np.argmax(c))] if c.any() else None for c in coeffs]}

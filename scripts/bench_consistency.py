@@ -74,7 +74,7 @@ def main() -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(registry.converted_dir(registry.resolve(a.model)), torch_dtype=torch.float32)
+        hf = AutoModelForCausalLM.from_pretrained(registry.converted_dir(registry.resolve(a.model)), dtype=torch.float32)
         hf.eval()
         ids = torch.tensor(batch.tokens, dtype=torch.long)
         mask = torch.tensor(batch.valid, dtype=torch.long)

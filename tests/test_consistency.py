@@ -103,9 +103,11 @@ def test_attribution_recovers_a_known_mix() -> None:
     u = v / np.linalg.norm(v, axis=1, keepdims=True)
     base = rng.normal(size=32)
     acts = np.stack([base + 2.0 * u[0] + 0.5 * u[2], base + 1.0 * u[3]])
-    res = attribute(acts, v, ["a", "b", "c", "d"], baseline=base)
+    res = attribute(acts, v, ["a", "b", "c", "d"], baseline=base, ridge=0.0)
     np.testing.assert_allclose(res["coeffs"], [[2.0, 0, 0.5, 0], [0, 0, 0, 1.0]], atol=1e-8)
     assert res["dominant"] == ["a", "d"] and np.all(res["unexplained"] < 1e-12)
+    shrunk = attribute(acts, v, ["a", "b", "c", "d"], baseline=base)  # the default small ridge
+    np.testing.assert_allclose(shrunk["coeffs"], res["coeffs"], atol=1e-2)
     off = attribute(np.stack([base + rng.normal(size=32)]), v, baseline=base)
     assert 0 < off["unexplained"][0] <= 1
     with pytest.raises(errors.ModelMismatchError):
@@ -224,3 +226,15 @@ def test_per_row_mixture_weights() -> None:
     out = np.asarray(mix(jnp.int32(1), jnp.asarray(h), _ctx(2, 3)))
     np.testing.assert_allclose(out[0], h[0] + v[0], atol=1e-5)
     np.testing.assert_allclose(out[1], h[1] + 0.5 * (v[1] + v[2]), atol=1e-5)
+
+
+def test_attribution_of_a_degenerate_bank_stays_bounded() -> None:
+    """Deviations from their own mean sum to zero: plain NNLS weights are not unique there (they can run
+    off along the null direction); the ridge picks the small ones."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(5, 16))
+    bank = x - x.mean(0)
+    res = attribute(bank[:2] * 3.0, bank)
+    norms = np.linalg.norm(bank[:2], axis=1)
+    np.testing.assert_allclose(res["coeffs"][[0, 1], [0, 1]], 3.0 * norms, rtol=1e-2)
+    assert res["coeffs"].sum() < 1.01 * 3.0 * norms.sum() and res["dominant"] == ["0", "1"]
