@@ -50,6 +50,7 @@ class ConsistencyConfig:
     batch_size: int = 16  # prompts per chunk; each chunk runs all K seeds at once (K x batch rows)
     seed: int = 0
     n_boot: int = 2000
+    score_traits: str = "evil"  # comma-separated traits whose judge-free score of every answer is a measure too ("" = none)
     # consistency over turns (needs a `jaxpersona space` run: --space DIR)
     turn_scripts: int = 2  # the first n conversation scripts, played under every persona (0 = skip)
     turn_tokens: int = 32
@@ -223,6 +224,12 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
     P, Q, K = len(personas), len(questions), config.seeds
     layer = config.resid(cfg.n_layers)
     store = KeyedJsonl(out / "generations.jsonl")
+    pcs: list[np.ndarray] = []  # the persona space's first PCs at this layer, with --space
+    if space_dir is not None and (Path(space_dir) / "pca.npz").exists():
+        comp = np.load(Path(space_dir) / "pca.npz")["components"]
+        if comp.shape[0] != cfg.n_resid or comp.shape[-1] != cfg.d_model:
+            raise errors.ModelMismatchError(f"{space_dir}/pca.npz is from another model ({comp.shape})")
+        pcs = list(comp[layer, :3])
     units = None
     if bank is not None:
         vec = bank.vectors[:, layer]
@@ -251,6 +258,17 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
         if units is not None:
             for name, u in zip(bank.names, units):
                 measures[f"proj:{name}"] = x @ u
+        for i, pc in enumerate(pcs):
+            measures[f"proj:space_pc{i + 1}"] = x @ pc
+        for tname in [t.strip() for t in config.score_traits.split(",") if t.strip()]:
+            from jaxpersona.evaluate import answer_trait_scores
+            from jaxpersona.traits import load_trait
+
+            trait = load_trait(tname)
+            sc = np.full(len(flat_t), np.nan)
+            sc[live] = answer_trait_scores(model, trait, [flat_c[i][-1]["content"] for i in live],
+                                           [flat_t[i] for i in live], [min(1, len(trait.pairs) - 1)], config.batch_size)
+            measures[f"score:{tname}"] = sc.reshape(K, P, Q)[:, :, ok_q]
         res = {name: ratio_with_interval(variance_components(m), config.n_boot, config.seed)
                for name, m in measures.items()}
         results[f"{temp:g}"] = {"measures": res, "questions_dropped": int((~ok_q).sum())}

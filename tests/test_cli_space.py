@@ -112,7 +112,7 @@ def test_consistency_cli_with_space_bank(space_dir: Path, tmp_path: Path, capsys
                  "--out", str(tmp_path / "run"), "--quiet"]) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     m = s["results"]["1"]["measures"]
-    assert set(m) == {"activation", "proj:assistant_axis"} and all(v["ratio"] > 0 for v in m.values())
+    assert set(m) == {"activation", "proj:assistant_axis", "score:evil"} and all(v["ratio"] > 0 for v in m.values())
     assert "ratio" in capsys.readouterr().out
     assert main(["consistency", "--config", str(tmp_path / "c.toml"), "--bank", bank, "--entries", "nope",
                  "--out", str(tmp_path / "run2")]) == 2

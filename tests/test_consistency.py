@@ -131,7 +131,7 @@ def test_consistency_run_resumes_and_reports(model, tmp_path, monkeypatch) -> No
     config = ConsistencyConfig().replace(**CFG)
     s = run_consistency(model, config, tmp_path, bank=bank, progress=False, log=lambda _: None)
     res = s["results"]["1"]["measures"]
-    assert set(res) == {"activation", "proj:x", "proj:y"}
+    assert set(res) == {"activation", "proj:x", "proj:y", "score:evil"}
     for m in res.values():
         assert m["ratio"] > 0 and m["ratio_lo"] <= m["ratio"] <= m["ratio_hi"] and m["questions"] <= 2
     answers = read_jsonl(tmp_path / "answers.jsonl")
