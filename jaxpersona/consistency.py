@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.settings import check_positive, check_types, preset_config, replace_checked
+from jaxpersona.settings import check_positive, check_types, preset_config, replace_checked, resid_point
 from jaxpersona.store import KeyedJsonl, digest
 
 
@@ -83,11 +83,7 @@ class ConsistencyConfig:
         self.resid(cfg.n_layers)
 
     def resid(self, n_layers: int) -> int:
-        if self.layer == -1:
-            return n_layers // 2 + 1
-        if not 0 <= self.layer <= n_layers:
-            raise errors.InputError(f"layer {self.layer} outside resid[0..{n_layers}] (-1 = the middle)")
-        return self.layer
+        return resid_point(n_layers, self.layer, "layer")
 
 
 def load_consistency_config(path: str | Path | None) -> ConsistencyConfig:

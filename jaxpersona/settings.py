@@ -70,3 +70,13 @@ def preset_config(path: str | Path | None, table_name: str, presets: dict[str, A
     if not isinstance(body, dict):
         raise errors.InputError(f"{path}: [{table_name}] must be a table")
     return replace_checked(presets[preset], table_name, **body)
+
+
+def resid_point(n_layers: int, layer: int, what: str = "layer") -> int:
+    """A config's resid index: ``-1`` means the reference's middle layer, the output of block ``L // 2``
+    (``resid[L//2 + 1]``); anything else must be in ``0..L``."""
+    if layer == -1:
+        return n_layers // 2 + 1
+    if not 0 <= layer <= n_layers:
+        raise errors.InputError(f"{what} {layer} outside resid[0..{n_layers}] (-1 = the middle)")
+    return layer

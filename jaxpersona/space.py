@@ -42,7 +42,7 @@ import numpy as np
 from jaxpersona import errors, measures
 from jaxpersona.axis import (CapConfig, PCA, assistant_axis, cap_layer_range, check_percentile, components_for,
                              cosine, default_position, percentile_floors, role_pca, unit)
-from jaxpersona.settings import check_positive, check_types, preset_config, replace_checked
+from jaxpersona.settings import check_positive, check_types, preset_config, replace_checked, resid_point
 from jaxpersona.store import KeyedJsonl, digest
 
 
@@ -116,11 +116,7 @@ class SpaceConfig:
         cap_layer_range(cfg.n_layers, self.cap_layers)
 
     def axis_point(self, n_layers: int) -> int:
-        if self.axis_layer == -1:
-            return n_layers // 2 + 1
-        if not 0 <= self.axis_layer <= n_layers:
-            raise errors.InputError(f"axis_layer {self.axis_layer} outside resid[0..{n_layers}] (-1 = the middle)")
-        return self.axis_layer
+        return resid_point(n_layers, self.axis_layer, "axis_layer")
 
 
 def load_space_config(path: str | Path | None, full: bool = False) -> SpaceConfig:
