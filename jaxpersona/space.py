@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors, measures
-from jaxpersona.axis import (CapConfig, PCA, assistant_axis, cap_layer_range, check_percentile, components_for,
+from jaxpersona.axis import (CapConfig, assistant_axis, cap_layer_range, check_percentile, components_for,
                              cosine, default_position, percentile_floors, role_pca, unit)
 from jaxpersona.settings import check_positive, check_types, preset_config, replace_checked, resid_point
 from jaxpersona.store import KeyedJsonl, digest
