@@ -376,19 +376,13 @@ def sentence_projections(model: Any, conv: list[dict[str, str]], unit_vec: np.nd
     from jaxpersona.model import pad_left
     from jaxpersona.models.transformer import Capture
 
-    tok = model.tokenizer
-    text = model.format_chat(conv, add_generation_prompt=False)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans, pos = [], 0  # (turn, sentence, start, end) over the rendered text
+    text, enc, located = model.content_spans(conv, add_generation_prompt=False)
+    spans = []  # (turn, sentence, start, end) over the rendered text
     turn = 0
-    for m in conv:
-        start = text.find(m["content"], pos) if m["content"] else -1
-        if start < 0:
-            continue
-        pos = start + len(m["content"])
-        if m["role"] == "assistant":
+    for i, role, start, _ in located:
+        if role == "assistant":
             off = start
-            for si, sent in enumerate(_SENTENCE_END.split(m["content"])):
+            for si, sent in enumerate(_SENTENCE_END.split(conv[i]["content"])):
                 a = text.find(sent, off)
                 spans.append((turn, si, a, a + len(sent)))
                 off = a + len(sent)

@@ -84,9 +84,15 @@ def _common(a: list[int], b: list[int]) -> int:
 
 def _render(model: Any, conv: list[dict[str, str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Token ids of the conversation (with the generation prompt) and its assistant/user content masks."""
-    batch, amask = model.role_mask([conv], "assistant", bucket=1)
-    _, umask = model.role_mask([conv], "user", bucket=1)
-    return [int(x) for x in batch.tokens[0]], amask[0], umask[0]
+    _, enc, located = model.content_spans(conv)
+    if len(located) != sum(1 for m in conv if m["content"]):
+        raise errors.ChatTemplateError("could not locate every message's content in the rendered chat template")
+
+    def mask(role: str) -> np.ndarray:
+        spans = [(a, b) for _, r, a, b in located if r == role]
+        return np.asarray([any(x < e and y > s for s, e in spans) for x, y in enc["offset_mapping"]], bool)
+
+    return [int(x) for x in enc["input_ids"]], mask("assistant"), mask("user")
 
 
 def run_drift(model: Any, scripts: list[Any], spec: DriftSpec, *, progress: bool = True) -> list[dict[str, Any]]:

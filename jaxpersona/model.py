@@ -120,6 +120,21 @@ class Model:
         texts = [self.format_chat(c) for c in conversations]
         return pad_left([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], self.pad_id, bucket)
 
+    def content_spans(self, conv: list[Message], add_generation_prompt: bool = True
+                      ) -> tuple[str, Any, list[tuple[int, str, int, int]]]:
+        """The rendered conversation, its tokenization (with character offsets) and, for each message whose
+        content is found in the rendered text (searched in order), ``(message index, role, start, end)``."""
+        text = self.format_chat(conv, add_generation_prompt)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans, pos = [], 0
+        for i, m in enumerate(conv):
+            start = text.find(m["content"], pos) if m["content"] else -1
+            if start < 0:
+                continue
+            pos = start + len(m["content"])
+            spans.append((i, m["role"], start, pos))
+        return text, enc, spans
+
     def role_mask(self, conversations: list[list[Message]], role: str, *, add_generation_prompt: bool = True,
                   bucket: int = BUCKET) -> tuple[Batch, np.ndarray]:
         """Tokens of one chat role's *content* (template tokens excluded): ``(batch, mask [B, T])``.
@@ -127,23 +142,15 @@ class Model:
         Spans come from the rendered template: each message's content is located in the rendered
         text in order, and tokens whose characters fall inside it are selected.
         """
-        tok = self.tokenizer
         seqs, masks = [], []
         for conv in conversations:
-            text = self.format_chat(conv, add_generation_prompt)
-            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            spans, pos = [], 0
-            for m in conv:
-                start = text.find(m["content"], pos) if m["content"] else -1
-                if start < 0:
-                    if m["role"] == role and m["content"]:
-                        raise errors.ChatTemplateError(
-                            f"could not locate a {role!r} message's content in the rendered chat template"
-                        )
-                    continue
-                pos = start + len(m["content"])
-                if m["role"] == role:
-                    spans.append((start, pos))
+            _, enc, located = self.content_spans(conv, add_generation_prompt)
+            found = {i for i, _, _, _ in located}
+            if any(m["role"] == role and m["content"] and i not in found for i, m in enumerate(conv)):
+                raise errors.ChatTemplateError(
+                    f"could not locate a {role!r} message's content in the rendered chat template"
+                )
+            spans = [(a, b) for _, r, a, b in located if r == role]
             sel = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
             seqs.append(enc["input_ids"])
             masks.append(sel)
