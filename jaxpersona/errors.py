@@ -85,3 +85,22 @@ class RoleFileError(InputError):
 
 class ConversationError(InputError):
     """A conversation script or transcript is malformed: non-alternating roles, an empty turn, no turns."""
+
+
+# --- fine-tuning ----------------------------------------------------------------
+class AdapterMismatchError(ModelMismatchError):
+    """A LoRA adapter does not fit the model: another model's layer count / widths, or factors whose
+    rank or targets disagree."""
+
+
+class DatasetError(InputError):
+    """A chat JSONL dataset is missing, empty or malformed (the message names file:line)."""
+
+
+class ResumeMismatchError(InputError):
+    """A run directory holds a training checkpoint made with a different config, data or model; resuming
+    would silently mix two runs. Use a fresh output directory or the original settings."""
+
+
+class TrainingError(JaxPersonaError):
+    """Training diverged (NaN / inf loss). The message names the step; the last good checkpoint is kept."""

@@ -63,6 +63,15 @@ class Model:
     tokenizer: Any
     name: str = ""
 
+    def with_adapter(self, adapter: Any, label: str | None = None) -> Model:
+        """This model with a LoRA adapter in its params (no weight copied): every method runs under it.
+        The name gains ``+label`` (default: the adapter's digest) so cached work never mixes the two."""
+        from jaxpersona.lora import adapter_digest, attach, check_adapter
+
+        check_adapter(adapter, self.cfg)
+        return dataclasses.replace(self, params=attach(self.params, adapter),
+                                   name=f"{self.name}+{label or 'lora:' + adapter_digest(adapter)}")
+
     # --- text <-> tokens ------------------------------------------------------------------
     @property
     def pad_id(self) -> int:

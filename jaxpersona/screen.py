@@ -30,7 +30,7 @@ def read_chat_jsonl(path: str | Path) -> list[tuple[list[Message], str]]:
     """``[(prompt messages, final assistant response)]`` from a JSONL file of ``{"messages": [...]}``."""
     path = Path(path)
     if not path.exists():
-        raise errors.InputError(f"dataset {path} does not exist")
+        raise errors.DatasetError(f"dataset {path} does not exist")
     samples = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -39,19 +39,19 @@ def read_chat_jsonl(path: str | Path) -> list[tuple[list[Message], str]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise errors.InputError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                raise errors.DatasetError(f"{path}:{n}: not valid JSON ({e.msg})") from e
             msgs = rec.get("messages") if isinstance(rec, dict) else None
             if not isinstance(msgs, list) or not msgs:
-                raise errors.InputError(f"{path}:{n}: each line needs a non-empty 'messages' list")
+                raise errors.DatasetError(f"{path}:{n}: each line needs a non-empty 'messages' list")
             for m in msgs:
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise errors.InputError(f"{path}:{n}: each message needs string 'role' and 'content'")
+                    raise errors.DatasetError(f"{path}:{n}: each message needs string 'role' and 'content'")
             if msgs[-1]["role"] != "assistant" or len(msgs) < 2 or not msgs[-1]["content"].strip():
-                raise errors.InputError(f"{path}:{n}: the last message must be a non-empty assistant response "
+                raise errors.DatasetError(f"{path}:{n}: the last message must be a non-empty assistant response "
                                         "following at least one prompt message")
             samples.append((msgs[:-1], msgs[-1]["content"]))
     if not samples:
-        raise errors.InputError(f"dataset {path} has no samples")
+        raise errors.DatasetError(f"dataset {path} has no samples")
     return samples
 
 

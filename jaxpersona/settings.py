@@ -29,7 +29,9 @@ def check_types(config: Any, what: str) -> None:
         ok = {"int": isinstance(v, int) and not isinstance(v, bool),
               "float": isinstance(v, (int, float)) and not isinstance(v, bool),
               "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
-        if kind.startswith("tuple"):
+        if kind.startswith("tuple[str"):
+            ok = isinstance(v, tuple) and all(isinstance(x, str) for x in v)
+        elif kind.startswith("tuple"):
             ok = isinstance(v, tuple) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
         if ok is False:
             raise errors.InputError(f"{what} config {f.name} = {v!r} has the wrong type; expected {kind}")

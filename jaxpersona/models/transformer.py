@@ -201,6 +201,24 @@ def check_context(cfg: ModelConfig, valid: np.ndarray, new_tokens: int = 0) -> N
 
 
 # --- the block --------------------------------------------------------------------------------
+def linear(lp: Params, name: str, x: jax.Array) -> jax.Array:
+    """``x @ lp[name]``, plus a low-rank adapter's ``(x @ A) @ B`` when ``lp["lora"]`` holds one for ``name``.
+
+    Adapter factors arrive scanned to this layer (see :func:`jaxpersona.lora.attach`): ``a [in, r]``,
+    ``b [r, out]`` (scale folded in), or a stack ``a [K, in, r]``, ``b [K, r, out]`` with ``select [B]``
+    choosing each example's adapter. Merged weights are never formed.
+    """
+    y = x @ lp[name]
+    ad = lp.get("lora", {}).get(name)
+    if ad is None:
+        return y
+    a, b = ad["a"].astype(x.dtype), ad["b"].astype(x.dtype)
+    if "select" in ad:  # one adapter per example, gathered from the stack
+        a, b = a[ad["select"]], b[ad["select"]]
+        return y + jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, a), b)
+    return y + (x @ a) @ b
+
+
 def project_qkv(
     cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -208,7 +226,7 @@ def project_qkv(
     b, t, _ = x.shape
     eps, off = cfg.rms_eps, cfg.norm_offset
     hx = rms_norm(x, lp["attn_norm"], eps, off)
-    q, k, v = hx @ lp["wq"], hx @ lp["wk"], hx @ lp["wv"]
+    q, k, v = linear(lp, "wq", hx), linear(lp, "wk", hx), linear(lp, "wv", hx)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -225,14 +243,14 @@ def finish_block(
 ) -> jax.Array:
     """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``), output projection, MLP; residual adds."""
     eps, off = cfg.rms_eps, cfg.norm_offset
-    attn = attention(cfg, q, k, v, mask) @ lp["wo"]
+    attn = linear(lp, "wo", attention(cfg, q, k, v, mask))
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
         attn = rms_norm(attn, lp["post_attn_norm"], eps, off)
     x = x + attn
     hx = rms_norm(x, lp["mlp_norm"], eps, off)
-    mlp = (activation(cfg.activation, hx @ lp["w_gate"]) * (hx @ lp["w_up"])) @ lp["w_down"]
+    mlp = linear(lp, "w_down", activation(cfg.activation, linear(lp, "w_gate", hx)) * linear(lp, "w_up", hx))
     if cfg.sandwich_norm:
         mlp = rms_norm(mlp, lp["post_mlp_norm"], eps, off)
     return x + mlp
@@ -398,6 +416,8 @@ def forward(
     capture_mask: jax.Array | None = None,
     hook: Hook | None = None,
     logits: bool | Literal["last"] = True,
+    adapter: Any = None,
+    adapter_select: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the model on ``tokens [B, T]`` (int32).
 
@@ -410,8 +430,14 @@ def forward(
         selects the tokens for ``mean``/``last`` (default ``valid``).
       hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).
       logits: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]``, False for none.
+      adapter: a :class:`~jaxpersona.lora.Adapter` (or an ``AdapterStack`` with ``adapter_select [B]``),
+        applied inside every block (same as ``forward(lora.attach(params, adapter), ...)``).
     """
     chex.assert_rank(tokens, 2)
+    if adapter is not None:
+        from jaxpersona.lora import attach
+
+        params = attach(params, adapter, adapter_select)
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     prep = prepare(cfg, valid, positions, cache, cache_index)
     record = Recorder.make(cfg, capture, valid if capture_mask is None else capture_mask)
