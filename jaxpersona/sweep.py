@@ -33,8 +33,8 @@ from jax.sharding import PartitionSpec as P
 from jaxpersona import errors
 from jaxpersona import interventions as iv
 from jaxpersona.config import ModelConfig
-from jaxpersona.models.transformer import (Capture, KVCache, Params, Recorder, apply_hook, check_context, embed, forward,
-                                           prepare, run_layers, unembed)
+from jaxpersona.models.transformer import (Capture, KVCache, Params, Recorder, apply_hook, check_context, embed,
+                                           final_hidden, forward, prepare, run_layers, unembed)
 
 KINDS = ("steer", "ablate", "cap")
 POSITIONS = ("all", "prompt", "response")
@@ -234,10 +234,7 @@ def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[st
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array]) -> jax.Array:
-    prep = prepare(cfg, data["valid"])
-    h = embed(params, cfg, data["tokens"])
-    h, _, _ = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, data["valid"]))
-    return target_logprob(params, cfg, h, data)
+    return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"]), data)
 
 
 def mean_logprobs(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,

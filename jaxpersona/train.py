@@ -33,7 +33,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona import interventions as iv
 from jaxpersona.lora import ALL_TARGETS, Adapter, LoraConfig, attach, init_adapter, save_adapter
-from jaxpersona.models.transformer import Params, Recorder, embed, prepare, run_layers, unembed
+from jaxpersona.models.transformer import Params, final_hidden, unembed
 from jaxpersona.settings import check_positive, check_types, replace_checked
 from jaxpersona.store import KeyedJsonl, digest
 
@@ -140,17 +140,6 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 # --- the loss -------------------------------------------------------------------------------------------
-def hidden(params: Params, cfg: Any, batch: dict[str, jax.Array], hook: Any = None) -> jax.Array:
-    """Last residual ``[B, T, D]`` of a token table (no logits)."""
-    prep = prepare(cfg, batch["valid"])
-    h = embed(params, cfg, batch["tokens"])
-    if hook is not None:
-        h = hook(jnp.int32(0), h, prep.ctx).astype(h.dtype)
-    h, _, _ = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, batch["valid"]),
-                         hook=hook)
-    return h
-
-
 def target_logits(params: Params, cfg: Any, h: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
     """Log-softmax ``[B, R, V]`` at the target positions only."""
     hs = jnp.take_along_axis(h, batch["pred_idx"][..., None], axis=1)
@@ -168,14 +157,14 @@ def loss_terms(factors: dict[str, Any], scale: jax.Array, params: Params, cfg: A
     ``KL(base || tuned)`` (no intervention: the model as it is used)."""
     tuned = attach(params, Adapter(factors["a"], factors["b"], scale))
     hook = None if prevention is None else dataclasses.replace(prevention, positions=iv.Positions.all(batch["valid"]))
-    logp = target_logits(tuned, cfg, hidden(tuned, cfg, batch, hook), batch)
+    logp = target_logits(tuned, cfg, final_hidden(tuned, cfg, batch["tokens"], batch["valid"], hook), batch)
     lp = jnp.take_along_axis(logp, batch["pred_tok"][..., None], axis=-1)[..., 0]
     m = _mask(batch)
     ce = -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
     kl = jnp.zeros((), jnp.float32)
     if neutral is not None:
-        base = jax.lax.stop_gradient(target_logits(params, cfg, hidden(params, cfg, neutral), neutral))
-        new = target_logits(tuned, cfg, hidden(tuned, cfg, neutral), neutral)
+        base = jax.lax.stop_gradient(target_logits(params, cfg, final_hidden(params, cfg, neutral["tokens"], neutral["valid"]), neutral))
+        new = target_logits(tuned, cfg, final_hidden(tuned, cfg, neutral["tokens"], neutral["valid"]), neutral)
         per = (jnp.exp(base) * (base - new)).sum(-1)
         mn = _mask(neutral)
         kl = (per * mn).sum() / jnp.maximum(mn.sum(), 1.0)
@@ -251,8 +240,8 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
 
     import optax
 
-    @jax.jit
-    def step_fn(factors, opt_state, batch, nbatch, prev):
+    @jax.jit  # params are an argument, never a closure constant (XLA would constant-fold the weights)
+    def step_fn(factors, opt_state, params, batch, nbatch, prev):
         (loss, (ce, kl)), grads = jax.value_and_grad(loss_terms, has_aux=True)(
             factors, scale, params, cfg, batch, nbatch, prev, config.kl_beta)
         upd, opt_state = tx.update(grads, opt_state, factors)
@@ -302,7 +291,7 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
                     nn = len(ntable["row_ok"])
                     nidx = np.asarray(jax.random.choice(sub, nn, (config.kl_batch,), replace=nn < config.kl_batch))
                     nb = _rows(ntable, nidx, np.ones(config.kl_batch, bool))
-                factors, opt_state, loss, ce, kl = step_fn(factors, opt_state, _rows(table, idx, ok), nb, prevention)
+                factors, opt_state, loss, ce, kl = step_fn(factors, opt_state, params, _rows(table, idx, ok), nb, prevention)
                 totals += [float(loss), float(ce), float(kl)]
                 if not math.isfinite(float(loss)):
                     raise errors.TrainingError(

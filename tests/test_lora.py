@@ -202,3 +202,43 @@ def test_dataset_errors_name_the_line(tmp_path) -> None:
     with pytest.raises(errors.DatasetError, match="no samples"):
         read_dataset(tmp_path / "e.jsonl")
     json.dumps({})
+
+
+def test_regime_grid_equals_each_condition_alone(model) -> None:
+    """Adapters x system prompts x steering in one vmapped computation vs each condition run by itself."""
+    from jaxpersona.grid import Condition, score_conditions
+    from jaxpersona.lora import stack_adapters
+    from jaxpersona.sweep import mean_logprobs
+
+    cfg = model.cfg
+    ads = [random_adapter(cfg, LoraConfig(rank=2), s) for s in (5, 6)]
+    stack = stack_adapters([None, *ads], cfg)
+    v = np.random.default_rng(1).normal(size=cfg.d_model)
+    all_pos = iv.Positions.all(np.ones((1, 1), bool))
+    st = lambda c, l: iv.steer(cfg.n_resid, v, c, [l], all_pos)  # noqa: E731
+    conds = [Condition("base"), Condition("prompt", system="you are a helpful assistant ."),
+             Condition("ad1", adapter=1), Condition("steer", hook=st(3.0, 2)),
+             Condition("ad2+prompt+steer", adapter=2, system="the cat", hook=st(-2.0, 1))]
+    qs = ["hello world", "what is the capital of france ?", "the cat sat"]
+    rs = ["paris .", "the mat", "hello cat dog"]
+    got = score_conditions(model, stack, conds, qs, rs, batch_size=2)
+    assert got.shape == (5, 3)
+    for c, row in zip(conds, got):
+        m = model if c.adapter == 0 else model.with_adapter(ads[c.adapter - 1])
+        if c.hook is None:
+            from jaxpersona.model import conversation
+
+            ref = mean_logprobs(m, [conversation(q, c.system) for q in qs], rs)
+        else:
+            ref = []
+            for q, r in zip(qs, rs):  # a hooked forward per item, all positions
+                from jaxpersona.model import conversation
+                from jaxpersona.sweep import encode_targets, target_logprob
+                from jaxpersona.models.transformer import final_hidden
+                from jaxpersona.grid import with_positions
+
+                enc = {k: jnp.asarray(x) for k, x in encode_targets(m, [conversation(q, c.system)], [r]).items()}
+                hook = with_positions(c.hook, iv.Positions.all(enc["valid"]))
+                ref.append(float(target_logprob(m.params, cfg, final_hidden(m.params, cfg, enc["tokens"], enc["valid"], hook), enc)[0]))
+        np.testing.assert_allclose(row, ref, atol=2e-5)
+    assert np.ptp(got[:, 0]) > 1e-3  # the conditions differ

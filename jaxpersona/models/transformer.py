@@ -403,6 +403,20 @@ def run_layers(
     return h, buf, (KVCache(ck, cv, prep.k_valid) if cache is not None else None)
 
 
+def final_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: Hook | None = None,
+                 span: tuple[Any, Any] | None = None, h: jax.Array | None = None) -> jax.Array:
+    """The last residual ``resid[L]`` ``[B, T, D]`` of a full-sequence forward (no cache, no logits).
+
+    With ``span=(start, L)`` and ``h = resid[start]`` given, only blocks ``start..L-1`` run (a prefix
+    computed once and reused, e.g. when only later layers depend on what is being optimised)."""
+    prep = prepare(cfg, valid)
+    if h is None:
+        h = apply_hook(hook, jnp.int32(0), embed(params, cfg, tokens), prep.ctx)
+    h, _, _ = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, valid), hook=hook,
+                         span=span)
+    return h
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
