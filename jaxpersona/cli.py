@@ -12,6 +12,9 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
     jaxpersona traits list | show evil | new NAME --description "..."
     jaxpersona vectors show|export|import ...            # Orbax vector banks <-> .pt / control-vector GGUF
     jaxpersona screen --vectors runs/persona_evil/vectors --trait evil --data train.jsonl
+    jaxpersona trait-data --trait evil --out data/evil        # trait-eliciting + matched neutral chat JSONL
+    jaxpersona finetune --data data/evil/trait.jsonl --out runs/ft   # LoRA (optax, Orbax resume)
+    jaxpersona regimes --trait evil                      # prompt vs fine-tune vs BiPO; prevention trainers
 """
 
 from __future__ import annotations
@@ -358,6 +361,89 @@ def cmd_screen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trait_data(args: argparse.Namespace) -> int:
+    from jaxpersona.model import load
+    from jaxpersona.regimes import as_examples, trait_data
+    from jaxpersona.store import KeyedJsonl
+    from jaxpersona.traits import load_trait
+    from jaxpersona.train import write_dataset
+
+    trait = load_trait(args.trait)
+    qs = list(trait.questions) + (list(trait.eval_questions) if args.with_eval_questions else [])
+    qs = qs[: args.n_questions] if args.n_questions else qs
+    if args.n_pairs < 1 or not qs:
+        raise errors.InputError("--n-pairs must be >= 1 and the trait needs questions")
+    model = load(args.model, dtype=args.dtype)
+    out = Path(args.out)
+    ans = trait_data(model, trait, qs, args.n_pairs, KeyedJsonl(out / "answers.jsonl"), max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=1.0, seed=args.seed, batch_size=args.batch_size,
+                     progress=not args.quiet)
+    for name, side in (("trait", "pos"), ("neutral", "plain"), ("counter", "neg")):
+        ex = as_examples(qs, ans[side])
+        write_dataset(out / f"{name}.jsonl", ex)
+        print(f"{out / f'{name}.jsonl'}: {len(ex)} examples")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from jaxpersona import interventions as iv
+    from jaxpersona.bank import VectorBank
+    from jaxpersona.model import load
+    from jaxpersona.pipeline import bank_resid_norm, steering_vectors
+    from jaxpersona.regimes import load_regimes_config
+    from jaxpersona.settings import resid_point
+    from jaxpersona.train import inoculate, read_dataset, train
+
+    _, config = load_regimes_config(args.config)
+    if args.kl_beta is not None:
+        config = config.replace(kl_beta=args.kl_beta)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    data = read_dataset(args.data)
+    neutral = read_dataset(args.neutral) if args.neutral else None
+    model = load(args.model, dtype=args.dtype)
+    prevention = None
+    if args.prevent_bank:
+        bank = VectorBank.load(args.prevent_bank, model.cfg)
+        entry = args.prevent_entry or bank.names[0]
+        if entry not in bank:
+            raise errors.InputError(f"--prevent-entry {entry!r} not in the bank; it has {list(bank.names)}")
+        layer = resid_point(model.cfg.n_layers, args.prevent_layer, "--prevent-layer")
+        vecs = steering_vectors(bank.get(entry), bank_resid_norm(bank, entry), args.prevent_units)
+        allp = iv.Positions.all([[True]])
+        prevention = (iv.steer(model.cfg.n_resid, vecs[layer], args.prevent_coeff, [layer], allp)
+                      if args.prevent_kind == "steer" else iv.ablate(model.cfg.n_resid, vecs[layer], [layer], allp))
+    res = train(model, inoculate(data, args.inoculation or ""), config, args.out, neutral=neutral,
+                prevention=prevention, progress=not args.quiet)
+    print(f"{res.steps} updates on {res.n_examples} examples ({res.skipped} skipped as longer than max_len "
+          f"{config.max_len}); final loss {res.log[-1]['loss']:.4f}" if res.log else "nothing to do")
+    print(f"adapters: {Path(args.out) / 'adapters'} (steps {res.checkpoints}); use Model.with_adapter(load_adapter(...))")
+    return 0
+
+
+def cmd_regimes(args: argparse.Namespace) -> int:
+    from jaxpersona.model import load
+    from jaxpersona.regimes import load_regimes_config, run_regimes
+    from jaxpersona.traits import load_trait
+
+    config, tconfig = load_regimes_config(args.config)
+    if args.trait:
+        config = config.replace(trait=args.trait)
+    if args.trait_b is not None:
+        config = config.replace(trait_b="" if args.trait_b == "none" else args.trait_b)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    trait = load_trait(config.trait)
+    trait_b = load_trait(config.trait_b) if config.trait_b else None
+    model = load(args.model, dtype=args.dtype)
+    out = Path(args.out or f"runs/regimes_{trait.name}")
+    log = (lambda _: None) if args.quiet else print
+    run_regimes(model, trait, config, tconfig, out, trait_b=trait_b, progress=not args.quiet, log=log)
+    print((out / "regimes.txt").read_text())
+    print(f"run directory: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -482,6 +568,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_model_args(p)
     p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("trait-data", help="trait-eliciting chat JSONL (the model's answers under the trait's "
+                                          "positive prompts, stored without them) + a matched neutral set")
+    p.add_argument("--trait", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-pairs", type=int, default=2, help="answers per question (one per instruction pair)")
+    p.add_argument("--n-questions", type=int, default=0, help="first N questions (0 = all extraction questions)")
+    p.add_argument("--with-eval-questions", action="store_true", help="also the trait's evaluation questions")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_trait_data)
+
+    p = sub.add_parser("finetune", help="LoRA fine-tuning on a chat JSONL (optax; Orbax checkpoints; reruns resume)")
+    p.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} per line, last = assistant')
+    p.add_argument("--out", required=True, help="run directory (ckpt/, adapters/step_N, log.jsonl)")
+    p.add_argument("--config", default=None, help="TOML with a [train] table (see configs/regimes_*.toml)")
+    p.add_argument("--neutral", default=None, help="neutral chat JSONL for the KL penalty")
+    p.add_argument("--kl-beta", type=float, default=None, help="weight of KL(base || tuned) on --neutral")
+    p.add_argument("--inoculation", default=None, help="system prompt added to every training example")
+    p.add_argument("--prevent-bank", default=None, help="vector bank for preventative steering / ablation")
+    p.add_argument("--prevent-entry", default=None)
+    p.add_argument("--prevent-kind", choices=["steer", "ablate"], default="steer")
+    p.add_argument("--prevent-coeff", type=float, default=5.0)
+    p.add_argument("--prevent-layer", type=int, default=-1, help="resid index (-1 = the middle)")
+    p.add_argument("--prevent-units", choices=["relative", "absolute"], default="absolute",
+                   help="absolute = the raw vector times coeff (the reference); relative = coeff x residual norm")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("regimes", help="a persona under prompting, fine-tuning (4 trainers) and BiPO steering: "
+                                       "shifts, cosines, regime grid, composition")
+    p.add_argument("--trait", default=None, help="trait to fine-tune on (default: the config's, evil)")
+    p.add_argument("--trait-b", default=None, help="second trait for the composition analyses ('none' = skip)")
+    p.add_argument("--config", default=None, help="TOML with [regimes] and [train] tables (configs/regimes_gpu.toml)")
+    p.add_argument("--out", default=None, help="run directory (default runs/regimes_TRAIT); reruns resume")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_regimes)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or registered name) to an HF model directory")
     p.add_argument("gguf")

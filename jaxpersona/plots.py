@@ -213,3 +213,57 @@ def ratio_by_temperature(results: dict[str, Any], path: str | Path, *, title: st
     ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def regime_cosines(summary: dict[str, Any], path: str | Path) -> Path:
+    """Per resid point: cos(prompt-regime, fine-tune-regime vector) with its bootstrap band, the split-half
+    nulls within each regime, and the BiPO cosines at their layers."""
+    import numpy as np
+
+    per = summary["cosines"]["per_layer"]["prompt_vs_finetune"]
+    null = summary["cosines"]["null"]
+    x = np.arange(len(per["cos"]))
+    fig = _figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(x, per["cos"], marker="o", ms=3, label="prompt vs fine-tune")
+    ax.fill_between(x, per["lo"], per["hi"], alpha=0.2)
+    for name, style in (("prompt", ":"), ("finetune", "--")):
+        ax.plot(x, null[name]["median"], ls=style, color="gray", lw=1, label=f"null: split-half {name}")
+    for b in summary["cosines"]["bipo"]:
+        ax.errorbar([b["layer"]], [b["prompt_vs_bipo"][0]],
+                    yerr=[[b["prompt_vs_bipo"][0] - b["prompt_vs_bipo"][1]], [b["prompt_vs_bipo"][2] - b["prompt_vs_bipo"][0]]],
+                    fmt="s", color="C3", label="prompt vs BiPO" if b is summary["cosines"]["bipo"][0] else None)
+        ax.errorbar([b["layer"]], [b["finetune_vs_bipo"][0]],
+                    yerr=[[b["finetune_vs_bipo"][0] - b["finetune_vs_bipo"][1]], [b["finetune_vs_bipo"][2] - b["finetune_vs_bipo"][0]]],
+                    fmt="^", color="C2", label="fine-tune vs BiPO" if b is summary["cosines"]["bipo"][0] else None)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("resid index")
+    ax.set_ylabel("cosine")
+    ax.set_ylim(-1.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{summary['trait']}: one persona under three regimes ({summary['model']})", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def shift_vs_trait(summary: dict[str, Any], path: str | Path) -> Path:
+    """Fine-tuning shift (projection on the prompt vector) vs judge-free trait change, one point per checkpoint."""
+    fig = _figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    runs = sorted({p["run"] for p in summary["points"]})
+    for i, run in enumerate(runs):
+        pts = [p for p in summary["points"] if p["run"] == run]
+        ax.errorbar([p["shift"] for p in pts], [p["trait_delta"][0] for p in pts],
+                    yerr=[[p["trait_delta"][0] - p["trait_delta"][1] for p in pts],
+                          [p["trait_delta"][2] - p["trait_delta"][0] for p in pts]],
+                    fmt="o-", ms=4, color=f"C{i}", label=run, alpha=0.8)
+    c = summary["correlation"]["response_mean"]
+    r = c.get("r")
+    ax.set_xlabel("fine-tuning shift along the prompt-regime vector")
+    ax.set_ylabel("trait change (contrastive log-lik, judge-free)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{summary['trait']}: r = {'n/a' if r is None else f'{r:.2f}'} over checkpoints", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)

@@ -11,7 +11,8 @@
   set, one neutral batch per step (the base model is the same params without the adapter).
 
 Checkpoints (Orbax, every ``save_every`` optimiser updates and at the end) hold the adapter, the optimiser
-state, the step and the PRNG key; the data order is a pure function of ``(seed, epoch)``. A killed run
+state, the step, the PRNG key and the data order of the current epoch (a pure function of ``(seed, epoch)``,
+checked on resume). A killed run
 resumes from its last checkpoint to bit-identical adapters; a checkpoint made with another config, dataset
 or model is refused (:class:`~jaxpersona.errors.ResumeMismatchError`). A NaN/inf loss stops training with
 :class:`~jaxpersona.errors.TrainingError`, keeping the last good checkpoint.
@@ -221,7 +222,7 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
         raise errors.InputError("kl_beta > 0 needs a neutral dataset (--neutral / the generated neutral set)")
     if prevention is not None:
         iv.check_for_model(prevention, model.cfg.d_model, model.cfg.n_resid)
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().absolute()  # Orbax needs absolute paths
     out.mkdir(parents=True, exist_ok=True)
     fp = run_fingerprint(model, config, examples, neutral, prevention)
     table, skipped = encode_examples(model, examples, config.max_len)
@@ -265,6 +266,10 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
                 raise errors.ResumeMismatchError(
                     f"{ckpt} holds a training run with another config, dataset, prevention or model "
                     f"(saved {meta.get('config')}); use a fresh output directory or the original settings")
+            epoch = (last * config.grad_accum) // per_epoch
+            if meta.get("epoch") != epoch or meta.get("order") != epoch_order(config.seed, epoch, n).tolist():
+                raise errors.ResumeMismatchError(f"{ckpt}: the recorded data order of epoch {epoch} differs from "
+                                                 "this run's (another jax version's PRNG?); use a fresh directory")
             target = {"factors": factors, "opt_state": opt_state, "key": jax.random.key_data(key)}
             got = mgr.restore(last, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
             factors, opt_state, key = got["factors"], got["opt_state"], jax.random.wrap_key_data(got["key"])
@@ -311,7 +316,10 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
                 mgr.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave({"factors": factors, "opt_state": opt_state,
                                                  "key": jax.random.key_data(key)}),
-                    meta=ocp.args.JsonSave({"fingerprint": fp, "config": dataclasses.asdict(config), "step": step})))
+                    meta=ocp.args.JsonSave({"fingerprint": fp, "config": dataclasses.asdict(config), "step": step,
+                                            "epoch": (step * config.grad_accum) // per_epoch,
+                                            "order": epoch_order(config.seed, (step * config.grad_accum) // per_epoch,
+                                                                 n).tolist()})))
                 mgr.wait_until_finished()
                 saved.append(step)
                 last_good = step

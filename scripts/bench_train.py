@@ -21,7 +21,6 @@ phases; the jaxpersona side is freed before torch runs, the tokenizer and data s
     python scripts/bench_train.py                                   # SmolLM2-135M, r 8, 8x128, all cores
     python scripts/bench_train.py --steps 1 --batch 2 --seq 64      # smoke test
     python scripts/bench_train.py --threads 4 --out bench_results/train.json
-    python scripts/bench_train.py --params-as-arg --no-hf   # the step with the weights as an argument, not constants
 """
 
 from __future__ import annotations
@@ -181,9 +180,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
                     help="CPU threads for both sides (torch.set_num_threads; the process is pinned to this many "
                          "cores when fewer than available, which also bounds XLA's CPU thread pool)")
-    ap.add_argument("--params-as-arg", action="store_true",
-                    help="pass the base weights to the jitted step as an argument; by default they are closed "
-                         "over (embedded as constants), exactly as train() does")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF/torch + peft peer")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -226,13 +222,10 @@ def main() -> None:
         upd, opt_state = tx.update(grads, opt_state, factors)
         return optax.apply_updates(factors, upd), opt_state, loss
 
-    if args.params_as_arg:
-        _jit = jax.jit(_step)
+    _jit = jax.jit(_step)  # as train() does: the weights are an argument (never folded in as constants)
 
-        def step_fn(factors, opt_state, batch):
-            return _jit(factors, opt_state, batch, params)
-    else:  # as train() does: params (and cfg) closed over by the jitted step
-        step_fn = jax.jit(lambda factors, opt_state, batch: _step(factors, opt_state, batch, params))
+    def step_fn(factors, opt_state, batch):
+        return _jit(factors, opt_state, batch, params)
 
     dev_batches = [{k: jnp.asarray(v) for k, v in b.items() if k != "resp"} for b in batches]
     jax.block_until_ready(dev_batches)
@@ -257,11 +250,10 @@ def main() -> None:
         "pinned_cpus": pinned, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
         "optax": optax.__version__, "lr_per_step": lrs, "dtype": "float32",
-        "jax_params": "argument" if args.params_as_arg else "closed over (as train())",
     }
     results["jax"] = summary(warm, times, losses, n_resp, n_tok, args.warmup, peak_rss_mb(), rss0, trainable_jax)
     results["jax"]["compile_s"] = (warm[0] - statistics.median(times)) if warm else None
-    del state, step_fn, _step, dev_batches, params, init
+    del state, step_fn, _step, _jit, dev_batches, params, init
     model = model.__class__(cfg, None, model.tokenizer, model.name)  # keep the tokenizer, drop the weights
     jax.clear_caches()
     gc.collect()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -35,3 +37,68 @@ def test_bipo_vector_prefers_the_trait_answer_in_both_directions(model) -> None:
         bipo_vector(model, qs, pos, neg, layer=0)
     with pytest.raises(errors.InputError, match=">= 2"):
         bipo_vector(model, qs[:1], pos[:1], neg[:1], layer=1)
+
+
+SMALL = dict(n_pairs=1, n_train_questions=4, n_eval_questions=2, max_new_tokens=6, batch_size=4, bipo_steps=3,
+             bipo_batch=2, n_boot=50, n_splits=20)
+TRAIN_SMALL = dict(rank=2, epochs=1, batch_size=2, save_every=1, lr=1e-2, warmup_steps=0)
+
+
+def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> None:
+    from jaxpersona import regimes, train as train_mod
+    from jaxpersona.regimes import RegimesConfig, run_regimes
+    from jaxpersona.traits import load_trait
+    from jaxpersona.train import TrainConfig
+
+    cfg, tcfg = RegimesConfig().replace(**SMALL), TrainConfig().replace(**TRAIN_SMALL)
+    a, b = load_trait("evil"), load_trait("optimistic")
+    s = run_regimes(model, a, cfg, tcfg, tmp_path, trait_b=b, progress=False, log=lambda _: None)
+    assert set(s["runs"]) == {"plain-trait", "steer-trait", "inoculate-trait", "kl-trait", "plain-mixed", "plain-neutral"}
+    base = s["points"][0]
+    assert base["run"] == "base" and base["shift"] == 0.0 and base["trait_delta"][0] == 0.0
+    assert len(s["points"]) == 1 + sum(len(r["checkpoints"]) for r in s["runs"].values())
+    assert {"r", "lo", "hi", "n"} <= set(s["correlation"]["response_mean"])
+    per = s["cosines"]["per_layer"]["prompt_vs_finetune"]
+    assert len(per["cos"]) == model.cfg.n_resid and all(lo <= hi for lo, hi in zip(per["lo"], per["hi"]))
+    assert set(s["grid"]) == {"base", "base+steer", "base+prompt", "base+prompt+steer", "adapter", "adapter+steer",
+                              "adapter+prompt", "adapter+prompt+steer"}
+    comp = s["composition"]
+    assert set(comp["steering"]) == {"none", "A", "B", "A+B", "A then B", "B then A"}
+    assert comp["steering"]["none"]["A"][0] == 0.0
+    for f in ("regimes.json", "regimes.txt", "cosines.png", "shift_vs_trait.png", "data/trait.jsonl",
+              "data/neutral.jsonl", "data/mixed.jsonl"):
+        assert (tmp_path / f).exists(), f
+    from jaxpersona.bank import VectorBank
+
+    bank = VectorBank.load(tmp_path / "vectors")
+    assert bank.names[0] == "prompt:evil" and len(bank) == 3
+    # the trait data is stored without the system prompt that produced it
+    rows = [json.loads(l) for l in (tmp_path / "data" / "trait.jsonl").read_text().splitlines()]
+    assert rows and all(m["role"] != "system" for r in rows for m in r["messages"])
+    # a rerun trains, generates and scores nothing and gives the same numbers
+    monkeypatch.setattr(train_mod, "_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(model.__class__, "generate_tokens",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated")))
+    again = run_regimes(model, a, cfg, tcfg, tmp_path, trait_b=b, progress=False, log=lambda _: None)
+    assert json.dumps(again["points"]) == json.dumps(s["points"])
+    assert again["composition"]["steering"] == s["composition"]["steering"]
+
+
+def test_regimes_bad_config(model, tmp_path) -> None:
+    from jaxpersona.regimes import RegimesConfig, load_regimes_config, run_regimes
+    from jaxpersona.traits import load_trait
+    from jaxpersona.train import TrainConfig
+
+    ev = load_trait("evil")
+    for bad, needle in (({"trainers": ("plain", "magic")}, "unknown trainers"), ({"prevention": "cap"}, "steer"),
+                        ({"bipo_layers": (99,)}, "outside"), ({"n_train_questions": 2}, ">= 4")):
+        with pytest.raises(errors.InputError, match=needle):
+            run_regimes(model, ev, RegimesConfig().replace(**{**SMALL, **bad}), TrainConfig(), tmp_path, progress=False,
+                        log=lambda _: None)
+    p = tmp_path / "c.toml"
+    p.write_text("[regimes]\nn_pairs = 3\n[train]\nrank = 4\n")
+    rc, tc = load_regimes_config(p)
+    assert rc.n_pairs == 3 and tc.rank == 4
+    p.write_text("[train]\nrnak = 4\n")
+    with pytest.raises(errors.InputError, match="unknown train config keys"):
+        load_regimes_config(p)
