@@ -31,7 +31,7 @@ from jaxpersona.generate import GenerateOutput, generate  # noqa: E402
 from jaxpersona.model import Batch, Model, load  # noqa: E402
 from jaxpersona.models.transformer import Capture, ForwardOutput, HookContext, KVCache, forward, init_params  # noqa: E402
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = [
     "Batch", "Capture", "ForwardOutput", "GenerateOutput", "HookContext", "KVCache", "Model", "ModelConfig",
     "errors", "forward", "from_hf_config", "generate", "init_params", "load",

@@ -104,3 +104,9 @@ class ResumeMismatchError(InputError):
 
 class TrainingError(JaxPersonaError):
     """Training diverged (NaN / inf loss). The message names the step; the last good checkpoint is kept."""
+
+
+# --- scale ---------------------------------------------------------------------------
+class MeshError(InputError):
+    """A device mesh that cannot hold the model: larger than the devices present, or an axis that does
+    not divide the heads / MLP width / vocabulary (the message says what would fit)."""

@@ -15,7 +15,6 @@ combinations with prompts and interventions, as multi-adapter servers do.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -222,11 +221,3 @@ def load_adapter(path: str | Path, cfg: ModelConfig) -> tuple[Adapter, dict[str,
                  jnp.asarray(f["scale"], jnp.float32))
     check_adapter(ad, cfg)
     return ad, info
-
-
-def adapter_json(path: Path) -> dict[str, Any]:
-    """The ``info`` item of a saved adapter, without loading the factors."""
-    for cand in (path / "info" / "metadata", path / "info"):
-        if cand.is_file():
-            return json.loads(cand.read_text())
-    return {}

@@ -40,23 +40,18 @@ def bootstrap_ci(values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: 
     return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
-def bias_corrected_interval(point: Any, draws: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Bias-corrected (BC) percentile bootstrap interval ``(lo, hi)`` of a statistic with bootstrap
-    ``draws [n_boot, ...]``, elementwise. For a biased statistic (a cosine of resampled means is pulled
-    toward 0) the plain percentile interval can miss its own point estimate; BC shifts the percentiles by
-    ``z0 = Phi^-1(share of draws below the point)`` (Efron 1987)."""
-    d = np.asarray(draws, np.float64)
+def jackknife_interval(point: Any, leave_one_out: Sequence[Any], level: float = 0.95
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``point +- z * SE`` with the jackknife standard error from leave-one-unit-out estimates ``[n, ...]``
+    (elementwise). For statistics the bootstrap biases strongly — a cosine of resampled means is pulled
+    toward 0 by the duplicated units, so a percentile interval can miss its own estimate — the jackknife
+    stays centred on the estimate."""
+    loo = np.asarray(leave_one_out, np.float64)
+    n = len(loo)
+    se = np.sqrt((n - 1) / n * ((loo - loo.mean(axis=0)) ** 2).sum(axis=0))
+    z = _normal_quantile(0.5 + level / 2)
     p = np.asarray(point, np.float64)
-    below = ((d < p).mean(axis=0) + 0.5 * (d == p).mean(axis=0)).clip(1 / (2 * len(d)), 1 - 1 / (2 * len(d)))
-    z0 = np.vectorize(_normal_quantile)(below)
-    za = _normal_quantile(0.5 + level / 2)
-    cdf = np.vectorize(lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2))))
-    lo_q, hi_q = cdf(2 * z0 - za), cdf(2 * z0 + za)
-    lo = np.array([np.quantile(d[:, i], q) for i, q in enumerate(np.ravel(lo_q))]).reshape(p.shape) if p.ndim else \
-        np.quantile(d, float(lo_q))
-    hi = np.array([np.quantile(d[:, i], q) for i, q in enumerate(np.ravel(hi_q))]).reshape(p.shape) if p.ndim else \
-        np.quantile(d, float(hi_q))
-    return np.asarray(lo), np.asarray(hi)
+    return p - z * se, p + z * se
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:

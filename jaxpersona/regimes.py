@@ -15,7 +15,7 @@ Stages (each cached in the run directory; a rerun resumes):
    prompt), the held-out neutral loss, and the fine-tuning shift (mean activation fine-tuned minus base on
    the same held-out prompts and responses, projected on the prompt-regime unit vector).
 5. **steering-regime vectors** — BiPO at ``bipo_layers``.
-6. **comparison** — per-layer cosines prompt/fine-tune/BiPO with bootstrap intervals over questions and a
+6. **comparison** — per-layer cosines prompt/fine-tune/BiPO with jackknife intervals over questions and a
    null from random half-splits within one regime; the regime grid (base, +prompt, +adapter, +steering and
    combinations, one vmapped computation); composition: v(A)+v(B) against the vector of prompting A and B
    together, and steering A then B vs B then A vs A+B on both traits' judge-free scores.
@@ -200,25 +200,30 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (unit(a) * unit(b)).sum(-1)
 
 
-def boot_cosines(diff_a: np.ndarray, diff_b: np.ndarray | None, fixed_b: np.ndarray | None, n_boot: int,
-                 seed: int, paired: bool = False) -> dict[str, list[float]]:
-    """Per layer cos(mean_q diff_a, mean_q diff_b) (or cos with ``fixed_b [L+1, D]``) with 95% bias-corrected
-    bootstrap intervals resampling questions (independently per side, or jointly with ``paired``). Returns
-    ``{"cos": [L+1], "lo": [L+1], "hi": [L+1]}``."""
-    rng = np.random.default_rng(seed)
+def regime_cosines(diff_a: np.ndarray, diff_b: np.ndarray | None, fixed_b: np.ndarray | None = None, *,
+                 paired: bool = False) -> dict[str, list[float]]:
+    """Per layer cos(mean_q diff_a, mean_q diff_b) (or cos with ``fixed_b [L+1, D]``) with a 95% jackknife
+    interval over questions: leave one question out (of each side in turn, or of both at once with
+    ``paired``) and combine the variances. (A bootstrap interval is biased here: resampled means of
+    duplicated questions are noisier, which pulls the cosine toward 0 and can leave the estimate outside
+    its own percentile interval.) Returns ``{"cos": [L+1], "lo": [L+1], "hi": [L+1]}``."""
+    a_full = diff_a.mean(0)
     b_full = diff_b.mean(0) if diff_b is not None else fixed_b
-    point = cosine(diff_a.mean(0), b_full)
-    draws = []
-    for _ in range(n_boot):
-        ia = rng.integers(0, len(diff_a), len(diff_a))
-        if diff_b is None:
-            b = fixed_b
-        else:
-            ib = ia if paired else rng.integers(0, len(diff_b), len(diff_b))
-            b = diff_b[ib].mean(0)
-        draws.append(cosine(diff_a[ia].mean(0), b))
-    lo, hi = measures.bias_corrected_interval(point, np.asarray(draws))
-    return {"cos": point.tolist(), "lo": lo.tolist(), "hi": hi.tolist()}
+    point = cosine(a_full, b_full)
+
+    def loo(x: np.ndarray) -> np.ndarray:  # leave-one-out means [n, L+1, D]
+        return (x.sum(0)[None] - x) / (len(x) - 1)
+
+    if paired:
+        lo, hi = measures.jackknife_interval(point, cosine(loo(diff_a), loo(diff_b)))
+    else:
+        parts = [cosine(loo(diff_a), b_full[None])]
+        if diff_b is not None:
+            parts.append(cosine(a_full[None], loo(diff_b)))
+        halfwidths = [measures.jackknife_interval(point, p)[1] - point for p in parts]
+        w = np.sqrt(sum(h ** 2 for h in halfwidths))
+        lo, hi = point - w, point + w
+    return {"cos": point.tolist(), "lo": np.clip(lo, -1, 1).tolist(), "hi": np.clip(hi, -1, 1).tolist()}
 
 
 def split_half_null(diff: np.ndarray, n_splits: int, seed: int) -> dict[str, list[float]]:
@@ -458,7 +463,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
     k_plain = [c.name for c in conds].index(plain_final["condition"])
     ft_q = ft_diff[k_plain, ri]  # [L+1, Q, D]
     ft_q = np.moveaxis(ft_q, 1, 0)  # [Q, L+1, D]
-    cos = {"prompt_vs_finetune": boot_cosines(pd["A"], ft_q, None, config.n_boot, config.seed)}
+    cos = {"prompt_vs_finetune": regime_cosines(pd["A"], ft_q)}
     null = {"prompt": split_half_null(pd["A"], config.n_splits, config.seed),
             "finetune": split_half_null(ft_q, config.n_splits, config.seed)}
     bipo_full = np.zeros((cfg.n_resid, cfg.d_model), np.float32)
@@ -467,8 +472,8 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
         bipo_full[l] = v
         fixed = np.zeros_like(bipo_full)
         fixed[:] = v
-        cp = boot_cosines(pd["A"], None, fixed, config.n_boot, config.seed)
-        cf = boot_cosines(ft_q, None, fixed, config.n_boot, config.seed)
+        cp = regime_cosines(pd["A"], None, fixed)
+        cf = regime_cosines(ft_q, None, fixed)
         bipo_tab.append({"layer": int(l), "prompt_vs_bipo": [cp["cos"][l], cp["lo"][l], cp["hi"][l]],
                          "finetune_vs_bipo": [cf["cos"][l], cf["lo"][l], cf["hi"][l]],
                          "prompt_vs_finetune": [cos["prompt_vs_finetune"][k][l] for k in ("cos", "lo", "hi")],
@@ -537,7 +542,7 @@ def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.n
     from jaxpersona.pipeline import steering_vectors
 
     A, B, AB = pd["A"], pd["B"], pd["AB"]
-    add = boot_cosines(A + B, AB, None, config.n_boot, config.seed, paired=True)
+    add = regime_cosines(A + B, AB, paired=True)
     ratio = np.linalg.norm(AB.mean(0), axis=-1) / np.maximum(np.linalg.norm((A + B).mean(0), axis=-1), 1e-12)
     l1, l2 = tuple(config.compose_layers) or (layer, min(layer + max(cfg.n_layers // 6, 1), cfg.n_layers))
     allp = iv.Positions.all(np.ones((1, 1), bool))
@@ -607,7 +612,7 @@ def report(s: dict[str, Any]) -> str:
               f"{_fmt(c['response_mean'].get('hi'))}] (checkpoints of one run are not independent); final checkpoints "
               f"only: r = {_fmt(c['finals'].get('r'))} [{_fmt(c['finals'].get('lo'))}, {_fmt(c['finals'].get('hi'))}] "
               f"(n {c['finals']['n']}); last-prompt-token shift r = {_fmt(c['prompt_last'].get('r'))}"]
-    lines += ["", "Cosines between regimes [95% bootstrap over questions]; null = split-half within a regime (median [2.5, 97.5])"]
+    lines += ["", "Cosines between regimes [95% jackknife over questions]; null = split-half within a regime (median [2.5, 97.5])"]
     for b in s["cosines"]["bipo"]:
         lines.append(f"  resid[{b['layer']}]: prompt-finetune {_ci(b['prompt_vs_finetune'])}  prompt-BiPO "
                      f"{_ci(b['prompt_vs_bipo'])}  finetune-BiPO {_ci(b['finetune_vs_bipo'])}")

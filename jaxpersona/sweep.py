@@ -511,7 +511,11 @@ def run_sweep(
 
     store = _Store(Path(out_dir)) if out_dir is not None else None
     params = model.params
-    if mesh is not None:
+    if mesh is not None and "model" in mesh.axis_names:  # 2-D (data, model): tensor-parallel weights
+        from jaxpersona.sharding import shard_params
+
+        params = shard_params(params, cfg, mesh)
+    elif mesh is not None:
         params = _shard(params, mesh, P())
     rows: list[dict[str, Any]] = []
     bar = _progress(len(chunks), progress)

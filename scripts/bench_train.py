@@ -352,7 +352,7 @@ def main() -> None:
         else:
             print(f"trainable parameters: {j['trainable_params']} on both sides")
     print(f"jaxpersona first step (compile + run) {j['warmup_s'][0] if j['warmup_s'] else float('nan'):.1f}s, "
-          f"base weights {results['jax_params']}; peak RSS = process high-water mark during each side's steps "
+          f"base weights passed as an argument; peak RSS = process high-water mark during each side's steps "
           "(warm-up included)")
     if args.out:
         out = Path(args.out)

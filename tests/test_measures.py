@@ -147,21 +147,20 @@ def test_cli_sweep_relative_units_on_a_bank_without_norms_exits_2(tmp_path, caps
     assert "re-run `jaxpersona extract`" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_bias_corrected_interval_contains_a_biased_point() -> None:
-    """A cosine of resampled means is pulled toward 0: the percentile interval can miss the estimate, the
-    bias-corrected one must not; for an unbiased statistic BC equals the percentile interval."""
-    from jaxpersona.measures import bias_corrected_interval
+def test_jackknife_interval_of_a_mean_matches_the_standard_error() -> None:
+    """For a mean the jackknife SE equals s / sqrt(n) exactly; and a cosine's interval holds its estimate."""
+    from jaxpersona.measures import jackknife_interval
 
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(20, 8)) + 0.6
-    b = rng.normal(size=(20, 8)) + 0.6
-    cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)  # noqa: E731
-    point = cos(a.mean(0), b.mean(0))
-    draws = np.array([cos(a[i].mean(0), b[j].mean(0)) for i, j in
-                      ((rng.integers(0, 20, 20), rng.integers(0, 20, 20)) for _ in range(2000))])
-    assert np.percentile(draws, 97.5) > np.percentile(draws, 2.5)
-    lo, hi = bias_corrected_interval(point, draws)
-    assert lo <= point <= hi
-    sym = rng.normal(size=4000)
-    lo, hi = bias_corrected_interval(np.median(sym), sym)
-    np.testing.assert_allclose([lo, hi], np.percentile(sym, [2.5, 97.5]), atol=0.05)
+    x = rng.normal(size=30)
+    loo = np.array([np.delete(x, i).mean() for i in range(30)])
+    lo, hi = jackknife_interval(x.mean(), loo)
+    se = x.std(ddof=1) / np.sqrt(30)
+    np.testing.assert_allclose([lo, hi], [x.mean() - 1.959964 * se, x.mean() + 1.959964 * se], rtol=1e-5)
+    from jaxpersona.regimes import regime_cosines
+
+    a, b = rng.normal(size=(20, 3, 8)) + 0.5, rng.normal(size=(20, 3, 8)) + 0.5
+    for paired in (False, True):
+        r = regime_cosines(a, b, None, paired=paired)
+        assert all(lo <= c <= hi for c, lo, hi in zip(r["cos"], r["lo"], r["hi"]))
+        assert all(hi - lo > 0.01 for lo, hi in zip(r["lo"], r["hi"]))

@@ -1,0 +1,56 @@
+"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: the forward (logits, captures), greedy
+generation and a sweep's rows on meshes (1,8), (2,4), (4,2), (8,1) (tensor parallel) and (2,4) FSDP must
+equal one device's. Prints one JSON line with the max differences."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import sharding
+from jaxpersona.config import from_hf_config
+from jaxpersona.generate import generate
+from jaxpersona.models.transformer import Capture, forward, init_params
+
+assert jax.device_count() == 8, jax.device_count()
+family = sys.argv[1] if len(sys.argv) > 1 else "llama"
+hf = {"model_type": family, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+      "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 16, "max_position_embeddings": 128,
+      "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": family != "qwen2"}
+if family == "qwen2":
+    hf["use_sliding_window"] = False
+cfg = from_hf_config(hf)
+params = init_params(cfg, jax.random.key(0), scale=0.1)
+rng = np.random.default_rng(0)
+tokens = jnp.asarray(rng.integers(0, 256, (8, 12)), jnp.int32)
+valid = jnp.asarray(np.arange(12)[None, :] >= rng.integers(0, 6, (8, 1)))
+cap = Capture((0, 2, 3), "mean")
+
+
+@jax.jit
+def run(p, t, v):
+    out = forward(p, cfg, t, valid=v, capture=cap)
+    return out.logits, out.captured
+
+
+ref_logits, ref_cap = run(params, tokens, valid)
+ref_gen = generate(params, cfg, tokens, valid, max_new_tokens=6, pad_id=0).tokens
+res = {}
+for shape, rules, tag in [((1, 8), sharding.TENSOR_PARALLEL, "tp"), ((2, 4), sharding.TENSOR_PARALLEL, "tp"),
+                          ((4, 2), sharding.TENSOR_PARALLEL, "tp"), ((8, 1), sharding.TENSOR_PARALLEL, "tp"),
+                          ((2, 4), sharding.FSDP, "fsdp")]:
+    mesh = sharding.make_mesh(shape)
+    p = sharding.shard_params(params, cfg, mesh, rules)
+    bs = sharding.spec(mesh, "batch", "seq", rules=rules)
+    t, v = jax.device_put(tokens, bs), jax.device_put(valid, bs)
+    logits, captured = run(p, t, v)
+    n_shards = len({d.id for d in p["layers"]["wq"].sharding.device_set})
+    local = p["layers"]["w_up"].addressable_shards[0].data.shape
+    gen = generate(p, cfg, t, v, max_new_tokens=6, pad_id=0).tokens
+    res[f"{tag}{shape[0]}x{shape[1]}"] = {
+        "logits": float(jnp.abs(logits - ref_logits).max()), "capture": float(jnp.abs(captured - ref_cap).max()),
+        "generate_equal": bool(np.array_equal(np.asarray(gen), np.asarray(ref_gen))), "devices": n_shards,
+        "w_up_local_shape": list(local)}
+print(json.dumps(res))
