@@ -444,8 +444,27 @@ def cmd_regimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from jaxpersona.plan import GIB, make_plan
+
+    plan = make_plan(args.model, args.mesh, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
+                     grid=args.grid, dtype=args.dtype, fsdp=args.fsdp, accelerator=args.accelerator,
+                     headroom=args.headroom)
+    print(json.dumps(plan.to_json()) if args.json else plan.table())
+    if plan.fits is False:
+        raise errors.MemoryPlanError(
+            f"{plan.total / GIB:.1f} GiB per device exceeds {args.headroom:.0%} of {args.accelerator}'s "
+            f"{plan.capacity / GIB:.1f} GiB; try a larger model axis, --fsdp, a smaller --batch/--seq/--grid, "
+            "or an accelerator with more memory")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
+    ap.add_argument("--coordinator", default=None, help="multi-process run: HOST:PORT of process 0 (every process "
+                                                        "runs the same command; jax.distributed.initialize)")
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list registered models")
@@ -614,6 +633,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_regimes)
 
+    p = sub.add_parser("plan", help="per-device memory (params, KV cache, compiled activations) of a model on a "
+                                    "(data x model) mesh; no weights needed")
+    p.add_argument("--model", required=True, help="HF directory, config.json, registered name or a shipped paper "
+                                                  "model (qwen2.5-7b-instruct, gemma-2-27b-it, qwen3-32b, "
+                                                  "llama-3.3-70b-instruct)")
+    p.add_argument("--mesh", default="1x1", help="DATAxMODEL, e.g. 8x8")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=0, help="extra KV-cache positions for generation")
+    p.add_argument("--grid", type=int, default=1, help="sweep grid points (sharded over the data axis)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--fsdp", action="store_true", help="also shard every weight's embed dimension over data")
+    p.add_argument("--accelerator", default=None, help="h100, h200, a100-80gb, a100-40gb, l4, v4, v5e, v5p, v6e")
+    p.add_argument("--headroom", type=float, default=0.9, help="usable share of the device memory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("convert", help="convert a GGUF file (or registered name) to an HF model directory")
     p.add_argument("gguf")
     p.add_argument("out")
@@ -624,6 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.coordinator:
+            from jaxpersona.sharding import init_distributed
+
+            init_distributed(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except errors.JaxPersonaError as e:
         print(f"jaxpersona: error: {e}", file=sys.stderr)

@@ -110,3 +110,8 @@ class TrainingError(JaxPersonaError):
 class MeshError(InputError):
     """A device mesh that cannot hold the model: larger than the devices present, or an axis that does
     not divide the heads / MLP width / vocabulary (the message says what would fit)."""
+
+
+class MemoryPlanError(JaxPersonaError):
+    """A model / batch / mesh that does not fit the accelerator's memory (found by the plan, before any
+    weight is allocated). The message gives the per-device total and what would make it fit."""

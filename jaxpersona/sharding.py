@@ -130,3 +130,24 @@ def per_device_bytes(shapes: Params, shardings: Params, itemsize: int) -> int:
         local = sh.shard_shape(tuple(shape))
         total += int(np.prod(local)) * itemsize
     return total
+
+
+def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join a multi-process run (several hosts, or several processes on one host) before anything touches
+    the devices: ``jax.devices()`` then spans every process and the same mesh / sweep code runs unchanged.
+    On CPU the cross-process collectives go through gloo."""
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise errors.InputError(f"process id {process_id} must be in 0..{num_processes - 1}")
+    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of (possibly multi-process, sharded) arrays: gathered across processes when needed."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                            if isinstance(x, jax.Array) and not x.is_fully_addressable else np.asarray(x), tree)
+    return jax.tree.map(np.asarray, tree)

@@ -373,7 +373,7 @@ def point_bytes(cfg: ModelConfig, batch: int, seq: int, n_targets: int, itemsize
 
 def available_bytes() -> int:
     """Free memory of the default device (host RAM on CPU), for the default budget."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # this process's own (jax.devices()[0] may be another host's)
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
@@ -533,7 +533,9 @@ def run_sweep(
                 hooks = _shard(hooks, mesh, P("data"))
             res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
                               capture=capture)
-            res = jax.tree.map(np.asarray, res)
+            from jaxpersona.sharding import to_host
+
+            res = to_host(res)
             texts = None
             if generate_tokens:
                 gb, gmap = gens[si]

@@ -120,3 +120,16 @@ from hypothesis import settings as _hyp_settings  # noqa: E402
 _hyp_settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     _hyp_settings.load_profile("ci")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001
+    """``gpu``-marked tests need an accelerator: on a CPU-only machine they are reported as skipped (run
+    them with ``pytest -m gpu`` where a GPU/TPU is present)."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs an accelerator (GPU/TPU); run `pytest -m gpu` on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -55,10 +55,15 @@ def _strip(name: str) -> str:
     return name
 
 
-def params_from_hf_tensors(
-    cfg: ModelConfig, names: list[str], get: Callable[[str], np.ndarray], dtype: Any = jnp.float32
-) -> Params:
-    """Build the stacked params pytree from HF-named tensors (``get(name) -> [out, in]`` arrays)."""
+class WeightPlan(NamedTuple):
+    """Where each parameter comes from: ``top[key] = hf name``; ``layers[key] = ([hf name per layer], transpose)``."""
+
+    top: dict[str, str]
+    layers: dict[str, tuple[list[str], bool]]
+
+
+def weight_plan(cfg: ModelConfig, names: list[str]) -> WeightPlan:
+    """Map HF tensor names onto the params pytree (refusing unexpected or missing weights)."""
     layer_map = {**_LAYER_MAP, **(_GEMMA_NORMS if cfg.sandwich_norm else _LLAMA_NORMS)}
     per_layer: dict[str, dict[int, str]] = {}
     top: dict[str, str] = {}
@@ -85,15 +90,8 @@ def params_from_hf_tensors(
             f"checkpoint has weights this {cfg.family} config does not use: {unexpected[:8]}"
             " — the config.json does not describe these weights"
         )
-
-    def cast(a: np.ndarray) -> jnp.ndarray:
-        return jnp.asarray(np.asarray(a, dtype=np.float32) if a.dtype != np.float32 else a, dtype=dtype)
-
-    params: Params = {"layers": {}}
-    for key, name in top.items():
-        a = get(name)
-        params[key] = cast(a.T if key == "lm_head" else a)
     transpose = {ours: t for ours, t in layer_map.values()}
+    layers = {}
     for key, by_layer in per_layer.items():
         missing = sorted(set(range(cfg.n_layers)) - set(by_layer))
         if missing or len(by_layer) != cfg.n_layers:
@@ -101,11 +99,29 @@ def params_from_hf_tensors(
                 f"{key}: checkpoint has layers {sorted(by_layer)[:4]}... but config says {cfg.n_layers} layers"
                 f" (missing {missing[:8]})"
             )
-        arrs = [get(by_layer[i]) for i in range(cfg.n_layers)]
+        layers[key] = ([by_layer[i] for i in range(cfg.n_layers)], transpose[key])
+    return WeightPlan(top, layers)
+
+
+def params_from_hf_tensors(
+    cfg: ModelConfig, names: list[str], get: Callable[[str], np.ndarray], dtype: Any = jnp.float32
+) -> Params:
+    """Build the stacked params pytree from HF-named tensors (``get(name) -> [out, in]`` arrays)."""
+    plan = weight_plan(cfg, names)
+
+    def cast(a: np.ndarray) -> jnp.ndarray:
+        return jnp.asarray(np.asarray(a, dtype=np.float32) if a.dtype != np.float32 else a, dtype=dtype)
+
+    params: Params = {"layers": {}}
+    for key, name in plan.top.items():
+        a = get(name)
+        params[key] = cast(a.T if key == "lm_head" else a)
+    for key, (layer_names, transpose) in plan.layers.items():
+        arrs = [get(n) for n in layer_names]
         shapes = {a.shape for a in arrs}
         if len(shapes) != 1:
             raise errors.ShapeMismatchError(f"{key}: layers have different shapes {sorted(shapes)}")
-        stacked = np.stack([a.T if transpose[key] else a for a in arrs])
+        stacked = np.stack([a.T if transpose else a for a in arrs])
         params["layers"][key] = cast(stacked)
     check_params(params, cfg)
     return params
@@ -131,11 +147,8 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
-    """Read ``config.json`` + safetensors weights from an HF model directory."""
-    from safetensors import SafetensorError, safe_open
-
-    dtype = parse_dtype(dtype)
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """``config.json`` (+ ``generation_config.json`` stop tokens) of an HF model directory."""
     path = Path(path)
     if not path.is_dir():
         raise errors.ModelNotFoundError(f"{path} is not a directory (expected an HF model directory)")
@@ -153,20 +166,125 @@ def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig
             raise errors.CorruptCheckpointError(f"{gen_cfg} is not valid JSON ({e})") from e
         if eos is not None:
             cfg = dataclasses.replace(cfg, eos_token_ids=tuple(sorted({*cfg.eos_token_ids, *eos_tuple(eos)})))
+    return cfg
 
-    handles = {}
+
+def open_checkpoint(path: Path) -> dict[str, Any]:
+    """``{tensor name: safe_open handle}`` over every shard; with an index, every tensor it lists must be in
+    the shard it names (CorruptCheckpointError otherwise, before anything is read)."""
+    from safetensors import SafetensorError, safe_open
+
     where: dict[str, Any] = {}
     try:
         for f in _safetensors_files(path):
             h = safe_open(str(f), framework="numpy")
-            handles[f] = h
             for name in h.keys():
-                where[name] = h
+                where[name] = (h, f.name)
+    except SafetensorError as e:
+        raise errors.CorruptCheckpointError(
+            f"cannot read safetensors in {path}: {e} — the file is truncated or corrupt; re-download it"
+        ) from e
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        wrong = [f"{n} (index: {f}, found in {where[n][1] if n in where else 'no shard'})"
+                 for n, f in weight_map.items() if n not in where or where[n][1] != f]
+        if wrong:
+            raise errors.CorruptCheckpointError(
+                f"{index.name} disagrees with the shard files: {wrong[:5]} — re-download the checkpoint")
+    return {n: h for n, (h, _) in where.items()}
+
+
+def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig, Params]:
+    """Read ``config.json`` + safetensors weights from an HF model directory."""
+    from safetensors import SafetensorError
+
+    dtype = parse_dtype(dtype)
+    path = Path(path)
+    cfg = read_hf_config(path)
+    where = open_checkpoint(path)
+    try:
         params = params_from_hf_tensors(cfg, list(where), lambda n: where[n].get_tensor(n), dtype)
     except SafetensorError as e:
         raise errors.CorruptCheckpointError(
             f"cannot read safetensors in {path}: {e} — the file is truncated or corrupt; re-download it"
         ) from e
+    return cfg, params
+
+
+def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: Any = jnp.float32,
+                        read_log: list | None = None) -> tuple[ModelConfig, Params]:
+    """Load an HF directory straight into sharded device arrays on ``mesh`` (see :mod:`jaxpersona.sharding`).
+
+    Each array is built with ``jax.make_array_from_callback``: a process reads, from the safetensors files,
+    only the slices its own devices hold (transposed / stacked over layers on the fly); no host ever holds
+    the whole model. Shapes are checked against the config before anything is read. ``read_log`` (for
+    tests) collects ``(hf name, slice)`` of every read."""
+    import jax
+
+    from jaxpersona.models.transformer import param_shapes
+    from jaxpersona.sharding import TENSOR_PARALLEL, param_shardings
+
+    dtype = parse_dtype(dtype)
+    path = Path(path)
+    cfg = read_hf_config(path)
+    where = open_checkpoint(path)
+    plan = weight_plan(cfg, list(where))
+    shapes = param_shapes(cfg)
+    shardings = param_shardings(cfg, mesh, rules or TENSOR_PARALLEL)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def hf_shape(name: str) -> tuple[int, ...]:
+        return tuple(where[name].get_slice(name).get_shape())
+
+    def read(name: str, idx: tuple[slice, ...]) -> np.ndarray:
+        if read_log is not None:
+            read_log.append((name, idx))
+        return np.asarray(where[name].get_slice(name)[idx], np.float32)
+
+    problems = []
+    sources: dict[tuple[str, ...], Any] = {}
+    for key in (k for k in shapes if k != "layers"):
+        name = plan.top.get(key)
+        want = shapes[key][::-1] if key == "lm_head" else shapes[key]
+        if name is None:
+            problems.append(f"missing {key} (expected shape {shapes[key]})")
+        elif hf_shape(name) != tuple(want):
+            problems.append(f"{name}: shape {hf_shape(name)}, config implies {tuple(want)}")
+        sources[(key,)] = name
+    for key, shape in shapes["layers"].items():
+        if key not in plan.layers:
+            problems.append(f"missing layers.{key} (expected shape {shape})")
+            continue
+        names, transpose = plan.layers[key]
+        want = (shape[2], shape[1]) if transpose else shape[1:]
+        bad = [n for n in names if hf_shape(n) != tuple(want)]
+        if bad:
+            problems.append(f"{bad[0]}: shape {hf_shape(bad[0])}, config implies {tuple(want)}")
+        sources[("layers", key)] = (names, transpose)
+    extra = sorted(set(plan.layers) - set(shapes["layers"]))
+    problems += [f"unexpected weight layers.{k}" for k in extra]
+    if problems:
+        raise errors.ShapeMismatchError("weights do not match the config (wrong config.json for these weights?):\n  "
+                                        + "\n  ".join(problems[:20]))
+
+    def array(kpath: tuple[str, ...], shape: tuple[int, ...], sharding: Any) -> jax.Array:
+        src = sources[kpath]
+
+        def cb(idx: tuple[slice, ...]) -> np.ndarray:
+            if kpath[0] != "layers":
+                out = read(src, idx[::-1]).T if kpath[0] == "lm_head" else read(src, idx)
+            else:
+                names, transpose = src
+                rows = range(*idx[0].indices(shape[0]))
+                inner = idx[1:][::-1] if transpose else idx[1:]
+                out = np.stack([read(names[l], inner).T if transpose else read(names[l], inner) for l in rows])
+            return out.astype(np_dtype)
+
+        return jax.make_array_from_callback(tuple(shape), sharding, cb)
+
+    params: Params = {k: array((k,), shapes[k], shardings[k]) for k in shapes if k != "layers"}
+    params["layers"] = {k: array(("layers", k), s, shardings["layers"][k]) for k, s in shapes["layers"].items()}
     return cfg, params
 
 

@@ -54,3 +54,22 @@ for shape, rules, tag in [((1, 8), sharding.TENSOR_PARALLEL, "tp"), ((2, 4), sha
         "generate_equal": bool(np.array_equal(np.asarray(gen), np.asarray(ref_gen))), "devices": n_shards,
         "w_up_local_shape": list(local)}
 print(json.dumps(res))
+
+# sharded loading of an HF directory (argv[2]): values equal the eager load; sharded weights are read in slices
+if len(sys.argv) > 2:
+    from jaxpersona.loaders.hf import load_hf_dir, load_hf_dir_sharded
+
+    cfg2, eager = load_hf_dir(sys.argv[2])
+    model_axis = 2 if cfg2.n_kv_heads % 2 == 0 else 1
+    mesh = sharding.make_mesh((8 // model_axis, model_axis))
+    log = []
+    cfg3, sharded = load_hf_dir_sharded(sys.argv[2], mesh, read_log=log)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(sharded)))
+    q_reads = [idx for name, idx in log if name.endswith("layers.0.self_attn.q_proj.weight")]
+    full_rows = cfg2.n_heads * cfg2.head_dim
+    partial = all((s.stop - s.start if s.stop is not None else full_rows) < full_rows for s, _ in q_reads)
+    logits_e = forward(eager, cfg2, tokens % cfg2.vocab_size, valid=valid).logits
+    logits_s = jax.jit(lambda p: forward(p, cfg2, tokens % cfg2.vocab_size, valid=valid).logits)(sharded)
+    print(json.dumps({"sharded_load": {"max_param_diff": diff, "q_reads": len(q_reads), "q_reads_partial": partial,
+                                       "logits": float(jnp.abs(logits_e - logits_s).max()),
+                                       "mesh": [8 // model_axis, model_axis]}}))

@@ -1,0 +1,32 @@
+"""One process of a multi-process sweep: ``python multiprocess_sweep.py PID PORT HF_DIR OUT`` (2 processes with
+4 CPU devices each, or PID -1 for the single-process reference). Writes the sweep's rows as JSON (process 0)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+pid, port, hf_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+if pid >= 0:
+    from jaxpersona.sharding import init_distributed
+
+    init_distributed(f"127.0.0.1:{port}", 2, pid)
+
+import jax
+import numpy as np
+
+from jaxpersona.loaders.hf import load_hf_dir
+from jaxpersona.model import Model
+from jaxpersona.sweep import Grid, ScoringSet, data_mesh, run_sweep
+from test_pipeline import full_word_tokenizer
+
+cfg, params = load_hf_dir(hf_dir)
+model = Model(cfg, params, full_word_tokenizer(), "tiny-llama")
+vecs = np.random.default_rng(0).normal(size=(2, cfg.d_model)).astype(np.float32)
+grid = Grid("steer", vecs, ("a", "b"), (1, 2), (0.0, 1.5, -2.0, 3.0))
+data = ScoringSet(("hello world", "what is the capital of france ?", "the cat sat"), ("paris .", "the mat", "hello"))
+mesh = data_mesh() if pid >= 0 else None
+rows = run_sweep(model, grid, data, mesh=mesh, progress=False)
+if pid <= 0:
+    Path(out).write_text(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), "rows": rows}))

@@ -1,0 +1,86 @@
+"""The 2-D (data, model) mesh: forward, captures, generation and sharded loading on 8 virtual CPU devices
+(a subprocess: the device count is fixed when JAX starts) equal one device's; bad meshes are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxpersona import errors, sharding
+
+SCRIPT = Path(__file__).parent / "scripts" / "mesh_equality.py"
+
+
+def _run(*args: str) -> list[dict]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def results(tiny_llama) -> list[dict]:
+    return _run("llama", str(tiny_llama.path))
+
+
+def test_every_mesh_gives_the_single_device_numbers(results) -> None:
+    meshes = results[0]
+    assert set(meshes) == {"tp1x8", "tp2x4", "tp4x2", "tp8x1", "fsdp2x4"}
+    for name, r in meshes.items():
+        assert r["logits"] < 1e-4 and r["capture"] < 1e-4, (name, r)  # fp32; reductions reordered across shards
+        assert r["generate_equal"], name
+        assert r["devices"] == 8
+    assert meshes["tp1x8"]["w_up_local_shape"] == [3, 64, 16]  # the MLP width split 8 ways
+    assert meshes["fsdp2x4"]["w_up_local_shape"] == [3, 32, 32]  # d_model over data, width over model
+
+
+def test_sharded_loading_reads_slices_and_equals_the_eager_load(results) -> None:
+    r = results[1]["sharded_load"]
+    assert r["max_param_diff"] == 0.0 and r["logits"] < 1e-4
+    assert r["q_reads"] >= 1 and r["q_reads_partial"]
+
+
+def test_bad_meshes(tiny_llama) -> None:
+    cfg = tiny_llama.cfg
+    with pytest.raises(errors.MeshError, match="needs 64 devices"):
+        sharding.make_mesh("8x8")
+    with pytest.raises(errors.MeshError, match="DATAxMODEL"):
+        sharding.make_mesh("two-by-four")
+    with pytest.raises(errors.MeshError, match=r"does not divide the kv heads \(2\)"):
+        sharding.check_divisible(cfg, 4)
+    with pytest.raises(errors.MeshError, match="FSDP"):
+        sharding.check_divisible(cfg, 1, data_axis=7, fsdp=True)
+
+
+def test_two_processes_give_the_rows_of_one(tiny_llama, tmp_path) -> None:
+    """2 local CPU processes x 4 virtual devices (jax.distributed, gloo): a sweep sharded over all 8 devices
+    returns the rows one process computes alone."""
+    import socket
+
+    script = Path(__file__).parent / "scripts" / "multiprocess_sweep.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid), port, str(tiny_llama.path),
+                               str(tmp_path / "multi.json")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        errs.append(err)
+        assert p.returncode == 0, err[-3000:]
+    single = subprocess.run([sys.executable, str(script), "-1", port, str(tiny_llama.path), str(tmp_path / "one.json")],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi, one = json.loads((tmp_path / "multi.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    assert multi["processes"] == 2 and multi["devices"] == 8 and one["processes"] == 1
+    assert len(multi["rows"]) == len(one["rows"]) == 2 * 2 * 4 * 3  # vectors x layers x coeffs x prompts
+    for a, b in zip(multi["rows"], one["rows"]):
+        assert {k: v for k, v in a.items() if k != "logprob"} == {k: v for k, v in b.items() if k != "logprob"}
+        assert abs(a["logprob"] - b["logprob"]) < 1e-5
