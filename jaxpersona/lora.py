@@ -200,8 +200,25 @@ def save_adapter(path: str | Path, adapter: Adapter, cfg: ModelConfig, lcfg: Lor
     return path
 
 
-def load_adapter(path: str | Path, cfg: ModelConfig) -> tuple[Adapter, dict[str, Any]]:
-    """Read an adapter written by :func:`save_adapter`; raises AdapterMismatchError if it does not fit ``cfg``."""
+def adapter_shardings(cfg: ModelConfig, targets: Sequence[str], mesh: Any, rules: Any = None) -> dict[str, dict]:
+    """Per factor, the ``NamedSharding`` that matches its weight's: ``a [L, in, r]`` takes the weight's input
+    axis, ``b [L, r, out]`` its output axis (so ``x @ a`` and ``(x @ a) @ b`` need no extra collective)."""
+    import flax.linen as nn
+
+    from jaxpersona.sharding import _LAYER_AXES, TENSOR_PARALLEL
+
+    rules = rules or TENSOR_PARALLEL
+    out: dict[str, dict] = {"a": {}, "b": {}}
+    for t in targets:
+        layers, d_in, d_out = _LAYER_AXES[TARGETS[t]]
+        out["a"][t] = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec(layers, d_in, None), mesh, rules)
+        out["b"][t] = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec(layers, None, d_out), mesh, rules)
+    return out
+
+
+def load_adapter(path: str | Path, cfg: ModelConfig, mesh: Any = None) -> tuple[Adapter, dict[str, Any]]:
+    """Read an adapter written by :func:`save_adapter`; raises AdapterMismatchError if it does not fit ``cfg``.
+    With ``mesh`` (see :mod:`jaxpersona.sharding`) Orbax restores each factor straight into its shards."""
     from jaxpersona.bank import _orbax, _quiet_absl
 
     path = Path(path).expanduser().absolute()
@@ -210,9 +227,20 @@ def load_adapter(path: str | Path, cfg: ModelConfig) -> tuple[Adapter, dict[str,
                                         "pass a directory written by save_adapter / jaxpersona regimes")
     ocp = _orbax()
     with _quiet_absl(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
-        got = ck.restore(path, args=ocp.args.Composite(factors=ocp.args.StandardRestore(),
-                                                         info=ocp.args.JsonRestore()))
-    f, info = got["factors"], dict(got["info"])
+        info = dict(ck.restore(path, args=ocp.args.Composite(info=ocp.args.JsonRestore()))["info"])
+        target = None
+        if mesh is not None and info.get("n_layers") == cfg.n_layers and info.get("d_model") == cfg.d_model:
+            shapes = param_shapes(cfg)["layers"]
+            sh = adapter_shardings(cfg, info["targets"], mesh)
+            r = int(info["rank"])
+            target = {"a": {t: jax.ShapeDtypeStruct((*shapes[TARGETS[t]][:2], r), jnp.float32, sharding=sh["a"][t])
+                            for t in info["targets"]},
+                      "b": {t: jax.ShapeDtypeStruct((shapes[TARGETS[t]][0], r, shapes[TARGETS[t]][2]), jnp.float32,
+                                                    sharding=sh["b"][t]) for t in info["targets"]},
+                      "scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=jax.sharding.NamedSharding(
+                          mesh, jax.sharding.PartitionSpec()))}
+        got = ck.restore(path, args=ocp.args.Composite(factors=ocp.args.StandardRestore(target)))
+    f = got["factors"]
     if info.get("n_layers") != cfg.n_layers or info.get("d_model") != cfg.d_model:
         raise errors.AdapterMismatchError(
             f"adapter at {path} was trained for a {info.get('family')} model with {info.get('n_layers')} layers, "

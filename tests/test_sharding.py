@@ -45,6 +45,31 @@ def test_sharded_loading_reads_slices_and_equals_the_eager_load(results) -> None
     assert r["q_reads"] >= 1 and r["q_reads_partial"]
 
 
+def test_sweep_and_adapter_on_a_2d_mesh(results) -> None:
+    r = results[2]
+    assert r["sweep_2x4"]["rows"] == 2 * 2 * 4 * 2 and r["sweep_2x4"]["same_keys"]
+    assert r["sweep_2x4"]["max_logprob_diff"] < 1e-5
+    assert r["adapter_2x4"]["b_wq_local"] == [3, 4, 32]  # the q factor's output split over model (128 / 4)
+    assert r["adapter_2x4"]["logits"] < 1e-4
+
+
+def test_a_broken_index_is_refused_before_reading(tiny_llama, tmp_path) -> None:
+    import shutil
+
+    from jaxpersona.loaders.hf import load_hf_dir_sharded
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama.path, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(errors.ModelNotFoundError, match="download every shard"):
+        load_hf_dir_sharded(d, sharding.make_mesh((1, 1)))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "model.safetensors", "model.ghost.weight": "model.safetensors"}}))
+    with pytest.raises(errors.CorruptCheckpointError, match="disagrees with the shard files"):
+        load_hf_dir_sharded(d, sharding.make_mesh((1, 1)))
+
+
 def test_bad_meshes(tiny_llama) -> None:
     cfg = tiny_llama.cfg
     with pytest.raises(errors.MeshError, match="needs 64 devices"):

@@ -73,3 +73,33 @@ if len(sys.argv) > 2:
     print(json.dumps({"sharded_load": {"max_param_diff": diff, "q_reads": len(q_reads), "q_reads_partial": partial,
                                        "logits": float(jnp.abs(logits_e - logits_s).max()),
                                        "mesh": [8 // model_axis, model_axis]}}))
+
+# a sweep (grid over data, weights over model) and a LoRA adapter restored into shards, on a 2x4 mesh
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+import tempfile  # noqa: E402
+
+from jaxpersona.lora import LoraConfig, init_adapter, load_adapter, save_adapter  # noqa: E402
+from jaxpersona.model import Model  # noqa: E402
+from jaxpersona.sweep import Grid, ScoringSet, run_sweep  # noqa: E402
+from test_pipeline import full_word_tokenizer  # noqa: E402
+
+model = Model(cfg, params, full_word_tokenizer(), "mesh-test")
+grid = Grid("steer", rng.normal(size=(2, cfg.d_model)).astype(np.float32), ("a", "b"), (1, 2), (0.0, 2.0, -1.0, 4.0))
+data = ScoringSet(("hello world", "what is the capital of france ?"), ("paris .", "the mat"))
+one = run_sweep(model, grid, data, progress=False)
+two = run_sweep(model, grid, data, mesh=sharding.make_mesh((2, 4)), progress=False)
+ad = init_adapter(cfg, LoraConfig(rank=4), jax.random.key(3))
+ad = type(ad)(ad.a, {t: b + 0.05 for t, b in ad.b.items()}, ad.scale)
+with tempfile.TemporaryDirectory() as d:
+    save_adapter(f"{d}/ad", ad, cfg, LoraConfig(rank=4))
+    mesh = sharding.make_mesh((2, 4))
+    sad, _ = load_adapter(f"{d}/ad", cfg, mesh=mesh)
+    lg1 = forward(params, cfg, tokens, valid=valid, adapter=ad).logits
+    lg2 = jax.jit(lambda p, a: forward(p, cfg, tokens, valid=valid, adapter=a).logits)(
+        sharding.shard_params(params, cfg, mesh), sad)
+print(json.dumps({"sweep_2x4": {"rows": len(two), "same_keys": [
+    {k: v for k, v in a.items() if k != "logprob"} for a in one] == [{k: v for k, v in b.items() if k != "logprob"}
+                                                                      for b in two],
+    "max_logprob_diff": max(abs(a["logprob"] - b["logprob"]) for a, b in zip(one, two))},
+    "adapter_2x4": {"b_wq_local": list(sad.b["q"].addressable_shards[0].data.shape),
+                    "logits": float(jnp.abs(lg1 - lg2).max())}}))
