@@ -410,7 +410,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
     trait_items = ev_arr["pos"] - ev_arr["neg"]  # [K, items] contrastive likelihood per item
     base_items = trait_items[0]
     acts = ev_arr["acts"]  # [K, 3, L+1, Q, D]
-    ft_diff = acts[:, :, :, :, :] - acts[:1]  # fine-tuned minus base, per question
+    ft_diff = acts - acts[:1]  # fine-tuned minus base, per question
     ri = VARIANTS.index("response_mean")
     li = VARIANTS.index("prompt_last")
     points = []

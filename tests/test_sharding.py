@@ -109,3 +109,19 @@ def test_two_processes_give_the_rows_of_one(tiny_llama, tmp_path) -> None:
     for a, b in zip(multi["rows"], one["rows"]):
         assert {k: v for k, v in a.items() if k != "logprob"} == {k: v for k, v in b.items() if k != "logprob"}
         assert abs(a["logprob"] - b["logprob"]) < 1e-5
+
+
+def test_weights_that_do_not_fit_a_device_are_refused_before_reading(tiny_llama, monkeypatch) -> None:
+    import jax
+
+    from jaxpersona.loaders import hf
+
+    mesh = sharding.make_mesh((1, 1))
+    reads = []
+    monkeypatch.setattr(hf, "_free_bytes", lambda dev: 1000)  # a device with 1000 bytes free
+    with pytest.raises(errors.MemoryPlanError, match="per device"):
+        hf.load_hf_dir_sharded(tiny_llama.path, mesh, read_log=reads)
+    assert reads == []  # refused before a single slice was read
+    monkeypatch.setattr(hf, "_free_bytes", lambda dev: None)  # the CPU: no limit reported
+    cfg, params = hf.load_hf_dir_sharded(tiny_llama.path, mesh, read_log=reads)
+    assert reads and jax.tree.leaves(params)[0].shape[0] > 0

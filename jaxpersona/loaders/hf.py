@@ -212,6 +212,30 @@ def load_hf_dir(path: str | Path, dtype: Any = jnp.float32) -> tuple[ModelConfig
     return cfg, params
 
 
+def _free_bytes(dev: Any) -> int | None:
+    """Free memory a device reports (None where it reports no limit, as the CPU)."""
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return None
+
+
+def check_device_memory(shapes: Params, shardings: Params, itemsize: int, mesh: Any) -> None:
+    """Refuse (MemoryPlanError) weights whose per-device shards exceed a local device's free memory, before
+    any is read. Devices that report no memory limit (the CPU) are not checked."""
+    import jax
+
+    from jaxpersona.sharding import per_device_bytes
+
+    need = per_device_bytes(shapes, shardings, itemsize)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    free = _free_bytes(local[0]) if local else None
+    if free is not None and need > free:
+        raise errors.MemoryPlanError(
+            f"the weights need {need / 2**30:.2f} GiB per device but {local[0]} has {free / 2**30:.2f} GiB free; "
+            "use a larger model axis, FSDP rules, or check with `jaxpersona plan`")
+
+
 def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: Any = jnp.float32,
                         read_log: list | None = None) -> tuple[ModelConfig, Params]:
     """Load an HF directory straight into sharded device arrays on ``mesh`` (see :mod:`jaxpersona.sharding`).
@@ -233,6 +257,7 @@ def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: A
     shapes = param_shapes(cfg)
     shardings = param_shardings(cfg, mesh, rules or TENSOR_PARALLEL)
     np_dtype = np.dtype(jnp.dtype(dtype))
+    check_device_memory(shapes, shardings, np_dtype.itemsize, mesh)
 
     def hf_shape(name: str) -> tuple[int, ...]:
         return tuple(where[name].get_slice(name).get_shape())
