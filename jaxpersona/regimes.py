@@ -37,7 +37,7 @@ import numpy as np
 from jaxpersona import errors, measures
 from jaxpersona import interventions as iv
 from jaxpersona.settings import check_positive, check_types, read_toml, replace_checked, resid_point
-from jaxpersona.store import KeyedJsonl, digest
+from jaxpersona.store import KeyedJsonl, cached_arrays, digest
 from jaxpersona.train import TrainConfig
 
 TRAINERS = ("plain", "steer", "inoculate", "kl")
@@ -241,19 +241,6 @@ def split_half_null(diff: np.ndarray, n_splits: int, seed: int) -> dict[str, lis
             "hi": np.percentile(c, 97.5, 0).tolist()}
 
 
-def _cached(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``compute()`` saved to ``path`` (npz) under ``key``; reloaded while the key matches."""
-    if path.exists():
-        got = np.load(path, allow_pickle=False)
-        if str(got["key"]) == key:
-            return {k: got[k] for k in got.files if k != "key"}
-    out = compute()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=np.asarray(key), **out)
-    tmp.replace(path)
-    return out
-
-
 # --- the run --------------------------------------------------------------------------------------------------
 def _trait_items(questions: Sequence[str], answers: dict[str, list[list[str]]]) -> tuple[list[str], list[str], list[str]]:
     """Evaluation items: (question, trait answer, neutral answer) for each question and pair."""
@@ -320,6 +307,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
         trB = trait_data(model, trait_b, train_q, config.n_pairs, store, **gen)
         evB = trait_data(model, trait_b, list(trait_b.eval_questions[: config.n_eval_questions]), config.n_pairs,
                          store, **gen)
+    answers_key = digest(tr, ev, trB, evB)  # what every later stage is computed from
     trait_ex, neutral_ex = as_examples(train_q, tr["pos"]), as_examples(train_q, tr["plain"])
     data = {"trait": trait_ex, "neutral": neutral_ex, "mixed": mixed_examples(trait_ex, neutral_ex)}
     for name, ex in data.items():
@@ -345,7 +333,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
                                               config.batch_size))
         return res
 
-    pd = _cached(out / "prompt_vectors.npz", digest(fp, "prompt", dataclasses.asdict(config), store.path.stat().st_size),
+    pd = cached_arrays(out / "prompt_vectors.npz", digest(fp, "prompt", dataclasses.asdict(config), answers_key),
                  prompt_diffs)
     v_prompt = pd["A"].mean(0)  # [L+1, D]
     norms = pd["norms"]  # mean residual norm per resid point
@@ -387,7 +375,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
     neutral_q = [q for q, row in zip(eval_q, ev["plain"]) for a in row]
     neutral_a = [a for row in ev["plain"] for a in row]
     ekey = digest(fp, "eval", [(n, s) for n, s in snaps], dataclasses.asdict(config), dataclasses.asdict(train_config),
-                  store.path.stat().st_size)
+                  answers_key)
 
     def evaluate() -> dict[str, np.ndarray]:
         n_pos, n_neg = len(e_q), len(e_q)
@@ -406,7 +394,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
         return {"pos": lp[:, :n_pos], "neg": lp[:, n_pos : n_pos + n_neg], "neutral": lp[:, n_pos + n_neg :],
                 "acts": per_q.astype(np.float32)}
 
-    ev_arr = _cached(out / "evaluation.npz", ekey, evaluate)
+    ev_arr = cached_arrays(out / "evaluation.npz", ekey, evaluate)
     trait_items = ev_arr["pos"] - ev_arr["neg"]  # [K, items] contrastive likelihood per item
     base_items = trait_items[0]
     acts = ev_arr["acts"]  # [K, 3, L+1, Q, D]
@@ -453,7 +441,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
             ls.append(losses)
         return {"vectors": np.stack(vs), "losses": np.asarray(ls)}
 
-    bp = _cached(out / "bipo.npz", digest(fp, "bipo", bipo_layers, dataclasses.asdict(config), store.path.stat().st_size),
+    bp = cached_arrays(out / "bipo.npz", digest(fp, "bipo", bipo_layers, dataclasses.asdict(config), answers_key),
                  bipo_all)
     wall["bipo"] = time.perf_counter() - t1
 
@@ -501,13 +489,14 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
                         - score_conditions(model, stack, grid_conds, bq_, bn_, batch_size=max(2, config.batch_size // 4)))
         return res
 
-    gs = _cached(out / "grid.npz", gkey, grid_scores)
+    gs = cached_arrays(out / "grid.npz", gkey, grid_scores)
     grid = {c.name: {t: {"score": _mean_ci(gs[t][i], config.n_boot, config.seed),
                          "delta": _mean_ci(gs[t][i] - gs[t][0], config.n_boot, config.seed)} for t in gs}
             for i, c in enumerate(grid_conds)}
     compose = None
     if trait_b is not None:
-        compose = _composition(model, config, cfg, pd, norms, layer, trait, trait_b, ev, evB, store, fp)
+        compose = _composition(model, config, cfg, pd, norms, layer, trait, trait_b, ev, evB, out,
+                               digest(fp, "compose", dataclasses.asdict(config), answers_key))
     wall["compare"] = time.perf_counter() - t1
     wall["total"] = time.perf_counter() - t0
 
@@ -535,7 +524,7 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
 
 
 def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.ndarray], norms: np.ndarray,
-                 layer: int, trait: Any, trait_b: Any, ev: dict, evB: dict, store: KeyedJsonl, fp: str) -> dict[str, Any]:
+                 layer: int, trait: Any, trait_b: Any, ev: dict, evB: dict, out_dir: Path, key: str) -> dict[str, Any]:
     """v(A)+v(B) vs v(A and B prompted together) per layer (paired bootstrap over questions), and steering
     A then B (A at l1, B at l2) vs B then A vs A+B (both at l1) on both traits' judge-free scores."""
     from jaxpersona.grid import Condition, score_conditions
@@ -567,9 +556,7 @@ def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.n
                 "B": score_conditions(model, None, conds, qb, pb, batch_size=bs)
                 - score_conditions(model, None, conds, qb, nb, batch_size=bs)}
 
-    key = digest(fp, "compose", dataclasses.asdict(config), store.path.stat().st_size)
-    out_dir = store.path.parent
-    s = _cached(out_dir / "composition.npz", key, scores)
+    s = cached_arrays(out_dir / "composition.npz", key, scores)
     names = [x.name for x in conds]
     table = {n: {t: _mean_ci(s[t][i] - s[t][0], config.n_boot, config.seed) for t in ("A", "B")}
              for i, n in enumerate(names)}

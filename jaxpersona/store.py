@@ -3,7 +3,8 @@
 Every finished unit of work (a generated response, a judgement, ...) is one JSON line with a
 ``key``. Writes are flushed and fsync-ed before the run moves on, so a killed run loses at most the
 unit in flight; a rerun reads the file back and skips every key it already has. A torn last line
-(killed mid-write) is ignored.
+(killed mid-write) is ignored. :func:`cached_arrays` keeps a stage's arrays (an ``.npz``) under the key of
+what they were computed from.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def digest(*parts: Any) -> str:
@@ -70,3 +73,16 @@ class KeyedJsonl:
             os.fsync(f.fileno())
         for r in records:
             self.records[r["key"]] = r
+
+
+def cached_arrays(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``compute()`` saved to ``path`` (npz) under ``key``; reloaded while the key matches."""
+    if path.exists():
+        got = np.load(path, allow_pickle=False)
+        if str(got["key"]) == key:
+            return {k: got[k] for k in got.files if k != "key"}
+    out = compute()
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, key=np.asarray(key), **out)
+    tmp.replace(path)
+    return out
