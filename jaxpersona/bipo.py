@@ -61,11 +61,9 @@ def bipo_vector(model: Any, questions: Sequence[str], pos: Sequence[str], neg: S
         raise errors.InputError(f"BiPO needs >= 2 (question, trait answer, neutral answer) triples, got {len(keep)}")
     convs = [conversation(questions[i]) for i in keep]
     n = len(keep)
-    from jaxpersona.sweep import _ids
+    from jaxpersona.sweep import target_shape
 
-    ids = _ids(model, convs + convs, [pos[i] for i in keep] + [neg[i] for i in keep])
-    width = -(-max(len(p) + len(r) for p, r in ids) // 16) * 16
-    r_width = max(len(r) for _, r in ids)
+    width, r_width = target_shape(model, convs + convs, [pos[i] for i in keep] + [neg[i] for i in keep])
     tabs = [encode_targets(model, convs, [side[i] for i in keep], width=width, r_width=r_width) for side in (pos, neg)]
     tabs = [{k: jnp.asarray(v) for k, v in t.items() if k != "resp"} for t in tabs]
     lyr = jnp.int32(layer)

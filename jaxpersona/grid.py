@@ -82,7 +82,7 @@ def score_conditions(model: Any, stack: AdapterStack | None, conditions: Sequenc
     """``[C, N]``: mean per-token log-prob of ``responses[n]`` after the user turn ``questions[n]`` under each
     condition (NaN for an empty response)."""
     from jaxpersona.model import Batch, conversation
-    from jaxpersona.sweep import _ids, encode_targets
+    from jaxpersona.sweep import encode_targets, target_shape
 
     if not conditions:
         raise errors.InputError("score_conditions: no conditions")
@@ -105,9 +105,7 @@ def score_conditions(model: Any, stack: AdapterStack | None, conditions: Sequenc
         return out
     convs = {c.system: [conversation(questions[i], c.system) for i in live] for c in conditions}
     resps = [responses[i] for i in live]
-    ids = [x for cv in convs.values() for x in _ids(model, cv, resps)]
-    width = -(-max(len(p) + len(r) for p, r in ids) // 16) * 16
-    r_width = max(len(r) for _, r in ids)
+    width, r_width = target_shape(model, [c for cv in convs.values() for c in cv], resps * len(convs))
     enc = {s: encode_targets(model, cv, resps, width=width, r_width=r_width) for s, cv in convs.items()}
     keys = ("tokens", "valid", "pred_idx", "pred_tok", "pred_ok")
     table = {k: np.stack([enc[c.system][k] for c in conditions]) for k in keys}  # [C, N, ...]
