@@ -15,6 +15,8 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
     jaxpersona trait-data --trait evil --out data/evil        # trait-eliciting + matched neutral chat JSONL
     jaxpersona finetune --data data/evil/trait.jsonl --out runs/ft   # LoRA (optax, Orbax resume)
     jaxpersona regimes --trait evil                      # prompt vs fine-tune vs BiPO; prevention trainers
+    jaxpersona serve --bank runs/persona_evil/vectors    # OpenAI-compatible server, per-request interventions
+    jaxpersona report runs/persona_evil                  # a static HTML page of any run directory
 """
 
 from __future__ import annotations
@@ -459,6 +461,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from jaxpersona.serve.app import run_server
+
+    return run_server(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jaxpersona.report import write_report
+
+    out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"report: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
     ap.add_argument("--coordinator", default=None, help="multi-process run: HOST:PORT of process 0 (every process "
@@ -649,6 +665,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.9, help="usable share of the device memory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steer/cap/ablate and a persona "
+                                     "readout; requests with different interventions share one batch")
+    _add_model_args(p)
+    from jaxpersona.serve.app import add_serve_args
+
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="a static HTML report (config, tables, plots, vector bank) of a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("convert", help="convert a GGUF file (or registered name) to an HF model directory")
     p.add_argument("gguf")

@@ -115,3 +115,16 @@ class MeshError(InputError):
 class MemoryPlanError(JaxPersonaError):
     """A model / batch / mesh that does not fit the accelerator's memory (found by the plan, before any
     weight is allocated). The message gives the per-device total and what would make it fit."""
+
+
+class RequestError(InputError):
+    """A bad request to ``jaxpersona serve``: answered with HTTP ``status`` and an OpenAI-shaped error body
+    (``type``, ``param`` naming the offending field, ``code``); the server keeps serving."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}

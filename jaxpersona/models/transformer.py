@@ -295,19 +295,41 @@ def prepare(
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
 ) -> Prepared:
-    """Masks, rope tables and hook context for a ``[B, T]`` chunk written at ``cache_index``."""
+    """Masks, rope tables and hook context for a ``[B, T]`` chunk written at ``cache_index`` (a scalar, or
+    ``[B]``: each row its own slot, as in a continuously batched server)."""
     b, t = valid.shape
     valid = valid.astype(bool)
     index = jnp.asarray(cache_index, jnp.int32)
     if positions is None:
         prior = jnp.zeros((b,), jnp.int32) if cache is None else cache.valid.sum(axis=1).astype(jnp.int32)
         positions = jnp.maximum(prior[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
-    slots = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    k_valid = valid if cache is None else jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
+    slots = chunk_slots(index, b, t)
+    if cache is None:
+        k_valid = valid
+    elif index.ndim == 0:
+        k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
+    else:
+        k_valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(valid)
     mask_full, mask_local = attention_masks(cfg, slots, k_valid)
     rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
     rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
     return Prepared(HookContext(positions, slots, valid), mask_full, mask_local, rope_g, rope_l, k_valid)
+
+
+def chunk_slots(index: jax.Array, b: int, t: int) -> jax.Array:
+    """Cache slots ``[B, T]`` of a ``[B, T]`` chunk written at ``index`` (scalar, or ``[B]`` per row)."""
+    start = index[:, None] if index.ndim else index
+    return start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def write_cache(c: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """Write one layer's keys or values ``new [B, KV, T, hd]`` into ``c [L, B, KV, S, hd]`` at slot ``index``
+    (scalar: one in-place slice; ``[B]``: a scatter, each row at its own slot)."""
+    new = new.astype(c.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(c, new[None], (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0)))
+    b, _, t, _ = new.shape
+    return c.at[layer, jnp.arange(b)[:, None], :, chunk_slots(index, b, t)].set(jnp.swapaxes(new, 1, 2))
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -384,9 +406,7 @@ def run_layers(
                 h = block(cfg, lp, h, rope, mask)
             else:  # write the new keys/values in place first, then read this layer's slice
                 q, k, v = project_qkv(cfg, lp, h, rope)
-                at = (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0))
-                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
                 h = finish_block(cfg, lp, h, q, ck[layer], cv[layer], mask)
             h = apply_hook(hook, layer + 1, h, prep.ctx)
             return h, record(buf, layer + 1, h), ck, cv
@@ -439,7 +459,8 @@ def forward(
       valid: ``[B, T]`` bool, False on (left) padding. Default: all True.
       positions: ``[B, T]`` rope positions. Default: ``cumsum(valid) - 1`` (+ tokens already cached).
       cache: a :class:`KVCache`; the ``T`` new keys/values are written at slots
-        ``cache_index .. cache_index + T - 1`` and attention covers the whole cache.
+        ``cache_index .. cache_index + T - 1`` and attention covers the whole cache. ``cache_index`` is a
+        scalar or ``[B]`` (each row written at its own slot).
       capture: which ``resid`` points to return (see :class:`Capture`); ``capture_mask [B, T]``
         selects the tokens for ``mean``/``last`` (default ``valid``).
       hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).

@@ -1,0 +1,296 @@
+"""``jaxpersona serve``: the HTTP side (standard library only) of the OpenAI-compatible server.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
+Each HTTP connection gets a thread that validates its request, hands the choices to the one
+:class:`~jaxpersona.serve.engine.Engine` thread, and writes the answer (JSON, or SSE chunks while the
+engine produces them). Bad requests get a 4xx body in OpenAI's error shape and nothing else changes.
+
+Privacy: request bodies and headers are never logged; the access log (off with ``--quiet``) is one line of
+method, path (without query), status and seconds. The API key is read from an environment variable
+(``--api-key-env``), compared in constant time and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from jaxpersona import errors
+
+MAX_BODY = 32 << 20  # bytes
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` options (kept here, importable without JAX)."""
+    p.add_argument("--bank", action="append", default=[], help="a vector bank directory whose entries requests may "
+                                                                "name (repeatable)")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME=FILE",
+                   help="a named intervention preset: a capping config (capping.json from `jaxpersona space`) or a "
+                        "JSON list of intervention objects (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=8, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-context", type=int, default=1024, help="KV-cache slots per row (prompt + new tokens)")
+    p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
+    p.add_argument("--max-readout", type=int, default=4, help="persona-readout directions per request")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
+    p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--api-key-env", default=None, help="require `Authorization: Bearer $VAR` (the variable's name)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+
+
+# --- resources ------------------------------------------------------------------------------------------
+def build_resources(model: Any, banks: list[str], presets: list[str], served_name: str, max_interventions: int,
+                    max_readout: int) -> Any:
+    """Bank entries and presets a request may name (errors here are start-up errors, exit 2)."""
+    import numpy as np
+
+    from jaxpersona.axis import CapConfig
+    from jaxpersona.bank import VectorBank
+    from jaxpersona.serve.engine import Item
+    from jaxpersona.serve.protocol import Resources, parse_interventions
+
+    cfg = model.cfg
+    vectors, norms, layers = {}, {}, {}
+    for path in banks:
+        bank = VectorBank.load(path, cfg)
+        for name in bank.names:
+            if name in vectors:
+                raise errors.InputError(f"bank entry {name!r} is in more than one --bank; names must be unique")
+            vectors[name] = np.asarray(bank.get(name), np.float32)
+            meta = bank.meta_of(name)
+            norms[name] = np.asarray(meta["resid_norm"], np.float32) if meta.get("resid_norm") else None
+            if meta.get("best_layer") is not None:
+                layers[name] = int(meta["best_layer"])
+    res = Resources(served_name, cfg.n_resid, cfg.d_model, vectors, norms, layers, {}, max_interventions, max_readout)
+    for spec in presets:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise errors.InputError(f"--preset {spec!r}: use NAME=FILE")
+        path = Path(file)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise errors.InputError(f"--preset {name}: {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise errors.InputError(f"--preset {name}: {path} is not JSON ({e.msg}, line {e.lineno})") from None
+        if isinstance(data, dict) and data.get("format") == "jaxpersona.CapConfig":
+            cap = CapConfig.load(path, cfg)
+            vec, lo, hi, w = cap.arrays()
+            res.presets[name] = [Item(vec, lo=lo, hi=hi, cap_w=w, positions="all")]
+        else:
+            try:
+                res.presets[name] = parse_interventions(data, res, f"preset {name}")
+            except errors.RequestError as e:
+                raise errors.InputError(f"--preset {name} ({path}): {e}") from None
+    return res
+
+
+# --- the server -----------------------------------------------------------------------------------------
+class PersonaServer:
+    """The engine plus a threaded HTTP server on ``host:port`` (port 0 picks a free one); :attr:`url` is the
+    ``/v1`` base. ``api_key``: required bearer token, or None."""
+
+    def __init__(self, model: Any, resources: Any, ecfg: Any, *, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None, access_log: bool = False) -> None:
+        from jaxpersona.serve.engine import Engine
+
+        self.model, self.res, self.api_key, self.access_log = model, resources, api_key, access_log
+        self.engine = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id, ecfg)
+        self.httpd = _HTTPServer((host, port), _handler(self))
+        self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
+        self._thread: threading.Thread | None = None
+
+    def warmup(self) -> None:
+        """Compile the decode step (plain, and with interventions + readout) and the first prompt bucket."""
+        import numpy as np
+
+        from jaxpersona.serve.protocol import collect, parse_request
+
+        d = self.model.cfg.d_model
+        bodies = [{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0},
+                  {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0.5,
+                   "interventions": [{"kind": "steer", "vector": np.ones(d).tolist(), "layers": 1, "coeff": 0.0}],
+                   "persona_readout": [{"name": "w", "vector": np.ones(d).tolist(), "layer": 1}]}]
+        for body in bodies:
+            req = parse_request("chat", body, self.res, self.model, self.engine)
+            self.engine.submit(req.seqs)
+            collect(req, self.model.tokenizer, self.res.model_name)
+
+    def start(self) -> PersonaServer:
+        self.engine.start()
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="jaxpersona-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.engine.stop()
+
+    def __enter__(self) -> PersonaServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # a burst of clients waits in the listen backlog instead of being refused
+    allow_reuse_address = True
+
+
+def _handler(server: PersonaServer) -> type[BaseHTTPRequestHandler]:
+    from jaxpersona.serve.protocol import collect, parse_request, stream_chunks
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "jaxpersona"
+
+        # --- plumbing ---------------------------------------------------------------------------
+        def _send(self, status: int, obj: Any) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, e: errors.RequestError) -> None:
+            self._send(e.status, e.body())
+
+        def _authorized(self) -> bool:
+            if server.api_key is None:
+                return True
+            got = self.headers.get("Authorization", "")
+            token = got[7:] if got.startswith("Bearer ") else ""
+            if hmac.compare_digest(token.encode(), server.api_key.encode()):
+                return True
+            self._error(errors.RequestError("missing or incorrect API key (send `Authorization: Bearer KEY`)",
+                                            status=401, code="invalid_api_key"))
+            return False
+
+        def _body(self) -> Any:
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise errors.RequestError("a JSON body with Content-Length is required", status=411)
+            if int(length) > MAX_BODY:
+                raise errors.RequestError(f"request body over {MAX_BODY >> 20} MiB", status=413)
+            raw = self.rfile.read(int(length))
+
+            def no_constants(c: str) -> Any:
+                raise ValueError(f"{c} is not valid JSON (numbers must be finite)")
+
+            try:
+                return json.loads(raw, parse_constant=no_constants)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise errors.RequestError(f"malformed JSON body: {e}", code="invalid_json") from None
+
+        # --- routes -----------------------------------------------------------------------------
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?")[0]
+            if path in ("/health", "/v1/health"):
+                ok = server.engine.failure is None
+                self._send(200 if ok else 503, {"status": "ok" if ok else "failed", **server.engine.busy()})
+            elif path == "/v1/models":
+                if self._authorized():
+                    self._send(200, {"object": "list", "data": [
+                        {"id": server.res.model_name, "object": "model", "created": 0, "owned_by": "jaxpersona",
+                         "jaxpersona": server.res.describe()}]})
+            else:
+                self._error(errors.RequestError(f"no route GET {path}", status=404, code="not_found"))
+
+        def do_POST(self) -> None:  # noqa: N802
+            path = self.path.split("?")[0]
+            kind = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}.get(path)
+            if kind is None:
+                self._error(errors.RequestError(f"no route POST {path}", status=404, code="not_found"))
+                return
+            if not self._authorized():
+                return
+            try:
+                req = parse_request(kind, self._body(), server.res, server.model, server.engine)
+                server.engine.submit(req.seqs)
+            except errors.RequestError as e:
+                self._error(e)
+                return
+            tok, name = server.model.tokenizer, server.res.model_name
+            if not req.stream:
+                try:
+                    self._send(200, collect(req, tok, name))
+                except errors.RequestError as e:
+                    self._error(e)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            try:
+                for chunk in stream_chunks(req, tok, name):
+                    self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except errors.RequestError as e:
+                self.wfile.write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
+            except (BrokenPipeError, ConnectionResetError):  # the client left: free its rows
+                for s in req.seqs:
+                    s.cancelled.set()
+
+        # --- logging: never bodies or headers ---------------------------------------------------
+        def log_request(self, code: Any = "-", size: Any = "-") -> None:
+            if server.access_log:
+                path = self.path.split("?")[0]
+                sys.stderr.write(f"{time.strftime('%H:%M:%S')} {self.command} {path} {code}\n")
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - errors only, no request data
+            if server.access_log and args and str(args[0]).isdigit():
+                sys.stderr.write(f"{time.strftime('%H:%M:%S')} http error {args[0]}\n")
+
+    return Handler
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """``jaxpersona serve``: load, warm up, listen until interrupted."""
+    from jaxpersona.model import load
+    from jaxpersona.serve.engine import EngineConfig
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    ecfg = EngineConfig(batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
+                        max_readout=args.max_readout, max_queue=args.max_queue)
+    model = load(args.model, args.dtype)
+    res = build_resources(model, args.bank, args.preset, args.served_name or str(args.model), args.max_interventions,
+                          args.max_readout)
+    try:
+        server = PersonaServer(model, res, ecfg, host=args.host, port=args.port, api_key=api_key,
+                               access_log=not args.quiet)
+    except OSError as e:
+        raise errors.InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    server.engine.start()
+    if not args.no_warmup:
+        t = time.perf_counter()
+        server.warmup()
+        print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    print(f"serving {res.model_name} on {server.url} (batch {ecfg.batch}, {len(res.vectors)} bank vectors, "
+          f"presets: {', '.join(sorted(res.presets)) or 'none'}{', API key required' if api_key else ''})",
+          file=sys.stderr, flush=True)
+    try:
+        server.httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.httpd.server_close()
+        server.engine.stop()
+    return 0

@@ -1,0 +1,455 @@
+"""Continuous batching with a different intervention on every row.
+
+The engine keeps ``batch`` rows of one KV cache ``[L, B, KV, S, hd]``. A request (one *choice*) owns a row
+from admission to its last token, and its tokens always sit at the same slots of that row: the prompt,
+left-padded to a power-of-two bucket, at ``0 .. P-1``, generated tokens from ``P`` on. Each row is written
+at its own slot (``forward(..., cache_index=[B])``), so a request's computation never depends on when it
+joined or on what the other rows hold: interleaved requests give the tokens they give alone.
+
+Every row carries its interventions as data (:class:`RowInterventions`: ``K`` items of
+``vector [N, D]``, steer coefficient and layer weights, cap bounds and layer weights, a position mask over
+the row's cache slots). One jitted decode step applies them all — a ``vmap`` over rows of the library's own
+:class:`~jaxpersona.interventions.Cap` and :class:`~jaxpersona.interventions.Steer` — and samples every
+row with its own temperature, top-p and PRNG key. An ablation is a cap with ``floor = ceiling = mean``.
+
+The host loop (:meth:`Engine.run`) admits waiting requests into free rows between decode steps
+(each prefilled alone at batch 1), steps, and hands each request its tokens, log-probs, text deltas and a
+persona readout (mean projection of its generated tokens' residuals on named directions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.config import ModelConfig
+from jaxpersona.generate import sample_token
+from jaxpersona.interventions import Cap, Positions, Steer, _pytree
+from jaxpersona.models.transformer import Capture, HookContext, KVCache, Params, forward
+
+TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit)
+POSITIONS = ("all", "prompt", "response", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static shape of the engine: ``batch`` rows x ``max_context`` cache slots, ``max_interventions`` items and
+    ``max_readout`` readout directions per row."""
+
+    batch: int = 8
+    max_context: int = 1024
+    max_interventions: int = 4
+    max_readout: int = 4
+    max_queue: int = 256
+    min_bucket: int = 32
+
+    def __post_init__(self) -> None:
+        for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "min_bucket"):
+            v = getattr(self, f)
+            if int(v) != v or v < 1:
+                raise errors.InputError(f"serve: {f} must be an integer >= 1, got {v}")
+        if self.max_context < 2 * self.min_bucket:
+            raise errors.InputError(f"serve: max_context {self.max_context} is too small (>= {2 * self.min_bucket})")
+
+    def bucket(self, n: int) -> int:
+        """Prompt slots for an ``n``-token prompt: the next power of two >= ``min_bucket``."""
+        return max(self.min_bucket, 1 << (max(n, 1) - 1).bit_length())
+
+
+# --- interventions as per-row data --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One resolved intervention of a request (numpy, host side). An inactive part has zero layer weights."""
+
+    vector: np.ndarray  # [N, D] (steer: already in coefficient units)
+    coeff: float = 0.0
+    steer_w: np.ndarray | None = None  # [N]
+    lo: np.ndarray | None = None  # [N] cap floor (-inf = none)
+    hi: np.ndarray | None = None  # [N] cap ceiling (+inf = none)
+    cap_w: np.ndarray | None = None  # [N]
+    positions: str = "all"
+
+
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class RowInterventions:
+    """``K`` intervention items per row, applied in order at every resid point: each item is a
+    :class:`Cap` then a :class:`Steer` (one of them switched off by zero layer weights). All ``[B, K, ...]``."""
+
+    vector: jax.Array  # [B, K, N, D]
+    coeff: jax.Array  # [B, K]
+    steer_w: jax.Array  # [B, K, N]
+    lo: jax.Array  # [B, K, N]
+    hi: jax.Array  # [B, K, N]
+    cap_w: jax.Array  # [B, K, N]
+    mask: jax.Array  # [B, K, S] bool: the row's cache slots the item acts on
+
+    def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        def row(iv: RowInterventions, h1: jax.Array, pos: jax.Array, slots: jax.Array, valid: jax.Array) -> jax.Array:
+            c1 = HookContext(pos[None], slots[None], valid[None])
+            out = h1[None]
+            for k in range(iv.coeff.shape[0]):
+                where = Positions(iv.mask[k][None], jnp.zeros((1,), bool))
+                out = Cap(iv.vector[k], iv.lo[k], iv.hi[k], iv.cap_w[k], where)(layer, out, c1)
+                out = Steer(iv.vector[k], iv.coeff[k], iv.steer_w[k], where)(layer, out, c1)
+            return out[0]
+
+        return jax.vmap(row)(self, h, ctx.positions, ctx.slots, ctx.valid)
+
+
+class RowTable:
+    """Host copy of every row's interventions and readout directions; shipped to the device when changed."""
+
+    def __init__(self, cfg: ModelConfig, ecfg: EngineConfig) -> None:
+        b, k, n, d, s, r = ecfg.batch, ecfg.max_interventions, cfg.n_resid, cfg.d_model, ecfg.max_context, ecfg.max_readout
+        self.vector = np.zeros((b, k, n, d), np.float32)
+        self.coeff = np.zeros((b, k), np.float32)
+        self.steer_w = np.zeros((b, k, n), np.float32)
+        self.lo = np.full((b, k, n), -np.inf, np.float32)
+        self.hi = np.full((b, k, n), np.inf, np.float32)
+        self.cap_w = np.zeros((b, k, n), np.float32)
+        self.mask = np.zeros((b, k, s), bool)
+        self.units = np.zeros((b, r, d), np.float32)
+        self.layers = np.zeros((b, r), np.int32)
+        self._device: tuple[Any, Any, Any] | None = None
+
+    def clear(self, row: int) -> None:
+        for a, v in ((self.vector, 0), (self.coeff, 0), (self.steer_w, 0), (self.lo, -np.inf), (self.hi, np.inf),
+                     (self.cap_w, 0), (self.mask, False), (self.units, 0), (self.layers, 0)):
+            a[row] = v
+        self._device = None
+
+    def set(self, row: int, items: list[Item], masks: list[np.ndarray], units: np.ndarray, layers: np.ndarray) -> None:
+        self.clear(row)
+        for k, (it, m) in enumerate(zip(items, masks)):
+            self.vector[row, k] = it.vector
+            self.coeff[row, k] = it.coeff
+            if it.steer_w is not None:
+                self.steer_w[row, k] = it.steer_w
+            if it.cap_w is not None:
+                self.cap_w[row, k], self.lo[row, k], self.hi[row, k] = it.cap_w, it.lo, it.hi
+            self.mask[row, k] = m
+        self.units[row, : len(units)] = units
+        self.layers[row, : len(layers)] = layers
+
+    def rows(self, sl: slice | None = None) -> RowInterventions:
+        sl = slice(None) if sl is None else sl
+        return RowInterventions(*(jnp.asarray(a[sl]) for a in (self.vector, self.coeff, self.steer_w, self.lo, self.hi,
+                                                               self.cap_w, self.mask)))
+
+    def device(self) -> tuple[RowInterventions, jax.Array, jax.Array]:
+        if self._device is None:
+            self._device = (self.rows(), jnp.asarray(self.units), jnp.asarray(self.layers))
+        return self._device
+
+
+def position_mask(kind: str, prompt_len: int, bucket: int, size: int, assistant: np.ndarray | None) -> np.ndarray:
+    """``[S]`` bool over a row's cache slots for a positions name. The prompt sits at ``bucket-prompt_len ..
+    bucket-1``, generated tokens from ``bucket`` on. ``assistant``: the prompt's assistant-content tokens."""
+    m = np.zeros(size, bool)
+    first = bucket - prompt_len
+    if kind == "all":
+        m[first:] = True
+    elif kind == "prompt":
+        m[first:bucket] = True
+    elif kind == "response":  # persona_vectors' "response": the last prompt token and every generated token
+        m[bucket - 1:] = True
+    elif kind == "assistant":  # earlier assistant turns' content and everything generated
+        if assistant is not None:
+            m[first:bucket] = assistant
+        m[bucket:] = True
+    else:
+        raise errors.InputError(f"positions {kind!r}; use one of {', '.join(POSITIONS)}")
+    return m
+
+
+# --- device functions -----------------------------------------------------------------------------------
+class StepOut(NamedTuple):
+    tokens: jax.Array  # [B]
+    logprobs: jax.Array  # [B] log p(token) under the model's (unscaled) distribution
+    top_ids: jax.Array  # [B, TOP_LOGPROBS]
+    top_logprobs: jax.Array  # [B, TOP_LOGPROBS]
+    readout: jax.Array  # [B, R] projection of this token's residual on each readout direction (or [0])
+
+
+def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array) -> jax.Array:
+    """One token per row: argmax where ``temps == 0``, else a sample with the row's temperature, top-p and
+    key ``fold_in(keys[b], counts[b])`` (so a row's draws depend only on its own seed and step)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:
+        def one(lg: jax.Array, kd: jax.Array, c: jax.Array, t: jax.Array, p: jax.Array) -> jax.Array:
+            key = jax.random.fold_in(jax.random.wrap_key_data(kd), c)
+            return sample_token(lg[None], key, t, p)[0].astype(jnp.int32)
+
+        return jax.vmap(one)(logits, keys, counts, temps, top_ps)
+
+    drawn = jax.lax.cond(jnp.any(temps > 0), sampled, lambda: greedy)
+    return jnp.where(temps > 0, drawn, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "readout"), donate_argnames=("cache",))
+def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Array, index: jax.Array,
+                active: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array,
+                hook: RowInterventions | None, units: jax.Array, layers: jax.Array, *, readout: bool
+                ) -> tuple[KVCache, jax.Array, StepOut]:
+    """Pick each row's next token from ``logits [B, V]`` and run it through the model at the row's slot
+    ``index [B]`` (inactive rows write nothing valid). Returns the cache, the next logits and the step's outputs."""
+    tok = pick_tokens(logits, keys, counts, temps, top_ps)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+    top_lp, top_id = jax.lax.top_k(logp, TOP_LOGPROBS)
+    capture = Capture(tuple(range(cfg.n_resid)), "tokens") if readout else None
+    out = forward(params, cfg, tok[:, None], valid=active[:, None], cache=cache, cache_index=index, hook=hook,
+                  logits="last", capture=capture)
+    proj = jnp.zeros((0,), jnp.float32)
+    if readout:  # captured [N, B, 1, D]: each row's readout layers, projected on its unit directions
+        h = jnp.swapaxes(out.captured[:, :, 0], 0, 1).astype(jnp.float32)  # [B, N, D]
+        at = jnp.take_along_axis(h, layers[:, :, None], axis=1)  # [B, R, D]
+        proj = jnp.einsum("brd,brd->br", at, units)
+    return out.cache, out.logits[:, 0], StepOut(tok, lp, top_id.astype(jnp.int32), top_lp, proj)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "size"))
+def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: RowInterventions, *,
+            size: int) -> tuple[KVCache, jax.Array]:
+    """One request alone: ``tokens [1, P]`` (left-padded) into a fresh ``[.., 1, .., size, ..]`` cache."""
+    cache = KVCache.empty(cfg, 1, size, params["embed"].dtype)
+    out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
+    return out.cache, out.logits[0, 0]
+
+
+@functools.partial(jax.jit, donate_argnames=("cache", "logits"))
+def insert_row(cache: KVCache, logits: jax.Array, row_cache: KVCache, row_logits: jax.Array, row: jax.Array
+               ) -> tuple[KVCache, jax.Array]:
+    """Put a prefilled request into row ``row`` of the batch cache and logits."""
+    return (KVCache(cache.k.at[:, row].set(row_cache.k[:, 0]), cache.v.at[:, row].set(row_cache.v[:, 0]),
+                    cache.valid.at[row].set(row_cache.valid[0])), logits.at[row].set(row_logits))
+
+
+# --- host side: sequences and the loop ------------------------------------------------------------------
+@dataclasses.dataclass
+class Sequence:
+    """One choice of one request: what to generate, under what, and where its results go.
+
+    Events put on ``events`` (shared by a request's choices): ``("delta", index, text, logprob entries)``
+    and ``("done", index, finish_reason, {"completion_tokens", "readout"})``.
+    """
+
+    index: int
+    prompt: list[int]
+    max_tokens: int
+    events: queue.Queue
+    temperature: float = 0.0
+    top_p: float = 1.0
+    key: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2, np.uint32))
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None = no logprobs; else the number of top alternatives (0..20)
+    items: list[Item] = dataclasses.field(default_factory=list)
+    assistant_mask: np.ndarray | None = None  # [len(prompt)] the prompt's assistant-content tokens
+    readout: list[tuple[str, int, np.ndarray]] = dataclasses.field(default_factory=list)  # (name, layer, unit [D])
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # filled in by the engine
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    sent: int = 0  # characters of text already emitted
+    readout_sum: np.ndarray | None = None
+
+
+class Engine:
+    """Owns the model, the batch cache and the decode loop (run it on one thread: :meth:`start`)."""
+
+    def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any, eos_ids: tuple[int, ...], pad_id: int,
+                 ecfg: EngineConfig) -> None:
+        self.params, self.cfg, self.tokenizer, self.ecfg = params, cfg, tokenizer, ecfg
+        self.eos = set(int(e) for e in eos_ids)
+        self.pad_id = int(pad_id)
+        b, s = ecfg.batch, ecfg.max_context
+        self.cache = KVCache.empty(cfg, b, s, params["embed"].dtype)
+        self.logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+        self.table = RowTable(cfg, ecfg)
+        self.rows: list[Sequence | None] = [None] * b
+        self.index = np.zeros(b, np.int32)
+        self.keys = np.zeros((b, 2), np.uint32)
+        self.temps = np.zeros(b, np.float32)
+        self.top_ps = np.ones(b, np.float32)
+        self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self.pending = 0  # sequences submitted and not finished (guarded by _lock)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "joined_running": 0, "step_seconds": 0.0}
+        self.failure: BaseException | None = None
+
+    # --- submission (any thread) ----------------------------------------------------------------
+    def check_fits(self, prompt_len: int, max_tokens: int, param: str = "max_tokens") -> None:
+        need = self.ecfg.bucket(prompt_len) + max_tokens
+        limit = min(self.ecfg.max_context, self.cfg.max_position) if self.cfg.max_position else self.ecfg.max_context
+        if prompt_len + max_tokens > limit or need > self.ecfg.max_context:
+            raise errors.RequestError(
+                f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}; this server holds at most "
+                f"{self.ecfg.max_context} slots per sequence (prompt padded to {self.ecfg.bucket(prompt_len)} + "
+                f"new tokens). Shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue a request's choices; raises a 429 :class:`~jaxpersona.errors.RequestError` when the queue is full."""
+        if self.failure is not None:
+            raise errors.RequestError(f"the engine stopped: {type(self.failure).__name__}", status=503,
+                                      kind="server_error", code="engine_failed")
+        with self._lock:
+            if self.pending + len(seqs) > self.ecfg.max_queue:
+                raise errors.RequestError(f"the server has {self.pending} sequences queued or running (limit "
+                                          f"{self.ecfg.max_queue}); retry later", status=429,
+                                          kind="rate_limit_error", code="queue_full")
+            self.pending += len(seqs)
+        for s in seqs:
+            self.waiting.put(s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="jaxpersona-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # --- the loop (engine thread) ----------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._admit()
+                if not any(r is not None for r in self.rows):
+                    try:
+                        seq = self.waiting.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    self.waiting.put(seq)  # admitted on the next turn (keeps FIFO order for the rest)
+                    continue
+                self._step()
+        except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
+            self.failure = e
+            for r in [*self.rows, *self._drain()]:
+                if r is not None:
+                    r.events.put(("error", r.index, f"engine failure: {type(e).__name__}: {e}"))
+            raise
+
+    def _drain(self) -> list[Sequence]:
+        out = []
+        while True:
+            try:
+                out.append(self.waiting.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _admit(self) -> None:
+        for row, occupant in enumerate(self.rows):
+            if occupant is not None:
+                continue
+            try:
+                seq = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if seq.cancelled.is_set():
+                self._finish(seq, None, "cancelled")
+                continue
+            self._prefill_into(row, seq)
+
+    def _prefill_into(self, row: int, seq: Sequence) -> None:
+        n, s = len(seq.prompt), self.ecfg.max_context
+        p = self.ecfg.bucket(n)
+        masks = [position_mask(it.positions, n, p, s, seq.assistant_mask) for it in seq.items]
+        units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
+        self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32))
+        tokens = np.full((1, p), self.pad_id, np.int32)
+        valid = np.zeros((1, p), bool)
+        tokens[0, p - n:], valid[0, p - n:] = seq.prompt, True
+        row_cache, row_logits = prefill(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(valid),
+                                        self.table.rows(slice(row, row + 1)), size=s)
+        self.cache, self.logits = insert_row(self.cache, self.logits, row_cache, row_logits, jnp.int32(row))
+        self.rows[row] = seq
+        self.index[row], self.keys[row] = p, seq.key
+        self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
+        seq.readout_sum = np.zeros(len(seq.readout), np.float64)
+        self.stats["admitted"] += 1
+        self.stats["joined_running"] += any(r is not None and r.tokens for r in self.rows)  # joined mid-decode
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        active = np.array([r is not None for r in self.rows])
+        counts = np.array([len(r.tokens) if r is not None else 0 for r in self.rows], np.int32)
+        any_items = any(r is not None and r.items for r in self.rows)
+        readout = any(r is not None and r.readout for r in self.rows)
+        rows, units, layers = self.table.device()
+        self.cache, self.logits, out = decode_step(
+            self.params, self.cfg, self.cache, self.logits, jnp.asarray(self.index), jnp.asarray(active),
+            jnp.asarray(self.keys), jnp.asarray(counts), jnp.asarray(self.temps), jnp.asarray(self.top_ps),
+            rows if any_items else None, units, layers, readout=readout)
+        out = jax.device_get(out)
+        self.stats["steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - t0
+        for row, seq in enumerate(self.rows):
+            if seq is None:
+                continue
+            self.index[row] += 1
+            self.stats["tokens"] += 1
+            self._advance(row, seq, out)
+
+    def _advance(self, row: int, seq: Sequence, out: StepOut) -> None:
+        tok = int(out.tokens[row])
+        if seq.readout:
+            seq.readout_sum += out.readout[row, : len(seq.readout)]
+        seq.tokens.append(tok)
+        entry = None
+        if seq.logprobs is not None:
+            k = seq.logprobs
+            entry = (tok, float(out.logprobs[row]),
+                     [(int(i), float(v)) for i, v in zip(out.top_ids[row, :k], out.top_logprobs[row, :k])])
+        finish = None
+        if tok in self.eos:
+            finish = "stop"
+        text = self.tokenizer.decode([t for t in seq.tokens if t not in self.eos], skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in seq.stop) if i >= 0), default=-1) if seq.stop else -1
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        if finish is None and (len(seq.tokens) >= seq.max_tokens or self.index[row] >= self.ecfg.max_context):
+            finish = "length"
+        if finish is None and seq.cancelled.is_set():
+            finish = "cancelled"
+        if finish is None:  # hold back an incomplete character and anything a stop string might still claim
+            hold = max((len(s) - 1 for s in seq.stop), default=0)
+            safe = len(text) - hold
+            while safe > seq.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+            delta = text[seq.sent:safe] if safe > seq.sent else ""
+        else:
+            delta = text[seq.sent:]
+        seq.sent += len(delta)
+        if delta or entry is not None:
+            seq.events.put(("delta", seq.index, delta, entry))
+        if finish is not None:
+            self.rows[row] = None
+            self.table.clear(row)
+            self._finish(seq, row, finish)
+
+    def _finish(self, seq: Sequence, row: int | None, reason: str) -> None:
+        n = len(seq.tokens)
+        readout = {}
+        for j, (name, layer, _) in enumerate(seq.readout):
+            mean = float(seq.readout_sum[j] / n) if n and seq.readout_sum is not None else None
+            readout[name] = {"layer": layer, "mean_projection": mean, "tokens": n}
+        with self._lock:
+            self.pending -= 1
+        seq.events.put(("done", seq.index, reason, {"completion_tokens": n, "readout": readout}))
+
+    def busy(self) -> dict[str, int]:
+        return {"running": sum(r is not None for r in self.rows), "queued": self.waiting.qsize(),
+                "batch": self.ecfg.batch}
