@@ -339,3 +339,52 @@ def test_engine_rejects_bad_config():
         EngineConfig(batch=0)
     with pytest.raises(errors.InputError):
         EngineConfig(max_context=40)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server):
+    import http.client
+
+    tokens_before = server.engine.stats["tokens"]
+    host, port = server.url.removeprefix("http://").split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 60, "ignore_eos": True,
+        "stream": True}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = resp.readline()
+    assert first.startswith(b"data: "), (resp.status, first)
+    resp.close()  # the client goes away mid-stream
+    conn.close()
+    deadline = time.time() + 60
+    while server.engine.pending and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.engine.pending == 0
+    assert server.engine.stats["tokens"] - tokens_before < 40  # stopped early, not after all 60 tokens
+    assert chat(server, "Hello!", max_tokens=4)["choices"][0]["finish_reason"] == "length"
+
+
+def test_serve_command_end_to_end(tmp_path, bank_dir):
+    """`jaxpersona serve` as a user starts it: a real process, a port picked by the OS, a request, SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JP_KEY": "k-123"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxpersona", "serve", "--port", "0", "--bank", str(bank_dir),
+                             "--batch", "2", "--max-context", "128", "--no-warmup", "--api-key-env", "JP_KEY",
+                             "--served-name", "smol"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        for line in proc.stderr:
+            if line.startswith("serving"):
+                break
+        assert "API key required" in line, line
+        url = line.split(" on ")[1].split()[0]
+        status, out = post(url + "/chat/completions", {"model": "smol", "max_tokens": 5, "temperature": 0,
+                                                       "messages": [{"role": "user", "content": "Hi"}],
+                                                       "interventions": [STEER]}, key="k-123")
+        assert status == 200 and out["usage"]["completion_tokens"] == 5, out
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

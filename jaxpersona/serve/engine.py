@@ -257,6 +257,7 @@ class Sequence:
     items: list[Item] = dataclasses.field(default_factory=list)
     assistant_mask: np.ndarray | None = None  # [len(prompt)] the prompt's assistant-content tokens
     readout: list[tuple[str, int, np.ndarray]] = dataclasses.field(default_factory=list)  # (name, layer, unit [D])
+    ignore_eos: bool = False  # generate max_tokens whatever comes (vLLM's ignore_eos; for benchmarks)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     # filled in by the engine
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -414,7 +415,7 @@ class Engine:
             entry = (tok, float(out.logprobs[row]),
                      [(int(i), float(v)) for i, v in zip(out.top_ids[row, :k], out.top_logprobs[row, :k])])
         finish = None
-        if tok in self.eos:
+        if tok in self.eos and not seq.ignore_eos:
             finish = "stop"
         text = self.tokenizer.decode([t for t in seq.tokens if t not in self.eos], skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in seq.stop) if i >= 0), default=-1) if seq.stop else -1

@@ -351,6 +351,9 @@ def parse_request(kind: str, body: Any, res: Resources, model: Any, engine: Any)
         max_tokens = max(1, min(engine.ecfg.max_context - engine.ecfg.bucket(longest), 512))
     for ids in prompts:
         engine.check_fits(len(ids), max_tokens, "max_tokens" if body.get("max_tokens") else "messages")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos must be true or false", "ignore_eos")
     events: queue.Queue = queue.Queue()
     import jax  # the seed's key, as the engine's fold_in expects
 
@@ -361,7 +364,8 @@ def parse_request(kind: str, body: Any, res: Resources, model: Any, engine: Any)
             index = pi * n + j
             key = np.asarray(jax.random.key_data(jax.random.fold_in(base, index)), np.uint32)
             seqs.append(Sequence(index, ids, max_tokens, events, temperature=temperature, top_p=top_p, key=key,
-                                 stop=stop, logprobs=logprobs, items=items, assistant_mask=mask, readout=readout))
+                                 stop=stop, logprobs=logprobs, items=items, assistant_mask=mask, readout=readout,
+                                 ignore_eos=ignore_eos))
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     as_ids = body.get("return_tokens_as_token_ids", False)
     if not isinstance(as_ids, bool):
