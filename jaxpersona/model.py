@@ -144,6 +144,16 @@ class Model:
             spans.append((i, m["role"], start, pos))
         return text, enc, spans
 
+    def tokens_and_role(self, conv: list[Message], role: str, add_generation_prompt: bool = True
+                        ) -> tuple[list[int], list[bool]]:
+        """One conversation's token ids and, per token, whether it lies in a ``role`` message's content."""
+        _, enc, located = self.content_spans(conv, add_generation_prompt)
+        found = {i for i, _, _, _ in located}
+        if any(m["role"] == role and m["content"] and i not in found for i, m in enumerate(conv)):
+            raise errors.ChatTemplateError(f"could not locate a {role!r} message's content in the rendered chat template")
+        spans = [(a, b) for _, r, a, b in located if r == role]
+        return list(enc["input_ids"]), [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+
     def role_mask(self, conversations: list[list[Message]], role: str, *, add_generation_prompt: bool = True,
                   bucket: int = BUCKET) -> tuple[Batch, np.ndarray]:
         """Tokens of one chat role's *content* (template tokens excluded): ``(batch, mask [B, T])``.
@@ -151,19 +161,8 @@ class Model:
         Spans come from the rendered template: each message's content is located in the rendered
         text in order, and tokens whose characters fall inside it are selected.
         """
-        seqs, masks = [], []
-        for conv in conversations:
-            _, enc, located = self.content_spans(conv, add_generation_prompt)
-            found = {i for i, _, _, _ in located}
-            if any(m["role"] == role and m["content"] and i not in found for i, m in enumerate(conv)):
-                raise errors.ChatTemplateError(
-                    f"could not locate a {role!r} message's content in the rendered chat template"
-                )
-            spans = [(a, b) for _, r, a, b in located if r == role]
-            sel = [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
-            seqs.append(enc["input_ids"])
-            masks.append(sel)
-        batch = pad_left(seqs, self.pad_id, bucket)
+        seqs, masks = zip(*(self.tokens_and_role(conv, role, add_generation_prompt) for conv in conversations))
+        batch = pad_left(list(seqs), self.pad_id, bucket)
         mask = np.zeros_like(batch.valid)
         for i, sel in enumerate(masks):
             mask[i, mask.shape[1] - len(sel):] = sel

@@ -121,32 +121,39 @@ def test_interleaved_requests_match_alone(server):
 
 
 def test_server_interventions_equal_the_library(server, smollm2, bank_dir):
-    """The served steer and ablation (a cap with floor = ceiling = mean) give the library's hooks' logits."""
+    """Served steer (response positions, relative units) + cap (prompt positions) + ablation (assistant tokens of
+    an earlier turn and the reply; a cap with floor = ceiling = mean) give the library's hooks' log-probs."""
     from jaxpersona.bank import VectorBank
-    from jaxpersona.interventions import Positions, ablate, steer
+    from jaxpersona.interventions import Chain, Positions, ablate, cap, steer
     from jaxpersona.pipeline import steering_vectors
 
     bank = VectorBank.load(bank_dir)
-    conv = [{"role": "user", "content": "Tell me about your day."}]
-    out = chat(server, conv[0]["content"], max_tokens=8, interventions=[STEER, ABLATE], top_logprobs=1,
-               return_tokens_as_token_ids=True)
+    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
+            {"role": "user", "content": "Tell me about your day."}]
+    prompt_cap = {"kind": "cap", "vector": "evil", "layers": [CAP_LAYER], "floor": 0.5, "positions": "prompt"}
+    status, out = post(server.url + "/chat/completions", {
+        "messages": conv, "max_tokens": 8, "temperature": 0, "logprobs": True, "return_tokens_as_token_ids": True,
+        "interventions": [STEER, prompt_cap, ABLATE]})
+    assert status == 200, out
     served = [t["logprob"] for t in out["choices"][0]["logprobs"]["content"]]
     toks = [int(t["token"].removeprefix("token_id:")) for t in out["choices"][0]["logprobs"]["content"]]
-    prompt = smollm2.tokenizer.encode(smollm2.format_chat(conv), add_special_tokens=False)
+    batch, asst_prompt = smollm2.role_mask([conv], "assistant", bucket=1)
+    prompt = batch.tokens[0].tolist()
+    assert asst_prompt.sum() >= 5
     seq = np.asarray([prompt + toks], np.int32)
     n_resid, p = smollm2.cfg.n_resid, len(prompt)
-    resp = np.zeros(seq.shape, bool)
-    resp[0, p - 1:] = True
-    asst = np.zeros(seq.shape, bool)
-    asst[0, p:] = True
+    resp, prm, asst = (np.zeros(seq.shape, bool) for _ in range(3))
+    resp[0, p - 1:], prm[0, :p], asst[0, :p], asst[0, p:] = True, True, asst_prompt[0], True
     v = steering_vectors(bank.get("evil"), np.asarray(bank.meta_of("evil")["resid_norm"]), "relative")
-    from jaxpersona.interventions import Chain
-
     hook = Chain((steer(n_resid, v, 0.5, LAYER, Positions.explicit(resp)),
+                  cap(n_resid, bank.get("evil"), [CAP_LAYER], Positions.explicit(prm), lo=0.5),
                   ablate(n_resid, bank.get("other"), [4, 8, 12], Positions.explicit(asst))))
     logits = forward(smollm2.params, smollm2.cfg, jnp.asarray(seq), hook=hook).logits[0]
     ref = jax.nn.log_softmax(logits, -1)[np.arange(p - 1, p - 1 + len(toks)), np.asarray(toks)]
     np.testing.assert_allclose(served, np.asarray(ref), atol=2e-3)
+    plain = forward(smollm2.params, smollm2.cfg, jnp.asarray(seq)).logits[0]
+    moved = jax.nn.log_softmax(plain, -1)[np.arange(p - 1, p - 1 + len(toks)), np.asarray(toks)]
+    assert np.abs(np.asarray(moved) - served).max() > 0.1  # the check can fail: interventions move log-probs
 
 
 def test_persona_readout_is_the_mean_projection(server, smollm2, bank_dir):

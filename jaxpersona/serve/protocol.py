@@ -324,12 +324,10 @@ def parse_request(kind: str, body: Any, res: Resources, model: Any, engine: Any)
         logprobs = top if lp else None
         msgs = _messages(body)
         try:
-            text, enc, spans = model.content_spans(msgs, add_generation_prompt=True)
+            ids, asst = model.tokens_and_role(msgs, "assistant")
         except errors.ChatTemplateError as e:
             raise bad(str(e), "messages") from None
-        prompts = [list(enc["input_ids"])]
-        asst = [(a, b) for _, r, a, b in spans if r == "assistant"]
-        masks = [np.asarray([any(s < e and b > a for a, b in asst) for s, e in enc["offset_mapping"]], bool)]
+        prompts, masks = [ids], [np.asarray(asst, bool)]
     elif kind == "completion":
         max_tokens = _integer(body, "max_tokens", 16, 1, 1 << 30)
         logprobs = _integer(body, "logprobs", None, 0, TOP_LOGPROBS)
