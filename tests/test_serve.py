@@ -395,3 +395,28 @@ def test_serve_command_end_to_end(tmp_path, bank_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_openai_sdk_with_extra_body(server):
+    """The official OpenAI Python client: interventions and the readout go through `extra_body`."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == [NAME]
+    msgs = [{"role": "user", "content": "Tell me about your day."}]
+    plain = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0)
+    steered = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0,
+                                             extra_body={"interventions": [STEER], "persona_readout": ["evil"]})
+    assert steered.choices[0].message.content == chat(server, msgs[0]["content"], interventions=[STEER])[
+        "choices"][0]["message"]["content"] != plain.choices[0].message.content
+    assert steered.choices[0].model_extra["persona_readout"]["evil"]["tokens"] == steered.usage.completion_tokens
+    stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                            extra_body={"interventions": [STEER]})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == steered.choices[0].message.content
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4,
+                                       extra_body={"interventions": [{"kind": "steer", "vector": "nope", "layers": 1,
+                                                                      "coeff": 1}]})
+    assert e.value.code == "unknown_vector"
