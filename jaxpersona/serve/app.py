@@ -111,7 +111,8 @@ class PersonaServer:
         self._thread: threading.Thread | None = None
 
     def warmup(self) -> None:
-        """Compile the decode step (plain, and with interventions + readout) and the first prompt bucket."""
+        """Compile the decode step (plain, and with interventions + readout) and the prefill of every prompt
+        bucket up to 512 tokens (or half the context), so first requests do not wait for the compiler."""
         import numpy as np
 
         from jaxpersona.serve.protocol import collect, parse_request
@@ -125,6 +126,7 @@ class PersonaServer:
             req = parse_request("chat", body, self.res, self.model, self.engine)
             self.engine.submit(req.seqs)
             collect(req, self.model.tokenizer, self.res.model_name)
+        self.engine.compile_prefills(limit=512)
 
     def start(self) -> PersonaServer:
         self.engine.start()

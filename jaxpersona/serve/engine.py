@@ -383,6 +383,15 @@ class Engine:
         self.stats["admitted"] += 1
         self.stats["joined_running"] += any(r is not None and r.tokens for r in self.rows)  # joined mid-decode
 
+    def compile_prefills(self, limit: int) -> None:
+        """Compile the prefill of each prompt bucket up to ``limit`` tokens (and half the context)."""
+        p = self.ecfg.min_bucket
+        while p <= min(limit, self.ecfg.max_context // 2):
+            tokens = jnp.full((1, p), self.pad_id, jnp.int32)
+            prefill(self.params, self.cfg, tokens, jnp.ones((1, p), bool), self.table.rows(slice(0, 1)),
+                    size=self.ecfg.max_context)
+            p *= 2
+
     def _step(self) -> None:
         t0 = time.perf_counter()
         active = np.array([r is not None for r in self.rows])
