@@ -222,10 +222,11 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
 @functools.partial(jax.jit, static_argnames=("cfg", "size"))
 def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: RowInterventions, *,
             size: int) -> tuple[KVCache, jax.Array]:
-    """One request alone: ``tokens [1, P]`` (left-padded) into a fresh ``[.., 1, .., size, ..]`` cache."""
-    cache = KVCache.empty(cfg, 1, size, params["embed"].dtype)
+    """Prompts ``tokens [R, P]`` (left-padded; the engine sends one request at a time, R = 1) into a fresh cache
+    of ``size`` slots; returns it and the last position's logits ``[R, V]``."""
+    cache = KVCache.empty(cfg, tokens.shape[0], size, params["embed"].dtype)
     out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
-    return out.cache, out.logits[0, 0]
+    return out.cache, out.logits[:, 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "logits"))
@@ -375,7 +376,7 @@ class Engine:
         tokens[0, p - n:], valid[0, p - n:] = seq.prompt, True
         row_cache, row_logits = prefill(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(valid),
                                         self.table.rows(slice(row, row + 1)), size=s)
-        self.cache, self.logits = insert_row(self.cache, self.logits, row_cache, row_logits, jnp.int32(row))
+        self.cache, self.logits = insert_row(self.cache, self.logits, row_cache, row_logits[0], jnp.int32(row))
         self.rows[row] = seq
         self.index[row], self.keys[row] = p, seq.key
         self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
