@@ -260,10 +260,12 @@ def conversation(user: str, system: str | None = None) -> list[Message]:
     return [*msgs, {"role": "user", "content": user}]
 
 
-def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float32") -> Model:
+def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float32", mesh: Any = None) -> Model:
     """Load a registered model name, an HF model directory, or a ``.gguf`` file.
 
     GGUF files are converted once to an HF directory under :func:`jaxpersona.registry.cache_dir`.
+    ``mesh``: a ``(data, model)`` mesh (:func:`jaxpersona.sharding.make_mesh`) to load the weights onto,
+    tensor parallel; each process reads only its own shards (:func:`~jaxpersona.loaders.hf.load_hf_dir_sharded`).
     """
     from jaxpersona.loaders.gguf import convert_gguf_to_hf_dir
 
@@ -273,8 +275,7 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float3
     if name in registry.REGISTRY:
         gguf_path = registry.resolve(name)
     elif path.is_dir():
-        cfg, params = load_hf_dir(path, dtype)
-        return Model(cfg, params, load_tokenizer(path), name)
+        return Model(*_load_dir(path, dtype, mesh), load_tokenizer(path), name)
     elif path.suffix == ".gguf":
         if not path.exists():
             raise errors.ModelNotFoundError(f"GGUF file {path} does not exist")
@@ -285,5 +286,12 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float3
     hf_dir = registry.converted_dir(gguf_path)
     if not (hf_dir / "config.json").exists():
         convert_gguf_to_hf_dir(gguf_path, hf_dir)
-    cfg, params = load_hf_dir(hf_dir, dtype)
-    return Model(cfg, params, load_tokenizer(hf_dir), name)
+    return Model(*_load_dir(hf_dir, dtype, mesh), load_tokenizer(hf_dir), name)
+
+
+def _load_dir(path: Path, dtype: Any, mesh: Any) -> tuple[ModelConfig, Params]:
+    if mesh is None:
+        return load_hf_dir(path, dtype)
+    from jaxpersona.loaders.hf import load_hf_dir_sharded
+
+    return load_hf_dir_sharded(path, mesh, dtype=dtype)

@@ -420,3 +420,22 @@ def test_the_openai_sdk_with_extra_body(server):
                                        extra_body={"interventions": [{"kind": "steer", "vector": "nope", "layers": 1,
                                                                       "coeff": 1}]})
     assert e.value.code == "unknown_vector"
+
+
+def test_engine_on_a_mesh_equals_one_device():
+    """4 virtual CPU devices (a subprocess: the count is fixed when JAX starts): meshes 1x4, 2x2, 4x1 give one
+    device's tokens and log-probs for plain / steered / capped / ablated requests joining mid-decode."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "serve_mesh.py"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res.pop("steered_differs")
+    assert set(res) == {"1x4", "2x2", "4x1"}
+    for mesh, r in res.items():
+        assert r["tokens_equal"] and r["logprob"] < 1e-4 and r["joined_running"] >= 1, (mesh, r)

@@ -42,6 +42,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
     p.add_argument("--max-readout", type=int, default=4, help="persona-readout directions per request")
     p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8: weights loaded tensor parallel "
+                                                 "over `model`, batch rows over `data`")
     p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
     p.add_argument("--api-key-env", default=None, help="require `Authorization: Bearer $VAR` (the variable's name)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
@@ -101,11 +103,11 @@ class PersonaServer:
     ``/v1`` base. ``api_key``: required bearer token, or None."""
 
     def __init__(self, model: Any, resources: Any, ecfg: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 api_key: str | None = None, access_log: bool = False) -> None:
+                 api_key: str | None = None, access_log: bool = False, mesh: Any = None) -> None:
         from jaxpersona.serve.engine import Engine
 
         self.model, self.res, self.api_key, self.access_log = model, resources, api_key, access_log
-        self.engine = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id, ecfg)
+        self.engine = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id, ecfg, mesh)
         self.httpd = _HTTPServer((host, port), _handler(self))
         self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
         self._thread: threading.Thread | None = None
@@ -272,12 +274,17 @@ def run_server(args: argparse.Namespace) -> int:
             raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     ecfg = EngineConfig(batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
                         max_readout=args.max_readout, max_queue=args.max_queue)
-    model = load(args.model, args.dtype)
+    mesh = None
+    if args.mesh:
+        from jaxpersona.sharding import make_mesh
+
+        mesh = make_mesh(args.mesh)
+    model = load(args.model, args.dtype, mesh=mesh)
     res = build_resources(model, args.bank, args.preset, args.served_name or str(args.model), args.max_interventions,
                           args.max_readout)
     try:
         server = PersonaServer(model, res, ecfg, host=args.host, port=args.port, api_key=api_key,
-                               access_log=not args.quiet)
+                               access_log=not args.quiet, mesh=mesh)
     except OSError as e:
         raise errors.InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     server.engine.start()

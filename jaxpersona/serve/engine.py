@@ -270,13 +270,24 @@ class Engine:
     """Owns the model, the batch cache and the decode loop (run it on one thread: :meth:`start`)."""
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any, eos_ids: tuple[int, ...], pad_id: int,
-                 ecfg: EngineConfig) -> None:
+                 ecfg: EngineConfig, mesh: jax.sharding.Mesh | None = None) -> None:
+        """``mesh``: a ``(data, model)`` mesh (params already placed on it, see :mod:`jaxpersona.sharding`):
+        the cache's rows go over ``data`` and its kv heads over ``model``; the jitted steps follow."""
         self.params, self.cfg, self.tokenizer, self.ecfg = params, cfg, tokenizer, ecfg
         self.eos = set(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         b, s = ecfg.batch, ecfg.max_context
         self.cache = KVCache.empty(cfg, b, s, params["embed"].dtype)
         self.logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+        if mesh is not None:
+            from jaxpersona.sharding import spec
+
+            if b % mesh.shape["data"]:
+                raise errors.MeshError(f"serve: batch {b} is not a multiple of the mesh's data axis "
+                                       f"({mesh.shape['data']})")
+            kv = spec(mesh, "layers", "batch", "kv_heads", None, "head_dim")
+            self.cache = jax.device_put(self.cache, KVCache(kv, kv, spec(mesh, "batch", None)))
+            self.logits = jax.device_put(self.logits, spec(mesh, "batch", None))
         self.table = RowTable(cfg, ecfg)
         self.rows: list[Sequence | None] = [None] * b
         self.index = np.zeros(b, np.int32)
