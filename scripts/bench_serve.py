@@ -191,6 +191,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=192)
+    ap.add_argument("--prefill-rows", type=int, default=1)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default="bench_results/serve.json")
     args = ap.parse_args()
@@ -206,7 +207,8 @@ def main() -> None:
     bank = VectorBank.load(bank_dir)
     mixed = interventions(bank, model.cfg)
     res = build_resources(model, [str(bank_dir)], [], "bench", 4, 4)
-    srv = PersonaServer(model, res, EngineConfig(batch=args.batch, max_context=args.max_context)).start()
+    srv = PersonaServer(model, res, EngineConfig(batch=args.batch, max_context=args.max_context,
+                                                     prefill_rows=args.prefill_rows)).start()
     results: dict = {"config": vars(args), "platform": platform.platform(), "device": str(__import__("jax").devices()[0])}
     try:
         t0 = time.perf_counter()
@@ -230,6 +232,7 @@ def main() -> None:
                                        for k in ("none", "mixed")}
     out.write_text(json.dumps(results, indent=1))
     print(f"{args.clients} clients x {args.rounds} rounds x {args.max_tokens} tokens, batch {args.batch}, "
+          f"prefill rows {args.prefill_rows}, "
           f"{results['device']}")
     print(f"{'':10s}{'tok/s':>8s}{'lat p50':>9s}{'lat p95':>9s}{'ttft p50':>9s}{'ttft p95':>9s}{'step ms':>9s}"
           f"{'HF tok/s':>10s}{'ratio':>7s}")

@@ -81,7 +81,7 @@ def server(smollm2, bank_dir, tmp_path_factory):
                     np.array([-1.0], np.float32))
     cap_path = cap.save(tmp_path_factory.mktemp("presets") / "capping.json")
     res = build_resources(smollm2, [str(bank_dir)], [f"calm={cap_path}"], NAME, 4, 4)
-    srv = PersonaServer(smollm2, res, EngineConfig(batch=4, max_context=128, max_queue=64)).start()
+    srv = PersonaServer(smollm2, res, EngineConfig(batch=4, max_context=128, max_queue=64, prefill_rows=2)).start()
     srv.warmup()
     yield srv
     srv.close()
@@ -269,10 +269,13 @@ def test_burst_of_concurrent_clients(server):
     """24 clients at once on 4 rows: every request completes, none lost or mixed up."""
     prompts = [f"Give me a fact about the number {i}." for i in range(6)]
     want = {p: chat(server, p, max_tokens=6)["choices"][0]["message"]["content"] for p in prompts}
+    stats = dict(server.engine.stats)
     with ThreadPoolExecutor(24) as pool:
         got = list(pool.map(lambda i: chat(server, prompts[i % 6], max_tokens=6), range(24)))
     assert [g["choices"][0]["message"]["content"] for g in got] == [want[prompts[i % 6]] for i in range(24)]
     assert server.engine.pending == 0
+    grouped = (server.engine.stats["admitted"] - stats["admitted"]) - (server.engine.stats["prefills"] - stats["prefills"])
+    assert grouped > 0  # some arrivals were prefilled together (prefill_rows=2), with the same answers as alone
 
 
 def test_api_key_and_no_body_logging(server, capsys):

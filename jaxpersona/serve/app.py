@@ -42,6 +42,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
     p.add_argument("--max-readout", type=int, default=4, help="persona-readout directions per request")
     p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
+    p.add_argument("--prefill-rows", type=int, default=1, help="arrivals prefilled together (fixed shape; >1 helps "
+                                                                "bursts on accelerators, costs a lone request on CPU)")
     p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8: weights loaded tensor parallel "
                                                  "over `model`, batch rows over `data`")
     p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
@@ -273,7 +275,7 @@ def run_server(args: argparse.Namespace) -> int:
         if not api_key:
             raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     ecfg = EngineConfig(batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
-                        max_readout=args.max_readout, max_queue=args.max_queue)
+                        max_readout=args.max_readout, max_queue=args.max_queue, prefill_rows=args.prefill_rows)
     mesh = None
     if args.mesh:
         from jaxpersona.sharding import make_mesh

@@ -13,7 +13,7 @@ the row's cache slots). One jitted decode step applies them all — a ``vmap`` o
 row with its own temperature, top-p and PRNG key. An ablation is a cap with ``floor = ceiling = mean``.
 
 The host loop (:meth:`Engine.run`) admits waiting requests into free rows between decode steps
-(each prefilled alone at batch 1), steps, and hands each request its tokens, log-probs, text deltas and a
+(arrivals with the same prompt bucket prefilled together, in a call of fixed shape), steps, and hands each request its tokens, log-probs, text deltas and a
 persona readout (mean projection of its generated tokens' residuals on named directions).
 """
 
@@ -51,12 +51,16 @@ class EngineConfig:
     max_readout: int = 4
     max_queue: int = 256
     min_bucket: int = 32
+    prefill_rows: int = 1  # arrivals with the same prompt bucket prefilled together (always this many rows)
 
     def __post_init__(self) -> None:
-        for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "min_bucket"):
+        for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "min_bucket",
+                  "prefill_rows"):
             v = getattr(self, f)
             if int(v) != v or v < 1:
                 raise errors.InputError(f"serve: {f} must be an integer >= 1, got {v}")
+        if self.prefill_rows > self.batch:
+            raise errors.InputError(f"serve: prefill_rows {self.prefill_rows} exceeds the batch {self.batch}")
         if self.max_context < 2 * self.min_bucket:
             raise errors.InputError(f"serve: max_context {self.max_context} is too small (>= {2 * self.min_bucket})")
 
@@ -141,7 +145,8 @@ class RowTable:
         self.units[row, : len(units)] = units
         self.layers[row, : len(layers)] = layers
 
-    def rows(self, sl: slice | None = None) -> RowInterventions:
+    def rows(self, sl: slice | np.ndarray | None = None) -> RowInterventions:
+        """The device pytree of all rows, or of the rows ``sl`` selects (a slice or an index array)."""
         sl = slice(None) if sl is None else sl
         return RowInterventions(*(jnp.asarray(a[sl]) for a in (self.vector, self.coeff, self.steer_w, self.lo, self.hi,
                                                                self.cap_w, self.mask)))
@@ -222,19 +227,19 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
 @functools.partial(jax.jit, static_argnames=("cfg", "size"))
 def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: RowInterventions, *,
             size: int) -> tuple[KVCache, jax.Array]:
-    """Prompts ``tokens [R, P]`` (left-padded; the engine sends one request at a time, R = 1) into a fresh cache
-    of ``size`` slots; returns it and the last position's logits ``[R, V]``."""
+    """Prompts ``tokens [R, P]`` (left-padded; R = the engine's ``prefill_rows``) into a fresh cache of ``size``
+    slots; returns it and the last position's logits ``[R, V]``."""
     cache = KVCache.empty(cfg, tokens.shape[0], size, params["embed"].dtype)
     out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
     return out.cache, out.logits[:, 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "logits"))
-def insert_row(cache: KVCache, logits: jax.Array, row_cache: KVCache, row_logits: jax.Array, row: jax.Array
-               ) -> tuple[KVCache, jax.Array]:
-    """Put a prefilled request into row ``row`` of the batch cache and logits."""
-    return (KVCache(cache.k.at[:, row].set(row_cache.k[:, 0]), cache.v.at[:, row].set(row_cache.v[:, 0]),
-                    cache.valid.at[row].set(row_cache.valid[0])), logits.at[row].set(row_logits))
+def insert_row(cache: KVCache, logits: jax.Array, new: KVCache, new_logits: jax.Array, src: jax.Array,
+               row: jax.Array) -> tuple[KVCache, jax.Array]:
+    """Put prefilled row ``src`` of ``new`` / ``new_logits [R, V]`` into row ``row`` of the batch cache and logits."""
+    return (KVCache(cache.k.at[:, row].set(new.k[:, src]), cache.v.at[:, row].set(new.v[:, src]),
+                    cache.valid.at[row].set(new.valid[src])), logits.at[row].set(new_logits[src]))
 
 
 # --- host side: sequences and the loop ------------------------------------------------------------------
@@ -294,12 +299,14 @@ class Engine:
         self.keys = np.zeros((b, 2), np.uint32)
         self.temps = np.zeros(b, np.float32)
         self.top_ps = np.ones(b, np.float32)
-        self.waiting: queue.Queue[Sequence] = queue.Queue()
+        self.waiting: queue.Queue[Sequence] = queue.Queue()  # submitted (any thread)
+        self.backlog: list[Sequence] = []  # taken from `waiting` by the engine thread, not yet admitted
         self.pending = 0  # sequences submitted and not finished (guarded by _lock)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "joined_running": 0, "step_seconds": 0.0}
+        self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "joined_running": 0, "prefills": 0,
+                      "step_seconds": 0.0}
         self.failure: BaseException | None = None
 
     # --- submission (any thread) ----------------------------------------------------------------
@@ -342,15 +349,14 @@ class Engine:
                 self._admit()
                 if not any(r is not None for r in self.rows):
                     try:
-                        seq = self.waiting.get(timeout=0.05)
+                        self.backlog.append(self.waiting.get(timeout=0.05))
                     except queue.Empty:
-                        continue
-                    self.waiting.put(seq)  # admitted on the next turn (keeps FIFO order for the rest)
+                        pass
                     continue
                 self._step()
         except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
             self.failure = e
-            for r in [*self.rows, *self._drain()]:
+            for r in [*self.rows, *self.backlog, *self._drain()]:
                 if r is not None:
                     r.events.put(("error", r.index, f"engine failure: {type(e).__name__}: {e}"))
             raise
@@ -364,44 +370,54 @@ class Engine:
                 return out
 
     def _admit(self) -> None:
-        for row, occupant in enumerate(self.rows):
-            if occupant is not None:
-                continue
-            try:
-                seq = self.waiting.get_nowait()
-            except queue.Empty:
+        """Fill free rows from the queue: arrivals with the same prompt bucket (up to ``prefill_rows``) are
+        prefilled together in one fixed-shape call, padded with copies of the first — no row's numbers depend
+        on what else is in the call, so grouping never changes a request's tokens."""
+        while True:
+            self.backlog.extend(self._drain())
+            free = [r for r, occ in enumerate(self.rows) if occ is None]
+            while self.backlog and self.backlog[0].cancelled.is_set():
+                self._finish(self.backlog.pop(0), None, "cancelled")
+            if not free or not self.backlog:
                 return
-            if seq.cancelled.is_set():
-                self._finish(seq, None, "cancelled")
-                continue
-            self._prefill_into(row, seq)
+            bucket = self.ecfg.bucket(len(self.backlog[0].prompt))
+            group = [s for s in self.backlog if self.ecfg.bucket(len(s.prompt)) == bucket and not s.cancelled.is_set()]
+            group = group[: min(self.ecfg.prefill_rows, len(free))]
+            for s in group:
+                self.backlog.remove(s)
+            self._prefill_into(free[: len(group)], group, bucket)
 
-    def _prefill_into(self, row: int, seq: Sequence) -> None:
-        n, s = len(seq.prompt), self.ecfg.max_context
-        p = self.ecfg.bucket(n)
-        masks = [position_mask(it.positions, n, p, s, seq.assistant_mask) for it in seq.items]
-        units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
-        self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32))
-        tokens = np.full((1, p), self.pad_id, np.int32)
-        valid = np.zeros((1, p), bool)
-        tokens[0, p - n:], valid[0, p - n:] = seq.prompt, True
-        row_cache, row_logits = prefill(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(valid),
-                                        self.table.rows(slice(row, row + 1)), size=s)
-        self.cache, self.logits = insert_row(self.cache, self.logits, row_cache, row_logits[0], jnp.int32(row))
-        self.rows[row] = seq
-        self.index[row], self.keys[row] = p, seq.key
-        self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
-        seq.readout_sum = np.zeros(len(seq.readout), np.float64)
-        self.stats["admitted"] += 1
-        self.stats["joined_running"] += any(r is not None and r.tokens for r in self.rows)  # joined mid-decode
+    def _prefill_into(self, rows: list[int], seqs: list[Sequence], p: int) -> None:
+        s, r = self.ecfg.max_context, self.ecfg.prefill_rows
+        tokens = np.full((r, p), self.pad_id, np.int32)
+        valid = np.zeros((r, p), bool)
+        for i, (row, seq) in enumerate(zip(rows, seqs)):
+            n = len(seq.prompt)
+            masks = [position_mask(it.positions, n, p, s, seq.assistant_mask) for it in seq.items]
+            units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
+            self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32))
+            tokens[i, p - n:], valid[i, p - n:] = seq.prompt, True
+        tokens[len(seqs):], valid[len(seqs):] = tokens[0], valid[0]  # padding rows: copies, never used
+        table_rows = rows + [rows[0]] * (r - len(rows))
+        self.stats["prefills"] += 1
+        new, new_logits = prefill(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(valid),
+                                  self.table.rows(np.asarray(table_rows)), size=s)
+        for i, (row, seq) in enumerate(zip(rows, seqs)):
+            self.cache, self.logits = insert_row(self.cache, self.logits, new, new_logits, jnp.int32(i), jnp.int32(row))
+            self.stats["joined_running"] += any(x is not None and x.tokens for x in self.rows)  # joined mid-decode
+            self.rows[row] = seq
+            self.index[row], self.keys[row] = p, seq.key
+            self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
+            seq.readout_sum = np.zeros(len(seq.readout), np.float64)
+            self.stats["admitted"] += 1
 
     def compile_prefills(self, limit: int) -> None:
         """Compile the prefill of each prompt bucket up to ``limit`` tokens (and half the context)."""
         p = self.ecfg.min_bucket
         while p <= min(limit, self.ecfg.max_context // 2):
-            tokens = jnp.full((1, p), self.pad_id, jnp.int32)
-            prefill(self.params, self.cfg, tokens, jnp.ones((1, p), bool), self.table.rows(slice(0, 1)),
-                    size=self.ecfg.max_context)
+            r = self.ecfg.prefill_rows
+            prefill(self.params, self.cfg, jnp.full((r, p), self.pad_id, jnp.int32), jnp.ones((r, p), bool),
+                    self.table.rows(np.zeros(r, np.int64)), size=self.ecfg.max_context)
             p *= 2
 
     def _step(self) -> None:
@@ -473,5 +489,5 @@ class Engine:
         seq.events.put(("done", seq.index, reason, {"completion_tokens": n, "readout": readout}))
 
     def busy(self) -> dict[str, int]:
-        return {"running": sum(r is not None for r in self.rows), "queued": self.waiting.qsize(),
+        return {"running": sum(r is not None for r in self.rows), "queued": self.waiting.qsize() + len(self.backlog),
                 "batch": self.ecfg.batch}
