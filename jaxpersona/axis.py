@@ -206,13 +206,14 @@ class CapConfig:
 
     @classmethod
     def load(cls, path: str | Path, cfg: Any | None = None) -> CapConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise errors.InputError(f"capping config {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise errors.InputError(f"capping config {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        from jaxpersona.store import read_json
+
+        return cls.from_json(read_json(path, "capping config"), cfg, where=str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, cfg: Any | None = None, where: str = "") -> CapConfig:
+        """From the JSON ``to_json`` writes (checked against ``cfg`` when given)."""
+        path = where
         try:
             caps = data["caps"]
             num = lambda x, inf: inf if x is None else float(x)  # noqa: E731

@@ -19,6 +19,19 @@ from typing import Any
 import numpy as np
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's content, or an :class:`~jaxpersona.errors.InputError` naming ``what`` it was meant to be."""
+    from jaxpersona import errors
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise errors.InputError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise errors.InputError(f"{what} {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def digest(*parts: Any) -> str:
     """Stable short hash of JSON-able parts (keys for cached work)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

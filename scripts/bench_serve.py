@@ -118,6 +118,16 @@ def run_load(url: str, name: str, clients: int, rounds: int, max_tokens: int, mi
             "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": float(np.percentile(ttft, 95))}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Per metric, the median over repeats; the spread of throughput as min / max; the runs themselves."""
+    keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+    out = {k: statistics.median(r[k] for r in runs) for k in keys}
+    out["tokens_per_s_min"] = min(r["tokens_per_s"] for r in runs)
+    out["tokens_per_s_max"] = max(r["tokens_per_s"] for r in runs)
+    out["runs"] = runs
+    return out
+
+
 def hf_peer(model, args, mixed: list[list[dict]], bank) -> dict:
     """HF transformers + torch: one batched generate per round (none), one per intervention per round (mixed)."""
     import torch
@@ -165,19 +175,22 @@ def hf_peer(model, args, mixed: list[list[dict]], bank) -> dict:
     res = {}
     with torch.inference_mode():
         gen(PROMPTS[:2])  # warm
-        for label, groups in (("none", [None]), ("mixed", mixed)):
-            t0, n = time.perf_counter(), 0
-            for r in range(args.rounds):
-                for g, specs in enumerate(groups):
-                    cs = [c for c in range(args.clients) if specs is None or c % len(groups) == g]
-                    handles = hooks_for(specs) if specs else []
-                    try:
-                        n += gen([PROMPTS[(c + r) % len(PROMPTS)] for c in cs])
-                    finally:
-                        for h in handles:
-                            h.remove()
-            wall = time.perf_counter() - t0
-            res[label] = {"wall_s": wall, "completion_tokens": n, "tokens_per_s": n / wall}
+        runs: dict[str, list[dict]] = {"none": [], "mixed": []}
+        for _ in range(args.repeats):  # alternate the loads so drift of the machine hits both alike
+            for label, groups in (("none", [None]), ("mixed", mixed)):
+                t0, n = time.perf_counter(), 0
+                for r in range(args.rounds):
+                    for g, specs in enumerate(groups):
+                        cs = [c for c in range(args.clients) if specs is None or c % len(groups) == g]
+                        handles = hooks_for(specs) if specs else []
+                        try:
+                            n += gen([PROMPTS[(c + r) % len(PROMPTS)] for c in cs])
+                        finally:
+                            for h in handles:
+                                h.remove()
+                wall = time.perf_counter() - t0
+                runs[label].append({"wall_s": wall, "completion_tokens": n, "tokens_per_s": n / wall})
+        res = {label: median_run(rs) for label, rs in runs.items()}
     res["torch"], res["transformers"] = torch.__version__, transformers.__version__
     return res
 
@@ -192,6 +205,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=192)
     ap.add_argument("--prefill-rows", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="each load this many times, alternating; medians reported")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--out", default="bench_results/serve.json")
     args = ap.parse_args()
@@ -216,12 +230,16 @@ def main() -> None:
         run_load(srv.url, "bench", 2, 1, 4, mixed)  # compile the remaining shapes (prompt buckets, hooked step)
         run_load(srv.url, "bench", 2, 1, 4, None)
         results["compile_s"] = time.perf_counter() - t0
-        for label, load_mix in (("none", None), ("mixed", mixed)):
-            s0 = dict(srv.engine.stats)
-            results[label] = run_load(srv.url, "bench", args.clients, args.rounds, args.max_tokens, load_mix)
-            st = {k: srv.engine.stats[k] - s0[k] for k in s0}
-            results[label]["decode_step_ms"] = 1000 * st["step_seconds"] / max(st["steps"], 1)
-            results[label]["mean_rows_per_step"] = st["tokens"] / max(st["steps"], 1)
+        runs: dict[str, list[dict]] = {"none": [], "mixed": []}
+        for _ in range(args.repeats):  # alternate the loads so drift of the machine hits both alike
+            for label, load_mix in (("none", None), ("mixed", mixed)):
+                s0 = dict(srv.engine.stats)
+                r = run_load(srv.url, "bench", args.clients, args.rounds, args.max_tokens, load_mix)
+                st = {k: srv.engine.stats[k] - s0[k] for k in s0}
+                r["decode_step_ms"] = 1000 * st["step_seconds"] / max(st["steps"], 1)
+                r["mean_rows_per_step"] = st["tokens"] / max(st["steps"], 1)
+                runs[label].append(r)
+        results.update({label: median_run(rs) for label, rs in runs.items()})
     finally:
         srv.close()
     results["mixed_vs_none"] = {k: results["mixed"][k] / results["none"][k]
@@ -234,6 +252,7 @@ def main() -> None:
     print(f"{args.clients} clients x {args.rounds} rounds x {args.max_tokens} tokens, batch {args.batch}, "
           f"prefill rows {args.prefill_rows}, "
           f"{results['device']}")
+    print(f"medians of {args.repeats} alternating repeats (tok/s min-max in brackets)")
     print(f"{'':10s}{'tok/s':>8s}{'lat p50':>9s}{'lat p95':>9s}{'ttft p50':>9s}{'ttft p95':>9s}{'step ms':>9s}"
           f"{'HF tok/s':>10s}{'ratio':>7s}")
     for k in ("none", "mixed"):
@@ -241,7 +260,9 @@ def main() -> None:
         hf_tps = h.get("tokens_per_s")
         print(f"{k:10s}{r['tokens_per_s']:8.1f}{r['latency_p50_s']:9.2f}{r['latency_p95_s']:9.2f}"
               f"{r['ttft_p50_s']:9.2f}{r['ttft_p95_s']:9.2f}{r['decode_step_ms']:9.1f}"
-              + (f"{hf_tps:10.1f}{r['tokens_per_s'] / hf_tps:7.2f}x" if hf_tps else ""))
+              + (f"{hf_tps:10.1f}{r['tokens_per_s'] / hf_tps:7.2f}x" if hf_tps else "")
+              + f"   [{r['tokens_per_s_min']:.1f}-{r['tokens_per_s_max']:.1f}"
+              + (f" | HF {h['tokens_per_s_min']:.1f}-{h['tokens_per_s_max']:.1f}]" if hf_tps else "]"))
     m = results["mixed_vs_none"]
     print(f"mixed / none: throughput {m['tokens_per_s']:.2f}x, latency p50 {m['latency_p50_s']:.2f}x, "
           f"TTFT p50 {m['ttft_p50_s']:.2f}x; compile {results['compile_s']:.1f} s; wrote {out}")

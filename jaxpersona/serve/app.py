@@ -62,6 +62,7 @@ def build_resources(model: Any, banks: list[str], presets: list[str], served_nam
     from jaxpersona.bank import VectorBank
     from jaxpersona.serve.engine import Item
     from jaxpersona.serve.protocol import Resources, parse_interventions
+    from jaxpersona.store import read_json
 
     cfg = model.cfg
     vectors, norms, layers = {}, {}, {}
@@ -81,14 +82,9 @@ def build_resources(model: Any, banks: list[str], presets: list[str], served_nam
         if not sep or not name or not file:
             raise errors.InputError(f"--preset {spec!r}: use NAME=FILE")
         path = Path(file)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise errors.InputError(f"--preset {name}: {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise errors.InputError(f"--preset {name}: {path} is not JSON ({e.msg}, line {e.lineno})") from None
+        data = read_json(path, f"--preset {name}:")
         if isinstance(data, dict) and data.get("format") == "jaxpersona.CapConfig":
-            cap = CapConfig.load(path, cfg)
+            cap = CapConfig.from_json(data, cfg, where=str(path))
             vec, lo, hi, w = cap.arrays()
             res.presets[name] = [Item(vec, lo=lo, hi=hi, cap_w=w, positions="all")]
         else:
