@@ -130,6 +130,13 @@ def test_consistency_run_resumes_and_reports(model, tmp_path, monkeypatch) -> No
     bank = VectorBank(np.random.default_rng(4).normal(size=(2, cfg.n_resid, cfg.d_model)), ("x", "y"), "tiny")
     config = ConsistencyConfig().replace(**CFG)
     s = run_consistency(model, config, tmp_path, bank=bank, progress=False, log=lambda _: None)
+    from test_report import check_report  # its HTML report, opened in headless chromium
+
+    from jaxpersona.report import write_report
+
+    page = write_report(tmp_path, tmp_path.parent / f"{tmp_path.name}_report" / "consistency.html")
+    check_report(page, tmp_path, "consistency", tmp_path.parent / "chromium", set())
+    assert '<span class="kind">consistency</span>' in page.read_text()
     res = s["results"]["1"]["measures"]
     assert set(res) == {"activation", "proj:x", "proj:y", "score:evil"}
     for m in res.values():

@@ -72,6 +72,15 @@ def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> Non
 
     bank = VectorBank.load(tmp_path / "vectors")
     assert bank.names[0] == "prompt:evil" and len(bank) == 3
+    # its HTML report, opened in headless chromium (tests/test_report.py's checks)
+    from test_report import check_report
+
+    from jaxpersona.report import write_report
+
+    page = write_report(tmp_path, tmp_path.parent / f"{tmp_path.name}_report" / "regimes.html")
+    dom = check_report(page, tmp_path, "regimes", tmp_path.parent / "chromium", {"bank:vectors", "steer"})
+    assert {i["alt"].split(":")[0] for i in dom.images} >= {"cosines.png", "shift_vs_trait.png"}
+    assert '<span class="kind">regimes</span>' in page.read_text()
     # the trait data is stored without the system prompt that produced it
     rows = [json.loads(l) for l in (tmp_path / "data" / "trait.jsonl").read_text().splitlines()]
     assert rows and all(m["role"] != "system" for r in rows for m in r["messages"])
