@@ -442,3 +442,21 @@ def test_engine_on_a_mesh_equals_one_device():
     assert set(res) == {"1x4", "2x2", "4x1"}
     for mesh, r in res.items():
         assert r["tokens_equal"] and r["logprob"] < 1e-4 and r["joined_running"] >= 1, (mesh, r)
+
+
+def test_a_full_queue_answers_429_and_recovers(server):
+    import dataclasses
+
+    ecfg = server.engine.ecfg
+    server.engine.ecfg = dataclasses.replace(ecfg, max_queue=2)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda i: post(server.url + "/chat/completions", {
+                "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 12, "ignore_eos": True}),
+                range(6)))
+    finally:
+        server.engine.ecfg = ecfg
+    codes = sorted(status for status, _ in got)
+    assert codes.count(200) >= 2 and 429 in codes, codes
+    assert all(out["error"]["code"] == "queue_full" for status, out in got if status == 429)
+    assert server.engine.pending == 0 and chat(server, "Hello!", max_tokens=3)["usage"]["completion_tokens"] == 3
