@@ -6,7 +6,6 @@ the standard library, as any OpenAI client would send them."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
