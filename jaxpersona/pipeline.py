@@ -684,7 +684,6 @@ def _steer_traits(model: Any, states: list[_TraitState], judge: Any, config: Ext
     intervention at response positions (last prompt token + answer tokens)."""
     from jaxpersona.evaluate import coherence_stats
     from jaxpersona.measures import CoherenceThresholds
-    from jaxpersona.model import conversation
     from jaxpersona.sweep import Grid, ScoringSet, run_sweep
 
     cfg = model.cfg

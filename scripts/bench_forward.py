@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxpersona import registry  # noqa: E402
 from jaxpersona.generate import generate  # noqa: E402
-from jaxpersona.model import load, pad_left  # noqa: E402
+from jaxpersona.model import load  # noqa: E402
 from jaxpersona.models.transformer import forward  # noqa: E402
 
 

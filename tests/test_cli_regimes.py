@@ -5,7 +5,6 @@ that resumes, the regimes run directory, and bad input (exit 2, typed message)."
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -5,7 +5,6 @@ bad input)."""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp

@@ -39,7 +39,6 @@ import jaxpersona.model as jm
 from jaxpersona import errors, registry
 from jaxpersona.generate import _generate, generate
 from jaxpersona.interventions import (
-    Ablate,
     Cap,
     Chain,
     Positions,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import json
 import random
 import socket
 import time

@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxpersona import errors
 from jaxpersona.cli import main
 from jaxpersona.plan import GIB, make_plan, read_config
 

@@ -45,7 +45,7 @@ TRAIN_SMALL = dict(rank=2, epochs=1, batch_size=2, save_every=1, lr=1e-2, warmup
 
 
 def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> None:
-    from jaxpersona import regimes, train as train_mod
+    from jaxpersona import train as train_mod
     from jaxpersona.regimes import RegimesConfig, run_regimes
     from jaxpersona.traits import load_trait
     from jaxpersona.train import TrainConfig
