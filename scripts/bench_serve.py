@@ -53,13 +53,12 @@ PROMPTS = [
 def contrast_bank(model, out: Path) -> Path:
     """Two real directions (evil-ish minus helpful text; and its roll) with residual norms, as a bank."""
     from jaxpersona.bank import VectorBank
+    from jaxpersona.extract import contrast_vectors
 
     pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
     neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
-    layers = tuple(range(model.cfg.n_resid))
-    a, b = model.resid(pos, layers, "mean"), model.resid(neg, layers, "mean")
-    v = (a.mean(1) - b.mean(1)).astype(np.float32)
-    norms = np.linalg.norm(np.concatenate([a, b], 1), axis=-1).mean(1)
+    v = contrast_vectors(model, pos, neg, chat=False)
+    norms = np.linalg.norm(model.resid(pos + neg, range(model.cfg.n_resid), "mean"), axis=-1).mean(1)
     bank = VectorBank.from_vectors(model.name, {"evil": v, "other": np.roll(v, 1, axis=-1)},
                                    {"evil": {"resid_norm": norms.tolist(), "best_layer": 16},
                                     "other": {"resid_norm": norms.tolist()}})

@@ -54,13 +54,12 @@ def bank_dir(smollm2, tmp_path_factory):
     """A real contrast vector (evil-ish minus helpful answers, every resid point), saved as a bank with the
     residual norms and chosen layer that `jaxpersona extract` records."""
     from jaxpersona.bank import VectorBank
+    from jaxpersona.extract import contrast_vectors
 
     pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
     neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
-    layers = tuple(range(smollm2.cfg.n_resid))
-    a, b = smollm2.resid(pos, layers, "mean"), smollm2.resid(neg, layers, "mean")  # [N, B, D]
-    v = (a.mean(1) - b.mean(1)).astype(np.float32)
-    norms = np.linalg.norm(np.concatenate([a, b], 1), axis=-1).mean(1)
+    v = contrast_vectors(smollm2, pos, neg, chat=False)
+    norms = np.linalg.norm(smollm2.resid(pos + neg, range(smollm2.cfg.n_resid), "mean"), axis=-1).mean(1)
     bank = VectorBank.from_vectors(NAME, {"evil": v, "other": np.roll(v, 1, axis=-1)},
                                    {"evil": {"resid_norm": norms.tolist(), "best_layer": LAYER}})
     return bank.save(tmp_path_factory.mktemp("bank") / "vectors")

@@ -377,7 +377,7 @@ class Engine:
             self.backlog.extend(self._drain())
             free = [r for r, occ in enumerate(self.rows) if occ is None]
             while self.backlog and self.backlog[0].cancelled.is_set():
-                self._finish(self.backlog.pop(0), None, "cancelled")
+                self._finish(self.backlog.pop(0), "cancelled")
             if not free or not self.backlog:
                 return
             bucket = self.ecfg.bucket(len(self.backlog[0].prompt))
@@ -476,9 +476,9 @@ class Engine:
         if finish is not None:
             self.rows[row] = None
             self.table.clear(row)
-            self._finish(seq, row, finish)
+            self._finish(seq, finish)
 
-    def _finish(self, seq: Sequence, row: int | None, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: str) -> None:
         n = len(seq.tokens)
         readout = {}
         for j, (name, layer, _) in enumerate(seq.readout):

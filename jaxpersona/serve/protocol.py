@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxpersona import errors
@@ -353,8 +354,6 @@ def parse_request(kind: str, body: Any, res: Resources, model: Any, engine: Any)
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos must be true or false", "ignore_eos")
     events: queue.Queue = queue.Queue()
-    import jax  # the seed's key, as the engine's fold_in expects
-
     base = jax.random.key(seed % (2**63))
     seqs = []
     for pi, (ids, mask) in enumerate(zip(prompts, masks)):
