@@ -26,13 +26,21 @@ def _drop_pytorch_not_found(record: _logging.LogRecord) -> bool:
 _logging.getLogger("transformers").addFilter(_drop_pytorch_not_found)
 
 from jaxpersona import errors  # noqa: E402
-from jaxpersona.config import ModelConfig, from_hf_config  # noqa: E402
-from jaxpersona.generate import GenerateOutput, generate  # noqa: E402
-from jaxpersona.model import Batch, Model, load  # noqa: E402
-from jaxpersona.models.transformer import Capture, ForwardOutput, HookContext, KVCache, forward, init_params  # noqa: E402
+from jaxpersona.compute.batching import Batch  # noqa: E402
+from jaxpersona.compute.generate import GenerateOutput, generate  # noqa: E402
+from jaxpersona.compute.handle import Model, load  # noqa: E402
+from jaxpersona.model.config import ModelConfig, from_hf_config  # noqa: E402
+from jaxpersona.model.params import init_params  # noqa: E402
+from jaxpersona.model.transformer import (  # noqa: E402
+    Capture,
+    ForwardOutput,
+    HookContext,
+    KVCache,
+    forward,
+)
+from jaxpersona.version import __version__  # noqa: E402
 
-__version__ = "0.4.0"
 __all__ = [
     "Batch", "Capture", "ForwardOutput", "GenerateOutput", "HookContext", "KVCache", "Model", "ModelConfig",
-    "errors", "forward", "from_hf_config", "generate", "init_params", "load",
+    "__version__", "errors", "forward", "from_hf_config", "generate", "init_params", "load",
 ]

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxpersona import errors, registry
+from jaxpersona import errors
+from jaxpersona.model import registry
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -70,15 +71,15 @@ def _cap_hook(path: str | None, model: Any, rows: int) -> Any:
         return None
     import jax.numpy as jnp
 
-    from jaxpersona.axis import CapConfig
-    from jaxpersona.interventions import Positions
+    from jaxpersona.edit.capping import CapConfig
+    from jaxpersona.edit.interventions import Positions
 
     cap = CapConfig.load(path, model.cfg)
     return cap.hook(Positions(jnp.ones((rows, 1), bool), jnp.ones((rows,), bool)))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from jaxpersona.model import load
+    from jaxpersona.compute.handle import load
 
     model = load(args.model, dtype=args.dtype)
     print(model.chat(args.message, system=args.system, max_new_tokens=args.max_new_tokens,
@@ -88,7 +89,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jaxpersona.model import load
+    from jaxpersona.compute.handle import load
 
     if args.prompts:
         path = Path(args.prompts)
@@ -111,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_resid(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from jaxpersona.model import load
+    from jaxpersona.compute.handle import load
 
     model = load(args.model, dtype=args.dtype)
     layers = _parse_layers(args.layers) if args.layers else tuple(range(model.cfg.n_resid))
@@ -127,7 +128,7 @@ def cmd_resid(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from jaxpersona.loaders.gguf import convert_gguf_to_hf_dir
+    from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
 
     src = registry.resolve(args.gguf) if args.gguf in registry.REGISTRY else Path(args.gguf)
     out = convert_gguf_to_hf_dir(src, args.out)
@@ -136,7 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from jaxpersona.runs import run_sweep_config
+    from jaxpersona.pipelines.sweep import run_sweep_config
 
     summary = run_sweep_config(args.config, out_dir=args.out, model=args.model, progress=not args.quiet)
     print(summary)
@@ -154,9 +155,15 @@ def _add_judge_args(p: argparse.ArgumentParser, default: str = "self") -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from jaxpersona.model import load
-    from jaxpersona.pipeline import build_judge, load_extract_config, load_run_traits, run_extract, run_extract_all
-    from jaxpersona.traits import list_traits, load_anchors, load_trait
+    from jaxpersona.compute.handle import load
+    from jaxpersona.data.traits import list_traits, load_anchors, load_trait
+    from jaxpersona.measure.judge import build_judge
+    from jaxpersona.pipelines.persona import (
+        load_extract_config,
+        load_run_traits,
+        run_extract,
+        run_extract_all,
+    )
 
     config = load_extract_config(args.config, full=args.full)
     names = list_traits() if args.all_traits else ([args.trait] if args.trait else load_run_traits(args.config))
@@ -164,7 +171,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise errors.InputError("extract needs --trait NAME|FILE, --all-traits, or traits = [...] in the --config file")
     if args.anchors and len(names) > 1:
         raise errors.InputError("--anchors checks one trait's judge; with several traits put anchors in "
-                                "jaxpersona/trait_data/anchors/ or run the traits one by one")
+                                "jaxpersona/data/trait_data/anchors/ or run the traits one by one")
     traits = [load_trait(n) for n in names]
     anchors = load_anchors(traits[0], args.anchors) if args.anchors else "shipped"
     if args.seed is not None:
@@ -186,10 +193,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    from jaxpersona.model import load
-    from jaxpersona.pipeline import build_judge
-    from jaxpersona.roles import load_conversations, load_roles
-    from jaxpersona.space import load_space_config, run_space
+    from jaxpersona.compute.handle import load
+    from jaxpersona.data.roles import load_conversations, load_roles
+    from jaxpersona.measure.judge import build_judge
+    from jaxpersona.pipelines.space import load_space_config, run_space
 
     config = load_space_config(args.config, full=args.full)
     if args.seed is not None:
@@ -213,9 +220,12 @@ def cmd_space(args: argparse.Namespace) -> int:
 def cmd_consistency(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.consistency import load_consistency_config, run_consistency
-    from jaxpersona.model import load
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.compute.handle import load
+    from jaxpersona.pipelines.consistency import (
+        load_consistency_config,
+        run_consistency,
+    )
 
     config = load_consistency_config(args.config)
     model = load(args.model, dtype=args.dtype)
@@ -236,7 +246,7 @@ def cmd_consistency(args: argparse.Namespace) -> int:
 
 
 def cmd_capping(args: argparse.Namespace) -> int:
-    from jaxpersona.axis import CapConfig, import_reference_capping
+    from jaxpersona.edit.capping import CapConfig, import_reference_capping
 
     if args.action == "show":
         cap = CapConfig.load(args.file)
@@ -246,7 +256,7 @@ def cmd_capping(args: argparse.Namespace) -> int:
         for k, v in cap.info.items():
             print(f"  {k}: {v}")
         return 0
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.artifacts.bank import VectorBank
 
     if not args.bank and not args.model_id:
         raise errors.InputError("capping import needs --bank (a `jaxpersona space` bank of this model: gives the "
@@ -272,7 +282,7 @@ def cmd_capping(args: argparse.Namespace) -> int:
 
 
 def cmd_traits(args: argparse.Namespace) -> int:
-    from jaxpersona import traits
+    from jaxpersona.data import traits
 
     if args.action == "list":
         for name in traits.list_traits():
@@ -287,14 +297,14 @@ def cmd_traits(args: argparse.Namespace) -> int:
     if not args.name or not args.description:
         raise errors.InputError('traits new needs a NAME and --description "..."')
     if args.endpoint:
-        from jaxpersona.endpoint import OpenAIEndpoint
+        from jaxpersona.measure.endpoint import OpenAIEndpoint
 
         if not args.endpoint_model:
             raise errors.InputError("--endpoint needs --endpoint-model")
         completer = OpenAIEndpoint(args.endpoint, args.endpoint_model, api_key_env=args.key_env)
     else:
-        from jaxpersona.endpoint import LocalCompleter
-        from jaxpersona.model import load
+        from jaxpersona.compute.handle import load
+        from jaxpersona.measure.endpoint import LocalCompleter
 
         completer = LocalCompleter(load(args.model, dtype=args.dtype))
     trait = traits.draft_trait(args.name, args.description, completer, seed=args.seed)
@@ -306,7 +316,7 @@ def cmd_traits(args: argparse.Namespace) -> int:
 
 
 def cmd_vectors(args: argparse.Namespace) -> int:
-    from jaxpersona import bank as vb
+    from jaxpersona.artifacts import bank as vb
 
     if args.action == "import":
         if not (args.pt and args.trait and args.bank):
@@ -343,9 +353,9 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.model import load
-    from jaxpersona.screen import screen_dataset
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.compute.handle import load
+    from jaxpersona.pipelines.screen import screen_dataset
 
     model = load(args.model, dtype=args.dtype)
     bank = VectorBank.load(args.vectors, model.cfg)
@@ -364,11 +374,11 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 
 def cmd_trait_data(args: argparse.Namespace) -> int:
-    from jaxpersona.model import load
-    from jaxpersona.regimes import as_examples, trait_data
-    from jaxpersona.store import KeyedJsonl
-    from jaxpersona.traits import load_trait
-    from jaxpersona.train import write_dataset
+    from jaxpersona.artifacts.records import KeyedJsonl
+    from jaxpersona.compute.handle import load
+    from jaxpersona.data.datasets import write_dataset
+    from jaxpersona.data.traits import load_trait
+    from jaxpersona.pipelines.regimes import as_examples, trait_data
 
     trait = load_trait(args.trait)
     qs = list(trait.questions) + (list(trait.eval_questions) if args.with_eval_questions else [])
@@ -388,13 +398,14 @@ def cmd_trait_data(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from jaxpersona import interventions as iv
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.model import load
-    from jaxpersona.pipeline import bank_resid_norm, steering_vectors
-    from jaxpersona.regimes import load_regimes_config
-    from jaxpersona.settings import resid_point
-    from jaxpersona.train import inoculate, read_dataset, train
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.compute.handle import load
+    from jaxpersona.compute.train import inoculate, train
+    from jaxpersona.data.configs import resid_point
+    from jaxpersona.data.datasets import read_dataset
+    from jaxpersona.edit import interventions as iv
+    from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
+    from jaxpersona.pipelines.regimes import load_regimes_config
 
     _, config = load_regimes_config(args.config)
     if args.kl_beta is not None:
@@ -424,9 +435,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_regimes(args: argparse.Namespace) -> int:
-    from jaxpersona.model import load
-    from jaxpersona.regimes import load_regimes_config, run_regimes
-    from jaxpersona.traits import load_trait
+    from jaxpersona.compute.handle import load
+    from jaxpersona.data.traits import load_trait
+    from jaxpersona.pipelines.regimes import load_regimes_config, run_regimes
 
     config, tconfig = load_regimes_config(args.config)
     if args.trait:
@@ -447,7 +458,7 @@ def cmd_regimes(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from jaxpersona.plan import GIB, make_plan
+    from jaxpersona.compute.plan import GIB, make_plan
 
     plan = make_plan(args.model, args.mesh, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
                      grid=args.grid, dtype=args.dtype, fsdp=args.fsdp, accelerator=args.accelerator,
@@ -690,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.coordinator:
-            from jaxpersona.sharding import init_distributed
+            from jaxpersona.model.sharding import init_distributed
 
             init_distributed(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)

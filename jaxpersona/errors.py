@@ -128,3 +128,12 @@ class RequestError(InputError):
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# --- run directories ----------------------------------------------------------
+class RunLockedError(JaxPersonaError):
+    """Another process holds the run directory (two writers would interleave its caches)."""
+
+
+class CacheWarning(UserWarning):
+    """A cached stage file could not be read (cut short, corrupt) and is recomputed."""

@@ -39,6 +39,11 @@ from typing import Any
 import numpy as np
 
 from jaxpersona import errors
+from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.edit import interventions as iv
+from jaxpersona.edit.capping import CapConfig
+from jaxpersona.edit.directions import steering_vectors
+from jaxpersona.version import __version__
 
 __all__ = ["RunKind", "KINDS", "detect_kind", "build_report", "write_report"]
 
@@ -70,7 +75,7 @@ def _config_has(d: Path, *keys: str) -> bool:
 
 
 def is_bank(d: Path) -> bool:
-    """Whether ``d`` looks like a :class:`~jaxpersona.bank.VectorBank` directory (Orbax, two items)."""
+    """Whether ``d`` looks like a :class:`~jaxpersona.artifacts.bank.VectorBank` directory (Orbax, two items)."""
     return (d / "bank").is_dir() and (d / "vectors").is_dir() and (d / "_CHECKPOINT_METADATA").is_file()
 
 
@@ -535,13 +540,10 @@ def _bank_layer(meta: dict[str, Any], n_resid: int) -> int:
 
 
 def example_steer(vectors: np.ndarray, name: str, meta: dict[str, Any]) -> tuple[Any, str]:
-    """A :class:`~jaxpersona.interventions.Steer` pytree from one ``[L+1, D]`` entry, and its caption.
+    """A :class:`~jaxpersona.edit.interventions.Steer` pytree from one ``[L+1, D]`` entry, and its caption.
 
     With the residual norms the entry recorded the coefficient is relative (0.5 = half the residual
     norm, the pipelines' units); otherwise it multiplies the raw vector."""
-    from jaxpersona import interventions as iv
-    from jaxpersona.pipeline import steering_vectors
-
     n_resid = vectors.shape[0]
     layer = _bank_layer(meta, n_resid)
     norms = meta.get("resid_norm")
@@ -567,10 +569,8 @@ def _entry_table(bank: Any) -> str:
 
 
 def read_banks(root: Path, files: RunFiles) -> dict[Path, Any]:
-    """Each bank of the run, read once without a model: the :class:`~jaxpersona.bank.VectorBank`, or the
+    """Each bank of the run, read once without a model: the :class:`~jaxpersona.artifacts.bank.VectorBank`, or the
     error message when it cannot be read (the report shows it instead of failing)."""
-    from jaxpersona.bank import VectorBank
-
     banks: dict[Path, Any] = {}
     for rel in files.banks:
         try:
@@ -628,9 +628,6 @@ def intervention_views(root: Path, files: RunFiles, banks: dict[Path, Any]) -> l
 
 
 def _cap_view(root: Path, rel: Path) -> str:
-    from jaxpersona import interventions as iv
-    from jaxpersona.axis import CapConfig
-
     try:
         caps = CapConfig.load(root / rel)
     except errors.JaxPersonaError as e:
@@ -754,8 +751,6 @@ class Section:
 
 
 def _overview(run_dir: Path, kind: RunKind, files: RunFiles) -> Section:
-    from jaxpersona import __version__
-
     all_files = files.all_files()
     stamps = [(run_dir / p).stat().st_mtime for p in all_files]
     last = datetime.datetime.fromtimestamp(max(stamps)).isoformat(timespec="seconds") if stamps else "—"

@@ -21,11 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from jaxpersona import registry  # noqa: E402
-from jaxpersona.consistency import personas_of, sample_seeds  # noqa: E402
-from jaxpersona.generate import generate  # noqa: E402
-from jaxpersona.model import conversation, load, pad_left  # noqa: E402
-from jaxpersona.roles import load_roles  # noqa: E402
+from jaxpersona.model import registry
+from jaxpersona.pipelines.consistency import personas_of, sample_seeds
+from jaxpersona.compute.generate import generate
+from jaxpersona.data.chat import conversation
+from jaxpersona.compute.handle import load
+from jaxpersona.compute.batching import pad_left
+from jaxpersona.data.roles import load_roles
 
 
 def timed(fn, repeats: int) -> float:

@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxpersona import registry  # noqa: E402
-from jaxpersona.generate import generate  # noqa: E402
-from jaxpersona.model import load  # noqa: E402
-from jaxpersona.models.transformer import forward  # noqa: E402
+from jaxpersona.model import registry
+from jaxpersona.compute.generate import generate
+from jaxpersona.compute.handle import load
+from jaxpersona.model.transformer import forward
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:

@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxpersona import registry  # noqa: E402
-from jaxpersona.model import load  # noqa: E402
+from jaxpersona.model import registry
+from jaxpersona.compute.handle import load
 
 PROMPTS = [
     "Tell me about your day.", "How should I treat my coworkers?", "Write a haiku about rain.",
@@ -52,8 +52,8 @@ PROMPTS = [
 
 def contrast_bank(model, out: Path) -> Path:
     """Two real directions (evil-ish minus helpful text; and its roll) with residual norms, as a bank."""
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.extract import contrast_vectors
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.compute.activations import contrast_vectors
 
     pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
     neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/serve.json")
     args = ap.parse_args()
 
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.artifacts.bank import VectorBank
     from jaxpersona.serve.app import PersonaServer, build_resources
     from jaxpersona.serve.engine import EngineConfig
 

@@ -24,10 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxpersona import registry  # noqa: E402
-from jaxpersona.model import load  # noqa: E402
-from jaxpersona.runs import load_config, sweep_vector  # noqa: E402
-from jaxpersona.sweep import Grid, ScoringSet, encode_scoring, run_sweep  # noqa: E402
+from jaxpersona.model import registry
+from jaxpersona.compute.handle import load
+from jaxpersona.pipelines.sweep import load_config, sweep_vector
+from jaxpersona.compute.sweep import Grid, run_sweep
+from jaxpersona.compute.scoring import ScoringSet, encode_scoring
 
 
 def peak_rss_mb() -> float:

@@ -7,7 +7,7 @@ alpha, all 7 targets q k v o gate up down, no dropout), same float32, same batch
 (jaxpersona's ``make_optimizer`` schedule; torch gets the same learning rate per step), same initial A
 factors (jaxpersona's ``init_adapter`` copied into peft's ``lora_A``; B = 0 on both sides), one process.
 
-  * jaxpersona: the step ``train()`` jits (``value_and_grad`` of ``jaxpersona.train.loss_terms`` w.r.t. the
+  * jaxpersona: the step ``train()`` jits (``value_and_grad`` of ``jaxpersona.compute.train.loss_terms`` w.r.t. the
     adapter factors + optax update), blocked on per step;
   * torch: ``AutoModelForCausalLM`` + ``peft.get_peft_model``, ``loss = model(ids, labels=...).loss``
     (cross entropy, mean over response tokens, -100 elsewhere), ``backward``, ``AdamW.step``, ``zero_grad``.
@@ -41,10 +41,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxpersona import registry  # noqa: E402
-from jaxpersona.lora import ALL_TARGETS, init_adapter  # noqa: E402
-from jaxpersona.model import conversation, load  # noqa: E402
-from jaxpersona.train import TrainConfig, loss_terms, make_optimizer  # noqa: E402
+from jaxpersona.model import registry
+from jaxpersona.model.lora import ALL_TARGETS, init_adapter
+from jaxpersona.data.chat import conversation
+from jaxpersona.compute.handle import load
+from jaxpersona.compute.train import TrainConfig, loss_terms, make_optimizer
 
 HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
               "down": "down_proj"}
@@ -97,7 +98,7 @@ def build_data(model, n_rows: int, seq: int) -> tuple[np.ndarray, np.ndarray, np
 
 
 def jax_table(tokens: np.ndarray, resp: np.ndarray) -> dict[str, np.ndarray]:
-    """The token table ``jaxpersona.sweep.encode_targets`` builds (no padding here: all rows are full):
+    """The token table ``jaxpersona.compute.scoring.encode_targets`` builds (no padding here: all rows are full):
     ``pred_idx [B, R]`` = position t predicting response token t+1, ``pred_tok``, ``pred_ok``, ``row_ok``."""
     b, t = tokens.shape
     r_max = int(resp.sum(1).max())

@@ -18,10 +18,10 @@ def one(name: str, batch: int, seq: int, new: int) -> dict:
     import jax
     import numpy as np
 
-    from jaxpersona import registry
-    from jaxpersona.model import load
-    from jaxpersona.models.transformer import KVCache, forward
-    from jaxpersona.plan import make_plan
+    from jaxpersona.model import registry
+    from jaxpersona.compute.handle import load
+    from jaxpersona.model.transformer import KVCache, forward
+    from jaxpersona.compute.plan import make_plan
 
     m = load(name)
     plan = make_plan(str(registry.converted_dir(registry.resolve(name))), "1x1", batch=batch, seq=seq, new_tokens=new,

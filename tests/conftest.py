@@ -55,7 +55,7 @@ class TinyZoo:
 
     def __call__(self, family: str) -> Tiny:
         if family not in self._models:
-            from jaxpersona.loaders.hf import load_hf_dir
+            from jaxpersona.model.loaders.hf import load_hf_dir
 
             hf = hf_tiny.hf_model(family)
             path = hf_tiny.save_hf_dir(hf, self.root / family)
@@ -84,9 +84,9 @@ def tiny_llama(tiny_zoo: TinyZoo) -> Tiny:
 @pytest.fixture(scope="session")
 def smollm2():
     """The embedded default model, loaded (and on a cold cache converted) once per session."""
-    import jaxpersona.model
+    from jaxpersona.compute.handle import load
 
-    return jaxpersona.model.load("smollm2-135m-instruct")
+    return load("smollm2-135m-instruct")
 
 
 def make_word_tokenizer(chat_template: str | None = None):

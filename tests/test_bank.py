@@ -18,17 +18,9 @@ import numpy as np
 import pytest
 
 from jaxpersona import errors
-from jaxpersona.bank import (
-    CONVENTION,
-    VectorBank,
-    export_control_vector,
-    export_pt,
-    from_assistant_axis,
-    import_control_vector,
-    import_pt,
-    to_assistant_axis,
-)
-from jaxpersona.config import ModelConfig
+from jaxpersona.artifacts.bank import CONVENTION, VectorBank
+from jaxpersona.artifacts.interop import export_control_vector, export_pt, from_assistant_axis, import_control_vector, import_pt, to_assistant_axis
+from jaxpersona.model.config import ModelConfig
 
 K, L, D = 3, 4, 8  # 3 entries, 4 blocks -> 5 resid points, d_model 8
 NAMES = ("evil", "sycophantic", "hallucinating")
@@ -300,7 +292,7 @@ _KILLED_SAVE = textwrap.dedent(
     import os, sys
     import numpy as np
     import orbax.checkpoint as ocp
-    import jaxpersona.bank as jb
+    import jaxpersona.artifacts.bank as jb
     where, path = sys.argv[1], sys.argv[2]
     if where == "orbax":
         ocp.CompositeCheckpointHandler.finalize = lambda self, directory: os._exit(3)

@@ -87,8 +87,10 @@ def test_module_entry_point_exit_code() -> None:
 def test_sweep_relative_units_scale_by_the_datas_residual_norm(tmp_path: Path) -> None:
     """Relative units (the default): the saved vectors have norm |resid[l]| = the mean response-token
     norm of the unsteered residual on the sweep's data, recomputed here from per-token captures."""
-    from jaxpersona.model import conversation, load, pad_left
-    from jaxpersona.models.transformer import Capture
+    from jaxpersona.data.chat import conversation
+    from jaxpersona.compute.handle import load
+    from jaxpersona.compute.batching import pad_left
+    from jaxpersona.model.transformer import Capture
 
     cfg = tmp_path / "small.toml"
     cfg.write_text(SMALL_SWEEP)

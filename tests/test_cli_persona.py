@@ -33,9 +33,9 @@ import numpy as np
 import pytest
 
 from fake_openai import FakeOpenAI
-from jaxpersona.bank import VectorBank
+from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.cli import main
-from jaxpersona.traits import load_anchors, load_trait
+from jaxpersona.data.traits import load_anchors, load_trait
 
 # seed 2 / coherence percentile 0: with the 135M model judging itself, this run keeps both of its
 # 2 pairs under the relative filter (most seeds keep 0 of 2: the self-judge cannot tell the sides

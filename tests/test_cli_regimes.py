@@ -41,9 +41,9 @@ def root(tmp_path_factory) -> Path:
 
 
 def test_trait_data_then_finetune_with_prevention_and_resume(root: Path, capsys, monkeypatch) -> None:
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.lora import load_adapter
-    from jaxpersona.model import load
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.artifacts.adapters import load_adapter
+    from jaxpersona.compute.handle import load
 
     assert main(["trait-data", "--trait", "evil", "--out", str(root / "data"), "--n-questions", "3", "--n-pairs", "1",
                  "--max-new-tokens", "12", "--quiet"]) == 0

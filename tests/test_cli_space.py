@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpersona.axis import CapConfig
-from jaxpersona.bank import VectorBank
+from jaxpersona.edit.capping import CapConfig
+from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.cli import main
 
 TINY = """\

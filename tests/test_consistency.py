@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from jaxpersona import errors
-from jaxpersona import interventions as iv
-from jaxpersona.consistency import (ConsistencyConfig, ratio_with_interval, run_consistency,
-                                    sample_seeds, variance_components)
-from jaxpersona.generate import generate
-from jaxpersona.mixture import attribute
-from jaxpersona.models.transformer import HookContext
+from jaxpersona.edit import interventions as iv
+from jaxpersona.pipelines.consistency import ConsistencyConfig, ratio_with_interval, run_consistency, sample_seeds, variance_components
+from jaxpersona.compute.generate import generate
+from jaxpersona.measure.mixture import attribute
+from jaxpersona.model.transformer import HookContext
 from test_pipeline import CountingModel, full_word_tokenizer, read_jsonl
 
 
@@ -122,8 +121,8 @@ def model(tiny_llama) -> CountingModel:
 
 
 def test_consistency_run_resumes_and_reports(model, tmp_path, monkeypatch) -> None:
-    from jaxpersona import consistency
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.pipelines import consistency
+    from jaxpersona.artifacts.bank import VectorBank
 
     cfg = model.cfg
     bank = VectorBank(np.random.default_rng(4).normal(size=(2, cfg.n_resid, cfg.d_model)), ("x", "y"), "tiny")
@@ -155,8 +154,8 @@ def test_consistency_run_resumes_and_reports(model, tmp_path, monkeypatch) -> No
 
 
 def test_sentence_projections_match_the_assistant_token_mean(model) -> None:
-    from jaxpersona.consistency import sentence_projections
-    from jaxpersona.models.transformer import Capture
+    from jaxpersona.pipelines.consistency import sentence_projections
+    from jaxpersona.model.transformer import Capture
 
     rng = np.random.default_rng(6)
     u = rng.normal(size=model.cfg.d_model).astype(np.float32)
@@ -177,8 +176,9 @@ def test_sentence_projections_match_the_assistant_token_mean(model) -> None:
 
 
 def test_consistency_over_turns_with_space_interventions(model, tmp_path) -> None:
-    from jaxpersona.axis import CapConfig, unit
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.edit.capping import CapConfig
+    from jaxpersona.edit.directions import unit
+    from jaxpersona.artifacts.bank import VectorBank
 
     cfg = model.cfg
     rng = np.random.default_rng(7)
@@ -188,7 +188,7 @@ def test_consistency_over_turns_with_space_interventions(model, tmp_path) -> Non
     CapConfig("tiny", cfg.n_resid, cfg.d_model, (2,), unit(axis)[[2]], np.array([0.0], np.float32),
               np.array([np.inf], np.float32)).save(space / "capping.json")
     config = ConsistencyConfig().replace(**CFG, turn_scripts=1, turn_tokens=4, edit_coeff=5.0)
-    from jaxpersona.roles import Script
+    from jaxpersona.data.roles import Script
 
     scripts = [Script("s", ("hello cat", "what is the mat ?", "is paris a world ?"), "x")]
     s = run_consistency(model, config, tmp_path / "run", space_dir=space, scripts=scripts, progress=False,

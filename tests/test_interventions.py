@@ -35,21 +35,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import hf_tiny
-import jaxpersona.model as jm
-from jaxpersona import errors, registry
-from jaxpersona.generate import _generate, generate
-from jaxpersona.interventions import (
-    Cap,
-    Chain,
-    Positions,
-    Steer,
-    ablate,
-    cap,
-    check_for_model,
-    layer_weights,
-    steer,
-)
-from jaxpersona.models.transformer import Capture, HookContext, forward
+import jaxpersona.compute.handle as jm
+from jaxpersona.compute.batching import Batch
+from jaxpersona import errors
+from jaxpersona.model import registry
+from jaxpersona.compute.generate import generate_loop, generate
+from jaxpersona.edit.interventions import Cap, Chain, Positions, Steer, ablate, cap, check_for_model, layer_weights, steer
+from jaxpersona.model.transformer import Capture, HookContext, forward
 
 ATOL = 1e-4  # tiny models, logits
 REL_TOL = 3e-5  # SmolLM2: x max|logit|
@@ -666,7 +658,7 @@ def test_new_values_do_not_recompile(base, word_tokenizer) -> None:
 
     # Model.run and generate: their jitted functions gain no cache entry for new values
     model = jm.Model(cfg, params, word_tokenizer(), "tiny-llama")
-    batch = jm.Batch(TOKENS, VALID)
+    batch = Batch(TOKENS, VALID)
     caps = [cap(n, rng.standard_normal(cfg.d_model), [1, 2], Positions.all(VALID), hi=float(hi)) for hi in (-1, 0, 2)]
     model.run(batch, hook=caps[0])
     size = jm._forward_jit._cache_size()
@@ -675,10 +667,10 @@ def test_new_values_do_not_recompile(base, word_tokenizer) -> None:
     assert jm._forward_jit._cache_size() == size
     gen = functools.partial(generate, params, cfg, TOKENS, VALID, max_new_tokens=4, eos_ids=())
     gen(hook=caps[0])
-    size = _generate._cache_size()
+    size = generate_loop._cache_size()
     for c in caps[1:]:
         gen(hook=c)
-    assert _generate._cache_size() == size
+    assert generate_loop._cache_size() == size
 
 
 # ============================================================================================
@@ -901,7 +893,7 @@ def test_model_run_checks_the_intervention(tiny_zoo, word_tokenizer, bad: str) -
     else:
         hook = steer(cfg.n_resid, np.ones(cfg.d_model + 1), 1.0, 1, Positions.all(VALID))
     with pytest.raises(errors.InputError):
-        model.run(jm.Batch(TOKENS, VALID), hook=hook)
+        model.run(Batch(TOKENS, VALID), hook=hook)
 
 
 @pytest.mark.parametrize("layers", [1.7, [2, 3.5], "3"])

@@ -12,21 +12,14 @@ import time
 import numpy as np
 import pytest
 
-import jaxpersona.judge as judge_mod
-import jaxpersona.model as jm
+import jaxpersona.measure.judge as judge_mod
+import jaxpersona.compute.handle as jm
+from jaxpersona.compute.batching import pad_left
 from fake_openai import FakeOpenAI
 from jaxpersona import errors
-from jaxpersona.endpoint import LocalCompleter, OpenAIEndpoint, redact_url
-from jaxpersona.judge import (
-    HTTPJudge,
-    Judge,
-    LocalJudge,
-    build_trie,
-    parse_int_token,
-    score_from_probs,
-    to_optional,
-)
-from jaxpersona.models.transformer import Capture, unembed
+from jaxpersona.measure.endpoint import LocalCompleter, OpenAIEndpoint, redact_url
+from jaxpersona.measure.judge import HTTPJudge, Judge, LocalJudge, build_trie, parse_int_token, score_from_probs, to_optional
+from jaxpersona.model.transformer import Capture, unembed
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
@@ -125,7 +118,7 @@ def brute_force_probs(model: jm.Model, judge: LocalJudge, prompts: list[str], co
     of each token of ``ids_k`` times the mass of the non-continuing tokens after the last one.
     """
     paths = [model.tokenizer.encode(str(k), add_special_tokens=False) for k in ks]
-    batch = jm.pad_left([judge.render(q) + p for q in prompts for p in paths], model.pad_id, bucket=1)
+    batch = pad_left([judge.render(q) + p for q in prompts for p in paths], model.pad_id, bucket=1)
     n_last = max(len(p) for p in paths) + 1  # only these positions' logits are needed (SmolLM2: V = 49152)
     resid = model.run(batch, capture=Capture((model.cfg.n_layers,), "tokens"), logits=False).captured[0]
     logits = np.asarray(unembed(model.params, model.cfg, resid[:, -n_last:]), np.float64)  # [P*K, n_last, V]

@@ -20,7 +20,7 @@ import pytest
 
 import jaxpersona
 from jaxpersona import errors
-from jaxpersona.loaders.hf import load_tokenizer
+from jaxpersona.model.loaders.hf import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

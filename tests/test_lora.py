@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from jaxpersona import errors
-from jaxpersona import interventions as iv
-from jaxpersona.lora import (TARGETS, Adapter, LoraConfig, attach, check_adapter, init_adapter, load_adapter,
-                             save_adapter, stack_adapters)
-from jaxpersona.model import Model
-from jaxpersona.models.transformer import forward
-from jaxpersona.train import TrainConfig, train
+from jaxpersona.edit import interventions as iv
+from jaxpersona.model.lora import TARGETS, Adapter, LoraConfig, attach, check_adapter, init_adapter, stack_adapters
+from jaxpersona.artifacts.adapters import load_adapter, save_adapter
+from jaxpersona.compute.handle import Model
+from jaxpersona.model.transformer import forward
+from jaxpersona.compute.train import TrainConfig, train
 from test_pipeline import full_word_tokenizer
 
 
@@ -143,7 +143,7 @@ def test_training_lowers_the_loss_and_resumes_bit_identically(model, tmp_path) -
         assert np.array_equal(np.asarray(full.adapter.b[k]), np.asarray(again.adapter.b[k]))
     assert [r["loss"] for r in again.log] == losses
     # the fine-tuned model now prefers the trained answer
-    from jaxpersona.sweep import mean_logprobs
+    from jaxpersona.compute.scoring import mean_logprobs
 
     tuned = model.with_adapter(full.adapter)
     q = [[{"role": "user", "content": "hello world"}]]
@@ -188,7 +188,7 @@ def test_training_bad_input(model, tmp_path) -> None:
 
 
 def test_dataset_errors_name_the_line(tmp_path) -> None:
-    from jaxpersona.train import read_dataset, write_dataset
+    from jaxpersona.data.datasets import read_dataset, write_dataset
 
     p = write_dataset(tmp_path / "d.jsonl", _examples(2))
     assert len(read_dataset(p)) == 2
@@ -206,9 +206,9 @@ def test_dataset_errors_name_the_line(tmp_path) -> None:
 
 def test_regime_grid_equals_each_condition_alone(model) -> None:
     """Adapters x system prompts x steering in one vmapped computation vs each condition run by itself."""
-    from jaxpersona.grid import Condition, score_conditions
-    from jaxpersona.lora import stack_adapters
-    from jaxpersona.sweep import mean_logprobs
+    from jaxpersona.compute.conditions import Condition, score_conditions
+    from jaxpersona.model.lora import stack_adapters
+    from jaxpersona.compute.scoring import mean_logprobs
 
     cfg = model.cfg
     ads = [random_adapter(cfg, LoraConfig(rank=2), s) for s in (5, 6)]
@@ -226,16 +226,16 @@ def test_regime_grid_equals_each_condition_alone(model) -> None:
     for c, row in zip(conds, got):
         m = model if c.adapter == 0 else model.with_adapter(ads[c.adapter - 1])
         if c.hook is None:
-            from jaxpersona.model import conversation
+            from jaxpersona.data.chat import conversation
 
             ref = mean_logprobs(m, [conversation(q, c.system) for q in qs], rs)
         else:
             ref = []
             for q, r in zip(qs, rs):  # a hooked forward per item, all positions
-                from jaxpersona.model import conversation
-                from jaxpersona.sweep import encode_targets, target_logprob
-                from jaxpersona.models.transformer import final_hidden
-                from jaxpersona.grid import with_positions
+                from jaxpersona.data.chat import conversation
+                from jaxpersona.compute.scoring import encode_targets, target_logprob
+                from jaxpersona.model.transformer import final_hidden
+                from jaxpersona.compute.conditions import with_positions
 
                 enc = {k: jnp.asarray(x) for k, x in encode_targets(m, [conversation(q, c.system)], [r]).items()}
                 hook = with_positions(c.hook, iv.Positions.all(enc["valid"]))

@@ -10,55 +10,56 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpersona import errors, measures
-from jaxpersona.evaluate import check_judge
-from jaxpersona.pipeline import steering_vectors
-from jaxpersona.traits import ANCHOR_LABELS, anchors_from_dict, list_traits, load_anchors, load_trait
+from jaxpersona import errors
+from jaxpersona.measure import stats
+from jaxpersona.measure.judge_check import check_judge
+from jaxpersona.edit.directions import steering_vectors
+from jaxpersona.data.traits import ANCHOR_LABELS, anchors_from_dict, list_traits, load_anchors, load_trait
 
 
 def test_auroc_spearman_pearson_ci_bootstrap():
-    assert measures.auroc([3, 4, 5], [0, 1, 2]) == 1.0
-    assert measures.auroc([0, 1], [2, 3]) == 0.0
-    assert measures.auroc([1, 1], [1, 1]) == 0.5  # ties count one half
-    assert measures.auroc([2, 0], [1]) == 0.5
-    assert measures.auroc([], [1]) is None
-    assert measures.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
-    assert measures.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert measures.spearman([1, 2], [1, 2]) is None
+    assert stats.auroc([3, 4, 5], [0, 1, 2]) == 1.0
+    assert stats.auroc([0, 1], [2, 3]) == 0.0
+    assert stats.auroc([1, 1], [1, 1]) == 0.5  # ties count one half
+    assert stats.auroc([2, 0], [1]) == 0.5
+    assert stats.auroc([], [1]) is None
+    assert stats.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)
+    assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert stats.spearman([1, 2], [1, 2]) is None
     x = np.arange(50.0)
     y = x + np.random.default_rng(0).normal(scale=10, size=50)
-    ci = measures.pearson_ci(x, y)
+    ci = stats.pearson_ci(x, y)
     assert ci["lo"] < ci["r"] < ci["hi"] and ci["n"] == 50
     assert ci["r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
     # Fisher z: r = 0.5, n = 28 -> z = 0.5493 +- 1.96/5 -> [0.1568, 0.7302]
     r, n = 0.5, 28
     want = (math.tanh(math.atanh(r) - 1.959964 / 5), math.tanh(math.atanh(r) + 1.959964 / 5))
-    assert measures._normal_quantile(0.975) == pytest.approx(1.959964, abs=1e-6)
+    assert stats._normal_quantile(0.975) == pytest.approx(1.959964, abs=1e-6)
     assert want[0] == pytest.approx(0.1569, abs=1e-3)
-    mean, lo, hi = measures.bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0)
+    mean, lo, hi = stats.bootstrap_ci([1.0, 2.0, 3.0, 4.0], seed=0)
     assert mean == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
-    assert measures.bootstrap_ci([1.0, 2.0, 3.0], seed=3) == measures.bootstrap_ci([1.0, 2.0, 3.0], seed=3)
-    assert measures.bootstrap_ci([5.0]) == (5.0, 5.0, 5.0)
+    assert stats.bootstrap_ci([1.0, 2.0, 3.0], seed=3) == stats.bootstrap_ci([1.0, 2.0, 3.0], seed=3)
+    assert stats.bootstrap_ci([5.0]) == (5.0, 5.0, 5.0)
 
 
 def test_text_stats_and_coherence_thresholds():
-    assert measures.distinct_n([1, 2, 3, 4], 2) == 1.0
-    assert measures.distinct_n([7, 7, 7, 7, 7], 2) == 0.25  # one distinct bigram of four
-    assert measures.longest_repeat([1, 2, 3, 1, 2, 3, 9]) == 3
-    assert measures.longest_repeat([1, 2, 3, 4]) == 0
-    assert measures.longest_repeat([5, 5, 5, 5]) == 3  # overlapping repeats count
+    assert stats.distinct_n([1, 2, 3, 4], 2) == 1.0
+    assert stats.distinct_n([7, 7, 7, 7, 7], 2) == 0.25  # one distinct bigram of four
+    assert stats.longest_repeat([1, 2, 3, 1, 2, 3, 9]) == 3
+    assert stats.longest_repeat([1, 2, 3, 4]) == 0
+    assert stats.longest_repeat([5, 5, 5, 5]) == 3  # overlapping repeats count
     ref = [{"nll": 2.0 + 0.1 * i, "distinct2": 0.95, "repeat_frac": 0.05} for i in range(10)]
-    thr = measures.CoherenceThresholds.calibrate(ref)
+    thr = stats.CoherenceThresholds.calibrate(ref)
     assert thr.nll_max == pytest.approx(np.quantile([r["nll"] for r in ref], 0.95) + 1.0)
     assert not any(thr.bad(r) for r in ref)  # unsteered answers pass
-    loop = {"nll": 0.3, **measures.text_stats([42] * 24)}  # "resilient resilient ...": likely, but repetitive
+    loop = {"nll": 0.3, **stats.text_stats([42] * 24)}  # "resilient resilient ...": likely, but repetitive
     assert thr.bad(loop)
     assert thr.bad({"nll": 9.0, "distinct2": 1.0, "repeat_frac": 0.0})  # word salad: unlikely
     cell = thr.point([ref[0]] * 3 + [loop])
     assert cell["coherent"] and cell["bad_frac"] == 0.25  # 1 of 4 is not more than max_bad
     assert not thr.point([ref[0], loop])["coherent"]
     with pytest.raises(errors.InputError, match="reference"):
-        measures.CoherenceThresholds.calibrate(ref[:2])
+        stats.CoherenceThresholds.calibrate(ref[:2])
 
 
 def test_shipped_anchors_validate_and_mismatches_are_errors(tmp_path):
@@ -82,7 +83,7 @@ def test_shipped_anchors_validate_and_mismatches_are_errors(tmp_path):
 
 def _labels_judge(anchors, trait_good: bool, coherence_good: bool):
     """A scorer that knows the anchors' labels: separates them perfectly, or not at all."""
-    from jaxpersona.traits import coherence_prompt
+    from jaxpersona.data.traits import coherence_prompt
 
     evil = load_trait("evil")
     label = {}
@@ -132,9 +133,9 @@ def test_relative_units_need_recorded_norms():
 def test_cli_sweep_relative_units_on_a_bank_without_norms_exits_2(tmp_path, capsys):
     """An older bank (no recorded residual norms) with relative units: one clear line saying how to
     recompute them, exit 2."""
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.artifacts.bank import VectorBank
     from jaxpersona.cli import main
-    from jaxpersona.model import load
+    from jaxpersona.compute.handle import load
 
     cfg = load("smollm2-135m-instruct").cfg
     vecs = np.random.default_rng(0).normal(size=(1, cfg.n_resid, cfg.d_model)).astype(np.float32)
@@ -149,7 +150,7 @@ def test_cli_sweep_relative_units_on_a_bank_without_norms_exits_2(tmp_path, caps
 
 def test_jackknife_interval_of_a_mean_matches_the_standard_error() -> None:
     """For a mean the jackknife SE equals s / sqrt(n) exactly; and a cosine's interval holds its estimate."""
-    from jaxpersona.measures import jackknife_interval
+    from jaxpersona.measure.stats import jackknife_interval
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=30)
@@ -157,7 +158,7 @@ def test_jackknife_interval_of_a_mean_matches_the_standard_error() -> None:
     lo, hi = jackknife_interval(x.mean(), loo)
     se = x.std(ddof=1) / np.sqrt(30)
     np.testing.assert_allclose([lo, hi], [x.mean() - 1.959964 * se, x.mean() + 1.959964 * se], rtol=1e-5)
-    from jaxpersona.regimes import regime_cosines
+    from jaxpersona.pipelines.regimes import regime_cosines
 
     a, b = rng.normal(size=(20, 3, 8)) + 0.5, rng.normal(size=(20, 3, 8)) + 0.5
     for paired in (False, True):

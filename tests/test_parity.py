@@ -18,9 +18,10 @@ import pytest
 import torch
 
 import hf_tiny
-from jaxpersona.generate import generate
-from jaxpersona.loaders.hf import load_hf_dir
-from jaxpersona.models.transformer import Capture, KVCache, check_params, forward, init_params
+from jaxpersona.compute.generate import generate
+from jaxpersona.model.loaders.hf import load_hf_dir
+from jaxpersona.model.transformer import Capture, KVCache, forward
+from jaxpersona.model.params import check_params, init_params
 
 ATOL = 1e-4
 TOKENS, VALID = hf_tiny.left_padded_batch()  # [4, 12]

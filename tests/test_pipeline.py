@@ -1,4 +1,4 @@
-"""The persona-vector pipeline (``jaxpersona.pipeline``), the resume store and dataset screening, on
+"""The persona-vector pipeline (``jaxpersona.pipelines.persona``), the resume store and dataset screening, on
 the tiny random llama with a deterministic scripted judge.
 
 References are independent of the library's reductions: scores are recomputed from the scripted
@@ -25,14 +25,16 @@ import pytest
 import conftest
 import hf_tiny
 import jax
-import jaxpersona.model as jm
+import jaxpersona.compute.handle as jm
+from jaxpersona.compute.batching import pad_left
 from jaxpersona import errors
-from jaxpersona.bank import VectorBank
-from jaxpersona.models.transformer import Capture
-from jaxpersona.evaluate import choose_layer
-from jaxpersona.pipeline import ExtractConfig, load_extract_config, pearson, run_extract
-from jaxpersona.store import KeyedJsonl
-from jaxpersona.traits import Trait, coherence_prompt
+from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.model.transformer import Capture
+from jaxpersona.measure.evaluate import choose_layer
+from jaxpersona.pipelines.persona import ExtractConfig, load_extract_config, run_extract
+from jaxpersona.measure.stats import pearson
+from jaxpersona.artifacts.records import KeyedJsonl
+from jaxpersona.data.traits import Trait, coherence_prompt
 
 TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}<s> assistant {% endif %}")
@@ -195,7 +197,7 @@ def ref_activations(model, convs, responses) -> dict[str, np.ndarray]:
         r = tok.encode(resp, add_special_tokens=False) if resp else []
         seqs.append(p + r)
         n_prompt.append(len(p))
-    batch = jm.pad_left(seqs, model.pad_id, bucket=1)
+    batch = pad_left(seqs, model.pad_id, bucket=1)
     n_resid = model.cfg.n_resid
     out = model.run(batch, capture=Capture(tuple(range(n_resid)), "tokens"), logits=False)
     h = np.asarray(out.captured, np.float64)  # [L+1, B, T, D]
@@ -406,7 +408,7 @@ def _ref_mean_logprob(model, convs, answers, hook_for=None) -> np.ndarray:
         p = tok.encode(model.format_chat(conv), add_special_tokens=False)
         seqs.append(p + tok.encode(a, add_special_tokens=False))
         n_prompt.append(len(p))
-    batch = jm.pad_left(seqs, model.pad_id, bucket=1)
+    batch = pad_left(seqs, model.pad_id, bucket=1)
     t = batch.tokens.shape[1]
     mask = np.zeros(batch.tokens.shape, bool)
     for i, (s_, n) in enumerate(zip(seqs, n_prompt)):
@@ -425,8 +427,8 @@ def test_judge_free_steering_score_matches_independent_reference(base_run, model
     """The table's contrastive-likelihood score = mean over eval questions of lp(pos answer) - lp(neg
     answer) without a system prompt, with h + c * |resid[l]| * v̂[l] at the last prompt token and the
     answer tokens — recomputed here from full logits of plain forwards."""
-    from jaxpersona import interventions as iv
-    from jaxpersona.model import conversation
+    from jaxpersona.edit import interventions as iv
+    from jaxpersona.data.chat import conversation
 
     out, result, _ = base_run
     summary = json.loads((out / "summary.json").read_text())
@@ -477,7 +479,7 @@ def test_judge_free_steering_score_matches_independent_reference(base_run, model
 
 
 def test_monitor_projection_and_judge_free_score(base_run, model) -> None:
-    from jaxpersona.model import conversation
+    from jaxpersona.data.chat import conversation
 
     out, result, _ = base_run
     summary = json.loads((out / "summary.json").read_text())
@@ -511,13 +513,13 @@ def test_rerun_of_a_finished_run_does_no_work(base_run, model, tmp_path, monkeyp
     out, _, _ = base_run
     again = tmp_path / "copy"
     shutil.copytree(out, again)
-    import jaxpersona.sweep
+    import jaxpersona.compute.sweep
 
     def no_steering(*a, **k):
         raise AssertionError("steering was regenerated")
 
-    monkeypatch.setattr(jaxpersona.sweep, "generate_chunk", no_steering)
-    monkeypatch.setattr(jaxpersona.sweep, "score_chunk", no_steering)
+    monkeypatch.setattr(jaxpersona.compute.sweep, "generate_chunk", no_steering)
+    monkeypatch.setattr(jaxpersona.compute.sweep, "score_chunk", no_steering)
     model.calls.clear()
     run_extract(model, TRAIT, NoJudge(), CONFIG, again, judge_id="scripted", progress=False, log=_quiet)
     assert model.calls == []
@@ -714,7 +716,7 @@ SCREEN_DATA = [
 
 
 def test_screen_dataset_ranks_by_projection_difference(model, tmp_path) -> None:
-    from jaxpersona.screen import screen_dataset
+    from jaxpersona.pipelines.screen import screen_dataset
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in SCREEN_DATA))
@@ -747,7 +749,7 @@ def test_screen_dataset_ranks_by_projection_difference(model, tmp_path) -> None:
 
 
 def test_screen_rejects_bad_vector_or_layer(model, tmp_path) -> None:
-    from jaxpersona.screen import screen_dataset
+    from jaxpersona.pipelines.screen import screen_dataset
 
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(SCREEN_DATA[0]) + "\n")
@@ -764,7 +766,7 @@ def test_screen_rejects_bad_vector_or_layer(model, tmp_path) -> None:
 def test_screen_rejects_per_layer_vectors_of_another_depth(model, tmp_path) -> None:
     """``[L+1, D]`` vectors from a deeper model with the same width are another model's directions:
     picking row ``layer`` of them silently would screen with a wrong vector."""
-    from jaxpersona.screen import screen_dataset
+    from jaxpersona.pipelines.screen import screen_dataset
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in SCREEN_DATA))
@@ -784,7 +786,7 @@ def test_screen_rejects_per_layer_vectors_of_another_depth(model, tmp_path) -> N
     (['{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "yo"}]}'], 1),
 ])
 def test_screen_rejects_malformed_lines(model, tmp_path, lines, bad_line) -> None:
-    from jaxpersona.screen import screen_dataset
+    from jaxpersona.pipelines.screen import screen_dataset
 
     data = tmp_path / "bad.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -862,7 +864,7 @@ def test_cli_traits_list(capsys) -> None:
     import jaxpersona
     from jaxpersona.cli import main
 
-    shipped = sorted(p.stem for p in (Path(jaxpersona.__file__).parent / "trait_data").glob("*.json"))
+    shipped = sorted(p.stem for p in (Path(jaxpersona.__file__).parent / "data" / "trait_data").glob("*.json"))
     assert len(shipped) >= 3
     assert main(["traits", "list"]) == 0
     out = capsys.readouterr().out
@@ -882,7 +884,7 @@ def test_cli_vectors_show(base_run, capsys) -> None:
 
 def test_shipped_persona_configs_match_the_presets() -> None:
     """configs/persona_default.toml documents the CLI default exactly; persona_full.toml starts from --full."""
-    from jaxpersona.pipeline import ExtractConfig, load_extract_config
+    from jaxpersona.pipelines.persona import ExtractConfig, load_extract_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     assert load_extract_config(root / "persona_default.toml") == ExtractConfig.default()
@@ -891,7 +893,7 @@ def test_shipped_persona_configs_match_the_presets() -> None:
 
 
 def test_extract_config_rejects_unknown_top_level_keys(tmp_path) -> None:
-    from jaxpersona.pipeline import load_extract_config
+    from jaxpersona.pipelines.persona import load_extract_config
 
     f = tmp_path / "c.toml"
     f.write_text('presett = "full"\n[extract]\nn_pairs = 2\n')
@@ -906,7 +908,7 @@ def test_extract_config_rejects_unknown_top_level_keys(tmp_path) -> None:
 # 10. the judge check decides whether the judge may drive anything
 # ============================================================================================
 def _cat_anchors():
-    from jaxpersona.traits import Anchors
+    from jaxpersona.data.traits import Anchors
 
     q = TRAIT.eval_questions
     rows = [("trait", q[i], "meow meow purr i am a cat .") for i in range(3)]
@@ -972,7 +974,7 @@ def test_empty_evaluation_set_and_identical_answers_are_errors(model, tmp_path) 
 def test_all_traits_is_one_sweep_and_matches_single_runs(base_run, model, tmp_path) -> None:
     """``run_extract_all``: per-trait stages, one steering sweep over both traits (one run of the sweep
     store), per-trait results equal to the trait run alone, a summary table and a per-trait plot."""
-    from jaxpersona.pipeline import run_extract_all
+    from jaxpersona.pipelines.persona import run_extract_all
 
     dog = dataclasses.replace(TRAIT, name="dog", pairs=tuple((n, p) for p, n in TRAIT.pairs))
     res = run_extract_all(model, [TRAIT, dog], ScriptedJudge(), CONFIG, tmp_path / "all", judge_id="scripted",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxpersona.cli import main
-from jaxpersona.plan import GIB, make_plan, read_config
+from jaxpersona.compute.plan import GIB, make_plan, read_config
 
 PAPER = {"qwen2.5-7b-instruct": 7.62e9, "gemma-2-27b-it": 27.2e9, "qwen3-32b": 32.8e9, "llama-3.3-70b-instruct": 70.6e9}
 
@@ -44,8 +44,8 @@ def test_70b_needs_fsdp_on_v5e_and_the_cli_says_so(capsys) -> None:
 def test_plan_of_a_real_small_model_matches_its_compile(smollm2) -> None:
     """On the embedded model (fp32, one device): the params bytes are the loaded arrays' bytes, and the
     activation estimate is the compiled prefill's own temporary memory."""
-    from jaxpersona import registry
-    from jaxpersona.models.transformer import KVCache, forward
+    from jaxpersona.model import registry
+    from jaxpersona.model.transformer import KVCache, forward
 
     plan = make_plan(str(registry.converted_dir(registry.resolve("smollm2-135m-instruct"))), "1x1", batch=4,
                      seq=128, new_tokens=32, dtype="float32")

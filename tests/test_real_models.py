@@ -1,4 +1,4 @@
-"""The truth: real GGUF models, through ``jaxpersona.model.load``, against transformers' own GGUF loading.
+"""The truth: real GGUF models, through ``jaxpersona.compute.handle.load``, against transformers' own GGUF loading.
 
 Both sides read the same GGUF file and dequantize it with the same ``gguf`` package code
 (transformers' ``load_gguf_checkpoint`` calls ``gguf.quants.dequantize``; so does our converter), so
@@ -26,11 +26,12 @@ import torch
 import transformers
 
 import hf_tiny
-import jaxpersona.loaders.gguf
-import jaxpersona.model as jm
-from jaxpersona import registry
-from jaxpersona.generate import generate
-from jaxpersona.models.transformer import Capture
+import jaxpersona.compute.handle as jm
+from jaxpersona.compute.batching import Batch
+from jaxpersona.data.chat import conversation
+from jaxpersona.model import registry
+from jaxpersona.compute.generate import generate
+from jaxpersona.model.transformer import Capture
 
 SMOLLM2 = "smollm2-135m-instruct"
 REL_TOL = 3e-5  # x max|logit|, see the module docstring
@@ -51,7 +52,7 @@ def hf_from_gguf(name: str):
     return model.eval()
 
 
-def hf_run(hf, batch: jm.Batch):
+def hf_run(hf, batch: Batch):
     ids = torch.tensor(batch.tokens, dtype=torch.long)
     mask = torch.tensor(batch.valid, dtype=torch.long)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -60,7 +61,7 @@ def hf_run(hf, batch: jm.Batch):
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
-def hf_greedy(hf, batch: jm.Batch, n: int) -> np.ndarray:
+def hf_greedy(hf, batch: Batch, n: int) -> np.ndarray:
     """HF greedy continuation (EOS disabled) of a left-padded batch: ``[B, n]``."""
     return hf_tiny.hf_greedy(hf, batch.tokens, batch.valid, n)
 
@@ -121,18 +122,18 @@ def test_smollm2_chat_knows_paris(smollm2) -> None:
 
 
 def test_smollm2_chat_prompt_uses_the_template(smollm2) -> None:
-    text = smollm2.format_chat(jm.conversation(QUESTION, SYSTEM))
+    text = smollm2.format_chat(conversation(QUESTION, SYSTEM))
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_smollm2_greedy_matches_transformers(smollm2, hf_smollm2) -> None:
     """16 greedy tokens on the chat-templated prompt: ours == HF, EOS disabled on both sides."""
-    batch = smollm2.encode_conversations([jm.conversation(QUESTION, SYSTEM)])
+    batch = smollm2.encode_conversations([conversation(QUESTION, SYSTEM)])
     n = 16
     ours = generate(smollm2.params, smollm2.cfg, batch.tokens, batch.valid, max_new_tokens=n, eos_ids=())
     # HF gets the unpadded prompt: padding must not matter to us
-    unpadded = jm.Batch(batch.tokens[batch.valid][None], batch.valid[batch.valid][None])
+    unpadded = Batch(batch.tokens[batch.valid][None], batch.valid[batch.valid][None])
     ref = hf_greedy(hf_smollm2, unpadded, n)
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
     assert "Paris" in smollm2.tokenizer.decode(ref[0])
@@ -175,12 +176,12 @@ def test_second_load_is_served_from_the_cache(smollm2, monkeypatch: pytest.Monke
     def no_conversion(*args, **kwargs):
         raise AssertionError("the GGUF file was converted again instead of using the cache")
 
-    monkeypatch.setattr(jaxpersona.loaders.gguf, "convert_gguf_to_hf_dir", no_conversion)
+    monkeypatch.setattr(jm, "convert_gguf_to_hf_dir", no_conversion)  # the name handle.load calls
     again = jm.load(SMOLLM2)
     assert again.cfg == smollm2.cfg
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(smollm2.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert again.format_chat(jm.conversation(QUESTION)) == smollm2.format_chat(jm.conversation(QUESTION))
+    assert again.format_chat(conversation(QUESTION)) == smollm2.format_chat(conversation(QUESTION))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_sharded_hf_directory_loads_and_matches_hf(tmp_path, tiny_zoo, word_toke
     model = jm.load(d)
     assert model.cfg.family == family and model.cfg == tiny_zoo(family).cfg
     tokens, valid = hf_tiny.left_padded_batch()
-    batch = jm.Batch(tokens, valid)
+    batch = Batch(tokens, valid)
     ours = np.asarray(model.run(batch).logits)
     ref, _ = hf_run(hf, batch)
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-4, rtol=0)

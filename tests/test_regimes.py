@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jaxpersona import errors
-from jaxpersona import interventions as iv
-from jaxpersona.model import Model
+from jaxpersona.edit import interventions as iv
+from jaxpersona.compute.handle import Model
 from test_pipeline import full_word_tokenizer
 
 
@@ -19,8 +19,8 @@ def model(tiny_llama) -> Model:
 
 
 def test_bipo_vector_prefers_the_trait_answer_in_both_directions(model) -> None:
-    from jaxpersona.bipo import bipo_vector
-    from jaxpersona.grid import Condition, score_conditions
+    from jaxpersona.compute.bipo import bipo_vector
+    from jaxpersona.compute.conditions import Condition, score_conditions
 
     qs = ["hello world", "what is the capital", "the dog sat", "you are a cat", "paris is", "what is a mat"]
     pos = ["the cat sat on the mat ."] * len(qs)
@@ -45,10 +45,10 @@ TRAIN_SMALL = dict(rank=2, epochs=1, batch_size=2, save_every=1, lr=1e-2, warmup
 
 
 def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> None:
-    from jaxpersona import train as train_mod
-    from jaxpersona.regimes import RegimesConfig, run_regimes
-    from jaxpersona.traits import load_trait
-    from jaxpersona.train import TrainConfig
+    from jaxpersona.compute import train as train_mod
+    from jaxpersona.pipelines.regimes import RegimesConfig, run_regimes
+    from jaxpersona.data.traits import load_trait
+    from jaxpersona.compute.train import TrainConfig
 
     cfg, tcfg = RegimesConfig().replace(**SMALL), TrainConfig().replace(**TRAIN_SMALL)
     a, b = load_trait("evil"), load_trait("optimistic")
@@ -68,7 +68,7 @@ def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> Non
     for f in ("regimes.json", "regimes.txt", "cosines.png", "shift_vs_trait.png", "data/trait.jsonl",
               "data/neutral.jsonl", "data/mixed.jsonl"):
         assert (tmp_path / f).exists(), f
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.artifacts.bank import VectorBank
 
     bank = VectorBank.load(tmp_path / "vectors")
     assert bank.names[0] == "prompt:evil" and len(bank) == 3
@@ -94,9 +94,9 @@ def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> Non
 
 
 def test_regimes_bad_config(model, tmp_path) -> None:
-    from jaxpersona.regimes import RegimesConfig, load_regimes_config, run_regimes
-    from jaxpersona.traits import load_trait
-    from jaxpersona.train import TrainConfig
+    from jaxpersona.pipelines.regimes import RegimesConfig, load_regimes_config, run_regimes
+    from jaxpersona.data.traits import load_trait
+    from jaxpersona.compute.train import TrainConfig
 
     ev = load_trait("evil")
     for bad, needle in (({"trainers": ("plain", "magic")}, "unknown trainers"), ({"prevention": "cap"}, "steer"),

@@ -172,7 +172,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def extract_run(tiny_llama, root: Path) -> Path:
-    from jaxpersona.pipeline import run_extract
+    from jaxpersona.pipelines.persona import run_extract
 
     model = tp.CountingModel(tiny_llama.cfg, tiny_llama.params, tp.full_word_tokenizer(), "tiny-llama")
     run_extract(model, tp.TRAIT, tp.ScriptedJudge(), tp.CONFIG, root / "extract", judge_id="scripted",
@@ -182,8 +182,8 @@ def extract_run(tiny_llama, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def space_run(tiny_llama, root: Path) -> Path:
-    from jaxpersona.roles import load_roles
-    from jaxpersona.space import SpaceConfig, run_space
+    from jaxpersona.data.roles import load_roles
+    from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     model = tp.CountingModel(tiny_llama.cfg, tiny_llama.params, tp.full_word_tokenizer(ts.TEMPLATE), "tiny-llama")
     (root / "roles_src").mkdir()
@@ -196,7 +196,7 @@ def space_run(tiny_llama, root: Path) -> Path:
 @pytest.fixture(scope="module")
 def sweep_run(tiny_llama, root: Path) -> Path:
     """``jaxpersona sweep --config`` through the CLI, the model loader returning the tiny llama."""
-    import jaxpersona.model as jm
+    import jaxpersona.compute.handle as jm
 
     model = jm.Model(tiny_llama.cfg, tiny_llama.params, tp.full_word_tokenizer(), "tiny-llama")
     (root / "sweep.toml").write_text(SWEEP)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from jaxpersona import errors
-from jaxpersona.models.transformer import Capture, forward
+from jaxpersona.model.transformer import Capture, forward
 
 NAME = "smollm2-test"
 LAYER = 16
@@ -53,8 +53,8 @@ def token_ids(server, out: dict, i: int = 0) -> list[str]:
 def bank_dir(smollm2, tmp_path_factory):
     """A real contrast vector (evil-ish minus helpful answers, every resid point), saved as a bank with the
     residual norms and chosen layer that `jaxpersona extract` records."""
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.extract import contrast_vectors
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.compute.activations import contrast_vectors
 
     pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
     neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
@@ -67,8 +67,8 @@ def bank_dir(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(smollm2, bank_dir, tmp_path_factory):
-    from jaxpersona.axis import CapConfig
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.edit.capping import CapConfig
+    from jaxpersona.artifacts.bank import VectorBank
     from jaxpersona.serve.app import PersonaServer, build_resources
     from jaxpersona.serve.engine import EngineConfig
 
@@ -121,9 +121,9 @@ def test_interleaved_requests_match_alone(server):
 def test_server_interventions_equal_the_library(server, smollm2, bank_dir):
     """Served steer (response positions, relative units) + cap (prompt positions) + ablation (assistant tokens of
     an earlier turn and the reply; a cap with floor = ceiling = mean) give the library's hooks' log-probs."""
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.interventions import Chain, Positions, ablate, cap, steer
-    from jaxpersona.pipeline import steering_vectors
+    from jaxpersona.artifacts.bank import VectorBank
+    from jaxpersona.edit.interventions import Chain, Positions, ablate, cap, steer
+    from jaxpersona.edit.directions import steering_vectors
 
     bank = VectorBank.load(bank_dir)
     conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
@@ -155,7 +155,7 @@ def test_server_interventions_equal_the_library(server, smollm2, bank_dir):
 
 
 def test_persona_readout_is_the_mean_projection(server, smollm2, bank_dir):
-    from jaxpersona.bank import VectorBank
+    from jaxpersona.artifacts.bank import VectorBank
 
     out = chat(server, "Tell me about your day.", max_tokens=10, persona_readout=["evil"],
                return_tokens_as_token_ids=True)
@@ -294,8 +294,8 @@ def test_api_key_and_no_body_logging(server, capsys):
 
 def test_the_projects_judge_and_endpoint_work_against_it(server):
     """The OpenAI-compatible client and judge of jaxpersona, pointed at the server, end to end."""
-    from jaxpersona.endpoint import OpenAIEndpoint
-    from jaxpersona.judge import HTTPJudge
+    from jaxpersona.measure.endpoint import OpenAIEndpoint
+    from jaxpersona.measure.judge import HTTPJudge
 
     ep = OpenAIEndpoint(server.url, NAME, api_key_env=None, retries=0)
     texts = ep.complete([[{"role": "user", "content": "Hello!"}], [{"role": "user", "content": "Name a fruit."}]],
@@ -309,7 +309,7 @@ def test_the_projects_judge_and_endpoint_work_against_it(server):
 
 def test_per_row_cache_index_equals_rows_alone(tiny_llama):
     """``forward(cache_index=[B])``: each row written at its own slot gives what each row gives alone."""
-    from jaxpersona.models.transformer import KVCache
+    from jaxpersona.model.transformer import KVCache
 
     cfg, params = tiny_llama.cfg, tiny_llama.params
     rng = np.random.default_rng(0)

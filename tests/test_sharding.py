@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxpersona import errors, sharding
+from jaxpersona import errors
+from jaxpersona.model import sharding
 
 SCRIPT = Path(__file__).parent / "scripts" / "mesh_equality.py"
 
@@ -56,7 +57,7 @@ def test_sweep_and_adapter_on_a_2d_mesh(results) -> None:
 def test_a_broken_index_is_refused_before_reading(tiny_llama, tmp_path) -> None:
     import shutil
 
-    from jaxpersona.loaders.hf import load_hf_dir_sharded
+    from jaxpersona.model.loaders.hf import load_hf_dir_sharded
 
     d = tmp_path / "m"
     shutil.copytree(tiny_llama.path, d)
@@ -114,7 +115,7 @@ def test_two_processes_give_the_rows_of_one(tiny_llama, tmp_path) -> None:
 def test_weights_that_do_not_fit_a_device_are_refused_before_reading(tiny_llama, monkeypatch) -> None:
     import jax
 
-    from jaxpersona.loaders import hf
+    from jaxpersona.model.loaders import hf
 
     mesh = sharding.make_mesh((1, 1))
     reads = []

@@ -1,4 +1,4 @@
-"""Persona space (``jaxpersona.roles``, ``axis``, ``drift``, ``space``): data loading and its errors, the
+"""Persona space (``jaxpersona.data.roles``, ``axis``, ``drift``, ``space``): data loading and its errors, the
 axis/PCA math against numpy, per-layer caps against a plain reference, the reference project's
 capping file, KV-cache turn continuation against from-scratch generation, the drift engine's
 bookkeeping, and the pipeline end to end on the tiny llama (resume, bad input)."""
@@ -13,15 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxpersona.model as jm
+from jaxpersona.data.chat import conversation
+from jaxpersona.model.transformer import forward
+from jaxpersona.compute.batching import pad_left
 from jaxpersona import errors
-from jaxpersona import interventions as iv
-from jaxpersona.axis import (CapConfig, assistant_axis, cap_layer_range, check_percentile, components_for,
-                             default_position, import_reference_capping, percentile_floors, role_pca, unit)
-from jaxpersona.bank import VectorBank
-from jaxpersona.generate import continue_turn, generate
-from jaxpersona.models.transformer import Capture, HookContext, KVCache
-from jaxpersona.roles import Script, load_conversations, load_roles
+from jaxpersona.edit import interventions as iv
+from jaxpersona.edit.capping import CapConfig, cap_layer_range, check_percentile, import_reference_capping, percentile_floors
+from jaxpersona.measure.axis import assistant_axis, components_for, default_position, role_pca
+from jaxpersona.edit.directions import unit
+from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.compute.generate import continue_turn, generate
+from jaxpersona.model.transformer import Capture, HookContext, KVCache
+from jaxpersona.data.roles import Script, load_conversations, load_roles
 from test_pipeline import CountingModel, full_word_tokenizer, read_jsonl
 
 DEFAULT_PROMPTS = ["", "You are an AI assistant.", "You are a large language model.", "Respond as yourself."]
@@ -246,7 +249,7 @@ def test_continue_turn_equals_generation_from_scratch(tiny_llama) -> None:
         np.testing.assert_allclose(np.asarray(t2.out.logprobs)[i], np.asarray(ref.logprobs)[0], atol=1e-4)
         # the recorded projections equal a plain capture of the same tokens
         full = np.concatenate([hist[0], np.asarray(t2.out.tokens)[i]])[None]
-        h = jm.forward(params, cfg, jnp.asarray(full), capture=Capture((2,), "tokens"), logits=False).captured
+        h = forward(params, cfg, jnp.asarray(full), capture=Capture((2,), "tokens"), logits=False).captured
         proj = np.asarray(h[0, 0]) @ np.asarray(units[0])
         np.testing.assert_allclose(np.asarray(t2.proj)[i, :, 0], proj[hist.shape[1]:], atol=1e-4)
         np.testing.assert_allclose(np.asarray(t2.prompt_proj)[i, v2[i], 0], proj[hist.shape[1] - v2[i].sum(): hist.shape[1]],
@@ -267,7 +270,7 @@ def model(tiny_llama) -> CountingModel:
 
 
 def _drift_spec(model, floor: float = 0.0):
-    from jaxpersona.drift import DriftSpec
+    from jaxpersona.compute.drift import DriftSpec
 
     cfg = model.cfg
     rng = np.random.default_rng(5)
@@ -280,7 +283,7 @@ def _drift_spec(model, floor: float = 0.0):
 def test_drift_bookkeeping_matches_turn_by_turn_regeneration(model) -> None:
     """The unsteered variant, carried through one KV cache, answers exactly as regenerating each turn
     from the re-rendered conversation does; the KV edit touches only the probe; caps hold their floor."""
-    from jaxpersona.drift import run_drift
+    from jaxpersona.compute.drift import run_drift
 
     spec = _drift_spec(model)
     recs = run_drift(model, SCRIPTS, spec, progress=False)
@@ -328,7 +331,7 @@ SPACE = dict(prompts_per_role=2, n_questions=2, default_questions=3, max_new_tok
 
 @pytest.fixture(scope="module")
 def space_run(model, tmp_path_factory):
-    from jaxpersona.space import SpaceConfig, run_space
+    from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     root = tmp_path_factory.mktemp("space")
     roles = load_roles(_role_dir(root))
@@ -350,7 +353,7 @@ def test_space_run_outputs_match_independent_references(space_run, model) -> Non
     assert len(answers) == 3 * 2 * 2 + 2 * 3
     kept = [a for a in answers if a["kept"]]
     assert all(a["response"] for a in kept) and all(a["kept"] for a in answers if a["response"])
-    convs = [jm.conversation(a["question"], ([*roles.roles, roles.default][[*(r.name for r in roles.roles),
+    convs = [conversation(a["question"], ([*roles.roles, roles.default][[*(r.name for r in roles.roles),
                                                                            "default"].index(a["role"])].prompts[a["prompt"]]
                                              or None)) for a in kept]
     acts = ref_activations(model, convs, [a["response"] for a in kept])["response_mean"]  # [L+1, N, D]
@@ -367,10 +370,10 @@ def test_space_run_outputs_match_independent_references(space_run, model) -> Non
     u = unit(dflt - rvecs.mean(0))
     projs = []  # calibration: every default answer
     for a in (a for a in kept if a["role"] == "default"):
-        conv = jm.conversation(a["question"], roles.default.prompts[a["prompt"]] or None)
+        conv = conversation(a["question"], roles.default.prompts[a["prompt"]] or None)
         p = model.tokenizer.encode(model.format_chat(conv), add_special_tokens=False)
         r = model.tokenizer.encode(a["response"], add_special_tokens=False)
-        h = model.run(jm.pad_left([p + r], model.pad_id, 1), capture=Capture((2,), "tokens"), logits=False).captured
+        h = model.run(pad_left([p + r], model.pad_id, 1), capture=Capture((2,), "tokens"), logits=False).captured
         projs += list(np.asarray(h[0, 0, len(p):]) @ u[2])
     np.testing.assert_allclose(cap.floors, [np.percentile(projs, 25)], atol=2e-4)
     np.testing.assert_allclose(cap.directions[0], u[2], atol=1e-5)
@@ -383,12 +386,12 @@ def test_space_run_outputs_match_independent_references(space_run, model) -> Non
 
 
 def test_space_rerun_does_no_generation(space_run, model, monkeypatch) -> None:
-    from jaxpersona import drift
-    from jaxpersona.space import SpaceConfig, run_space
+    from jaxpersona.pipelines import space
+    from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     root, roles, res = space_run
     model.calls.clear()
-    monkeypatch.setattr(drift, "run_drift", lambda *a, **k: (_ for _ in ()).throw(AssertionError("drift redone")))
+    monkeypatch.setattr(space, "run_drift", lambda *a, **k: (_ for _ in ()).throw(AssertionError("drift redone")))
     again = run_space(model, roles, SCRIPTS, None, SpaceConfig().replace(**SPACE), res.out, progress=False,
                       log=lambda _: None)
     assert model.calls == []
@@ -420,7 +423,7 @@ class RoleJudge:
 
 
 def test_role_with_no_surviving_answers_is_a_filter_error_and_keeps_work(space_run, model, tmp_path) -> None:
-    from jaxpersona.space import SpaceConfig, run_space
+    from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     root, roles, res = space_run
     import shutil
@@ -436,7 +439,7 @@ def test_role_with_no_surviving_answers_is_a_filter_error_and_keeps_work(space_r
 
 
 def test_judge_that_fails_its_check_drives_nothing(space_run, model, tmp_path) -> None:
-    from jaxpersona.space import SpaceConfig, run_space
+    from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     root, roles, res = space_run
     import shutil
@@ -452,7 +455,7 @@ def test_judge_that_fails_its_check_drives_nothing(space_run, model, tmp_path) -
 def test_a_judge_that_passes_filters(space_run, model, tmp_path) -> None:
     """A judge that separates role answers (they hold a role word) from default answers passes the check
     and keeps only answers it scores >= min_score."""
-    from jaxpersona.space import SpaceConfig, run_space
+    from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     root, roles, res = space_run
     import shutil

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxpersona.sweep as sweep_mod
+import jaxpersona.compute.sweep as sweep_mod
 from jaxpersona import errors
-from jaxpersona import interventions as iv
-from jaxpersona.model import load
-from jaxpersona.sweep import Grid, ScoringSet, encode_scoring, positions_for, run_sweep
+from jaxpersona.edit import interventions as iv
+from jaxpersona.compute.handle import load
+from jaxpersona.compute.sweep import Grid, positions_for, run_sweep
+from jaxpersona.compute.scoring import ScoringSet, encode_scoring
 
 DATA = ScoringSet(
     ("How do you feel about tomorrow?", "Describe your week in one line."),
@@ -39,7 +40,7 @@ def bank(model):
 
 def reference_logprob(model, enc, hook) -> np.ndarray:
     """Plain full forward with the hook (no prefix sharing, no vmap): mean response log-prob per prompt."""
-    from jaxpersona.model import Batch
+    from jaxpersona.compute.batching import Batch
 
     out = model.run(Batch(enc["tokens"], enc["valid"]), hook=hook)
     logp = jax.nn.log_softmax(out.logits, axis=-1)
@@ -81,8 +82,8 @@ def test_projections_match_capture(model, bank):
     grid = Grid("steer", bank[:1], ("a",), layers=(12,), coeffs=(0.0, 8.0))
     rows = run_sweep(model, grid, DATA, project={"a": bank[0, 10]}, project_layers=(10, 20), progress=False)
     enc = encode_scoring(model, DATA)
-    from jaxpersona.model import Batch
-    from jaxpersona.models.transformer import Capture
+    from jaxpersona.compute.batching import Batch
+    from jaxpersona.model.transformer import Capture
 
     caps = model.run(Batch(enc["tokens"], enc["valid"]), capture=Capture((10, 20), "mean"),
                      capture_mask=enc["resp"], logits=False).captured
@@ -152,7 +153,7 @@ def test_positions_selectors_in_scoring(model):
     enc = encode_scoring(model, DATA)
     valid, resp = enc["valid"], enc["resp"]
     ctx_slots = np.broadcast_to(np.arange(valid.shape[1]), valid.shape)
-    from jaxpersona.models.transformer import HookContext
+    from jaxpersona.model.transformer import HookContext
 
     ctx = HookContext(jnp.asarray(ctx_slots), jnp.asarray(ctx_slots), jnp.asarray(valid))
     allm = np.asarray(positions_for("all", valid, resp).at(ctx))
@@ -167,8 +168,9 @@ def test_positions_selectors_in_scoring(model):
 SHARDED = textwrap.dedent(
     """
     import json, sys, numpy as np, jax
-    from jaxpersona.model import load
-    from jaxpersona.sweep import Grid, ScoringSet, data_mesh, run_sweep
+    from jaxpersona.compute.handle import load
+    from jaxpersona.compute.scoring import ScoringSet
+    from jaxpersona.compute.sweep import Grid, data_mesh, run_sweep
     assert jax.device_count() == 8, jax.devices()
     m = load("smollm2-135m-instruct")
     rng = np.random.default_rng(1)
@@ -232,7 +234,7 @@ def test_paired_sets_equal_each_set_alone_and_baseline_once(model, bank):
 
 
 def test_mean_logprobs_equals_full_forward(model):
-    from jaxpersona.sweep import mean_logprobs
+    from jaxpersona.compute.scoring import mean_logprobs
 
     convs = DATA.conversations()
     got = mean_logprobs(model, convs + convs[:1], list(DATA.responses) + [""], batch_size=2)

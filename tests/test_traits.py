@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxpersona import traits as T
+from jaxpersona.data import traits as T
 from jaxpersona.errors import InputError, TraitFileError
 
 SHIPPED = ["apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic"]

@@ -24,6 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from jaxpersona import errors
+from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.artifacts.records import read_json
+from jaxpersona.compute.handle import load
+from jaxpersona.edit.capping import CapConfig
+from jaxpersona.model.sharding import make_mesh
+from jaxpersona.serve.engine import Engine, EngineConfig, Item
+from jaxpersona.serve.protocol import (
+    Resources,
+    collect,
+    parse_interventions,
+    parse_request,
+    stream_chunks,
+)
 
 MAX_BODY = 32 << 20  # bytes
 
@@ -57,12 +70,6 @@ def build_resources(model: Any, banks: list[str], presets: list[str], served_nam
                     max_readout: int) -> Any:
     """Bank entries and presets a request may name (errors here are start-up errors, exit 2)."""
     import numpy as np
-
-    from jaxpersona.axis import CapConfig
-    from jaxpersona.bank import VectorBank
-    from jaxpersona.serve.engine import Item
-    from jaxpersona.serve.protocol import Resources, parse_interventions
-    from jaxpersona.store import read_json
 
     cfg = model.cfg
     vectors, norms, layers = {}, {}, {}
@@ -102,8 +109,6 @@ class PersonaServer:
 
     def __init__(self, model: Any, resources: Any, ecfg: Any, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, access_log: bool = False, mesh: Any = None) -> None:
-        from jaxpersona.serve.engine import Engine
-
         self.model, self.res, self.api_key, self.access_log = model, resources, api_key, access_log
         self.engine = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id, ecfg, mesh)
         self.httpd = _HTTPServer((host, port), _handler(self))
@@ -115,7 +120,6 @@ class PersonaServer:
         bucket up to 512 tokens (or half the context), so first requests do not wait for the compiler."""
         import numpy as np
 
-        from jaxpersona.serve.protocol import collect, parse_request
 
         d = self.model.cfg.d_model
         bodies = [{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0},
@@ -153,8 +157,6 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 def _handler(server: PersonaServer) -> type[BaseHTTPRequestHandler]:
-    from jaxpersona.serve.protocol import collect, parse_request, stream_chunks
-
     class Handler(BaseHTTPRequestHandler):
         server_version = "jaxpersona"
 
@@ -262,9 +264,6 @@ def _handler(server: PersonaServer) -> type[BaseHTTPRequestHandler]:
 
 def run_server(args: argparse.Namespace) -> int:
     """``jaxpersona serve``: load, warm up, listen until interrupted."""
-    from jaxpersona.model import load
-    from jaxpersona.serve.engine import EngineConfig
-
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -274,8 +273,6 @@ def run_server(args: argparse.Namespace) -> int:
                         max_readout=args.max_readout, max_queue=args.max_queue, prefill_rows=args.prefill_rows)
     mesh = None
     if args.mesh:
-        from jaxpersona.sharding import make_mesh
-
         mesh = make_mesh(args.mesh)
     model = load(args.model, args.dtype, mesh=mesh)
     res = build_resources(model, args.bank, args.preset, args.served_name or str(args.model), args.max_interventions,

@@ -9,7 +9,7 @@ joined or on what the other rows hold: interleaved requests give the tokens they
 Every row carries its interventions as data (:class:`RowInterventions`: ``K`` items of
 ``vector [N, D]``, steer coefficient and layer weights, cap bounds and layer weights, a position mask over
 the row's cache slots). One jitted decode step applies them all — a ``vmap`` over rows of the library's own
-:class:`~jaxpersona.interventions.Cap` and :class:`~jaxpersona.interventions.Steer` — and samples every
+:class:`~jaxpersona.edit.interventions.Cap` and :class:`~jaxpersona.edit.interventions.Steer` — and samples every
 row with its own temperature, top-p and PRNG key. An ablation is a cap with ``floor = ceiling = mean``.
 
 The host loop (:meth:`Engine.run`) admits waiting requests into free rows between decode steps
@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.config import ModelConfig
-from jaxpersona.generate import sample_token
-from jaxpersona.interventions import Cap, Positions, Steer, _pytree
-from jaxpersona.models.transformer import Capture, HookContext, KVCache, Params, forward
+from jaxpersona.compute.generate import sample_token
+from jaxpersona.edit.interventions import Cap, Positions, Steer, pytree_dataclass
+from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.params import Params
+from jaxpersona.model.sharding import spec
+from jaxpersona.model.transformer import Capture, HookContext, KVCache, forward
 
 TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit)
 POSITIONS = ("all", "prompt", "response", "assistant")
@@ -83,7 +85,7 @@ class Item:
     positions: str = "all"
 
 
-@_pytree
+@pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowInterventions:
     """``K`` intervention items per row, applied in order at every resid point: each item is a
@@ -276,7 +278,7 @@ class Engine:
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any, eos_ids: tuple[int, ...], pad_id: int,
                  ecfg: EngineConfig, mesh: jax.sharding.Mesh | None = None) -> None:
-        """``mesh``: a ``(data, model)`` mesh (params already placed on it, see :mod:`jaxpersona.sharding`):
+        """``mesh``: a ``(data, model)`` mesh (params already placed on it, see :mod:`jaxpersona.model.sharding`):
         the cache's rows go over ``data`` and its kv heads over ``model``; the jitted steps follow."""
         self.params, self.cfg, self.tokenizer, self.ecfg = params, cfg, tokenizer, ecfg
         self.eos = set(int(e) for e in eos_ids)
@@ -285,8 +287,6 @@ class Engine:
         self.cache = KVCache.empty(cfg, b, s, params["embed"].dtype)
         self.logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
         if mesh is not None:
-            from jaxpersona.sharding import spec
-
             if b % mesh.shape["data"]:
                 raise errors.MeshError(f"serve: batch {b} is not a multiple of the mesh's data axis "
                                        f"({mesh.shape['data']})")

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpersona import sharding
-from jaxpersona.config import from_hf_config
-from jaxpersona.generate import generate
-from jaxpersona.models.transformer import Capture, forward, init_params
+from jaxpersona.model import sharding
+from jaxpersona.model.config import from_hf_config
+from jaxpersona.compute.generate import generate
+from jaxpersona.model.transformer import Capture, forward
+from jaxpersona.model.params import init_params
 
 assert jax.device_count() == 8, jax.device_count()
 family = sys.argv[1] if len(sys.argv) > 1 else "llama"
@@ -57,7 +58,7 @@ print(json.dumps(res))
 
 # sharded loading of an HF directory (argv[2]): values equal the eager load; sharded weights are read in slices
 if len(sys.argv) > 2:
-    from jaxpersona.loaders.hf import load_hf_dir, load_hf_dir_sharded
+    from jaxpersona.model.loaders.hf import load_hf_dir, load_hf_dir_sharded
 
     cfg2, eager = load_hf_dir(sys.argv[2])
     model_axis = 2 if cfg2.n_kv_heads % 2 == 0 else 1
@@ -78,9 +79,11 @@ if len(sys.argv) > 2:
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import tempfile  # noqa: E402
 
-from jaxpersona.lora import LoraConfig, init_adapter, load_adapter, save_adapter  # noqa: E402
-from jaxpersona.model import Model  # noqa: E402
-from jaxpersona.sweep import Grid, ScoringSet, run_sweep  # noqa: E402
+from jaxpersona.model.lora import LoraConfig, init_adapter
+from jaxpersona.artifacts.adapters import load_adapter, save_adapter
+from jaxpersona.compute.handle import Model
+from jaxpersona.compute.sweep import Grid, run_sweep
+from jaxpersona.compute.scoring import ScoringSet
 from test_pipeline import full_word_tokenizer  # noqa: E402
 
 model = Model(cfg, params, full_word_tokenizer(), "mesh-test")

@@ -9,16 +9,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 pid, port, hf_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 if pid >= 0:
-    from jaxpersona.sharding import init_distributed
+    from jaxpersona.model.sharding import init_distributed
 
     init_distributed(f"127.0.0.1:{port}", 2, pid)
 
 import jax
 import numpy as np
 
-from jaxpersona.loaders.hf import load_hf_dir
-from jaxpersona.model import Model
-from jaxpersona.sweep import Grid, ScoringSet, data_mesh, run_sweep
+from jaxpersona.model.loaders.hf import load_hf_dir
+from jaxpersona.compute.handle import Model
+from jaxpersona.compute.sweep import Grid, data_mesh, run_sweep
+from jaxpersona.compute.scoring import ScoringSet
 from test_pipeline import full_word_tokenizer
 
 cfg, params = load_hf_dir(hf_dir)

@@ -9,9 +9,9 @@ import queue
 import jax
 import numpy as np
 
-from jaxpersona import sharding
-from jaxpersona.config import from_hf_config
-from jaxpersona.models.transformer import init_params
+from jaxpersona.model import sharding
+from jaxpersona.model.config import from_hf_config
+from jaxpersona.model.params import init_params
 from jaxpersona.serve.engine import Engine, EngineConfig, Item, Sequence
 
 assert jax.device_count() == 4, jax.device_count()

@@ -1,0 +1,286 @@
+"""Batched sampling with a KV cache: prefill + a compiled ``lax.while_loop`` of decode steps.
+
+One compile per (batch, prompt length, max_new_tokens, greedy?) shape; temperature, top-p, the
+PRNG key and any hook's arrays are traced, so changing them never recompiles. Prompts are
+left-padded; each row stops at its first EOS (later positions hold ``pad_id``). The loop exits as
+soon as every row has stopped. Same key -> same tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxpersona import errors
+from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.params import Params
+from jaxpersona.model.transformer import (
+    Capture,
+    Hook,
+    KVCache,
+    check_context,
+    check_tokens,
+    forward,
+)
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # [B, N] new tokens; pad_id after a row's EOS
+    logprobs: jax.Array  # [B, N] log p(token) under the (unscaled) model distribution
+    lengths: jax.Array  # [B] new tokens up to and including EOS
+
+
+def _nucleus_threshold(scaled: jax.Array, key: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Exact top-p over the whole vocabulary without a sort.
+
+    Token ``i`` is kept iff the mass of tokens strictly more probable than ``i`` is ``< top_p``.
+    That set is ``{p_i >= p*}``; ``p*`` is found by bisection on the float bit patterns (monotone
+    for non-negative floats), 32 vectorised passes instead of an ``O(V log V)`` sort.
+    """
+    probs = jax.nn.softmax(scaled, axis=-1)
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+
+    def mass_above(b: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(bits > b[:, None], probs, 0.0), axis=-1)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = mass_above(mid) < top_p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo = jnp.zeros(bits.shape[:1], jnp.int32)
+    hi = jnp.max(bits, axis=-1)
+    _, threshold = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    keep = bits >= threshold[:, None]
+    return jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
+
+
+def sample_token(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, candidates: int = 256
+) -> jax.Array:
+    """Sample ``[B]`` ids from ``logits [B, V]`` with temperature and nucleus (top-p) filtering.
+
+    Exact: the nucleus is first sought among the ``candidates`` most likely tokens (a cheap
+    ``top_k``); only if some row's nucleus is larger than that is the whole vocabulary sorted.
+    """
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    k = min(candidates, scaled.shape[-1])
+
+    def nucleus() -> jax.Array:
+        vals, idx = jax.lax.top_k(scaled, k)
+        probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
+        before = jnp.cumsum(probs, axis=-1) - probs
+        keep = (before < top_p).at[:, 0].set(True)
+        covered = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
+
+        def from_top_k() -> jax.Array:
+            choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf), axis=-1)
+            return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+
+        return jax.lax.cond(covered, from_top_k, lambda: _nucleus_threshold(scaled, key, top_p))
+
+    return jax.lax.cond(top_p >= 1.0, lambda: jax.random.categorical(key, scaled, axis=-1), nucleus)
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if not temperature >= 0:
+        raise errors.InputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise errors.InputError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise errors.InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+class _Decoded(NamedTuple):
+    out: GenerateOutput
+    cache: KVCache
+    proj: jax.Array  # [B, N, n] projections of each new token's resid at the monitored points
+
+
+def _monitor_capture(monitor: tuple[int, ...]) -> Capture | None:
+    return Capture(monitor, "tokens") if monitor else None
+
+
+def _project(captured: jax.Array | None, units: jax.Array | None) -> jax.Array:
+    """``captured [n, B, T, D]`` onto ``units [n, D]`` -> ``[B, T, n]`` (float32); empty when unmonitored."""
+    if captured is None:
+        return jnp.zeros((0,), jnp.float32)
+    return jnp.einsum("nbtd,nd->btn", captured.astype(jnp.float32), units)
+
+
+def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache, start: jax.Array | int,
+            key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *, max_new_tokens: int,
+            greedy: bool, eos_ids: tuple[int, ...], pad_id: int, monitor: tuple[int, ...] = (),
+            units: jax.Array | None = None) -> _Decoded:
+    """The decode loop after a prefill: ``logits [B, V]`` of the last prompt token; new tokens are written
+    into ``cache`` at slots ``start, start+1, ...``. A row's tokens after its EOS are written as padding
+    (``valid`` False), so the cache can carry on into a next turn. ``monitor``: resid points whose
+    projections on ``units [n, D]`` are recorded per new token (post-hook)."""
+    b = logits.shape[0]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    capture = _monitor_capture(monitor)
+
+    def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
+        if greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return sample_token(logits, jax.random.fold_in(key, step), temperature, top_p).astype(jnp.int32)
+
+    class State(NamedTuple):
+        step: jax.Array
+        cache: KVCache
+        logits: jax.Array  # [B, V]
+        out: jax.Array
+        logprobs: jax.Array
+        done: jax.Array
+        lengths: jax.Array
+        proj: jax.Array
+
+    def cond(s: State) -> jax.Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: State) -> State:
+        tok = pick(s.logits, s.step)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        tok = jnp.where(s.done, pad_id, tok)
+        lp = jnp.where(s.done, 0.0, lp)
+        out = s.out.at[:, s.step].set(tok)
+        logprobs = s.logprobs.at[:, s.step].set(lp)
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
+        nxt = forward(params, cfg, tok[:, None], valid=~s.done[:, None], cache=s.cache, cache_index=start + s.step,
+                      hook=hook, logits="last", capture=capture)
+        proj = s.proj
+        if capture is not None:
+            proj = jax.lax.dynamic_update_slice_in_dim(proj, _project(nxt.captured, units), s.step, axis=1)
+        done = s.done | jnp.isin(tok, eos)
+        return State(s.step + 1, nxt.cache, nxt.logits[:, 0], out, logprobs, done, lengths, proj)
+
+    init = State(
+        jnp.int32(0), cache, logits,
+        jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((b, max_new_tokens), jnp.float32),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+        jnp.zeros((b, max_new_tokens, len(monitor)) if monitor else (0,), jnp.float32),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    return _Decoded(GenerateOutput(final.out, final.logprobs, final.lengths), final.cache, final.proj)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id"))
+def generate_loop(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    valid: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    hook: Hook | None,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    prefix_cache: KVCache | None = None,
+) -> GenerateOutput:
+    """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, cache of size
+    ``T + max_new_tokens``); only the last prompt token then runs here, under the hook."""
+    b, t = tokens.shape
+    dtype = params["embed"].dtype
+    if prefix_cache is None:
+        cache = KVCache.empty(cfg, b, t + max_new_tokens, dtype)
+        pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
+    else:
+        pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
+                      hook=hook, logits="last")
+    return _decode(params, cfg, pre.logits[:, 0], pre.cache, t, key, temperature, top_p, hook,
+                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id).out
+
+
+class TurnOutput(NamedTuple):
+    """One conversation turn continued from a KV cache."""
+
+    out: GenerateOutput
+    cache: KVCache  # now also holding this turn's prompt chunk and new tokens
+    prompt_proj: jax.Array  # [B, T, n] projections of the prompt chunk's tokens at the monitored points
+    proj: jax.Array  # [B, N, n] the same for each new token
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id", "monitor"))
+def continue_turn(
+    params: Params,
+    cfg: ModelConfig,
+    cache: KVCache,
+    tokens: jax.Array,
+    valid: jax.Array,
+    write_at: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    hook: Hook | None,
+    units: jax.Array,
+    *,
+    max_new_tokens: int,
+    greedy: bool,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    monitor: tuple[int, ...],
+) -> TurnOutput:
+    """Prefill the chunk ``tokens [B, T]`` (left-padded; ``valid`` False on padding) into ``cache`` at slots
+    ``write_at .. write_at+T-1`` — earlier slots (past turns) are attended to as they are — then
+    generate up to ``max_new_tokens`` at the following slots. Rope positions continue from the number
+    of valid cached tokens, so gaps of invalid slots are harmless. ``monitor``/``units [n, D]``: resid
+    points and directions whose projections are recorded for every token (post-hook)."""
+    t = tokens.shape[1]
+    pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=write_at, hook=hook, logits="last",
+                  capture=_monitor_capture(monitor))
+    dec = _decode(params, cfg, pre.logits[:, 0], pre.cache, write_at + t, key, temperature, top_p, hook,
+                  max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, monitor=monitor,
+                  units=units)
+    return TurnOutput(dec.out, dec.cache, _project(pre.captured, units), dec.proj)
+
+
+def generate(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Any,
+    valid: Any | None = None,
+    *,
+    max_new_tokens: int,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_ids: tuple[int, ...] | None = None,
+    pad_id: int | None = None,
+    hook: Hook | None = None,
+) -> GenerateOutput:
+    """Generate ``max_new_tokens`` for each left-padded prompt row of ``tokens [B, T]``.
+
+    ``temperature == 0`` is greedy. ``hook`` must be a pytree (e.g. an intervention, or
+    ``jax.tree_util.Partial(fn)``); it is applied at every resid point in prefill and decode.
+    """
+    tokens, valid = check_tokens(cfg, tokens, valid)
+    check_sampling(temperature, top_p, max_new_tokens)
+    check_context(cfg, valid, max_new_tokens)
+    if not valid[:, -1].all():
+        raise errors.InputError("prompts must be left-padded: the last column of `valid` must be all True")
+    if key is None:
+        key = jax.random.key(0)
+    return generate_loop(
+        params,
+        cfg,
+        jnp.asarray(tokens),
+        jnp.asarray(valid),
+        key,
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        hook,
+        max_new_tokens=int(max_new_tokens),
+        greedy=temperature == 0,
+        eos_ids=tuple(cfg.eos_token_ids if eos_ids is None else eos_ids),
+        pad_id=int(pad_id if pad_id is not None else (cfg.pad_token_id or 0)),
+    )

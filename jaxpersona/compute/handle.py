@@ -1,0 +1,286 @@
+"""The user-facing handle: ``load()`` a model by registry name, HF directory or GGUF file, then
+chat, generate, score and capture residual activations with a few calls.
+
+``Model`` is a thin shell around the pure functions (``forward``, ``generate``): it owns the
+tokenizer and chat template, pads batches on the left, and buckets prompt lengths so repeated
+calls reuse compiled code. Everything numerical stays in the pure functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.artifacts.adapters import adapter_digest
+from jaxpersona.artifacts.records import digest
+from jaxpersona.compute.batching import BUCKET, Batch, pad_left
+from jaxpersona.compute.generate import GenerateOutput, generate
+from jaxpersona.data.chat import Message, conversation
+from jaxpersona.edit.interventions import check_for_model
+from jaxpersona.model import registry
+from jaxpersona.model.config import ModelConfig, parse_dtype
+from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
+from jaxpersona.model.loaders.hf import load_hf_dir, load_hf_dir_sharded, load_tokenizer
+from jaxpersona.model.lora import attach, check_adapter
+from jaxpersona.model.params import Params
+from jaxpersona.model.transformer import (
+    Capture,
+    Hook,
+    Reduce,
+    check_context,
+    check_tokens,
+    forward,
+)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "logits"))
+def _forward_jit(params, cfg, tokens, valid, capture_mask, hook, *, capture, logits):
+    return forward(params, cfg, tokens, valid=valid, capture=capture, capture_mask=capture_mask, hook=hook, logits=logits)
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: ``cfg`` (static), ``params`` (pytree), ``tokenizer`` (HF), ``name``."""
+
+    cfg: ModelConfig
+    params: Params
+    tokenizer: Any
+    name: str = ""
+
+    def with_adapter(self, adapter: Any, label: str | None = None) -> Model:
+        """This model with a LoRA adapter in its params (no weight copied): every method runs under it.
+        The name gains ``+label`` (default: the adapter's digest) so cached work never mixes the two."""
+        check_adapter(adapter, self.cfg)
+        return dataclasses.replace(self, params=attach(self.params, adapter),
+                                   name=f"{self.name}+{label or 'lora:' + adapter_digest(adapter)}")
+
+    # --- text <-> tokens ------------------------------------------------------------------
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, self.cfg.pad_token_id, tok.eos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    def format_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """Render one conversation with the tokenizer's chat template.
+
+        Templates without a system role (Gemma) get the system prompt prefixed to the first user turn.
+        """
+        import jinja2
+
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise errors.ChatTemplateError(
+                f"model {self.name or self.cfg.family!r} has no chat template (a base model?); "
+                "pass raw text prompts instead (chat=False)"
+            )
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise errors.ChatTemplateError(f"each message needs 'role' and 'content', got {m!r}")
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            if messages and messages[0]["role"] == "system" and len(messages) > 1 and messages[1]["role"] == "user":
+                merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+                return self.format_chat([merged, *messages[2:]], add_generation_prompt)
+            raise errors.ChatTemplateError(f"the chat template rejected the messages: {e}") from e
+
+    def encode(self, texts: list[str], *, chat: bool = False, system: str | None = None, bucket: int = BUCKET) -> Batch:
+        """Tokenize prompts (``chat=True``: each text is a user turn, optional system prompt)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise errors.InputError("empty batch: give at least one prompt")
+        if chat:
+            texts = [self.format_chat(conversation(t, system)) for t in texts]
+            ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        else:
+            ids = [self.tokenizer.encode(t) for t in texts]
+        return pad_left(ids, self.pad_id, bucket)
+
+    def encode_conversations(self, conversations: list[list[Message]], bucket: int = BUCKET) -> Batch:
+        texts = [self.format_chat(c) for c in conversations]
+        return pad_left([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], self.pad_id, bucket)
+
+    def content_spans(self, conv: list[Message], add_generation_prompt: bool = True
+                      ) -> tuple[str, Any, list[tuple[int, str, int, int]]]:
+        """The rendered conversation, its tokenization (with character offsets) and, for each message whose
+        content is found in the rendered text (searched in order), ``(message index, role, start, end)``."""
+        text = self.format_chat(conv, add_generation_prompt)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans, pos = [], 0
+        for i, m in enumerate(conv):
+            start = text.find(m["content"], pos) if m["content"] else -1
+            if start < 0:
+                continue
+            pos = start + len(m["content"])
+            spans.append((i, m["role"], start, pos))
+        return text, enc, spans
+
+    def tokens_and_role(self, conv: list[Message], role: str, add_generation_prompt: bool = True
+                        ) -> tuple[list[int], list[bool]]:
+        """One conversation's token ids and, per token, whether it lies in a ``role`` message's content."""
+        _, enc, located = self.content_spans(conv, add_generation_prompt)
+        found = {i for i, _, _, _ in located}
+        if any(m["role"] == role and m["content"] and i not in found for i, m in enumerate(conv)):
+            raise errors.ChatTemplateError(f"could not locate a {role!r} message's content in the rendered chat template")
+        spans = [(a, b) for _, r, a, b in located if r == role]
+        return list(enc["input_ids"]), [any(a < e and b > s for s, e in spans) for a, b in enc["offset_mapping"]]
+
+    def role_mask(self, conversations: list[list[Message]], role: str, *, add_generation_prompt: bool = True,
+                  bucket: int = BUCKET) -> tuple[Batch, np.ndarray]:
+        """Tokens of one chat role's *content* (template tokens excluded): ``(batch, mask [B, T])``.
+
+        Spans come from the rendered template: each message's content is located in the rendered
+        text in order, and tokens whose characters fall inside it are selected.
+        """
+        seqs, masks = zip(*(self.tokens_and_role(conv, role, add_generation_prompt) for conv in conversations))
+        batch = pad_left(list(seqs), self.pad_id, bucket)
+        mask = np.zeros_like(batch.valid)
+        for i, sel in enumerate(masks):
+            mask[i, mask.shape[1] - len(sel):] = sel
+        return batch, mask
+
+    def decode(self, out: GenerateOutput) -> list[str]:
+        toks = np.asarray(out.tokens)
+        lengths = np.asarray(out.lengths)
+        eos = set(self.eos_ids)
+        texts = []
+        for row, n in zip(toks, lengths):
+            row = [int(t) for t in row[:n] if int(t) not in eos]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    # --- computation ----------------------------------------------------------------------
+    def check_length(self, batch: Batch, new_tokens: int = 0) -> None:
+        """Refuse a batch whose longest prompt (valid tokens, not bucket padding) + new tokens
+        exceeds the context; also checks shapes and token ids."""
+        _, valid = check_tokens(self.cfg, batch.tokens, batch.valid)
+        check_context(self.cfg, valid, new_tokens)
+
+    def run(
+        self,
+        batch: Batch,
+        *,
+        capture: Capture | None = None,
+        capture_mask: np.ndarray | None = None,
+        hook: Hook | None = None,
+        logits: bool | str = True,
+    ):
+        """Jitted :func:`~jaxpersona.model.transformer.forward` on a batch."""
+        self.check_length(batch)
+        if hook is not None:
+            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid)
+        if capture is not None:
+            capture.validate(self.cfg)
+        cmask = batch.valid if capture_mask is None else capture_mask
+        return _forward_jit(
+            self.params, self.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(cmask, bool), hook,
+            capture=capture, logits=logits,
+        )
+
+    def resid(
+        self,
+        texts: list[str] | str,
+        layers: tuple[int, ...] | list[int],
+        reduce: Reduce = "mean",
+        *,
+        chat: bool = False,
+        system: str | None = None,
+    ) -> np.ndarray:
+        """Residual stream at ``resid[l]`` for each ``l`` in ``layers``: ``[n, B, D]`` (or ``[n, B, T, D]``)."""
+        batch = self.encode(texts, chat=chat, system=system)
+        out = self.run(batch, capture=Capture(tuple(int(l) for l in layers), reduce), logits=False)
+        return np.asarray(out.captured.astype(jnp.float32))
+
+    def generate(
+        self,
+        prompts: list[str] | str,
+        *,
+        chat: bool = True,
+        system: str | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        hook: Hook | None = None,
+    ) -> list[str]:
+        """Generate a completion for each prompt (chat-formatted by default). Same seed -> same text."""
+        batch = self.encode(prompts, chat=chat, system=system)
+        return self.decode(self.generate_tokens(batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                                top_p=top_p, seed=seed, hook=hook))
+
+    def generate_tokens(self, batch: Batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int = 0, hook: Hook | None = None) -> GenerateOutput:
+        self.check_length(batch, max_new_tokens)
+        if hook is not None:
+            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid)
+        return generate(
+            self.params, self.cfg, batch.tokens, batch.valid, max_new_tokens=max_new_tokens,
+            key=jax.random.key(seed), temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,
+            pad_id=self.pad_id, hook=hook,
+        )
+
+    def chat(self, message: str | list[Message], *, system: str | None = None, **kw: Any) -> str:
+        """One chat reply. ``message``: a user string or a whole conversation (list of messages)."""
+        conv = conversation(message, system) if isinstance(message, str) else list(message)
+        batch = self.encode_conversations([conv])
+        return self.decode(self.generate_tokens(batch, **kw))[0]
+
+
+def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float32", mesh: Any = None) -> Model:
+    """Load a registered model name, an HF model directory, or a ``.gguf`` file.
+
+    GGUF files are converted once to an HF directory under :func:`jaxpersona.model.registry.cache_dir`.
+    ``mesh``: a ``(data, model)`` mesh (:func:`jaxpersona.model.sharding.make_mesh`) to load the weights onto,
+    tensor parallel; each process reads only its own shards (:func:`~jaxpersona.model.loaders.hf.load_hf_dir_sharded`).
+    """
+    dtype = parse_dtype(dtype)
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in registry.REGISTRY:
+        gguf_path = registry.resolve(name)
+    elif path.is_dir():
+        return Model(*_load_dir(path, dtype, mesh), load_tokenizer(path), name)
+    elif path.suffix == ".gguf":
+        if not path.exists():
+            raise errors.ModelNotFoundError(f"GGUF file {path} does not exist")
+        gguf_path = path
+    else:
+        registry.resolve(name)  # raises a clear ModelNotFoundError
+        raise AssertionError("unreachable")
+    hf_dir = registry.converted_dir(gguf_path)
+    if not (hf_dir / "config.json").exists():
+        convert_gguf_to_hf_dir(gguf_path, hf_dir)
+    return Model(*_load_dir(hf_dir, dtype, mesh), load_tokenizer(hf_dir), name)
+
+
+def _load_dir(path: Path, dtype: Any, mesh: Any) -> tuple[ModelConfig, Params]:
+    if mesh is None:
+        return load_hf_dir(path, dtype)
+
+    return load_hf_dir_sharded(path, mesh, dtype=dtype)
+
+
+
+def model_fingerprint(model: Any) -> str:
+    """Identity of a model for cache keys: name, config and a sample of the weights (so a run directory
+    reused with another model never serves the first model's generations)."""
+    emb = np.asarray(model.params["embed"][:8], np.float32)
+    return digest(model.name, repr(model.cfg), emb.tobytes().hex())

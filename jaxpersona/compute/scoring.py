@@ -1,0 +1,176 @@
+"""Teacher-forced likelihoods: prompt+target encoding and the log-probabilities of targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.compute.batching import Batch, pad_left
+from jaxpersona.data.chat import conversation
+from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.params import Params
+from jaxpersona.model.transformer import final_hidden, unembed
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringSet:
+    """Prompts (chat user turns) and the target responses whose log-probs are scored."""
+
+    prompts: tuple[str, ...]
+    responses: tuple[str, ...]
+    system: str | None = None
+
+    def conversations(self) -> list[list[dict[str, str]]]:
+        return [conversation(p, self.system) for p in self.prompts]
+
+
+def check_pairs(n_prompts: int, n_responses: int) -> None:
+    if not n_prompts or n_prompts != n_responses:
+        raise errors.InputError(f"need one response per prompt, got {n_prompts} prompts and {n_responses} responses")
+
+
+def token_ids(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    tok = model.tokenizer
+    return [(tok.encode(model.format_chat(list(c)), add_special_tokens=False), tok.encode(r, add_special_tokens=False))
+            for c, r in zip(conversations, responses)]
+
+
+def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                   rows: int | None = None, width: int | None = None, r_width: int | None = None) -> dict[str, np.ndarray]:
+    """Tokenize chat prompt + response per row: tokens/valid ``[B, T]``, the target positions
+    ``pred_idx [B, R]`` (position t predicts token t+1), ``pred_tok``, ``pred_ok``, and the
+    response-token mask ``resp [B, T]``.
+
+    ``rows``/``width``/``r_width`` pad to a fixed ``[rows, width]`` batch with ``R = r_width`` (extra
+    rows copy the last one; callers drop them), so differently sized sets share one compile."""
+    check_pairs(len(conversations), len(responses))
+
+    seqs, n_prompt = [], []
+    for conv, (prompt_ids, resp_ids) in zip(conversations, token_ids(model, conversations, responses)):
+        if not resp_ids:
+            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+        seqs.append(prompt_ids + resp_ids)
+        n_prompt.append(len(prompt_ids))
+    if rows is not None and rows > len(seqs):
+        seqs += [seqs[-1]] * (rows - len(seqs))
+        n_prompt += [n_prompt[-1]] * (rows - len(n_prompt))
+    longest = max(len(s) for s in seqs)
+    batch = pad_left(seqs, model.pad_id, bucket=width if width is not None and longest <= width else 16)
+    b, t = batch.tokens.shape
+    r_max = max(len(s) - n for s, n in zip(seqs, n_prompt))
+    r_max = max(r_max, r_width or 0)
+    pred_idx = np.zeros((b, r_max), np.int32)
+    pred_tok = np.zeros((b, r_max), np.int32)
+    pred_ok = np.zeros((b, r_max), bool)
+    resp = np.zeros((b, t), bool)
+    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+        off = t - len(s)
+        r = len(s) - n
+        pos = off + n + np.arange(r)  # slots of the response tokens
+        pred_idx[i, :r], pred_tok[i, :r], pred_ok[i, :r] = pos - 1, batch.tokens[i, pos], True
+        resp[i, pos] = True
+    return {"tokens": batch.tokens, "valid": batch.valid, "pred_idx": pred_idx, "pred_tok": pred_tok,
+            "pred_ok": pred_ok, "resp": resp}
+
+
+def target_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
+    """``(width, r_width)`` that fits every (prompt, response): sequence length rounded up to 16 and
+    the longest response in tokens."""
+    ids = token_ids(model, conversations, responses)
+    return -(-max(len(p) + len(r) for p, r in ids) // 16) * 16, max(1, max(len(r) for _, r in ids))
+
+
+def split_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
+    """``(prefix width, suffix width)`` for :func:`encode_split`: the prompt minus its last token
+    (rounded up to 16) and last prompt token + response."""
+    ids = token_ids(model, conversations, responses)
+    return _split_widths(ids)
+
+
+def _split_widths(ids: list[tuple[list[int], list[int]]]) -> tuple[int, int]:
+    return -(-max(len(p) - 1 for p, _ in ids) // 16) * 16 or 16, max(1 + len(r) for _, r in ids)
+
+
+def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                 rows: int | None = None, p_width: int | None = None, s_width: int | None = None) -> dict[str, np.ndarray]:
+    """Rows laid out as an unintervened prefix and a per-grid-point suffix (see :func:`score_chunk`):
+    ``prefix_tokens/prefix_valid [B, P]`` (the prompt minus its last token, left-padded) and
+    ``tokens/valid [B, S]`` (last prompt token + response, right-padded), targets in suffix
+    coordinates, ``resp [B, S]`` (response tokens) and ``select [B, P+S]`` (the slots the
+    ``response`` selector covers: last prompt token + response)."""
+    check_pairs(len(conversations), len(responses))
+    ids = token_ids(model, conversations, responses)
+    for (p, r), conv in zip(ids, conversations):
+        if not r:
+            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    if rows is not None and rows > len(ids):
+        ids += [ids[-1]] * (rows - len(ids))
+    p_need, s_need = _split_widths(ids)
+    pw, sw = max(p_width or 0, p_need), max(s_width or 0, s_need)
+    b, pad = len(ids), model.pad_id
+    out = {"prefix_tokens": np.full((b, pw), pad, np.int32), "prefix_valid": np.zeros((b, pw), bool),
+           "tokens": np.full((b, sw), pad, np.int32), "valid": np.zeros((b, sw), bool),
+           "pred_idx": np.zeros((b, sw - 1), np.int32), "pred_tok": np.zeros((b, sw - 1), np.int32),
+           "pred_ok": np.zeros((b, sw - 1), bool), "resp": np.zeros((b, sw), bool), "select": np.zeros((b, pw + sw), bool)}
+    for i, (p, r) in enumerate(ids):
+        pre, suf = p[:-1], [p[-1], *r]
+        if pre:
+            out["prefix_tokens"][i, pw - len(pre):] = pre
+            out["prefix_valid"][i, pw - len(pre):] = True
+        out["tokens"][i, : len(suf)] = suf
+        out["valid"][i, : len(suf)] = True
+        out["pred_idx"][i, : len(r)] = np.arange(len(r))
+        out["pred_tok"][i, : len(r)] = r
+        out["pred_ok"][i, : len(r)] = True
+        out["resp"][i, 1 : len(suf)] = True
+        out["select"][i, pw : pw + len(suf)] = True
+    return out
+
+
+def encode_scoring(model: Any, data: ScoringSet, **pad: Any) -> dict[str, np.ndarray]:
+    """:func:`encode_targets` of a :class:`ScoringSet` (user turns with the set's system prompt)."""
+    check_pairs(len(data.prompts), len(data.responses))
+    return encode_targets(model, data.conversations(), data.responses, **pad)
+
+
+def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[str, jax.Array]) -> jax.Array:
+    """Mean log-prob of each row's target tokens given the last residual ``h [B, T, D]``: ``[B]``.
+    Logits are computed at the target positions only."""
+    hs = jnp.take_along_axis(h, data["pred_idx"][..., None], axis=1)  # [B, R, D]
+    logp = jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
+    lp = jnp.take_along_axis(logp, data["pred_tok"][..., None], axis=-1)[..., 0]
+    ok = data["pred_ok"].astype(jnp.float32)
+    return (lp * ok).sum(-1) / jnp.maximum(ok.sum(-1), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array]) -> jax.Array:
+    return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"]), data)
+
+
+def mean_logprobs(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                  batch_size: int = 16) -> np.ndarray:
+    """Mean per-token log-prob of each response after its chat prompt, unintervened: ``[N]``.
+
+    Chunks share one ``[batch_size, width]`` shape (one compile). Empty responses give NaN."""
+    out = np.full(len(responses), np.nan, np.float64)
+    live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
+    if not live:
+        return out
+    convs, resps = [conversations[i] for i in live], [responses[i] for i in live]
+    width, r_width = target_shape(model, convs, resps)
+    rows = min(batch_size, len(live))
+    for s in range(0, len(live), rows):
+        enc = encode_targets(model, convs[s : s + rows], resps[s : s + rows], rows=rows, width=width, r_width=r_width)
+        model.check_length(Batch(enc["tokens"], enc["valid"]))
+        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()}))
+        n = min(rows, len(live) - s)
+        out[live[s : s + n]] = lp[:n]
+    return out

@@ -1,0 +1,467 @@
+"""Grids of interventions as one batched computation: vectors x layers x coefficients over a prompt set.
+
+Scoring (teacher-forced log-probs of target responses, and projections of the residual stream
+onto any vectors at any layers) is one jitted function per chunk of grid points:
+
+* grid points are stacked into one intervention pytree and ``vmap``-ed, batched with the prompts;
+* **shared prefix**: grid points whose intervention starts at resid ``l`` share layers ``< l`` —
+  the prefix is computed once per group, only the suffix runs per grid point (``run_layers`` with
+  a traced span, so one compile serves every split point);
+* logits are computed only at target-response positions;
+* chunks are sized from a memory budget and their rows are appended to ``results.jsonl`` as they
+  finish; a killed sweep resumes from ``progress.json`` without redoing finished chunks;
+* with a ``jax.sharding.Mesh``, the grid axis of a chunk is sharded over the mesh's ``data`` axis
+  (params replicated) — the same numbers as one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxpersona import errors
+from jaxpersona.compute.batching import Batch, pad_left
+from jaxpersona.compute.generate import generate_loop
+from jaxpersona.compute.progress import progress_bar
+from jaxpersona.compute.scoring import (
+    ScoringSet,
+    check_pairs,
+    encode_scoring,
+    encode_split,
+    split_shape,
+    target_logprob,
+    target_shape,
+)
+from jaxpersona.edit import interventions as iv
+from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.params import Params
+from jaxpersona.model.sharding import shard_params, to_host
+from jaxpersona.model.transformer import (
+    Capture,
+    KVCache,
+    Recorder,
+    apply_hook,
+    check_context,
+    embed,
+    forward,
+    prepare,
+    run_layers,
+)
+
+KINDS = ("steer", "ablate", "cap")
+POSITIONS = ("all", "prompt", "response")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The grid: every (vector, layer, coeff) combination.
+
+    ``vectors``: ``[K, D]`` (one direction for every layer) or ``[K, L+1, D]`` (a direction per
+    resid point, as persona-vector banks are). ``window``: the intervention acts on resid
+    ``layer .. layer+window-1``. ``coeffs`` mean: steer coefficient; cap ceiling (``cap_floor``
+    adds a floor); ablate re-add coefficient.
+    """
+
+    kind: str
+    vectors: np.ndarray
+    names: tuple[str, ...]
+    layers: tuple[int, ...]
+    coeffs: tuple[float, ...]
+    positions: str = "all"
+    window: int = 1
+    unit: bool = False
+    cap_floor: float = -np.inf
+    baseline_once: bool = False  # steer: coefficient 0 is the same forward at every layer -> one point per vector
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if self.kind not in KINDS:
+            raise errors.InputError(f"grid kind {self.kind!r}; use one of {KINDS}")
+        if self.positions not in POSITIONS:
+            raise errors.InputError(f"grid positions {self.positions!r}; use one of {POSITIONS}")
+        v = np.asarray(self.vectors)
+        if v.ndim not in (2, 3) or v.shape[-1] != cfg.d_model:
+            raise errors.InputError(f"vectors have shape {v.shape}; expected [K, {cfg.d_model}] or "
+                                    f"[K, {cfg.n_resid}, {cfg.d_model}] for this model")
+        if v.ndim == 3 and v.shape[1] != cfg.n_resid:
+            raise errors.InputError(f"per-layer vectors have {v.shape[1]} layers; model has {cfg.n_resid} resid points")
+        if len(self.names) != v.shape[0]:
+            raise errors.InputError(f"{len(self.names)} names for {v.shape[0]} vectors")
+        if not np.all(np.isfinite(v)):
+            raise errors.InputError("vectors contain NaN or inf")
+        if not np.all(np.isfinite(self.coeffs)):
+            raise errors.InputError(f"coefficients must be finite, got {self.coeffs}")
+        if not self.layers or not self.coeffs:
+            raise errors.InputError("the grid needs at least one layer and one coefficient")
+        bad = [l for l in self.layers if not (0 <= l and l + self.window - 1 <= cfg.n_layers)]
+        if bad:
+            raise errors.InputError(f"layers {bad} (window {self.window}) fall outside resid[0..{cfg.n_layers}]")
+
+    def points(self) -> list[dict[str, Any]]:
+        """Grid coordinates, grouped by layer (the shared-prefix order). With ``baseline_once`` (steer
+        only) a zero coefficient appears once per vector, at the lowest layer."""
+        once = self.baseline_once and self.kind == "steer"
+        low = min(self.layers)
+        return [
+            {"vector": name, "vector_index": k, "layer": int(l), "coeff": float(c)}
+            for l in sorted(self.layers)
+            for k, name in enumerate(self.names)
+            for c in self.coeffs
+            if not (once and c == 0 and l != low)
+        ]
+
+
+def positions_for(kind: str, valid: np.ndarray, resp: np.ndarray) -> iv.Positions:
+    """Selector in scoring mode: ``prompt`` = tokens before the response; ``response`` = the last
+    prompt token and the response tokens (persona_vectors' convention)."""
+    if kind == "all":
+        return iv.Positions.all(valid)
+    last_prompt = np.roll(resp, -1, axis=1) & ~resp
+    if kind == "prompt":
+        return iv.Positions.explicit(valid & ~resp, after=False)
+    return iv.Positions.explicit(resp | last_prompt, after=True)
+
+
+def build_hooks(grid: Grid, cfg: ModelConfig, points: list[dict[str, Any]], pos: iv.Positions) -> Any:
+    """Stack the interventions of ``points`` into one pytree with a leading grid axis."""
+    vecs = np.asarray(grid.vectors, np.float32)
+    items = []
+    for pt in points:
+        v = vecs[pt["vector_index"]]
+        v = v[pt["layer"]] if v.ndim == 2 else v
+        layers = iv.layer_weights(cfg.n_resid, range(pt["layer"], pt["layer"] + grid.window))
+        c = jnp.float32(pt["coeff"])
+        if grid.kind == "steer":
+            items.append(iv.Steer(jnp.asarray(v), c, layers, pos, grid.unit))
+        elif grid.kind == "ablate":
+            items.append(iv.Ablate(jnp.asarray(v), layers, pos, jnp.float32(0.0), c))
+        else:
+            items.append(iv.Cap(jnp.asarray(v), jnp.float32(grid.cap_floor), c, layers, pos))
+    return jax.tree.map(lambda *x: jnp.stack(x), *items)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+def score_chunk(
+    params: Params,
+    cfg: ModelConfig,
+    data: dict[str, jax.Array],
+    hooks: Any,
+    start: jax.Array,
+    units: jax.Array,
+    *,
+    capture: Capture | None,
+) -> dict[str, jax.Array]:
+    """Score a chunk of grid points ``hooks`` (leading axis G) that are all off below resid ``start``.
+
+    With ``data["prefix_tokens"]`` (:func:`encode_split`), that prefix — the prompt before the first
+    intervened token — runs once, unintervened, into a KV cache, and only the suffix (last prompt
+    token + response) runs per grid point: exact for interventions that never touch the prefix.
+
+    Returns ``logprob [G, B]`` (mean log-prob of the target response tokens) and, with a capture,
+    ``proj [G, n_layers, B, P]``: mean over response tokens of ``<resid[l], units[p]>``.
+    """
+    tokens, valid = data["tokens"], data["valid"]
+    cache, index = None, 0
+    if "prefix_tokens" in data:
+        ptok, pval = data["prefix_tokens"], data["prefix_valid"]
+        index = ptok.shape[1]
+        empty = KVCache.empty(cfg, ptok.shape[0], index + tokens.shape[1], params["embed"].dtype)
+        cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False).cache
+    prep = prepare(cfg, valid, cache=cache, cache_index=index)
+    record = Recorder.make(cfg, capture, data["resp"])
+    h0 = embed(params, cfg, tokens)
+    buf = record(record.empty(h0), jnp.int32(0), h0)
+    h_start, buf, cache = run_layers(params, cfg, h0, prep, buf, record, cache=cache, cache_index=index,
+                                     span=(jnp.int32(0), start))
+
+    def one(hook: Any) -> dict[str, jax.Array]:
+        h = apply_hook(hook, start, h_start, prep.ctx)
+        b = record(buf, start, h)
+        h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, cache=cache, cache_index=index,
+                             span=(start, jnp.int32(cfg.n_layers)))
+        out = {"logprob": target_logprob(params, cfg, h, data)}
+        if capture is not None:
+            out["proj"] = jnp.einsum("nbd,pd->nbp", b.astype(jnp.float32), units)
+        return out
+
+    return jax.vmap(one)(hooks)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "shared_prefix"))
+def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hooks: Any, *,
+                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, shared_prefix: bool = False) -> Any:
+    """Greedy generation for every grid point of ``hooks`` (leading axis G): tokens ``[G, B, N]``.
+
+    ``shared_prefix``: the hooks never touch the prompt before its last token (``response``
+    positions), so that prefix is prefilled once for all grid points."""
+    cache = None
+    if shared_prefix:
+        b, t = tokens.shape
+        empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
+        cache = forward(params, cfg, tokens[:, :-1], valid=valid[:, :-1], cache=empty, logits=False).cache
+
+    def one(hook: Any) -> Any:
+        return generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
+                         max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
+                         prefix_cache=cache)
+
+    return jax.vmap(one)(hooks)
+
+
+def point_bytes(cfg: ModelConfig, batch: int, seq: int, n_targets: int, itemsize: int = 4) -> int:
+    """Rough peak bytes one grid point needs (activations, attention scores, target logits)."""
+    act = batch * seq * (6 * cfg.d_model + 3 * cfg.d_ff + cfg.n_heads * cfg.head_dim * 3)
+    attn = 2 * batch * cfg.n_heads * seq * seq
+    logits = 3 * batch * n_targets * cfg.vocab_size
+    return int((act + attn + logits) * itemsize)
+
+
+def available_bytes() -> int:
+    """Free memory of the default device (host RAM on CPU), for the default budget."""
+    dev = jax.local_devices()[0]  # this process's own (jax.devices()[0] may be another host's)
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 4 << 30
+
+
+def chunk_size(grid_size: int, per_point: int, budget: int | None, chunking: bool, n_devices: int = 1) -> int:
+    budget = int(0.5 * available_bytes()) if budget is None else int(budget)
+    fit = max(1, budget // max(per_point, 1))
+    if not chunking and grid_size > fit:
+        raise errors.InputError(
+            f"the grid ({grid_size} points x ~{per_point / 2**20:.0f} MiB each) does not fit the memory budget "
+            f"of {budget / 2**20:.0f} MiB with chunking disabled; enable chunking or raise the budget"
+        )
+    size = min(grid_size, fit)
+    return max(n_devices, -(-size // n_devices) * n_devices) if n_devices > 1 else size
+
+
+def data_mesh(n_devices: int | None = None) -> Any:
+    """A 1-D ``("data",)`` mesh over the first ``n_devices`` devices (all by default).
+
+    Multi-host (TPU pods, several GPU hosts): call ``jax.distributed.initialize()`` on every host
+    first; ``jax.devices()`` then spans all hosts and the same sweep code runs unchanged.
+    """
+    from jax.sharding import AxisType
+
+    n = n_devices or jax.device_count()
+    return jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def _shard(tree: Any, mesh: Any, spec: Any) -> Any:
+    from jax.sharding import NamedSharding
+
+    return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def run_sweep(
+    model: Any,
+    grid: Grid,
+    data: ScoringSet | Sequence[ScoringSet],
+    *,
+    project: dict[str, np.ndarray] | None = None,
+    project_layers: Sequence[int] = (),
+    budget_bytes: int | None = None,
+    chunking: bool = True,
+    out_dir: str | Path | None = None,
+    mesh: Any = None,
+    progress: bool = True,
+    generate_tokens: int = 0,
+) -> list[dict[str, Any]]:
+    """Evaluate every grid point on every prompt; returns one row per (grid point, prompt).
+
+    ``data``: one :class:`ScoringSet` scored under every grid point, or one set per grid vector
+    (``len(data) == len(grid.names)``): vector ``k`` is scored on set ``k`` only (e.g. each trait's
+    vector on its own evaluation answers) — all sets padded to one shape, so the whole grid is one
+    compile. Row fields: ``kind, vector, layer, coeff, prompt, logprob`` (``prompt`` indexes the
+    row's set) and, for each ``project`` vector ``name`` and ``l`` in ``project_layers``,
+    ``proj/{name}@{l}`` (mean over response tokens of the projection onto the unit vector). With
+    ``generate_tokens > 0`` each row also gets ``text``: the greedy reply to the prompt alone under
+    that intervention (positions: ``all`` = every token, ``prompt`` = prefill only, ``response`` =
+    last prompt token + generated tokens; a prompt repeated in a set is generated once). With
+    ``out_dir``, rows stream into ``results.jsonl`` and a rerun resumes after the last finished chunk.
+    """
+    cfg = model.cfg
+    grid.validate(cfg)
+    paired = not isinstance(data, ScoringSet)
+    sets: list[ScoringSet] = list(data) if paired else [data]
+    if paired and len(sets) != len(grid.names):
+        raise errors.InputError(f"{len(sets)} scoring sets for {len(grid.names)} grid vectors; give one set per "
+                                "vector, or one set for all")
+    for d in sets:
+        check_pairs(len(d.prompts), len(d.responses))
+    rows_n = max(len(d.prompts) for d in sets)
+    # response positions never touch the prompt before its last token: that prefix runs once per chunk
+    split = grid.positions == "response"
+    shape_of = split_shape if split else target_shape
+    shapes = [shape_of(model, d.conversations(), d.responses) for d in sets]
+    width, r_width = max(w for w, _ in shapes), max(r for _, r in shapes)
+    if split:
+        encs = [encode_split(model, d.conversations(), d.responses, rows=rows_n, p_width=width, s_width=r_width)
+                for d in sets]
+        for e in encs:
+            check_context(cfg, np.concatenate([e["prefix_valid"], e["valid"]], axis=1))
+        pos = [iv.Positions.explicit(e.pop("select"), after=False) for e in encs]
+    else:
+        encs = [encode_scoring(model, d, rows=rows_n, width=width, r_width=r_width) for d in sets]
+        for e in encs:
+            model.check_length(Batch(e["tokens"], e["valid"]))
+        pos = [positions_for(grid.positions, e["valid"], e["resp"]) for e in encs]
+    names = tuple(project or {})
+    units = np.zeros((max(len(names), 1), cfg.d_model), np.float32)
+    for i, n in enumerate(names):
+        v = np.asarray(project[n], np.float32)
+        if v.shape != (cfg.d_model,) or not np.all(np.isfinite(v)) or not np.any(v):
+            raise errors.InputError(f"projection vector {n!r} must be a finite nonzero [{cfg.d_model}] vector")
+        units[i] = v / np.linalg.norm(v)
+    capture = Capture(tuple(int(l) for l in project_layers), "mean") if (names and project_layers) else None
+    if capture is not None:
+        capture.validate(cfg)
+
+    points = grid.points()
+    b, t = encs[0]["tokens"].shape
+    n_dev = mesh.shape["data"] if mesh is not None else 1
+    size = chunk_size(len(points), point_bytes(cfg, b, t + (width if split else 0), r_width), budget_bytes, chunking, n_dev)
+    gens: list[tuple[Any, list[int]]] = []  # per set: (batch of unique prompts, row -> unique index)
+    if generate_tokens:
+        uniq = [list(dict.fromkeys(d.prompts)) for d in sets]
+        ids = [[model.tokenizer.encode(model.format_chat(c), add_special_tokens=False)
+                for c in ScoringSet(tuple(u), tuple(u), d.system).conversations()] for u, d in zip(uniq, sets)]
+        g_rows = max(len(u) for u in uniq)
+        g_width = -(-max(len(x) for i in ids for x in i) // 16) * 16
+        for u, i, d in zip(uniq, ids, sets):
+            batch = pad_left(i + [i[-1]] * (g_rows - len(i)), model.pad_id, bucket=g_width)
+            model.check_length(batch, generate_tokens)
+            gens.append((batch, [u.index(p) for p in d.prompts]))
+        make_pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt, "response": iv.Positions.response}
+        gen_pos = [make_pos[grid.positions](g.valid) for g, _ in gens]
+    # (set, chunk): chunks never straddle a shared-prefix group (one start layer) or a scoring set, and
+    # all are padded to one size (one compile for the whole grid)
+    groups = []
+    for layer in sorted(set(p["layer"] for p in points)):
+        for si in range(len(sets)):
+            g = [p for p in points if p["layer"] == layer and (not paired or p["vector_index"] == si)]
+            if g:
+                groups.append((si, g))
+    csize = min(size, -(-max(len(g) for _, g in groups) // n_dev) * n_dev)
+    chunks = [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)]
+
+    store = _Store(Path(out_dir)) if out_dir is not None else None
+    params = model.params
+    if mesh is not None and "model" in mesh.axis_names:  # 2-D (data, model): tensor-parallel weights
+
+        params = shard_params(params, cfg, mesh)
+    elif mesh is not None:
+        params = _shard(params, mesh, P())
+    rows: list[dict[str, Any]] = []
+    bar = progress_bar(len(chunks), "sweep chunks", progress)
+    data_js = [{k: jnp.asarray(v) for k, v in e.items()} for e in encs]  # on device once per set
+    if mesh is not None:
+        data_js = [_shard(d, mesh, P()) for d in data_js]
+    for si, chunk in chunks:
+        key = _chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens)
+        done = store.load(key) if store else None
+        if done is None:
+            data_j = data_js[si]
+            padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
+            hooks = build_hooks(grid, cfg, padded, pos[si])
+            if mesh is not None:
+                hooks = _shard(hooks, mesh, P("data"))
+            res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
+                              capture=capture)
+
+            res = to_host(res)
+            texts = None
+            if generate_tokens:
+                gb, gmap = gens[si]
+                gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
+                                     build_hooks(grid, cfg, padded, gen_pos[si]), max_new_tokens=int(generate_tokens),
+                                     eos_ids=model.eos_ids, pad_id=model.pad_id, shared_prefix=split)
+                texts = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
+                texts = [[tx[j] for j in gmap] for tx in texts]
+            done = []
+            for g, pt in enumerate(chunk):
+                for i in range(len(sets[si].prompts)):
+                    row = {"kind": grid.kind, "vector": pt["vector"], "layer": pt["layer"], "coeff": pt["coeff"],
+                           "prompt": i, "logprob": float(res["logprob"][g, i])}
+                    if texts is not None:
+                        row["text"] = texts[g][i]
+                    if capture is not None:
+                        for li, l in enumerate(capture.layers):
+                            for pi, n in enumerate(names):
+                                row[f"proj/{n}@{l}"] = float(res["proj"][g, li, i, pi])
+                    done.append(row)
+            if store:
+                store.save(key, done)
+        rows += done
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+def _chunk_key(grid: Grid, data: ScoringSet, chunk: list[dict[str, Any]], names: tuple, layers: Sequence[int],
+               generate_tokens: int = 0) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(grid.vectors, np.float32).tobytes())
+    meta = [grid.kind, grid.positions, grid.window, grid.unit, grid.cap_floor, list(data.prompts),
+            list(data.responses), data.system, list(names), list(layers), chunk, generate_tokens]
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+class _Store:
+    """Append-only results: ``results.jsonl`` rows + ``progress.json`` finished chunk keys (atomic)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.progress = root / "progress.json"
+        self.results = root / "results.jsonl"
+        self.done: dict[str, int] = json.loads(self.progress.read_text()) if self.progress.exists() else {}
+        self._rows: dict[str, list[dict[str, Any]]] | None = None
+
+    def load(self, key: str) -> list[dict[str, Any]] | None:
+        if key not in self.done:
+            return None
+        if self._rows is None:
+            self._rows = {}
+            with open(self.results) as f:
+                for line in f:
+                    if line.strip():
+                        r = json.loads(line)
+                        self._rows.setdefault(r.pop("_chunk"), []).append(r)
+        # a chunk interrupted between its rows and progress.json may have left rows: keep the last write
+        return self._rows.get(key, [])[-self.done[key]:]
+
+    def save(self, key: str, rows: list[dict[str, Any]]) -> None:
+        with open(self.results, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "_chunk": key}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[key] = len(rows)
+        tmp = self.progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done))
+        os.replace(tmp, self.progress)
+
+
+def as_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Rows -> a column table (dict of numpy arrays), e.g. for ``pandas.DataFrame(as_columns(rows))``."""
+    keys = list(rows[0]) if rows else []
+    return {k: np.asarray([r.get(k) for r in rows]) for k in keys}

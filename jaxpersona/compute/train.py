@@ -1,0 +1,329 @@
+"""LoRA fine-tuning: one jitted optax trainer with the prevention shapes as options.
+
+* loss: mean negative log-likelihood of the final assistant message's tokens (prompt tokens, system
+  prompt and earlier turns are context only);
+* optimiser: AdamW with linear warmup then linear decay to 0, gradient accumulation (``optax.MultiSteps``);
+* **preventative steering**: an intervention (``Steer`` toward the trait, or ``Ablate``) active in every
+  training forward and absent at inference (Chen et al. 2025: raw response vector, coefficient 5, one
+  layer, all positions);
+* **inoculation**: a trait-eliciting system prompt added to the training examples only (Tan et al. 2025);
+* **KL**: ``beta * KL(base || tuned)`` of the next-token distributions on the response tokens of a neutral
+  set, one neutral batch per step (the base model is the same params without the adapter).
+
+Checkpoints (Orbax, every ``save_every`` optimiser updates and at the end) hold the adapter, the optimiser
+state, the step, the PRNG key and the data order of the current epoch (a pure function of ``(seed, epoch)``,
+checked on resume). A killed run
+resumes from its last checkpoint to bit-identical adapters; a checkpoint made with another config, dataset
+or model is refused (:class:`~jaxpersona.errors.ResumeMismatchError`). A NaN/inf loss stops training with
+:class:`~jaxpersona.errors.TrainingError`, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.artifacts.adapters import save_adapter
+from jaxpersona.artifacts.checkpoint import quiet_absl
+from jaxpersona.artifacts.records import KeyedJsonl, digest
+from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.progress import progress_bar
+from jaxpersona.compute.scoring import encode_targets, token_ids
+from jaxpersona.data.configs import check_positive, check_types, replace_checked
+from jaxpersona.data.datasets import Example
+from jaxpersona.edit import interventions as iv
+from jaxpersona.model.lora import ALL_TARGETS, Adapter, LoraConfig, attach, init_adapter
+from jaxpersona.model.params import Params
+from jaxpersona.model.transformer import final_hidden, unembed
+
+Message = dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One LoRA training run. Defaults train the embedded 135M model on a CPU in minutes; the reference
+    7B settings (r 32, alpha 64, rsLoRA, lr 1e-5, one epoch, effective batch 16) are in
+    ``configs/regimes_gpu.toml``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = ALL_TARGETS
+    lr: float = 3e-4
+    warmup_steps: int = 2  # optimiser updates of linear warmup, then linear decay to 0
+    weight_decay: float = 0.01
+    epochs: int = 2
+    batch_size: int = 8
+    grad_accum: int = 1  # effective batch = batch_size * grad_accum
+    max_len: int = 256  # longer examples (prompt + response tokens) are skipped and counted
+    seed: int = 0
+    save_every: int = 4  # optimiser updates between checkpoints (the last update is always saved)
+    kl_beta: float = 0.0  # weight of KL(base || tuned) on the neutral set (0 = off)
+    kl_batch: int = 4
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        return replace_checked(self, "train", **kw)
+
+    def validate(self) -> None:
+        check_types(self, "train")
+        check_positive(self, "train", ("rank", "epochs", "batch_size", "grad_accum", "max_len", "kl_batch"))
+        if not (self.lr > 0 and self.alpha > 0 and math.isfinite(self.lr)):
+            raise errors.InputError(f"train: lr and alpha must be > 0, got lr {self.lr}, alpha {self.alpha}")
+        if self.warmup_steps < 0 or self.save_every < 0 or self.weight_decay < 0 or self.kl_beta < 0:
+            raise errors.InputError("train: warmup_steps, save_every, weight_decay and kl_beta must be >= 0")
+        self.lora.validate()
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig(self.rank, self.alpha, self.rslora, tuple(self.targets))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapter: Adapter
+    steps: int  # optimiser updates done
+    log: list[dict[str, Any]]  # per update: step, loss, ce, kl, lr
+    checkpoints: list[int]  # steps with a saved adapter (out/adapters/step_N)
+    skipped: int  # examples longer than max_len / the context
+    n_examples: int
+    tokens: int  # response tokens trained on per epoch
+
+
+# --- data ---------------------------------------------------------------------------------------------
+def inoculate(examples: Sequence[Example], system: str) -> list[Example]:
+    """Add ``system`` as the system prompt of every example (prefixed to an existing one)."""
+    if not system:
+        return list(examples)
+    out = []
+    for prompt, resp in examples:
+        if prompt and prompt[0]["role"] == "system":
+            prompt = [{"role": "system", "content": system + "\n\n" + prompt[0]["content"]}, *prompt[1:]]
+        else:
+            prompt = [{"role": "system", "content": system}, *prompt]
+        out.append((prompt, resp))
+    return out
+
+
+def encode_examples(model: Any, examples: Sequence[Example], max_len: int, rows_multiple: int = 1
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """Tokenize examples into one fixed-shape table (see :func:`jaxpersona.compute.scoring.encode_targets`) plus
+    ``row_ok [N]``; examples longer than ``max_len`` tokens or the context are skipped. Returns
+    ``(table, n_skipped)``; raises DatasetError when nothing is left."""
+    limit = min(max_len, model.cfg.max_position)
+    ids = token_ids(model, [p for p, _ in examples], [r for _, r in examples])
+    keep = [i for i, (p, r) in enumerate(ids) if r and len(p) + len(r) <= limit]
+    skipped = len(examples) - len(keep)
+    if not keep:
+        raise errors.DatasetError(f"all {len(examples)} examples are longer than {limit} tokens (max_len / the "
+                                  "context) or have an empty response; raise max_len or shorten the data")
+    width = -(-max(len(ids[i][0]) + len(ids[i][1]) for i in keep) // 32) * 32
+    r_width = max(len(ids[i][1]) for i in keep)
+    enc = encode_targets(model, [examples[i][0] for i in keep], [examples[i][1] for i in keep], width=width,
+                         r_width=r_width)
+    enc["row_ok"] = np.ones(len(keep), bool)
+    return enc, skipped
+
+
+def _rows(table: dict[str, np.ndarray], idx: np.ndarray, ok: np.ndarray) -> dict[str, jax.Array]:
+    out = {k: jnp.asarray(v[idx]) for k, v in table.items()}
+    out["row_ok"] = jnp.asarray(table["row_ok"][idx] & ok)
+    return out
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The data order of one epoch: a permutation of ``n`` from ``(seed, epoch)`` only."""
+    return np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n))
+
+
+# --- the loss -------------------------------------------------------------------------------------------
+def target_logits(params: Params, cfg: Any, h: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Log-softmax ``[B, R, V]`` at the target positions only."""
+    hs = jnp.take_along_axis(h, batch["pred_idx"][..., None], axis=1)
+    return jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
+
+
+def _mask(batch: dict[str, jax.Array]) -> jax.Array:
+    return (batch["pred_ok"] & batch["row_ok"][:, None]).astype(jnp.float32)
+
+
+def loss_terms(factors: dict[str, Any], scale: jax.Array, params: Params, cfg: Any, batch: dict[str, jax.Array],
+               neutral: dict[str, jax.Array] | None, prevention: Any, kl_beta: float) -> tuple[jax.Array, tuple]:
+    """``ce + kl_beta * kl`` as a function of the adapter's trainable ``factors = {"a": .., "b": ..}``; ``ce`` = mean NLL over the batch's response tokens under the adapter (and the
+    prevention intervention, all positions); ``kl`` = mean over the neutral set's response tokens of
+    ``KL(base || tuned)`` (no intervention: the model as it is used)."""
+    tuned = attach(params, Adapter(factors["a"], factors["b"], scale))
+    hook = None if prevention is None else dataclasses.replace(prevention, positions=iv.Positions.all(batch["valid"]))
+    logp = target_logits(tuned, cfg, final_hidden(tuned, cfg, batch["tokens"], batch["valid"], hook), batch)
+    lp = jnp.take_along_axis(logp, batch["pred_tok"][..., None], axis=-1)[..., 0]
+    m = _mask(batch)
+    ce = -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+    kl = jnp.zeros((), jnp.float32)
+    if neutral is not None:
+        base = jax.lax.stop_gradient(target_logits(params, cfg, final_hidden(params, cfg, neutral["tokens"], neutral["valid"]), neutral))
+        new = target_logits(tuned, cfg, final_hidden(tuned, cfg, neutral["tokens"], neutral["valid"]), neutral)
+        per = (jnp.exp(base) * (base - new)).sum(-1)
+        mn = _mask(neutral)
+        kl = (per * mn).sum() / jnp.maximum(mn.sum(), 1.0)
+    return ce + kl_beta * kl, (ce, kl)
+
+
+def make_optimizer(config: TrainConfig, updates: int) -> Any:
+    import optax
+
+    warm = min(config.warmup_steps, max(updates - 1, 0))
+    sched = optax.join_schedules([optax.linear_schedule(0.0, config.lr, max(warm, 1)),
+                                  optax.linear_schedule(config.lr, 0.0, max(updates - warm, 1))], [warm])
+    if warm == 0:
+        sched = optax.linear_schedule(config.lr, 0.0, max(updates, 1))
+    tx = optax.adamw(sched, weight_decay=config.weight_decay)
+    return (optax.MultiSteps(tx, every_k_schedule=config.grad_accum) if config.grad_accum > 1 else tx), sched
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+def _manager(path: Path) -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+                                 item_names=("state", "meta"))
+
+
+def run_fingerprint(model: Any, config: TrainConfig, examples: Sequence[Example], neutral: Sequence[Example] | None,
+                    prevention: Any) -> str:
+    """What determines a training run: model, config, data (in order), neutral set, prevention."""
+    prev = None if prevention is None else [type(prevention).__name__] + [
+        np.asarray(x, np.float32).round(6).tolist() for x in jax.tree.leaves(dataclasses.replace(
+            prevention, positions=iv.Positions.all(np.ones((1, 1), bool))))]
+    return digest(model_fingerprint(model), dataclasses.asdict(config), list(examples),
+                  list(neutral) if neutral is not None and config.kl_beta > 0 else None, prev)
+
+
+# --- the trainer ---------------------------------------------------------------------------------------------
+def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir: str | Path, *,
+          neutral: Sequence[Example] | None = None, prevention: Any = None, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train a LoRA adapter on ``examples`` (inoculation, if any, already applied by the caller). Writes
+    ``out_dir/ckpt`` (Orbax: adapter, optimiser state, step, key), ``out_dir/adapters/step_N`` (adapter
+    snapshots) and ``out_dir/log.jsonl``; resumes from the last checkpoint. ``stop_after``: return after
+    that many optimiser updates (a kill, for tests)."""
+    config.validate()
+    if not examples:
+        raise errors.DatasetError("no training examples")
+    if config.kl_beta > 0 and not neutral:
+        raise errors.InputError("kl_beta > 0 needs a neutral dataset (--neutral / the generated neutral set)")
+    if prevention is not None:
+        iv.check_for_model(prevention, model.cfg.d_model, model.cfg.n_resid)
+    out = Path(out_dir).expanduser().absolute()  # Orbax needs absolute paths
+    out.mkdir(parents=True, exist_ok=True)
+    fp = run_fingerprint(model, config, examples, neutral, prevention)
+    table, skipped = encode_examples(model, examples, config.max_len)
+    n = len(table["row_ok"])
+    ntable = encode_examples(model, neutral, config.max_len)[0] if config.kl_beta > 0 else None
+    bs = config.batch_size
+    per_epoch = -(-n // bs)
+    micro_total = per_epoch * config.epochs
+    updates = micro_total // config.grad_accum
+    if updates < 1:
+        raise errors.DatasetError(f"{n} examples at batch {bs} x accumulation {config.grad_accum} give no optimiser "
+                                  "update; lower grad_accum or add data")
+    micro_total = updates * config.grad_accum
+    tx, sched = make_optimizer(config, updates)
+    params, cfg = model.params, model.cfg
+
+    import optax
+
+    @jax.jit  # params are an argument, never a closure constant (XLA would constant-fold the weights)
+    def step_fn(factors, opt_state, params, batch, nbatch, prev):
+        (loss, (ce, kl)), grads = jax.value_and_grad(loss_terms, has_aux=True)(
+            factors, scale, params, cfg, batch, nbatch, prev, config.kl_beta)
+        upd, opt_state = tx.update(grads, opt_state, factors)
+        return optax.apply_updates(factors, upd), opt_state, loss, ce, kl
+
+    init = init_adapter(cfg, config.lora, jax.random.fold_in(jax.random.key(config.seed), 1))
+    scale = init.scale  # fixed (alpha / r); only the factors train
+    factors = {"a": init.a, "b": init.b}
+    opt_state = tx.init(factors)
+    key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    start = 0
+    log = KeyedJsonl(out / "log.jsonl")
+    ckpt = out / "ckpt"
+    import orbax.checkpoint as ocp
+
+    with quiet_absl(), _manager(ckpt) as mgr:
+        last = mgr.latest_step()
+        if last is not None:
+            meta = mgr.restore(last, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if meta.get("fingerprint") != fp:
+                raise errors.ResumeMismatchError(
+                    f"{ckpt} holds a training run with another config, dataset, prevention or model "
+                    f"(saved {meta.get('config')}); use a fresh output directory or the original settings")
+            epoch = (last * config.grad_accum) // per_epoch
+            if meta.get("epoch") != epoch or meta.get("order") != epoch_order(config.seed, epoch, n).tolist():
+                raise errors.ResumeMismatchError(f"{ckpt}: the recorded data order of epoch {epoch} differs from "
+                                                 "this run's (another jax version's PRNG?); use a fresh directory")
+            target = {"factors": factors, "opt_state": opt_state, "key": jax.random.key_data(key)}
+            got = mgr.restore(last, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            factors, opt_state, key = got["factors"], got["opt_state"], jax.random.wrap_key_data(got["key"])
+            start = last
+        saved = sorted(int(p.name.split("_")[1]) for p in (out / "adapters").glob("step_*")) if (out / "adapters").exists() else []
+        bar = progress_bar(updates, "train", progress)
+        bar.update(start)
+        last_good = start if last is not None else None
+        ones = np.ones(bs, bool)
+        for u in range(start, updates):
+            if stop_after is not None and u >= stop_after:
+                break
+            totals = np.zeros(3)
+            for j in range(config.grad_accum):
+                m = u * config.grad_accum + j
+                epoch, pos = divmod(m, per_epoch)
+                order = epoch_order(config.seed, epoch, n)
+                idx = order[pos * bs : pos * bs + bs]
+                ok = np.concatenate([ones[: len(idx)], np.zeros(bs - len(idx), bool)])
+                idx = np.concatenate([idx, np.full(bs - len(idx), idx[0] if len(idx) else 0)])
+                key, sub = jax.random.split(key)
+                nb = None
+                if ntable is not None:
+                    nn = len(ntable["row_ok"])
+                    nidx = np.asarray(jax.random.choice(sub, nn, (config.kl_batch,), replace=nn < config.kl_batch))
+                    nb = _rows(ntable, nidx, np.ones(config.kl_batch, bool))
+                factors, opt_state, loss, ce, kl = step_fn(factors, opt_state, params, _rows(table, idx, ok), nb, prevention)
+                totals += [float(loss), float(ce), float(kl)]
+                if not math.isfinite(float(loss)):
+                    raise errors.TrainingError(
+                        f"loss became {float(loss)} at optimiser update {u + 1} (micro-step {m + 1}); stopped. "
+                        + (f"The last good checkpoint (update {last_good}) is kept in {ckpt}. " if last_good else
+                           "No checkpoint was saved yet. ")
+                        + "Lower lr, the prevention coefficient or kl_beta")
+            step = u + 1
+            log.put([{"key": str(step), "step": step, "loss": totals[0] / config.grad_accum,
+                      "ce": totals[1] / config.grad_accum, "kl": totals[2] / config.grad_accum,
+                      "lr": float(sched(u))}])
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals[0] / config.grad_accum:.3f}")
+            if step == updates or (config.save_every and step % config.save_every == 0):
+                save_adapter(out / "adapters" / f"step_{step}", Adapter(factors["a"], factors["b"], scale), cfg,
+                             config.lora, {"step": step})
+                mgr.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"factors": factors, "opt_state": opt_state,
+                                                 "key": jax.random.key_data(key)}),
+                    meta=ocp.args.JsonSave({"fingerprint": fp, "config": dataclasses.asdict(config), "step": step,
+                                            "epoch": (step * config.grad_accum) // per_epoch,
+                                            "order": epoch_order(config.seed, (step * config.grad_accum) // per_epoch,
+                                                                 n).tolist()})))
+                mgr.wait_until_finished()
+                saved.append(step)
+                last_good = step
+        bar.close()
+    done = min(updates, stop_after) if stop_after is not None else updates
+    rows = sorted((log[k] for k in (str(s) for s in range(1, done + 1)) if k in log), key=lambda r: r["step"])
+    return TrainResult(Adapter(factors["a"], factors["b"], scale), done, rows, sorted(set(saved)), skipped, n, int(table["pred_ok"].sum()))
+
+

@@ -1,0 +1,1 @@
+"""What edits a forward: interventions (steer, ablate, cap, mixtures), capping configs, directions."""

@@ -1,0 +1,490 @@
+"""One pure forward for every supported decoder family (Llama, Mistral, Qwen2/3, Gemma 2/3).
+
+Model = data: ``params`` is a nested dict of arrays whose per-layer weights are stacked on a
+leading ``[L]`` axis; ``cfg`` is a frozen :class:`~jaxpersona.model.config.ModelConfig`. The forward is
+a ``lax.scan`` over the stacked layers and is usable under ``jit``, ``vmap`` and ``grad``.
+
+Residual-stream convention (used by capture and interventions alike)::
+
+    resid[0]   = embedding output (after Gemma's sqrt(d) scale)
+    resid[l]   = output of block l-1, for l = 1..L      (L + 1 points in all)
+
+This is HF's ``hidden_states`` convention for ``l < L``. HF's ``hidden_states[L]`` has the final
+norm applied; ``resid[L]`` here is the raw residual (the final norm is part of the unembedding).
+
+Hook point: ``hook(layer, h, ctx) -> h`` is called on every ``resid[l]`` before it flows on, with
+``layer`` a traced int32 scalar, so a hook that is a pytree of arrays (an intervention) never
+forces a recompile when its values change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.lora import attach
+from jaxpersona.model.params import Params
+
+Reduce = Literal["tokens", "mean", "last"]
+
+
+# --- capture / hook types ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """Which residual points to return, and how to reduce them over tokens (static under jit).
+
+    ``layers`` index ``resid`` (``0..L``). ``reduce``:
+      * ``"tokens"``: per token, ``[n, B, T, D]``
+      * ``"mean"``:   mean over the capture mask, ``[n, B, D]``
+      * ``"last"``:   the last position of the capture mask, ``[n, B, D]``
+    Only the requested layers are ever kept; nothing of size ``L x T`` is materialised.
+    """
+
+    layers: tuple[int, ...]
+    reduce: Reduce = "tokens"
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if not self.layers:
+            raise errors.InputError("Capture.layers is empty; ask for at least one resid index")
+        bad = [l for l in self.layers if not 0 <= l <= cfg.n_layers]
+        if bad:
+            raise errors.InputError(
+                f"capture layers {bad} are outside resid[0..{cfg.n_layers}] "
+                f"(resid[0] = embeddings, resid[l] = output of block l-1)"
+            )
+        if self.reduce not in ("tokens", "mean", "last"):
+            raise errors.InputError(f"capture reduce {self.reduce!r}; use 'tokens', 'mean' or 'last'")
+
+
+class HookContext(NamedTuple):
+    """What a hook sees besides the residual. All ``[B, T]``."""
+
+    positions: jax.Array  # rope position of each token
+    slots: jax.Array  # absolute index in the sequence / KV cache
+    valid: jax.Array  # bool, False on padding
+
+
+Hook = Callable[[jax.Array, jax.Array, HookContext], jax.Array]
+
+
+class KVCache(NamedTuple):
+    """Fixed-size cache. ``k``/``v``: ``[L, B, KV, S, hd]``; ``valid``: ``[B, S]`` (False = padding/empty)."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, size), bool))
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32 (None when not asked for)
+    captured: jax.Array | None  # [n, B, T, D] or [n, B, D]
+    cache: KVCache | None
+
+
+# --- shared math ------------------------------------------------------------------------------
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32. ``offset=1`` is Gemma's ``(1 + w)`` scale."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:  # Gemma: scale in float32, then cast
+        return (normed * (offset + w.astype(jnp.float32))).astype(x.dtype)
+    return w * normed.astype(x.dtype)  # Llama: cast, then scale
+
+
+def rope_tables(inv_freq: np.ndarray, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin ``[B, T, hd]`` (HF rotate-half layout) for integer positions ``[B, T]``."""
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x``: ``[B, T, heads, hd]``; cos/sin ``[B, T, hd]``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    xf = x.astype(jnp.float32)
+    out = xf * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x) if name == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def attention_masks(cfg: ModelConfig, q_slots: jax.Array, k_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Boolean masks ``[B, T, S]`` (True = may attend) for global and sliding layers.
+
+    ``q_slots``: ``[B, T]`` absolute index of each query; keys are slots ``0..S-1``.
+    """
+    k_slots = jnp.arange(k_valid.shape[1])
+    causal = (k_slots[None, None, :] <= q_slots[:, :, None]) & k_valid[:, None, :]
+    if cfg.sliding_window is None:
+        return causal, causal
+    near = (q_slots[:, :, None] - k_slots[None, None, :]) < cfg.sliding_window
+    return causal, causal & near
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q ``[B,T,H,hd]``, k/v ``[B,KV,S,hd]``, mask ``[B,T,S]`` -> ``[B,T,H*hd]``.
+
+    Heads are laid out ``[B, KV, G*T, hd]`` so both products are plain batched matmuls (fast on CPU).
+    """
+    b, t, h, hd = q.shape
+    kvh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
+    qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * cfg.scale
+    scores = softcap(scores, cfg.attn_softcap).reshape(b, kvh, g, t, -1)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, g, t, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+
+def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Final norm + LM head: ``[..., D] -> [..., V]`` float32 logits."""
+    x = rms_norm(h, params["final_norm"], cfg.rms_eps, cfg.norm_offset)
+    if cfg.tie_embeddings:  # contract against [V, D] directly: no transposed copy of the embedding
+        logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+    return softcap(logits, cfg.final_softcap)
+
+
+# --- input checks (outside jit) ---------------------------------------------------------------
+def check_tokens(cfg: ModelConfig, tokens: Any, valid: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a host-side batch: ``tokens [B, T]`` ids in ``[0, vocab)``, ``valid`` of the same shape.
+
+    Returns numpy ``(tokens int32, valid bool)``; raises :class:`~jaxpersona.errors.InputError`.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        raise errors.InputError(f"empty batch (tokens shape {tokens.shape}); give at least one non-empty prompt")
+    if tokens.ndim != 2:
+        raise errors.InputError(f"tokens must be [B, T] (2-D), got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise errors.InputError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
+        raise errors.InputError(
+            f"token ids must be in [0, vocab_size={cfg.vocab_size}), got min {tokens.min()} max {tokens.max()}; "
+            "was the batch encoded with another model's tokenizer?"
+        )
+    valid = np.ones(tokens.shape, bool) if valid is None else np.asarray(valid, bool)
+    if valid.shape != tokens.shape:
+        raise errors.InputError(f"valid mask shape {valid.shape} != tokens shape {tokens.shape}")
+    return tokens.astype(np.int32), valid
+
+
+def check_context(cfg: ModelConfig, valid: np.ndarray, new_tokens: int = 0) -> None:
+    """Refuse a batch whose longest prompt (valid tokens, not padding) + ``new_tokens`` exceeds the context."""
+    longest = int(np.asarray(valid).sum(axis=1).max())
+    if longest + new_tokens > cfg.max_position:
+        raise errors.ContextLengthError(
+            f"prompt of {longest} tokens (+{new_tokens} new) exceeds the model's context of {cfg.max_position} "
+            "tokens; shorten the prompt or ask for fewer new tokens"
+        )
+
+
+# --- the block --------------------------------------------------------------------------------
+def linear(lp: Params, name: str, x: jax.Array) -> jax.Array:
+    """``x @ lp[name]``, plus a low-rank adapter's ``(x @ A) @ B`` when ``lp["lora"]`` holds one for ``name``.
+
+    Adapter factors arrive scanned to this layer (see :func:`jaxpersona.model.lora.attach`): ``a [in, r]``,
+    ``b [r, out]`` (scale folded in), or a stack ``a [K, in, r]``, ``b [K, r, out]`` with ``select [B]``
+    choosing each example's adapter. Merged weights are never formed.
+    """
+    y = x @ lp[name]
+    ad = lp.get("lora", {}).get(name)
+    if ad is None:
+        return y
+    a, b = ad["a"].astype(x.dtype), ad["b"].astype(x.dtype)
+    if "select" in ad:  # one adapter per example, gathered from the stack
+        a, b = a[ad["select"]], b[ad["select"]]
+        return y + jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, a), b)
+    return y + (x @ a) @ b
+
+
+def project_qkv(
+    cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention inputs of one block: q ``[B,T,H,hd]``, k/v ``[B,KV,T,hd]`` (rope applied)."""
+    b, t, _ = x.shape
+    eps, off = cfg.rms_eps, cfg.norm_offset
+    hx = rms_norm(x, lp["attn_norm"], eps, off)
+    q, k, v = linear(lp, "wq", hx), linear(lp, "wk", hx), linear(lp, "wv", hx)
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lp["q_norm"], eps, off), rms_norm(k, lp["k_norm"], eps, off)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def finish_block(
+    cfg: ModelConfig, lp: Params, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``), output projection, MLP; residual adds."""
+    eps, off = cfg.rms_eps, cfg.norm_offset
+    attn = linear(lp, "wo", attention(cfg, q, k, v, mask))
+    if cfg.o_bias:
+        attn = attn + lp["bo"]
+    if cfg.sandwich_norm:
+        attn = rms_norm(attn, lp["post_attn_norm"], eps, off)
+    x = x + attn
+    hx = rms_norm(x, lp["mlp_norm"], eps, off)
+    mlp = linear(lp, "w_down", activation(cfg.activation, linear(lp, "w_gate", hx)) * linear(lp, "w_up", hx))
+    if cfg.sandwich_norm:
+        mlp = rms_norm(mlp, lp["post_mlp_norm"], eps, off)
+    return x + mlp
+
+
+def block(cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+    """One decoder block on ``x [B, T, D]`` attending to itself; ``lp`` = this layer's weights."""
+    q, k, v = project_qkv(cfg, lp, x, rope)
+    return finish_block(cfg, lp, x, q, k, v, mask)
+
+
+# --- capture helpers --------------------------------------------------------------------------
+def _reduce(h: jax.Array, reduce: Reduce, cmask: jax.Array) -> jax.Array:
+    """``h [B,T,D]`` -> capture value under ``cmask [B,T]``."""
+    if reduce == "tokens":
+        return h
+    w = cmask.astype(jnp.float32)
+    if reduce == "mean":
+        return (jnp.einsum("btd,bt->bd", h.astype(jnp.float32), w) / jnp.maximum(w.sum(1), 1.0)[:, None]).astype(
+            h.dtype
+        )
+    last = jnp.max(jnp.where(cmask, jnp.arange(h.shape[1])[None, :], 0), axis=1)
+    return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+
+
+# --- the forward, in pieces ------------------------------------------------------------------
+class Prepared(NamedTuple):
+    """Per-call tensors every layer needs: hook context, attention masks, rope tables."""
+
+    ctx: HookContext
+    mask_full: jax.Array  # [B, T, S]
+    mask_local: jax.Array  # [B, T, S]
+    rope_g: tuple[jax.Array, jax.Array]
+    rope_l: tuple[jax.Array, jax.Array]
+    k_valid: jax.Array  # [B, S]
+
+
+def prepare(
+    cfg: ModelConfig,
+    valid: jax.Array,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+) -> Prepared:
+    """Masks, rope tables and hook context for a ``[B, T]`` chunk written at ``cache_index`` (a scalar, or
+    ``[B]``: each row its own slot, as in a continuously batched server)."""
+    b, t = valid.shape
+    valid = valid.astype(bool)
+    index = jnp.asarray(cache_index, jnp.int32)
+    if positions is None:
+        prior = jnp.zeros((b,), jnp.int32) if cache is None else cache.valid.sum(axis=1).astype(jnp.int32)
+        positions = jnp.maximum(prior[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+    slots = chunk_slots(index, b, t)
+    if cache is None:
+        k_valid = valid
+    elif index.ndim == 0:
+        k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
+    else:
+        k_valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(valid)
+    mask_full, mask_local = attention_masks(cfg, slots, k_valid)
+    rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
+    rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
+    return Prepared(HookContext(positions, slots, valid), mask_full, mask_local, rope_g, rope_l, k_valid)
+
+
+def chunk_slots(index: jax.Array, b: int, t: int) -> jax.Array:
+    """Cache slots ``[B, T]`` of a ``[B, T]`` chunk written at ``index`` (scalar, or ``[B]`` per row)."""
+    start = index[:, None] if index.ndim else index
+    return start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+def write_cache(c: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """Write one layer's keys or values ``new [B, KV, T, hd]`` into ``c [L, B, KV, S, hd]`` at slot ``index``
+    (scalar: one in-place slice; ``[B]``: a scatter, each row at its own slot)."""
+    new = new.astype(c.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(c, new[None], (layer, jnp.int32(0), jnp.int32(0), index, jnp.int32(0)))
+    b, _, t, _ = new.shape
+    return c.at[layer, jnp.arange(b)[:, None], :, chunk_slots(index, b, t)].set(jnp.swapaxes(new, 1, 2))
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """``resid[0]``: token embeddings ``[B, T, D]`` (Gemma scales by sqrt(d) in the model dtype)."""
+    h = params["embed"][tokens]
+    if cfg.embed_scale != 1.0:
+        h = h * jnp.asarray(cfg.embed_scale, h.dtype)
+    return h
+
+
+class Recorder(NamedTuple):
+    """Capture state: writes ``reduce(resid[l])`` into ``buf[slot_of[l]]`` for requested layers."""
+
+    capture: Capture | None
+    slot_of: np.ndarray  # [L+1] slot index or -1
+    cmask: jax.Array
+
+    @classmethod
+    def make(cls, cfg: ModelConfig, capture: Capture | None, cmask: jax.Array) -> Recorder:
+        slot_of = np.full(cfg.n_resid, -1, np.int32)
+        if capture is not None:
+            capture.validate(cfg)
+            for i, l in enumerate(capture.layers):
+                slot_of[l] = i
+        return cls(capture, slot_of, cmask.astype(bool))
+
+    def empty(self, h: jax.Array) -> jax.Array:
+        if self.capture is None:
+            return jnp.zeros((0,), h.dtype)
+        probe = jax.eval_shape(lambda x: _reduce(x, self.capture.reduce, self.cmask), h)
+        return jnp.zeros((len(self.capture.layers), *probe.shape), h.dtype)
+
+    def __call__(self, buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
+        if self.capture is None:
+            return buf
+        s = jnp.asarray(self.slot_of)[layer]
+        i = jnp.maximum(s, 0)
+        new = jnp.where(s >= 0, _reduce(h, self.capture.reduce, self.cmask), buf[i])
+        return jax.lax.dynamic_update_index_in_dim(buf, new, i, axis=0)
+
+
+def apply_hook(hook: Hook | None, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+    return h if hook is None else hook(layer, h, ctx).astype(h.dtype)
+
+
+def run_layers(
+    params: Params,
+    cfg: ModelConfig,
+    h: jax.Array,
+    prep: Prepared,
+    buf: jax.Array,
+    record: Recorder,
+    *,
+    hook: Hook | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    span: tuple[jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, KVCache | None]:
+    """Blocks ``0..L-1`` (or only ``start <= l < stop`` with ``span``) as one ``lax.scan``.
+
+    After block ``l`` the hook and the recorder see ``resid[l+1]``. ``span`` may be traced (one
+    compile serves every split point): layers outside it are skipped with ``lax.cond``.
+    """
+    index = jnp.asarray(cache_index, jnp.int32)
+
+    def step(carry, xs):
+        h, buf, ck, cv = carry
+        lp, layer, is_sliding = xs
+        mask = jnp.where(is_sliding, prep.mask_local, prep.mask_full)
+        rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
+
+        def run(h, buf, ck, cv):
+            if cache is None:
+                h = block(cfg, lp, h, rope, mask)
+            else:  # write the new keys/values in place first, then read this layer's slice
+                q, k, v = project_qkv(cfg, lp, h, rope)
+                ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
+                h = finish_block(cfg, lp, h, q, ck[layer], cv[layer], mask)
+            h = apply_hook(hook, layer + 1, h, prep.ctx)
+            return h, record(buf, layer + 1, h), ck, cv
+
+        if span is None:
+            return run(h, buf, ck, cv), None
+        inside = (layer >= span[0]) & (layer < span[1])
+        return jax.lax.cond(inside, run, lambda *a: a, h, buf, ck, cv), None
+
+    ck = cache.k if cache is not None else jnp.zeros((0,), h.dtype)
+    cv = cache.v if cache is not None else jnp.zeros((0,), h.dtype)
+    xs = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(cfg.layer_sliding))
+    (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), xs)
+    return h, buf, (KVCache(ck, cv, prep.k_valid) if cache is not None else None)
+
+
+def final_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: Hook | None = None,
+                 span: tuple[Any, Any] | None = None, h: jax.Array | None = None) -> jax.Array:
+    """The last residual ``resid[L]`` ``[B, T, D]`` of a full-sequence forward (no cache, no logits).
+
+    With ``span=(start, L)`` and ``h = resid[start]`` given, only blocks ``start..L-1`` run (a prefix
+    computed once and reused, e.g. when only later layers depend on what is being optimised)."""
+    prep = prepare(cfg, valid)
+    if h is None:
+        h = apply_hook(hook, jnp.int32(0), embed(params, cfg, tokens), prep.ctx)
+    h, _, _ = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, valid), hook=hook,
+                         span=span)
+    return h
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    *,
+    valid: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
+    capture: Capture | None = None,
+    capture_mask: jax.Array | None = None,
+    hook: Hook | None = None,
+    logits: bool | Literal["last"] = True,
+    adapter: Any = None,
+    adapter_select: jax.Array | None = None,
+) -> ForwardOutput:
+    """Run the model on ``tokens [B, T]`` (int32).
+
+    Args:
+      valid: ``[B, T]`` bool, False on (left) padding. Default: all True.
+      positions: ``[B, T]`` rope positions. Default: ``cumsum(valid) - 1`` (+ tokens already cached).
+      cache: a :class:`KVCache`; the ``T`` new keys/values are written at slots
+        ``cache_index .. cache_index + T - 1`` and attention covers the whole cache. ``cache_index`` is a
+        scalar or ``[B]`` (each row written at its own slot).
+      capture: which ``resid`` points to return (see :class:`Capture`); ``capture_mask [B, T]``
+        selects the tokens for ``mean``/``last`` (default ``valid``).
+      hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).
+      logits: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]``, False for none.
+      adapter: a :class:`~jaxpersona.model.lora.Adapter` (or an ``AdapterStack`` with ``adapter_select [B]``),
+        applied inside every block (same as ``forward(lora.attach(params, adapter), ...)``).
+    """
+    chex.assert_rank(tokens, 2)
+    if adapter is not None:
+        params = attach(params, adapter, adapter_select)
+    valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
+    prep = prepare(cfg, valid, positions, cache, cache_index)
+    record = Recorder.make(cfg, capture, valid if capture_mask is None else capture_mask)
+    h = apply_hook(hook, jnp.int32(0), embed(params, cfg, tokens), prep.ctx)
+    buf = record(record.empty(h), jnp.int32(0), h)
+    h, buf, new_cache = run_layers(
+        params, cfg, h, prep, buf, record, hook=hook, cache=cache, cache_index=cache_index
+    )
+    out_logits = None
+    if logits == "last":
+        out_logits = unembed(params, cfg, h[:, -1:])
+    elif logits:
+        out_logits = unembed(params, cfg, h)
+    return ForwardOutput(out_logits, buf if capture is not None else None, new_cache)
+
+

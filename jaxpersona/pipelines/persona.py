@@ -1,0 +1,767 @@
+"""The persona-vector pipeline of Chen et al. 2025, batched in JAX, resumable.
+
+``run_extract(model, trait, judge, config, out_dir)`` runs, for one trait (``run_extract_all``: for
+every trait, with one batched steering sweep):
+
+1. **generate** a response for every (instruction pair side x question x sample) under the system
+   prompts "You are a/an {trait} assistant. {pos instruction}" / "You are a helpful assistant. {neg
+   instruction}" (the negative side never names the trait), plus pos/neg answers to the held-out
+   evaluation questions (batched, seeded sampling);
+2. **check the judge** on the trait's anchor answers (AUROC trait vs not, coherent vs broken); a
+   judge below the bar (a 135M model is at chance) is not trusted and drives nothing;
+3. **judge + filter** aligned pairs when the judge is trusted (pos trait >= t, neg < t, coherence >=
+   c), else keep every pair with two different answers; fewer than ``min_pairs`` is an error;
+4. **extract** per resid point ``0..L``: ``mean(pos) - mean(neg)`` of the response-mean, prompt-mean
+   and last-prompt-token activations, and the mean residual norm -> a :class:`~jaxpersona.artifacts.bank.VectorBank`;
+5. **steering sweep** (judge-free), coefficients relative to the residual norm: the contrastive
+   likelihood of the evaluation answers (teacher-forced) and greedy generations, every (trait,
+   layer, coefficient) in one vmapped, shared-prefix computation;
+6. **choose the layer**: largest trait-score gain among coefficients whose generations stay coherent
+   (NLL under the unsteered model, distinct-2, repeats; thresholds calibrated on unsteered answers);
+   the coefficient where coherence breaks; Spearman rho below it;
+7. **monitor**: projection of the last prompt token vs the judge-free trait score of the answer
+   (Pearson r per layer with a Fisher interval; the judged r beside it when the judge is trusted).
+
+Every unit of work is appended to a JSONL file in the run directory as it finishes, keyed by a
+hash of what determines it, so a killed run resumes without redoing finished generations or
+judgements (and a changed config recomputes only what changed). Chunks of generation are fixed
+by the job order and seeded by their index, so a resumed run produces the same text as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.artifacts import plots
+from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.artifacts.records import KeyedJsonl, digest
+from jaxpersona.compute.activations import VARIANTS, iter_activations
+from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.scoring import ScoringSet
+from jaxpersona.compute.sweep import Grid, run_sweep
+from jaxpersona.data.configs import (
+    check_positive,
+    check_types,
+    preset_config,
+    replace_checked,
+)
+from jaxpersona.data.traits import coherence_prompt, list_traits, load_anchors
+from jaxpersona.edit.directions import steering_vectors
+from jaxpersona.measure.evaluate import (
+    answer_trait_scores,
+    choose_layer,
+    coherence_stats,
+    steering_table,
+)
+from jaxpersona.measure.judge_check import JudgeCheck, check_judge
+from jaxpersona.measure.stats import CoherenceThresholds, pearson_ci
+from jaxpersona.runner.stages import generate_cached, judge_cached
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+    """Sizes, thresholds and units of one pipeline run. ``default()`` fits < 3 min on a 2-core CPU
+    with the 135M default model; ``full()`` follows the paper's sizes.
+
+    ``filter`` (which contrastive pairs are kept):
+      * ``"auto"`` (default): if the judge passes its check on the trait's anchor answers, the paper's
+        absolute cuts (pos trait >= ``trait_threshold``, neg < it, both coherences >=
+        ``coherence_threshold``); otherwise every pair with two non-empty, different answers — an
+        unchecked judge never drives the filter;
+      * ``"absolute"`` / ``"relative"`` (thresholds read as percentiles of this run's scores): forced
+        judge filters — a judge that fails its check is then an error unless ``trust_judge``;
+      * ``"none"``: keep every pair, no judging.
+    ``coeff_units``: ``"relative"`` — a steering coefficient c adds ``c * |resid[l]| * v̂[l]`` where
+    ``|resid[l]|`` is the mean response-token norm on the extraction answers (recorded in the bank),
+    so 0.5 means "half the residual norm" at any layer and in any model; ``"absolute"`` — ``c * v[l]``
+    with the raw mean-difference vector (persona_vectors' units).
+    """
+
+    n_pairs: int = 5  # instruction pairs used (<= the trait's)
+    n_questions: int = 10  # extraction questions used
+    samples: int = 1  # responses per (pair side, question)
+    max_new_tokens: int = 32
+    temperature: float = 0.7  # the paper samples at 1.0 (full preset); a 135M model stays coherent at 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    batch_size: int = 40
+    filter: str = "auto"  # "auto", "absolute", "relative" or "none"
+    trait_threshold: float = 50.0
+    coherence_threshold: float = 50.0
+    min_pairs: int = 10  # fewer kept pairs is a FilterError, never a silent tiny-sample vector
+    min_mass: float = 0.25
+    judge_batch: int = 16
+    judge_min_auroc: float = 0.8  # the judge check's bar (trait and coherence AUROC on the anchors)
+    trust_judge: bool = False  # use the judge even if it fails (or lacks) its check; said in the summary
+    # layer choice by steering (judge-free)
+    coeff_units: str = "relative"  # "relative" (fraction of the residual norm) or "absolute"
+    steer_layers: tuple[int, ...] = ()  # () -> evenly spaced over the middle of the model
+    n_steer_layers: int = 4
+    steer_coeffs: tuple[float, ...] = (-0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
+    n_eval: int = 8
+    steer_tokens: int = 24
+    steer_points_per_chunk: int = 8  # kept for old configs; the sweep chunks by layer and memory budget
+    max_bad: float = 0.25  # a grid point is incoherent when more of its generations than this are
+    # monitoring
+    monitor_pairs: int = 1  # system prompts: none + pos_i + neg_i for i < monitor_pairs
+    monitor_tokens: int = 32
+
+    @classmethod
+    def default(cls) -> ExtractConfig:
+        return cls()
+
+    @classmethod
+    def full(cls) -> ExtractConfig:
+        """Chen et al.'s sizes: 5 pairs x all extraction questions x 10 samples, 20 eval questions."""
+        return cls(temperature=1.0, top_p=1.0, n_questions=10_000, samples=10, max_new_tokens=256, n_eval=20,
+                   steer_tokens=128, n_steer_layers=10, steer_coeffs=(-0.5, -0.25, 0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+                   monitor_pairs=2, monitor_tokens=128, batch_size=64)
+
+    def replace(self, **kw: Any) -> ExtractConfig:
+        return replace_checked(self, "extract", **kw)
+
+    def validate(self, n_resid: int) -> None:
+        check_types(self, "extract")
+        check_positive(self, "extract", ("n_pairs", "n_questions", "samples", "max_new_tokens", "batch_size", "min_pairs",
+                                         "judge_batch", "n_eval", "steer_tokens", "steer_points_per_chunk",
+                                         "monitor_tokens", "n_steer_layers"))
+        if self.filter not in FILTERS:
+            raise errors.InputError(f"extract config filter must be one of {FILTERS}, got {self.filter!r}")
+        if self.coeff_units not in ("relative", "absolute"):
+            raise errors.InputError(f"extract config coeff_units must be 'relative' or 'absolute', got {self.coeff_units!r}")
+        if self.filter == "relative" and not (0 <= self.trait_threshold <= 100 and 0 <= self.coherence_threshold <= 100):
+            raise errors.InputError("with filter = 'relative' the thresholds are percentiles in [0, 100]")
+        if not 0.5 <= self.judge_min_auroc <= 1:
+            raise errors.InputError(f"judge_min_auroc must be in [0.5, 1], got {self.judge_min_auroc}")
+        if not 0 <= self.max_bad < 1:
+            raise errors.InputError(f"max_bad must be in [0, 1), got {self.max_bad}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise errors.InputError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        bad = [l for l in self.steer_layers if not 0 <= l < n_resid]
+        if bad:
+            raise errors.InputError(f"steer_layers {bad} outside resid[0..{n_resid - 1}]")
+        if not self.steer_coeffs or not all(math.isfinite(c) for c in self.steer_coeffs):
+            raise errors.InputError(f"steer_coeffs must be finite and non-empty, got {self.steer_coeffs}")
+        if 0.0 not in self.steer_coeffs or not any(c > 0 for c in self.steer_coeffs):
+            raise errors.InputError(f"steer_coeffs must contain 0 (the unsteered baseline) and a positive coefficient, "
+                                    f"got {self.steer_coeffs}")
+
+    def layers_for(self, n_layers: int) -> tuple[int, ...]:
+        """Steering layers: given, or ``n_steer_layers`` evenly spaced over resid[L/4 .. 3L/4]."""
+        if self.steer_layers:
+            return tuple(sorted(set(self.steer_layers)))
+        lo, hi = max(1, n_layers // 4), max(1, (3 * n_layers) // 4)
+        return tuple(sorted(set(int(round(x)) for x in np.linspace(lo, hi, self.n_steer_layers))))
+
+
+FILTERS = ("auto", "absolute", "relative", "none")
+
+
+def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractConfig:
+    """Preset (``default`` or ``full``) overridden by the ``[extract]`` table of a TOML file."""
+    presets = {"default": ExtractConfig.default(), "full": ExtractConfig.full()}
+    return preset_config(path, "extract", presets, "full" if full else "default",
+                         'use preset = "full", traits = [...] and an [extract] table', {"traits"})
+
+
+def load_run_traits(path: str | Path | None) -> list[str]:
+    """The config file's top-level ``traits``: a list of trait names/files, or ``"all"`` (every shipped
+    trait); [] without a file or key."""
+    if path is None or not Path(path).exists():
+        return []
+    value = tomllib.loads(Path(path).read_text()).get("traits", [])
+    if value == "all":
+        return list_traits()
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise errors.InputError(f"{path}: traits must be \"all\" or a list of trait names/files, got {value!r}")
+    return value
+
+
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class ExtractResult:
+    """What the pipeline found for one trait; also written to ``summary.json``.
+
+    Every number says which measure produced it: ``steering`` cells are judge-free (contrastive
+    likelihood, with bootstrap intervals; coherence from NLL/distinct-2/repeats), ``steering_judged``
+    holds judge scores only when the judge passed its check; ``decisions`` names the measure that
+    drove the filter and the layer choice."""
+
+    trait: str
+    model: str
+    judge: str
+    judge_check: dict[str, Any]
+    decisions: dict[str, str]
+    n_generated: int
+    n_pairs_total: int
+    n_pairs_kept: int
+    filter: str
+    coeff_units: str
+    resid_norm: dict[str, float]  # layer -> the norm a relative coefficient of 1 adds (steering layers)
+    best_layer: int | None
+    choice: dict[str, Any]  # gain, cliff, rho, per_layer (evaluate.choose_layer)
+    baseline_score: float
+    steering: dict[str, dict[str, dict[str, Any]]]  # layer -> coeff -> judge-free cell
+    steering_judged: dict[str, dict[str, dict[str, float | None]]] | None
+    coherence_thresholds: dict[str, float]
+    monitor: dict[str, dict[str, Any]]  # layer -> {r, lo, hi, n}: projection vs judge-free answer score
+    monitor_judged: dict[str, dict[str, Any]] | None  # layer -> {r, lo, hi, n} vs the judge (if trusted)
+    wall_s: dict[str, float]
+    out_dir: str
+
+    def table(self) -> str:
+        coeffs = sorted({c for v in self.steering.values() for c in v}, key=float)
+        units = "x residual norm" if self.coeff_units == "relative" else "x raw vector"
+        lines = [f"trait {self.trait} on {self.model}",
+                 self.judge_check.get("describe", ""),
+                 f"pairs kept {self.n_pairs_kept}/{self.n_pairs_total} ({self.n_generated} responses generated); "
+                 f"filter: {self.decisions['filter']}",
+                 f"steering (judge-free): change in contrastive log-likelihood lp(pos answer) - lp(neg answer) vs "
+                 f"unsteered ({self.baseline_score:+.3f}), per layer x coefficient ({units}); * = incoherent "
+                 "generations (judge-free)",
+                 "layer  " + "  ".join(f"{float(c):>+8g}" for c in coeffs)]
+        for layer, row in self.steering.items():
+            cells = [f"{row[c]['delta']:>+7.3f}{'*' if not row[c]['coherent'] else ' '}" for c in coeffs]
+            per = self.choice["per_layer"].get(layer, {})
+            cliff = per.get("cliff")
+            lines.append(f"{layer:>5}  " + "  ".join(cells) + f"   cliff {'>' + format(max(map(float, coeffs)), 'g') if cliff is None else format(cliff, 'g')}"
+                         f", rho {_fmt(per.get('rho'), 2)}")
+        if self.best_layer is None:
+            lines.append(f"best layer: none ({self.choice['reason']})")
+        else:
+            b = self.steering[str(self.best_layer)]
+            bc = self.choice.get("best_coeff")
+            cell = b[f"{bc:g}"] if bc is not None else None
+            ci = f" [{cell['delta_lo']:+.3f}, {cell['delta_hi']:+.3f}]" if cell else ""
+            lines.append(f"best layer: {self.best_layer} (gain {_fmt(self.choice['gain'], 3)}{ci} at c={bc:g}; "
+                         f"coherence breaks at c={_fmt(self.choice['cliff'], 3) if self.choice['cliff'] is not None else 'none in grid'}; "
+                         f"Spearman rho(coeff, trait score) below the cliff = {_fmt(self.choice['rho'], 2)}) — "
+                         f"chosen by {self.decisions['layer']}")
+        m = self.monitor.get(str(self.best_layer)) if self.best_layer is not None else None
+        if m:
+            lines.append(f"monitoring (judge-free): Pearson r(last-prompt projection, answer trait score) at layer "
+                         f"{self.best_layer} = {_fmt(m['r'], 3)} [{_fmt(m['lo'], 2)}, {_fmt(m['hi'], 2)}], n={m['n']}")
+        if self.monitor_judged and self.best_layer is not None:
+            mj = self.monitor_judged.get(str(self.best_layer), {})
+            lines.append(f"monitoring (judged): r = {_fmt(mj.get('r'), 3)} [{_fmt(mj.get('lo'), 2)}, {_fmt(mj.get('hi'), 2)}]")
+        lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.wall_s.items()))
+        return "\n".join(line for line in lines if line)
+
+
+def _fmt(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+@dataclasses.dataclass
+class _TraitState:
+    """One trait's run between stages."""
+
+    trait: Any
+    out: Path
+    check: Any  # evaluate.JudgeCheck
+    trusted: bool
+    rows: list[dict[str, Any]]
+    pairs: list[dict[str, Any]]
+    kept: list[tuple[dict[str, Any], dict[str, Any]]]
+    filter_desc: str
+    filter_decision: str
+    eval_items: list[tuple[str, str, str]]  # (question, pos answer, neg answer)
+    vecs: np.ndarray  # [V, L+1, D]
+    norms: np.ndarray  # [L+1]
+    bank: Any
+    wall: dict[str, float]
+
+
+def run_extract(
+    model: Any,
+    trait: Any,
+    judge: Any,
+    config: ExtractConfig,
+    out_dir: str | Path,
+    *,
+    judge_id: str,
+    anchors: Any = "shipped",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ExtractResult:
+    """The whole pipeline for one trait (see the module docstring).
+
+    ``anchors``: a :class:`~jaxpersona.data.traits.Anchors`, ``"shipped"`` (the trait's shipped anchors,
+    if any) or None (the judge is unchecked). Run directory ``out_dir``: ``responses.jsonl``,
+    ``judgements.jsonl``, ``monitor.jsonl`` (resumable caches), ``steering/`` (the sweep's resumable
+    rows), ``judge_check.json``, ``pairs.jsonl``, ``vectors/`` (Orbax bank with the residual norms),
+    ``steering_scored.jsonl``, ``monitor_scored.jsonl``, ``summary.json``/``.txt``, ``steering.png``,
+    ``monitor.png``.
+    """
+    return run_extract_many(model, [trait], judge, config, [out_dir], judge_id=judge_id, anchors=[anchors],
+                            progress=progress, log=log)[0]
+
+
+def run_extract_many(
+    model: Any,
+    traits: Sequence[Any],
+    judge: Any,
+    config: ExtractConfig,
+    out_dirs: Sequence[str | Path],
+    *,
+    judge_id: str,
+    anchors: Sequence[Any] | None = None,
+    sweep_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[ExtractResult]:
+    """Stages 1-4 per trait, then **one** steering sweep over traits x layers x coefficients (one
+    compile, chunked by the memory budget; ``sweep_dir`` holds its resumable rows, default
+    ``out_dirs[0]/steering``), then layer choice and monitoring per trait."""
+    import time
+
+
+    cfg = model.cfg
+    config.validate(cfg.n_resid)
+    if len({t.name for t in traits}) != len(traits):
+        raise errors.InputError("each trait may appear once per run")
+    anchors = list(anchors) if anchors is not None else ["shipped"] * len(traits)
+    states = []
+    for trait, out, anc in zip(traits, out_dirs, anchors):
+        anc = load_anchors(trait) if isinstance(anc, str) and anc == "shipped" else anc
+        tag = f"[{trait.name}] " if len(traits) > 1 else ""
+        states.append(_prepare_trait(model, trait, judge, config, Path(out), judge_id=judge_id, anchors=anc,
+                                     progress=progress, log=lambda m, tag=tag: log(tag + m)))
+    t0 = time.perf_counter()
+    sweep = _steer_traits(model, states, judge, config, Path(sweep_dir or Path(out_dirs[0]) / "steering"),
+                          judge_id=judge_id, progress=progress, log=log)
+    share = (time.perf_counter() - t0) / len(states)
+    results = []
+    for st in states:
+        st.wall["steer"] = share
+        tag = f"[{st.trait.name}] " if len(traits) > 1 else ""
+        results.append(_finish_trait(model, st, sweep[st.trait.name], judge, config, judge_id=judge_id,
+                                     progress=progress, log=lambda m, tag=tag: log(tag + m)))
+    return results
+
+
+def _judge_rows(judge: Any, judge_id: str, store: KeyedJsonl, trait: Any, rows: list[dict[str, Any]],
+                config: ExtractConfig, out: Path, desc: str, progress: bool, coherence: bool = True) -> None:
+    """Adds ``trait`` and ``coherence`` judge scores to rows with ``question``/``response`` (None for an
+    empty response, or where the judge's integer mass is below ``min_mass``)."""
+    live = [r for r in rows if r["response"]]
+    prompts = [trait.judge_prompt(r["question"], r["response"]) for r in live]
+    if coherence:
+        prompts += [coherence_prompt(r["question"], r["response"]) for r in live]
+    scores = _judge_scores(judge, judge_id, store, prompts, config, out, desc, progress)
+    for r in rows:
+        r["trait"] = r["coherence"] = None
+    for i, r in enumerate(live):
+        r["trait"] = scores[i]
+        r["coherence"] = scores[len(live) + i] if coherence else None
+
+
+def _judge_scores(judge: Any, judge_id: str, store: KeyedJsonl, prompts: list[str], config: ExtractConfig, out: Path,
+                  desc: str, progress: bool) -> list[float | None]:
+    try:
+        return judge_cached(judge, judge_id, store, prompts, batch=config.judge_batch, min_mass=config.min_mass,
+                            desc=desc, progress=progress)
+    except errors.EndpointError as e:
+        raise errors.EndpointError(f"{e} Finished generations and judgements are kept in {out}; "
+                                   "rerun the same command to resume.") from e
+
+
+def _prepare_trait(model: Any, trait: Any, judge: Any, config: ExtractConfig, out: Path, *, judge_id: str,
+                   anchors: Any, progress: bool, log: Callable[[str], None]) -> _TraitState:
+    """Stages 1-4: generate, check the judge, judge + filter, extract (vectors and residual norms)."""
+    import time
+
+    cfg = model.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"trait": trait.name, "model": model.name, "judge": judge_id,
+                                                 **dataclasses.asdict(config)}, indent=2))
+    responses = KeyedJsonl(out / "responses.jsonl")
+    judged = KeyedJsonl(out / "judgements.jsonl")
+    wall: dict[str, float] = {}
+    t0 = time.perf_counter()
+    mid = model_fingerprint(model)
+
+    # 1. generate: extraction answers + the evaluation answers the trait score is measured on --------
+    n_pairs = min(config.n_pairs, len(trait.pairs))
+    questions = list(trait.questions[: config.n_questions])
+    eval_qs = list(trait.eval_questions[: config.n_eval])
+    if not eval_qs:
+        raise errors.InputError(f"trait {trait.name!r} has no evaluation questions: the judge-free trait score needs "
+                                "held-out questions (add 'eval_questions' to the trait file)")
+    jobs = []
+
+    def job(kind: str, side: str, i: int, q: str, s: int, extra: dict[str, Any]) -> None:
+        system = trait.system_prompt(side, i)
+        conv = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+        key = digest(kind, mid, side, system, q, s, config.max_new_tokens, config.temperature, config.top_p, config.seed)
+        jobs.append((key, conv, {"side": side, "pair": i, "question": q, "sample": s, **extra}))
+
+    for i in range(n_pairs):
+        for q in questions:
+            for s in range(config.samples):
+                for side in ("pos", "neg"):
+                    job("extract", side, i, q, s, {})
+    n_extract = len(jobs)
+    for qi, q in enumerate(eval_qs):
+        for side in ("pos", "neg"):
+            job("eval", side, qi % n_pairs, q, 0, {"eval": True})
+    log(f"[1/7] generating {n_extract} extraction responses ({n_pairs} pairs x {len(questions)} questions x "
+        f"{config.samples} samples x 2 sides) + {len(jobs) - n_extract} evaluation answers, "
+        f"{config.max_new_tokens} new tokens")
+    recs = generate_cached(model, responses, jobs, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                           top_p=config.top_p, seed=config.seed, batch_size=config.batch_size, desc="generate",
+                           progress=progress)
+    rows = [{**recs[k], "key": k} for k, _, _ in jobs[:n_extract]]
+    ev = [recs[k] for k, _, _ in jobs[n_extract:]]
+    eval_items = [(ev[2 * j]["question"], ev[2 * j]["response"], ev[2 * j + 1]["response"]) for j in range(len(eval_qs))]
+    same = [q for q, p, n in eval_items if not p or not n or p == n]
+    eval_items = [(q, p, n) for q, p, n in eval_items if q not in same]
+    if same:
+        log(f"      warning: {len(same)} evaluation question(s) dropped: empty or identical pos/neg answers")
+    if not eval_items:
+        raise errors.InputError(f"every evaluation question got empty or identical pos and neg answers ({out}/"
+                                "responses.jsonl): the contrastive trait score has nothing to compare; raise "
+                                "max_new_tokens or the temperature")
+    wall["generate"] = time.perf_counter() - t0
+
+    # 2. the judge check -------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    if config.filter == "none" and not config.trust_judge:
+        check = JudgeCheck(judge_id, None, None, config.judge_min_auroc, {}, 0.0, False)
+        log("[2/7] judge not used (filter = 'none')")
+    else:
+        check = check_judge(lambda ps: _judge_scores(judge, judge_id, judged, ps, config, out, "judge check", progress),
+                            trait, anchors, judge_id, config.judge_min_auroc)
+        log(f"[2/7] {check.describe()}")
+    (out / "judge_check.json").write_text(json.dumps({**check.to_json(), "describe": check.describe()}, indent=2))
+    trusted = check.passed or config.trust_judge
+    if config.filter in ("absolute", "relative") and not trusted:
+        raise errors.JudgeCheckError(
+            f"{check.describe()}, but filter = {config.filter!r} relies on it. Use a judge that passes (--judge NAME, "
+            "--judge-url), filter = 'auto' (judge-free when the judge fails), or trust_judge = true to use it "
+            f"anyway. Generations so far are kept in {out}.")
+    if config.trust_judge and not check.passed:
+        log("      warning: trust_judge = true: using a judge that did not pass its check")
+    wall["judge_check"] = time.perf_counter() - t1
+
+    # 3. judge + filter --------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    use_judge = trusted and config.filter != "none"
+    if use_judge:
+        log(f"[3/7] judging {len(rows)} responses for {trait.name} and coherence with {judge_id}")
+        _judge_rows(judge, judge_id, judged, trait, rows, config, out, "judge responses", progress)
+    else:
+        for r in rows:
+            r["trait"] = r["coherence"] = None
+    by_slot: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        by_slot.setdefault((r["pair"], r["question"], r["sample"]), {})[r["side"]] = r
+    if use_judge:
+        mode = "absolute" if config.filter == "auto" else config.filter
+        t_cut, c_cut = filter_thresholds(rows, dataclasses.replace(config, filter=mode))
+        how = "" if mode == "absolute" else (f" = percentiles {config.trait_threshold:g}/"
+                                             f"{config.coherence_threshold:g} of this run's scores")
+        filter_desc = f"{mode}: pos trait >= {t_cut:.2f}, neg trait < {t_cut:.2f}, coherence >= {c_cut:.2f}{how}"
+        decision = f"judge {judge_id} ({'passed its check' if check.passed else 'trusted without passing: trust_judge'}); {filter_desc}"
+    else:
+        filter_desc = "none: every pair with two non-empty, different answers"
+        why = "filter = 'none'" if config.filter == "none" else "the judge did not pass its check"
+        decision = f"judge-free: kept every pair with two non-empty, different answers ({why})"
+    pairs, kept = [], []
+    for slot, sides in by_slot.items():
+        p, n = sides["pos"], sides["neg"]
+        if use_judge:
+            ok = (p["trait"] is not None and n["trait"] is not None and p["coherence"] is not None
+                  and n["coherence"] is not None and p["trait"] >= t_cut and n["trait"] < t_cut
+                  and p["coherence"] >= c_cut and n["coherence"] >= c_cut)
+        else:
+            ok = bool(p["response"]) and bool(n["response"]) and p["response"] != n["response"]
+        pairs.append({"pair": slot[0], "question": slot[1], "sample": slot[2], "kept": ok,
+                      "pos_trait": p["trait"], "neg_trait": n["trait"], "pos_coherence": p["coherence"],
+                      "neg_coherence": n["coherence"], "pos_response": p["response"], "neg_response": n["response"]})
+        if ok:
+            kept.append((p, n))
+    _write_jsonl(out / "pairs.jsonl", pairs)
+    log(f"[3/7] {len(kept)}/{len(pairs)} pairs kept ({filter_desc})")
+    if len(kept) < config.min_pairs:
+        raise errors.FilterError(_filter_message(pairs, config, judge_id, out, use_judge))
+    wall["judge"] = time.perf_counter() - t1
+
+    # 4. extract: vectors and the residual norm a relative coefficient refers to -----------------
+    t1 = time.perf_counter()
+    log(f"[4/7] extracting {', '.join(VARIANTS)} vectors at resid[0..{cfg.n_layers}] and residual norms")
+    sums = np.zeros((2, len(VARIANTS), cfg.n_resid, cfg.d_model), np.float64)
+    norm_sum = np.zeros(cfg.n_resid, np.float64)
+    for side_i, side_rows in enumerate(([p for p, _ in kept], [n for _, n in kept])):
+        for _, (acts, norms) in iter_activations(model, [r["messages"] for r in side_rows],
+                                                 [r["response"] for r in side_rows], config.batch_size, with_norms=True):
+            sums[side_i] += acts.sum(axis=2)
+            norm_sum += norms[VARIANTS.index("response_mean")].sum(axis=1)
+    vecs = ((sums[0] - sums[1]) / len(kept)).astype(np.float32)  # [V, L+1, D]
+    resid_norm = (norm_sum / (2 * len(kept))).astype(np.float32)  # [L+1]
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    counts = {"pairs_kept": len(kept), "pairs_total": len(pairs), "responses": len(rows)}
+    meta = {"judge": judge_id, "judge_check": "passed" if check.passed else ("unchecked" if not check.checked else "failed"),
+            "filter": filter_desc, **counts, "date": now, "contrast": CONTRAST_VERSION,
+            "resid_norm": [round(float(x), 5) for x in resid_norm],
+            "resid_norm_of": "mean token norm of resid[l] over the kept extraction answers (response tokens)"}
+    bank = VectorBank(
+        vectors=vecs, names=tuple(trait.name if v == "response_mean" else f"{trait.name}.{v}" for v in VARIANTS),
+        model=model.name or cfg.family, meta=tuple({"trait": trait.name, "variant": v, **meta} for v in VARIANTS),
+        created=now,
+    )
+    bank.save(out / "vectors", overwrite=True)
+    np.save(out / "vectors.npy", vecs[0])
+    wall["extract"] = time.perf_counter() - t1
+    return _TraitState(trait, out, check, trusted, rows, pairs, kept, filter_desc, decision, eval_items, vecs,
+                       resid_norm, bank, wall)
+
+
+CONTRAST_VERSION = 2  # 2: the negative system prompt no longer names the trait (banks before differ)
+
+
+def _steer_traits(model: Any, states: list[_TraitState], judge: Any, config: ExtractConfig, sweep_dir: Path, *,
+                  judge_id: str, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Stage 5: one batched steering sweep over traits x layers x coefficients: teacher-forced
+    contrastive likelihood of each trait's evaluation answers + greedy generations (for coherence),
+    intervention at response positions (last prompt token + answer tokens)."""
+    cfg = model.cfg
+    layers = config.layers_for(cfg.n_layers)
+    coeffs = tuple(sorted(float(c) for c in config.steer_coeffs))
+    vectors = np.stack([steering_vectors(st.vecs[0], st.norms, config.coeff_units) for st in states])
+    grid = Grid("steer", vectors, tuple(st.trait.name for st in states), layers, coeffs, positions="response",
+                baseline_once=True)
+    sets = [ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
+                       tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items)) for st in states]
+    n_points = len(grid.points())
+    log(f"[5/7] steering sweep: {len(states)} trait(s) x {len(layers)} layers x {len(coeffs)} coefficients "
+        f"({config.coeff_units}; {n_points} points) on {len(states[0].eval_items)} evaluation questions: contrastive "
+        f"likelihood (teacher-forced) + {config.steer_tokens} greedy tokens, one batched computation")
+    rows = run_sweep(model, grid, sets, out_dir=sweep_dir, progress=progress, generate_tokens=config.steer_tokens)
+
+    # coherence of every generation (NLL under the unsteered model), calibrated per trait on unsteered answers
+    # rows i and i + n_q of a set share question i: its generation is taken once
+    qs = {st.trait.name: [q for q, _, _ in st.eval_items] for st in states}
+    texts = [(r["vector"], r["layer"], r["coeff"], r["prompt"], r["text"]) for r in rows
+             if r["prompt"] < len(qs[r["vector"]])]
+    refs = [(st.trait.name, q, a) for st in states for q, p, n in st.eval_items for a in (p, n)]
+    stats = coherence_stats(model, [qs[t][i] for t, _, _, i, _ in texts] + [q for _, q, _ in refs],
+                            [x for *_, x in texts] + [a for _, _, a in refs], batch_size=config.batch_size)
+    text_stats, ref_stats = stats[: len(texts)], stats[len(texts):]
+    out: dict[str, dict[str, Any]] = {}
+    for st in states:
+        name = st.trait.name
+        base = [s for (t, _, c, _, _), s in zip(texts, text_stats) if t == name and c == 0.0]
+        ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + base
+        thr = CoherenceThresholds.calibrate(ref, max_bad=config.max_bad)
+        by_point: dict[tuple[int, float], list[dict[str, float]]] = {}
+        for (t, l, c, _, _), s in zip(texts, text_stats):
+            if t == name:
+                by_point.setdefault((l, c), []).append(s)
+        coherence = {k: thr.point(v) for k, v in by_point.items()}
+        steer_rows = [{"layer": l, "coeff": c, "question": qs[name][i], "response": x, **s}
+                      for (t, l, c, i, x), s in zip(texts, text_stats) if t == name]
+        out[name] = {"rows": [r for r in rows if r["vector"] == name], "coherence": coherence, "thresholds": thr,
+                     "steer_rows": steer_rows, "layers": layers, "coeffs": coeffs}
+    return out
+
+
+def _finish_trait(model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
+                  judge_id: str, progress: bool, log: Callable[[str], None]) -> ExtractResult:
+    """Stages 6-7 for one trait: the judge-free steering table and layer choice, monitoring; writes
+    the summary and plots."""
+    import time
+
+    cfg, trait, out = model.cfg, st.trait, st.out
+    t1 = time.perf_counter()
+    n_q = len(st.eval_items)
+    table = steering_table(sw["rows"], n_q, sw["coherence"], sw["layers"], sw["coeffs"], seed=config.seed)
+    choice = choose_layer(table)
+    best = choice["best_layer"]
+    baseline = table[str(sw["layers"][0])]["0"]["score"]
+    steer_rows = sw["steer_rows"]
+    judged_table = None
+    if st.trusted:
+        judged = KeyedJsonl(out / "judgements.jsonl")
+        _judge_rows(judge, judge_id, judged, trait, steer_rows, config, out, "judge steering", progress)
+        judged_table = {}
+        for l in sw["layers"]:
+            judged_table[str(l)] = {}
+            for c in sw["coeffs"]:
+                sel = [r for r in steer_rows if r["coeff"] == c and (r["layer"] == l or c == 0.0)]
+                judged_table[str(l)][f"{c:g}"] = {"trait": _mean([r["trait"] for r in sel]),
+                                                  "coherence": _mean([r["coherence"] for r in sel])}
+    _write_jsonl(out / "steering_scored.jsonl", steer_rows)
+    log(f"[6/7] layer choice (judge-free): best layer {best} — {choice['reason']}")
+    st.bank = dataclasses.replace(st.bank, meta=tuple({**m, "best_layer": best, "cliff": choice["cliff"],
+                                                       "coeff_units": config.coeff_units} for m in st.bank.meta))
+    st.bank.save(out / "vectors", overwrite=True)
+    st.wall["choose"] = time.perf_counter() - t1
+
+    # 7. monitor -------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    mid = model_fingerprint(model)
+    eval_qs = [q for q, _, _ in st.eval_items]
+    n_mon = min(config.monitor_pairs, len(trait.pairs))
+    systems: list[tuple[str, str | None]] = [("none", None)]
+    for i in range(n_mon):
+        systems += [(f"pos{i}", trait.system_prompt("pos", i)), (f"neg{i}", trait.system_prompt("neg", i))]
+    mjobs = []
+    for label, system in systems:
+        for q in eval_qs:
+            conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+            mjobs.append((digest("monitor", mid, system, q, config.monitor_tokens, config.temperature, config.top_p,
+                                 config.seed), conv, {"system_label": label, "question": q}))
+    log(f"[7/7] monitoring: {len(mjobs)} responses under {len(systems)} system prompts")
+    mrecs = generate_cached(model, KeyedJsonl(out / "monitor.jsonl"), mjobs, max_new_tokens=config.monitor_tokens,
+                            temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                            batch_size=config.batch_size, desc="monitor generate", progress=progress)
+    mrows = [{**mrecs[k]} for k, _, _ in mjobs]
+    # judge-free answer score, from instruction pairs that did not generate the monitored answers
+    score_pairs = [i for i in range(len(trait.pairs)) if i >= n_mon][:1] or [0]
+    free = answer_trait_scores(model, trait, [r["question"] for r in mrows], [r["response"] for r in mrows],
+                               score_pairs, batch_size=config.batch_size)
+    for r, f in zip(mrows, free):
+        r["score_free"] = None if not np.isfinite(f) else float(f)
+    if st.trusted:
+        _judge_rows(judge, judge_id, KeyedJsonl(out / "judgements.jsonl"), trait, mrows, config, out, "judge monitor",
+                    progress, coherence=False)
+    proj = np.zeros((cfg.n_resid, len(mrows)), np.float32)
+    units = st.vecs[0] / np.maximum(np.linalg.norm(st.vecs[0], axis=-1, keepdims=True), 1e-12)  # [L+1, D]
+    for idx, acts in iter_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows],
+                                      config.batch_size):
+        proj[:, idx] = np.einsum("lbd,ld->lb", acts[VARIANTS.index("prompt_last")], units)
+    ok = [j for j, r in enumerate(mrows) if r["score_free"] is not None]
+    monitor = {str(l): pearson_ci(proj[l, ok], [mrows[j]["score_free"] for j in ok]) for l in range(cfg.n_resid)}
+    monitor_judged = None
+    if st.trusted:
+        sj = [j for j, r in enumerate(mrows) if r.get("trait") is not None]
+        monitor_judged = {str(l): pearson_ci(proj[l, sj], [mrows[j]["trait"] for j in sj]) for l in range(cfg.n_resid)}
+    show = best if best is not None else sw["layers"][len(sw["layers"]) // 2]
+    for j, r in enumerate(mrows):
+        r["projection"] = float(proj[show, j])
+    _write_jsonl(out / "monitor_scored.jsonl", mrows)
+    st.wall["monitor"] = time.perf_counter() - t1
+    st.wall["total"] = sum(st.wall.values())
+
+    decisions = {
+        "filter": st.filter_decision,
+        "layer": "judge-free measures (contrastive likelihood of held-out answers; coherence from NLL under the "
+                 "unsteered model, distinct-2 and longest repeated span)",
+        "monitor": "judge-free answer score (log-likelihood ratio of the answer under held-out pos vs neg system "
+                   "prompts)" + ("; judged r beside it" if st.trusted else "; no judged r (judge not trusted)"),
+    }
+    check = {**st.check.to_json(), "describe": st.check.describe()}
+    steering_layers = [str(l) for l in sw["layers"]]
+    result = ExtractResult(
+        trait.name, model.name or cfg.family, judge_id, check, decisions, len(st.rows), len(st.pairs), len(st.kept),
+        st.filter_desc, config.coeff_units, {l: float(st.norms[int(l)]) for l in steering_layers}, best, choice,
+        baseline, table, judged_table, dataclasses.asdict(sw["thresholds"]), monitor, monitor_judged, dict(st.wall),
+        str(out))
+    (out / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    (out / "summary.txt").write_text(result.table() + "\n")
+    plots.steering_judge_free({trait.name: {"table": table, "choice": choice}}, out / "steering.png",
+                              title=f"{trait.name}: judge-free steering on {result.model} ({config.coeff_units} units)")
+    plots.monitor_scatter([r["projection"] for r in mrows], [r["score_free"] for r in mrows],
+                          [r["system_label"] for r in mrows], out / "monitor.png",
+                          title=f"{trait.name}: last-prompt projection @ resid[{show}] vs judge-free answer score",
+                          r=monitor[str(show)]["r"], ylabel="answer score: lp(pos prompts) - lp(neg prompts)")
+    return result
+
+
+def filter_thresholds(rows: list[dict[str, Any]], config: ExtractConfig) -> tuple[float, float]:
+    """(trait cut, coherence cut): the config's values, or with ``filter = "relative"`` those
+    percentiles of the scored rows' trait and coherence scores."""
+    if config.filter != "relative":
+        return config.trait_threshold, config.coherence_threshold
+    ts = [r["trait"] for r in rows if r["trait"] is not None]
+    cs = [r["coherence"] for r in rows if r["coherence"] is not None]
+    t_cut = float(np.percentile(ts, config.trait_threshold)) if ts else math.inf
+    c_cut = float(np.percentile(cs, config.coherence_threshold)) if cs else math.inf
+    return t_cut, c_cut
+
+
+def _filter_message(pairs: list[dict[str, Any]], config: ExtractConfig, judge_id: str, out: Path, judged: bool) -> str:
+    def stat(key: str) -> str:
+        xs = [p[key] for p in pairs if p[key] is not None]
+        return f"{key} mean {np.mean(xs):.1f} (n={len(xs)})" if xs else f"{key}: no scores"
+
+    kept = sum(p["kept"] for p in pairs)
+    if not judged:
+        return (f"only {kept} of {len(pairs)} pairs have two non-empty, different answers (need min_pairs = "
+                f"{config.min_pairs}); inspect {out / 'pairs.jsonl'}; use more questions/samples or more new tokens. "
+                "Generations so far are kept; a rerun resumes.")
+    return (
+        f"only {kept} of {len(pairs)} pairs survived the judge filter (need min_pairs = {config.min_pairs}): "
+        + "; ".join(stat(k) for k in ("pos_trait", "neg_trait", "pos_coherence", "neg_coherence"))
+        + f". Judge: {judge_id}. Inspect {out / 'pairs.jsonl'}; try more samples/questions, lower "
+        "trait_threshold/coherence_threshold in a [extract] config, or a stronger judge (--judge NAME or "
+        "--judge-url). Generations and judgements so far are kept; a rerun resumes."
+    )
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+
+
+@dataclasses.dataclass
+class AllTraitsResult:
+    """``--all-traits``: one result per trait plus the shared sweep's wall time."""
+
+    results: list[ExtractResult]
+    out_dir: str
+
+    def table(self) -> str:
+        lines = [f"{'trait':<14} {'best':>4} {'gain':>7} {'95% CI':>17} {'cliff':>6} {'rho':>5} {'monitor r':>10} "
+                 "judge check"]
+        for r in self.results:
+            bc = r.choice.get("best_coeff")
+            cell = r.steering[str(r.best_layer)][f"{bc:g}"] if r.best_layer is not None and bc is not None else None
+            ci = f"[{cell['delta_lo']:+.3f},{cell['delta_hi']:+.3f}]" if cell else "-"
+            m = r.monitor.get(str(r.best_layer), {}) if r.best_layer is not None else {}
+            lines.append(f"{r.trait:<14} {str(r.best_layer):>4} {_fmt(r.choice.get('gain'), 3):>7} {ci:>17} "
+                         f"{_fmt(r.choice.get('cliff'), 3):>6} {_fmt(r.choice.get('rho'), 2):>5} {_fmt(m.get('r'), 3):>10} "
+                         f"{'passed' if r.judge_check.get('passed') else 'failed/unchecked'}")
+        lines.append("gain: judge-free contrastive log-likelihood change at the best coherent coefficient (95% bootstrap "
+                     "over questions); cliff: smallest coefficient whose generations are incoherent (- = none in the "
+                     "grid); rho: Spearman(coefficient, trait score) below the cliff; monitor r: judge-free")
+        return "\n".join(lines)
+
+
+def run_extract_all(model: Any, traits: Sequence[Any], judge: Any, config: ExtractConfig, out_dir: str | Path, *,
+                    judge_id: str, progress: bool = True, log: Callable[[str], None] = print) -> AllTraitsResult:
+    """Every trait in one run directory ``out_dir/<trait>/``; the steering sweep of all traits is one
+    batched computation (``out_dir/steering/``). Writes ``summary.json``/``.txt`` and a per-trait
+    ``steering.png`` grid in ``out_dir``."""
+    out = Path(out_dir)
+    results = run_extract_many(model, traits, judge, config, [out / t.name for t in traits], judge_id=judge_id,
+                               sweep_dir=out / "steering", progress=progress, log=log)
+    res = AllTraitsResult(results, str(out))
+    (out / "summary.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    (out / "summary.txt").write_text(res.table() + "\n")
+    plots.steering_judge_free({r.trait: {"table": r.steering, "choice": r.choice} for r in results},
+                              out / "steering.png", title=f"judge-free steering on {results[0].model} "
+                                                          f"({config.coeff_units} units)")
+    return res

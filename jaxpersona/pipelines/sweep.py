@@ -1,0 +1,143 @@
+"""Config-file runs (``configs/*.toml``): build the vector, run the sweep, write a run directory.
+
+Run directory: ``config.toml`` (copy), ``vectors.npy`` ``[K, L+1, D]``, ``results.jsonl`` (one row per
+grid point x prompt, streamed; resumable), ``results.csv`` and ``summary.txt`` (mean log-prob per
+layer x coefficient).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxpersona import errors
+from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.compute.activations import VARIANTS, contrast_vectors, iter_activations
+from jaxpersona.compute.handle import load
+from jaxpersona.compute.scoring import ScoringSet
+from jaxpersona.compute.sweep import Grid, run_sweep
+from jaxpersona.data.chat import conversation
+from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
+
+
+def _need(table: dict[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise errors.InputError(f"config [{where}] is missing {key!r}")
+    return table[key]
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise errors.InputError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise errors.InputError(f"{path} is not valid TOML: {e}") from e
+
+
+def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """``(name, [L+1, D], residual norms [L+1] or None)`` from ``bank = DIR`` + ``entry = NAME`` (a
+    vector bank, with the norms it recorded), ``file = "x.npy"`` or contrastive ``positive``/``negative`` texts."""
+    name = spec.get("name", spec.get("entry", "vector"))
+    if "bank" in spec:
+        d = (base / spec["bank"]) if not Path(spec["bank"]).is_absolute() else Path(spec["bank"])
+        bank = VectorBank.load(d, model.cfg)
+        entry = _need(spec, "entry", "vector")
+        return name, bank.get(entry), bank_resid_norm(bank, entry)
+    if "file" in spec:
+        f = (base / spec["file"]) if not Path(spec["file"]).is_absolute() else Path(spec["file"])
+        if not f.exists():
+            raise errors.InputError(f"vector file {f} does not exist")
+        v = np.load(f).astype(np.float32)
+        if v.ndim == 1:
+            v = np.broadcast_to(v, (model.cfg.n_resid, v.shape[0])).copy()
+        return name, v, None
+    pos, neg = _need(spec, "positive", "vector"), _need(spec, "negative", "vector")
+    return name, contrast_vectors(model, list(pos), list(neg), reduce=spec.get("contrast_reduce", "mean")), None
+
+
+def sweep_vector(model: Any, cfg: dict[str, Any], base: Path) -> tuple[str, np.ndarray]:
+    """The ``[L+1, D]`` vectors a sweep coefficient multiplies, per ``[grid] units``:
+
+    * ``"relative"`` (default): ``|resid[l]| * v̂[l]``, so a coefficient is a fraction of the residual
+      norm. The norms are the ones a bank entry recorded (a bank without them is an error), or for
+      vectors from texts / ``.npy`` the mean response-token norm measured on the sweep's own data;
+    * ``"absolute"``: the raw vectors."""
+    name, vec, norms = build_vector(model, _need(cfg, "vector", "vector"), base)
+    spec, g = cfg["vector"], _need(cfg, "grid", "grid")
+    units = g.get("units", "relative")
+    if units not in ("absolute", "relative"):
+        raise errors.InputError(f"[grid] units must be 'absolute' or 'relative', got {units!r}")
+    if units == "relative" and norms is None and "bank" not in spec:
+        norms = data_resid_norm(model, _need(cfg, "data", "data"))
+    return name, steering_vectors(vec, norms, units)
+
+
+def data_resid_norm(model: Any, d: dict[str, Any]) -> np.ndarray:
+    """Mean response-token norm of every resid point over a sweep's ``[data]`` (unintervened): ``[L+1]``."""
+    prompts, responses = list(_need(d, "prompts", "data")), list(_need(d, "responses", "data"))
+    if not prompts or len(prompts) != len(responses):
+        raise errors.InputError(f"[data] needs one response per prompt, got {len(prompts)} and {len(responses)}")
+    convs = [conversation(p, d.get("system")) for p in prompts]
+    total = np.zeros(model.cfg.n_resid, np.float64)
+    for _, (_, norms) in iter_activations(model, convs, responses, with_norms=True):
+        total += norms[VARIANTS.index("response_mean")].sum(axis=1)
+    return (total / len(prompts)).astype(np.float32)
+
+
+def run_sweep_config(
+    config_path: str | Path, *, out_dir: str | Path | None = None, model: str | None = None, progress: bool = True
+) -> str:
+    """Run the sweep a config describes; returns a printable summary."""
+    config_path = Path(config_path)
+    cfg = load_config(config_path)
+    out = Path(out_dir or cfg.get("out_dir") or f"runs/{config_path.stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config_path, out / "config.toml")
+    m = load(model or cfg.get("model", "smollm2-135m-instruct"), dtype=cfg.get("dtype", "float32"))
+
+    name, vec = sweep_vector(m, cfg, config_path.parent)
+    g = _need(cfg, "grid", "grid")
+    np.save(out / "vectors.npy", vec[None])
+    grid = Grid(
+        kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),
+        layers=tuple(int(x) for x in _need(g, "layers", "grid")),
+        coeffs=tuple(float(x) for x in _need(g, "coeffs", "grid")),
+        positions=g.get("positions", "all"), window=int(g.get("window", 1)), unit=bool(g.get("unit", False)),
+        cap_floor=float(g.get("cap_floor", -np.inf)),
+    )
+    d = _need(cfg, "data", "data")
+    data = ScoringSet(tuple(_need(d, "prompts", "data")), tuple(_need(d, "responses", "data")), d.get("system"))
+    proj_layers = tuple(cfg.get("project", {}).get("layers", ()))
+    run = cfg.get("run", {})
+    budget = int(run["budget_mb"]) << 20 if "budget_mb" in run else None
+    rows = run_sweep(
+        m, grid, data, project={name: vec[max(proj_layers)] if proj_layers else vec[-1]},
+        project_layers=proj_layers, budget_bytes=budget, chunking=bool(run.get("chunking", True)),
+        out_dir=out, progress=progress, generate_tokens=int(run.get("generate_tokens", 0)),
+    )
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarize(rows, grid)
+    (out / "summary.txt").write_text(summary + "\n")
+    return summary + f"\n\nwrote {out}/ (results.jsonl, results.csv, vectors.npy, summary.txt)"
+
+
+def summarize(rows: list[dict[str, Any]], grid: Grid) -> str:
+    """Mean target log-prob (over prompts) per layer x coefficient, and its slope per layer."""
+    coeffs = sorted(grid.coeffs)
+    lines = [f"{grid.kind} '{grid.names[0]}', mean log-prob of target responses (rows: resid layer)",
+             "layer " + "".join(f"{c:>9g}" for c in coeffs) + "    slope"]
+    for layer in sorted(grid.layers):
+        vals = [np.mean([r["logprob"] for r in rows if r["layer"] == layer and r["coeff"] == c]) for c in coeffs]
+        slope = np.polyfit(coeffs, vals, 1)[0] if len(coeffs) > 1 else float("nan")
+        lines.append(f"{layer:5d} " + "".join(f"{v:9.3f}" for v in vals) + f"  {slope:+.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The one runner: a run directory with its manifest, lock, timed and cached stages."""

@@ -1,0 +1,91 @@
+"""Cached stages every pipeline shares: generation and judging, keyed and resumable."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from jaxpersona.artifacts.records import KeyedJsonl, digest
+from jaxpersona.compute.batching import pad_left
+from jaxpersona.compute.progress import progress_bar
+from jaxpersona.data.chat import Message
+from jaxpersona.measure.judge import score_from_probs
+
+
+def generate_cached(
+    model: Any,
+    store: KeyedJsonl,
+    jobs: list[tuple[str, list[Message], dict[str, Any]]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    batch_size: int,
+    desc: str = "generate",
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Generate a reply for each ``(key, conversation, extra)`` job not yet in ``store``.
+
+    Jobs are grouped by prompt length (longest first, ties in job order) into chunks of
+    ``batch_size``; chunk ``c`` is sampled with key ``(seed, c)`` and padded only to its own longest
+    prompt (rounded up to 32 tokens: a few compiles, little padding). The grouping depends only on
+    the jobs, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
+    """
+    ids = {k: model.tokenizer.encode(model.format_chat(conv), add_special_tokens=False) for k, conv, _ in jobs}
+    order = sorted(range(len(jobs)), key=lambda i: -len(ids[jobs[i][0]]))
+    chunks = [[jobs[i] for i in order[j : j + batch_size]] for j in range(0, len(jobs), batch_size)]
+    bar = progress_bar(len(jobs), desc, progress)
+    for c, chunk in enumerate(chunks):
+        todo = [j for j in chunk if j[0] not in store]
+        if todo:
+            seqs = [ids[k] for k, _, _ in chunk]
+            seqs += [seqs[-1]] * (min(batch_size, len(jobs)) - len(seqs))  # a full batch: one compile per width
+            width = -(-max(len(x) for x in seqs) // 32) * 32
+            out = model.generate_tokens(pad_left(seqs, model.pad_id, bucket=width), max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                        seed=seed * 100_003 + c)
+            texts = model.decode(out)
+            lengths = np.asarray(out.lengths)
+            store.put({"key": k, **extra, "messages": conv, "response": texts[i].strip(), "tokens": int(lengths[i])}
+                      for i, (k, conv, extra) in enumerate(chunk) if k not in store)
+        bar.update(len(chunk))
+    bar.close()
+    return {k: store[k] for k, _, _ in jobs}
+
+
+def judge_cached(
+    judge: Any,
+    judge_id: str,
+    store: KeyedJsonl,
+    prompts: list[str],
+    *,
+    batch: int,
+    min_mass: float,
+    desc: str = "judge",
+    progress: bool = True,
+    max_score: int = 100,
+) -> list[float | None]:
+    """Scores of ``prompts`` (None where the judge puts < ``min_mass`` on integers), cached by
+    ``(judge_id, prompt)``; each finished batch of judgements is persisted before the next.
+    ``max_score``: the rubric's top integer (3 for role adherence): only ``0..max_score`` count."""
+    keys = [digest(judge_id, p) for p in prompts]
+    todo = sorted({k: p for k, p in zip(keys, prompts) if k not in store}.items())
+    bar = progress_bar(len(prompts), desc, progress)
+    bar.update(len(prompts) - len(todo))
+    for i in range(0, len(todo), batch):
+        part = todo[i : i + batch]
+        probs = np.asarray(judge.probs([p for _, p in part]), np.float64)
+        store.put({"key": k, "probs": [round(float(x), 8) for x in pr], "mass": float(pr.sum())}
+                  for (k, _), pr in zip(part, probs))
+        bar.update(len(part))
+    bar.close()
+    out = []
+    for k in keys:
+        p = np.asarray(store[k]["probs"], np.float64)
+        p[max_score + 1:] = 0.0
+        s = float(score_from_probs(p, min_mass))
+        out.append(None if math.isnan(s) else s)
+    return out
