@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +56,20 @@ class KeyedJsonl:
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 self._torn = f.read(1) != b"\n"
+        bad = 0
         if self.path.exists():
-            with open(self.path) as f:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
-                        continue  # a torn final line from a killed run
+                        bad += 1  # a torn line from a killed run (or a file cut short)
+                        continue
                     if isinstance(rec, dict) and "key" in rec:
                         self.records[rec["key"]] = rec
+        if bad:
+            warnings.warn(f"{self.path}: {bad} unreadable line(s) skipped (a run killed mid-write, or a file cut "
+                          "short); their work is redone", errors.CacheWarning, stacklevel=2)
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
@@ -93,16 +100,42 @@ class KeyedJsonl:
             self.records[r["key"]] = r
 
 
-def cached_arrays(path: Path, key: str, compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``compute()`` saved to ``path`` (npz) under ``key``; reloaded while the key matches."""
-    if path.exists():
-        got = np.load(path, allow_pickle=False)
-        if str(got["key"]) == key:
-            return {k: got[k] for k in got.files if k != "key"}
-    out = compute()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=np.asarray(key), **out)
-    tmp.replace(path)
+def load_arrays(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The arrays cached at ``path`` (npz) under ``key``; None when absent or stale, and None with one
+    :class:`~jaxpersona.errors.CacheWarning` when the file cannot be read (cut short, corrupt)."""
+    if not path.exists():
+        return None
+    try:
+        with open(path, "rb") as f:
+            got = np.load(f, allow_pickle=False)
+            if not isinstance(got, np.lib.npyio.NpzFile):
+                raise ValueError("not an npz archive")
+            with got:
+                if str(got["key"]) != key:
+                    return None
+                return {k: got[k] for k in got.files if k != "key"}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        warnings.warn(f"cached {path} could not be read ({type(e).__name__}: {e}); recomputing it",
+                      errors.CacheWarning, stacklevel=3)
+        return None
+
+
+def save_arrays(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """``arrays`` and their ``key`` as an npz, written to a temporary name and renamed into place."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, key=np.asarray(key), **arrays)
+
+    atomic_write(path, write)
+
+
+def cached_arrays(path: Path, key: str, compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``compute()`` saved to ``path`` (npz) under ``key``; reloaded while the key matches, recomputed otherwise."""
+    got = load_arrays(path, key)
+    if got is not None:
+        return got
+    out = dict(compute())
+    save_arrays(path, key, out)
     return out
 
 

@@ -29,8 +29,6 @@ import json
 import subprocess
 import sys
 import time
-import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import jax
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.artifacts.records import KeyedJsonl, atomic_write, digest
+from jaxpersona.artifacts.records import KeyedJsonl, atomic_write, digest, load_arrays, save_arrays
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.runner import legacy
@@ -255,30 +253,6 @@ def _save_npy(tmp: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def load_arrays(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays cached at ``path`` under ``key``; None when absent, stale, or unreadable (with a warning)."""
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as got:
-            if str(got["key"]) != key:
-                return None
-            return {k: got[k] for k in got.files if k != "key"}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        warnings.warn(f"cached {path.name} could not be read ({type(e).__name__}: {e}); recomputing it",
-                      errors.CacheWarning, stacklevel=3)
-        return None
-
-
-def save_arrays(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
-    """``arrays`` and their ``key`` as an npz, written to a temporary name and renamed into place."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.asarray(key), **arrays)
-
-    atomic_write(path, write)
-
-
 def _lock(out: Path) -> Any:
     f = open(out / LOCK, "a+")  # noqa: SIM115 - held open for the run's lifetime
     try:
@@ -333,5 +307,5 @@ def open_run(out_dir: str | Path, kind: str, config: Mapping[str, Any], *, model
         raise
 
 
-__all__ = ["CONFIG", "LOCK", "MANIFEST", "Run", "SCHEMA_VERSION", "Stage", "load_arrays", "open_run",
-           "read_manifest", "save_arrays", "write_json", "write_text"]
+__all__ = ["CONFIG", "LOCK", "MANIFEST", "Run", "SCHEMA_VERSION", "Stage", "open_run", "read_manifest", "write_json",
+           "write_text"]
