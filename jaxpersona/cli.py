@@ -374,11 +374,10 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 
 def cmd_trait_data(args: argparse.Namespace) -> int:
-    from jaxpersona.artifacts.records import KeyedJsonl
+    # imported on use: jax and the model stack are heavy for a CLI that may only print help
     from jaxpersona.compute.handle import load
-    from jaxpersona.data.datasets import write_dataset
     from jaxpersona.data.traits import load_trait
-    from jaxpersona.pipelines.regimes import as_examples, trait_data
+    from jaxpersona.pipelines.regimes import run_trait_data
 
     trait = load_trait(args.trait)
     qs = list(trait.questions) + (list(trait.eval_questions) if args.with_eval_questions else [])
@@ -387,25 +386,19 @@ def cmd_trait_data(args: argparse.Namespace) -> int:
         raise errors.InputError("--n-pairs must be >= 1 and the trait needs questions")
     model = load(args.model, dtype=args.dtype)
     out = Path(args.out)
-    ans = trait_data(model, trait, qs, args.n_pairs, KeyedJsonl(out / "answers.jsonl"), max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=1.0, seed=args.seed, batch_size=args.batch_size,
-                     progress=not args.quiet)
-    for name, side in (("trait", "pos"), ("neutral", "plain"), ("counter", "neg")):
-        ex = as_examples(qs, ans[side])
-        write_dataset(out / f"{name}.jsonl", ex)
-        print(f"{out / f'{name}.jsonl'}: {len(ex)} examples")
+    counts = run_trait_data(model, trait, qs, args.n_pairs, out, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=1.0, seed=args.seed, batch_size=args.batch_size,
+                            progress=not args.quiet, log=(lambda _: None) if args.quiet else print)
+    for name, n in counts.items():
+        print(f"{out / f'{name}.jsonl'}: {n} examples")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from jaxpersona.artifacts.bank import VectorBank
+    # imported on use: jax and the model stack are heavy for a CLI that may only print help
     from jaxpersona.compute.handle import load
-    from jaxpersona.compute.train import inoculate, train
-    from jaxpersona.data.configs import resid_point
     from jaxpersona.data.datasets import read_dataset
-    from jaxpersona.edit import interventions as iv
-    from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
-    from jaxpersona.pipelines.regimes import load_regimes_config
+    from jaxpersona.pipelines.regimes import load_regimes_config, prevention_from_bank, run_finetune
 
     _, config = load_regimes_config(args.config)
     if args.kl_beta is not None:
@@ -415,19 +408,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data = read_dataset(args.data)
     neutral = read_dataset(args.neutral) if args.neutral else None
     model = load(args.model, dtype=args.dtype)
-    prevention = None
+    prevention, spec = None, None
     if args.prevent_bank:
-        bank = VectorBank.load(args.prevent_bank, model.cfg)
-        entry = args.prevent_entry or bank.names[0]
-        if entry not in bank:
-            raise errors.InputError(f"--prevent-entry {entry!r} not in the bank; it has {list(bank.names)}")
-        layer = resid_point(model.cfg.n_layers, args.prevent_layer, "--prevent-layer")
-        vecs = steering_vectors(bank.get(entry), bank_resid_norm(bank, entry), args.prevent_units)
-        allp = iv.Positions.all([[True]])
-        prevention = (iv.steer(model.cfg.n_resid, vecs[layer], args.prevent_coeff, [layer], allp)
-                      if args.prevent_kind == "steer" else iv.ablate(model.cfg.n_resid, vecs[layer], [layer], allp))
-    res = train(model, inoculate(data, args.inoculation or ""), config, args.out, neutral=neutral,
-                prevention=prevention, progress=not args.quiet)
+        spec = {"bank": args.prevent_bank, "entry": args.prevent_entry, "kind": args.prevent_kind,
+                "coeff": args.prevent_coeff, "layer": args.prevent_layer, "units": args.prevent_units}
+        prevention = prevention_from_bank(model, args.prevent_bank, args.prevent_entry, kind=args.prevent_kind,
+                                          coeff=args.prevent_coeff, layer=args.prevent_layer, units=args.prevent_units)
+    settings = {"data": args.data, "neutral": args.neutral, "inoculation": args.inoculation, "prevention": spec}
+    res = run_finetune(model, data, config, args.out, neutral=neutral, inoculation=args.inoculation or "",
+                       prevention=prevention, settings=settings, progress=not args.quiet,
+                       log=(lambda _: None) if args.quiet else print)
     print(f"{res.steps} updates on {res.n_examples} examples ({res.skipped} skipped as longer than max_len "
           f"{config.max_len}); final loss {res.log[-1]['loss']:.4f}" if res.log else "nothing to do")
     print(f"adapters: {Path(args.out) / 'adapters'} (steps {res.checkpoints}); use Model.with_adapter(load_adapter(...))")
@@ -479,7 +469,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from jaxpersona.report import write_report
+    """The HTML page of a run directory: its kind from its ``run.json`` (an older directory gets one written)."""
+    from jaxpersona.report import write_report  # heavy (jax, treescope): loaded only for this command
 
     out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"report: {out}")

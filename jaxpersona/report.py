@@ -4,8 +4,11 @@ The page works offline: no network, no external JS/CSS/fonts; figures are embedd
 ``data:`` URIs and the interactive views are treescope renderings, which carry their own JS.
 It shows, generically (whatever files the run wrote, nothing hard-coded), in this order:
 
-1. what kind of run it is (extract, sweep, space, regimes, consistency, finetune, screen, ...) and
-   its config (``config.json`` / ``config.toml`` / a training checkpoint's config) as tables;
+1. what kind of run it is (extract, sweep, space, regimes, consistency, finetune, screen, ...), as its
+   ``run.json`` manifest records it, with the manifest's status, stages (wall seconds, cache hits),
+   package version / git SHA and model digest; and its config (``config.json`` / ``config.toml`` / a
+   training checkpoint's config) as tables. A directory written before ``run.json`` existed is
+   recognised once by :mod:`jaxpersona.runner.legacy`, which writes its ``run.json``;
 2. every text summary (``*.txt``) as a pre block;
 3. every PNG the run wrote, embedded, with a caption;
 4. interactive treescope views of each Orbax vector bank (read without a model) with a heatmap of
@@ -32,7 +35,7 @@ import os
 import tomllib
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +46,11 @@ from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.edit import interventions as iv
 from jaxpersona.edit.capping import CapConfig
 from jaxpersona.edit.directions import steering_vectors
+from jaxpersona.runner import legacy
+from jaxpersona.runner.run import read_manifest
 from jaxpersona.version import __version__
 
-__all__ = ["RunKind", "KINDS", "detect_kind", "build_report", "write_report"]
+__all__ = ["KINDS", "RunKind", "build_report", "detect_kind", "run_manifest", "write_report"]
 
 MAX_ROWS = 25  # rows shown per JSONL / CSV file
 OPEN_ROWS = 12  # JSONL / CSV files with at most this many rows are shown expanded
@@ -59,72 +64,51 @@ _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 # --------------------------------------------------------------------------------------------------
-# run kinds
+# run kinds: what the run's run.json says (a pre-run.json directory is adopted once by runner.legacy)
 # --------------------------------------------------------------------------------------------------
-def _json_file(path: Path) -> Any:
-    """Parsed JSON of ``path``, or None when it is missing or not JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _config_has(d: Path, *keys: str) -> bool:
-    cfg = _json_file(d / "config.json")
-    return isinstance(cfg, dict) and all(k in cfg for k in keys)
-
-
-def is_bank(d: Path) -> bool:
-    """Whether ``d`` looks like a :class:`~jaxpersona.artifacts.bank.VectorBank` directory (Orbax, two items)."""
-    return (d / "bank").is_dir() and (d / "vectors").is_dir() and (d / "_CHECKPOINT_METADATA").is_file()
-
-
 def _is_checkpoint(d: Path) -> bool:
     return any((d / m).exists() for m in _ORBAX_MARKERS)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunKind:
-    """A kind of run directory: its name, what the pipeline does, and how to recognise it."""
+    """How the page presents a kind of run: the manifest's kind id, a display name, the command that
+    writes it and what its pipeline does."""
 
+    id: str
     name: str
     command: str
     description: str
-    matches: Callable[[Path], bool]
 
 
-KINDS: tuple[RunKind, ...] = (
-    RunKind("regimes", "jaxpersona regimes", "one persona under prompting, fine-tuning (LoRA) and steering "
-            "(BiPO): regime vectors, trainers with prevention, shifts, cosines, composition",
-            lambda d: (d / "regimes.json").is_file()),
-    RunKind("space", "jaxpersona space", "persona space and the Assistant Axis: role vectors, PCA, calibrated "
-            "capping, drift over multi-turn conversations",
-            lambda d: (d / "capping.json").is_file() or (d / "pca.json").is_file()),
-    RunKind("consistency", "jaxpersona consistency", "run-to-run consistency: within/between persona variance "
-            "over seeds and temperatures, consistency over turns, persona mixtures",
-            lambda d: (d / "generations.jsonl").is_file() or _config_has(d, "seeds", "temperatures")),
-    RunKind("extract (all traits)", "jaxpersona extract --all-traits", "persona vectors for several traits with "
-            "one batched judge-free steering sweep (one subdirectory per trait)",
-            lambda d: isinstance(_json_file(d / "summary.json"), list) and (d / "steering").is_dir()),
-    RunKind("extract", "jaxpersona extract", "the persona-vector pipeline: contrastive generation, judge check, "
-            "extraction, judge-free steering sweep with the coherence cliff, layer choice, monitoring",
-            lambda d: _config_has(d, "trait", "steer_coeffs")
-            or ((d / "steering").is_dir() and is_bank(d / "vectors"))),
-    RunKind("sweep", "jaxpersona sweep --config", "a config-file intervention grid: mean log-prob of target "
-            "responses per vector x layer x coefficient",
-            lambda d: (d / "config.toml").is_file() and any((d / f).is_file() for f in
-                                                            ("results.jsonl", "results.csv", "vectors.npy"))),
-    RunKind("finetune", "jaxpersona finetune", "a LoRA fine-tuning run: loss log, adapter snapshots, resumable "
-            "Orbax checkpoints", lambda d: (d / "log.jsonl").is_file() and ((d / "adapters").is_dir() or
-                                                                          (d / "ckpt").is_dir())),
-    RunKind("screen", "jaxpersona screen", "dataset screening by projection difference on a persona vector",
-            lambda d: (d / "screen_summary.json").is_file() or (d / "screen.jsonl").is_file()),
-    RunKind("trait data", "jaxpersona trait-data", "trait-eliciting and matched neutral chat JSONL",
-            lambda d: (d / "trait.jsonl").is_file() and (d / "neutral.jsonl").is_file()),
-    RunKind("vector bank", "VectorBank.save", "an Orbax vector bank on its own", is_bank),
-)
-GENERIC = RunKind("run (unrecognised kind)", "?", "a directory with run outputs that no known pipeline wrote "
-                  "exactly like this; everything recognisable is shown", lambda d: True)
+KINDS: dict[str, RunKind] = {k.id: k for k in (
+    RunKind("regimes", "regimes", "jaxpersona regimes", "one persona under prompting, fine-tuning (LoRA) and "
+            "steering (BiPO): regime vectors, trainers with prevention, shifts, cosines, composition"),
+    RunKind("space", "space", "jaxpersona space", "persona space and the Assistant Axis: role vectors, PCA, "
+            "calibrated capping, drift over multi-turn conversations"),
+    RunKind("consistency", "consistency", "jaxpersona consistency", "run-to-run consistency: within/between "
+            "persona variance over seeds and temperatures, consistency over turns, persona mixtures"),
+    RunKind("extract-all", "extract (all traits)", "jaxpersona extract --all-traits", "persona vectors for several "
+            "traits with one batched judge-free steering sweep (one subdirectory per trait)"),
+    RunKind("extract", "extract", "jaxpersona extract", "the persona-vector pipeline: contrastive generation, judge "
+            "check, extraction, judge-free steering sweep with the coherence cliff, layer choice, monitoring"),
+    RunKind("sweep", "sweep", "jaxpersona sweep --config", "a config-file intervention grid: mean log-prob of "
+            "target responses per vector x layer x coefficient"),
+    RunKind("finetune", "finetune", "jaxpersona finetune", "a LoRA fine-tuning run: loss log, adapter snapshots, "
+            "resumable Orbax checkpoints"),
+    RunKind("screen", "screen", "jaxpersona screen", "dataset screening by projection difference on a persona "
+            "vector"),
+    RunKind("trait-data", "trait data", "jaxpersona trait-data", "trait-eliciting and matched neutral chat JSONL"),
+    RunKind("bank", "vector bank", "VectorBank.save", "an Orbax vector bank on its own"),
+)}
+GENERIC = RunKind("", "run (unrecognised kind)", "?", "a directory with run outputs that no known pipeline wrote "
+                  "exactly like this; everything recognisable is shown")
+
+
+def _unknown_kind(kind_id: str) -> RunKind:
+    """A kind a newer jaxpersona wrote into ``run.json`` that this report has no presentation for."""
+    return RunKind(kind_id, kind_id, "?", f"a {kind_id!r} run (a kind this version of the report does not know); "
+                                          "everything recognisable is shown")
 
 
 def _generic_run(d: Path) -> bool:
@@ -135,26 +119,41 @@ def _generic_run(d: Path) -> bool:
             continue
         if p.is_file() and (p.stem == "summary" or p.suffix == ".png"):
             return True
-        if p.is_dir() and is_bank(p):
+        if p.is_dir() and legacy.is_bank(p):
             return True
     return False
 
 
-def detect_kind(run_dir: Path) -> RunKind:
-    """The :class:`RunKind` of ``run_dir``; :class:`~jaxpersona.errors.InputError` when it is missing,
-    not a directory, or holds nothing a jaxpersona pipeline writes."""
+def run_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``run.json``; for a directory written before it existed, the manifest
+    :func:`jaxpersona.runner.legacy.adopt` makes from the old file rules (and writes, so the directory is
+    recognised once; a read-only directory is recognised without writing). None when neither says."""
+    manifest = read_manifest(run_dir)
+    if manifest is not None:
+        return manifest
+    try:
+        return legacy.adopt(run_dir)
+    except OSError:  # cannot write there: recognise it for this page only
+        return legacy.adopt(run_dir, write=False)
+
+
+def detect_kind(run_dir: Path) -> tuple[RunKind, dict[str, Any] | None]:
+    """The :class:`RunKind` of ``run_dir`` and its manifest (see :func:`run_manifest`; None for a generic run);
+    :class:`~jaxpersona.errors.InputError` when it is missing, not a directory, or holds nothing a jaxpersona
+    pipeline writes."""
     if not run_dir.exists():
         raise errors.InputError(f"run directory {run_dir} does not exist; pass the directory a jaxpersona command "
                                 "wrote (e.g. runs/persona_evil)")
     if not run_dir.is_dir():
         raise errors.InputError(f"{run_dir} is a file, not a run directory; pass the directory a jaxpersona command "
                                 "wrote (e.g. runs/persona_evil)")
-    for kind in KINDS:
-        if kind.matches(run_dir):
-            return kind
+    manifest = run_manifest(run_dir)
+    kind_id = manifest.get("kind") if manifest is not None else None
+    if isinstance(kind_id, str) and kind_id:
+        return KINDS.get(kind_id) or _unknown_kind(kind_id), manifest
     if _generic_run(run_dir):
-        return GENERIC
-    known = ", ".join(k.name for k in KINDS)
+        return GENERIC, manifest
+    known = ", ".join(k.name for k in KINDS.values())
     raise errors.InputError(f"{run_dir} is not a run directory: nothing in it is recognisable as the output of a "
                             f"jaxpersona command (known kinds: {known}; a run has e.g. summary.txt or summary.json, "
                             "*.png or a vectors/ bank)")
@@ -200,7 +199,7 @@ def _iter_dir(d: Path, skip: set[Path]) -> Iterator[tuple[str, Path]]:
         if p.name.startswith(".") or p.name == "__pycache__" or p.resolve() in skip or p.is_symlink():
             continue
         if p.is_dir():
-            if is_bank(p):
+            if legacy.is_bank(p):
                 yield "banks", p
             elif _is_checkpoint(p):
                 yield "checkpoints", p
@@ -217,7 +216,7 @@ def _iter_dir(d: Path, skip: set[Path]) -> Iterator[tuple[str, Path]]:
 def collect(run_dir: Path, skip: Iterable[Path] = ()) -> RunFiles:
     """Walk ``run_dir`` (the report file itself in ``skip``) and sort its files by category."""
     files = RunFiles(run_dir)
-    if is_bank(run_dir):
+    if legacy.is_bank(run_dir):
         files.banks.append(Path("."))
         return files
     for cat, p in _iter_dir(run_dir, {Path(s).resolve() for s in skip}):
@@ -379,7 +378,7 @@ def render_json(root: Path, rel: Path) -> str:
     path = root / rel
     if path.stat().st_size > MAX_JSON_BYTES:
         return _file_heading(rel) + f'<p class="note">{_size(path.stat().st_size)}: too large to render here</p>'
-    data = _json_file(path)
+    data = legacy.json_or_none(path)
     if data is None:
         return _file_heading(rel) + '<p class="note">not valid JSON</p>'
     return _file_heading(rel) + f'<div class="scroll">{json_html(data)}</div>'
@@ -668,7 +667,7 @@ def _checkpoint_config(root: Path, files: RunFiles) -> str:
     if not ckpts:
         return ""
     latest = max(ckpts, key=lambda c: (-len(c.parts), _step(c)))
-    meta = _json_file(root / latest / "meta" / "metadata")
+    meta = legacy.json_or_none(root / latest / "meta" / "metadata")
     if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict)):
         return ""
     rel = latest / "meta" / "metadata"
@@ -678,7 +677,7 @@ def _checkpoint_config(root: Path, files: RunFiles) -> str:
 
 def _model_of(root: Path, files: RunFiles) -> str | None:
     for rel in files.configs:
-        cfg = _json_file(root / rel) if rel.suffix == ".json" else None
+        cfg = legacy.json_or_none(root / rel) if rel.suffix == ".json" else None
         if isinstance(cfg, dict) and isinstance(cfg.get("model"), str):
             return cfg["model"]
         if rel.suffix == ".toml":
@@ -750,14 +749,56 @@ class Section:
     body: str
 
 
-def _overview(run_dir: Path, kind: RunKind, files: RunFiles) -> Section:
+def _package_text(pkg: Any) -> str:
+    """``jaxpersona 0.5.0, git 0123456789ab (dirty)`` from a manifest's ``package`` entry."""
+    if not isinstance(pkg, dict):
+        return "—"
+    text = f"{pkg.get('name', 'jaxpersona')} {pkg.get('version', '?')}"
+    if pkg.get("git_sha"):
+        text += f", git {str(pkg['git_sha'])[:12]}" + (" (uncommitted changes)" if pkg.get("dirty") else "")
+    return text
+
+
+def _stage_rows(manifest: dict[str, Any]) -> list[dict[str, Any]] | str:
+    """The manifest's stages as table rows (name, status, wall seconds, cache hits), or a note without any."""
+    stages = manifest.get("stages")
+    rows = [{"stage": st.get("name", "?"), "status": st.get("status", "?"), "wall s": st.get("wall_s"),
+             "cache hits": st.get("cache_hits", 0)}
+            for st in (stages if isinstance(stages, list) else []) if isinstance(st, dict)]
+    return rows or "none recorded"
+
+
+def manifest_info(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """What the overview shows of the run's ``run.json``: status, attempt, times, stage table, package
+    version with its git SHA, and the model's digest (a note when there is no manifest)."""
+    if manifest is None:
+        return {"run.json": "none (a directory no jaxpersona pipeline recorded)"}
+    status = str(manifest.get("status", "?"))
+    if manifest.get("error"):
+        status += f": {manifest['error']}"
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    info: dict[str, Any] = {"status": status}
+    if isinstance(manifest.get("legacy"), dict):
+        info["recognised"] = ("written before run.json existed; kind recognised by the "
+                              f"{manifest['legacy'].get('recognised_by', 'old file rules')}")
+    info.update({"attempt": manifest.get("attempt", "—"), "started": manifest.get("started") or "—",
+                 "ended": manifest.get("ended") or "—", "wall s": manifest.get("wall_s", "—"),
+                 "stages": _stage_rows(manifest), "package": _package_text(manifest.get("package")),
+                 "model digest": model.get("digest") or "—"})
+    return info
+
+
+def _overview(run_dir: Path, kind: RunKind, manifest: dict[str, Any] | None, files: RunFiles) -> Section:
     all_files = files.all_files()
     stamps = [(run_dir / p).stat().st_mtime for p in all_files]
     last = datetime.datetime.fromtimestamp(max(stamps)).isoformat(timespec="seconds") if stamps else "—"
     size = sum((run_dir / p).stat().st_size for p in all_files) + sum(
         _dir_size(run_dir / d) for d in [*files.banks, *files.checkpoints])
+    model = (manifest or {}).get("model")
+    model_name = model.get("name") if isinstance(model, dict) else None
     info = {"kind": kind.name, "written by": kind.command, "what it is": kind.description,
-            "model": _model_of(run_dir, files) or "—", "directory": str(run_dir.resolve()),
+            "model": model_name or _model_of(run_dir, files) or "—", **manifest_info(manifest),
+            "directory": str(run_dir.resolve()),
             "files": f"{len(all_files)} files, {len(files.banks)} vector bank(s), {len(files.checkpoints)} "
                      f"checkpoint(s), {_size(size)}",
             "last written": last,
@@ -786,12 +827,12 @@ def _tables(run_dir: Path, files: RunFiles) -> str:
     return body
 
 
-def _sections(run_dir: Path, kind: RunKind, files: RunFiles) -> list[Section]:
+def _sections(run_dir: Path, kind: RunKind, manifest: dict[str, Any] | None, files: RunFiles) -> list[Section]:
     """Every section of the page, in order (empty ones left out)."""
     banks = read_banks(run_dir, files)
     figures = sorted(files.pngs, key=_figure_order)
     sections = [
-        _overview(run_dir, kind, files),
+        _overview(run_dir, kind, manifest, files),
         Section("config", "Configuration",
                 "".join(render_config(run_dir, r) for r in files.configs) + _checkpoint_config(run_dir, files)),
         Section("summaries", f"Summaries ({len(files.texts)})", "".join(render_text(run_dir, r) for r in files.texts)),
@@ -820,9 +861,9 @@ def _page(title: str, kind: RunKind, sections: list[Section]) -> str:
 def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> str:
     """The HTML page (one string) for ``run_dir``; ``out`` (the report's own path) is left out of it."""
     run_dir = Path(run_dir)
-    kind = detect_kind(run_dir)
+    kind, manifest = detect_kind(run_dir)
     files = collect(run_dir, skip=[out] if out is not None else ())
-    return _page(f"jaxpersona report: {run_dir.resolve().name}", kind, _sections(run_dir, kind, files))
+    return _page(f"jaxpersona report: {run_dir.resolve().name}", kind, _sections(run_dir, kind, manifest, files))
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:

@@ -221,6 +221,10 @@ def test_extract_writes_run_dir_and_rerun_recomputes_nothing(run_dir, tiny_confi
     assert {f: n_lines(out / f) for f in CACHES} == counts
     assert summary_without_wall(out) == before
     assert VectorBank.load(out / "vectors").names == NAMES
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["kind"] == "extract" and manifest["status"] == "complete" and manifest["attempt"] == 2
+    hits = {s["name"]: s["cache_hits"] for s in manifest["stages"]}
+    assert hits["generate"] == 4 + 4 and hits["steer"] > 0  # every generation and sweep row from the caches
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxpersona.cli import main
+from jaxpersona.runner.run import read_manifest
 
 TRAIN = "[train]\nrank = 2\nepochs = 1\nbatch_size = 2\nsave_every = 1\nmax_len = 160\n"
 REGIMES = """\
@@ -49,7 +50,9 @@ def test_trait_data_then_finetune_with_prevention_and_resume(root: Path, capsys,
                  "--max-new-tokens", "12", "--quiet"]) == 0
     rows = [json.loads(l) for l in (root / "data" / "trait.jsonl").read_text().splitlines()]
     assert 1 <= len(rows) <= 3 and all(r["messages"][0]["role"] == "user" for r in rows)
-    assert (root / "data" / "neutral.jsonl").exists()
+    assert (root / "data" / "neutral.jsonl").exists() and (root / "data" / "counter.jsonl").exists()
+    m = read_manifest(root / "data")
+    assert m is not None and m["kind"] == "trait-data" and m["status"] == "complete"
     (root / "train.toml").write_text(TRAIN)
     model = load("smollm2-135m-instruct")
     rng = np.random.default_rng(0)
@@ -64,7 +67,17 @@ def test_trait_data_then_finetune_with_prevention_and_resume(root: Path, capsys,
     steps = sorted(p.name for p in (root / "ft" / "adapters").iterdir())
     ad, info = load_adapter(root / "ft" / "adapters" / steps[-1], model.cfg)
     assert info["rank"] == 2 and float(np.abs(np.asarray(ad.b["q"])).max()) > 0
-    assert main(args) == 0  # resumes: already finished
+    m = read_manifest(root / "ft")
+    assert m is not None and m["kind"] == "finetune" and m["status"] == "complete"
+    cfg = json.loads((root / "ft" / "config.json").read_text())
+    assert cfg["train"]["rank"] == 2 and cfg["prevention"]["units"] == "relative"
+    from jaxpersona.compute import train as train_mod
+
+    with monkeypatch.context() as mp:  # resumes: already finished, nothing is trained again
+        mp.setattr(train_mod, "_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+        assert main(args) == 0
+    assert steps == sorted(p.name for p in (root / "ft" / "adapters").iterdir())
+    assert read_manifest(root / "ft")["attempt"] == 2
     # bad input: another config on the same run directory, a malformed dataset, a bank entry that is not there
     (root / "other.toml").write_text(TRAIN.replace("rank = 2", "rank = 3"))
     assert main([*args[:6], "other.toml", *args[7:]]) == 2
@@ -83,6 +96,8 @@ def test_regimes_cli_run_directory(root: Path, capsys) -> None:
     for needle in ("Trainers (final checkpoints)", "Cosines between regimes", "Regime grid", "Composition"):
         assert needle in text
     s = json.loads((root / "reg" / "regimes.json").read_text())
+    m = read_manifest(root / "reg")
+    assert m is not None and m["kind"] == "regimes" and m["status"] == "complete"
     assert set(s["runs"]) == {"plain-trait", "steer-trait", "plain-neutral"}
     assert s["layer"] == 16 and s["composition"]["traits"] == {"A": "evil", "B": "optimistic"}
     # every point's interval brackets its estimate

@@ -13,9 +13,10 @@ import pytest
 
 from jaxpersona import errors
 from jaxpersona.edit import interventions as iv
-from jaxpersona.model.lora import TARGETS, Adapter, LoraConfig, attach, check_adapter, init_adapter, stack_adapters
+from jaxpersona.model.lora import TARGETS, Adapter, LoraConfig, check_adapter, init_adapter, stack_adapters
 from jaxpersona.artifacts.adapters import load_adapter, save_adapter
 from jaxpersona.compute.handle import Model
+from jaxpersona.compute.generate import generate
 from jaxpersona.model.transformer import forward
 from jaxpersona.compute.train import TrainConfig, train
 from test_pipeline import full_word_tokenizer
@@ -77,7 +78,7 @@ def test_adapter_equals_merged_weights_and_stack_equals_each_alone(tiny_llama) -
     for tg in lcfg.targets:
         w = TARGETS[tg]
         merged["layers"][w] = t.params["layers"][w] + jnp.einsum("lir,lro->lio", ads[0].a[tg], ads[0].b[tg]) * ads[0].scale
-    np.testing.assert_allclose(np.asarray(forward(attach(t.params, ads[0]), t.cfg, tokens).logits),
+    np.testing.assert_allclose(np.asarray(forward(t.params, t.cfg, tokens, adapter=ads[0]).logits),
                                np.asarray(forward(merged, t.cfg, tokens).logits), atol=1e-5)
     stack = stack_adapters([None, *ads], t.cfg)
     select = jnp.asarray([2, 0, 3, 1])
@@ -85,6 +86,34 @@ def test_adapter_equals_merged_weights_and_stack_equals_each_alone(tiny_llama) -
     for row, k in enumerate(np.asarray(select)):
         alone = forward(t.params, t.cfg, tokens[row : row + 1], adapter=None if k == 0 else ads[k - 1]).logits
         np.testing.assert_allclose(got[row], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_the_adapter_travels_beside_the_plain_params(tiny_llama) -> None:
+    """``with_adapter`` leaves the params pytree as it is (one params shape everywhere) and hands the adapter
+    to every forward and generation; a stack selected per example generates what each adapter alone does."""
+    t = tiny_llama
+    model = Model(t.cfg, t.params, full_word_tokenizer(), "tiny-llama")
+    ads = [random_adapter(t.cfg, LoraConfig(rank=2), s) for s in (7, 8)]
+    tuned = model.with_adapter(ads[0])
+    assert tuned.params is model.params and tuned.adapter is ads[0] and model.adapter is None
+    assert jax.tree.structure(tuned.params) == jax.tree.structure(t.params)
+    batch = model.encode(["hello world", "the cat sat on the mat"])
+    got = np.asarray(tuned.run(batch).logits)
+    ref = jax.jit(lambda p, a: forward(p, t.cfg, jnp.asarray(batch.tokens), valid=jnp.asarray(batch.valid),
+                                       adapter=a).logits)(t.params, ads[0])
+    np.testing.assert_array_equal(got, np.asarray(ref))
+    assert np.abs(got - np.asarray(model.run(batch).logits)).max() > 1e-3
+    stack = stack_adapters([None, *ads], t.cfg)
+    select = np.asarray([2, 1])
+    both = generate(t.params, t.cfg, batch.tokens, batch.valid, max_new_tokens=5, eos_ids=model.eos_ids,
+                    pad_id=model.pad_id, adapter=stack, adapter_select=select)
+    for row, k in enumerate(select):
+        alone = model.with_adapter(ads[k - 1]).generate_tokens(batch, max_new_tokens=5)
+        np.testing.assert_array_equal(np.asarray(both.tokens)[row], np.asarray(alone.tokens)[row])
+    with pytest.raises(errors.InputError, match="select"):
+        forward(t.params, t.cfg, jnp.asarray(batch.tokens), adapter=stack)
+    with pytest.raises(errors.InputError, match="one LoRA Adapter"):
+        model.with_adapter(stack)
 
 
 def test_adapter_round_trip_and_mismatch(tiny_zoo, tmp_path) -> None:
@@ -239,6 +268,7 @@ def test_regime_grid_equals_each_condition_alone(model) -> None:
 
                 enc = {k: jnp.asarray(x) for k, x in encode_targets(m, [conversation(q, c.system)], [r]).items()}
                 hook = with_positions(c.hook, iv.Positions.all(enc["valid"]))
-                ref.append(float(target_logprob(m.params, cfg, final_hidden(m.params, cfg, enc["tokens"], enc["valid"], hook), enc)[0]))
+                h = final_hidden(m.params, cfg, enc["tokens"], enc["valid"], hook, adapter=m.adapter)
+                ref.append(float(target_logprob(m.params, cfg, h, enc)[0]))
         np.testing.assert_allclose(row, ref, atol=2e-5)
     assert np.ptp(got[:, 0]) > 1e-3  # the conditions differ

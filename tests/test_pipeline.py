@@ -994,3 +994,14 @@ def test_all_traits_is_one_sweep_and_matches_single_runs(base_run, model, tmp_pa
     assert "cat" in text and "dog" in text and "judge-free" in text
     assert (tmp_path / "all" / "steering.png").read_bytes()[:8] == PNG_MAGIC
     assert len(json.loads((tmp_path / "all" / "summary.json").read_text())) == 2
+    # one run of kind extract-all: per-trait stages "<trait>/<stage>", the shared sweep once, its time split
+    from jaxpersona.runner.run import read_manifest
+
+    m = read_manifest(tmp_path / "all")
+    assert m["kind"] == "extract-all" and m["status"] == "complete"
+    first, last = ("generate", "judge_check", "judge", "extract"), ("choose", "monitor", "summary")
+    assert [s["name"] for s in m["stages"]] == ([f"{t}/{s}" for t in ("cat", "dog") for s in first] + ["steer"]
+                                                + [f"{t}/{s}" for t in ("cat", "dog") for s in last] + ["summary"])
+    steer = next(s["wall_s"] for s in m["stages"] if s["name"] == "steer")
+    assert all(r.wall_s["steer"] == pytest.approx(steer / 2) for r in res.results)
+    assert (tmp_path / "all" / "cat" / "config.json").is_file() and not (tmp_path / "all" / "config.json").exists()

@@ -290,3 +290,102 @@ def test_report_of_a_run_with_a_corrupt_bank_says_so(tmp_path: Path) -> None:
     (run / "summary.txt").write_text("a run\n")
     src = write_report(run).read_text()
     assert "run (unrecognised kind)" in src and "could not read the bank" in src and "<pre>a run\n</pre>" in src
+
+
+# --------------------------------------------------------------------------------------------------
+# the kind comes from run.json; a directory from before run.json is recognised once (runner.legacy)
+# --------------------------------------------------------------------------------------------------
+DISPLAY = {"extract": "extract", "extract-all": "extract (all traits)", "sweep": "sweep", "space": "space",
+           "regimes": "regimes", "consistency": "consistency", "finetune": "finetune", "screen": "screen",
+           "trait-data": "trait data", "bank": "vector bank", "some-future-kind": "some-future-kind"}
+
+
+def _no_file_rules(mp: pytest.MonkeyPatch) -> None:
+    """Make any use of the old file rules fail the test."""
+    from jaxpersona.runner import legacy
+
+    def looked(*a, **k):
+        raise AssertionError("the report guessed the kind from the directory's files")
+
+    mp.setattr(legacy, "recognise", looked)
+    mp.setattr(legacy, "adopt", looked)
+
+
+@pytest.mark.parametrize("kind", sorted(DISPLAY))
+def test_report_takes_the_kind_from_run_json(kind: str, tmp_path: Path, monkeypatch) -> None:
+    """The manifest's kind is shown whatever the files look like (decoys of another kind are there), with its
+    status, stage table, package version / git SHA and model digest; the old file rules are never consulted."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ("pca.json" if kind == "regimes" else "regimes.json")).write_text("{}")  # another kind's file
+    (run / "summary.txt").write_text("a run\n")
+    manifest = {"schema_version": 1, "kind": kind, "status": "complete", "attempt": 2,
+                "started": "2025-01-02T03:04:05+00:00", "ended": "2025-01-02T03:05:06+00:00", "wall_s": 61.5,
+                "stages": [{"name": "generate", "status": "complete", "wall_s": 12.25, "cache_hits": 7},
+                           {"name": "judge", "status": "complete", "wall_s": 3.5, "cache_hits": 0}],
+                "package": {"name": "jaxpersona", "version": "9.8.7", "git_sha": "0123456789abcdef0123",
+                            "dirty": False},
+                "model": {"name": "tiny-llama", "digest": "feedface1234"}}
+    (run / "run.json").write_text(json.dumps(manifest))
+    with monkeypatch.context() as mp:
+        _no_file_rules(mp)
+        src = write_report(run, tmp_path / "page.html").read_text()
+    assert f'<span class="kind">{DISPLAY[kind]}</span>' in src
+    overview = src.split('id="overview"')[1].split("</section>")[0]
+    for needle in ("<th>status</th><td>complete</td>", "<td>generate</td>", "<td>judge</td>", ">12.25<", ">7<",
+                   "<th>cache hits</th>", "jaxpersona 9.8.7, git 0123456789ab", "feedface1234", "tiny-llama"):
+        assert needle in overview, needle
+    assert json.loads((run / "run.json").read_text()) == manifest  # read, never rewritten
+
+
+@pytest.mark.parametrize("fixture", ["extract_run", "space_run", "sweep_run"])
+def test_old_directory_is_recognised_once(fixture: str, request, tmp_path: Path, monkeypatch) -> None:
+    """A run directory from before run.json (a fixture run without its run.json) is recognised by the old
+    file rules, gets its run.json, and renders the same kind; the next report reads only the run.json."""
+    src_run = request.getfixturevalue(fixture)
+    expected = fixture.removesuffix("_run")
+    new = json.loads((src_run / "run.json").read_text()) if (src_run / "run.json").is_file() else None
+    assert new is None or new["kind"] == expected  # a ported pipeline records the kind the old rules give
+    run = tmp_path / expected
+    shutil.copytree(src_run, run)
+    (run / "run.json").unlink(missing_ok=True)
+    for f in run.glob("*.html"):
+        f.unlink()
+    page = write_report(run, tmp_path / "first.html").read_text()
+    assert f'<span class="kind">{expected}</span>' in page and "written before run.json existed" in page
+    adopted = json.loads((run / "run.json").read_text())
+    assert adopted["kind"] == expected and adopted["legacy"] and adopted["status"] == "unknown"
+    with monkeypatch.context() as mp:
+        _no_file_rules(mp)
+        again = write_report(run, tmp_path / "second.html").read_text()
+    assert f'<span class="kind">{expected}</span>' in again
+    assert json.loads((run / "run.json").read_text()) == adopted
+
+
+def test_old_read_only_directory_is_recognised_without_writing(tmp_path: Path, monkeypatch) -> None:
+    """When run.json cannot be written, the old directory is still recognised for the page."""
+    from jaxpersona.runner import legacy
+
+    run = tmp_path / "data"
+    run.mkdir()
+    for name in ("trait.jsonl", "neutral.jsonl"):
+        (run / name).write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+
+    def refuse(path, write):
+        raise PermissionError(f"read-only: {path}")
+
+    monkeypatch.setattr(legacy, "atomic_write", refuse)
+    src = write_report(run, tmp_path / "page.html").read_text()
+    assert '<span class="kind">trait data</span>' in src and not (run / "run.json").exists()
+
+
+def test_bare_vector_bank_report(tmp_path: Path) -> None:
+    """A bank directory on its own is shown as a bank, and nothing is written into it."""
+    from jaxpersona.artifacts.bank import VectorBank
+
+    bank_dir = VectorBank(np.random.default_rng(0).normal(size=(2, 3, 4)), ("a", "b"), "tiny").save(tmp_path / "b")
+    before = sorted(p.relative_to(bank_dir) for p in bank_dir.rglob("*"))
+    src = write_report(bank_dir, tmp_path / "page.html").read_text()
+    assert '<span class="kind">vector bank</span>' in src and 'data-view="bank:."' in src
+    assert sorted(p.relative_to(bank_dir) for p in bank_dir.rglob("*")) == before
+    assert VectorBank.load(bank_dir).names == ("a", "b")

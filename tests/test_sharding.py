@@ -1,5 +1,6 @@
-"""The 2-D (data, model) mesh: forward, captures, generation and sharded loading on 8 virtual CPU devices
-(a subprocess: the device count is fixed when JAX starts) equal one device's; bad meshes are refused."""
+"""The 2-D (data, model) mesh: forward, captures, generation, sharded loading and LoRA adapters (single and
+stacked, sharded beside the params) on 8 virtual CPU devices (a subprocess: the device count is fixed when JAX
+starts) equal one device's; bad meshes are refused."""
 
 from __future__ import annotations
 
@@ -51,7 +52,24 @@ def test_sweep_and_adapter_on_a_2d_mesh(results) -> None:
     assert r["sweep_2x4"]["rows"] == 2 * 2 * 4 * 2 and r["sweep_2x4"]["same_keys"]
     assert r["sweep_2x4"]["max_logprob_diff"] < 1e-5
     assert r["adapter_2x4"]["b_wq_local"] == [3, 4, 32]  # the q factor's output split over model (128 / 4)
-    assert r["adapter_2x4"]["logits"] < 1e-4
+    assert r["adapter_2x4"]["logits"] <= 1e-5
+
+
+def test_adapters_beside_sharded_params_give_the_single_device_logits(results) -> None:
+    """A single adapter and a stack selected per example, sharded by ``adapter_shardings`` beside params sharded by
+    the tensor-parallel and FSDP rules on a (2, 4) mesh: the logits of one device (fp32, <= 1e-5), the same greedy
+    tokens, and a sweep of an adapted model gives the one-device rows."""
+    ads = results[2]["adapters"]
+    assert set(ads) == {"tp2x4", "fsdp2x4", "sweep_2x4"}
+    for name in ("tp2x4", "fsdp2x4"):
+        r = ads[name]
+        assert r["adapter_changes_logits"] > 1e-2, name  # the adapters do something
+        assert r["logits"] <= 1e-5 and r["stack_logits"] <= 1e-5, (name, r)
+        assert r["stack_generate_equal"], name
+        assert r["stack_b_wq_local"] == [3, 3, 4, 32]  # [L, K, r, out]: out over model, the stack axis whole
+        assert r["stack_a_wdown_local"] == [3, 3, 32, 4]  # [L, K, in, r]: the MLP width over model
+    sw = ads["sweep_2x4"]
+    assert sw["rows"] == 2 * 4 * 2 and sw["adapter_changes"] > 1e-3 and sw["max_logprob_diff"] < 1e-5
 
 
 def test_a_broken_index_is_refused_before_reading(tiny_llama, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""LoRA adapters on disk (Orbax): save, load, digest and the shardings they load with."""
+"""LoRA adapters on disk (Orbax): save, load, digest, and the shardings they load (or are placed) with."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from jaxpersona import errors
 from jaxpersona.artifacts.checkpoint import load_orbax, quiet_absl
 from jaxpersona.artifacts.records import digest
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.lora import TARGETS, Adapter, LoraConfig, check_adapter
+from jaxpersona.model.lora import TARGETS, Adapter, AdapterStack, LoraConfig, check_adapter
 from jaxpersona.model.params import LAYER_AXES, param_shapes
 from jaxpersona.model.sharding import TENSOR_PARALLEL
 
@@ -38,18 +38,36 @@ def save_adapter(path: str | Path, adapter: Adapter, cfg: ModelConfig, lcfg: Lor
     return path
 
 
-def adapter_shardings(cfg: ModelConfig, targets: Sequence[str], mesh: Any, rules: Any = None) -> dict[str, dict]:
+def adapter_shardings(cfg: ModelConfig, targets: Sequence[str], mesh: Any, rules: Any = None, *,
+                      stacked: bool = False) -> dict[str, dict]:
     """Per factor, the ``NamedSharding`` that matches its weight's: ``a [L, in, r]`` takes the weight's input
-    axis, ``b [L, r, out]`` its output axis (so ``x @ a`` and ``(x @ a) @ b`` need no extra collective)."""
+    axis, ``b [L, r, out]`` its output axis (so ``x @ a`` and ``(x @ a) @ b`` need no extra collective).
+    ``stacked``: for an :class:`~jaxpersona.model.lora.AdapterStack` (``a [L, K, in, r]``, ``b [L, K, r, out]``;
+    the ``K`` axis replicated)."""
     import flax.linen as nn
 
     rules = rules or TENSOR_PARALLEL
+    k = (None,) if stacked else ()
     out: dict[str, dict] = {"a": {}, "b": {}}
     for t in targets:
         layers, d_in, d_out = LAYER_AXES[TARGETS[t]]
-        out["a"][t] = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec(layers, d_in, None), mesh, rules)
-        out["b"][t] = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec(layers, None, d_out), mesh, rules)
+        out["a"][t] = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec(layers, *k, d_in, None), mesh, rules)
+        out["b"][t] = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec(layers, *k, None, d_out), mesh, rules)
     return out
+
+
+def shard_adapter(adapter: Adapter | AdapterStack | None, cfg: ModelConfig, mesh: Any, rules: Any = None
+                  ) -> Adapter | AdapterStack | None:
+    """Place an in-memory adapter (or stack) on a ``(data, model)`` mesh with :func:`adapter_shardings`
+    (the scale replicated); ``None`` stays ``None``. Use the params' ``rules`` (FSDP or tensor parallel)."""
+    if adapter is None:
+        return None
+    check_adapter(adapter, cfg)
+    stacked = isinstance(adapter, AdapterStack)
+    sh = adapter_shardings(cfg, list(adapter.a), mesh, rules, stacked=stacked)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placed = jax.device_put((adapter.a, adapter.b, adapter.scale), (sh["a"], sh["b"], rep))
+    return type(adapter)(*placed)
 
 
 def load_adapter(path: str | Path, cfg: ModelConfig, mesh: Any = None) -> tuple[Adapter, dict[str, Any]]:

@@ -452,7 +452,7 @@ def _check_bank_json(path: Path, info: Any) -> tuple[int, int, int]:
     need = {"model": str, "names": list, "meta": list, "convention": str, "created": str, "shape": list,
             "sha256": str}
     bad = [k for k, t in need.items() if not isinstance(info.get(k), t)]
-    shape = info.get("shape")
+    shape = info.get("shape", [])
     if bad or len(shape) != 3 or not all(isinstance(s, int) for s in shape):
         raise errors.CorruptCheckpointError(
             f"the vector bank at {path} has incomplete metadata (bad or missing: {', '.join(bad) or 'shape'}); "

@@ -56,7 +56,7 @@ class KeyedJsonl:
             with open(self.path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
                 self._torn = f.read(1) != b"\n"
-        bad = 0
+        bad, good = 0, []
         if self.path.exists():
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -65,10 +65,15 @@ class KeyedJsonl:
                     except json.JSONDecodeError:
                         bad += 1  # a torn line from a killed run (or a file cut short)
                         continue
+                    good.append(line if line.endswith("\n") else line + "\n")
                     if isinstance(rec, dict) and "key" in rec:
                         self.records[rec["key"]] = rec
         if bad:
-            warnings.warn(f"{self.path}: {bad} unreadable line(s) skipped (a run killed mid-write, or a file cut "
+            # keep only the readable lines, so the next open finds a clean file (and warns no more)
+            text = "".join(good)
+            atomic_write(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            self._torn = False
+            warnings.warn(f"{self.path}: {bad} unreadable line(s) dropped (a run killed mid-write, or a file cut "
                           "short); their work is redone", errors.CacheWarning, stacklevel=2)
 
     def __contains__(self, key: str) -> bool:
@@ -124,7 +129,8 @@ def save_arrays(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
     """``arrays`` and their ``key`` as an npz, written to a temporary name and renamed into place."""
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, key=np.asarray(key), **arrays)
+            named: Mapping[str, Any] = arrays  # Any: numpy's stub would match the names to savez's own keywords
+            np.savez(f, key=np.asarray(key), **named)
 
     atomic_write(path, write)
 

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxpersona import errors
 from jaxpersona.compute.scoring import encode_targets, target_logprob, target_shape
@@ -38,6 +39,7 @@ def _prefix(params: Any, cfg: Any, data: dict[str, jax.Array], layer: jax.Array)
     """``resid[layer]`` of every row (``[B, T, D]``) and the unsteered summed log-prob ``[B]``."""
     out = forward(params, cfg, data["tokens"], valid=data["valid"], capture=Capture(tuple(range(cfg.n_resid))),
                   logits=False)
+    assert out.captured is not None  # every resid point was captured
     h_l = jnp.take(out.captured, layer, axis=0)
     ref = _sum_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"]), data)
     return h_l, ref
@@ -47,9 +49,8 @@ def bipo_vector(model: Any, questions: Sequence[str], pos: Sequence[str], neg: S
                 steps: int = 20, lr: float = 2e-3, beta: float = 0.1, batch_size: int = 8, weight_decay: float = 0.05,
                 seed: int = 0) -> tuple[np.ndarray, list[float]]:
     """A BiPO vector ``[D]`` at ``resid[layer]`` from (question, trait answer, neutral answer) triples (user
-    turns, no system prompt); returns ``(vector, losses per step)``."""
-    import optax
-
+    turns, no system prompt; ``questions``, ``pos``, ``neg`` are ``[N]``, triples with an empty answer are
+    dropped); returns ``(vector [D] float32, losses [steps])``."""
     cfg = model.cfg
     if not 1 <= layer <= cfg.n_layers:
         raise errors.InputError(f"BiPO layer {layer} outside resid[1..{cfg.n_layers}]")
@@ -60,25 +61,29 @@ def bipo_vector(model: Any, questions: Sequence[str], pos: Sequence[str], neg: S
     n = len(keep)
 
     width, r_width = target_shape(model, convs + convs, [pos[i] for i in keep] + [neg[i] for i in keep])
-    tabs = [encode_targets(model, convs, [side[i] for i in keep], width=width, r_width=r_width) for side in (pos, neg)]
-    tabs = [{k: jnp.asarray(v) for k, v in t.items() if k != "resp"} for t in tabs]
+    tabs = [{k: jnp.asarray(v) for k, v in encode_targets(model, convs, [side[i] for i in keep], width=width,
+                                                          r_width=r_width).items() if k != "resp"} for side in (pos, neg)]
     lyr = jnp.int32(layer)
+    model.base_only("BiPO")
     pre = [_prefix(model.params, cfg, t, lyr) for t in tabs]  # resid[layer] and reference log-probs, once
     span = (lyr, jnp.int32(cfg.n_layers))
     tx = optax.adamw(lr, weight_decay=weight_decay)
 
-    def side_lp(params, v, d, t, h_l, idx):
+    def side_lp(params: Any, v: jax.Array, d: jax.Array, t: dict[str, jax.Array], h_l: jax.Array,
+                idx: jax.Array) -> jax.Array:  # summed log-prob [bs] of rows idx with d * v added
         sub = {k: x[idx] for k, x in t.items()}
         h = h_l[idx] + (d * v).astype(h_l.dtype) * sub["valid"][..., None]
         return _sum_logprob(params, cfg, final_hidden(params, cfg, sub["tokens"], sub["valid"], span=span, h=h), sub)
 
-    def loss_fn(v, params, tabs, pre, d, idx):
+    def loss_fn(v: jax.Array, params: Any, tabs: list[dict[str, jax.Array]], pre: list[tuple[jax.Array, jax.Array]],
+                d: jax.Array, idx: jax.Array) -> jax.Array:  # scalar BiPO loss of one batch
         lp_pos = side_lp(params, v, d, tabs[0], pre[0][0], idx) - pre[0][1][idx]
         lp_neg = side_lp(params, v, d, tabs[1], pre[1][0], idx) - pre[1][1][idx]
         return -jax.nn.log_sigmoid(beta * d * (lp_pos - lp_neg)).mean()
 
     @jax.jit  # weights and data are arguments, never closure constants
-    def step(v, opt, params, tabs, pre, d, idx):
+    def step(v: jax.Array, opt: Any, params: Any, tabs: list[dict[str, jax.Array]],
+             pre: list[tuple[jax.Array, jax.Array]], d: jax.Array, idx: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
         loss, g = jax.value_and_grad(loss_fn)(v, params, tabs, pre, d, idx)
         upd, opt = tx.update(g, opt, v)
         return optax.apply_updates(v, upd), opt, loss

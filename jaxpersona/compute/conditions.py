@@ -24,7 +24,7 @@ from jaxpersona.compute.batching import Batch
 from jaxpersona.compute.scoring import encode_targets, target_logprob, target_shape
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit import interventions as iv
-from jaxpersona.model.lora import AdapterStack, attach, check_adapter
+from jaxpersona.model.lora import AdapterStack, check_adapter
 from jaxpersona.model.params import Params
 from jaxpersona.model.transformer import final_hidden
 
@@ -70,11 +70,14 @@ def _stacked_hooks(conditions: Sequence[Condition]) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _grid_chunk(params: Params, cfg: Any, stack: AdapterStack | None, data: dict[str, jax.Array],
-                select: jax.Array, hooks: Any) -> jax.Array:
+                select: jax.Array, hooks: Any, adapter: Any = None) -> jax.Array:
+    """``[C, B]`` log-probs: condition ``c`` runs ``data[c]`` (``[C, B, ...]``) under adapter ``select[c]`` of
+    ``stack`` and hook ``hooks[c]``; without a stack, under the model's own ``adapter`` (or none)."""
     def one(d, sel, hook):
-        p = params if stack is None else attach(params, stack, jnp.broadcast_to(sel, d["valid"].shape[:1]))
+        ad, ad_sel = (adapter, None) if stack is None else (stack, jnp.broadcast_to(sel, d["valid"].shape[:1]))
         hook = None if hook is None else with_positions(hook, iv.Positions.all(d["valid"]))
-        return target_logprob(p, cfg, final_hidden(p, cfg, d["tokens"], d["valid"], hook), d)
+        h = final_hidden(params, cfg, d["tokens"], d["valid"], hook, adapter=ad, adapter_select=ad_sel)
+        return target_logprob(params, cfg, h, d)
 
     return jax.vmap(one)(data, select, hooks)
 
@@ -82,7 +85,8 @@ def _grid_chunk(params: Params, cfg: Any, stack: AdapterStack | None, data: dict
 def score_conditions(model: Any, stack: AdapterStack | None, conditions: Sequence[Condition],
                      questions: Sequence[str], responses: Sequence[str], *, batch_size: int = 8) -> np.ndarray:
     """``[C, N]``: mean per-token log-prob of ``responses[n]`` after the user turn ``questions[n]`` under each
-    condition (NaN for an empty response)."""
+    condition (NaN for an empty response). The stack's adapters replace any adapter the model carries
+    (:meth:`~jaxpersona.compute.handle.Model.with_adapter`); without a stack the model's own adapter applies."""
     if not conditions:
         raise errors.InputError("score_conditions: no conditions")
     if len(questions) != len(responses) or not questions:
@@ -112,7 +116,7 @@ def score_conditions(model: Any, stack: AdapterStack | None, conditions: Sequenc
         idx = np.arange(s, s + rows).clip(max=len(live) - 1)
         data = {k: jnp.asarray(v[:, idx]) for k, v in table.items()}
         model.check_length(Batch(table["tokens"][0, idx], table["valid"][0, idx]))
-        lp = np.asarray(_grid_chunk(model.params, model.cfg, stack, data, select, hooks))
+        lp = np.asarray(_grid_chunk(model.params, model.cfg, stack, data, select, hooks, model.adapter))
         n = min(rows, len(live) - s)
         out[:, [live[j] for j in range(s, s + n)]] = lp[:, :n]
     return out

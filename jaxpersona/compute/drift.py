@@ -55,22 +55,25 @@ class DriftSpec:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "monitor"))
-def _turn(params, cfg, cache, tokens, valid, write_at, hooks, units, *, max_new_tokens, eos_ids, pad_id, monitor):
-    """One turn for every variant: ``vmap`` of :func:`continue_turn` over (cache, tokens, valid, hook)."""
+def _turn(params, cfg, cache, tokens, valid, write_at, hooks, units, adapter=None, *, max_new_tokens, eos_ids, pad_id,
+          monitor):
+    """One turn for every variant: ``vmap`` of :func:`continue_turn` over (cache, tokens, valid, hook); ``adapter``:
+    the model's LoRA adapter (or ``None``), shared by every variant."""
     def one(c, t, v, h):
         return continue_turn(params, cfg, c, t, v, write_at, jax.random.key(0), jnp.float32(0), jnp.float32(1), h,
                              units, max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
-                             monitor=monitor)
+                             monitor=monitor, adapter=adapter)
 
     return jax.vmap(one)(cache, tokens, valid, hooks)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _refill(params, cfg, tokens, valid, hook, size):
+def _refill(params, cfg, tokens, valid, hook, size, adapter=None):
     """Recompute a cache for ``tokens [B, T]`` (history) under ``hook``: the KV-cache edit."""
     b, t = tokens.shape
     cache = KVCache.empty(cfg, b, size.shape[0], params["embed"].dtype)
-    return forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits=False).cache
+    return forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits=False,
+                   adapter=adapter).cache
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -181,7 +184,7 @@ def _run_group(model: Any, scripts: list[Any], spec: DriftSpec, progress: bool) 
                              iv.layer_weights(cfg.n_resid, list(spec.edit_layers)),
                              iv.Positions.explicit(slot_asst[v, :, :ptr] & hist_valid, False))
             new = _refill(model.params, cfg, jnp.asarray(slot_tok[v, :, :ptr]), jnp.asarray(hist_valid), steer,
-                          jnp.zeros((S,), jnp.int8))
+                          jnp.zeros((S,), jnp.int8), model.adapter)
             cache = KVCache(cache.k.at[v].set(new.k), cache.v.at[v].set(new.v), cache.valid)
         # per-variant caps: positions are absolute cache slots; generated slots are assistant tokens
         gen_start = ptr + tc
@@ -193,7 +196,7 @@ def _run_group(model: Any, scripts: list[Any], spec: DriftSpec, progress: bool) 
                        jnp.broadcast_to(jnp.asarray(hi), (V, *hi.shape)), jnp.asarray(weights, jnp.float32),
                        iv.Positions(jnp.asarray(masks), jnp.ones((V, B), bool)))
         res = _turn(model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(ptr), hooks, units,
-                    max_new_tokens=N, eos_ids=model.eos_ids, pad_id=model.pad_id, monitor=spec.monitor)
+                    model.adapter, max_new_tokens=N, eos_ids=model.eos_ids, pad_id=model.pad_id, monitor=spec.monitor)
         cache = res.cache
         gen = np.asarray(res.out.tokens)
         lengths = np.asarray(res.out.lengths)

@@ -1,7 +1,8 @@
 """Batched sampling with a KV cache: prefill + a compiled ``lax.while_loop`` of decode steps.
 
 One compile per (batch, prompt length, max_new_tokens, greedy?) shape; temperature, top-p, the
-PRNG key and any hook's arrays are traced, so changing them never recompiles. Prompts are
+PRNG key, any hook's arrays and any LoRA adapter's factors (passed beside the params, see
+:mod:`jaxpersona.model.lora`) are traced, so changing them never recompiles. Prompts are
 left-padded; each row stops at its first EOS (later positions hold ``pad_id``). The loop exits as
 soon as every row has stopped. Same key -> same tokens.
 """
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.lora import Adapter, AdapterStack
 from jaxpersona.model.params import Params
 from jaxpersona.model.transformer import (
     Capture,
@@ -115,11 +117,13 @@ def _project(captured: jax.Array | None, units: jax.Array | None) -> jax.Array:
 def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache, start: jax.Array | int,
             key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *, max_new_tokens: int,
             greedy: bool, eos_ids: tuple[int, ...], pad_id: int, monitor: tuple[int, ...] = (),
-            units: jax.Array | None = None) -> _Decoded:
+            units: jax.Array | None = None, adapter: Adapter | AdapterStack | None = None,
+            adapter_select: jax.Array | None = None) -> _Decoded:
     """The decode loop after a prefill: ``logits [B, V]`` of the last prompt token; new tokens are written
     into ``cache`` at slots ``start, start+1, ...``. A row's tokens after its EOS are written as padding
     (``valid`` False), so the cache can carry on into a next turn. ``monitor``: resid points whose
-    projections on ``units [n, D]`` are recorded per new token (post-hook)."""
+    projections on ``units [n, D]`` are recorded per new token (post-hook). ``adapter`` (``adapter_select
+    [B]`` for a stack): applied in every decode step, as in the prefill."""
     b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     capture = _monitor_capture(monitor)
@@ -151,7 +155,7 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
         logprobs = s.logprobs.at[:, s.step].set(lp)
         lengths = s.lengths + (~s.done).astype(jnp.int32)
         nxt = forward(params, cfg, tok[:, None], valid=~s.done[:, None], cache=s.cache, cache_index=start + s.step,
-                      hook=hook, logits="last", capture=capture)
+                      hook=hook, logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select)
         proj = s.proj
         if capture is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, _project(nxt.captured, units), s.step, axis=1)
@@ -186,19 +190,24 @@ def generate_loop(
     eos_ids: tuple[int, ...],
     pad_id: int,
     prefix_cache: KVCache | None = None,
+    adapter: Adapter | AdapterStack | None = None,
+    adapter_select: jax.Array | None = None,
 ) -> GenerateOutput:
     """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, cache of size
-    ``T + max_new_tokens``); only the last prompt token then runs here, under the hook."""
+    ``T + max_new_tokens``, under the same adapter); only the last prompt token then runs here, under the
+    hook. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``."""
     b, t = tokens.shape
     dtype = params["embed"].dtype
     if prefix_cache is None:
         cache = KVCache.empty(cfg, b, t + max_new_tokens, dtype)
-        pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
+        pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last",
+                      adapter=adapter, adapter_select=adapter_select)
     else:
         pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
-                      hook=hook, logits="last")
+                      hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
     return _decode(params, cfg, pre.logits[:, 0], pre.cache, t, key, temperature, top_p, hook,
-                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id).out
+                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter,
+                   adapter_select=adapter_select).out
 
 
 class TurnOutput(NamedTuple):
@@ -229,18 +238,21 @@ def continue_turn(
     eos_ids: tuple[int, ...],
     pad_id: int,
     monitor: tuple[int, ...],
+    adapter: Adapter | AdapterStack | None = None,
+    adapter_select: jax.Array | None = None,
 ) -> TurnOutput:
     """Prefill the chunk ``tokens [B, T]`` (left-padded; ``valid`` False on padding) into ``cache`` at slots
     ``write_at .. write_at+T-1`` — earlier slots (past turns) are attended to as they are — then
     generate up to ``max_new_tokens`` at the following slots. Rope positions continue from the number
     of valid cached tokens, so gaps of invalid slots are harmless. ``monitor``/``units [n, D]``: resid
-    points and directions whose projections are recorded for every token (post-hook)."""
+    points and directions whose projections are recorded for every token (post-hook). ``adapter``
+    (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``, in prefill and decode."""
     t = tokens.shape[1]
     pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=write_at, hook=hook, logits="last",
-                  capture=_monitor_capture(monitor))
+                  capture=_monitor_capture(monitor), adapter=adapter, adapter_select=adapter_select)
     dec = _decode(params, cfg, pre.logits[:, 0], pre.cache, write_at + t, key, temperature, top_p, hook,
                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, monitor=monitor,
-                  units=units)
+                  units=units, adapter=adapter, adapter_select=adapter_select)
     return TurnOutput(dec.out, dec.cache, _project(pre.captured, units), dec.proj)
 
 
@@ -257,11 +269,15 @@ def generate(
     eos_ids: tuple[int, ...] | None = None,
     pad_id: int | None = None,
     hook: Hook | None = None,
+    adapter: Adapter | AdapterStack | None = None,
+    adapter_select: Any = None,
 ) -> GenerateOutput:
     """Generate ``max_new_tokens`` for each left-padded prompt row of ``tokens [B, T]``.
 
     ``temperature == 0`` is greedy. ``hook`` must be a pytree (e.g. an intervention, or
     ``jax.tree_util.Partial(fn)``); it is applied at every resid point in prefill and decode.
+    ``adapter``: a LoRA :class:`~jaxpersona.model.lora.Adapter` beside ``params`` (or an ``AdapterStack``
+    with ``adapter_select [B]``, the adapter each row uses), applied in prefill and decode.
     """
     tokens, valid = check_tokens(cfg, tokens, valid)
     check_sampling(temperature, top_p, max_new_tokens)
@@ -283,4 +299,6 @@ def generate(
         greedy=temperature == 0,
         eos_ids=tuple(cfg.eos_token_ids if eos_ids is None else eos_ids),
         pad_id=int(pad_id if pad_id is not None else (cfg.pad_token_id or 0)),
+        adapter=adapter,
+        adapter_select=None if adapter_select is None else jnp.asarray(adapter_select, jnp.int32),
     )

@@ -28,7 +28,7 @@ from jaxpersona.model import registry
 from jaxpersona.model.config import ModelConfig, parse_dtype
 from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
 from jaxpersona.model.loaders.hf import load_hf_dir, load_hf_dir_sharded, load_tokenizer
-from jaxpersona.model.lora import attach, check_adapter
+from jaxpersona.model.lora import Adapter, check_adapter
 from jaxpersona.model.params import Params
 from jaxpersona.model.transformer import (
     Capture,
@@ -41,24 +41,39 @@ from jaxpersona.model.transformer import (
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture", "logits"))
-def _forward_jit(params, cfg, tokens, valid, capture_mask, hook, *, capture, logits):
-    return forward(params, cfg, tokens, valid=valid, capture=capture, capture_mask=capture_mask, hook=hook, logits=logits)
+def _forward_jit(params, cfg, tokens, valid, capture_mask, hook, adapter, *, capture, logits):
+    return forward(params, cfg, tokens, valid=valid, capture=capture, capture_mask=capture_mask, hook=hook, logits=logits,
+                   adapter=adapter)
 
 
 @dataclasses.dataclass
 class Model:
-    """A loaded model: ``cfg`` (static), ``params`` (pytree), ``tokenizer`` (HF), ``name``."""
+    """A loaded model: ``cfg`` (static), ``params`` (pytree of the plain weights), ``tokenizer`` (HF), ``name``,
+    and ``adapter``: a LoRA :class:`~jaxpersona.model.lora.Adapter` applied beside the weights (``None``: the
+    base model; set it with :meth:`with_adapter`)."""
 
     cfg: ModelConfig
     params: Params
     tokenizer: Any
     name: str = ""
+    adapter: Adapter | None = None
 
-    def with_adapter(self, adapter: Any, label: str | None = None) -> Model:
-        """This model with a LoRA adapter in its params (no weight copied): every method runs under it.
-        The name gains ``+label`` (default: the adapter's digest) so cached work never mixes the two."""
+    def base_only(self, what: str) -> None:
+        """Raise :class:`~jaxpersona.errors.InputError` when an adapter is set: ``what`` reads ``params`` alone and
+        would silently ignore it."""
+        if self.adapter is not None:
+            raise errors.InputError(f"{what} runs the base weights only; it does not apply a LoRA adapter (model "
+                                    f"{self.name}): pass the base model")
+
+    def with_adapter(self, adapter: Adapter, label: str | None = None) -> Model:
+        """This model with a LoRA adapter beside its params (no weight copied; ``params`` unchanged): every
+        method passes it to the forward / generation. It replaces any adapter already set. The name gains
+        ``+label`` (default: the adapter's digest) so cached work never mixes the two."""
+        if not isinstance(adapter, Adapter):
+            raise errors.InputError(f"with_adapter needs one LoRA Adapter, got {type(adapter).__name__} (an "
+                                    "AdapterStack is selected per example: pass it to score_conditions)")
         check_adapter(adapter, self.cfg)
-        return dataclasses.replace(self, params=attach(self.params, adapter),
+        return dataclasses.replace(self, adapter=adapter,
                                    name=f"{self.name}+{label or 'lora:' + adapter_digest(adapter)}")
 
     # --- text <-> tokens ------------------------------------------------------------------
@@ -192,7 +207,7 @@ class Model:
         cmask = batch.valid if capture_mask is None else capture_mask
         return _forward_jit(
             self.params, self.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(cmask, bool), hook,
-            capture=capture, logits=logits,
+            self.adapter, capture=capture, logits=logits,
         )
 
     def resid(
@@ -234,7 +249,7 @@ class Model:
         return generate(
             self.params, self.cfg, batch.tokens, batch.valid, max_new_tokens=max_new_tokens,
             key=jax.random.key(seed), temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,
-            pad_id=self.pad_id, hook=hook,
+            pad_id=self.pad_id, hook=hook, adapter=self.adapter,
         )
 
     def chat(self, message: str | list[Message], *, system: str | None = None, **kw: Any) -> str:

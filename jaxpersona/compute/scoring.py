@@ -151,15 +151,16 @@ def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[st
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array]) -> jax.Array:
-    return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"]), data)
+def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], adapter: Any = None) -> jax.Array:
+    return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"], adapter=adapter), data)
 
 
 def mean_logprobs(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                   batch_size: int = 16) -> np.ndarray:
     """Mean per-token log-prob of each response after its chat prompt, unintervened: ``[N]``.
 
-    Chunks share one ``[batch_size, width]`` shape (one compile). Empty responses give NaN."""
+    Chunks share one ``[batch_size, width]`` shape (one compile). Empty responses give NaN. Under the
+    model's LoRA adapter, if it carries one."""
     out = np.full(len(responses), np.nan, np.float64)
     live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
     if not live:
@@ -170,7 +171,8 @@ def mean_logprobs(model: Any, conversations: Sequence[list[dict[str, str]]], res
     for s in range(0, len(live), rows):
         enc = encode_targets(model, convs[s : s + rows], resps[s : s + rows], rows=rows, width=width, r_width=r_width)
         model.check_length(Batch(enc["tokens"], enc["valid"]))
-        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()}))
+        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()},
+                                       model.adapter))
         n = min(rows, len(live) - s)
         out[live[s : s + n]] = lp[:n]
     return out

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxpersona import errors
+from jaxpersona.artifacts.adapters import shard_adapter
 from jaxpersona.compute.batching import Batch, pad_left
 from jaxpersona.compute.generate import generate_loop
 from jaxpersona.compute.progress import progress_bar
@@ -160,6 +162,7 @@ def score_chunk(
     units: jax.Array,
     *,
     capture: Capture | None,
+    adapter: Any = None,
 ) -> dict[str, jax.Array]:
     """Score a chunk of grid points ``hooks`` (leading axis G) that are all off below resid ``start``.
 
@@ -168,7 +171,8 @@ def score_chunk(
     token + response) runs per grid point: exact for interventions that never touch the prefix.
 
     Returns ``logprob [G, B]`` (mean log-prob of the target response tokens) and, with a capture,
-    ``proj [G, n_layers, B, P]``: mean over response tokens of ``<resid[l], units[p]>``.
+    ``proj [G, n_layers, B, P]``: mean over response tokens of ``<resid[l], units[p]>``. ``adapter``: a LoRA
+    :class:`~jaxpersona.model.lora.Adapter` beside ``params`` (prefix and suffix alike).
     """
     tokens, valid = data["tokens"], data["valid"]
     cache, index = None, 0
@@ -176,19 +180,19 @@ def score_chunk(
         ptok, pval = data["prefix_tokens"], data["prefix_valid"]
         index = ptok.shape[1]
         empty = KVCache.empty(cfg, ptok.shape[0], index + tokens.shape[1], params["embed"].dtype)
-        cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False).cache
+        cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False, adapter=adapter).cache
     prep = prepare(cfg, valid, cache=cache, cache_index=index)
     record = Recorder.make(cfg, capture, data["resp"])
     h0 = embed(params, cfg, tokens)
     buf = record(record.empty(h0), jnp.int32(0), h0)
     h_start, buf, cache = run_layers(params, cfg, h0, prep, buf, record, cache=cache, cache_index=index,
-                                     span=(jnp.int32(0), start))
+                                     span=(jnp.int32(0), start), adapter=adapter)
 
     def one(hook: Any) -> dict[str, jax.Array]:
         h = apply_hook(hook, start, h_start, prep.ctx)
         b = record(buf, start, h)
         h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, cache=cache, cache_index=index,
-                             span=(start, jnp.int32(cfg.n_layers)))
+                             span=(start, jnp.int32(cfg.n_layers)), adapter=adapter)
         out = {"logprob": target_logprob(params, cfg, h, data)}
         if capture is not None:
             out["proj"] = jnp.einsum("nbd,pd->nbp", b.astype(jnp.float32), units)
@@ -199,21 +203,24 @@ def score_chunk(
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "shared_prefix"))
 def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hooks: Any, *,
-                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, shared_prefix: bool = False) -> Any:
+                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, shared_prefix: bool = False,
+                   adapter: Any = None) -> Any:
     """Greedy generation for every grid point of ``hooks`` (leading axis G): tokens ``[G, B, N]``.
 
     ``shared_prefix``: the hooks never touch the prompt before its last token (``response``
-    positions), so that prefix is prefilled once for all grid points."""
+    positions), so that prefix is prefilled once for all grid points. ``adapter``: a LoRA adapter beside
+    ``params``."""
     cache = None
     if shared_prefix:
         b, t = tokens.shape
         empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
-        cache = forward(params, cfg, tokens[:, :-1], valid=valid[:, :-1], cache=empty, logits=False).cache
+        cache = forward(params, cfg, tokens[:, :-1], valid=valid[:, :-1], cache=empty, logits=False,
+                        adapter=adapter).cache
 
     def one(hook: Any) -> Any:
         return generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
                          max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
-                         prefix_cache=cache)
+                         prefix_cache=cache, adapter=adapter)
 
     return jax.vmap(one)(hooks)
 
@@ -363,12 +370,11 @@ def run_sweep(
     chunks = [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)]
 
     store = _Store(Path(out_dir)) if out_dir is not None else None
-    params = model.params
+    params, adapter = model.params, model.adapter
     if mesh is not None and "model" in mesh.axis_names:  # 2-D (data, model): tensor-parallel weights
-
-        params = shard_params(params, cfg, mesh)
+        params, adapter = shard_params(params, cfg, mesh), shard_adapter(adapter, cfg, mesh)
     elif mesh is not None:
-        params = _shard(params, mesh, P())
+        params, adapter = _shard((params, adapter), mesh, P())
     rows: list[dict[str, Any]] = []
     bar = progress_bar(len(chunks), "sweep chunks", progress)
     data_js = [{k: jnp.asarray(v) for k, v in e.items()} for e in encs]  # on device once per set
@@ -384,7 +390,7 @@ def run_sweep(
             if mesh is not None:
                 hooks = _shard(hooks, mesh, P("data"))
             res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
-                              capture=capture)
+                              capture=capture, adapter=adapter)
 
             res = to_host(res)
             texts = None
@@ -392,7 +398,8 @@ def run_sweep(
                 gb, gmap = gens[si]
                 gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
                                      build_hooks(grid, cfg, padded, gen_pos[si]), max_new_tokens=int(generate_tokens),
-                                     eos_ids=model.eos_ids, pad_id=model.pad_id, shared_prefix=split)
+                                     eos_ids=model.eos_ids, pad_id=model.pad_id, shared_prefix=split,
+                                     adapter=adapter)
                 texts = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
                 texts = [[tx[j] for j in gmap] for tx in texts]
             done = []
@@ -426,31 +433,81 @@ def _chunk_key(grid: Grid, data: ScoringSet, chunk: list[dict[str, Any]], names:
 
 
 class _Store:
-    """Append-only results: ``results.jsonl`` rows + ``progress.json`` finished chunk keys (atomic)."""
+    """Append-only results: ``results.jsonl`` rows + ``progress.json`` finished chunk keys (atomic).
+
+    A chunk counts as finished only once ``progress.json`` (replaced atomically after its rows are
+    flushed) lists it. Files that cannot be read back (cut short, corrupt: a torn line, an unreadable
+    ``progress.json``, a finished chunk whose rows are missing) are not trusted: the chunks they lack are
+    recomputed, with one :class:`~jaxpersona.errors.CacheWarning` per store."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.progress = root / "progress.json"
         self.results = root / "results.jsonl"
-        self.done: dict[str, int] = json.loads(self.progress.read_text()) if self.progress.exists() else {}
+        self._warned = False
+        self.done: dict[str, int] = self._read_progress()
         self._rows: dict[str, list[dict[str, Any]]] | None = None
+
+    def _warn(self, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{what}; the sweep chunks it lacks are recomputed", errors.CacheWarning, stacklevel=4)
+
+    def _read_progress(self) -> dict[str, int]:
+        if not self.progress.exists():
+            return {}
+        try:
+            got = json.loads(self.progress.read_text())
+            if not isinstance(got, dict) or not all(isinstance(v, int) for v in got.values()):
+                raise ValueError("not a map of chunk keys to row counts")
+        except (OSError, ValueError) as e:
+            self._warn(f"{self.progress} could not be read ({type(e).__name__}: {e})")
+            return {}
+        return got
+
+    def _read_rows(self) -> dict[str, list[dict[str, Any]]]:
+        rows: dict[str, list[dict[str, Any]]] = {}
+        bad = 0
+        if self.results.exists():
+            with open(self.results, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        bad += 1  # a torn line (killed mid-write, or the file cut short)
+                        continue
+                    if not isinstance(r, dict) or "_chunk" not in r:
+                        bad += 1
+                        continue
+                    rows.setdefault(r.pop("_chunk"), []).append(r)
+        if bad:
+            self._warn(f"{self.results}: {bad} unreadable line(s)")
+        return rows
 
     def load(self, key: str) -> list[dict[str, Any]] | None:
         if key not in self.done:
             return None
         if self._rows is None:
-            self._rows = {}
-            with open(self.results) as f:
-                for line in f:
-                    if line.strip():
-                        r = json.loads(line)
-                        self._rows.setdefault(r.pop("_chunk"), []).append(r)
+            self._rows = self._read_rows()
         # a chunk interrupted between its rows and progress.json may have left rows: keep the last write
-        return self._rows.get(key, [])[-self.done[key]:]
+        rows, n = self._rows.get(key, []), self.done[key]
+        if len(rows) < n:
+            self._warn(f"{self.results} lacks rows of finished chunks")
+            return None
+        return rows[len(rows) - n:]
 
     def save(self, key: str, rows: list[dict[str, Any]]) -> None:
+        torn = False
+        if self.results.exists() and self.results.stat().st_size:
+            with open(self.results, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
         with open(self.results, "a") as f:
+            if torn:  # end a torn last line so this chunk's rows start on their own
+                f.write("\n")
             for r in rows:
                 f.write(json.dumps({**r, "_chunk": key}) + "\n")
             f.flush()

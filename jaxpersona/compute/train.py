@@ -40,7 +40,7 @@ from jaxpersona.compute.scoring import encode_targets, token_ids
 from jaxpersona.data.configs import check_positive, check_types, replace_checked
 from jaxpersona.data.datasets import Example
 from jaxpersona.edit import interventions as iv
-from jaxpersona.model.lora import ALL_TARGETS, Adapter, LoraConfig, attach, init_adapter
+from jaxpersona.model.lora import ALL_TARGETS, Adapter, LoraConfig, init_adapter
 from jaxpersona.model.params import Params
 from jaxpersona.model.transformer import final_hidden, unembed
 
@@ -155,20 +155,25 @@ def _mask(batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def loss_terms(factors: dict[str, Any], scale: jax.Array, params: Params, cfg: Any, batch: dict[str, jax.Array],
-               neutral: dict[str, jax.Array] | None, prevention: Any, kl_beta: float) -> tuple[jax.Array, tuple]:
+               neutral: dict[str, jax.Array] | None, prevention: Any, kl_beta: float,
+               base_adapter: Adapter | None = None) -> tuple[jax.Array, tuple]:
     """``ce + kl_beta * kl`` as a function of the adapter's trainable ``factors = {"a": .., "b": ..}``; ``ce`` = mean NLL over the batch's response tokens under the adapter (and the
     prevention intervention, all positions); ``kl`` = mean over the neutral set's response tokens of
-    ``KL(base || tuned)`` (no intervention: the model as it is used)."""
-    tuned = attach(params, Adapter(factors["a"], factors["b"], scale))
+    ``KL(base || tuned)`` (no intervention: the model as it is used). The trained adapter travels beside the
+    plain ``params``; ``base_adapter``: the adapter the base model carries, if any (the trained one replaces it)."""
+    tuned = Adapter(factors["a"], factors["b"], scale)
     hook = None if prevention is None else dataclasses.replace(prevention, positions=iv.Positions.all(batch["valid"]))
-    logp = target_logits(tuned, cfg, final_hidden(tuned, cfg, batch["tokens"], batch["valid"], hook), batch)
+    logp = target_logits(params, cfg, final_hidden(params, cfg, batch["tokens"], batch["valid"], hook, adapter=tuned),
+                         batch)
     lp = jnp.take_along_axis(logp, batch["pred_tok"][..., None], axis=-1)[..., 0]
     m = _mask(batch)
     ce = -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
     kl = jnp.zeros((), jnp.float32)
     if neutral is not None:
-        base = jax.lax.stop_gradient(target_logits(params, cfg, final_hidden(params, cfg, neutral["tokens"], neutral["valid"]), neutral))
-        new = target_logits(tuned, cfg, final_hidden(tuned, cfg, neutral["tokens"], neutral["valid"]), neutral)
+        base = jax.lax.stop_gradient(target_logits(params, cfg, final_hidden(
+            params, cfg, neutral["tokens"], neutral["valid"], adapter=base_adapter), neutral))
+        new = target_logits(params, cfg, final_hidden(params, cfg, neutral["tokens"], neutral["valid"], adapter=tuned),
+                            neutral)
         per = (jnp.exp(base) * (base - new)).sum(-1)
         mn = _mask(neutral)
         kl = (per * mn).sum() / jnp.maximum(mn.sum(), 1.0)
@@ -235,14 +240,14 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
                                   "update; lower grad_accum or add data")
     micro_total = updates * config.grad_accum
     tx, sched = make_optimizer(config, updates)
-    params, cfg = model.params, model.cfg
+    params, cfg, base_adapter = model.params, model.cfg, model.adapter
 
     import optax
 
     @jax.jit  # params are an argument, never a closure constant (XLA would constant-fold the weights)
-    def step_fn(factors, opt_state, params, batch, nbatch, prev):
+    def step_fn(factors, opt_state, params, base_adapter, batch, nbatch, prev):
         (loss, (ce, kl)), grads = jax.value_and_grad(loss_terms, has_aux=True)(
-            factors, scale, params, cfg, batch, nbatch, prev, config.kl_beta)
+            factors, scale, params, cfg, batch, nbatch, prev, config.kl_beta, base_adapter)
         upd, opt_state = tx.update(grads, opt_state, factors)
         return optax.apply_updates(factors, upd), opt_state, loss, ce, kl
 
@@ -294,7 +299,8 @@ def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir:
                     nn = len(ntable["row_ok"])
                     nidx = np.asarray(jax.random.choice(sub, nn, (config.kl_batch,), replace=nn < config.kl_batch))
                     nb = _rows(ntable, nidx, np.ones(config.kl_batch, bool))
-                factors, opt_state, loss, ce, kl = step_fn(factors, opt_state, params, _rows(table, idx, ok), nb, prevention)
+                factors, opt_state, loss, ce, kl = step_fn(factors, opt_state, params, base_adapter,
+                                                           _rows(table, idx, ok), nb, prevention)
                 totals += [float(loss), float(ce), float(kl)]
                 if not math.isfinite(float(loss)):
                     raise errors.TrainingError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def read_toml(path: str | Path, allowed: set[str], hint: str) -> dict[str, Any]:
 
 
 def preset_config(path: str | Path | None, table_name: str, presets: dict[str, Any], default: str,
-                  hint: str, extra_top: set[str] = frozenset()) -> Any:
+                  hint: str, extra_top: AbstractSet[str] = frozenset()) -> Any:
     """A preset (``presets[name]``, chosen by the file's ``preset`` or ``default``) overridden by the
     file's ``[table_name]`` table."""
     if path is None:

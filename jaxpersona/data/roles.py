@@ -212,13 +212,13 @@ def _script(rec: Any, where: str, default_id: str) -> Script:
             if want == "user":
                 turns.append(m["content"].strip())
     else:
-        turns = rec.get("turns")
-        if not isinstance(turns, list):
+        raw = rec.get("turns")
+        if not isinstance(raw, list):
             raise ConversationError(f"{where}: needs 'turns': a list of user messages")
-        for i, t in enumerate(turns):
+        for i, t in enumerate(raw):
             if not isinstance(t, str) or not t.strip():
                 raise ConversationError(f"{where}: turn {i} is empty or not a string; every user turn needs text")
-        turns = [t.strip() for t in turns]
+        turns = [t.strip() for t in raw]
         system = rec.get("system")
     if not turns:
         raise ConversationError(f"{where}: no user turns")

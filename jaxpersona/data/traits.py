@@ -28,8 +28,9 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
+from jaxpersona.data.chat import Completer
 from jaxpersona.errors import InputError, TraitFileError
 
 __all__ = [
@@ -494,13 +495,6 @@ def save_trait(trait: Trait, path: str | os.PathLike[str]) -> Path:
 
 
 # --- drafting a new trait with a generator model ------------------------------------------------------------
-class Completer(Protocol):
-    """Anything that answers a batch of chat conversations (a local model, an HTTP endpoint)."""
-
-    def complete(self, conversations: list[list[dict[str, str]]], *, max_tokens: int, temperature: float,
-                 seed: int) -> list[str]: ...
-
-
 _ASPECTS = (
     "its tone of voice", "the advice it gives", "how it treats the user", "the opinions it expresses",
     "how it answers questions", "the words it chooses", "how it reacts to problems", "its overall attitude",

@@ -243,17 +243,23 @@ def _scalar(x: Any, what: str, allow_inf: bool = False) -> jax.Array:
 
 
 def steer(n_resid: int, vector: Any, coeff: Any, layers: Any, positions: Positions, unit: bool = False) -> Steer:
+    """A validated :class:`Steer`: ``h + coeff * v`` at resid points ``layers`` (an int, list or range of
+    ``0..n_resid-1``) and ``positions``. ``vector``: ``[D]`` or ``[L+1, D]`` (``unit``: normalised first)."""
     v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "steer")
     return Steer(v, _scalar(coeff, "steer coeff"), layer_weights(n_resid, layers), positions, unit)
 
 
 def ablate(n_resid: int, vector: Any, layers: Any, positions: Positions, mean: Any = 0.0, coeff: Any = 0.0) -> Ablate:
+    """A validated :class:`Ablate`: project ``v̂`` out at ``layers``/``positions``, put back ``mean * v̂``
+    (0: directional ablation) and add ``coeff * v``. ``vector``: ``[D]`` or ``[L+1, D]``, non-zero."""
     v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "ablate")
     return Ablate(v, layer_weights(n_resid, layers), positions, _scalar(mean, "ablate mean"),
                   _scalar(coeff, "ablate coeff"))
 
 
 def cap(n_resid: int, vector: Any, layers: Any, positions: Positions, lo: Any = -np.inf, hi: Any = np.inf) -> Cap:
+    """A validated :class:`Cap`: clamp ``<h, v̂>`` to ``[lo, hi]`` at ``layers``/``positions`` (bounds scalars
+    or ``[L+1]``; ``-inf``/``inf`` leave that side open). ``vector``: ``[D]`` or ``[L+1, D]``, non-zero."""
     v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "cap")
     lo_a, hi_a = _scalar(lo, "cap floor", allow_inf=True), _scalar(hi, "cap ceiling", allow_inf=True)
     if np.any(np.asarray(lo_a) > np.asarray(hi_a)):
@@ -267,10 +273,10 @@ def mixture(n_resid: int, vectors: Any, layers: Any, positions: Positions, alpha
             weights: Any = None) -> Mixture:
     """A :class:`Mixture` over ``vectors [K, D]`` (K >= 2): context-conditional with temperature ``tau > 0``,
     or fixed ``weights`` when given (``[K]``, or ``[B, K]``: one mix per batch row)."""
-    v = np.asarray(vectors, np.float32)
-    if v.ndim != 2 or v.shape[0] < 2:
-        raise errors.InputError(f"a mixture needs a bank of >= 2 vectors [K, D], got shape {v.shape}")
-    v = _vector(v, v.shape[-1], "mixture")
+    raw = np.asarray(vectors, np.float32)
+    if raw.ndim != 2 or raw.shape[0] < 2:
+        raise errors.InputError(f"a mixture needs a bank of >= 2 vectors [K, D], got shape {raw.shape}")
+    v = _vector(raw, raw.shape[-1], "mixture")
     t = np.asarray(tau, np.float32)
     if not np.all(np.isfinite(t)) or np.any(t <= 0):
         raise errors.InputError(f"mixture temperature tau must be > 0, got {tau}")
@@ -303,8 +309,7 @@ def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
                 f"{type(it).__name__}: per-layer vectors cover {it.vector.shape[0]} resid points; this model has "
                 f"resid[0..{n_resid - 1}] ({n_resid} points): vectors from another model?"
             )
-        bounds = (it.lo, it.hi) if isinstance(it, Cap) else ()
-        if any(b.ndim == 1 and b.shape[0] != n_resid for b in bounds):
+        if isinstance(it, Cap) and any(b.ndim == 1 and b.shape[0] != n_resid for b in (it.lo, it.hi)):
             raise errors.InputError(f"Cap: per-layer bounds have {it.lo.shape}/{it.hi.shape} entries; this model has "
                                     f"{n_resid} resid points")
         if it.layers.shape[-1] != n_resid:

@@ -25,23 +25,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from jaxpersona import errors
+from jaxpersona.data.chat import Message
 
 if TYPE_CHECKING:
     from jaxpersona.compute.handle import Model
 
-Message = dict[str, str]
 MAX_ERROR_BODY = 300  # characters of a server's error body quoted in an EndpointError
-
-
-class Completer(Protocol):
-    """Anything that turns conversations into reply texts (an endpoint or a local model)."""
-
-    def complete(
-        self, conversations: list[list[Message]], *, max_tokens: int, temperature: float, seed: int | None
-    ) -> list[str]: ...
 
 
 def redact_url(url: str) -> str:

@@ -1,7 +1,6 @@
-"""Judge-free evaluation of persona vectors and the check a judge must pass before it is trusted.
+"""Judge-free evaluation of persona vectors (the check a judge must pass before it is trusted is
+:func:`jaxpersona.measure.judge_check.check_judge`).
 
-* :func:`check_judge` — score a trait's anchor answers (clearly the trait / clearly not / broken
-  text) with the judge and report AUROC for trait separation and for coherence separation;
 * :func:`steering_table` — from a steering sweep's rows (teacher-forced log-probs of the evaluation
   answers, greedy generations): per (layer, coefficient) the **contrastive-likelihood trait score**
   (mean per-token log-prob of the positive answers minus the negative ones, no system prompt,

@@ -336,6 +336,7 @@ class LocalJudge(Judge):
     def __init__(self, model: Model, *, batch_size: int = 8, answer_prefix: str = "") -> None:
         if int(batch_size) != batch_size or batch_size < 1:
             raise errors.InputError(f"batch_size must be an integer >= 1, got {batch_size}")
+        model.base_only("the local judge")
         self.model = model
         self.batch_size = int(batch_size)
         self.answer_prefix = answer_prefix

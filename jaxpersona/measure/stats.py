@@ -40,7 +40,7 @@ def bootstrap_ci(values: Any, *, n_boot: int = 2000, level: float = 0.95, seed: 
     return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
 
-def jackknife_interval(point: Any, leave_one_out: Sequence[Any], level: float = 0.95
+def jackknife_interval(point: Any, leave_one_out: Sequence[Any] | np.ndarray, level: float = 0.95
                        ) -> tuple[np.ndarray, np.ndarray]:
     """``point +- z * SE`` with the jackknife standard error from leave-one-unit-out estimates ``[n, ...]``
     (elementwise). For statistics the bootstrap biases strongly — a cosine of resampled means is pulled
@@ -54,15 +54,16 @@ def jackknife_interval(point: Any, leave_one_out: Sequence[Any], level: float = 
     return p - z * se, p + z * se
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson r (None with < 3 points or a constant input)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+def pearson(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float | None:
+    """Pearson r of ``x [N]`` and ``y [N]`` (None with < 3 points or a constant input)."""
+    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
+    return float(np.corrcoef(a, b)[0, 1])
 
 
-def pearson_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> dict[str, float | int | None]:
+def pearson_ci(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, level: float = 0.95
+               ) -> dict[str, float | int | None]:
     """``{r, lo, hi, n}``: Pearson r with a Fisher-z interval (None where it is undefined; the
     interval needs n >= 4)."""
     r = pearson(x, y)
@@ -110,7 +111,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
+def auroc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray) -> float | None:
     """P(score of a positive > score of a negative), ties counting 1/2 (None if a side is empty)."""
     p, n = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
     p, n = p[np.isfinite(p)], n[np.isfinite(n)]
@@ -120,12 +121,13 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
     return float((r[: p.size].sum() - p.size * (p.size + 1) / 2) / (p.size * n.size))
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman rho (Pearson r of average ranks); None with < 3 points or a constant input."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 3:
+def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float | None:
+    """Spearman rho of ``x [N]`` and ``y [N]`` (Pearson r of average ranks); None with < 3 points or a
+    constant input."""
+    a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(a) < 3:
         return None
-    return pearson(_ranks(x), _ranks(y))
+    return pearson(_ranks(a), _ranks(b))
 
 
 # --- coherence of generated text ------------------------------------------------------------------

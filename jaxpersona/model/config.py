@@ -30,7 +30,7 @@ _MODEL_TYPE_TO_FAMILY = {
     "gemma3": "gemma3",
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES: dict[str, Any] = {"float32": np.float32, "fp32": np.float32, "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def parse_dtype(dtype: Any) -> Any:

@@ -2,13 +2,14 @@
 
 An :class:`Adapter` holds, per target matrix ``W [in, out]`` (``q k v o gate up down``), factors
 ``a [L, in, r]`` and ``b [L, r, out]`` and a scale (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
-The forward adds ``(x @ a) @ b * scale`` beside ``x @ W`` inside the layer scan; merged weights are
-never formed. :func:`attach` places an adapter into a params pytree (no weight is copied), so every
-pure function of ``params`` — forward, generation, capture, sweeps — runs under it unchanged.
+The adapter travels *beside* the params, never inside them (the params pytree is always the plain
+weights): ``forward(params, cfg, tokens, adapter=..)`` lays it out per layer with :func:`layer_factors`
+and scans those factors alongside the stacked weights, each block adding ``(x @ a) @ b * scale`` beside
+``x @ W``; merged weights are never formed.
 
 An :class:`AdapterStack` is several adapters on a leading ``K`` axis (different ranks are padded with
-zero columns, which changes nothing); ``attach(params, stack, select)`` picks adapter ``select[b]`` for
-example ``b``, so one batched forward evaluates base (a zero adapter), several fine-tunes and their
+zero columns, which changes nothing); with ``adapter_select [B]`` example ``b`` uses adapter
+``select[b]``, so one batched forward evaluates base (a zero adapter), several fine-tunes and their
 combinations with prompts and interventions, as multi-adapter servers do.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.params import Params, param_shapes
+from jaxpersona.model.params import param_shapes
 
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
 ALL_TARGETS = tuple(TARGETS)
@@ -153,13 +154,18 @@ def stack_adapters(adapters: Sequence[Adapter | None], cfg: ModelConfig) -> Adap
     return AdapterStack(a_out, b_out, scale)
 
 
-def attach(params: Params, adapter: Adapter | AdapterStack | None, select: Any = None) -> Params:
-    """Params with the adapter placed at ``params["layers"]["lora"]`` (scale folded into ``b``). No weight is
-    copied; gradients flow to the adapter's factors. A stack needs ``select [B]`` (int, adapter per example)."""
+LayerFactors = dict[str, dict[str, jax.Array]]
+
+
+def layer_factors(adapter: Adapter | AdapterStack | None, select: Any = None) -> LayerFactors:
+    """The adapter laid out for the layer scan, keyed by weight name (``wq``, ``w_down``, ...), every leaf
+    stacked on a leading ``[L]`` axis: ``{"a": [L, in, r], "b": [L, r, out]}`` with the scale folded into
+    ``b``; for a stack ``{"a": [L, K, in, r], "b": [L, K, r, out], "select": [L, B]}`` (``select [B]``,
+    int: the adapter each example uses). ``None`` gives ``{}`` (no adapter). No weight is copied;
+    gradients flow to the factors."""
     if adapter is None:
-        return params
-    layers = dict(params["layers"])
-    lora = {}
+        return {}
+    lora: LayerFactors = {}
     if isinstance(adapter, AdapterStack):
         if select is None:
             raise errors.InputError("an AdapterStack needs select=[B] (which adapter each example uses)")
@@ -169,10 +175,9 @@ def attach(params: Params, adapter: Adapter | AdapterStack | None, select: Any =
         for t in adapter.a:
             b = adapter.b[t] * adapter.scale[None, :, None, None].astype(adapter.b[t].dtype)
             lora[TARGETS[t]] = {"a": adapter.a[t], "b": b, "select": sel}
-    else:
+    elif isinstance(adapter, Adapter):
         for t in adapter.a:
             lora[TARGETS[t]] = {"a": adapter.a[t], "b": adapter.b[t] * adapter.scale.astype(adapter.b[t].dtype)}
-    layers["lora"] = lora
-    return {**params, "layers": layers}
-
-
+    else:
+        raise errors.InputError(f"adapter must be an Adapter or an AdapterStack, got {type(adapter).__name__}")
+    return lora

@@ -10,7 +10,8 @@ Rules:
 * :data:`TENSOR_PARALLEL` — heads / kv_heads / mlp / vocab over ``model``; weights replicated over ``data``;
 * :data:`FSDP` — as above, plus the ``embed`` dimension of every weight over ``data`` (gathered per layer
   by the partitioner);
-* activations and token batches: ``batch`` over ``data``; sweep grid points: ``grid`` over ``data``.
+* activations and token batches: ``batch`` over ``data`` (a sweep shards its grid points over the mesh's
+  ``data`` axis directly, see :mod:`jaxpersona.compute.sweep`).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from jaxpersona.model.params import LAYER_AXES, TOP_AXES, Params, param_shapes
 Rules = tuple[tuple[str, Any], ...]
 
 
-TENSOR_PARALLEL: Rules = (("batch", "data"), ("grid", "data"), ("heads", "model"), ("kv_heads", "model"),
-                          ("mlp", "model"), ("vocab", "model"), ("embed", None), ("layers", None), ("norm", None),
-                          ("head_dim", None), ("seq", None))
+TENSOR_PARALLEL: Rules = (("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
+                          ("vocab", "model"), ("embed", None), ("layers", None), ("norm", None), ("head_dim", None),
+                          ("seq", None))
 FSDP: Rules = tuple((k, "data") if k == "embed" else (k, v) for k, v in TENSOR_PARALLEL)
 
 
@@ -100,7 +101,7 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: Rules = TE
 
 
 def spec(mesh: jax.sharding.Mesh, *names: str | None, rules: Rules = TENSOR_PARALLEL) -> NamedSharding:
-    """The sharding of an activation / cache / grid array with these logical dimension names."""
+    """The sharding of an activation / cache array with these logical dimension names."""
     import flax.linen as nn
 
     return NamedSharding(mesh, nn.logical_to_mesh_axes(names, rules))

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.lora import attach
+from jaxpersona.model.lora import Adapter, AdapterStack, LayerFactors, layer_factors
 from jaxpersona.model.params import Params
 
 Reduce = Literal["tokens", "mean", "last"]
@@ -202,15 +202,15 @@ def check_context(cfg: ModelConfig, valid: np.ndarray, new_tokens: int = 0) -> N
 
 
 # --- the block --------------------------------------------------------------------------------
-def linear(lp: Params, name: str, x: jax.Array) -> jax.Array:
-    """``x @ lp[name]``, plus a low-rank adapter's ``(x @ A) @ B`` when ``lp["lora"]`` holds one for ``name``.
+def linear(lp: Params, lora: LayerFactors, name: str, x: jax.Array) -> jax.Array:
+    """``x @ lp[name]``, plus a low-rank adapter's ``(x @ A) @ B`` when ``lora`` holds one for ``name``.
 
-    Adapter factors arrive scanned to this layer (see :func:`jaxpersona.model.lora.attach`): ``a [in, r]``,
-    ``b [r, out]`` (scale folded in), or a stack ``a [K, in, r]``, ``b [K, r, out]`` with ``select [B]``
-    choosing each example's adapter. Merged weights are never formed.
+    ``lora`` is this layer's slice of :func:`jaxpersona.model.lora.layer_factors` (``{}``: no adapter):
+    ``a [in, r]``, ``b [r, out]`` (scale folded in), or a stack ``a [K, in, r]``, ``b [K, r, out]`` with
+    ``select [B]`` choosing each example's adapter. Merged weights are never formed.
     """
     y = x @ lp[name]
-    ad = lp.get("lora", {}).get(name)
+    ad = lora.get(name)
     if ad is None:
         return y
     a, b = ad["a"].astype(x.dtype), ad["b"].astype(x.dtype)
@@ -221,13 +221,14 @@ def linear(lp: Params, name: str, x: jax.Array) -> jax.Array:
 
 
 def project_qkv(
-    cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array]
+    cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, rope: tuple[jax.Array, jax.Array]
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Attention inputs of one block: q ``[B,T,H,hd]``, k/v ``[B,KV,T,hd]`` (rope applied)."""
+    """Attention inputs of one block: q ``[B,T,H,hd]``, k/v ``[B,KV,T,hd]`` (rope applied). ``lora``: this
+    layer's adapter factors (``{}`` for none)."""
     b, t, _ = x.shape
     eps, off = cfg.rms_eps, cfg.norm_offset
     hx = rms_norm(x, lp["attn_norm"], eps, off)
-    q, k, v = linear(lp, "wq", hx), linear(lp, "wk", hx), linear(lp, "wv", hx)
+    q, k, v = linear(lp, lora, "wq", hx), linear(lp, lora, "wk", hx), linear(lp, lora, "wv", hx)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -240,27 +241,31 @@ def project_qkv(
 
 
 def finish_block(
-    cfg: ModelConfig, lp: Params, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+    cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+    mask: jax.Array,
 ) -> jax.Array:
     """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``), output projection, MLP; residual adds."""
     eps, off = cfg.rms_eps, cfg.norm_offset
-    attn = linear(lp, "wo", attention(cfg, q, k, v, mask))
+    attn = linear(lp, lora, "wo", attention(cfg, q, k, v, mask))
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
         attn = rms_norm(attn, lp["post_attn_norm"], eps, off)
     x = x + attn
     hx = rms_norm(x, lp["mlp_norm"], eps, off)
-    mlp = linear(lp, "w_down", activation(cfg.activation, linear(lp, "w_gate", hx)) * linear(lp, "w_up", hx))
+    mlp = linear(lp, lora, "w_down",
+                 activation(cfg.activation, linear(lp, lora, "w_gate", hx)) * linear(lp, lora, "w_up", hx))
     if cfg.sandwich_norm:
         mlp = rms_norm(mlp, lp["post_mlp_norm"], eps, off)
     return x + mlp
 
 
-def block(cfg: ModelConfig, lp: Params, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
-    """One decoder block on ``x [B, T, D]`` attending to itself; ``lp`` = this layer's weights."""
-    q, k, v = project_qkv(cfg, lp, x, rope)
-    return finish_block(cfg, lp, x, q, k, v, mask)
+def block(cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, rope: tuple[jax.Array, jax.Array],
+          mask: jax.Array) -> jax.Array:
+    """One decoder block on ``x [B, T, D]`` attending to itself; ``lp`` = this layer's weights, ``lora`` its
+    adapter factors (``{}`` for none)."""
+    q, k, v = project_qkv(cfg, lp, lora, x, rope)
+    return finish_block(cfg, lp, lora, x, q, k, v, mask)
 
 
 # --- capture helpers --------------------------------------------------------------------------
@@ -388,27 +393,30 @@ def run_layers(
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
     span: tuple[jax.Array, jax.Array] | None = None,
+    adapter: Adapter | AdapterStack | None = None,
+    adapter_select: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, KVCache | None]:
     """Blocks ``0..L-1`` (or only ``start <= l < stop`` with ``span``) as one ``lax.scan``.
 
     After block ``l`` the hook and the recorder see ``resid[l+1]``. ``span`` may be traced (one
-    compile serves every split point): layers outside it are skipped with ``lax.cond``.
+    compile serves every split point): layers outside it are skipped with ``lax.cond``. ``adapter``
+    (``adapter_select [B]`` for a stack): its per-layer factors are scanned beside the layer weights.
     """
     index = jnp.asarray(cache_index, jnp.int32)
 
     def step(carry, xs):
         h, buf, ck, cv = carry
-        lp, layer, is_sliding = xs
+        lp, lora, layer, is_sliding = xs
         mask = jnp.where(is_sliding, prep.mask_local, prep.mask_full)
         rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
 
         def run(h, buf, ck, cv):
             if cache is None:
-                h = block(cfg, lp, h, rope, mask)
+                h = block(cfg, lp, lora, h, rope, mask)
             else:  # write the new keys/values in place first, then read this layer's slice
-                q, k, v = project_qkv(cfg, lp, h, rope)
+                q, k, v = project_qkv(cfg, lp, lora, h, rope)
                 ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                h = finish_block(cfg, lp, h, q, ck[layer], cv[layer], mask)
+                h = finish_block(cfg, lp, lora, h, q, ck[layer], cv[layer], mask)
             h = apply_hook(hook, layer + 1, h, prep.ctx)
             return h, record(buf, layer + 1, h), ck, cv
 
@@ -419,22 +427,25 @@ def run_layers(
 
     ck = cache.k if cache is not None else jnp.zeros((0,), h.dtype)
     cv = cache.v if cache is not None else jnp.zeros((0,), h.dtype)
-    xs = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(cfg.layer_sliding))
+    lora = layer_factors(adapter, adapter_select)
+    xs = (params["layers"], lora, jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(cfg.layer_sliding))
     (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), xs)
     return h, buf, (KVCache(ck, cv, prep.k_valid) if cache is not None else None)
 
 
 def final_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: Hook | None = None,
-                 span: tuple[Any, Any] | None = None, h: jax.Array | None = None) -> jax.Array:
+                 span: tuple[Any, Any] | None = None, h: jax.Array | None = None, *,
+                 adapter: Adapter | AdapterStack | None = None, adapter_select: jax.Array | None = None) -> jax.Array:
     """The last residual ``resid[L]`` ``[B, T, D]`` of a full-sequence forward (no cache, no logits).
 
     With ``span=(start, L)`` and ``h = resid[start]`` given, only blocks ``start..L-1`` run (a prefix
-    computed once and reused, e.g. when only later layers depend on what is being optimised)."""
+    computed once and reused, e.g. when only later layers depend on what is being optimised).
+    ``adapter`` / ``adapter_select``: as in :func:`forward`."""
     prep = prepare(cfg, valid)
     if h is None:
         h = apply_hook(hook, jnp.int32(0), embed(params, cfg, tokens), prep.ctx)
     h, _, _ = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, valid), hook=hook,
-                         span=span)
+                         span=span, adapter=adapter, adapter_select=adapter_select)
     return h
 
 
@@ -451,7 +462,7 @@ def forward(
     capture_mask: jax.Array | None = None,
     hook: Hook | None = None,
     logits: bool | Literal["last"] = True,
-    adapter: Any = None,
+    adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
 ) -> ForwardOutput:
     """Run the model on ``tokens [B, T]`` (int32).
@@ -466,19 +477,19 @@ def forward(
         selects the tokens for ``mean``/``last`` (default ``valid``).
       hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).
       logits: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]``, False for none.
-      adapter: a :class:`~jaxpersona.model.lora.Adapter` (or an ``AdapterStack`` with ``adapter_select [B]``),
-        applied inside every block (same as ``forward(lora.attach(params, adapter), ...)``).
+      adapter: a :class:`~jaxpersona.model.lora.Adapter` (or an ``AdapterStack`` with ``adapter_select [B]``,
+        the adapter each example uses), applied inside every block: its per-layer factors are scanned beside
+        the layer weights (``params`` stay the plain weights).
     """
     chex.assert_rank(tokens, 2)
-    if adapter is not None:
-        params = attach(params, adapter, adapter_select)
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     prep = prepare(cfg, valid, positions, cache, cache_index)
     record = Recorder.make(cfg, capture, valid if capture_mask is None else capture_mask)
     h = apply_hook(hook, jnp.int32(0), embed(params, cfg, tokens), prep.ctx)
     buf = record(record.empty(h), jnp.int32(0), h)
     h, buf, new_cache = run_layers(
-        params, cfg, h, prep, buf, record, hook=hook, cache=cache, cache_index=cache_index
+        params, cfg, h, prep, buf, record, hook=hook, cache=cache, cache_index=cache_index, adapter=adapter,
+        adapter_select=adapter_select,
     )
     out_logits = None
     if logits == "last":

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
-import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +58,7 @@ from jaxpersona.measure import stats
 from jaxpersona.measure.evaluate import answer_trait_scores
 from jaxpersona.measure.mixture import compare_mixtures
 from jaxpersona.model.transformer import Capture
+from jaxpersona.runner.run import Run, open_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,40 +214,93 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
     """The whole run (see the module docstring); writes ``summary.json``/``.txt`` and ``answers.jsonl``.
     With ``space_dir`` (a ``jaxpersona space`` run) also consistency over turns (:func:`turn_consistency`),
     each persona's own vector being its mean activation minus the mean over personas (first
-    temperature)."""
+    temperature).
+
+    A ``consistency`` run (:func:`~jaxpersona.runner.run.open_run`): one stage per temperature
+    (``T=<t>``), then ``turns`` and ``mixtures`` when they run, and ``summary``."""
     cfg = model.cfg
     config.validate(cfg)
     if bank is not None:
         bank.check_model(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": model.name, **dataclasses.asdict(config)}, indent=2))
-    t0 = time.perf_counter()
-    personas = personas_of(config.personas, config.n_personas, config.prompt_index)
-    if len(personas) < 2:
-        raise errors.InputError(f"only {len(personas)} persona(s) available; a between-persona variance needs 2")
-    questions = list(load_roles().questions[: config.n_questions])
-    convs = [conversation(q, system) for _, system in personas for q in questions]
-    P, Q, K = len(personas), len(questions), config.seeds
-    layer = config.resid(cfg.n_layers)
-    store = KeyedJsonl(out / "generations.jsonl")
-    pcs: list[np.ndarray] = []  # the persona space's first PCs at this layer, with --space
-    if space_dir is not None and (Path(space_dir) / "pca.npz").exists():
-        comp = np.load(Path(space_dir) / "pca.npz")["components"]
-        if comp.shape[0] != cfg.n_resid or comp.shape[-1] != cfg.d_model:
-            raise errors.ModelMismatchError(f"{space_dir}/pca.npz is from another model ({comp.shape})")
-        pcs = list(comp[layer, :3])
-    units = None
+    with open_run(out_dir, "consistency", {"model": model.name, **dataclasses.asdict(config)}, model=model,
+                  seeds={"seed": config.seed}, log=log, progress=progress) as run:
+        personas = personas_of(config.personas, config.n_personas, config.prompt_index)
+        if len(personas) < 2:
+            raise errors.InputError(f"only {len(personas)} persona(s) available; a between-persona variance needs 2")
+        questions = list(load_roles().questions[: config.n_questions])
+        layer = config.resid(cfg.n_layers)
+        measures = _projections(model, layer, bank, space_dir)
+        store = run.records("generations.jsonl")
+        results: dict[str, Any] = {}
+        answers_out: list[dict[str, Any]] = []
+        for temp in config.temperatures:
+            res, x, answers = _temperature_stage(run, model, config, personas, questions, temp, layer, store, measures)
+            results[f"{temp:g}"] = res
+            answers_out += answers
+            if temp == config.temperatures[0]:
+                pm = x.mean(axis=(0, 2))  # [P, D]
+                persona_vecs = pm - pm.mean(axis=0)
+        turns = None
+        if space_dir is not None and config.turn_scripts:
+            turns = _turns_stage(run, model, config, personas, persona_vecs, layer, space_dir, scripts)
+        mix = None
+        if config.personas == "traits" and config.mix_questions:
+            mix = _mixtures_stage(run, model, config, personas, persona_vecs, layer)
+        wall = run.wall()
+        summary = {"model": model.name, "personas": [n for n, _ in personas], "questions": len(questions),
+                   "seeds": config.seeds, "mixtures": mix, "layer": layer,
+                   "bank": None if bank is None else list(bank.names), "results": results, "turns": turns,
+                   "wall_s": {k: round(v, 1) for k, v in {**wall, "total": sum(wall.values())}.items()}}
+        with run.stage("summary"):
+            run.write_jsonl("answers.jsonl", answers_out)
+            run.write_json("summary.json", summary, indent=1)
+            run.write_text("summary.txt", _text(summary))
+            plots.ratio_by_temperature(results, run.path("ratio.png"),
+                                       title=f"{model.name}: within / between persona variance")
+    return summary
+
+
+def _projections(model: Any, layer: int, bank: Any, space_dir: str | Path | None) -> dict[str, np.ndarray]:
+    """The unit vectors answers are projected on at ``resid[layer]``: ``{measure name: [D]}`` — each bank
+    entry (``proj:<entry>``, unit) and, with a space run that has ``pca.npz``, its first three PCs
+    (``proj:space_pc<i>``)."""
+    cfg = model.cfg
+    out: dict[str, np.ndarray] = {}
     if bank is not None:
         vec = bank.vectors[:, layer]
         units = vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-12)
-    results: dict[str, Any] = {}
-    answers_out = []
-    wall: dict[str, float] = {}
-    for temp in config.temperatures:
-        t1 = time.perf_counter()
-        log(f"T={temp:g}: {K} seeds x {P} personas x {Q} questions ({K * P * Q} answers), seeds vmapped")
-        texts = generate_seeds(model, convs, config, temp, store, progress=progress)
+        out.update({f"proj:{name}": u for name, u in zip(bank.names, units)})
+    if space_dir is not None and (Path(space_dir) / "pca.npz").exists():
+        comp = _npz_entry(Path(space_dir) / "pca.npz", "components")
+        if comp.shape[0] != cfg.n_resid or comp.shape[-1] != cfg.d_model:
+            raise errors.ModelMismatchError(f"{space_dir}/pca.npz is from another model ({comp.shape})")
+        out.update({f"proj:space_pc{i + 1}": pc for i, pc in enumerate(comp[layer, :3])})
+    return out
+
+
+def _npz_entry(path: Path, name: str) -> np.ndarray:
+    """Entry ``name`` of the npz at ``path`` (an :class:`~jaxpersona.errors.InputError` when unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as got:
+            return got[name]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise errors.InputError(f"{path} could not be read ({type(e).__name__}: {e}); re-run `jaxpersona space`") from None
+
+
+def _temperature_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list[tuple[str, str]],
+                       questions: list[str], temp: float, layer: int, store: Any, projections: dict[str, np.ndarray]
+                       ) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
+    """One temperature: K seeds x P personas x Q questions sampled (cached per chunk in ``store``), the
+    response-mean activations at ``resid[layer]``, every measure's variance components. Returns the
+    temperature's results, the activations ``x [K, P, Q_ok, D]`` and the answers' rows."""
+    cfg = model.cfg
+    P, Q, K = len(personas), len(questions), config.seeds
+    convs = [conversation(q, system) for _, system in personas for q in questions]
+    with run.stage(f"T={temp:g}", f"T={temp:g}: {K} seeds x {P} personas x {Q} questions ({K * P * Q} answers), "
+                                  "seeds vmapped") as st:
+        before = len(store)
+        texts = generate_seeds(model, convs, config, temp, store, progress=run.progress)
+        st.hit(-(-len(convs) // min(config.batch_size, len(convs))) - (len(store) - before))  # chunks not resampled
         flat_c = [c for _ in range(K) for c in convs]
         flat_t = [t for tk in texts for t in tk]
         live = [i for i, t in enumerate(flat_t) if t]
@@ -261,12 +314,7 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
             raise errors.InputError(f"at T={temp:g} every question has an empty answer for some seed and persona; "
                                     "raise max_new_tokens")
         x = acts.reshape(K, P, Q, cfg.d_model)[:, :, ok_q]
-        measures = {"activation": x}
-        if units is not None:
-            for name, u in zip(bank.names, units):
-                measures[f"proj:{name}"] = x @ u
-        for i, pc in enumerate(pcs):
-            measures[f"proj:space_pc{i + 1}"] = x @ pc
+        measures = {"activation": x, **{name: x @ u for name, u in projections.items()}}
         for tname in [t.strip() for t in config.score_traits.split(",") if t.strip()]:
             trait = load_trait(tname)
             sc = np.full(len(flat_t), np.nan)
@@ -275,54 +323,51 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
             measures[f"score:{tname}"] = sc.reshape(K, P, Q)[:, :, ok_q]
         res = {name: ratio_with_interval(variance_components(m), config.n_boot, config.seed)
                for name, m in measures.items()}
-        results[f"{temp:g}"] = {"measures": res, "questions_dropped": int((~ok_q).sum())}
-        if temp == config.temperatures[0]:
-            pm = x.mean(axis=(0, 2))  # [P, D]
-            persona_vecs = pm - pm.mean(axis=0)
-        for k in range(K):
-            for pi, (pname, _) in enumerate(personas):
-                for qi, q in enumerate(questions):
-                    answers_out.append({"temperature": temp, "seed": k, "persona": pname, "question": q,
-                                        "answer": texts[k][pi * Q + qi]})
-        wall[f"T={temp:g}"] = time.perf_counter() - t1
-    turns = None
-    if space_dir is not None and config.turn_scripts:
-        t1 = time.perf_counter()
-        scripts = list(scripts if scripts is not None else load_conversations())[: config.turn_scripts]
-        key = digest("turns", model_fingerprint(model), config.turn_scripts, config.turn_tokens, config.edit_coeff, layer,
-                     str(space_dir), persona_vecs.tobytes().hex()[:64], [dataclasses.asdict(x) for x in scripts])
-        tstore = KeyedJsonl(out / "turns.jsonl")
-        if key not in tstore:
-            log(f"over turns: {P} personas x {len(scripts)} scripts (+ the first question again) x 4 variants")
+    answers = [{"temperature": temp, "seed": k, "persona": pname, "question": q, "answer": texts[k][pi * Q + qi]}
+               for k in range(K) for pi, (pname, _) in enumerate(personas) for qi, q in enumerate(questions)]
+    return {"measures": res, "questions_dropped": int((~ok_q).sum())}, x, answers
+
+
+def _turns_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list[tuple[str, str]],
+                 persona_vecs: np.ndarray, layer: int, space_dir: str | Path, scripts: list[Any] | None
+                 ) -> dict[str, Any]:
+    """Consistency over turns (:func:`turn_consistency`), cached in ``turns.jsonl``."""
+    scripts = list(scripts if scripts is not None else load_conversations())[: config.turn_scripts]
+    key = digest("turns", model_fingerprint(model), config.turn_scripts, config.turn_tokens, config.edit_coeff, layer,
+                 str(space_dir), persona_vecs.tobytes().hex()[:64], [dataclasses.asdict(x) for x in scripts])
+    with run.stage("turns") as st:
+        tstore = run.records("turns.jsonl")
+        if key in tstore:
+            st.hit()
+        else:
+            run.log(f"over turns: {len(personas)} personas x {len(scripts)} scripts (+ the first question again) x 4 "
+                    "variants")
             res_t = turn_consistency(model, personas, persona_vecs, layer, scripts, space_dir,
-                                     edit_coeff=config.edit_coeff, max_new_tokens=config.turn_tokens, progress=progress)
+                                     edit_coeff=config.edit_coeff, max_new_tokens=config.turn_tokens,
+                                     progress=run.progress)
             tstore.put([{"key": key, **res_t}])
-        turns = {k: v for k, v in tstore[key].items() if k not in ("key", "records")}
-        wall["turns"] = time.perf_counter() - t1
-    mix = None
-    if config.personas == "traits" and config.mix_questions:
-        t1 = time.perf_counter()
-        key = digest("mixtures", model_fingerprint(model), config.mix_questions, config.mix_alpha, config.mix_tau, layer,
-                     config.max_new_tokens, config.seed, persona_vecs.tobytes().hex()[:64])
-        mstore = KeyedJsonl(out / "mixtures.jsonl")
-        if key not in mstore:
-            log(f"mixtures: {P} trait personas, {config.mix_questions} held-out questions each, 4 conditions")
+    return {k: v for k, v in tstore[key].items() if k not in ("key", "records")}
+
+
+def _mixtures_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list[tuple[str, str]],
+                    persona_vecs: np.ndarray, layer: int) -> dict[str, Any]:
+    """Persona mixtures of the trait personas (:func:`~jaxpersona.measure.mixture.compare_mixtures`),
+    cached in ``mixtures.jsonl``."""
+    key = digest("mixtures", model_fingerprint(model), config.mix_questions, config.mix_alpha, config.mix_tau, layer,
+                 config.max_new_tokens, config.seed, persona_vecs.tobytes().hex()[:64])
+    with run.stage("mixtures") as st:
+        mstore = run.records("mixtures.jsonl")
+        if key in mstore:
+            st.hit()
+        else:
+            run.log(f"mixtures: {len(personas)} trait personas, {config.mix_questions} held-out questions each, "
+                    "4 conditions")
             mstore.put([{"key": key, **compare_mixtures(model, [load_trait(n) for n, _ in personas], persona_vecs,
                                                         layer, alpha=config.mix_alpha, tau=config.mix_tau,
                                                         n_questions=config.mix_questions,
                                                         max_new_tokens=config.max_new_tokens, seed=config.seed,
                                                         batch_size=config.batch_size)}])
-        mix = {k: v for k, v in mstore[key].items() if k not in ("key", "answers")}
-        wall["mixtures"] = time.perf_counter() - t1
-    summary = {"model": model.name, "personas": [n for n, _ in personas], "questions": Q, "seeds": K, "mixtures": mix,
-               "layer": layer, "bank": None if bank is None else list(bank.names), "results": results, "turns": turns,
-               "wall_s": {k: round(v, 1) for k, v in {**wall, "total": time.perf_counter() - t0}.items()}}
-    (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers_out))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "summary.txt").write_text(_text(summary))
-
-    plots.ratio_by_temperature(results, out / "ratio.png", title=f"{model.name}: within / between persona variance")
-    return summary
+    return {k: v for k, v in mstore[key].items() if k not in ("key", "answers")}
 
 
 def _text(s: dict[str, Any]) -> str:

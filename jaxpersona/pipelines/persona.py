@@ -26,17 +26,20 @@ Every unit of work is appended to a JSONL file in the run directory as it finish
 hash of what determines it, so a killed run resumes without redoing finished generations or
 judgements (and a changed config recomputes only what changed). Chunks of generation are fixed
 by the job order and seeded by their index, so a resumed run produces the same text as an
-uninterrupted one.
+uninterrupted one. The run directory is a :func:`~jaxpersona.runner.run.open_run` run (kind
+``extract``; ``extract-all`` for several traits): its lock, ``run.json`` manifest and timed stages
+``generate, judge_check, judge, extract, steer, choose, monitor, summary`` (prefixed ``<trait>/`` in an
+``extract-all`` run, but for the shared ``steer``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,7 @@ from jaxpersona.measure.evaluate import (
 )
 from jaxpersona.measure.judge_check import JudgeCheck, check_judge
 from jaxpersona.measure.stats import CoherenceThresholds, pearson_ci
+from jaxpersona.runner.run import Run, Stage, open_run
 from jaxpersona.runner.stages import generate_cached, judge_cached
 
 
@@ -111,7 +115,6 @@ class ExtractConfig:
     steer_coeffs: tuple[float, ...] = (-0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
     n_eval: int = 8
     steer_tokens: int = 24
-    steer_points_per_chunk: int = 8  # kept for old configs; the sweep chunks by layer and memory budget
     max_bad: float = 0.25  # a grid point is incoherent when more of its generations than this are
     # monitoring
     monitor_pairs: int = 1  # system prompts: none + pos_i + neg_i for i < monitor_pairs
@@ -134,8 +137,8 @@ class ExtractConfig:
     def validate(self, n_resid: int) -> None:
         check_types(self, "extract")
         check_positive(self, "extract", ("n_pairs", "n_questions", "samples", "max_new_tokens", "batch_size", "min_pairs",
-                                         "judge_batch", "n_eval", "steer_tokens", "steer_points_per_chunk",
-                                         "monitor_tokens", "n_steer_layers"))
+                                         "judge_batch", "n_eval", "steer_tokens", "monitor_tokens",
+                                         "n_steer_layers"))
         if self.filter not in FILTERS:
             raise errors.InputError(f"extract config filter must be one of {FILTERS}, got {self.filter!r}")
         if self.coeff_units not in ("relative", "absolute"):
@@ -167,12 +170,36 @@ class ExtractConfig:
 
 FILTERS = ("auto", "absolute", "relative", "none")
 
+# Keys of the [extract] table that no longer do anything, with the value every config.json records for them
+# (so a config.json, and the config digest in run.json, stay what they were before the key was retired).
+RETIRED = {"steer_points_per_chunk": 8}  # the sweep chunks by layer and memory budget
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExtractTable(ExtractConfig):
+    """An ``[extract]`` table as read: :class:`ExtractConfig` plus the retired keys old config files may still
+    set (accepted, then dropped)."""
+
+    steer_points_per_chunk: int = RETIRED["steer_points_per_chunk"]
+
 
 def load_extract_config(path: str | Path | None, full: bool = False) -> ExtractConfig:
     """Preset (``default`` or ``full``) overridden by the ``[extract]`` table of a TOML file."""
-    presets = {"default": ExtractConfig.default(), "full": ExtractConfig.full()}
-    return preset_config(path, "extract", presets, "full" if full else "default",
-                         'use preset = "full", traits = [...] and an [extract] table', {"traits"})
+    presets = {"default": _ExtractTable.default(), "full": _ExtractTable.full()}
+    table = preset_config(path, "extract", presets, "full" if full else "default",
+                          'use preset = "full", traits = [...] and an [extract] table', {"traits"})
+    return ExtractConfig(**{f.name: getattr(table, f.name) for f in dataclasses.fields(ExtractConfig)})
+
+
+def config_record(trait: str, model: str | None, judge_id: str, config: ExtractConfig) -> dict[str, Any]:
+    """What a trait's ``config.json`` holds: trait, model, judge and every config field (the retired keys
+    at their place, with the value they always had)."""
+    out: dict[str, Any] = {"trait": trait, "model": model, "judge": judge_id}
+    for k, v in dataclasses.asdict(config).items():
+        out[k] = v
+        if k == "steer_tokens":
+            out.update(RETIRED)
+    return out
 
 
 def load_run_traits(path: str | Path | None) -> list[str]:
@@ -191,8 +218,8 @@ def load_run_traits(path: str | Path | None) -> list[str]:
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
+    got = [x for x in xs if x is not None]
+    return float(np.mean(got)) if got else None
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -272,22 +299,44 @@ def _fmt(x: float | None, nd: int = 1) -> str:
 
 @dataclasses.dataclass
 class _TraitState:
-    """One trait's run between stages."""
+    """One trait's run between stages: its folder inside the run directory (``sub``: ``""`` or
+    ``"<trait>/"``, also the prefix of its stage names), its judgement store, and what each stage found."""
 
     trait: Any
-    out: Path
-    check: Any  # evaluate.JudgeCheck
-    trusted: bool
-    rows: list[dict[str, Any]]
-    pairs: list[dict[str, Any]]
-    kept: list[tuple[dict[str, Any], dict[str, Any]]]
-    filter_desc: str
-    filter_decision: str
-    eval_items: list[tuple[str, str, str]]  # (question, pos answer, neg answer)
-    vecs: np.ndarray  # [V, L+1, D]
-    norms: np.ndarray  # [L+1]
-    bank: Any
-    wall: dict[str, float]
+    sub: str
+    out: Path  # run.out / sub
+    judged: KeyedJsonl
+    log: Callable[[str], None]
+    wall: dict[str, float] = dataclasses.field(default_factory=dict)  # stage -> seconds (the summary's wall_s)
+    check: Any = None  # JudgeCheck
+    trusted: bool = False
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eval_items: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (question, pos, neg answer)
+    pairs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    kept: list[tuple[dict[str, Any], dict[str, Any]]] = dataclasses.field(default_factory=list)
+    filter_desc: str = ""
+    filter_decision: str = ""
+    vecs: Any = None  # [V, L+1, D] float32
+    norms: Any = None  # [L+1] float32
+    bank: Any = None  # VectorBank
+
+
+@contextlib.contextmanager
+def _stage(run: Run, st: _TraitState, name: str) -> Iterator[Stage]:
+    """``run.stage`` of one trait (named ``st.sub + name``); its wall seconds go to ``st.wall[name]``."""
+    with run.stage(st.sub + name) as stage:
+        yield stage
+    st.wall[name] = run.wall()[st.sub + name]
+
+
+def _tagged(log: Callable[[str], None], tag: str) -> Callable[[str], None]:
+    return lambda message: log(tag + message)
+
+
+def _check_inputs(model: Any, traits: Sequence[Any], config: ExtractConfig) -> None:
+    config.validate(model.cfg.n_resid)
+    if len({t.name for t in traits}) != len(traits):
+        raise errors.InputError("each trait may appear once per run")
 
 
 def run_extract(
@@ -305,68 +354,71 @@ def run_extract(
     """The whole pipeline for one trait (see the module docstring).
 
     ``anchors``: a :class:`~jaxpersona.data.traits.Anchors`, ``"shipped"`` (the trait's shipped anchors,
-    if any) or None (the judge is unchecked). Run directory ``out_dir``: ``responses.jsonl``,
-    ``judgements.jsonl``, ``monitor.jsonl`` (resumable caches), ``steering/`` (the sweep's resumable
-    rows), ``judge_check.json``, ``pairs.jsonl``, ``vectors/`` (Orbax bank with the residual norms),
-    ``steering_scored.jsonl``, ``monitor_scored.jsonl``, ``summary.json``/``.txt``, ``steering.png``,
-    ``monitor.png``.
+    if any) or None (the judge is unchecked). Run directory ``out_dir`` (a run of kind ``extract``):
+    ``responses.jsonl``, ``judgements.jsonl``, ``monitor.jsonl`` (resumable caches), ``steering/`` (the
+    sweep's resumable rows), ``config.json``, ``run.json``, ``judge_check.json``, ``pairs.jsonl``,
+    ``vectors/`` (Orbax bank with the residual norms), ``vectors.npy``, ``steering_scored.jsonl``,
+    ``monitor_scored.jsonl``, ``summary.json``/``.txt``, ``steering.png``, ``monitor.png``.
+    A second process on the same directory gets :class:`~jaxpersona.errors.RunLockedError`.
     """
-    return run_extract_many(model, [trait], judge, config, [out_dir], judge_id=judge_id, anchors=[anchors],
-                            progress=progress, log=log)[0]
+    _check_inputs(model, [trait], config)
+    with open_run(out_dir, "extract", config_record(trait.name, model.name, judge_id, config), model=model,
+                  seeds={"seed": config.seed}, log=log, progress=progress) as run:
+        return run_extract_many(run, model, [trait], judge, config, judge_id=judge_id, anchors=[anchors])[0]
 
 
 def run_extract_many(
+    run: Run,
     model: Any,
     traits: Sequence[Any],
     judge: Any,
     config: ExtractConfig,
-    out_dirs: Sequence[str | Path],
     *,
     judge_id: str,
+    subdirs: Sequence[str] | None = None,
     anchors: Sequence[Any] | None = None,
-    sweep_dir: str | Path | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    sweep_dir: str = "steering",
 ) -> list[ExtractResult]:
     """Stages 1-4 per trait, then **one** steering sweep over traits x layers x coefficients (one
-    compile, chunked by the memory budget; ``sweep_dir`` holds its resumable rows, default
-    ``out_dirs[0]/steering``), then layer choice and monitoring per trait."""
-    import time
+    compile, chunked by the memory budget; ``sweep_dir`` inside the run holds its resumable rows),
+    then layer choice and monitoring per trait, all in the open ``run``.
 
-
-    cfg = model.cfg
-    config.validate(cfg.n_resid)
-    if len({t.name for t in traits}) != len(traits):
-        raise errors.InputError("each trait may appear once per run")
+    ``subdirs``: each trait's folder inside the run directory, ``""`` or ending in ``/`` (default: ``""``
+    for one trait, ``"<trait>/"`` for several); a trait in a folder gets its own ``config.json`` there."""
+    _check_inputs(model, traits, config)
+    if subdirs is None:
+        subdirs = [""] if len(traits) == 1 else [f"{t.name}/" for t in traits]
+    if len(subdirs) != len(traits) or any(s and not s.endswith("/") for s in subdirs):
+        raise errors.InputError(f"one folder ('' or ending in '/') per trait, got {list(subdirs)} for "
+                                f"{len(traits)} trait(s)")
     anchors = list(anchors) if anchors is not None else ["shipped"] * len(traits)
     states = []
-    for trait, out, anc in zip(traits, out_dirs, anchors):
+    for trait, sub, anc in zip(traits, subdirs, anchors):
         anc = load_anchors(trait) if isinstance(anc, str) and anc == "shipped" else anc
         tag = f"[{trait.name}] " if len(traits) > 1 else ""
-        states.append(_prepare_trait(model, trait, judge, config, Path(out), judge_id=judge_id, anchors=anc,
-                                     progress=progress, log=lambda m, tag=tag: log(tag + m)))
-    t0 = time.perf_counter()
-    sweep = _steer_traits(model, states, judge, config, Path(sweep_dir or Path(out_dirs[0]) / "steering"),
-                          judge_id=judge_id, progress=progress, log=log)
-    share = (time.perf_counter() - t0) / len(states)
+        if sub:
+            run.write_json(sub + "config.json", config_record(trait.name, model.name, judge_id, config))
+        st = _TraitState(trait, sub, run.out / sub, run.records(sub + "judgements.jsonl"), _tagged(run.log, tag))
+        _prepare_trait(run, model, st, judge, config, judge_id=judge_id, anchors=anc)
+        states.append(st)
+    sweep = _steer_traits(run, model, states, config, sweep_dir)
+    share = run.wall()["steer"] / len(states)
     results = []
     for st in states:
         st.wall["steer"] = share
-        tag = f"[{st.trait.name}] " if len(traits) > 1 else ""
-        results.append(_finish_trait(model, st, sweep[st.trait.name], judge, config, judge_id=judge_id,
-                                     progress=progress, log=lambda m, tag=tag: log(tag + m)))
+        results.append(_finish_trait(run, model, st, sweep[st.trait.name], judge, config, judge_id=judge_id))
     return results
 
 
-def _judge_rows(judge: Any, judge_id: str, store: KeyedJsonl, trait: Any, rows: list[dict[str, Any]],
-                config: ExtractConfig, out: Path, desc: str, progress: bool, coherence: bool = True) -> None:
+def _judge_rows(judge: Any, judge_id: str, st: _TraitState, rows: list[dict[str, Any]], config: ExtractConfig,
+                desc: str, progress: bool, stage: Stage | None, coherence: bool = True) -> None:
     """Adds ``trait`` and ``coherence`` judge scores to rows with ``question``/``response`` (None for an
     empty response, or where the judge's integer mass is below ``min_mass``)."""
     live = [r for r in rows if r["response"]]
-    prompts = [trait.judge_prompt(r["question"], r["response"]) for r in live]
+    prompts = [st.trait.judge_prompt(r["question"], r["response"]) for r in live]
     if coherence:
         prompts += [coherence_prompt(r["question"], r["response"]) for r in live]
-    scores = _judge_scores(judge, judge_id, store, prompts, config, out, desc, progress)
+    scores = _judge_scores(judge, judge_id, st, prompts, config, desc, progress, stage)
     for r in rows:
         r["trait"] = r["coherence"] = None
     for i, r in enumerate(live):
@@ -374,292 +426,329 @@ def _judge_rows(judge: Any, judge_id: str, store: KeyedJsonl, trait: Any, rows: 
         r["coherence"] = scores[len(live) + i] if coherence else None
 
 
-def _judge_scores(judge: Any, judge_id: str, store: KeyedJsonl, prompts: list[str], config: ExtractConfig, out: Path,
-                  desc: str, progress: bool) -> list[float | None]:
+def _judge_scores(judge: Any, judge_id: str, st: _TraitState, prompts: list[str], config: ExtractConfig,
+                  desc: str, progress: bool, stage: Stage | None) -> list[float | None]:
     try:
-        return judge_cached(judge, judge_id, store, prompts, batch=config.judge_batch, min_mass=config.min_mass,
-                            desc=desc, progress=progress)
+        return judge_cached(judge, judge_id, st.judged, prompts, batch=config.judge_batch, min_mass=config.min_mass,
+                            desc=desc, progress=progress, stage=stage)
     except errors.EndpointError as e:
-        raise errors.EndpointError(f"{e} Finished generations and judgements are kept in {out}; "
+        raise errors.EndpointError(f"{e} Finished generations and judgements are kept in {st.out}; "
                                    "rerun the same command to resume.") from e
 
 
-def _prepare_trait(model: Any, trait: Any, judge: Any, config: ExtractConfig, out: Path, *, judge_id: str,
-                   anchors: Any, progress: bool, log: Callable[[str], None]) -> _TraitState:
+def _prepare_trait(run: Run, model: Any, st: _TraitState, judge: Any, config: ExtractConfig, *, judge_id: str,
+                   anchors: Any) -> None:
     """Stages 1-4: generate, check the judge, judge + filter, extract (vectors and residual norms)."""
-    import time
+    _generate(run, model, st, config)
+    _check_the_judge(run, st, judge, config, judge_id=judge_id, anchors=anchors)
+    _judge_and_filter(run, st, judge, config, judge_id=judge_id)
+    _extract(run, model, st, config, judge_id=judge_id)
 
-    cfg = model.cfg
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"trait": trait.name, "model": model.name, "judge": judge_id,
-                                                 **dataclasses.asdict(config)}, indent=2))
-    responses = KeyedJsonl(out / "responses.jsonl")
-    judged = KeyedJsonl(out / "judgements.jsonl")
-    wall: dict[str, float] = {}
-    t0 = time.perf_counter()
-    mid = model_fingerprint(model)
 
-    # 1. generate: extraction answers + the evaluation answers the trait score is measured on --------
-    n_pairs = min(config.n_pairs, len(trait.pairs))
-    questions = list(trait.questions[: config.n_questions])
-    eval_qs = list(trait.eval_questions[: config.n_eval])
-    if not eval_qs:
-        raise errors.InputError(f"trait {trait.name!r} has no evaluation questions: the judge-free trait score needs "
-                                "held-out questions (add 'eval_questions' to the trait file)")
-    jobs = []
+def _generate(run: Run, model: Any, st: _TraitState, config: ExtractConfig) -> None:
+    """Stage 1: the extraction answers + the evaluation answers the trait score is measured on."""
+    trait, out = st.trait, st.out
+    with _stage(run, st, "generate") as stage:
+        mid = model_fingerprint(model)
+        n_pairs = min(config.n_pairs, len(trait.pairs))
+        questions = list(trait.questions[: config.n_questions])
+        eval_qs = list(trait.eval_questions[: config.n_eval])
+        if not eval_qs:
+            raise errors.InputError(f"trait {trait.name!r} has no evaluation questions: the judge-free trait score "
+                                    "needs held-out questions (add 'eval_questions' to the trait file)")
+        jobs = []
 
-    def job(kind: str, side: str, i: int, q: str, s: int, extra: dict[str, Any]) -> None:
-        system = trait.system_prompt(side, i)
-        conv = [{"role": "system", "content": system}, {"role": "user", "content": q}]
-        key = digest(kind, mid, side, system, q, s, config.max_new_tokens, config.temperature, config.top_p, config.seed)
-        jobs.append((key, conv, {"side": side, "pair": i, "question": q, "sample": s, **extra}))
+        def job(kind: str, side: str, i: int, q: str, s: int, extra: dict[str, Any]) -> None:
+            system = trait.system_prompt(side, i)
+            conv = [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            key = digest(kind, mid, side, system, q, s, config.max_new_tokens, config.temperature, config.top_p,
+                         config.seed)
+            jobs.append((key, conv, {"side": side, "pair": i, "question": q, "sample": s, **extra}))
 
-    for i in range(n_pairs):
-        for q in questions:
-            for s in range(config.samples):
-                for side in ("pos", "neg"):
-                    job("extract", side, i, q, s, {})
-    n_extract = len(jobs)
-    for qi, q in enumerate(eval_qs):
-        for side in ("pos", "neg"):
-            job("eval", side, qi % n_pairs, q, 0, {"eval": True})
-    log(f"[1/7] generating {n_extract} extraction responses ({n_pairs} pairs x {len(questions)} questions x "
-        f"{config.samples} samples x 2 sides) + {len(jobs) - n_extract} evaluation answers, "
-        f"{config.max_new_tokens} new tokens")
-    recs = generate_cached(model, responses, jobs, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                           top_p=config.top_p, seed=config.seed, batch_size=config.batch_size, desc="generate",
-                           progress=progress)
-    rows = [{**recs[k], "key": k} for k, _, _ in jobs[:n_extract]]
-    ev = [recs[k] for k, _, _ in jobs[n_extract:]]
-    eval_items = [(ev[2 * j]["question"], ev[2 * j]["response"], ev[2 * j + 1]["response"]) for j in range(len(eval_qs))]
-    same = [q for q, p, n in eval_items if not p or not n or p == n]
-    eval_items = [(q, p, n) for q, p, n in eval_items if q not in same]
-    if same:
-        log(f"      warning: {len(same)} evaluation question(s) dropped: empty or identical pos/neg answers")
-    if not eval_items:
-        raise errors.InputError(f"every evaluation question got empty or identical pos and neg answers ({out}/"
-                                "responses.jsonl): the contrastive trait score has nothing to compare; raise "
-                                "max_new_tokens or the temperature")
-    wall["generate"] = time.perf_counter() - t0
+        for i in range(n_pairs):
+            for q in questions:
+                for s in range(config.samples):
+                    for side in ("pos", "neg"):
+                        job("extract", side, i, q, s, {})
+        n_extract = len(jobs)
+        for qi, q in enumerate(eval_qs):
+            for side in ("pos", "neg"):
+                job("eval", side, qi % n_pairs, q, 0, {"eval": True})
+        st.log(f"[1/7] generating {n_extract} extraction responses ({n_pairs} pairs x {len(questions)} questions x "
+               f"{config.samples} samples x 2 sides) + {len(jobs) - n_extract} evaluation answers, "
+               f"{config.max_new_tokens} new tokens")
+        recs = generate_cached(model, run.records(st.sub + "responses.jsonl"), jobs,
+                               max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                               top_p=config.top_p, seed=config.seed, batch_size=config.batch_size, desc="generate",
+                               progress=run.progress, stage=stage)
+        st.rows = [{**recs[k], "key": k} for k, _, _ in jobs[:n_extract]]
+        ev = [recs[k] for k, _, _ in jobs[n_extract:]]
+        items = [(ev[2 * j]["question"], ev[2 * j]["response"], ev[2 * j + 1]["response"]) for j in range(len(eval_qs))]
+        same = [q for q, p, n in items if not p or not n or p == n]
+        st.eval_items = [(q, p, n) for q, p, n in items if q not in same]
+        if same:
+            st.log(f"      warning: {len(same)} evaluation question(s) dropped: empty or identical pos/neg answers")
+        if not st.eval_items:
+            raise errors.InputError(f"every evaluation question got empty or identical pos and neg answers ({out}/"
+                                    "responses.jsonl): the contrastive trait score has nothing to compare; raise "
+                                    "max_new_tokens or the temperature")
 
-    # 2. the judge check -------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    if config.filter == "none" and not config.trust_judge:
-        check = JudgeCheck(judge_id, None, None, config.judge_min_auroc, {}, 0.0, False)
-        log("[2/7] judge not used (filter = 'none')")
-    else:
-        check = check_judge(lambda ps: _judge_scores(judge, judge_id, judged, ps, config, out, "judge check", progress),
-                            trait, anchors, judge_id, config.judge_min_auroc)
-        log(f"[2/7] {check.describe()}")
-    (out / "judge_check.json").write_text(json.dumps({**check.to_json(), "describe": check.describe()}, indent=2))
-    trusted = check.passed or config.trust_judge
-    if config.filter in ("absolute", "relative") and not trusted:
-        raise errors.JudgeCheckError(
-            f"{check.describe()}, but filter = {config.filter!r} relies on it. Use a judge that passes (--judge NAME, "
-            "--judge-url), filter = 'auto' (judge-free when the judge fails), or trust_judge = true to use it "
-            f"anyway. Generations so far are kept in {out}.")
-    if config.trust_judge and not check.passed:
-        log("      warning: trust_judge = true: using a judge that did not pass its check")
-    wall["judge_check"] = time.perf_counter() - t1
 
-    # 3. judge + filter --------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    use_judge = trusted and config.filter != "none"
-    if use_judge:
-        log(f"[3/7] judging {len(rows)} responses for {trait.name} and coherence with {judge_id}")
-        _judge_rows(judge, judge_id, judged, trait, rows, config, out, "judge responses", progress)
-    else:
-        for r in rows:
-            r["trait"] = r["coherence"] = None
-    by_slot: dict[tuple, dict[str, dict[str, Any]]] = {}
-    for r in rows:
-        by_slot.setdefault((r["pair"], r["question"], r["sample"]), {})[r["side"]] = r
-    if use_judge:
-        mode = "absolute" if config.filter == "auto" else config.filter
-        t_cut, c_cut = filter_thresholds(rows, dataclasses.replace(config, filter=mode))
-        how = "" if mode == "absolute" else (f" = percentiles {config.trait_threshold:g}/"
-                                             f"{config.coherence_threshold:g} of this run's scores")
-        filter_desc = f"{mode}: pos trait >= {t_cut:.2f}, neg trait < {t_cut:.2f}, coherence >= {c_cut:.2f}{how}"
-        decision = f"judge {judge_id} ({'passed its check' if check.passed else 'trusted without passing: trust_judge'}); {filter_desc}"
-    else:
-        filter_desc = "none: every pair with two non-empty, different answers"
-        why = "filter = 'none'" if config.filter == "none" else "the judge did not pass its check"
-        decision = f"judge-free: kept every pair with two non-empty, different answers ({why})"
-    pairs, kept = [], []
-    for slot, sides in by_slot.items():
-        p, n = sides["pos"], sides["neg"]
-        if use_judge:
-            ok = (p["trait"] is not None and n["trait"] is not None and p["coherence"] is not None
-                  and n["coherence"] is not None and p["trait"] >= t_cut and n["trait"] < t_cut
-                  and p["coherence"] >= c_cut and n["coherence"] >= c_cut)
+def _check_the_judge(run: Run, st: _TraitState, judge: Any, config: ExtractConfig, *, judge_id: str,
+                     anchors: Any) -> None:
+    """Stage 2: the judge on the trait's anchor answers; decides whether it may drive anything."""
+    with _stage(run, st, "judge_check") as stage:
+        if config.filter == "none" and not config.trust_judge:
+            check = JudgeCheck(judge_id, None, None, config.judge_min_auroc, {}, 0.0, False)
+            st.log("[2/7] judge not used (filter = 'none')")
         else:
-            ok = bool(p["response"]) and bool(n["response"]) and p["response"] != n["response"]
-        pairs.append({"pair": slot[0], "question": slot[1], "sample": slot[2], "kept": ok,
-                      "pos_trait": p["trait"], "neg_trait": n["trait"], "pos_coherence": p["coherence"],
-                      "neg_coherence": n["coherence"], "pos_response": p["response"], "neg_response": n["response"]})
-        if ok:
-            kept.append((p, n))
-    _write_jsonl(out / "pairs.jsonl", pairs)
-    log(f"[3/7] {len(kept)}/{len(pairs)} pairs kept ({filter_desc})")
-    if len(kept) < config.min_pairs:
-        raise errors.FilterError(_filter_message(pairs, config, judge_id, out, use_judge))
-    wall["judge"] = time.perf_counter() - t1
+            check = check_judge(lambda ps: _judge_scores(judge, judge_id, st, ps, config, "judge check", run.progress,
+                                                         stage),
+                                st.trait, anchors, judge_id, config.judge_min_auroc)
+            st.log(f"[2/7] {check.describe()}")
+        run.write_json(st.sub + "judge_check.json", {**check.to_json(), "describe": check.describe()})
+        st.check, st.trusted = check, check.passed or config.trust_judge
+        if config.filter in ("absolute", "relative") and not st.trusted:
+            raise errors.JudgeCheckError(
+                f"{check.describe()}, but filter = {config.filter!r} relies on it. Use a judge that passes (--judge "
+                "NAME, --judge-url), filter = 'auto' (judge-free when the judge fails), or trust_judge = true to use "
+                f"it anyway. Generations so far are kept in {st.out}.")
+        if config.trust_judge and not check.passed:
+            st.log("      warning: trust_judge = true: using a judge that did not pass its check")
 
-    # 4. extract: vectors and the residual norm a relative coefficient refers to -----------------
-    t1 = time.perf_counter()
-    log(f"[4/7] extracting {', '.join(VARIANTS)} vectors at resid[0..{cfg.n_layers}] and residual norms")
-    sums = np.zeros((2, len(VARIANTS), cfg.n_resid, cfg.d_model), np.float64)
-    norm_sum = np.zeros(cfg.n_resid, np.float64)
-    for side_i, side_rows in enumerate(([p for p, _ in kept], [n for _, n in kept])):
-        for _, (acts, norms) in iter_activations(model, [r["messages"] for r in side_rows],
-                                                 [r["response"] for r in side_rows], config.batch_size, with_norms=True):
-            sums[side_i] += acts.sum(axis=2)
-            norm_sum += norms[VARIANTS.index("response_mean")].sum(axis=1)
-    vecs = ((sums[0] - sums[1]) / len(kept)).astype(np.float32)  # [V, L+1, D]
-    resid_norm = (norm_sum / (2 * len(kept))).astype(np.float32)  # [L+1]
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    counts = {"pairs_kept": len(kept), "pairs_total": len(pairs), "responses": len(rows)}
-    meta = {"judge": judge_id, "judge_check": "passed" if check.passed else ("unchecked" if not check.checked else "failed"),
-            "filter": filter_desc, **counts, "date": now, "contrast": CONTRAST_VERSION,
-            "resid_norm": [round(float(x), 5) for x in resid_norm],
-            "resid_norm_of": "mean token norm of resid[l] over the kept extraction answers (response tokens)"}
-    bank = VectorBank(
-        vectors=vecs, names=tuple(trait.name if v == "response_mean" else f"{trait.name}.{v}" for v in VARIANTS),
-        model=model.name or cfg.family, meta=tuple({"trait": trait.name, "variant": v, **meta} for v in VARIANTS),
-        created=now,
-    )
-    bank.save(out / "vectors", overwrite=True)
-    np.save(out / "vectors.npy", vecs[0])
-    wall["extract"] = time.perf_counter() - t1
-    return _TraitState(trait, out, check, trusted, rows, pairs, kept, filter_desc, decision, eval_items, vecs,
-                       resid_norm, bank, wall)
+
+def _judge_and_filter(run: Run, st: _TraitState, judge: Any, config: ExtractConfig, *, judge_id: str) -> None:
+    """Stage 3: judge the extraction answers (when the judge is trusted) and keep the aligned pairs."""
+    rows, check = st.rows, st.check
+    with _stage(run, st, "judge") as stage:
+        use_judge = st.trusted and config.filter != "none"
+        if use_judge:
+            st.log(f"[3/7] judging {len(rows)} responses for {st.trait.name} and coherence with {judge_id}")
+            _judge_rows(judge, judge_id, st, rows, config, "judge responses", run.progress, stage)
+        else:
+            for r in rows:
+                r["trait"] = r["coherence"] = None
+        by_slot: dict[tuple, dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            by_slot.setdefault((r["pair"], r["question"], r["sample"]), {})[r["side"]] = r
+        if use_judge:
+            mode = "absolute" if config.filter == "auto" else config.filter
+            t_cut, c_cut = filter_thresholds(rows, dataclasses.replace(config, filter=mode))
+            how = "" if mode == "absolute" else (f" = percentiles {config.trait_threshold:g}/"
+                                                 f"{config.coherence_threshold:g} of this run's scores")
+            st.filter_desc = (f"{mode}: pos trait >= {t_cut:.2f}, neg trait < {t_cut:.2f}, coherence >= "
+                              f"{c_cut:.2f}{how}")
+            st.filter_decision = (f"judge {judge_id} ({'passed its check' if check.passed else 'trusted without passing: trust_judge'}); "
+                                  f"{st.filter_desc}")
+        else:
+            st.filter_desc = "none: every pair with two non-empty, different answers"
+            why = "filter = 'none'" if config.filter == "none" else "the judge did not pass its check"
+            st.filter_decision = f"judge-free: kept every pair with two non-empty, different answers ({why})"
+        pairs, kept = [], []
+        for slot, sides in by_slot.items():
+            p, n = sides["pos"], sides["neg"]
+            if use_judge:
+                ok = (p["trait"] is not None and n["trait"] is not None and p["coherence"] is not None
+                      and n["coherence"] is not None and p["trait"] >= t_cut and n["trait"] < t_cut
+                      and p["coherence"] >= c_cut and n["coherence"] >= c_cut)
+            else:
+                ok = bool(p["response"]) and bool(n["response"]) and p["response"] != n["response"]
+            pairs.append({"pair": slot[0], "question": slot[1], "sample": slot[2], "kept": ok,
+                          "pos_trait": p["trait"], "neg_trait": n["trait"], "pos_coherence": p["coherence"],
+                          "neg_coherence": n["coherence"], "pos_response": p["response"], "neg_response": n["response"]})
+            if ok:
+                kept.append((p, n))
+        run.write_jsonl(st.sub + "pairs.jsonl", pairs)
+        st.pairs, st.kept = pairs, kept
+        st.log(f"[3/7] {len(kept)}/{len(pairs)} pairs kept ({st.filter_desc})")
+        if len(kept) < config.min_pairs:
+            raise errors.FilterError(_filter_message(pairs, config, judge_id, st.out, use_judge))
+
+
+def _extract(run: Run, model: Any, st: _TraitState, config: ExtractConfig, *, judge_id: str) -> None:
+    """Stage 4: the vectors and the residual norm a relative coefficient refers to."""
+    cfg, trait, kept, check = model.cfg, st.trait, st.kept, st.check
+    with _stage(run, st, "extract"):
+        st.log(f"[4/7] extracting {', '.join(VARIANTS)} vectors at resid[0..{cfg.n_layers}] and residual norms")
+        sums = np.zeros((2, len(VARIANTS), cfg.n_resid, cfg.d_model), np.float64)
+        norm_sum = np.zeros(cfg.n_resid, np.float64)
+        for side_i, side_rows in enumerate(([p for p, _ in kept], [n for _, n in kept])):
+            for _, (acts, norms) in iter_activations(model, [r["messages"] for r in side_rows],
+                                                     [r["response"] for r in side_rows], config.batch_size,
+                                                     with_norms=True):
+                sums[side_i] += acts.sum(axis=2)
+                norm_sum += norms[VARIANTS.index("response_mean")].sum(axis=1)
+        vecs = ((sums[0] - sums[1]) / len(kept)).astype(np.float32)  # [V, L+1, D]
+        resid_norm = (norm_sum / (2 * len(kept))).astype(np.float32)  # [L+1]
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        counts = {"pairs_kept": len(kept), "pairs_total": len(st.pairs), "responses": len(st.rows)}
+        meta = {"judge": judge_id,
+                "judge_check": "passed" if check.passed else ("unchecked" if not check.checked else "failed"),
+                "filter": st.filter_desc, **counts, "date": now, "contrast": CONTRAST_VERSION,
+                "resid_norm": [round(float(x), 5) for x in resid_norm],
+                "resid_norm_of": "mean token norm of resid[l] over the kept extraction answers (response tokens)"}
+        bank = VectorBank(
+            vectors=vecs, names=tuple(trait.name if v == "response_mean" else f"{trait.name}.{v}" for v in VARIANTS),
+            model=model.name or cfg.family, meta=tuple({"trait": trait.name, "variant": v, **meta} for v in VARIANTS),
+            created=now,
+        )
+        bank.save(st.out / "vectors", overwrite=True)
+        run.save_npy(st.sub + "vectors.npy", vecs[0])
+        st.vecs, st.norms, st.bank = vecs, resid_norm, bank
 
 
 CONTRAST_VERSION = 2  # 2: the negative system prompt no longer names the trait (banks before differ)
 
 
-def _steer_traits(model: Any, states: list[_TraitState], judge: Any, config: ExtractConfig, sweep_dir: Path, *,
-                  judge_id: str, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Stage 5: one batched steering sweep over traits x layers x coefficients: teacher-forced
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def _steer_traits(run: Run, model: Any, states: list[_TraitState], config: ExtractConfig,
+                  sweep_dir: str) -> dict[str, dict[str, Any]]:
+    """Stage 5 (``steer``): one batched steering sweep over traits x layers x coefficients: teacher-forced
     contrastive likelihood of each trait's evaluation answers + greedy generations (for coherence),
-    intervention at response positions (last prompt token + answer tokens)."""
+    intervention at response positions (last prompt token + answer tokens). Its cache hits are the sweep
+    rows served from ``sweep_dir``."""
     cfg = model.cfg
     layers = config.layers_for(cfg.n_layers)
     coeffs = tuple(sorted(float(c) for c in config.steer_coeffs))
-    vectors = np.stack([steering_vectors(st.vecs[0], st.norms, config.coeff_units) for st in states])
-    grid = Grid("steer", vectors, tuple(st.trait.name for st in states), layers, coeffs, positions="response",
-                baseline_once=True)
-    sets = [ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
-                       tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items)) for st in states]
-    n_points = len(grid.points())
-    log(f"[5/7] steering sweep: {len(states)} trait(s) x {len(layers)} layers x {len(coeffs)} coefficients "
-        f"({config.coeff_units}; {n_points} points) on {len(states[0].eval_items)} evaluation questions: contrastive "
-        f"likelihood (teacher-forced) + {config.steer_tokens} greedy tokens, one batched computation")
-    rows = run_sweep(model, grid, sets, out_dir=sweep_dir, progress=progress, generate_tokens=config.steer_tokens)
+    with run.stage("steer") as stage:
+        vectors = np.stack([steering_vectors(st.vecs[0], st.norms, config.coeff_units) for st in states])
+        grid = Grid("steer", vectors, tuple(st.trait.name for st in states), layers, coeffs, positions="response",
+                    baseline_once=True)
+        sets = [ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
+                           tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items))
+                for st in states]
+        n_points = len(grid.points())
+        run.log(f"[5/7] steering sweep: {len(states)} trait(s) x {len(layers)} layers x {len(coeffs)} coefficients "
+                f"({config.coeff_units}; {n_points} points) on {len(states[0].eval_items)} evaluation questions: "
+                f"contrastive likelihood (teacher-forced) + {config.steer_tokens} greedy tokens, one batched "
+                "computation")
+        results = run.path(sweep_dir) / "results.jsonl"
+        before = _count_lines(results)
+        rows = run_sweep(model, grid, sets, out_dir=run.path(sweep_dir), progress=run.progress,
+                         generate_tokens=config.steer_tokens)
+        stage.hit(max(0, len(rows) - (_count_lines(results) - before)))
 
-    # coherence of every generation (NLL under the unsteered model), calibrated per trait on unsteered answers
-    # rows i and i + n_q of a set share question i: its generation is taken once
-    qs = {st.trait.name: [q for q, _, _ in st.eval_items] for st in states}
-    texts = [(r["vector"], r["layer"], r["coeff"], r["prompt"], r["text"]) for r in rows
-             if r["prompt"] < len(qs[r["vector"]])]
-    refs = [(st.trait.name, q, a) for st in states for q, p, n in st.eval_items for a in (p, n)]
-    stats = coherence_stats(model, [qs[t][i] for t, _, _, i, _ in texts] + [q for _, q, _ in refs],
-                            [x for *_, x in texts] + [a for _, _, a in refs], batch_size=config.batch_size)
-    text_stats, ref_stats = stats[: len(texts)], stats[len(texts):]
-    out: dict[str, dict[str, Any]] = {}
-    for st in states:
-        name = st.trait.name
-        base = [s for (t, _, c, _, _), s in zip(texts, text_stats) if t == name and c == 0.0]
-        ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + base
-        thr = CoherenceThresholds.calibrate(ref, max_bad=config.max_bad)
-        by_point: dict[tuple[int, float], list[dict[str, float]]] = {}
-        for (t, l, c, _, _), s in zip(texts, text_stats):
-            if t == name:
-                by_point.setdefault((l, c), []).append(s)
-        coherence = {k: thr.point(v) for k, v in by_point.items()}
-        steer_rows = [{"layer": l, "coeff": c, "question": qs[name][i], "response": x, **s}
-                      for (t, l, c, i, x), s in zip(texts, text_stats) if t == name]
-        out[name] = {"rows": [r for r in rows if r["vector"] == name], "coherence": coherence, "thresholds": thr,
-                     "steer_rows": steer_rows, "layers": layers, "coeffs": coeffs}
+        # coherence of every generation (NLL under the unsteered model), calibrated per trait on unsteered answers
+        # rows i and i + n_q of a set share question i: its generation is taken once
+        qs = {st.trait.name: [q for q, _, _ in st.eval_items] for st in states}
+        texts = [(r["vector"], r["layer"], r["coeff"], r["prompt"], r["text"]) for r in rows
+                 if r["prompt"] < len(qs[r["vector"]])]
+        refs = [(st.trait.name, q, a) for st in states for q, p, n in st.eval_items for a in (p, n)]
+        stats = coherence_stats(model, [qs[t][i] for t, _, _, i, _ in texts] + [q for _, q, _ in refs],
+                                [x for *_, x in texts] + [a for _, _, a in refs], batch_size=config.batch_size)
+        text_stats, ref_stats = stats[: len(texts)], stats[len(texts):]
+        out: dict[str, dict[str, Any]] = {}
+        for st in states:
+            name = st.trait.name
+            base = [s for (t, _, c, _, _), s in zip(texts, text_stats) if t == name and c == 0.0]
+            ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + base
+            thr = CoherenceThresholds.calibrate(ref, max_bad=config.max_bad)
+            by_point: dict[tuple[int, float], list[dict[str, float]]] = {}
+            for (t, l, c, _, _), s in zip(texts, text_stats):
+                if t == name:
+                    by_point.setdefault((l, c), []).append(s)
+            coherence = {k: thr.point(v) for k, v in by_point.items()}
+            steer_rows = [{"layer": l, "coeff": c, "question": qs[name][i], "response": x, **s}
+                          for (t, l, c, i, x), s in zip(texts, text_stats) if t == name]
+            out[name] = {"rows": [r for r in rows if r["vector"] == name], "coherence": coherence, "thresholds": thr,
+                         "steer_rows": steer_rows, "layers": layers, "coeffs": coeffs}
     return out
 
 
-def _finish_trait(model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
-                  judge_id: str, progress: bool, log: Callable[[str], None]) -> ExtractResult:
-    """Stages 6-7 for one trait: the judge-free steering table and layer choice, monitoring; writes
-    the summary and plots."""
-    import time
+def _choose(run: Run, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
+            judge_id: str) -> tuple[dict[str, Any], dict[str, Any], float, dict[str, Any] | None]:
+    """Stage 6 (``choose``): the judge-free steering table and layer choice (+ the judged table when the
+    judge is trusted); records the choice in the bank. Returns ``(table, choice, baseline, judged_table)``."""
+    with _stage(run, st, "choose") as stage:
+        n_q = len(st.eval_items)
+        table = steering_table(sw["rows"], n_q, sw["coherence"], sw["layers"], sw["coeffs"], seed=config.seed)
+        choice = choose_layer(table)
+        best = choice["best_layer"]
+        baseline = table[str(sw["layers"][0])]["0"]["score"]
+        steer_rows = sw["steer_rows"]
+        judged_table: dict[str, dict[str, dict[str, float | None]]] | None = None
+        if st.trusted:
+            _judge_rows(judge, judge_id, st, steer_rows, config, "judge steering", run.progress, stage)
+            judged_table = {}
+            for l in sw["layers"]:
+                judged_table[str(l)] = {}
+                for c in sw["coeffs"]:
+                    sel = [r for r in steer_rows if r["coeff"] == c and (r["layer"] == l or c == 0.0)]
+                    judged_table[str(l)][f"{c:g}"] = {"trait": _mean([r["trait"] for r in sel]),
+                                                      "coherence": _mean([r["coherence"] for r in sel])}
+        run.write_jsonl(st.sub + "steering_scored.jsonl", steer_rows)
+        st.log(f"[6/7] layer choice (judge-free): best layer {best} — {choice['reason']}")
+        st.bank = dataclasses.replace(st.bank, meta=tuple({**m, "best_layer": best, "cliff": choice["cliff"],
+                                                           "coeff_units": config.coeff_units} for m in st.bank.meta))
+        st.bank.save(st.out / "vectors", overwrite=True)
+    return table, choice, baseline, judged_table
 
-    cfg, trait, out = model.cfg, st.trait, st.out
-    t1 = time.perf_counter()
-    n_q = len(st.eval_items)
-    table = steering_table(sw["rows"], n_q, sw["coherence"], sw["layers"], sw["coeffs"], seed=config.seed)
-    choice = choose_layer(table)
+
+def _monitor(run: Run, model: Any, st: _TraitState, judge: Any, config: ExtractConfig, show: int, *,
+             judge_id: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
+    """Stage 7 (``monitor``): projection of the last prompt token vs the judge-free trait score of the
+    answer (and vs the judge when trusted). ``show``: the layer whose projection the rows carry.
+    Returns ``(rows, monitor, monitor_judged)``."""
+    cfg, trait = model.cfg, st.trait
+    with _stage(run, st, "monitor") as stage:
+        mid = model_fingerprint(model)
+        eval_qs = [q for q, _, _ in st.eval_items]
+        n_mon = min(config.monitor_pairs, len(trait.pairs))
+        systems: list[tuple[str, str | None]] = [("none", None)]
+        for i in range(n_mon):
+            systems += [(f"pos{i}", trait.system_prompt("pos", i)), (f"neg{i}", trait.system_prompt("neg", i))]
+        mjobs = []
+        for label, system in systems:
+            for q in eval_qs:
+                conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+                mjobs.append((digest("monitor", mid, system, q, config.monitor_tokens, config.temperature,
+                                     config.top_p, config.seed), conv, {"system_label": label, "question": q}))
+        st.log(f"[7/7] monitoring: {len(mjobs)} responses under {len(systems)} system prompts")
+        mrecs = generate_cached(model, run.records(st.sub + "monitor.jsonl"), mjobs,
+                                max_new_tokens=config.monitor_tokens, temperature=config.temperature,
+                                top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
+                                desc="monitor generate", progress=run.progress, stage=stage)
+        mrows = [{**mrecs[k]} for k, _, _ in mjobs]
+        # judge-free answer score, from instruction pairs that did not generate the monitored answers
+        score_pairs = [i for i in range(len(trait.pairs)) if i >= n_mon][:1] or [0]
+        free = answer_trait_scores(model, trait, [r["question"] for r in mrows], [r["response"] for r in mrows],
+                                   score_pairs, batch_size=config.batch_size)
+        for r, f in zip(mrows, free):
+            r["score_free"] = None if not np.isfinite(f) else float(f)
+        if st.trusted:
+            _judge_rows(judge, judge_id, st, mrows, config, "judge monitor", run.progress, stage, coherence=False)
+        proj = np.zeros((cfg.n_resid, len(mrows)), np.float32)
+        units = st.vecs[0] / np.maximum(np.linalg.norm(st.vecs[0], axis=-1, keepdims=True), 1e-12)  # [L+1, D]
+        for idx, acts in iter_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows],
+                                          config.batch_size):
+            proj[:, idx] = np.einsum("lbd,ld->lb", acts[VARIANTS.index("prompt_last")], units)
+        ok = [j for j, r in enumerate(mrows) if r["score_free"] is not None]
+        monitor = {str(l): pearson_ci(proj[l, ok], [mrows[j]["score_free"] for j in ok]) for l in range(cfg.n_resid)}
+        monitor_judged = None
+        if st.trusted:
+            sj = [j for j, r in enumerate(mrows) if r.get("trait") is not None]
+            monitor_judged = {str(l): pearson_ci(proj[l, sj], [mrows[j]["trait"] for j in sj])
+                              for l in range(cfg.n_resid)}
+        for j, r in enumerate(mrows):
+            r["projection"] = float(proj[show, j])
+        run.write_jsonl(st.sub + "monitor_scored.jsonl", mrows)
+    return mrows, monitor, monitor_judged
+
+
+def _finish_trait(run: Run, model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
+                  judge_id: str) -> ExtractResult:
+    """Stages 6-7 for one trait (layer choice, monitoring), then its ``summary`` stage: summary and plots."""
+    cfg, trait = model.cfg, st.trait
+    table, choice, baseline, judged_table = _choose(run, st, sw, judge, config, judge_id=judge_id)
     best = choice["best_layer"]
-    baseline = table[str(sw["layers"][0])]["0"]["score"]
-    steer_rows = sw["steer_rows"]
-    judged_table = None
-    if st.trusted:
-        judged = KeyedJsonl(out / "judgements.jsonl")
-        _judge_rows(judge, judge_id, judged, trait, steer_rows, config, out, "judge steering", progress)
-        judged_table = {}
-        for l in sw["layers"]:
-            judged_table[str(l)] = {}
-            for c in sw["coeffs"]:
-                sel = [r for r in steer_rows if r["coeff"] == c and (r["layer"] == l or c == 0.0)]
-                judged_table[str(l)][f"{c:g}"] = {"trait": _mean([r["trait"] for r in sel]),
-                                                  "coherence": _mean([r["coherence"] for r in sel])}
-    _write_jsonl(out / "steering_scored.jsonl", steer_rows)
-    log(f"[6/7] layer choice (judge-free): best layer {best} — {choice['reason']}")
-    st.bank = dataclasses.replace(st.bank, meta=tuple({**m, "best_layer": best, "cliff": choice["cliff"],
-                                                       "coeff_units": config.coeff_units} for m in st.bank.meta))
-    st.bank.save(out / "vectors", overwrite=True)
-    st.wall["choose"] = time.perf_counter() - t1
-
-    # 7. monitor -------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    mid = model_fingerprint(model)
-    eval_qs = [q for q, _, _ in st.eval_items]
-    n_mon = min(config.monitor_pairs, len(trait.pairs))
-    systems: list[tuple[str, str | None]] = [("none", None)]
-    for i in range(n_mon):
-        systems += [(f"pos{i}", trait.system_prompt("pos", i)), (f"neg{i}", trait.system_prompt("neg", i))]
-    mjobs = []
-    for label, system in systems:
-        for q in eval_qs:
-            conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
-            mjobs.append((digest("monitor", mid, system, q, config.monitor_tokens, config.temperature, config.top_p,
-                                 config.seed), conv, {"system_label": label, "question": q}))
-    log(f"[7/7] monitoring: {len(mjobs)} responses under {len(systems)} system prompts")
-    mrecs = generate_cached(model, KeyedJsonl(out / "monitor.jsonl"), mjobs, max_new_tokens=config.monitor_tokens,
-                            temperature=config.temperature, top_p=config.top_p, seed=config.seed,
-                            batch_size=config.batch_size, desc="monitor generate", progress=progress)
-    mrows = [{**mrecs[k]} for k, _, _ in mjobs]
-    # judge-free answer score, from instruction pairs that did not generate the monitored answers
-    score_pairs = [i for i in range(len(trait.pairs)) if i >= n_mon][:1] or [0]
-    free = answer_trait_scores(model, trait, [r["question"] for r in mrows], [r["response"] for r in mrows],
-                               score_pairs, batch_size=config.batch_size)
-    for r, f in zip(mrows, free):
-        r["score_free"] = None if not np.isfinite(f) else float(f)
-    if st.trusted:
-        _judge_rows(judge, judge_id, KeyedJsonl(out / "judgements.jsonl"), trait, mrows, config, out, "judge monitor",
-                    progress, coherence=False)
-    proj = np.zeros((cfg.n_resid, len(mrows)), np.float32)
-    units = st.vecs[0] / np.maximum(np.linalg.norm(st.vecs[0], axis=-1, keepdims=True), 1e-12)  # [L+1, D]
-    for idx, acts in iter_activations(model, [r["messages"] for r in mrows], [r["response"] for r in mrows],
-                                      config.batch_size):
-        proj[:, idx] = np.einsum("lbd,ld->lb", acts[VARIANTS.index("prompt_last")], units)
-    ok = [j for j, r in enumerate(mrows) if r["score_free"] is not None]
-    monitor = {str(l): pearson_ci(proj[l, ok], [mrows[j]["score_free"] for j in ok]) for l in range(cfg.n_resid)}
-    monitor_judged = None
-    if st.trusted:
-        sj = [j for j, r in enumerate(mrows) if r.get("trait") is not None]
-        monitor_judged = {str(l): pearson_ci(proj[l, sj], [mrows[j]["trait"] for j in sj]) for l in range(cfg.n_resid)}
     show = best if best is not None else sw["layers"][len(sw["layers"]) // 2]
-    for j, r in enumerate(mrows):
-        r["projection"] = float(proj[show, j])
-    _write_jsonl(out / "monitor_scored.jsonl", mrows)
-    st.wall["monitor"] = time.perf_counter() - t1
+    mrows, monitor, monitor_judged = _monitor(run, model, st, judge, config, show, judge_id=judge_id)
     st.wall["total"] = sum(st.wall.values())
 
     decisions = {
@@ -675,15 +764,17 @@ def _finish_trait(model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, c
         trait.name, model.name or cfg.family, judge_id, check, decisions, len(st.rows), len(st.pairs), len(st.kept),
         st.filter_desc, config.coeff_units, {l: float(st.norms[int(l)]) for l in steering_layers}, best, choice,
         baseline, table, judged_table, dataclasses.asdict(sw["thresholds"]), monitor, monitor_judged, dict(st.wall),
-        str(out))
-    (out / "summary.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-    (out / "summary.txt").write_text(result.table() + "\n")
-    plots.steering_judge_free({trait.name: {"table": table, "choice": choice}}, out / "steering.png",
-                              title=f"{trait.name}: judge-free steering on {result.model} ({config.coeff_units} units)")
-    plots.monitor_scatter([r["projection"] for r in mrows], [r["score_free"] for r in mrows],
-                          [r["system_label"] for r in mrows], out / "monitor.png",
-                          title=f"{trait.name}: last-prompt projection @ resid[{show}] vs judge-free answer score",
-                          r=monitor[str(show)]["r"], ylabel="answer score: lp(pos prompts) - lp(neg prompts)")
+        str(st.out))
+    with run.stage(st.sub + "summary"):
+        run.write_json(st.sub + "summary.json", dataclasses.asdict(result), indent=2)
+        run.write_text(st.sub + "summary.txt", result.table() + "\n")
+        plots.steering_judge_free({trait.name: {"table": table, "choice": choice}}, st.out / "steering.png",
+                                  title=f"{trait.name}: judge-free steering on {result.model} ({config.coeff_units} "
+                                        "units)")
+        plots.monitor_scatter([r["projection"] for r in mrows], [r["score_free"] for r in mrows],
+                              [r["system_label"] for r in mrows], st.out / "monitor.png",
+                              title=f"{trait.name}: last-prompt projection @ resid[{show}] vs judge-free answer score",
+                              r=monitor[str(show)]["r"], ylabel="answer score: lp(pos prompts) - lp(neg prompts)")
     return result
 
 
@@ -718,14 +809,6 @@ def _filter_message(pairs: list[dict[str, Any]], config: ExtractConfig, judge_id
     )
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
-
-
 @dataclasses.dataclass
 class AllTraitsResult:
     """``--all-traits``: one result per trait plus the shared sweep's wall time."""
@@ -752,16 +835,23 @@ class AllTraitsResult:
 
 def run_extract_all(model: Any, traits: Sequence[Any], judge: Any, config: ExtractConfig, out_dir: str | Path, *,
                     judge_id: str, progress: bool = True, log: Callable[[str], None] = print) -> AllTraitsResult:
-    """Every trait in one run directory ``out_dir/<trait>/``; the steering sweep of all traits is one
-    batched computation (``out_dir/steering/``). Writes ``summary.json``/``.txt`` and a per-trait
-    ``steering.png`` grid in ``out_dir``."""
+    """Every trait in one run directory (a run of kind ``extract-all``) ``out_dir/<trait>/``; the steering
+    sweep of all traits is one batched computation (``out_dir/steering/``). Writes ``summary.json``/``.txt``
+    and a per-trait ``steering.png`` grid in ``out_dir``; each trait's ``config.json`` is in its folder (the
+    run's config, recorded by digest in ``run.json``, is not written as a file)."""
+    _check_inputs(model, traits, config)
     out = Path(out_dir)
-    results = run_extract_many(model, traits, judge, config, [out / t.name for t in traits], judge_id=judge_id,
-                               sweep_dir=out / "steering", progress=progress, log=log)
-    res = AllTraitsResult(results, str(out))
-    (out / "summary.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
-    (out / "summary.txt").write_text(res.table() + "\n")
-    plots.steering_judge_free({r.trait: {"table": r.steering, "choice": r.choice} for r in results},
-                              out / "steering.png", title=f"judge-free steering on {results[0].model} "
-                                                          f"({config.coeff_units} units)")
+    record = config_record(traits[0].name, model.name, judge_id, config) if traits else {}
+    mapping = {"traits": [t.name for t in traits], **{k: v for k, v in record.items() if k != "trait"}}
+    with open_run(out, "extract-all", mapping, model=model, seeds={"seed": config.seed}, log=log, progress=progress,
+                  write_config=False) as run:
+        results = run_extract_many(run, model, traits, judge, config, judge_id=judge_id,
+                                   subdirs=[f"{t.name}/" for t in traits])
+        res = AllTraitsResult(results, str(out))
+        with run.stage("summary"):
+            run.write_json("summary.json", [dataclasses.asdict(r) for r in results], indent=2)
+            run.write_text("summary.txt", res.table() + "\n")
+            plots.steering_judge_free({r.trait: {"table": r.steering, "choice": r.choice} for r in results},
+                                      out / "steering.png", title=f"judge-free steering on {results[0].model} "
+                                                                  f"({config.coeff_units} units)")
     return res

@@ -21,14 +21,20 @@ Stages (each cached in the run directory; a rerun resumes):
    together, and steering A then B vs B then A vs A+B on both traits' judge-free scores.
 
 Every number is judge-free: likelihoods and projections of the model's own activations.
+
+The run directory is a :func:`~jaxpersona.runner.run.open_run` run of kind ``"regimes"`` (``run.json``,
+``config.json``, the lock); each stage above is a timed :meth:`~jaxpersona.runner.run.Run.stage` whose
+arrays are cached atomically (``prompt_vectors.npz``, ``evaluation.npz``, ``bipo.npz``, ``grid.npz``,
+``composition.npz``) under the keys of :func:`prompt_vectors_key` and its siblings; an unreadable cache
+is recomputed with one :class:`~jaxpersona.errors.CacheWarning`. :func:`run_trait_data` (kind
+``"trait-data"``) and :func:`run_finetune` (kind ``"finetune"``) are the data and fine-tuning steps on
+their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ from jaxpersona import errors
 from jaxpersona.artifacts import plots
 from jaxpersona.artifacts.adapters import load_adapter
 from jaxpersona.artifacts.bank import VectorBank
-from jaxpersona.artifacts.records import KeyedJsonl, cached_arrays, digest
+from jaxpersona.artifacts.records import KeyedJsonl, digest
 from jaxpersona.compute.activations import (
     VARIANTS,
     iter_activations,
@@ -47,7 +53,7 @@ from jaxpersona.compute.activations import (
 from jaxpersona.compute.bipo import bipo_vector
 from jaxpersona.compute.conditions import Condition, score_conditions
 from jaxpersona.compute.handle import model_fingerprint
-from jaxpersona.compute.train import TrainConfig, inoculate, train
+from jaxpersona.compute.train import TrainConfig, TrainResult, inoculate, train
 from jaxpersona.data.chat import conversation
 from jaxpersona.data.configs import (
     check_positive,
@@ -56,11 +62,11 @@ from jaxpersona.data.configs import (
     replace_checked,
     resid_point,
 )
-from jaxpersona.data.datasets import write_dataset
 from jaxpersona.edit import interventions as iv
-from jaxpersona.edit.directions import steering_vectors
+from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
 from jaxpersona.measure import stats
 from jaxpersona.model.lora import stack_adapters
+from jaxpersona.runner.run import Run, open_run
 from jaxpersona.runner.stages import generate_cached
 
 TRAINERS = ("plain", "steer", "inoculate", "kl")
@@ -202,19 +208,24 @@ def per_question_means(model: Any, questions: Sequence[str], answers: list[list[
             counts[qi] += 1
         norm_sum += norms[0].sum(axis=1)
     if np.any(counts == 0):
-        missing = [questions[i] for i in np.flatnonzero(counts == 0)]
+        missing = [questions[int(i)] for i in np.flatnonzero(counts == 0)]
         raise errors.FilterError(f"no non-empty answer for questions {missing[:3]}; raise max_new_tokens")
     means = sums / counts[:, None, None]
     return (means, norm_sum / len(rows)) if with_norms else means
 
 
-def unit(v: np.ndarray) -> np.ndarray:
+# Not :func:`jaxpersona.edit.directions.unit` / ``cosine``: that ``unit`` returns float32 and that ``cosine``
+# divides the dot product by the norms' product, so both differ from these in the last bits. The prevention
+# vector built from ``_unit`` is part of the trainer's resume fingerprint (a float32 unit would make every
+# earlier ``steer-trait`` run retrain), and the reported cosines keep their exact values.
+def _unit(v: np.ndarray) -> np.ndarray:
+    """``v / |v|`` along the last axis in ``v``'s own dtype (zeros stay zero): ``[..., D]``."""
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine along the last axis."""
-    return (unit(a) * unit(b)).sum(-1)
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine along the last axis of ``[..., D]`` arrays: ``[...]``."""
+    return (_unit(a) * _unit(b)).sum(-1)
 
 
 def regime_cosines(diff_a: np.ndarray, diff_b: np.ndarray | None, fixed_b: np.ndarray | None = None, *,
@@ -226,17 +237,21 @@ def regime_cosines(diff_a: np.ndarray, diff_b: np.ndarray | None, fixed_b: np.nd
     its own percentile interval.) Returns ``{"cos": [L+1], "lo": [L+1], "hi": [L+1]}``."""
     a_full = diff_a.mean(0)
     b_full = diff_b.mean(0) if diff_b is not None else fixed_b
-    point = cosine(a_full, b_full)
+    if b_full is None:
+        raise errors.InputError("regime_cosines needs diff_b or fixed_b")
+    point = _cosine(a_full, b_full)
 
     def loo(x: np.ndarray) -> np.ndarray:  # leave-one-out means [n, L+1, D]
         return (x.sum(0)[None] - x) / (len(x) - 1)
 
     if paired:
-        lo, hi = stats.jackknife_interval(point, cosine(loo(diff_a), loo(diff_b)))
+        if diff_b is None:
+            raise errors.InputError("a paired interval needs diff_b")
+        lo, hi = stats.jackknife_interval(point, _cosine(loo(diff_a), loo(diff_b)))
     else:
-        parts = [cosine(loo(diff_a), b_full[None])]
+        parts = [_cosine(loo(diff_a), b_full[None])]
         if diff_b is not None:
-            parts.append(cosine(a_full[None], loo(diff_b)))
+            parts.append(_cosine(a_full[None], loo(diff_b)))
         halfwidths = [stats.jackknife_interval(point, p)[1] - point for p in parts]
         w = np.sqrt(sum(h ** 2 for h in halfwidths))
         lo, hi = point - w, point + w
@@ -252,7 +267,7 @@ def split_half_null(diff: np.ndarray, n_splits: int, seed: int) -> dict[str, lis
     cs = []
     for _ in range(n_splits):
         perm = rng.permutation(q)
-        cs.append(cosine(diff[perm[: q // 2]].mean(0), diff[perm[q // 2 :]].mean(0)))
+        cs.append(_cosine(diff[perm[: q // 2]].mean(0), diff[perm[q // 2 :]].mean(0)))
     c = np.asarray(cs)
     return {"median": np.median(c, 0).tolist(), "lo": np.percentile(c, 2.5, 0).tolist(),
             "hi": np.percentile(c, 97.5, 0).tolist()}
@@ -276,88 +291,273 @@ def _mean_ci(x: np.ndarray, n_boot: int, seed: int) -> list[float]:
     return list(stats.bootstrap_ci(x, n_boot=n_boot, seed=seed)) if len(x) else [float("nan")] * 3
 
 
+# --- cache keys: what each cached stage is computed from (unchanged since jaxpersona 0.4, so older run
+# directories resume without recomputing) -----------------------------------------------------------------
+def answers_key(tr: Any, ev: Any, tr_b: Any = None, ev_b: Any = None) -> str:
+    """Digest of every answer a run's later stages are computed from (``trait_data`` results)."""
+    return digest(tr, ev, tr_b, ev_b)
+
+
+def prompt_vectors_key(fp: str, config: RegimesConfig, answers: str) -> str:
+    """Key of ``prompt_vectors.npz`` (``fp``: the model fingerprint, ``answers``: :func:`answers_key`)."""
+    return digest(fp, "prompt", dataclasses.asdict(config), answers)
+
+
+def evaluation_key(fp: str, snaps: Sequence[tuple[str, int]], config: RegimesConfig, train_config: TrainConfig,
+                   answers: str) -> str:
+    """Key of ``evaluation.npz``: every (run name, adapter step) snapshot, both configs, the answers."""
+    return digest(fp, "eval", [(n, s) for n, s in snaps], dataclasses.asdict(config),
+                  dataclasses.asdict(train_config), answers)
+
+
+def bipo_key(fp: str, layers: tuple[int, ...], config: RegimesConfig, answers: str) -> str:
+    """Key of ``bipo.npz`` (``layers``: the BiPO resid points)."""
+    return digest(fp, "bipo", layers, dataclasses.asdict(config), answers)
+
+
+def grid_key(eval_key: str, trait_b: str | None) -> str:
+    """Key of ``grid.npz``: the evaluation's key and the second trait's name (None without one)."""
+    return digest(eval_key, "grid", trait_b)
+
+
+def composition_key(fp: str, config: RegimesConfig, answers: str) -> str:
+    """Key of ``composition.npz``."""
+    return digest(fp, "compose", dataclasses.asdict(config), answers)
+
+
+# --- preventative interventions ---------------------------------------------------------------------------
+PREVENTIONS = ("steer", "ablate")
+
+
+def prevention_intervention(n_resid: int, vector: np.ndarray, kind: str, coeff: float, layer: int) -> Any:
+    """The intervention of preventative training at ``resid[layer]``, every position: ``"steer"`` adds
+    ``coeff * vector`` (``[D]``), ``"ablate"`` projects the ``vector`` direction out (``coeff`` unused)."""
+    if kind not in PREVENTIONS:
+        raise errors.InputError(f"prevention must be one of {list(PREVENTIONS)}, got {kind!r}")
+    allp = iv.Positions.all(np.ones((1, 1), bool))
+    if kind == "steer":
+        return iv.steer(n_resid, vector, coeff, [layer], allp)
+    return iv.ablate(n_resid, vector, [layer], allp)
+
+
+def prevention_from_bank(model: Any, bank_dir: str | Path, entry: str | None = None, *, kind: str = "steer",
+                         coeff: float = 5.0, layer: int = -1, units: str = "absolute") -> Any:
+    """The preventative intervention from vector bank entry ``entry`` (default: the bank's first) at resid
+    ``layer`` (-1 = the middle): ``units="absolute"`` the raw vector times ``coeff`` (the reference),
+    ``"relative"`` ``coeff`` times the residual norm the bank recorded (times the unit vector)."""
+    if units not in ("relative", "absolute"):
+        raise errors.InputError(f"prevention units must be 'relative' or 'absolute', got {units!r}")
+    bank = VectorBank.load(bank_dir, model.cfg)
+    entry = entry or bank.names[0]
+    if entry not in bank:
+        raise errors.InputError(f"--prevent-entry {entry!r} not in the bank; it has {list(bank.names)}")
+    l = resid_point(model.cfg.n_layers, layer, "--prevent-layer")
+    vecs = steering_vectors(bank.get(entry), bank_resid_norm(bank, entry), units)
+    return prevention_intervention(model.cfg.n_resid, vecs[l], kind, coeff, l)
+
+
+# --- the data and fine-tuning steps as runs of their own --------------------------------------------------
+def chat_rows(examples: Sequence[tuple[list[dict[str, str]], str]]) -> list[dict[str, Any]]:
+    """Examples as chat JSONL rows ``{"messages": [..., assistant]}`` (the format ``read_dataset`` reads)."""
+    return [{"messages": [*prompt, {"role": "assistant", "content": resp}]} for prompt, resp in examples]
+
+
+def run_trait_data(model: Any, trait: Any, questions: Sequence[str], n_pairs: int, out_dir: str | Path, *,
+                   max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
+                   batch_size: int = 16, progress: bool = True, log: Callable[[str], None] = print
+                   ) -> dict[str, int]:
+    """A ``trait-data`` run: the model's answers to ``questions`` (cached in ``answers.jsonl``) written as
+    ``trait.jsonl`` (under the trait's positive prompts), ``neutral.jsonl`` (no system prompt) and
+    ``counter.jsonl`` (negative prompts), each without the system prompt. Returns ``{name: examples}``."""
+    if n_pairs < 1 or not questions:
+        raise errors.InputError("--n-pairs must be >= 1 and the trait needs questions")
+    settings = {"model": model.name, "trait": trait.name, "questions": list(questions), "n_pairs": n_pairs,
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "batch_size": batch_size}
+    counts: dict[str, int] = {}
+    with open_run(out_dir, "trait-data", settings, model=model, seeds={"seed": seed}, log=log,
+                  progress=progress) as run:
+        with run.stage("generate"):
+            ans = trait_data(model, trait, questions, n_pairs, run.records("answers.jsonl"),
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                             batch_size=batch_size, progress=progress)
+        with run.stage("write"):
+            for name, side in (("trait", "pos"), ("neutral", "plain"), ("counter", "neg")):
+                ex = as_examples(questions, ans[side])
+                run.write_jsonl(f"{name}.jsonl", chat_rows(ex))
+                counts[name] = len(ex)
+    return counts
+
+
+def run_finetune(model: Any, examples: Sequence[Any], config: TrainConfig, out_dir: str | Path, *,
+                 neutral: Sequence[Any] | None = None, inoculation: str = "", prevention: Any = None,
+                 settings: Mapping[str, Any] | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> TrainResult:
+    """A ``finetune`` run: :func:`~jaxpersona.compute.train.train` on ``examples`` (with ``inoculation`` as
+    their system prompt when given) in ``out_dir``. The trainer keeps its own Orbax checkpoints, adapter
+    snapshots and ``log.jsonl`` (a rerun resumes from its last checkpoint); the run adds ``run.json``,
+    ``config.json`` (the train config and ``settings``, e.g. the data and prevention it came from) and the lock."""
+    config.validate()
+    cfg = {"model": model.name, **dict(settings or {}), "train": dataclasses.asdict(config)}
+    with open_run(out_dir, "finetune", cfg, model=model, seeds={"seed": config.seed}, log=log,
+                  progress=progress) as run:
+        with run.stage("train"):
+            return train(model, inoculate(examples, inoculation), config, run.out, neutral=neutral,
+                         prevention=prevention, progress=progress)
+
+
+# --- the regimes run -----------------------------------------------------------------------------------------
+STAGES = ("data", "prompt_vectors", "fine_tune", "evaluate", "bipo", "compare")  # timed in wall_seconds
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """What every stage of one regimes run reads."""
+
+    run: Run
+    model: Any
+    trait: Any
+    trait_b: Any
+    config: RegimesConfig
+    train_config: TrainConfig
+    fp: str
+    layer: int
+    train_q: list[str]
+    eval_q: list[str]
+    progress: bool
+
+    @property
+    def bs(self) -> int:  # scoring batch
+        return max(2, self.config.batch_size // 4)
+
+    def sys_prompts(self, trait: Any, side: str) -> list[str]:
+        return [trait.system_prompt(side, i % len(trait.pairs)) for i in range(self.config.n_pairs)]
+
+
+@dataclasses.dataclass
+class _Answers:
+    """Stage 1: the answers (``{side: [question][pair]}``) and the datasets made of them."""
+
+    tr: dict[str, list[list[str]]]
+    ev: dict[str, list[list[str]]]
+    tr_b: dict[str, list[list[str]]] | None
+    ev_b: dict[str, list[list[str]]] | None
+    extra: dict[str, tuple[str, str]]
+    key: str
+    data: dict[str, list[Any]]
+
+
+@dataclasses.dataclass
+class _Evaluation:
+    """Stage 4: every snapshot as a condition, their stacked adapters and what was measured."""
+
+    conds: list[Condition]
+    stack: Any
+    key: str
+    items: tuple[list[str], list[str], list[str]]  # (question, trait answer, neutral answer) per item
+    ft_diff: np.ndarray  # [K, 3, L+1, Q, D] fine-tuned minus base activations per question
+    points: list[dict[str, Any]]
+    finals: dict[str, dict[str, Any]]
+    corr: dict[str, Any]
+
+
 def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: TrainConfig, out_dir: str | Path, *,
                 trait_b: Any = None, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole regimes run (see the module docstring); writes ``regimes.json`` / ``regimes.txt``."""
     cfg = model.cfg
     config.validate(cfg)
     train_config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": model.name, "regimes": dataclasses.asdict(config),
-                                                 "train": dataclasses.asdict(train_config)}, indent=2))
-    fp = model_fingerprint(model)
-    layer = config.resid(cfg.n_layers)
-    t0 = time.perf_counter()
-    wall: dict[str, float] = {}
     if len(trait.questions) < config.n_train_questions or len(trait.eval_questions) < config.n_eval_questions:
         raise errors.InputError(f"trait {trait.name!r} has {len(trait.questions)} questions and "
                                 f"{len(trait.eval_questions)} eval questions; the config asks for "
                                 f"{config.n_train_questions} and {config.n_eval_questions}")
-    train_q = list(trait.questions[: config.n_train_questions])
-    eval_q = list(trait.eval_questions[: config.n_eval_questions])
-    gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-               seed=config.seed, batch_size=config.batch_size, progress=progress)
-    store = KeyedJsonl(out / "answers.jsonl")
+    if trait_b is not None and len(trait_b.questions) < 1:
+        raise errors.InputError(f"trait {trait_b.name!r} has no questions")
+    settings = {"model": model.name, "regimes": dataclasses.asdict(config), "train": dataclasses.asdict(train_config)}
+    with open_run(out_dir, "regimes", settings, model=model, seeds={"seed": config.seed, "train": train_config.seed},
+                  log=log, progress=progress) as run:
+        ctx = _Ctx(run, model, trait, trait_b, config, train_config, model_fingerprint(model),
+                   config.resid(cfg.n_layers), list(trait.questions[: config.n_train_questions]),
+                   list(trait.eval_questions[: config.n_eval_questions]), progress)
+        with run.stage("data", f"[1/6] answers: {trait.name} on {len(ctx.train_q)} train + {len(ctx.eval_q)} eval "
+                       f"questions x {config.n_pairs} pairs"):
+            ans = _stage_data(ctx)
+        with run.stage("prompt_vectors"):
+            pd = _stage_prompt_vectors(ctx, ans)
+        u = _unit(pd["A"].mean(0)[ctx.layer])  # unit prompt-regime vector at `layer` [D] (float64)
+        with run.stage("fine_tune"):
+            runs = _stage_fine_tune(ctx, ans, u * pd["norms"][ctx.layer] if config.prevention == "steer" else u)
+        with run.stage("evaluate"):
+            evl = _stage_evaluate(ctx, ans, runs, u)
+        with run.stage("bipo"):
+            bp = _stage_bipo(ctx, ans)
+        with run.stage("compare"):
+            parts = _stage_compare(ctx, ans, pd, evl, bp)
+        wall = run.wall()
+        wall = {k: wall.get(k, 0.0) for k in STAGES}
+        wall["total"] = sum(wall.values())
+        with run.stage("write"):
+            return _write_summary(ctx, pd, runs, evl, parts, wall)
 
-    # 1. data
-    log(f"[1/6] answers: {trait.name} on {len(train_q)} train + {len(eval_q)} eval questions x {config.n_pairs} pairs")
+
+def _stage_data(ctx: _Ctx) -> _Answers:
+    """Stage 1: the model's answers (cached in ``answers.jsonl``) and ``data/{trait,neutral,mixed}.jsonl``."""
+    config, trait, trait_b, run = ctx.config, ctx.trait, ctx.trait_b, ctx.run
+    gen: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+               seed=config.seed, batch_size=config.batch_size, progress=ctx.progress)
+    store = run.records("answers.jsonl")
     extra = {}
     if trait_b is not None:
         extra["AB"] = (f"{trait.system_prompt('pos', 0)} {trait_b.system_prompt('pos', 0)}",
                        f"{trait.system_prompt('neg', 0)} {trait_b.system_prompt('neg', 0)}")
-    tr = trait_data(model, trait, train_q, config.n_pairs, store, extra_systems=extra, **gen)
-    ev = trait_data(model, trait, eval_q, config.n_pairs, store, **gen)
-    trB = evB = None
+    tr = trait_data(ctx.model, trait, ctx.train_q, config.n_pairs, store, extra_systems=extra, **gen)
+    ev = trait_data(ctx.model, trait, ctx.eval_q, config.n_pairs, store, **gen)
+    tr_b = ev_b = None
     if trait_b is not None:
-        if len(trait_b.questions) < 1:
-            raise errors.InputError(f"trait {trait_b.name!r} has no questions")
-        trB = trait_data(model, trait_b, train_q, config.n_pairs, store, **gen)
-        evB = trait_data(model, trait_b, list(trait_b.eval_questions[: config.n_eval_questions]), config.n_pairs,
-                         store, **gen)
-    answers_key = digest(tr, ev, trB, evB)  # what every later stage is computed from
-    trait_ex, neutral_ex = as_examples(train_q, tr["pos"]), as_examples(train_q, tr["plain"])
+        tr_b = trait_data(ctx.model, trait_b, ctx.train_q, config.n_pairs, store, **gen)
+        ev_b = trait_data(ctx.model, trait_b, list(trait_b.eval_questions[: config.n_eval_questions]), config.n_pairs,
+                          store, **gen)
+    trait_ex, neutral_ex = as_examples(ctx.train_q, tr["pos"]), as_examples(ctx.train_q, tr["plain"])
     data = {"trait": trait_ex, "neutral": neutral_ex, "mixed": mixed_examples(trait_ex, neutral_ex)}
     for name, ex in data.items():
-        write_dataset(out / "data" / f"{name}.jsonl", ex)
-    wall["data"] = time.perf_counter() - t0
+        run.write_jsonl(f"data/{name}.jsonl", chat_rows(ex))
+    return _Answers(tr, ev, tr_b, ev_b, extra, answers_key(tr, ev, tr_b, ev_b), data)
 
-    # 2. prompt-regime vectors (per question, every resid point)
-    t1 = time.perf_counter()
-    pos_sys = [trait.system_prompt("pos", i % len(trait.pairs)) for i in range(config.n_pairs)]
-    neg_sys = [trait.system_prompt("neg", i % len(trait.pairs)) for i in range(config.n_pairs)]
+
+def _stage_prompt_vectors(ctx: _Ctx, ans: _Answers) -> dict[str, np.ndarray]:
+    """Stage 2: per-question prompt-regime differences ``A`` (and ``B``, ``AB``) ``[Q, L+1, D]`` and the mean
+    residual norm per resid point ``norms [L+1]``, cached in ``prompt_vectors.npz``."""
+    config, model, tr, bs = ctx.config, ctx.model, ans.tr, ctx.config.batch_size
+    n = config.n_pairs
 
     def prompt_diffs() -> dict[str, np.ndarray]:
-        pos_m, norms = per_question_means(model, train_q, tr["pos"], pos_sys, config.batch_size, with_norms=True)
-        res = {"A": pos_m - per_question_means(model, train_q, tr["neg"], neg_sys, config.batch_size), "norms": norms}
-        if trait_b is not None:
-            pb = [trait_b.system_prompt("pos", i % len(trait_b.pairs)) for i in range(config.n_pairs)]
-            nb = [trait_b.system_prompt("neg", i % len(trait_b.pairs)) for i in range(config.n_pairs)]
-            res["B"] = (per_question_means(model, train_q, trB["pos"], pb, config.batch_size)
-                        - per_question_means(model, train_q, trB["neg"], nb, config.batch_size))
-            res["AB"] = (per_question_means(model, train_q, tr["AB:pos"], [extra["AB"][0]] * config.n_pairs,
-                                            config.batch_size)
-                         - per_question_means(model, train_q, tr["AB:neg"], [extra["AB"][1]] * config.n_pairs,
-                                              config.batch_size))
+        pos_m, norms = per_question_means(model, ctx.train_q, tr["pos"], ctx.sys_prompts(ctx.trait, "pos"), bs,
+                                          with_norms=True)
+        res = {"A": pos_m - per_question_means(model, ctx.train_q, tr["neg"], ctx.sys_prompts(ctx.trait, "neg"), bs),
+               "norms": norms}
+        if ctx.trait_b is not None:
+            assert ans.tr_b is not None
+            res["B"] = (per_question_means(model, ctx.train_q, ans.tr_b["pos"], ctx.sys_prompts(ctx.trait_b, "pos"), bs)
+                        - per_question_means(model, ctx.train_q, ans.tr_b["neg"], ctx.sys_prompts(ctx.trait_b, "neg"),
+                                             bs))
+            res["AB"] = (per_question_means(model, ctx.train_q, tr["AB:pos"], [ans.extra["AB"][0]] * n, bs)
+                         - per_question_means(model, ctx.train_q, tr["AB:neg"], [ans.extra["AB"][1]] * n, bs))
         return res
 
-    pd = cached_arrays(out / "prompt_vectors.npz", digest(fp, "prompt", dataclasses.asdict(config), answers_key),
-                 prompt_diffs)
-    v_prompt = pd["A"].mean(0)  # [L+1, D]
-    norms = pd["norms"]  # mean residual norm per resid point
-    log(f"[2/6] prompt-regime vector: |v| at resid[{layer}] = {np.linalg.norm(v_prompt[layer]):.2f} "
-        f"(residual norm {norms[layer]:.1f})")
-    wall["prompt_vectors"] = time.perf_counter() - t1
+    pd = ctx.run.arrays("prompt_vectors.npz", prompt_vectors_key(ctx.fp, config, ans.key), prompt_diffs)
+    v_prompt, norms = pd["A"].mean(0), pd["norms"]
+    ctx.run.log(f"[2/6] prompt-regime vector: |v| at resid[{ctx.layer}] = {np.linalg.norm(v_prompt[ctx.layer]):.2f} "
+                f"(residual norm {norms[ctx.layer]:.1f})")
+    return pd
 
-    # 3. fine-tuning runs
-    t1 = time.perf_counter()
-    u = unit(v_prompt[layer])
-    allp = iv.Positions.all(np.ones((1, 1), bool))
-    if config.prevention == "steer":
-        prevention = iv.steer(cfg.n_resid, u * norms[layer], config.prevention_coeff, [layer], allp)
-    else:
-        prevention = iv.ablate(cfg.n_resid, u, [layer], allp)
-    inoc = trait.system_prompt("pos", config.inoculation_pair % len(trait.pairs))
+
+def _stage_fine_tune(ctx: _Ctx, ans: _Answers, prevention_vector: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Stage 3: every trainer x dataset LoRA run in ``runs/NAME`` (each resumes on its own); returns
+    ``{name: {trainer, dataset, steps, checkpoints, final_loss, skipped, examples}}``."""
+    config, train_config, data = ctx.config, ctx.train_config, ans.data
+    prevention = prevention_intervention(ctx.model.cfg.n_resid, prevention_vector, config.prevention,
+                                         config.prevention_coeff, ctx.layer)
+    inoc = ctx.trait.system_prompt("pos", config.inoculation_pair % len(ctx.trait.pairs))
     runs: dict[str, dict[str, Any]] = {}
     plan = [(t, "trait") for t in config.trainers] + [("plain", d) for d in config.datasets if d != "trait" or
                                                        "plain" not in config.trainers]
@@ -365,33 +565,35 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
         name = f"{trainer}-{ds}"
         ex = inoculate(data[ds], inoc) if trainer == "inoculate" else data[ds]
         tc = train_config.replace(kl_beta=config.kl_beta) if trainer == "kl" else train_config
-        log(f"[3/6] fine-tune {name}: {len(ex)} examples, {tc.epochs} epoch(s), batch {tc.batch_size}x{tc.grad_accum}")
-        res = train(model, ex, tc, out / "runs" / name, neutral=data["neutral"] if trainer == "kl" else None,
-                    prevention=prevention if trainer == "steer" else None, progress=progress)
+        ctx.run.log(f"[3/6] fine-tune {name}: {len(ex)} examples, {tc.epochs} epoch(s), batch "
+                    f"{tc.batch_size}x{tc.grad_accum}")
+        res = train(ctx.model, ex, tc, ctx.run.path("runs") / name, neutral=data["neutral"] if trainer == "kl" else None,
+                    prevention=prevention if trainer == "steer" else None, progress=ctx.progress)
         runs[name] = {"trainer": trainer, "dataset": ds, "steps": res.steps, "checkpoints": res.checkpoints,
                       "final_loss": res.log[-1]["ce"] if res.log else None, "skipped": res.skipped,
                       "examples": res.n_examples}
-    wall["fine_tune"] = time.perf_counter() - t1
+    return runs
 
-    # 4. evaluate every snapshot: trait score, neutral loss (one stacked computation), fine-tuning shift
-    t1 = time.perf_counter()
+
+def _stage_evaluate(ctx: _Ctx, ans: _Answers, runs: dict[str, dict[str, Any]], u: np.ndarray) -> _Evaluation:
+    """Stage 4: every snapshot in one stacked computation (trait score, neutral loss; cached in
+    ``evaluation.npz``), the fine-tuning shift along ``u [D]``, and shift vs trait change."""
+    model, cfg, config, eval_q, ev = ctx.model, ctx.model.cfg, ctx.config, ctx.eval_q, ans.ev
     snaps = [(name, s) for name, r in runs.items() for s in r["checkpoints"]]
-    adapters = [load_adapter(out / "runs" / n / "adapters" / f"step_{s}", cfg)[0] for n, s in snaps]
+    adapters = [load_adapter(ctx.run.path("runs") / n / "adapters" / f"step_{s}", cfg)[0] for n, s in snaps]
     stack = stack_adapters([None, *adapters], cfg)
     conds = [Condition("base")] + [Condition(f"{n}@{s}", adapter=k + 1) for k, (n, s) in enumerate(snaps)]
     e_q, e_pos, e_neg = _trait_items(eval_q, ev)
     neutral_q = [q for q, row in zip(eval_q, ev["plain"]) for a in row]
     neutral_a = [a for row in ev["plain"] for a in row]
-    ekey = digest(fp, "eval", [(n, s) for n, s in snaps], dataclasses.asdict(config), dataclasses.asdict(train_config),
-                  answers_key)
+    ekey = evaluation_key(ctx.fp, snaps, config, ctx.train_config, ans.key)
 
     def evaluate() -> dict[str, np.ndarray]:
         n_pos, n_neg = len(e_q), len(e_q)
         lp = score_conditions(model, stack, conds, e_q + e_q + neutral_q, e_pos + e_neg + neutral_a,
-                              batch_size=max(2, config.batch_size // 4))
+                              batch_size=ctx.bs)
         acts = []
         rows = [(q, a) for q, a in zip(neutral_q, neutral_a) if a.strip()]
-
         for k in range(len(conds)):
             m = model if k == 0 else model.with_adapter(adapters[k - 1], f"{conds[k].name}")
             acts.append(response_activations(m, [conversation(q) for q, _ in rows], [a for _, a in rows]))
@@ -401,11 +603,29 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
         return {"pos": lp[:, :n_pos], "neg": lp[:, n_pos : n_pos + n_neg], "neutral": lp[:, n_pos + n_neg :],
                 "acts": per_q.astype(np.float32)}
 
-    ev_arr = cached_arrays(out / "evaluation.npz", ekey, evaluate)
-    trait_items = ev_arr["pos"] - ev_arr["neg"]  # [K, items] contrastive likelihood per item
-    base_items = trait_items[0]
+    ev_arr = ctx.run.arrays("evaluation.npz", ekey, evaluate)
     acts = ev_arr["acts"]  # [K, 3, L+1, Q, D]
     ft_diff = acts - acts[:1]  # fine-tuned minus base, per question
+    points = _points(ctx, conds, ev_arr, ft_diff, u)
+    shifts = [p["shift"] for p in points]
+    deltas = [p["trait_delta"][0] for p in points]
+    corr: dict[str, Any] = {"response_mean": stats.pearson_ci(shifts, deltas),
+            "prompt_last": stats.pearson_ci([p["shift_last_prompt"] for p in points], deltas),
+            "n_points": len(points), "measure": "trait change = contrastive likelihood (judge-free)"}
+    finals = {n: next(p for p in points if p["condition"] == f"{n}@{r['checkpoints'][-1]}") for n, r in runs.items()}
+    last = [points[0], *finals.values()]  # one point per run (+ base): independent runs only
+    corr["finals"] = stats.pearson_ci([p["shift"] for p in last], [p["trait_delta"][0] for p in last])
+    ctx.run.log(f"[4/6] evaluated {len(snaps)} snapshots + base: shift vs trait change r = "
+                f"{_fmt(corr['response_mean'].get('r'))} (n {len(points)})")
+    return _Evaluation(conds, stack, ekey, (e_q, e_pos, e_neg), ft_diff, points, finals, corr)
+
+
+def _points(ctx: _Ctx, conds: list[Condition], ev_arr: dict[str, np.ndarray], ft_diff: np.ndarray,
+            u: np.ndarray) -> list[dict[str, Any]]:
+    """One point per condition: its shift along ``u``, trait change and neutral-loss change vs base."""
+    config, layer = ctx.config, ctx.layer
+    trait_items = ev_arr["pos"] - ev_arr["neg"]  # [K, items] contrastive likelihood per item
+    base_items = trait_items[0]
     ri = VARIANTS.index("response_mean")
     li = VARIANTS.index("prompt_last")
     points = []
@@ -419,45 +639,38 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
                        "shift": shift_r, "shift_last_prompt": shift_l, "trait_delta": d,
                        "trait_score": float(np.nanmean(trait_items[k])),
                        "neutral_loss": float(-np.nanmean(ev_arr["neutral"][k])), "neutral_loss_delta": nl})
-    shifts = [p["shift"] for p in points]
-    deltas = [p["trait_delta"][0] for p in points]
-    corr = {"response_mean": stats.pearson_ci(shifts, deltas),
-            "prompt_last": stats.pearson_ci([p["shift_last_prompt"] for p in points], deltas),
-            "n_points": len(points), "measure": "trait change = contrastive likelihood (judge-free)"}
-    finals = {n: next(p for p in points if p["condition"] == f"{n}@{r['checkpoints'][-1]}") for n, r in runs.items()}
-    last = [points[0], *finals.values()]  # one point per run (+ base): independent runs only
-    corr["finals"] = stats.pearson_ci([p["shift"] for p in last], [p["trait_delta"][0] for p in last])
-    log(f"[4/6] evaluated {len(snaps)} snapshots + base: shift vs trait change r = "
-        f"{_fmt(corr['response_mean'].get('r'))} (n {len(points)})")
-    wall["evaluate"] = time.perf_counter() - t1
+    return points
 
-    # 5. BiPO vectors
-    t1 = time.perf_counter()
-    bipo_layers = tuple(config.bipo_layers) or (layer,)
-    bq = [q for q, row in zip(train_q, tr["pos"]) for _ in row]
+
+def _stage_bipo(ctx: _Ctx, ans: _Answers) -> dict[str, np.ndarray]:
+    """Stage 5: BiPO vectors at ``bipo_layers`` (``vectors [n, D]``, ``losses [n, steps]``; ``bipo.npz``)."""
+    config, tr = ctx.config, ans.tr
+    bipo_layers = tuple(config.bipo_layers) or (ctx.layer,)
+    bq = [q for q, row in zip(ctx.train_q, tr["pos"]) for _ in row]
     bpos = [a for row in tr["pos"] for a in row]
     bneg = [a for row in tr["neg"] for a in row]
 
     def bipo_all() -> dict[str, np.ndarray]:
         vs, ls = [], []
         for l in bipo_layers:
-            log(f"[5/6] BiPO at resid[{l}]: {config.bipo_steps} steps")
-            v, losses = bipo_vector(model, bq, bpos, bneg, l, steps=config.bipo_steps, lr=config.bipo_lr,
+            ctx.run.log(f"[5/6] BiPO at resid[{l}]: {config.bipo_steps} steps")
+            v, losses = bipo_vector(ctx.model, bq, bpos, bneg, l, steps=config.bipo_steps, lr=config.bipo_lr,
                                     beta=config.bipo_beta, batch_size=config.bipo_batch, seed=config.seed)
             vs.append(v)
             ls.append(losses)
         return {"vectors": np.stack(vs), "losses": np.asarray(ls)}
 
-    bp = cached_arrays(out / "bipo.npz", digest(fp, "bipo", bipo_layers, dataclasses.asdict(config), answers_key),
-                 bipo_all)
-    wall["bipo"] = time.perf_counter() - t1
+    return ctx.run.arrays("bipo.npz", bipo_key(ctx.fp, bipo_layers, config, ans.key), bipo_all)
 
-    # 6. comparison
-    t1 = time.perf_counter()
-    plain_final = finals.get("plain-trait") or next(iter(finals.values()))
-    k_plain = [c.name for c in conds].index(plain_final["condition"])
-    ft_q = ft_diff[k_plain, ri]  # [L+1, Q, D]
-    ft_q = np.moveaxis(ft_q, 1, 0)  # [Q, L+1, D]
+
+def _stage_compare(ctx: _Ctx, ans: _Answers, pd: dict[str, np.ndarray], evl: _Evaluation,
+                   bp: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Stage 6: cosines between regimes with their nulls, the regime grid and the composition analyses."""
+    config, cfg, layer = ctx.config, ctx.model.cfg, ctx.layer
+    bipo_layers = tuple(config.bipo_layers) or (layer,)
+    plain_final = evl.finals.get("plain-trait") or next(iter(evl.finals.values()))
+    k_plain = [c.name for c in evl.conds].index(plain_final["condition"])
+    ft_q = np.moveaxis(evl.ft_diff[k_plain, VARIANTS.index("response_mean")], 1, 0)  # [Q, L+1, D]
     cos = {"prompt_vs_finetune": regime_cosines(pd["A"], ft_q)}
     null = {"prompt": split_half_null(pd["A"], config.n_splits, config.seed),
             "finetune": split_half_null(ft_q, config.n_splits, config.seed)}
@@ -476,46 +689,62 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
                          "null_finetune": [null["finetune"][k][l] for k in ("median", "lo", "hi")],
                          "bipo_norm": float(np.linalg.norm(v)), "bipo_final_loss": float(np.mean(bp["losses"][
                              list(bipo_layers).index(l)][-5:]))})
-    # regime grid: {base, adapter} x {no prompt, trait prompt} x {no steering, steering} -> both traits' scores
-    steer_vec = steering_vectors(v_prompt, norms, "relative")
+    grid = _grid(ctx, ans, pd, evl, k_plain)
+    compose = None
+    if ctx.trait_b is not None:
+        compose = _composition(ctx, ans, pd, composition_key(ctx.fp, config, ans.key))
+    return {"cos": cos, "null": null, "bipo": bipo_tab, "bipo_full": bipo_full, "grid": grid, "composition": compose,
+            "plain_final": plain_final, "ft_q": ft_q}
+
+
+def _grid(ctx: _Ctx, ans: _Answers, pd: dict[str, np.ndarray], evl: _Evaluation, k_plain: int) -> dict[str, Any]:
+    """The regime grid: {base, adapter} x {no prompt, trait prompt} x {no steering, steering} -> both traits'
+    scores (``grid.npz``), as ``{condition: {trait: {"score", "delta"}}}`` with bootstrap intervals."""
+    config, cfg, layer, model, bs = ctx.config, ctx.model.cfg, ctx.layer, ctx.model, ctx.bs
+    allp = iv.Positions.all(np.ones((1, 1), bool))
+    steer_vec = steering_vectors(pd["A"].mean(0), pd["norms"], "relative")
+    pos_sys = ctx.sys_prompts(ctx.trait, "pos")
     grid_conds = []
     for ad_name, ad_k in (("base", 0), ("adapter", k_plain)):
         for pr_name, system in (("", None), ("+prompt", pos_sys[0])):
             for st_name, coeff in (("", 0.0), ("+steer", config.steer_coeff)):
                 hook = iv.steer(cfg.n_resid, steer_vec, coeff if coeff else 0.0, [layer], allp)
                 grid_conds.append(Condition(ad_name + pr_name + st_name, ad_k, system, hook))
-    gkey = digest(ekey, "grid", trait_b.name if trait_b is not None else None)
+    e_q, e_pos, e_neg = evl.items
+    trait_b = ctx.trait_b
 
     def grid_scores() -> dict[str, np.ndarray]:
-        lp_p = score_conditions(model, stack, grid_conds, e_q, e_pos, batch_size=max(2, config.batch_size // 4))
-        lp_n = score_conditions(model, stack, grid_conds, e_q, e_neg, batch_size=max(2, config.batch_size // 4))
+        lp_p = score_conditions(model, evl.stack, grid_conds, e_q, e_pos, batch_size=bs)
+        lp_n = score_conditions(model, evl.stack, grid_conds, e_q, e_neg, batch_size=bs)
         res = {"A": lp_p - lp_n}
-        if trait_b is not None:
-            bq_, bp_, bn_ = _trait_items(list(trait_b.eval_questions[: config.n_eval_questions]), evB)
-            res["B"] = (score_conditions(model, stack, grid_conds, bq_, bp_, batch_size=max(2, config.batch_size // 4))
-                        - score_conditions(model, stack, grid_conds, bq_, bn_, batch_size=max(2, config.batch_size // 4)))
+        if trait_b is not None and ans.ev_b is not None:
+            bq_, bp_, bn_ = _trait_items(list(trait_b.eval_questions[: config.n_eval_questions]), ans.ev_b)
+            res["B"] = (score_conditions(model, evl.stack, grid_conds, bq_, bp_, batch_size=bs)
+                        - score_conditions(model, evl.stack, grid_conds, bq_, bn_, batch_size=bs))
         return res
 
-    gs = cached_arrays(out / "grid.npz", gkey, grid_scores)
-    grid = {c.name: {t: {"score": _mean_ci(gs[t][i], config.n_boot, config.seed),
+    gkey = grid_key(evl.key, trait_b.name if trait_b is not None else None)
+    gs = ctx.run.arrays("grid.npz", gkey, grid_scores)
+    return {c.name: {t: {"score": _mean_ci(gs[t][i], config.n_boot, config.seed),
                          "delta": _mean_ci(gs[t][i] - gs[t][0], config.n_boot, config.seed)} for t in gs}
             for i, c in enumerate(grid_conds)}
-    compose = None
-    if trait_b is not None:
-        compose = _composition(model, config, cfg, pd, norms, layer, trait, trait_b, ev, evB, out,
-                               digest(fp, "compose", dataclasses.asdict(config), answers_key))
-    wall["compare"] = time.perf_counter() - t1
-    wall["total"] = time.perf_counter() - t0
 
+
+def _write_summary(ctx: _Ctx, pd: dict[str, np.ndarray], runs: dict[str, dict[str, Any]], evl: _Evaluation,
+                   parts: dict[str, Any], wall: dict[str, float]) -> dict[str, Any]:
+    """``vectors/`` (bank of the three regimes' vectors), ``regimes.json``, ``regimes.txt`` and the plots."""
+    model, trait, trait_b, layer, run = ctx.model, ctx.trait, ctx.trait_b, ctx.layer, ctx.run
+    v_prompt, norms = pd["A"].mean(0), pd["norms"]
+    final_name = f"finetune:{parts['plain_final']['condition']}"
+    names = (f"prompt:{trait.name}", final_name, f"bipo:{trait.name}")
     meta = {"resid_norm": norms.tolist(), "layer": layer}
-    VectorBank.from_vectors(model.name or cfg.family, {
-        f"prompt:{trait.name}": v_prompt, f"finetune:{plain_final['condition']}": ft_q.mean(0),
-        f"bipo:{trait.name}": bipo_full}, {k: {**meta, "regime": k.split(":")[0]} for k in (
-            f"prompt:{trait.name}", f"finetune:{plain_final['condition']}", f"bipo:{trait.name}")}
-    ).save(out / "vectors", overwrite=True)
+    VectorBank.from_vectors(model.name or model.cfg.family, dict(zip(names, (
+        v_prompt, parts["ft_q"].mean(0), parts["bipo_full"]))), {k: {**meta, "regime": k.split(":")[0]} for k in names}
+    ).save(run.path("vectors"), overwrite=True)
     summary = {"model": model.name, "trait": trait.name, "trait_b": trait_b.name if trait_b is not None else None,
-               "layer": layer, "runs": runs, "points": points, "finals": finals, "correlation": corr,
-               "cosines": {"per_layer": cos, "null": null, "bipo": bipo_tab}, "grid": grid, "composition": compose,
+               "layer": layer, "runs": runs, "points": evl.points, "finals": evl.finals, "correlation": evl.corr,
+               "cosines": {"per_layer": parts["cos"], "null": parts["null"], "bipo": parts["bipo"]},
+               "grid": parts["grid"], "composition": parts["composition"],
                "residual_norm": float(norms[layer]), "prompt_vector_norm": float(np.linalg.norm(v_prompt[layer])),
                "wall_seconds": wall,
                "measures": {"trait": "contrastive likelihood: mean per-token log-prob of held-out trait answers minus "
@@ -524,17 +753,19 @@ def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: Tra
                             "shift": "mean response activation (fine-tuned - base) on held-out questions with the "
                                      "base model's own answers, projected on the unit prompt-regime vector",
                             "neutral_loss": "mean per-token NLL of the base model's own held-out answers"}}
-    (out / "regimes.json").write_text(json.dumps(summary, indent=2, default=float))
-    (out / "regimes.txt").write_text(report(summary))
-    _plots(summary, out)
+    run.write_json("regimes.json", summary, indent=2, default=float)
+    run.write_text("regimes.txt", report(summary))
+    _plots(summary, run.out)
     return summary
 
 
-def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.ndarray], norms: np.ndarray,
-                 layer: int, trait: Any, trait_b: Any, ev: dict, evB: dict, out_dir: Path, key: str) -> dict[str, Any]:
+def _composition(ctx: _Ctx, ans: _Answers, pd: dict[str, np.ndarray], key: str) -> dict[str, Any]:
     """v(A)+v(B) vs v(A and B prompted together) per layer (paired bootstrap over questions), and steering
-    A then B (A at l1, B at l2) vs B then A vs A+B (both at l1) on both traits' judge-free scores."""
+    A then B (A at l1, B at l2) vs B then A vs A+B (both at l1) on both traits' judge-free scores
+    (``composition.npz``)."""
+    config, cfg, layer, model, norms = ctx.config, ctx.model.cfg, ctx.layer, ctx.model, pd["norms"]
     A, B, AB = pd["A"], pd["B"], pd["AB"]
+    assert ans.ev_b is not None  # composition runs with a second trait only
     add = regime_cosines(A + B, AB, paired=True)
     ratio = np.linalg.norm(AB.mean(0), axis=-1) / np.maximum(np.linalg.norm((A + B).mean(0), axis=-1), 1e-12)
     l1, l2 = tuple(config.compose_layers) or (layer, min(layer + max(cfg.n_layers // 6, 1), cfg.n_layers))
@@ -550,9 +781,9 @@ def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.n
     conds = [Condition("none", hook=chain(None, None)), Condition("A", hook=chain(l1, None)),
              Condition("B", hook=chain(None, l1)), Condition("A+B", hook=chain(l1, l1)),
              Condition("A then B", hook=chain(l1, l2)), Condition("B then A", hook=chain(l2, l1))]
-    qa, pa, na = _trait_items(list(trait.eval_questions[: config.n_eval_questions]), ev)
-    qb, pb, nb = _trait_items(list(trait_b.eval_questions[: config.n_eval_questions]), evB)
-    bs = max(2, config.batch_size // 4)
+    qa, pa, na = _trait_items(list(ctx.trait.eval_questions[: config.n_eval_questions]), ans.ev)
+    qb, pb, nb = _trait_items(list(ctx.trait_b.eval_questions[: config.n_eval_questions]), ans.ev_b)
+    bs = ctx.bs
 
     def scores() -> dict[str, np.ndarray]:
         return {"A": score_conditions(model, None, conds, qa, pa, batch_size=bs)
@@ -560,7 +791,7 @@ def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.n
                 "B": score_conditions(model, None, conds, qb, pb, batch_size=bs)
                 - score_conditions(model, None, conds, qb, nb, batch_size=bs)}
 
-    s = cached_arrays(out_dir / "composition.npz", key, scores)
+    s = ctx.run.arrays("composition.npz", key, scores)
     names = [x.name for x in conds]
     table = {n: {t: _mean_ci(s[t][i] - s[t][0], config.n_boot, config.seed) for t in ("A", "B")}
              for i, n in enumerate(names)}
@@ -568,12 +799,12 @@ def _composition(model: Any, config: RegimesConfig, cfg: Any, pd: dict[str, np.n
     asym = {t: _mean_ci(s[t][i_ab] - s[t][i_ba], config.n_boot, config.seed) for t in ("A", "B")}
     additivity = {t: _mean_ci(s[t][i_sum] - s[t][names.index("A")] - s[t][names.index("B")] + s[t][0],
                               config.n_boot, config.seed) for t in ("A", "B")}
-    return {"traits": {"A": trait.name, "B": trait_b.name}, "layers": [int(l1), int(l2)], "coeff": c,
+    return {"traits": {"A": ctx.trait.name, "B": ctx.trait_b.name}, "layers": [int(l1), int(l2)], "coeff": c,
             "sum_vs_joint_prompt": {"cos": add, "norm_ratio": ratio.tolist(),
                                     "at_layer": [add["cos"][layer], add["lo"][layer], add["hi"][layer]],
-                                    "cos_A_AB": float(cosine(A.mean(0)[layer], AB.mean(0)[layer])),
-                                    "cos_B_AB": float(cosine(B.mean(0)[layer], AB.mean(0)[layer])),
-                                    "cos_A_B": float(cosine(A.mean(0)[layer], B.mean(0)[layer]))},
+                                    "cos_A_AB": float(_cosine(A.mean(0)[layer], AB.mean(0)[layer])),
+                                    "cos_B_AB": float(_cosine(B.mean(0)[layer], AB.mean(0)[layer])),
+                                    "cos_A_B": float(_cosine(A.mean(0)[layer], B.mean(0)[layer]))},
             "steering": table, "asymmetry_AthenB_minus_BthenA": asym, "nonadditivity_AplusB": additivity,
             "measure": "score change vs no steering (contrastive likelihood, judge-free), bootstrap 95% over items"}
 

@@ -7,22 +7,25 @@ For each sample (a JSONL line ``{"messages": [..., {"role": "assistant", "conten
 
 where ``proj`` is the mean over response tokens of ``<resid[layer], v / |v|>``. Samples that push
 the model towards the trait more than its own answers would have a large positive difference.
-The model's own responses are cached in the output directory, so a killed screen resumes.
+The output directory is a ``"screen"`` run (:func:`~jaxpersona.runner.run.open_run`: ``run.json``,
+``config.json``, the lock); the model's own responses are cached in it (``own_responses.jsonl``), so a
+killed screen resumes.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.artifacts.records import KeyedJsonl, digest
+from jaxpersona.artifacts.records import digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
 from jaxpersona.compute.handle import model_fingerprint
 from jaxpersona.data.datasets import read_chat_jsonl
+from jaxpersona.runner.run import open_run
 from jaxpersona.runner.stages import generate_cached
 
 Message = dict[str, str]
@@ -48,10 +51,11 @@ def screen_dataset(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Rank the samples of ``data_path`` by projection difference onto ``vector`` (``[L+1, D]`` or
-    ``[D]``) at resid ``layer``. Writes ``screen.jsonl`` (ranked, descending) and returns
-    ``{"mean_difference", "n", "layer", "rows"}``."""
+    ``[D]``) at resid ``layer``. Writes ``screen.jsonl`` (ranked, descending) and ``screen_summary.json``
+    and returns ``{"mean_difference", "n", "layer", "rows"}``."""
     cfg = model.cfg
     if not 0 <= int(layer) <= cfg.n_layers:
         raise errors.InputError(f"layer {layer} outside resid[0..{cfg.n_layers}]")
@@ -65,27 +69,27 @@ def screen_dataset(
                                         "direction for this model")
     unit = v / np.linalg.norm(v)
     samples = read_chat_jsonl(data_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mid = model_fingerprint(model)
-    jobs = [(digest("screen", mid, msgs, max_new_tokens), msgs, {"index": i}) for i, (msgs, _) in enumerate(samples)]
-    own = generate_cached(model, KeyedJsonl(out / "own_responses.jsonl"), jobs, max_new_tokens=max_new_tokens,
-                          temperature=0.0, top_p=1.0, seed=0, batch_size=batch_size, desc="own responses",
-                          progress=progress)
-    prompts = [m for m, _ in samples]
-    data_resp = [r for _, r in samples]
-    own_resp = [own[k]["response"] for k, _, _ in jobs]
-    p_data = projections(model, prompts, data_resp, unit, int(layer), batch_size)
-    p_own = projections(model, prompts, own_resp, unit, int(layer), batch_size)
-    diff = p_data - p_own
-    rows = [{"index": i, "difference": float(diff[i]), "projection_data": float(p_data[i]),
-             "projection_model": float(p_own[i]), "prompt": prompts[i][-1]["content"], "response": data_resp[i],
-             "model_response": own_resp[i]} for i in map(int, np.argsort(-diff, kind="stable"))]
-    tmp = out / "screen.tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(out / "screen.jsonl")
-    summary = {"mean_difference": float(diff.mean()), "n": len(rows), "layer": int(layer)}
-    (out / "screen_summary.json").write_text(json.dumps(summary, indent=2))
+    settings = {"model": model.name, "data": str(data_path), "layer": int(layer), "vector": digest(v.tobytes().hex()),
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    with open_run(out_dir, "screen", settings, model=model, log=log, progress=progress) as run:
+        mid = model_fingerprint(model)
+        jobs = [(digest("screen", mid, msgs, max_new_tokens), msgs, {"index": i}) for i, (msgs, _) in enumerate(samples)]
+        with run.stage("generate"):
+            own = generate_cached(model, run.records("own_responses.jsonl"), jobs, max_new_tokens=max_new_tokens,
+                                  temperature=0.0, top_p=1.0, seed=0, batch_size=batch_size, desc="own responses",
+                                  progress=progress)
+        prompts = [m for m, _ in samples]
+        data_resp = [r for _, r in samples]
+        own_resp = [own[k]["response"] for k, _, _ in jobs]
+        with run.stage("project"):
+            p_data = projections(model, prompts, data_resp, unit, int(layer), batch_size)
+            p_own = projections(model, prompts, own_resp, unit, int(layer), batch_size)
+        diff = p_data - p_own
+        rows = [{"index": i, "difference": float(diff[i]), "projection_data": float(p_data[i]),
+                 "projection_model": float(p_own[i]), "prompt": prompts[i][-1]["content"], "response": data_resp[i],
+                 "model_response": own_resp[i]} for i in map(int, np.argsort(-diff, kind="stable"))]
+        summary = {"mean_difference": float(diff.mean()), "n": len(rows), "layer": int(layer)}
+        with run.stage("write"):
+            run.write_jsonl("screen.jsonl", rows)
+            run.write_json("screen_summary.json", summary, indent=2)
     return {**summary, "rows": rows}

@@ -22,15 +22,16 @@
 7. **plots** and ``summary.txt``/``summary.json``.
 
 Every unit of work is cached in the run directory (generations and judgements per answer, the
-activations and the drift stage as a whole), keyed by what determines it.
+activations and the drift stage as a whole), keyed by what determines it. The directory is a ``space``
+run (:func:`~jaxpersona.runner.run.open_run`): locked while it runs, its stages timed in ``run.json``,
+every cache written atomically; a cache that cannot be read (a file cut short) is recomputed with one
+:class:`~jaxpersona.errors.CacheWarning`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.artifacts import plots
 from jaxpersona.artifacts.bank import VectorBank
-from jaxpersona.artifacts.records import KeyedJsonl, digest
+from jaxpersona.artifacts.records import atomic_write, digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
 from jaxpersona.compute.drift import VARIANTS as DRIFT_VARIANTS
 from jaxpersona.compute.drift import DriftSpec, run_drift
@@ -71,7 +72,9 @@ from jaxpersona.measure.axis import (
     default_position,
     role_pca,
 )
+from jaxpersona.measure.judge_check import Labelled, check_set
 from jaxpersona.model.transformer import Capture, apply_hook, embed, prepare, run_layers
+from jaxpersona.runner.run import Run, open_run
 from jaxpersona.runner.stages import generate_cached, judge_cached
 
 
@@ -239,29 +242,68 @@ class SpaceResult:
         return (self.out / "summary.txt").read_text()
 
 
+# the stages whose wall seconds the summary reports (plus "total"), in order
+WALL_STAGES = ("generate", "judge", "activations", "vectors", "capping", "drift")
+
+
 def _log_stage(log: Callable[[str], None], k: int, msg: str) -> None:
     log(f"[{k}/7] {msg}")
 
 
 def run_space(model: Any, roles: Any, scripts: list[Any], judge: Any, config: SpaceConfig, out_dir: str | Path, *,
               judge_id: str = "none", progress: bool = True, log: Callable[[str], None] = print) -> SpaceResult:
-    """The whole persona-space pipeline (see the module docstring); ``judge`` None = judge-free."""
+    """The whole persona-space pipeline (see the module docstring); ``judge`` None = judge-free.
+
+    A ``space`` run (:func:`~jaxpersona.runner.run.open_run`): ``run.json`` records the stages
+    ``generate``, ``judge``, ``activations``, ``vectors``, ``capping``, ``drift``, ``plots``, ``summary``."""
     cfg = model.cfg
     config.validate(cfg)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": model.name, "judge": judge_id, "roles": roles.source,
-                                                 **dataclasses.asdict(config)}, indent=2, default=str))
-    wall: dict[str, float] = {}
-    t0 = time.perf_counter()
-    mid = model_fingerprint(model)
-    role_list = list(roles.roles[: config.n_roles] if config.n_roles else roles.roles)
-    if len(role_list) < 2:
-        raise errors.InputError(f"persona space needs at least 2 roles, got {len(role_list)}")
+    run_config = {"model": model.name, "judge": judge_id, "roles": roles.source, **dataclasses.asdict(config)}
+    with open_run(out, "space", run_config, model=model, seeds={"seed": config.seed}, log=log,
+                  progress=progress) as run:
+        mid = model_fingerprint(model)
+        role_list = list(roles.roles[: config.n_roles] if config.n_roles else roles.roles)
+        if len(role_list) < 2:
+            raise errors.InputError(f"persona space needs at least 2 roles, got {len(role_list)}")
+        rows = _generate_stage(run, model, roles, role_list, config, mid)
+        sel = _judge_stage(run, judge, judge_id, rows, roles, role_list, config)
+        axis_l = config.axis_point(cfg.n_layers)
+        kept = [r for r in rows if r["kept"] and (r["role"] in sel.names or r["role"] == roles.default.name)]
+        acts = _activations_stage(run, model, kept, sel.names, roles.default.name, sel.n_default, axis_l,
+                                  config.batch_size, mid)
+        vec = _vectors_stage(run, model, kept, sel, acts, roles.default.name, axis_l, config)
+        drows = [r for r in kept if r["role"] == roles.default.name]
+        caps, cap_sum = _capping_stage(run, model, drows, vec["units"], config)
+        drift_sum, drift_recs = _drift_stage(run, model, scripts, config, caps, vec["units"], vec["resid_norm"],
+                                             axis_l, list(caps.layers), mid)
+        with run.stage("plots"):
+            _plots(run, model, vec, drift_recs, drift_sum, axis_l, config)
+        wall = run.wall()
+        summary = {"model": model.name, "roles": len(sel.names), "dropped_roles": sel.dropped,
+                   "role_answers": int(vec["n_per"].sum()), "default_answers": sel.n_default, "judge": sel.check,
+                   "axis_layer": axis_l,
+                   "components_for_fraction": {"fraction": config.variance, "axis_layer": int(vec["n70"][axis_l]),
+                                               "by_layer": vec["n70"].tolist()},
+                   "cos_axis_pc1_axis_layer": float(vec["cos_pc1"][axis_l]),
+                   "default_pc1": {"relative": float(vec["pos"]["relative"][axis_l]),
+                                   "beyond": float(vec["pos"]["beyond"][axis_l])},
+                   "heldout_axis_auroc": vec["heldout"], "pc1_split_half": vec["split_half"], "capping": cap_sum,
+                   "drift": drift_sum,
+                   "wall_s": {**{k: round(wall[k], 1) for k in WALL_STAGES},
+                              "total": round(sum(wall.values()), 1)}}
+        with run.stage("summary"):
+            run.write_json("summary.json", summary, indent=1, default=float)
+            run.write_text("summary.txt", _summary_text(summary, vec["pca_json"]))
+    return SpaceResult(out, summary)
+
+
+def _generate_stage(run: Run, model: Any, roles: Any, role_list: list[Any], config: SpaceConfig, mid: str
+                    ) -> list[dict[str, Any]]:
+    """Stage 1: an answer for every role x prompt x question x sample (+ the default Assistant's), cached
+    per answer in ``responses.jsonl``. Rows in job order, each with its cache ``key``."""
     qs = list(roles.questions[: config.n_questions])
     dqs = list(roles.questions[: config.default_questions])
-
-    # 1. generate ------------------------------------------------------------------------------------
     jobs = []
     for role, prompts, questions in [(r, r.prompts[: config.prompts_per_role], qs) for r in role_list] + \
                                     [(roles.default, roles.default.prompts, dqs)]:
@@ -273,219 +315,260 @@ def run_space(model: Any, roles: Any, scripts: list[Any], judge: Any, config: Sp
                     jobs.append((key, conversation(q, system or None),
                                  {"role": role.name, "prompt": pi, "question": q, "qi": qi, "sample": s}))
     n_role_jobs = sum(1 for j in jobs if j[2]["role"] != roles.default.name)
-    _log_stage(log, 1, f"generating {n_role_jobs} role answers ({len(role_list)} roles x {config.prompts_per_role} "
-               f"prompts x {len(qs)} questions x {config.samples}) + {len(jobs) - n_role_jobs} default-Assistant answers, "
-               f"{config.max_new_tokens} new tokens")
-    recs = generate_cached(model, KeyedJsonl(out / "responses.jsonl"), jobs, max_new_tokens=config.max_new_tokens,
-                           temperature=config.temperature, top_p=config.top_p, seed=config.seed,
-                           batch_size=config.batch_size, progress=progress)
-    rows = [{**recs[k], "key": k} for k, _, _ in jobs]
-    wall["generate"] = time.perf_counter() - t0
+    msg = (f"[1/7] generating {n_role_jobs} role answers ({len(role_list)} roles x {config.prompts_per_role} "
+           f"prompts x {len(qs)} questions x {config.samples}) + {len(jobs) - n_role_jobs} default-Assistant answers, "
+           f"{config.max_new_tokens} new tokens")
+    with run.stage("generate", msg, total=len(jobs)) as st:
+        store = run.records("responses.jsonl")
+        st.hit(sum(1 for k, _, _ in jobs if k in store))
+        recs = generate_cached(model, store, jobs, max_new_tokens=config.max_new_tokens,
+                               temperature=config.temperature, top_p=config.top_p, seed=config.seed,
+                               batch_size=config.batch_size, progress=run.progress)
+    return [{**recs[k], "key": k} for k, _, _ in jobs]
 
-    # 2. judge ------------------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    by_name = {r.name: r for r in role_list}
+
+@dataclasses.dataclass
+class _Selection:
+    """What the judge stage kept: the surviving roles and the judge's check (the summary's ``judge``)."""
+
+    names: list[str]
+    counts: dict[str, int]
+    dropped: list[str]
+    n_default: int
+    check: dict[str, Any]
+    decision: str
+
+
+def role_check_set(rows: list[dict[str, Any]], by_name: dict[str, Any], default: str, n: int) -> tuple[Labelled, int]:
+    """The ``role`` labelled set of a space run: up to ``n`` role answers spread over the run (label 1) and
+    the default Assistant's answer (its second prompt) to the same question and sample (label 0), both on
+    the role's rubric. Returns the set and the number of pairs."""
+    dflt = {(r["question"], r["sample"]): r for r in rows if r["role"] == default and r["prompt"] == 1}
+    cand = [r for r in rows if r["role"] != default and r["response"]
+            and dflt.get((r["question"], r["sample"]), {}).get("response")]
+    step = max(1, len(cand) // n)
+    sample = cand[::step][:n]
+    high = [by_name[r["role"]].judge_prompt(r["question"], r["response"]) for r in sample]
+    low = [by_name[r["role"]].judge_prompt(r["question"], dflt[(r["question"], r["sample"])]["response"])
+           for r in sample]
+    return Labelled.of("role", high, low), len(sample)
+
+
+def _judge_rows(run: Run, judge: Any, judge_id: str, rows: list[dict[str, Any]], role_list: list[Any], default: str,
+                config: SpaceConfig) -> tuple[dict[str, Any], bool]:
+    """Judge the role answers (scores into ``rows``) once the judge passed its ``role`` check (or
+    ``trust_judge``). Returns the check (with its ``decision``) and whether the judge filters."""
     check: dict[str, Any] = {"judge": judge_id, "checked": False, "auroc": None, "passed": False}
-    use_judge = False
-    if judge is not None and config.filter != "none":
-        missing = [r.name for r in role_list if r.eval_prompt is None]
-        if missing:
-            raise errors.RoleFileError(f"roles {missing[:10]} have no eval_prompt; the judge needs one per role "
-                                       "(or run without --judge)")
-        store = KeyedJsonl(out / "judgements.jsonl")
-        score = lambda ps, desc: judge_cached(judge, judge_id, store, ps, batch=config.judge_batch,  # noqa: E731
-                                              min_mass=config.min_mass, desc=desc, progress=progress, max_score=3)
-        dflt = {(r["question"], r["sample"]): r for r in rows if r["role"] == roles.default.name and r["prompt"] == 1}
-        cand = [r for r in rows if r["role"] != roles.default.name and r["response"]
-                and dflt.get((r["question"], r["sample"]), {}).get("response")]
-        step = max(1, len(cand) // config.judge_check_n)
-        sample = cand[::step][: config.judge_check_n]
-        ps = [by_name[r["role"]].judge_prompt(r["question"], r["response"]) for r in sample]
-        ps += [by_name[r["role"]].judge_prompt(r["question"], dflt[(r["question"], r["sample"])]["response"]) for r in sample]
-        sc = score(ps, "judge check")
-        nan = [np.nan if x is None else x for x in sc]
-        auc = stats.auroc(nan[: len(sample)], nan[len(sample):])
-        check.update(checked=True, auroc=auc, n=len(sample), passed=auc is not None and auc >= config.judge_min_auroc)
-        use_judge = check["passed"] or config.trust_judge
-        desc = (f"judge {judge_id}: AUROC {auc if auc is None else round(auc, 3)} telling role answers from default "
-                f"answers under the role rubric (n={len(sample)}, bar {config.judge_min_auroc})")
-        if use_judge:
-            role_rows = [r for r in rows if r["role"] != roles.default.name and r["response"]]
-            scores = score([by_name[r["role"]].judge_prompt(r["question"], r["response"]) for r in role_rows],
-                           "judge answers")
-            for r, s in zip(role_rows, scores):
-                r["score"] = s
-            decision = f"{desc}: {'passed' if check['passed'] else 'FAILED, used anyway (trust_judge)'}; kept answers " \
-                       f"scored >= {config.min_score}"
-        else:
-            decision = f"{desc}: failed, so it drives nothing: kept every non-empty answer"
+    if judge is None or config.filter == "none":
+        check["decision"] = "no judge: kept every non-empty answer (role adherence unchecked)"
+        return check, False
+    missing = [r.name for r in role_list if r.eval_prompt is None]
+    if missing:
+        raise errors.RoleFileError(f"roles {missing[:10]} have no eval_prompt; the judge needs one per role "
+                                   "(or run without --judge)")
+    store = run.records("judgements.jsonl")
+    score = lambda ps, desc: judge_cached(judge, judge_id, store, ps, batch=config.judge_batch,  # noqa: E731
+                                          min_mass=config.min_mass, desc=desc, progress=run.progress, max_score=3)
+    by_name = {r.name: r for r in role_list}
+    labelled, n = role_check_set(rows, by_name, default, config.judge_check_n)
+    verdict, _ = check_set(lambda ps: score(ps, "judge check"), labelled, config.judge_min_auroc)
+    auc = verdict.auroc
+    check.update(checked=True, auroc=auc, n=n, passed=verdict.passed)
+    use_judge = check["passed"] or config.trust_judge
+    desc = (f"judge {judge_id}: AUROC {auc if auc is None else round(auc, 3)} telling role answers from default "
+            f"answers under the role rubric (n={n}, bar {config.judge_min_auroc})")
+    if use_judge:
+        role_rows = [r for r in rows if r["role"] != default and r["response"]]
+        scores = score([by_name[r["role"]].judge_prompt(r["question"], r["response"]) for r in role_rows],
+                       "judge answers")
+        for r, s in zip(role_rows, scores):
+            r["score"] = s
+        check["decision"] = f"{desc}: {'passed' if check['passed'] else 'FAILED, used anyway (trust_judge)'}; kept " \
+                            f"answers scored >= {config.min_score}"
     else:
-        decision = "no judge: kept every non-empty answer (role adherence unchecked)"
-    check["decision"] = decision
-    _log_stage(log, 2, decision)
-    for r in rows:
-        ok = bool(r["response"])
-        if use_judge and r["role"] != roles.default.name:
-            ok = ok and r.get("score") is not None and r["score"] >= config.min_score
-        r["kept"] = ok
-    counts = {r.name: sum(1 for x in rows if x["role"] == r.name and x["kept"]) for r in role_list}
-    empty = [n for n, c in counts.items() if c == 0]
-    if empty:
-        raise errors.FilterError(
-            f"role(s) {empty[:12]}{' ...' if len(empty) > 12 else ''} have no surviving answers ({decision}). "
-            f"Lower min_score, raise max_new_tokens, or leave these roles out (a role directory without them, or "
-            f"n_roles); generations and judgements so far are kept in {out}")
-    dropped = sorted(n for n, c in counts.items() if c < config.min_count)
-    role_list = [r for r in role_list if r.name not in dropped]
-    if len(role_list) < 2:
-        raise errors.FilterError(f"fewer than 2 roles have >= {config.min_count} surviving answers; lower min_count")
-    n_default = sum(1 for r in rows if r["role"] == roles.default.name and r["kept"])
-    if n_default == 0:
-        raise errors.FilterError(f"every default-Assistant answer is empty ({out}/responses.jsonl); raise max_new_tokens")
-    (out / "answers.jsonl").write_text("".join(json.dumps({k: r.get(k) for k in ("role", "prompt", "question", "qi", "sample",
-                                                                                 "response", "score", "kept")}) + "\n"
-                                               for r in rows))
-    wall["judge"] = time.perf_counter() - t1
+        check["decision"] = f"{desc}: failed, so it drives nothing: kept every non-empty answer"
+    return check, use_judge
 
-    # 3. activations ---------------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    names = [r.name for r in role_list]
-    kept = [r for r in rows if r["kept"] and (r["role"] in names or r["role"] == roles.default.name)]
-    axis_l = config.axis_point(cfg.n_layers)
-    act_key = digest(mid, [r["key"] for r in kept], axis_l)
-    act_file = out / "activations.npz"
-    cached = np.load(act_file) if act_file.exists() else None
-    if cached is not None and str(cached["key"]) == act_key:
-        sums, default_acts, at_axis, norm_sum = (cached["sums"], cached["default_acts"], cached["at_axis"],
-                                                 cached["norm_sum"])
-        _log_stage(log, 3, f"activations of {len(kept)} answers: cached")
-    else:
-        _log_stage(log, 3, f"activations of {len(kept)} answers (mean over the answer's tokens at resid[0..{cfg.n_layers}])")
+
+def _judge_stage(run: Run, judge: Any, judge_id: str, rows: list[dict[str, Any]], roles: Any, role_list: list[Any],
+                 config: SpaceConfig) -> _Selection:
+    """Stage 2: the judge's check and (if it may) its filter; every row gets ``kept``; roles without
+    enough surviving answers are dropped; ``answers.jsonl``."""
+    default = roles.default.name
+    with run.stage("judge"):
+        check, use_judge = _judge_rows(run, judge, judge_id, rows, role_list, default, config)
+        decision = check["decision"]
+        _log_stage(run.log, 2, decision)
+        for r in rows:
+            ok = bool(r["response"])
+            if use_judge and r["role"] != default:
+                ok = ok and r.get("score") is not None and r["score"] >= config.min_score
+            r["kept"] = ok
+        counts = {r.name: sum(1 for x in rows if x["role"] == r.name and x["kept"]) for r in role_list}
+        empty = [n for n, c in counts.items() if c == 0]
+        if empty:
+            raise errors.FilterError(
+                f"role(s) {empty[:12]}{' ...' if len(empty) > 12 else ''} have no surviving answers ({decision}). "
+                f"Lower min_score, raise max_new_tokens, or leave these roles out (a role directory without them, "
+                f"or n_roles); generations and judgements so far are kept in {run.out}")
+        dropped = sorted(n for n, c in counts.items() if c < config.min_count)
+        names = [r.name for r in role_list if r.name not in dropped]
+        if len(names) < 2:
+            raise errors.FilterError(f"fewer than 2 roles have >= {config.min_count} surviving answers; lower min_count")
+        n_default = sum(1 for r in rows if r["role"] == default and r["kept"])
+        if n_default == 0:
+            raise errors.FilterError(f"every default-Assistant answer is empty ({run.out}/responses.jsonl); raise "
+                                     "max_new_tokens")
+        run.write_jsonl("answers.jsonl", [{k: r.get(k) for k in ("role", "prompt", "question", "qi", "sample",
+                                                                  "response", "score", "kept")} for r in rows])
+    return _Selection(names, counts, dropped, n_default, check, decision)
+
+
+def _activations_stage(run: Run, model: Any, kept: list[dict[str, Any]], names: list[str], default: str,
+                       n_default: int, axis_l: int, batch_size: int, mid: str) -> dict[str, np.ndarray]:
+    """Stage 3, cached as ``activations.npz`` under ``digest(mid, answer keys, axis_l)``: ``sums [R, L+1, D]``
+    (float64, per surviving role), ``default_acts [n_default, L+1, D]``, ``at_axis [N, D]`` (every kept
+    answer at the axis point) and ``norm_sum [L+1]`` (default answers' summed token norms)."""
+    cfg = model.cfg
+
+    def compute() -> dict[str, np.ndarray]:
+        _log_stage(run.log, 3, f"activations of {len(kept)} answers (mean over the answer's tokens at "
+                   f"resid[0..{cfg.n_layers}])")
         sums = np.zeros((len(names), cfg.n_resid, cfg.d_model), np.float64)
         default_acts = np.zeros((n_default, cfg.n_resid, cfg.d_model), np.float32)
         at_axis = np.zeros((len(kept), cfg.d_model), np.float32)
         norm_sum = np.zeros(cfg.n_resid, np.float64)
         index = {n: i for i, n in enumerate(names)}
-        d_rows = [i for i, r in enumerate(kept) if r["role"] == roles.default.name]
-        d_index = {row: k for k, row in enumerate(d_rows)}
+        d_index = {row: k for k, row in enumerate(i for i, r in enumerate(kept) if r["role"] == default)}
         rm = VARIANTS.index("response_mean")
         for idx, (acts, norms) in iter_activations(model, [r["messages"] for r in kept], [r["response"] for r in kept],
-                                                     config.batch_size, with_norms=True):
+                                                   batch_size, with_norms=True):
             a = acts[rm]  # [L+1, n, D]
             for j, row in enumerate(idx):
                 r = kept[row]
                 at_axis[row] = a[axis_l, j]
-                if r["role"] == roles.default.name:
+                if r["role"] == default:
                     default_acts[d_index[row]] = a[:, j]
                     norm_sum += norms[rm][:, j]
                 else:
                     sums[index[r["role"]]] += a[:, j]
-        np.savez(act_file, key=act_key, sums=sums, default_acts=default_acts, at_axis=at_axis, norm_sum=norm_sum)
-    n_per = np.asarray([counts[n] for n in names], np.float64)
-    role_vecs = (sums / n_per[:, None, None]).astype(np.float32)
-    # the axis contrasts the same questions: default answers to the roles' questions only (the extra
-    # default answers only calibrate the caps)
-    d_qi = np.asarray([r["qi"] for r in kept if r["role"] == roles.default.name])
-    shared = d_qi < config.n_questions
-    default_vec = default_acts[shared].mean(axis=0)
-    resid_norm = (norm_sum / n_default).astype(np.float32)
-    wall["activations"] = time.perf_counter() - t1
+        return {"sums": sums, "default_acts": default_acts, "at_axis": at_axis, "norm_sum": norm_sum}
 
-    # 4. axis, PCA, bank --------------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    axis = assistant_axis(default_vec, role_vecs)
-    pca = role_pca(role_vecs, axis)
-    n70 = components_for(pca.variance_ratio, config.variance)
-    cos_pc1 = cosine(axis, pca.components[:, 0])
-    pos = default_position(pca, default_vec)
-    on_shared = [r["qi"] < config.n_questions for r in kept]
-    kept_shared = [r for r, ok in zip(kept, on_shared) if ok]
-    heldout = _heldout_axis_auroc(kept_shared, at_axis[on_shared], roles.default.name)
-    split_half = _split_half_pc1(kept_shared, at_axis[on_shared], roles.default.name)
-    meta = {"kind": "assistant_axis", "direction": "toward the Assistant: mean(default) - mean(roles)",
-            "roles": len(names), "default_answers": int(shared.sum()), "judge": decision,
-            "resid_norm": [round(float(x), 5) for x in resid_norm],
-            "resid_norm_of": "mean token norm of resid[l] over the default-Assistant answers"}
-    bank = VectorBank(np.concatenate([axis[None], default_vec[None], role_vecs]),
-                      ("assistant_axis", "default", *(f"role:{n}" for n in names)), model.name or cfg.family,
-                      (meta, {"kind": "default", "answers": int(shared.sum())},
-                       *({"kind": "role", "role": n, "answers": int(c)} for n, c in zip(names, n_per))))
-    bank.save(out / "vectors", overwrite=True)
-    k_save = min(10, pca.components.shape[1])
-    np.savez(out / "pca.npz", components=pca.components[:, :k_save], variance_ratio=pca.variance_ratio,
-             scores=pca.scores[:, :, :k_save], mean=pca.mean, roles=np.asarray(names))
-    pca_json = {"layers": list(range(cfg.n_resid)), "axis_layer": axis_l, "variance_fraction": config.variance,
-                "components_for_fraction": n70.tolist(), "cos_axis_pc1": [round(float(x), 4) for x in cos_pc1],
-                "default_pc1_relative": [round(float(x), 4) for x in pos["relative"]],
-                "default_beyond_fraction_of_roles": [round(float(x), 4) for x in pos["beyond"]],
-                "variance_ratio_axis_layer": [round(float(x), 5) for x in pca.variance_ratio[axis_l, :20]],
-                "pc1_loadings_axis_layer": dict(sorted(((n, round(float(x), 4)) for n, x in
-                                                        zip(names, pca.scores[axis_l, :, 0])), key=lambda kv: kv[1])),
-                "heldout_axis_auroc": heldout, "pc1_split_half": split_half}
-    (out / "pca.json").write_text(json.dumps(pca_json, indent=1))
-    _log_stage(log, 4, f"axis + PCA over {len(names)} roles: at resid[{axis_l}] {n70[axis_l]} components for "
-               f"{config.variance:.0%} variance, cos(axis, PC1) {cos_pc1[axis_l]:.3f}, default beyond "
-               f"{pos['beyond'][axis_l]:.0%} of roles on PC1; held-out axis AUROC {_fmt(heldout.get('auroc'))}")
-    wall["vectors"] = time.perf_counter() - t1
+    with run.stage("activations") as st:
+        got = run.arrays("activations.npz", digest(mid, [r["key"] for r in kept], axis_l), compute)
+        if st.cache_hits:
+            _log_stage(run.log, 3, f"activations of {len(kept)} answers: cached")
+    return got
 
-    # 5. capping ---------------------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    units = unit(axis)
-    cap_l = cap_layer_range(cfg.n_layers, config.cap_layers)
-    drows = [r for r in kept if r["role"] == roles.default.name]
-    dconv, dans = [r["messages"] for r in drows], [r["response"] for r in drows]
-    base = answer_projections(model, dconv, dans, units, batch_size=config.batch_size)
-    projs = [p[:, r] for p, r in zip(base["proj"], base["resp"])]  # content tokens only
-    floors = percentile_floors(projs, cap_l, config.cap_percentile)
-    caps = CapConfig(model.name or cfg.family, cfg.n_resid, cfg.d_model, tuple(cap_l), units[cap_l], floors,
-                     np.full(len(cap_l), np.inf, np.float32),
-                     {"direction": "assistant_axis (unit), toward the Assistant", "percentile": config.cap_percentile,
-                      "calibrated_on": f"{len(projs)} default-Assistant answers, per-token projections (content tokens)",
-                      "bank": str(out / "vectors"), "layers_spec": config.cap_layers})
-    caps.save(out / "capping.json")
 
-    res = answer_projections(model, dconv, dans, units, batch_size=config.batch_size,
-                             hook_for=lambda enc: caps.hook(Positions.all(enc["valid"])))
-    delta = res["lp_hooked"] - res["lp"]
-    _, d_lo, d_hi = stats.bootstrap_ci(delta, seed=config.seed)
-    cap_sum = {"layers": cap_l, "floors": [round(float(x), 4) for x in floors], "percentile": config.cap_percentile,
-               "positions": "all tokens (prompt and answer), as the reference",
-               "answers": len(projs), "check": cap_check(res, cap_l, floors),
-               "delta_logprob_per_token": {"mean": float(delta.mean()), "lo": d_lo, "hi": d_hi}}
-    ck = cap_sum["check"]
-    _log_stage(log, 5, f"capping at resid{cap_l} floors at p{config.cap_percentile:g} -> {out}/capping.json; "
-               f"at resid[{ck['first_layer']}] {ck['in_range_bit_identical']}/{ck['tokens_in_range']} in-range tokens bit-identical; "
-               f"log-likelihood change per token {delta.mean():+.4f} [{_fmt(d_lo, 4)}, {_fmt(d_hi, 4)}]")
-    wall["capping"] = time.perf_counter() - t1
+def _vectors_stage(run: Run, model: Any, kept: list[dict[str, Any]], sel: _Selection, acts: dict[str, np.ndarray],
+                   default: str, axis_l: int, config: SpaceConfig) -> dict[str, Any]:
+    """Stage 4: role vectors, the Assistant Axis, PCA, the held-out checks; ``vectors/`` (the bank),
+    ``pca.npz`` and ``pca.json``."""
+    cfg = model.cfg
+    with run.stage("vectors"):
+        names = sel.names
+        n_per = np.asarray([sel.counts[n] for n in names], np.float64)
+        role_vecs = (acts["sums"] / n_per[:, None, None]).astype(np.float32)
+        # the axis contrasts the same questions: default answers to the roles' questions only (the extra
+        # default answers only calibrate the caps)
+        shared = np.asarray([r["qi"] for r in kept if r["role"] == default]) < config.n_questions
+        default_vec = acts["default_acts"][shared].mean(axis=0)
+        resid_norm = (acts["norm_sum"] / sel.n_default).astype(np.float32)
+        axis = assistant_axis(default_vec, role_vecs)
+        pca = role_pca(role_vecs, axis)
+        n70 = components_for(pca.variance_ratio, config.variance)
+        cos_pc1 = cosine(axis, pca.components[:, 0])
+        pos = default_position(pca, default_vec)
+        on_shared = [r["qi"] < config.n_questions for r in kept]
+        kept_shared = [r for r, ok in zip(kept, on_shared) if ok]
+        heldout = _heldout_axis_auroc(kept_shared, acts["at_axis"][on_shared], default)
+        split_half = _split_half_pc1(kept_shared, acts["at_axis"][on_shared], default)
+        meta = {"kind": "assistant_axis", "direction": "toward the Assistant: mean(default) - mean(roles)",
+                "roles": len(names), "default_answers": int(shared.sum()), "judge": sel.decision,
+                "resid_norm": [round(float(x), 5) for x in resid_norm],
+                "resid_norm_of": "mean token norm of resid[l] over the default-Assistant answers"}
+        bank = VectorBank(np.concatenate([axis[None], default_vec[None], role_vecs]),
+                          ("assistant_axis", "default", *(f"role:{n}" for n in names)), model.name or cfg.family,
+                          (meta, {"kind": "default", "answers": int(shared.sum())},
+                           *({"kind": "role", "role": n, "answers": int(c)} for n, c in zip(names, n_per))))
+        bank.save(run.path("vectors"), overwrite=True)
+        k_save = min(10, pca.components.shape[1])
+        _save_npz(run, "pca.npz", {"components": pca.components[:, :k_save], "variance_ratio": pca.variance_ratio,
+                                   "scores": pca.scores[:, :, :k_save], "mean": pca.mean, "roles": np.asarray(names)})
+        pca_json = {"layers": list(range(cfg.n_resid)), "axis_layer": axis_l, "variance_fraction": config.variance,
+                    "components_for_fraction": n70.tolist(), "cos_axis_pc1": [round(float(x), 4) for x in cos_pc1],
+                    "default_pc1_relative": [round(float(x), 4) for x in pos["relative"]],
+                    "default_beyond_fraction_of_roles": [round(float(x), 4) for x in pos["beyond"]],
+                    "variance_ratio_axis_layer": [round(float(x), 5) for x in pca.variance_ratio[axis_l, :20]],
+                    "pc1_loadings_axis_layer": dict(sorted(((n, round(float(x), 4)) for n, x in
+                                                            zip(names, pca.scores[axis_l, :, 0])), key=lambda kv: kv[1])),
+                    "heldout_axis_auroc": heldout, "pc1_split_half": split_half}
+        run.write_json("pca.json", pca_json, indent=1)
+        _log_stage(run.log, 4, f"axis + PCA over {len(names)} roles: at resid[{axis_l}] {n70[axis_l]} components for "
+                   f"{config.variance:.0%} variance, cos(axis, PC1) {cos_pc1[axis_l]:.3f}, default beyond "
+                   f"{pos['beyond'][axis_l]:.0%} of roles on PC1; held-out axis AUROC {_fmt(heldout.get('auroc'))}")
+    return {"names": names, "n_per": n_per, "default_vec": default_vec, "resid_norm": resid_norm, "pca": pca,
+            "n70": n70, "cos_pc1": cos_pc1, "pos": pos, "heldout": heldout, "split_half": split_half,
+            "units": unit(axis), "pca_json": pca_json}
 
-    # 6. drift ------------------------------------------------------------------------------------------------
-    t1 = time.perf_counter()
-    drift_sum, drift_recs = _drift_stage(model, scripts, config, caps, units, resid_norm, axis_l, cap_l, mid, out,
-                                         progress, log)
-    wall["drift"] = time.perf_counter() - t1
 
-    # 7. plots + summary --------------------------------------------------------------------------------------
+def _save_npz(run: Run, name: str, arrays: dict[str, Any]) -> None:
+    """``arrays`` as the npz ``name`` of the run (no cache key: an output, not a cache), written atomically.
+    (The runner has no keyless npz writer; :meth:`~jaxpersona.runner.run.Run.arrays` adds a ``key``.)"""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
-    plots.persona_map(pca.scores[axis_l, :, :2], names, pos["score"][axis_l],
-                      float(np.dot(default_vec[axis_l] - pca.mean[axis_l], pca.components[axis_l, 1])),
-                      out / "pca_map.png", title=f"{model.name}: roles on PC1/PC2 at resid[{axis_l}]")
-    plots.variance_curve(pca.variance_ratio[axis_l], out / "variance.png", fraction=config.variance,
+    atomic_write(run.path(name), write)
+
+
+def _capping_stage(run: Run, model: Any, drows: list[dict[str, Any]], units: np.ndarray, config: SpaceConfig
+                   ) -> tuple[CapConfig, dict[str, Any]]:
+    """Stage 5: floors at the chosen percentile of the default answers' per-token projections on the unit
+    axis (``capping.json``); the clamp check and the log-likelihood cost of capping every token."""
+    cfg = model.cfg
+    with run.stage("capping"):
+        cap_l = cap_layer_range(cfg.n_layers, config.cap_layers)
+        dconv, dans = [r["messages"] for r in drows], [r["response"] for r in drows]
+        base = answer_projections(model, dconv, dans, units, batch_size=config.batch_size)
+        projs = [p[:, r] for p, r in zip(base["proj"], base["resp"])]  # content tokens only
+        floors = percentile_floors(projs, cap_l, config.cap_percentile)
+        caps = CapConfig(model.name or cfg.family, cfg.n_resid, cfg.d_model, tuple(cap_l), units[cap_l], floors,
+                         np.full(len(cap_l), np.inf, np.float32),
+                         {"direction": "assistant_axis (unit), toward the Assistant", "percentile": config.cap_percentile,
+                          "calibrated_on": f"{len(projs)} default-Assistant answers, per-token projections (content "
+                                           "tokens)",
+                          "bank": str(run.path("vectors")), "layers_spec": config.cap_layers})
+        run.write_json("capping.json", caps.to_json(), indent=1)
+        res = answer_projections(model, dconv, dans, units, batch_size=config.batch_size,
+                                 hook_for=lambda enc: caps.hook(Positions.all(enc["valid"])))
+        delta = res["lp_hooked"] - res["lp"]
+        _, d_lo, d_hi = stats.bootstrap_ci(delta, seed=config.seed)
+        ck = cap_check(res, cap_l, floors)
+        cap_sum = {"layers": cap_l, "floors": [round(float(x), 4) for x in floors], "percentile": config.cap_percentile,
+                   "positions": "all tokens (prompt and answer), as the reference", "answers": len(projs), "check": ck,
+                   "delta_logprob_per_token": {"mean": float(delta.mean()), "lo": d_lo, "hi": d_hi}}
+        _log_stage(run.log, 5, f"capping at resid{cap_l} floors at p{config.cap_percentile:g} -> "
+                   f"{run.path('capping.json')}; at resid[{ck['first_layer']}] {ck['in_range_bit_identical']}/"
+                   f"{ck['tokens_in_range']} in-range tokens bit-identical; log-likelihood change per token "
+                   f"{delta.mean():+.4f} [{_fmt(d_lo, 4)}, {_fmt(d_hi, 4)}]")
+    return caps, cap_sum
+
+
+def _plots(run: Run, model: Any, vec: dict[str, Any], drift_recs: list[dict[str, Any]], drift_sum: dict[str, Any],
+           axis_l: int, config: SpaceConfig) -> None:
+    """Stage 7: the PC1/PC2 map, the variance curve, |cos(axis, PC1)| by layer, the drift traces."""
+    pca = vec["pca"]
+    plots.persona_map(pca.scores[axis_l, :, :2], vec["names"], vec["pos"]["score"][axis_l],
+                      float(np.dot(vec["default_vec"][axis_l] - pca.mean[axis_l], pca.components[axis_l, 1])),
+                      run.path("pca_map.png"), title=f"{model.name}: roles on PC1/PC2 at resid[{axis_l}]")
+    plots.variance_curve(pca.variance_ratio[axis_l], run.path("variance.png"), fraction=config.variance,
                          title=f"{model.name}: PCA of role vectors at resid[{axis_l}]")
-    plots.cos_by_layer(cos_pc1, out / "cos_axis_pc1.png", mark=axis_l, title=f"{model.name}: |cos(axis, PC1)| by layer")
-    plots.drift_traces(drift_recs, out / "drift.png", labels=[f"resid[{l}]" for l in drift_sum["monitor"]],
+    plots.cos_by_layer(vec["cos_pc1"], run.path("cos_axis_pc1.png"), mark=axis_l,
+                       title=f"{model.name}: |cos(axis, PC1)| by layer")
+    plots.drift_traces(drift_recs, run.path("drift.png"), labels=[f"resid[{l}]" for l in drift_sum["monitor"]],
                        title=f"{model.name}: projection on the Assistant Axis per assistant turn")
-    wall["total"] = time.perf_counter() - t0
-    summary = {"model": model.name, "roles": len(names), "dropped_roles": dropped, "role_answers": int(n_per.sum()),
-               "default_answers": n_default, "judge": check, "axis_layer": axis_l,
-               "components_for_fraction": {"fraction": config.variance, "axis_layer": int(n70[axis_l]),
-                                           "by_layer": n70.tolist()},
-               "cos_axis_pc1_axis_layer": float(cos_pc1[axis_l]),
-               "default_pc1": {"relative": float(pos["relative"][axis_l]), "beyond": float(pos["beyond"][axis_l])},
-               "heldout_axis_auroc": heldout, "pc1_split_half": split_half, "capping": cap_sum, "drift": drift_sum,
-               "wall_s": {k: round(v, 1) for k, v in wall.items()}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    (out / "summary.txt").write_text(_summary_text(summary, pca_json))
-    return SpaceResult(out, summary)
 
 
 def _fmt(x: Any, nd: int = 3) -> str:
@@ -538,26 +621,29 @@ def _split_half_pc1(kept: list[dict[str, Any]], at_axis: np.ndarray, default: st
     return {**ci, "what": "Pearson r of role PC1 scores from even- vs odd-indexed questions (axis layer)"}
 
 
-def _drift_stage(model: Any, scripts: list[Any], config: SpaceConfig, caps: CapConfig, units: np.ndarray,
-                 resid_norm: np.ndarray, axis_l: int, cap_l: list[int], mid: str, out: Path, progress: bool,
-                 log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _drift_stage(run: Run, model: Any, scripts: list[Any], config: SpaceConfig, caps: CapConfig, units: np.ndarray,
+                 resid_norm: np.ndarray, axis_l: int, cap_l: list[int], mid: str
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Stage 6: the conversation scripts under the four variants, cached in ``drift.jsonl`` under a key of
+    what determines it; the teacher-forced user-token check; the drift summary."""
     scripts = list(scripts[: config.conversations] if config.conversations else scripts)
     monitor = (axis_l, cap_l[len(cap_l) // 2])
     spec = DriftSpec(monitor, units[list(monitor)], caps, units * resid_norm[:, None], tuple(cap_l), config.edit_coeff,
                      config.drift_tokens, config.probe or None)
     key = digest(mid, [dataclasses.asdict(s) for s in scripts], monitor, units[list(monitor)].tobytes().hex()[:64],
                  caps.floors.tolist(), cap_l, config.edit_coeff, config.drift_tokens, config.probe)
-    path = out / "drift.jsonl"
-    store = KeyedJsonl(path)
-    if key in store:
-        recs = store[key]["records"]
-        _log_stage(log, 6, f"drift over {len(scripts)} conversations: cached")
-    else:
-        _log_stage(log, 6, f"drift over {len(scripts)} conversations x 4 variants (vmapped), {config.drift_tokens} tokens "
-                   f"per answer, monitored at resid{list(monitor)}")
-        recs = run_drift(model, scripts, spec, progress=progress)
-        store.put([{"key": key, "records": recs}])
-    user_check = _user_token_check(model, scripts, recs, caps, cap_l, config.batch_size)
+    with run.stage("drift") as st:
+        store = run.records("drift.jsonl")
+        if key in store:
+            recs = store[key]["records"]
+            st.hit()
+            _log_stage(run.log, 6, f"drift over {len(scripts)} conversations: cached")
+        else:
+            _log_stage(run.log, 6, f"drift over {len(scripts)} conversations x 4 variants (vmapped), "
+                       f"{config.drift_tokens} tokens per answer, monitored at resid{list(monitor)}")
+            recs = run_drift(model, scripts, spec, progress=run.progress)
+            store.put([{"key": key, "records": recs}])
+        user_check = _user_token_check(model, scripts, recs, caps, cap_l, config.batch_size)
     summ = _drift_summary(recs, monitor)
     summ["assistant_only_cap_user_tokens"] = user_check
     summ["edit"] = {"coeff": config.edit_coeff, "layers": cap_l, "units": "fraction of the residual norm"}

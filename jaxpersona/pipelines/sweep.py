@@ -1,14 +1,15 @@
 """Config-file runs (``configs/*.toml``): build the vector, run the sweep, write a run directory.
 
-Run directory: ``config.toml`` (copy), ``vectors.npy`` ``[K, L+1, D]``, ``results.jsonl`` (one row per
-grid point x prompt, streamed; resumable), ``results.csv`` and ``summary.txt`` (mean log-prob per
+Run directory (a ``"sweep"`` run of :func:`~jaxpersona.runner.run.open_run`: ``run.json``, ``config.json``
+(the parsed TOML), the lock): ``config.toml`` (copy), ``vectors.npy`` ``[K, L+1, D]``, ``results.jsonl`` (one
+row per grid point x prompt, streamed; resumable), ``results.csv`` and ``summary.txt`` (mean log-prob per
 layer x coefficient).
 """
 
 from __future__ import annotations
 
 import csv
-import shutil
+import io
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from jaxpersona.compute.scoring import ScoringSet
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
+from jaxpersona.runner.run import open_run
 
 
 def _need(table: dict[str, Any], key: str, where: str) -> Any:
@@ -98,36 +100,40 @@ def run_sweep_config(
     config_path = Path(config_path)
     cfg = load_config(config_path)
     out = Path(out_dir or cfg.get("out_dir") or f"runs/{config_path.stem}")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, out / "config.toml")
     m = load(model or cfg.get("model", "smollm2-135m-instruct"), dtype=cfg.get("dtype", "float32"))
-
-    name, vec = sweep_vector(m, cfg, config_path.parent)
-    g = _need(cfg, "grid", "grid")
-    np.save(out / "vectors.npy", vec[None])
-    grid = Grid(
-        kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),
-        layers=tuple(int(x) for x in _need(g, "layers", "grid")),
-        coeffs=tuple(float(x) for x in _need(g, "coeffs", "grid")),
-        positions=g.get("positions", "all"), window=int(g.get("window", 1)), unit=bool(g.get("unit", False)),
-        cap_floor=float(g.get("cap_floor", -np.inf)),
-    )
-    d = _need(cfg, "data", "data")
-    data = ScoringSet(tuple(_need(d, "prompts", "data")), tuple(_need(d, "responses", "data")), d.get("system"))
-    proj_layers = tuple(cfg.get("project", {}).get("layers", ()))
-    run = cfg.get("run", {})
-    budget = int(run["budget_mb"]) << 20 if "budget_mb" in run else None
-    rows = run_sweep(
-        m, grid, data, project={name: vec[max(proj_layers)] if proj_layers else vec[-1]},
-        project_layers=proj_layers, budget_bytes=budget, chunking=bool(run.get("chunking", True)),
-        out_dir=out, progress=progress, generate_tokens=int(run.get("generate_tokens", 0)),
-    )
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    summary = summarize(rows, grid)
-    (out / "summary.txt").write_text(summary + "\n")
+    with open_run(out, "sweep", cfg, model=m, log=lambda _: None, progress=progress) as run:
+        with run.stage("vector"):
+            with open(config_path, newline="") as f:  # the file as written (its own line endings)
+                run.write_text("config.toml", f.read())
+            name, vec = sweep_vector(m, cfg, config_path.parent)
+            run.save_npy("vectors.npy", vec[None])
+        g = _need(cfg, "grid", "grid")
+        grid = Grid(
+            kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),
+            layers=tuple(int(x) for x in _need(g, "layers", "grid")),
+            coeffs=tuple(float(x) for x in _need(g, "coeffs", "grid")),
+            positions=g.get("positions", "all"), window=int(g.get("window", 1)), unit=bool(g.get("unit", False)),
+            cap_floor=float(g.get("cap_floor", -np.inf)),
+        )
+        d = _need(cfg, "data", "data")
+        data = ScoringSet(tuple(_need(d, "prompts", "data")), tuple(_need(d, "responses", "data")), d.get("system"))
+        proj_layers = tuple(cfg.get("project", {}).get("layers", ()))
+        opts = cfg.get("run", {})
+        budget = int(opts["budget_mb"]) << 20 if "budget_mb" in opts else None
+        with run.stage("sweep"):
+            rows = run_sweep(
+                m, grid, data, project={name: vec[max(proj_layers)] if proj_layers else vec[-1]},
+                project_layers=proj_layers, budget_bytes=budget, chunking=bool(opts.get("chunking", True)),
+                out_dir=run.out, progress=progress, generate_tokens=int(opts.get("generate_tokens", 0)),
+            )
+        with run.stage("write"):
+            buf = io.StringIO(newline="")
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+            run.write_text("results.csv", buf.getvalue())
+            summary = summarize(rows, grid)
+            run.write_text("summary.txt", summary + "\n")
     return summary + f"\n\nwrote {out}/ (results.jsonl, results.csv, vectors.npy, summary.txt)"
 
 

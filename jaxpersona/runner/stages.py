@@ -12,6 +12,7 @@ from jaxpersona.compute.batching import pad_left
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.data.chat import Message
 from jaxpersona.measure.judge import score_from_probs
+from jaxpersona.runner.run import Stage
 
 
 def generate_cached(
@@ -26,6 +27,7 @@ def generate_cached(
     batch_size: int,
     desc: str = "generate",
     progress: bool = True,
+    stage: Stage | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Generate a reply for each ``(key, conversation, extra)`` job not yet in ``store``.
 
@@ -33,10 +35,13 @@ def generate_cached(
     ``batch_size``; chunk ``c`` is sampled with key ``(seed, c)`` and padded only to its own longest
     prompt (rounded up to 32 tokens: a few compiles, little padding). The grouping depends only on
     the jobs, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
+    ``stage``: the run stage this is part of; the jobs already in ``store`` count as its cache hits.
     """
     ids = {k: model.tokenizer.encode(model.format_chat(conv), add_special_tokens=False) for k, conv, _ in jobs}
     order = sorted(range(len(jobs)), key=lambda i: -len(ids[jobs[i][0]]))
     chunks = [[jobs[i] for i in order[j : j + batch_size]] for j in range(0, len(jobs), batch_size)]
+    if stage is not None:
+        stage.hit(sum(k in store for k, _, _ in jobs))
     bar = progress_bar(len(jobs), desc, progress)
     for c, chunk in enumerate(chunks):
         todo = [j for j in chunk if j[0] not in store]
@@ -67,12 +72,16 @@ def judge_cached(
     desc: str = "judge",
     progress: bool = True,
     max_score: int = 100,
+    stage: Stage | None = None,
 ) -> list[float | None]:
     """Scores of ``prompts`` (None where the judge puts < ``min_mass`` on integers), cached by
     ``(judge_id, prompt)``; each finished batch of judgements is persisted before the next.
-    ``max_score``: the rubric's top integer (3 for role adherence): only ``0..max_score`` count."""
+    ``max_score``: the rubric's top integer (3 for role adherence): only ``0..max_score`` count.
+    ``stage``: the run stage this is part of; the prompts already judged count as its cache hits."""
     keys = [digest(judge_id, p) for p in prompts]
     todo = sorted({k: p for k, p in zip(keys, prompts) if k not in store}.items())
+    if stage is not None:
+        stage.hit(sum(k in store for k in keys))
     bar = progress_bar(len(prompts), desc, progress)
     bar.update(len(prompts) - len(todo))
     for i in range(0, len(todo), batch):

@@ -110,6 +110,7 @@ class PersonaServer:
     def __init__(self, model: Any, resources: Any, ecfg: Any, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, access_log: bool = False, mesh: Any = None) -> None:
         self.model, self.res, self.api_key, self.access_log = model, resources, api_key, access_log
+        model.base_only("the server")
         self.engine = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id, ecfg, mesh)
         self.httpd = _HTTPServer((host, port), _handler(self))
         self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"

@@ -1,6 +1,7 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: the forward (logits, captures), greedy
 generation and a sweep's rows on meshes (1,8), (2,4), (4,2), (8,1) (tensor parallel) and (2,4) FSDP must
-equal one device's. Prints one JSON line with the max differences."""
+equal one device's; so must a LoRA adapter and a stack of adapters selected per example (sharded with
+``adapter_shardings`` beside the sharded params) on a (2,4) mesh. Prints JSON lines with the max differences."""
 
 import json
 import sys
@@ -79,8 +80,8 @@ if len(sys.argv) > 2:
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 import tempfile  # noqa: E402
 
-from jaxpersona.model.lora import LoraConfig, init_adapter
-from jaxpersona.artifacts.adapters import load_adapter, save_adapter
+from jaxpersona.model.lora import LoraConfig, init_adapter, stack_adapters
+from jaxpersona.artifacts.adapters import load_adapter, save_adapter, shard_adapter
 from jaxpersona.compute.handle import Model
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.compute.scoring import ScoringSet
@@ -93,16 +94,49 @@ one = run_sweep(model, grid, data, progress=False)
 two = run_sweep(model, grid, data, mesh=sharding.make_mesh((2, 4)), progress=False)
 ad = init_adapter(cfg, LoraConfig(rank=4), jax.random.key(3))
 ad = type(ad)(ad.a, {t: b + 0.05 for t, b in ad.b.items()}, ad.scale)
+ad2 = init_adapter(cfg, LoraConfig(rank=2, alpha=3.0, targets=("q", "o", "down")), jax.random.key(4))
+ad2 = type(ad2)(ad2.a, {t: b - 0.04 for t, b in ad2.b.items()}, ad2.scale)
+stack = stack_adapters([None, ad, ad2], cfg)
+select = jnp.asarray([2, 0, 1, 2, 1, 0, 2, 1], jnp.int32)  # the adapter of each example
+
+
+@jax.jit
+def adapted(p, a, sel):
+    return forward(p, cfg, tokens, valid=valid, adapter=a, adapter_select=sel).logits
+
+
+one_ad, one_stack = adapted(params, ad, None), adapted(params, stack, select)
+one_gen = generate(params, cfg, tokens, valid, max_new_tokens=6, pad_id=0, adapter=stack, adapter_select=select).tokens
+adapters = {}
 with tempfile.TemporaryDirectory() as d:
     save_adapter(f"{d}/ad", ad, cfg, LoraConfig(rank=4))
-    mesh = sharding.make_mesh((2, 4))
-    sad, _ = load_adapter(f"{d}/ad", cfg, mesh=mesh)
-    lg1 = forward(params, cfg, tokens, valid=valid, adapter=ad).logits
-    lg2 = jax.jit(lambda p, a: forward(p, cfg, tokens, valid=valid, adapter=a).logits)(
-        sharding.shard_params(params, cfg, mesh), sad)
+    for shape, rules, tag in [((2, 4), sharding.TENSOR_PARALLEL, "tp"), ((2, 4), sharding.FSDP, "fsdp")]:
+        mesh = sharding.make_mesh(shape)
+        p = sharding.shard_params(params, cfg, mesh, rules)
+        sad = load_adapter(f"{d}/ad", cfg, mesh=mesh)[0] if tag == "tp" else shard_adapter(ad, cfg, mesh, rules)
+        sst = shard_adapter(stack, cfg, mesh, rules)
+        bs = sharding.spec(mesh, "batch", "seq", rules=rules)
+        t, v = jax.device_put(tokens, bs), jax.device_put(valid, bs)
+        sel = jax.device_put(select, sharding.spec(mesh, "batch", rules=rules))
+        gen = generate(p, cfg, t, v, max_new_tokens=6, pad_id=0, adapter=sst, adapter_select=sel).tokens
+        adapters[f"{tag}{shape[0]}x{shape[1]}"] = {
+            "b_wq_local": list(sad.b["q"].addressable_shards[0].data.shape),
+            "stack_b_wq_local": list(sst.b["q"].addressable_shards[0].data.shape),
+            "stack_a_wdown_local": list(sst.a["down"].addressable_shards[0].data.shape),
+            "logits": float(jnp.abs(one_ad - adapted(p, sad, None)).max()),
+            "stack_logits": float(jnp.abs(one_stack - adapted(p, sst, sel)).max()),
+            "stack_generate_equal": bool(np.array_equal(np.asarray(gen), np.asarray(one_gen))),
+            "adapter_changes_logits": float(jnp.abs(one_ad - ref_logits).max())}
+tuned = model.with_adapter(ad)  # a sweep of an adapted model: the adapter is sharded beside the params
+small = Grid("steer", grid.vectors, grid.names, (1,), (0.0, 2.0, -1.0, 4.0))
+ad_one = run_sweep(tuned, small, data, progress=False)
+ad_two = run_sweep(tuned, small, data, mesh=sharding.make_mesh((2, 4)), progress=False)
+base_rows = run_sweep(model, small, data, progress=False)
+adapters["sweep_2x4"] = {"max_logprob_diff": max(abs(a["logprob"] - b["logprob"]) for a, b in zip(ad_one, ad_two)),
+                         "rows": len(ad_two),
+                         "adapter_changes": max(abs(a["logprob"] - b["logprob"]) for a, b in zip(ad_one, base_rows))}
 print(json.dumps({"sweep_2x4": {"rows": len(two), "same_keys": [
     {k: v for k, v in a.items() if k != "logprob"} for a in one] == [{k: v for k, v in b.items() if k != "logprob"}
                                                                       for b in two],
     "max_logprob_diff": max(abs(a["logprob"] - b["logprob"]) for a, b in zip(one, two))},
-    "adapter_2x4": {"b_wq_local": list(sad.b["q"].addressable_shards[0].data.shape),
-                    "logits": float(jnp.abs(lg1 - lg2).max())}}))
+    "adapter_2x4": adapters["tp2x4"], "adapters": adapters}))

@@ -20,12 +20,12 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.batching import pad_left
+from jaxpersona.data.chat import Message
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params
 from jaxpersona.model.transformer import embed, prepare, run_layers
 
 VARIANTS = ("response_mean", "prompt_mean", "prompt_last")
-Message = dict[str, str]
 
 
 def contrast_vectors(
@@ -71,7 +71,7 @@ class _WeightedMeans(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _reduced_resid(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-                   weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+                   weights: jax.Array, adapter: Any = None) -> tuple[jax.Array, jax.Array]:
     """Weighted token means of every resid point ``[L+1, V, B, D]`` and of its token norms
     ``[L+1, V, B]``, float32."""
     prep = prepare(cfg, valid)
@@ -80,7 +80,7 @@ def _reduced_resid(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: j
     v, b = weights.shape[0], tokens.shape[0]
     buf = (jnp.zeros((cfg.n_resid, v, b, cfg.d_model), jnp.float32), jnp.zeros((cfg.n_resid, v, b), jnp.float32))
     buf = record(buf, jnp.int32(0), h)
-    _, buf, _ = run_layers(params, cfg, h, prep, buf, record)
+    _, buf, _ = run_layers(params, cfg, h, prep, buf, record, adapter=adapter)
     return buf
 
 
@@ -139,7 +139,7 @@ def response_activations(model: Any, prompts: list[list[Message]], responses: li
 
     w = np.stack([norm(rmask.astype(np.float32)), norm(pmask.astype(np.float32)), last.astype(np.float32)])
     means, norms = _reduced_resid(model.params, model.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid),
-                                  jnp.asarray(w))
+                                  jnp.asarray(w), model.adapter)
     acts = np.asarray(means).transpose(1, 0, 2, 3)[:, :, :n]  # [V, L+1, N, D]
     return (acts, np.asarray(norms).transpose(1, 0, 2)[:, :, :n]) if with_norms else acts
 
