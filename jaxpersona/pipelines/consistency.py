@@ -250,7 +250,7 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
         summary = {"model": model.name, "personas": [n for n, _ in personas], "questions": len(questions),
                    "seeds": config.seeds, "mixtures": mix, "layer": layer,
                    "bank": None if bank is None else list(bank.names), "results": results, "turns": turns,
-                   "wall_s": {k: round(v, 1) for k, v in {**wall, "total": sum(wall.values())}.items()}}
+                   "wall_s": {k: round(v, 1) for k, v in {**wall, "total": run.elapsed()}.items()}}
         with run.stage("summary"):
             run.write_jsonl("answers.jsonl", answers_out)
             run.write_json("summary.json", summary, indent=1)

@@ -43,7 +43,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.artifacts import plots
 from jaxpersona.artifacts.bank import VectorBank
-from jaxpersona.artifacts.records import atomic_write, digest
+from jaxpersona.artifacts.records import digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
 from jaxpersona.compute.drift import VARIANTS as DRIFT_VARIANTS
 from jaxpersona.compute.drift import DriftSpec, run_drift
@@ -291,7 +291,7 @@ def run_space(model: Any, roles: Any, scripts: list[Any], judge: Any, config: Sp
                    "heldout_axis_auroc": vec["heldout"], "pc1_split_half": vec["split_half"], "capping": cap_sum,
                    "drift": drift_sum,
                    "wall_s": {**{k: round(wall[k], 1) for k in WALL_STAGES},
-                              "total": round(sum(wall.values()), 1)}}
+                              "total": round(run.elapsed(), 1)}}
         with run.stage("summary"):
             run.write_json("summary.json", summary, indent=1, default=float)
             run.write_text("summary.txt", _summary_text(summary, vec["pca_json"]))
@@ -493,9 +493,10 @@ def _vectors_stage(run: Run, model: Any, kept: list[dict[str, Any]], sel: _Selec
                           (meta, {"kind": "default", "answers": int(shared.sum())},
                            *({"kind": "role", "role": n, "answers": int(c)} for n, c in zip(names, n_per))))
         bank.save(run.path("vectors"), overwrite=True)
+        run.artifact("vectors")
         k_save = min(10, pca.components.shape[1])
-        _save_npz(run, "pca.npz", {"components": pca.components[:, :k_save], "variance_ratio": pca.variance_ratio,
-                                   "scores": pca.scores[:, :, :k_save], "mean": pca.mean, "roles": np.asarray(names)})
+        run.write_npz("pca.npz", {"components": pca.components[:, :k_save], "variance_ratio": pca.variance_ratio,
+                                  "scores": pca.scores[:, :, :k_save], "mean": pca.mean, "roles": np.asarray(names)})
         pca_json = {"layers": list(range(cfg.n_resid)), "axis_layer": axis_l, "variance_fraction": config.variance,
                     "components_for_fraction": n70.tolist(), "cos_axis_pc1": [round(float(x), 4) for x in cos_pc1],
                     "default_pc1_relative": [round(float(x), 4) for x in pos["relative"]],
@@ -511,16 +512,6 @@ def _vectors_stage(run: Run, model: Any, kept: list[dict[str, Any]], sel: _Selec
     return {"names": names, "n_per": n_per, "default_vec": default_vec, "resid_norm": resid_norm, "pca": pca,
             "n70": n70, "cos_pc1": cos_pc1, "pos": pos, "heldout": heldout, "split_half": split_half,
             "units": unit(axis), "pca_json": pca_json}
-
-
-def _save_npz(run: Run, name: str, arrays: dict[str, Any]) -> None:
-    """``arrays`` as the npz ``name`` of the run (no cache key: an output, not a cache), written atomically.
-    (The runner has no keyless npz writer; :meth:`~jaxpersona.runner.run.Run.arrays` adds a ``key``.)"""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(run.path(name), write)
 
 
 def _capping_stage(run: Run, model: Any, drows: list[dict[str, Any]], units: np.ndarray, config: SpaceConfig

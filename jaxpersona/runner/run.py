@@ -37,7 +37,8 @@ import jax
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.artifacts.records import KeyedJsonl, atomic_write, digest, load_arrays, save_arrays
+from jaxpersona.artifacts.records import (TMP_TAG, KeyedJsonl, atomic_write, digest, load_arrays, remove_quietly,
+                                          save_arrays)
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.runner import legacy
@@ -197,6 +198,14 @@ class Run:
                 out[s["name"]] = out.get(s["name"], 0.0) + s["wall_s"]
         return out
 
+    def elapsed(self) -> float:
+        """Seconds since this attempt opened the run."""
+        return time.perf_counter() - self._t0
+
+    def artifact(self, path: str | Path) -> None:
+        """Record ``path`` (written by another module, e.g. a vector bank or a plot) as the current stage's artifact."""
+        self._artifact(self.out / path)
+
     def _artifact(self, path: Path) -> None:
         if self._stage is not None:
             rel = str(path.relative_to(self.out)) if path.is_relative_to(self.out) else str(path)
@@ -241,6 +250,18 @@ class Run:
     def write_jsonl(self, name: str, rows: list[dict[str, Any]]) -> Path:
         return self.write_text(name, "".join(json.dumps(r) + "\n" for r in rows))
 
+    def write_npz(self, name: str, arrays: Mapping[str, np.ndarray]) -> Path:
+        """``arrays`` as an npz artifact (no cache key: for results, not caches)."""
+        path = self.out / name
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
+        self._artifact(path)
+        return path
+
     def save_npy(self, name: str, array: np.ndarray) -> Path:
         path = self.out / name
         atomic_write(path, lambda tmp: _save_npy(tmp, array))
@@ -277,6 +298,8 @@ def open_run(out_dir: str | Path, kind: str, config: Mapping[str, Any], *, model
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
+        for leftover in out.glob(f".*{TMP_TAG}*"):  # an atomic write killed mid-way left its temporary
+            remove_quietly(leftover)
         old = read_manifest(out)
         if old is None and any(p.name not in (LOCK,) for p in out.iterdir()):
             old = legacy.adopt(out)
