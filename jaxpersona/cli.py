@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxpersona import errors
+from jaxpersona.compute.handle import Model
 from jaxpersona.model import registry
 
 
@@ -65,7 +66,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cap_hook(path: str | None, model: Any, rows: int) -> Any:
+def _cap_hook(path: str | None, model: Model, rows: int) -> Any:
     """The capping config at ``path`` as a hook on every token of ``rows`` sequences (None without one)."""
     if not path:
         return None
@@ -317,11 +318,12 @@ def cmd_traits(args: argparse.Namespace) -> int:
 
 def cmd_vectors(args: argparse.Namespace) -> int:
     from jaxpersona.artifacts import bank as vb
+    from jaxpersona.artifacts import interop
 
     if args.action == "import":
         if not (args.pt and args.trait and args.bank):
             raise errors.InputError("vectors import needs --pt FILE --trait NAME --bank DIR")
-        new = vb.import_pt(args.pt, args.trait, args.model_id or "unknown")
+        new = interop.import_pt(args.pt, args.trait, args.model_id or "unknown")
         target = Path(args.bank)
         if target.exists():
             old = vb.VectorBank.load(target)
@@ -341,13 +343,13 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     if not (args.trait and args.out and args.format):
         raise errors.InputError("vectors export needs --trait NAME --format pt|control|assistant-axis --out FILE")
     if args.format == "pt":
-        vb.export_pt(bank, args.trait, args.out)
+        interop.export_pt(bank, args.trait, args.out)
     elif args.format == "control":
-        vb.export_control_vector(bank, args.trait, args.out, coeff=args.coeff)
+        interop.export_control_vector(bank, args.trait, args.out, coeff=args.coeff)
     else:
         import numpy as np
 
-        np.save(args.out, vb.to_assistant_axis(bank.get(args.trait)))
+        np.save(args.out, interop.to_assistant_axis(bank.get(args.trait)))
     print(f"wrote {args.out}")
     return 0
 
@@ -398,7 +400,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     # imported on use: jax and the model stack are heavy for a CLI that may only print help
     from jaxpersona.compute.handle import load
     from jaxpersona.data.datasets import read_dataset
-    from jaxpersona.pipelines.regimes import load_regimes_config, prevention_from_bank, run_finetune
+    from jaxpersona.pipelines.regimes import (
+        load_regimes_config,
+        prevention_from_bank,
+        run_finetune,
+    )
 
     _, config = load_regimes_config(args.config)
     if args.kl_beta is not None:
@@ -470,7 +476,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The HTML page of a run directory: its kind from its ``run.json`` (an older directory gets one written)."""
-    from jaxpersona.report import write_report  # heavy (jax, treescope): loaded only for this command
+    from jaxpersona.report import (
+        write_report,  # heavy (jax, treescope): loaded only for this command
+    )
 
     out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"report: {out}")

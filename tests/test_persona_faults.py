@@ -185,6 +185,14 @@ def test_cut_cache_file_is_recomputed_with_one_warning(base, model, tmp_path, na
     if name == "responses.jsonl":
         assert 0 < model.n_calls(tp.CONFIG.max_new_tokens) < 4  # only the lost chunks are generated again
     assert read_manifest(run)["status"] == "complete"
+    # the damaged file was repaired: the next rerun reads every cache without a warning and redoes nothing
+    model.calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", errors.CacheWarning)
+        _extract(model, run, tp.NoJudge())
+    assert model.calls == [] and tp.stable_summary(run) == tp.stable_summary(base)
+    assert read_manifest(run)["stages"][STAGES.index("steer")]["cache_hits"] == len(
+        tp.read_jsonl(base / "steering" / "results.jsonl"))
 
 
 # ============================================================================================

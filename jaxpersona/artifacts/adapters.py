@@ -14,7 +14,13 @@ from jaxpersona import errors
 from jaxpersona.artifacts.checkpoint import load_orbax, quiet_absl
 from jaxpersona.artifacts.records import digest
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.lora import TARGETS, Adapter, AdapterStack, LoraConfig, check_adapter
+from jaxpersona.model.lora import (
+    TARGETS,
+    Adapter,
+    AdapterStack,
+    LoraConfig,
+    check_adapter,
+)
 from jaxpersona.model.params import LAYER_AXES, param_shapes
 from jaxpersona.model.sharding import TENSOR_PARALLEL
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.batching import pad_left
+from jaxpersona.compute.batching import pad_pairs
+from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import Message
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params
@@ -29,7 +30,7 @@ VARIANTS = ("response_mean", "prompt_mean", "prompt_last")
 
 
 def contrast_vectors(
-    model: Any,
+    model: Model,
     positive: list[str],
     negative: list[str],
     *,
@@ -84,7 +85,7 @@ def _reduced_resid(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: j
     return buf
 
 
-def encode_pairs(model: Any, prompts: list[list[Message]], responses: list[str], *,
+def encode_pairs(model: Model, prompts: list[list[Message]], responses: list[str], *,
                  width: int | None = None) -> tuple[Any, np.ndarray, np.ndarray]:
     """Tokenize chat prompt + response text per row (left-padded to a multiple of 16, or to ``width``
     when every row fits it: fixed shapes, one compile).
@@ -94,26 +95,18 @@ def encode_pairs(model: Any, prompts: list[list[Message]], responses: list[str],
     """
     if len(prompts) != len(responses) or not prompts:
         raise errors.InputError(f"need one response per prompt, got {len(prompts)} prompts, {len(responses)} responses")
-    tok = model.tokenizer
-    seqs, n_prompt = [], []
-    for conv, resp in zip(prompts, responses):
-        p = tok.encode(model.format_chat(conv), add_special_tokens=False)
-        r = tok.encode(resp, add_special_tokens=False) if resp else []
-        seqs.append(p + r)
-        n_prompt.append(len(p))
-    fits = width is not None and max(len(x) for x in seqs) <= width
-    batch = pad_left(seqs, model.pad_id, bucket=width if fits else 16)
+    batch, n_prompt, length = pad_pairs(model.pair_ids(prompts, responses), model.pad_id, width=width)
     t = batch.tokens.shape[1]
     pmask = np.zeros(batch.tokens.shape, bool)
     rmask = np.zeros(batch.tokens.shape, bool)
-    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
-        off = t - len(s)
+    for i, (n, ln) in enumerate(zip(n_prompt, length)):
+        off = t - ln
         pmask[i, off : off + n] = True
         rmask[i, off + n :] = True
     return batch, pmask, rmask
 
 
-def response_activations(model: Any, prompts: list[list[Message]], responses: list[str], *,
+def response_activations(model: Model, prompts: list[list[Message]], responses: list[str], *,
                          rows: int | None = None, width: int | None = None,
                          with_norms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Per-row activation means of every resid point for each variant in :data:`VARIANTS`.
@@ -144,7 +137,7 @@ def response_activations(model: Any, prompts: list[list[Message]], responses: li
     return (acts, np.asarray(norms).transpose(1, 0, 2)[:, :, :n]) if with_norms else acts
 
 
-def iter_activations(model: Any, prompts: list[list[Message]], responses: list[str], batch_size: int = 16,
+def iter_activations(model: Model, prompts: list[list[Message]], responses: list[str], batch_size: int = 16,
                      with_norms: bool = False, bucket: int = 32):
     """Yield ``(idx, acts [3, L+1, n, D])`` (with ``with_norms``: ``(idx, (acts, norms [3, L+1, n]))``) over
     chunks of rows; ``idx`` holds the chunk's row indices into the inputs.
@@ -152,10 +145,7 @@ def iter_activations(model: Any, prompts: list[list[Message]], responses: list[s
     Rows are grouped by length (longest first) so a chunk pads only to its own longest row, rounded up
     to ``bucket`` tokens: a few compiles, far less padding than one width for all. Every chunk has the
     same number of rows."""
-    tok = model.tokenizer
-    lengths = np.asarray([len(tok.encode(model.format_chat(p), add_special_tokens=False))
-                          + (len(tok.encode(r, add_special_tokens=False)) if r else 0)
-                          for p, r in zip(prompts, responses)])
+    lengths = np.asarray([len(p) + len(r) for p, r in model.pair_ids(prompts, responses)])
     order = np.argsort(-lengths, kind="stable")
     n_chunks = -(-len(prompts) // batch_size)
     rows = -(-len(prompts) // n_chunks)  # equal chunks: no padded rows beyond the last chunk's remainder

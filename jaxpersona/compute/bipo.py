@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jaxpersona import errors
+from jaxpersona.compute.handle import Model
 from jaxpersona.compute.scoring import encode_targets, target_logprob, target_shape
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.transformer import Capture, final_hidden, forward
@@ -45,7 +46,7 @@ def _prefix(params: Any, cfg: Any, data: dict[str, jax.Array], layer: jax.Array)
     return h_l, ref
 
 
-def bipo_vector(model: Any, questions: Sequence[str], pos: Sequence[str], neg: Sequence[str], layer: int, *,
+def bipo_vector(model: Model, questions: Sequence[str], pos: Sequence[str], neg: Sequence[str], layer: int, *,
                 steps: int = 20, lr: float = 2e-3, beta: float = 0.1, batch_size: int = 8, weight_decay: float = 0.05,
                 seed: int = 0) -> tuple[np.ndarray, list[float]]:
     """A BiPO vector ``[D]`` at ``resid[layer]`` from (question, trait answer, neutral answer) triples (user

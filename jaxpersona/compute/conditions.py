@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.batching import Batch
+from jaxpersona.compute.handle import Model
 from jaxpersona.compute.scoring import encode_targets, target_logprob, target_shape
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit import interventions as iv
@@ -82,7 +83,7 @@ def _grid_chunk(params: Params, cfg: Any, stack: AdapterStack | None, data: dict
     return jax.vmap(one)(data, select, hooks)
 
 
-def score_conditions(model: Any, stack: AdapterStack | None, conditions: Sequence[Condition],
+def score_conditions(model: Model, stack: AdapterStack | None, conditions: Sequence[Condition],
                      questions: Sequence[str], responses: Sequence[str], *, batch_size: int = 8) -> np.ndarray:
     """``[C, N]``: mean per-token log-prob of ``responses[n]`` after the user turn ``questions[n]`` under each
     condition (NaN for an empty response). The stack's adapters replace any adapter the model carries

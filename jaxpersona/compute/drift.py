@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.generate import continue_turn
+from jaxpersona.compute.handle import Model
 from jaxpersona.edit import interventions as iv
 from jaxpersona.model.transformer import KVCache, forward
 
@@ -85,7 +86,7 @@ def _common(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _render(model: Any, conv: list[dict[str, str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
+def _render(model: Model, conv: list[dict[str, str]]) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Token ids of the conversation (with the generation prompt) and its assistant/user content masks."""
     _, enc, located = model.content_spans(conv)
     if len(located) != sum(1 for m in conv if m["content"]):
@@ -98,7 +99,7 @@ def _render(model: Any, conv: list[dict[str, str]]) -> tuple[list[int], np.ndarr
     return [int(x) for x in enc["input_ids"]], mask("assistant"), mask("user")
 
 
-def run_drift(model: Any, scripts: list[Any], spec: DriftSpec, *, progress: bool = True) -> list[dict[str, Any]]:
+def run_drift(model: Model, scripts: list[Any], spec: DriftSpec, *, progress: bool = True) -> list[dict[str, Any]]:
     """Play every script under every variant; returns one record per (script, variant, turn)::
 
         {script, domain, variant, turn, user, answer, tokens, proj: [n] mean over the answer's tokens,
@@ -114,7 +115,7 @@ def run_drift(model: Any, scripts: list[Any], spec: DriftSpec, *, progress: bool
     return out
 
 
-def _run_group(model: Any, scripts: list[Any], spec: DriftSpec, progress: bool) -> list[dict[str, Any]]:
+def _run_group(model: Model, scripts: list[Any], spec: DriftSpec, progress: bool) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
     cfg = model.cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,20 @@ class Model:
             ids = [self.tokenizer.encode(t) for t in texts]
         return pad_left(ids, self.pad_id, bucket)
 
+    def chat_ids(self, conversations: Sequence[Sequence[Message]]) -> list[list[int]]:
+        """Token ids of each conversation rendered with the chat template (ending in the assistant's turn prompt)."""
+        return [self.tokenizer.encode(self.format_chat(list(c)), add_special_tokens=False) for c in conversations]
+
+    def pair_ids(self, conversations: Sequence[Sequence[Message]], responses: Sequence[str]
+                 ) -> list[tuple[list[int], list[int]]]:
+        """``(prompt ids, response ids)`` per row; the response is re-tokenized from its text (as persona_vectors
+        does; an empty response has no ids)."""
+        return [(p, self.tokenizer.encode(r, add_special_tokens=False) if r else [])
+                for p, r in zip(self.chat_ids(conversations), responses)]
+
     def encode_conversations(self, conversations: list[list[Message]], bucket: int = BUCKET) -> Batch:
-        texts = [self.format_chat(c) for c in conversations]
-        return pad_left([self.tokenizer.encode(t, add_special_tokens=False) for t in texts], self.pad_id, bucket)
+        """Chat-templated conversations as a left-padded batch."""
+        return pad_left(self.chat_ids(conversations), self.pad_id, bucket)
 
     def content_spans(self, conv: list[Message], add_generation_prompt: bool = True
                       ) -> tuple[str, Any, list[tuple[int, str, int, int]]]:
@@ -294,7 +306,7 @@ def _load_dir(path: Path, dtype: Any, mesh: Any) -> tuple[ModelConfig, Params]:
 
 
 
-def model_fingerprint(model: Any) -> str:
+def model_fingerprint(model: Model) -> str:
     """Identity of a model for cache keys: name, config and a sample of the weights (so a run directory
     reused with another model never serves the first model's generations)."""
     emb = np.asarray(model.params["embed"][:8], np.float32)

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.batching import Batch, pad_left
+from jaxpersona.compute.batching import BUCKET, Batch, pad_pairs, round_up
+from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params
@@ -36,13 +37,7 @@ def check_pairs(n_prompts: int, n_responses: int) -> None:
         raise errors.InputError(f"need one response per prompt, got {n_prompts} prompts and {n_responses} responses")
 
 
-def token_ids(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    tok = model.tokenizer
-    return [(tok.encode(model.format_chat(list(c)), add_special_tokens=False), tok.encode(r, add_special_tokens=False))
-            for c, r in zip(conversations, responses)]
-
-
-def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+def encode_targets(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                    rows: int | None = None, width: int | None = None, r_width: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize chat prompt + response per row: tokens/valid ``[B, T]``, the target positions
     ``pred_idx [B, R]`` (position t predicts token t+1), ``pred_tok``, ``pred_ok``, and the
@@ -52,53 +47,45 @@ def encode_targets(model: Any, conversations: Sequence[list[dict[str, str]]], re
     rows copy the last one; callers drop them), so differently sized sets share one compile."""
     check_pairs(len(conversations), len(responses))
 
-    seqs, n_prompt = [], []
-    for conv, (prompt_ids, resp_ids) in zip(conversations, token_ids(model, conversations, responses)):
+    pairs = model.pair_ids(conversations, responses)
+    for conv, (_, resp_ids) in zip(conversations, pairs):
         if not resp_ids:
             raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
-        seqs.append(prompt_ids + resp_ids)
-        n_prompt.append(len(prompt_ids))
-    if rows is not None and rows > len(seqs):
-        seqs += [seqs[-1]] * (rows - len(seqs))
-        n_prompt += [n_prompt[-1]] * (rows - len(n_prompt))
-    longest = max(len(s) for s in seqs)
-    batch = pad_left(seqs, model.pad_id, bucket=width if width is not None and longest <= width else 16)
+    batch, n_prompt, length = pad_pairs(pairs, model.pad_id, rows=rows, width=width)
     b, t = batch.tokens.shape
-    r_max = max(len(s) - n for s, n in zip(seqs, n_prompt))
-    r_max = max(r_max, r_width or 0)
+    r_max = max(int((length - n_prompt).max()), r_width or 0)
     pred_idx = np.zeros((b, r_max), np.int32)
     pred_tok = np.zeros((b, r_max), np.int32)
     pred_ok = np.zeros((b, r_max), bool)
     resp = np.zeros((b, t), bool)
-    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
-        off = t - len(s)
-        r = len(s) - n
-        pos = off + n + np.arange(r)  # slots of the response tokens
+    for i, (n, ln) in enumerate(zip(n_prompt, length)):
+        r = int(ln - n)
+        pos = t - ln + n + np.arange(r)  # slots of the response tokens
         pred_idx[i, :r], pred_tok[i, :r], pred_ok[i, :r] = pos - 1, batch.tokens[i, pos], True
         resp[i, pos] = True
     return {"tokens": batch.tokens, "valid": batch.valid, "pred_idx": pred_idx, "pred_tok": pred_tok,
             "pred_ok": pred_ok, "resp": resp}
 
 
-def target_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
+def target_shape(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
     """``(width, r_width)`` that fits every (prompt, response): sequence length rounded up to 16 and
     the longest response in tokens."""
-    ids = token_ids(model, conversations, responses)
-    return -(-max(len(p) + len(r) for p, r in ids) // 16) * 16, max(1, max(len(r) for _, r in ids))
+    ids = model.pair_ids(conversations, responses)
+    return round_up(max(len(p) + len(r) for p, r in ids), BUCKET), max(1, max(len(r) for _, r in ids))
 
 
-def split_shape(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
+def split_shape(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> tuple[int, int]:
     """``(prefix width, suffix width)`` for :func:`encode_split`: the prompt minus its last token
     (rounded up to 16) and last prompt token + response."""
-    ids = token_ids(model, conversations, responses)
+    ids = model.pair_ids(conversations, responses)
     return _split_widths(ids)
 
 
 def _split_widths(ids: list[tuple[list[int], list[int]]]) -> tuple[int, int]:
-    return -(-max(len(p) - 1 for p, _ in ids) // 16) * 16 or 16, max(1 + len(r) for _, r in ids)
+    return round_up(max(len(p) - 1 for p, _ in ids), BUCKET) or BUCKET, max(1 + len(r) for _, r in ids)
 
 
-def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+def encode_split(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                  rows: int | None = None, p_width: int | None = None, s_width: int | None = None) -> dict[str, np.ndarray]:
     """Rows laid out as an unintervened prefix and a per-grid-point suffix (see :func:`score_chunk`):
     ``prefix_tokens/prefix_valid [B, P]`` (the prompt minus its last token, left-padded) and
@@ -106,7 +93,7 @@ def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], resp
     coordinates, ``resp [B, S]`` (response tokens) and ``select [B, P+S]`` (the slots the
     ``response`` selector covers: last prompt token + response)."""
     check_pairs(len(conversations), len(responses))
-    ids = token_ids(model, conversations, responses)
+    ids = model.pair_ids(conversations, responses)
     for (p, r), conv in zip(ids, conversations):
         if not r:
             raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
@@ -134,7 +121,7 @@ def encode_split(model: Any, conversations: Sequence[list[dict[str, str]]], resp
     return out
 
 
-def encode_scoring(model: Any, data: ScoringSet, **pad: Any) -> dict[str, np.ndarray]:
+def encode_scoring(model: Model, data: ScoringSet, **pad: Any) -> dict[str, np.ndarray]:
     """:func:`encode_targets` of a :class:`ScoringSet` (user turns with the set's system prompt)."""
     check_pairs(len(data.prompts), len(data.responses))
     return encode_targets(model, data.conversations(), data.responses, **pad)
@@ -155,7 +142,7 @@ def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array],
     return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"], adapter=adapter), data)
 
 
-def mean_logprobs(model: Any, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                   batch_size: int = 16) -> np.ndarray:
     """Mean per-token log-prob of each response after its chat prompt, unintervened: ``[N]``.
 

@@ -33,8 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpersona import errors
 from jaxpersona.artifacts.adapters import shard_adapter
-from jaxpersona.compute.batching import Batch, pad_left
+from jaxpersona.artifacts.records import atomic_write
+from jaxpersona.compute.batching import BUCKET, Batch, pad_left, round_up
 from jaxpersona.compute.generate import generate_loop
+from jaxpersona.compute.handle import Model
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import (
     ScoringSet,
@@ -278,7 +280,7 @@ def _shard(tree: Any, mesh: Any, spec: Any) -> Any:
 
 
 def run_sweep(
-    model: Any,
+    model: Model,
     grid: Grid,
     data: ScoringSet | Sequence[ScoringSet],
     *,
@@ -348,10 +350,9 @@ def run_sweep(
     gens: list[tuple[Any, list[int]]] = []  # per set: (batch of unique prompts, row -> unique index)
     if generate_tokens:
         uniq = [list(dict.fromkeys(d.prompts)) for d in sets]
-        ids = [[model.tokenizer.encode(model.format_chat(c), add_special_tokens=False)
-                for c in ScoringSet(tuple(u), tuple(u), d.system).conversations()] for u, d in zip(uniq, sets)]
+        ids = [model.chat_ids(ScoringSet(tuple(u), tuple(u), d.system).conversations()) for u, d in zip(uniq, sets)]
         g_rows = max(len(u) for u in uniq)
-        g_width = -(-max(len(x) for i in ids for x in i) // 16) * 16
+        g_width = round_up(max(len(x) for i in ids for x in i), BUCKET)
         for u, i, d in zip(uniq, ids, sets):
             batch = pad_left(i + [i[-1]] * (g_rows - len(i)), model.pad_id, bucket=g_width)
             model.check_length(batch, generate_tokens)
@@ -467,8 +468,10 @@ class _Store:
         return got
 
     def _read_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """The rows by chunk key; unreadable lines are dropped from the file (rewritten atomically), so the
+        next open finds it clean."""
         rows: dict[str, list[dict[str, Any]]] = {}
-        bad = 0
+        bad, good = 0, []
         if self.results.exists():
             with open(self.results, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -482,9 +485,12 @@ class _Store:
                     if not isinstance(r, dict) or "_chunk" not in r:
                         bad += 1
                         continue
+                    good.append(line if line.endswith("\n") else line + "\n")
                     rows.setdefault(r.pop("_chunk"), []).append(r)
         if bad:
-            self._warn(f"{self.results}: {bad} unreadable line(s)")
+            text = "".join(good)
+            atomic_write(self.results, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            self._warn(f"{self.results}: {bad} unreadable line(s) dropped")
         return rows
 
     def load(self, key: str) -> list[dict[str, Any]] | None:
@@ -499,12 +505,17 @@ class _Store:
             return None
         return rows[len(rows) - n:]
 
+    def _torn(self) -> bool:
+        if not (self.results.exists() and self.results.stat().st_size):
+            return False
+        with open(self.results, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+
     def save(self, key: str, rows: list[dict[str, Any]]) -> None:
-        torn = False
-        if self.results.exists() and self.results.stat().st_size:
-            with open(self.results, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
+        if self._rows is None and self._torn():  # a torn last line (killed mid-write): drop it first
+            self._rows = self._read_rows()
+        torn = self._torn()
         with open(self.results, "a") as f:
             if torn:  # end a torn last line so this chunk's rows start on their own
                 f.write("\n")

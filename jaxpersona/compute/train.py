@@ -34,9 +34,10 @@ from jaxpersona import errors
 from jaxpersona.artifacts.adapters import save_adapter
 from jaxpersona.artifacts.checkpoint import quiet_absl
 from jaxpersona.artifacts.records import KeyedJsonl, digest
-from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.batching import round_up
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
-from jaxpersona.compute.scoring import encode_targets, token_ids
+from jaxpersona.compute.scoring import encode_targets
 from jaxpersona.data.configs import check_positive, check_types, replace_checked
 from jaxpersona.data.datasets import Example
 from jaxpersona.edit import interventions as iv
@@ -112,19 +113,19 @@ def inoculate(examples: Sequence[Example], system: str) -> list[Example]:
     return out
 
 
-def encode_examples(model: Any, examples: Sequence[Example], max_len: int, rows_multiple: int = 1
+def encode_examples(model: Model, examples: Sequence[Example], max_len: int, rows_multiple: int = 1
                     ) -> tuple[dict[str, np.ndarray], int]:
     """Tokenize examples into one fixed-shape table (see :func:`jaxpersona.compute.scoring.encode_targets`) plus
     ``row_ok [N]``; examples longer than ``max_len`` tokens or the context are skipped. Returns
     ``(table, n_skipped)``; raises DatasetError when nothing is left."""
     limit = min(max_len, model.cfg.max_position)
-    ids = token_ids(model, [p for p, _ in examples], [r for _, r in examples])
+    ids = model.pair_ids([p for p, _ in examples], [r for _, r in examples])
     keep = [i for i, (p, r) in enumerate(ids) if r and len(p) + len(r) <= limit]
     skipped = len(examples) - len(keep)
     if not keep:
         raise errors.DatasetError(f"all {len(examples)} examples are longer than {limit} tokens (max_len / the "
                                   "context) or have an empty response; raise max_len or shorten the data")
-    width = -(-max(len(ids[i][0]) + len(ids[i][1]) for i in keep) // 32) * 32
+    width = round_up(max(len(ids[i][0]) + len(ids[i][1]) for i in keep), 32)
     r_width = max(len(ids[i][1]) for i in keep)
     enc = encode_targets(model, [examples[i][0] for i in keep], [examples[i][1] for i in keep], width=width,
                          r_width=r_width)
@@ -200,7 +201,7 @@ def _manager(path: Path) -> Any:
                                  item_names=("state", "meta"))
 
 
-def run_fingerprint(model: Any, config: TrainConfig, examples: Sequence[Example], neutral: Sequence[Example] | None,
+def run_fingerprint(model: Model, config: TrainConfig, examples: Sequence[Example], neutral: Sequence[Example] | None,
                     prevention: Any) -> str:
     """What determines a training run: model, config, data (in order), neutral set, prevention."""
     prev = None if prevention is None else [type(prevention).__name__] + [
@@ -211,7 +212,7 @@ def run_fingerprint(model: Any, config: TrainConfig, examples: Sequence[Example]
 
 
 # --- the trainer ---------------------------------------------------------------------------------------------
-def train(model: Any, examples: Sequence[Example], config: TrainConfig, out_dir: str | Path, *,
+def train(model: Model, examples: Sequence[Example], config: TrainConfig, out_dir: str | Path, *,
           neutral: Sequence[Example] | None = None, prevention: Any = None, progress: bool = True,
           stop_after: int | None = None) -> TrainResult:
     """Train a LoRA adapter on ``examples`` (inoculation, if any, already applied by the caller). Writes

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpersona.compute.handle import Model
 from jaxpersona.compute.scoring import mean_logprobs
 from jaxpersona.data.chat import conversation
 from jaxpersona.measure import stats
@@ -30,7 +31,7 @@ Message = dict[str, str]
 
 
 # --- judge-free trait score of single answers ------------------------------------------------------
-def answer_trait_scores(model: Any, trait: Any, questions: Sequence[str], answers: Sequence[str],
+def answer_trait_scores(model: Model, trait: Any, questions: Sequence[str], answers: Sequence[str],
                         pairs: Sequence[int], batch_size: int = 16) -> np.ndarray:
     """``[N]``: mean over instruction pairs ``i`` of ``logp(answer | pos_i system, question) -
     logp(answer | neg_i system, question)`` (mean per-token log-probs). NaN for an empty answer.
@@ -108,7 +109,7 @@ def choose_layer(table: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
                       "(judge-free coherence: NLL under the unsteered model, distinct-2, longest repeat)"}
 
 
-def coherence_stats(model: Any, questions: Sequence[str], texts: Sequence[str], batch_size: int = 16) -> list[dict[str, float]]:
+def coherence_stats(model: Model, questions: Sequence[str], texts: Sequence[str], batch_size: int = 16) -> list[dict[str, float]]:
     """Per text: ``nll`` (mean per-token NLL under the unsteered model after the bare question),
     ``distinct2`` and ``repeat_frac`` (of its tokens). An empty text is maximally incoherent."""
     lp = mean_logprobs(model, [conversation(q) for q in questions], list(texts), batch_size=batch_size)

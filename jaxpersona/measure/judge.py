@@ -401,7 +401,7 @@ class LocalJudge(Judge):
 LOCAL_ANSWER_PREFIX = "Score: "  # the local judge answers after this prefix
 
 
-def build_judge(subject: Any, spec: str = "self", *, url: str | None = None, judge_model: str | None = None,
+def build_judge(subject: Model, spec: str = "self", *, url: str | None = None, judge_model: str | None = None,
                 key_env: str | None = "OPENAI_API_KEY", answer_prefix: str = LOCAL_ANSWER_PREFIX) -> tuple[Any, str]:
     """``(judge, judge_id)``: an HTTP judge when ``url`` is given, else a local JAX judge running
     ``subject`` (``spec == "self"``) or the model ``spec`` names. ``judge_id`` keys the judgement cache

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.activations import VARIANTS, iter_activations
+from jaxpersona.compute.handle import Model
 from jaxpersona.compute.scoring import mean_logprobs
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit.interventions import Positions, mixture
@@ -59,7 +60,7 @@ def attribute(acts: np.ndarray, vectors: np.ndarray, names: list[str] | None = N
 CONDITIONS = ("none", "single", "fixed_mix", "conditional_mix")
 
 
-def compare_mixtures(model: Any, traits: list[Any], vectors: np.ndarray, layer: int, *, alpha: float = 0.5,
+def compare_mixtures(model: Model, traits: list[Any], vectors: np.ndarray, layer: int, *, alpha: float = 0.5,
                      tau: float = 1.0, n_questions: int = 4, max_new_tokens: int = 24, seed: int = 0,
                      batch_size: int = 16) -> dict[str, Any]:
     """For each trait ``p`` (bank entry ``vectors[p]``, scaled to ``|resid[layer]|`` so ``alpha`` is a

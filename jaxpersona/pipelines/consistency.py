@@ -35,11 +35,11 @@ from jaxpersona.artifacts import plots
 from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.artifacts.records import KeyedJsonl, digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
-from jaxpersona.compute.batching import pad_left
+from jaxpersona.compute.batching import BUCKET, pad_left, round_up
 from jaxpersona.compute.drift import VARIANTS as DRIFT_VARIANTS
 from jaxpersona.compute.drift import DriftSpec, run_drift
 from jaxpersona.compute.generate import GenerateOutput, generate_loop
-from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import mean_logprobs
 from jaxpersona.data.chat import conversation
@@ -174,13 +174,13 @@ def personas_of(kind: str, n: int, prompt_index: int) -> list[tuple[str, str]]:
     return [(r.name, r.prompts[min(prompt_index, len(r.prompts) - 1)]) for r in roles]
 
 
-def generate_seeds(model: Any, convs: list[list[dict[str, str]]], config: ConsistencyConfig, temperature: float,
+def generate_seeds(model: Model, convs: list[list[dict[str, str]]], config: ConsistencyConfig, temperature: float,
                    store: KeyedJsonl, *, progress: bool = True) -> list[list[str]]:
     """``[K][N]`` answer texts: chunks of ``batch_size`` prompts, each sampled under all K keys at once;
     every finished chunk is stored (resume)."""
     mid = model_fingerprint(model)
-    ids = [model.tokenizer.encode(model.format_chat(c), add_special_tokens=False) for c in convs]
-    width = -(-max(len(x) for x in ids) // 16) * 16
+    ids = model.chat_ids(convs)
+    width = round_up(max(len(x) for x in ids), BUCKET)
     rows = min(config.batch_size, len(convs))
     out: list[list[str]] = [[""] * len(convs) for _ in range(config.seeds)]
     bar = progress_bar(len(convs), f"generate T={temperature:g} x {config.seeds} seeds", progress)
@@ -208,7 +208,7 @@ def generate_seeds(model: Any, convs: list[list[dict[str, str]]], config: Consis
     return out
 
 
-def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, *, bank: Any = None,
+def run_consistency(model: Model, config: ConsistencyConfig, out_dir: str | Path, *, bank: Any = None,
                     space_dir: str | Path | None = None, scripts: list[Any] | None = None, progress: bool = True,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole run (see the module docstring); writes ``summary.json``/``.txt`` and ``answers.jsonl``.
@@ -260,7 +260,7 @@ def run_consistency(model: Any, config: ConsistencyConfig, out_dir: str | Path, 
     return summary
 
 
-def _projections(model: Any, layer: int, bank: Any, space_dir: str | Path | None) -> dict[str, np.ndarray]:
+def _projections(model: Model, layer: int, bank: Any, space_dir: str | Path | None) -> dict[str, np.ndarray]:
     """The unit vectors answers are projected on at ``resid[layer]``: ``{measure name: [D]}`` — each bank
     entry (``proj:<entry>``, unit) and, with a space run that has ``pca.npz``, its first three PCs
     (``proj:space_pc<i>``)."""
@@ -287,7 +287,7 @@ def _npz_entry(path: Path, name: str) -> np.ndarray:
         raise errors.InputError(f"{path} could not be read ({type(e).__name__}: {e}); re-run `jaxpersona space`") from None
 
 
-def _temperature_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list[tuple[str, str]],
+def _temperature_stage(run: Run, model: Model, config: ConsistencyConfig, personas: list[tuple[str, str]],
                        questions: list[str], temp: float, layer: int, store: Any, projections: dict[str, np.ndarray]
                        ) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
     """One temperature: K seeds x P personas x Q questions sampled (cached per chunk in ``store``), the
@@ -328,7 +328,7 @@ def _temperature_stage(run: Run, model: Any, config: ConsistencyConfig, personas
     return {"measures": res, "questions_dropped": int((~ok_q).sum())}, x, answers
 
 
-def _turns_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list[tuple[str, str]],
+def _turns_stage(run: Run, model: Model, config: ConsistencyConfig, personas: list[tuple[str, str]],
                  persona_vecs: np.ndarray, layer: int, space_dir: str | Path, scripts: list[Any] | None
                  ) -> dict[str, Any]:
     """Consistency over turns (:func:`turn_consistency`), cached in ``turns.jsonl``."""
@@ -349,7 +349,7 @@ def _turns_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list
     return {k: v for k, v in tstore[key].items() if k not in ("key", "records")}
 
 
-def _mixtures_stage(run: Run, model: Any, config: ConsistencyConfig, personas: list[tuple[str, str]],
+def _mixtures_stage(run: Run, model: Model, config: ConsistencyConfig, personas: list[tuple[str, str]],
                     persona_vecs: np.ndarray, layer: int) -> dict[str, Any]:
     """Persona mixtures of the trait personas (:func:`~jaxpersona.measure.mixture.compare_mixtures`),
     cached in ``mixtures.jsonl``."""
@@ -416,7 +416,7 @@ def _text(s: dict[str, Any]) -> str:
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def sentence_projections(model: Any, conv: list[dict[str, str]], unit_vec: np.ndarray, layer: int) -> list[list[float]]:
+def sentence_projections(model: Model, conv: list[dict[str, str]], unit_vec: np.ndarray, layer: int) -> list[list[float]]:
     """Teacher-forced (no intervention): per assistant message of ``conv``, the mean projection of each
     of its sentences' tokens at ``resid[layer]`` on ``unit_vec [D]``. ``[[per sentence] per turn]``."""
     text, enc, located = model.content_spans(conv, add_generation_prompt=False)
@@ -441,7 +441,7 @@ def sentence_projections(model: Any, conv: list[dict[str, str]], unit_vec: np.nd
     return out
 
 
-def turn_consistency(model: Any, personas: list[tuple[str, str]], vectors: np.ndarray, layer: int, scripts: list[Any],
+def turn_consistency(model: Model, personas: list[tuple[str, str]], vectors: np.ndarray, layer: int, scripts: list[Any],
                      space_dir: str | Path, *, edit_coeff: float = 0.5, max_new_tokens: int = 32,
                      progress: bool = True) -> dict[str, Any]:
     """Consistency of each persona over a conversation, with and without the persona-space

@@ -50,7 +50,7 @@ from jaxpersona.artifacts import plots
 from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.artifacts.records import KeyedJsonl, digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
-from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.scoring import ScoringSet
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.data.configs import (
@@ -333,14 +333,14 @@ def _tagged(log: Callable[[str], None], tag: str) -> Callable[[str], None]:
     return lambda message: log(tag + message)
 
 
-def _check_inputs(model: Any, traits: Sequence[Any], config: ExtractConfig) -> None:
+def _check_inputs(model: Model, traits: Sequence[Any], config: ExtractConfig) -> None:
     config.validate(model.cfg.n_resid)
     if len({t.name for t in traits}) != len(traits):
         raise errors.InputError("each trait may appear once per run")
 
 
 def run_extract(
-    model: Any,
+    model: Model,
     trait: Any,
     judge: Any,
     config: ExtractConfig,
@@ -369,7 +369,7 @@ def run_extract(
 
 def run_extract_many(
     run: Run,
-    model: Any,
+    model: Model,
     traits: Sequence[Any],
     judge: Any,
     config: ExtractConfig,
@@ -436,7 +436,7 @@ def _judge_scores(judge: Any, judge_id: str, st: _TraitState, prompts: list[str]
                                    "rerun the same command to resume.") from e
 
 
-def _prepare_trait(run: Run, model: Any, st: _TraitState, judge: Any, config: ExtractConfig, *, judge_id: str,
+def _prepare_trait(run: Run, model: Model, st: _TraitState, judge: Any, config: ExtractConfig, *, judge_id: str,
                    anchors: Any) -> None:
     """Stages 1-4: generate, check the judge, judge + filter, extract (vectors and residual norms)."""
     _generate(run, model, st, config)
@@ -445,7 +445,7 @@ def _prepare_trait(run: Run, model: Any, st: _TraitState, judge: Any, config: Ex
     _extract(run, model, st, config, judge_id=judge_id)
 
 
-def _generate(run: Run, model: Any, st: _TraitState, config: ExtractConfig) -> None:
+def _generate(run: Run, model: Model, st: _TraitState, config: ExtractConfig) -> None:
     """Stage 1: the extraction answers + the evaluation answers the trait score is measured on."""
     trait, out = st.trait, st.out
     with _stage(run, st, "generate") as stage:
@@ -565,7 +565,7 @@ def _judge_and_filter(run: Run, st: _TraitState, judge: Any, config: ExtractConf
             raise errors.FilterError(_filter_message(pairs, config, judge_id, st.out, use_judge))
 
 
-def _extract(run: Run, model: Any, st: _TraitState, config: ExtractConfig, *, judge_id: str) -> None:
+def _extract(run: Run, model: Model, st: _TraitState, config: ExtractConfig, *, judge_id: str) -> None:
     """Stage 4: the vectors and the residual norm a relative coefficient refers to."""
     cfg, trait, kept, check = model.cfg, st.trait, st.kept, st.check
     with _stage(run, st, "extract"):
@@ -593,6 +593,7 @@ def _extract(run: Run, model: Any, st: _TraitState, config: ExtractConfig, *, ju
             created=now,
         )
         bank.save(st.out / "vectors", overwrite=True)
+        run.artifact(st.out / "vectors")
         run.save_npy(st.sub + "vectors.npy", vecs[0])
         st.vecs, st.norms, st.bank = vecs, resid_norm, bank
 
@@ -607,7 +608,7 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def _steer_traits(run: Run, model: Any, states: list[_TraitState], config: ExtractConfig,
+def _steer_traits(run: Run, model: Model, states: list[_TraitState], config: ExtractConfig,
                   sweep_dir: str) -> dict[str, dict[str, Any]]:
     """Stage 5 (``steer``): one batched steering sweep over traits x layers x coefficients: teacher-forced
     contrastive likelihood of each trait's evaluation answers + greedy generations (for coherence),
@@ -687,10 +688,11 @@ def _choose(run: Run, st: _TraitState, sw: dict[str, Any], judge: Any, config: E
         st.bank = dataclasses.replace(st.bank, meta=tuple({**m, "best_layer": best, "cliff": choice["cliff"],
                                                            "coeff_units": config.coeff_units} for m in st.bank.meta))
         st.bank.save(st.out / "vectors", overwrite=True)
+        run.artifact(st.out / "vectors")
     return table, choice, baseline, judged_table
 
 
-def _monitor(run: Run, model: Any, st: _TraitState, judge: Any, config: ExtractConfig, show: int, *,
+def _monitor(run: Run, model: Model, st: _TraitState, judge: Any, config: ExtractConfig, show: int, *,
              judge_id: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any] | None]:
     """Stage 7 (``monitor``): projection of the last prompt token vs the judge-free trait score of the
     answer (and vs the judge when trusted). ``show``: the layer whose projection the rows carry.
@@ -741,7 +743,7 @@ def _monitor(run: Run, model: Any, st: _TraitState, judge: Any, config: ExtractC
     return mrows, monitor, monitor_judged
 
 
-def _finish_trait(run: Run, model: Any, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
+def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
                   judge_id: str) -> ExtractResult:
     """Stages 6-7 for one trait (layer choice, monitoring), then its ``summary`` stage: summary and plots."""
     cfg, trait = model.cfg, st.trait
@@ -775,6 +777,8 @@ def _finish_trait(run: Run, model: Any, st: _TraitState, sw: dict[str, Any], jud
                               [r["system_label"] for r in mrows], st.out / "monitor.png",
                               title=f"{trait.name}: last-prompt projection @ resid[{show}] vs judge-free answer score",
                               r=monitor[str(show)]["r"], ylabel="answer score: lp(pos prompts) - lp(neg prompts)")
+        run.artifact(st.out / "steering.png")
+        run.artifact(st.out / "monitor.png")
     return result
 
 
@@ -833,7 +837,7 @@ class AllTraitsResult:
         return "\n".join(lines)
 
 
-def run_extract_all(model: Any, traits: Sequence[Any], judge: Any, config: ExtractConfig, out_dir: str | Path, *,
+def run_extract_all(model: Model, traits: Sequence[Any], judge: Any, config: ExtractConfig, out_dir: str | Path, *,
                     judge_id: str, progress: bool = True, log: Callable[[str], None] = print) -> AllTraitsResult:
     """Every trait in one run directory (a run of kind ``extract-all``) ``out_dir/<trait>/``; the steering
     sweep of all traits is one batched computation (``out_dir/steering/``). Writes ``summary.json``/``.txt``
@@ -854,4 +858,5 @@ def run_extract_all(model: Any, traits: Sequence[Any], judge: Any, config: Extra
             plots.steering_judge_free({r.trait: {"table": r.steering, "choice": r.choice} for r in results},
                                       out / "steering.png", title=f"judge-free steering on {results[0].model} "
                                                                   f"({config.coeff_units} units)")
+            run.artifact("steering.png")
     return res

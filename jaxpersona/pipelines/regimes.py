@@ -52,7 +52,7 @@ from jaxpersona.compute.activations import (
 )
 from jaxpersona.compute.bipo import bipo_vector
 from jaxpersona.compute.conditions import Condition, score_conditions
-from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.train import TrainConfig, TrainResult, inoculate, train
 from jaxpersona.data.chat import conversation
 from jaxpersona.data.configs import (
@@ -147,7 +147,7 @@ def load_regimes_config(path: str | Path | None) -> tuple[RegimesConfig, TrainCo
 
 
 # --- stage 1: the model's own answers --------------------------------------------------------------------
-def trait_data(model: Any, trait: Any, questions: Sequence[str], n_pairs: int, store: KeyedJsonl, *,
+def trait_data(model: Model, trait: Any, questions: Sequence[str], n_pairs: int, store: KeyedJsonl, *,
                max_new_tokens: int, temperature: float, top_p: float, seed: int, batch_size: int,
                extra_systems: dict[str, tuple[str, str]] | None = None, progress: bool = True
                ) -> dict[str, list[list[str]]]:
@@ -187,7 +187,7 @@ def mixed_examples(trait_ex: list, neutral_ex: list) -> list:
 
 
 # --- stage 2: activations and vectors --------------------------------------------------------------------------
-def per_question_means(model: Any, questions: Sequence[str], answers: list[list[str]], system: Sequence[str | None],
+def per_question_means(model: Model, questions: Sequence[str], answers: list[list[str]], system: Sequence[str | None],
                        batch_size: int, with_norms: bool = False) -> Any:
     """Mean response activation per question over its answers: ``[Q, L+1, D]`` (``system[i]`` is answer i's
     system prompt). With ``with_norms`` also the mean residual norm per resid point ``[L+1]``."""
@@ -340,7 +340,7 @@ def prevention_intervention(n_resid: int, vector: np.ndarray, kind: str, coeff: 
     return iv.ablate(n_resid, vector, [layer], allp)
 
 
-def prevention_from_bank(model: Any, bank_dir: str | Path, entry: str | None = None, *, kind: str = "steer",
+def prevention_from_bank(model: Model, bank_dir: str | Path, entry: str | None = None, *, kind: str = "steer",
                          coeff: float = 5.0, layer: int = -1, units: str = "absolute") -> Any:
     """The preventative intervention from vector bank entry ``entry`` (default: the bank's first) at resid
     ``layer`` (-1 = the middle): ``units="absolute"`` the raw vector times ``coeff`` (the reference),
@@ -362,7 +362,7 @@ def chat_rows(examples: Sequence[tuple[list[dict[str, str]], str]]) -> list[dict
     return [{"messages": [*prompt, {"role": "assistant", "content": resp}]} for prompt, resp in examples]
 
 
-def run_trait_data(model: Any, trait: Any, questions: Sequence[str], n_pairs: int, out_dir: str | Path, *,
+def run_trait_data(model: Model, trait: Any, questions: Sequence[str], n_pairs: int, out_dir: str | Path, *,
                    max_new_tokens: int = 64, temperature: float = 0.7, top_p: float = 1.0, seed: int = 0,
                    batch_size: int = 16, progress: bool = True, log: Callable[[str], None] = print
                    ) -> dict[str, int]:
@@ -389,7 +389,7 @@ def run_trait_data(model: Any, trait: Any, questions: Sequence[str], n_pairs: in
     return counts
 
 
-def run_finetune(model: Any, examples: Sequence[Any], config: TrainConfig, out_dir: str | Path, *,
+def run_finetune(model: Model, examples: Sequence[Any], config: TrainConfig, out_dir: str | Path, *,
                  neutral: Sequence[Any] | None = None, inoculation: str = "", prevention: Any = None,
                  settings: Mapping[str, Any] | None = None, progress: bool = True,
                  log: Callable[[str], None] = print) -> TrainResult:
@@ -415,7 +415,7 @@ class _Ctx:
     """What every stage of one regimes run reads."""
 
     run: Run
-    model: Any
+    model: Model
     trait: Any
     trait_b: Any
     config: RegimesConfig
@@ -461,7 +461,7 @@ class _Evaluation:
     corr: dict[str, Any]
 
 
-def run_regimes(model: Any, trait: Any, config: RegimesConfig, train_config: TrainConfig, out_dir: str | Path, *,
+def run_regimes(model: Model, trait: Any, config: RegimesConfig, train_config: TrainConfig, out_dir: str | Path, *,
                 trait_b: Any = None, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole regimes run (see the module docstring); writes ``regimes.json`` / ``regimes.txt``."""
     cfg = model.cfg

@@ -23,7 +23,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.artifacts.records import digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
-from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.data.datasets import read_chat_jsonl
 from jaxpersona.runner.run import open_run
 from jaxpersona.runner.stages import generate_cached
@@ -31,7 +31,7 @@ from jaxpersona.runner.stages import generate_cached
 Message = dict[str, str]
 
 
-def projections(model: Any, prompts: list[list[Message]], responses: list[str], unit: np.ndarray, layer: int,
+def projections(model: Model, prompts: list[list[Message]], responses: list[str], unit: np.ndarray, layer: int,
                 batch_size: int = 16) -> np.ndarray:
     """Mean over response tokens of ``<resid[layer], unit>`` per row: ``[N]``."""
     out = np.zeros(len(prompts), np.float32)
@@ -42,7 +42,7 @@ def projections(model: Any, prompts: list[list[Message]], responses: list[str], 
 
 
 def screen_dataset(
-    model: Any,
+    model: Model,
     vector: np.ndarray,
     layer: int,
     data_path: str | Path,

@@ -47,7 +47,7 @@ from jaxpersona.artifacts.records import digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
 from jaxpersona.compute.drift import VARIANTS as DRIFT_VARIANTS
 from jaxpersona.compute.drift import DriftSpec, run_drift
-from jaxpersona.compute.handle import model_fingerprint
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.scoring import encode_targets, target_logprob, target_shape
 from jaxpersona.data.chat import conversation
 from jaxpersona.data.configs import (
@@ -181,7 +181,7 @@ def _project_and_score(params: Any, cfg: Any, data: dict[str, jax.Array], units:
     return buf, target_logprob(params, cfg, h, data), h
 
 
-def answer_projections(model: Any, convs: list[list[dict[str, str]]], answers: list[str], units: np.ndarray, *,
+def answer_projections(model: Model, convs: list[list[dict[str, str]]], answers: list[str], units: np.ndarray, *,
                        hook_for: Callable[[dict[str, np.ndarray]], Any] | None = None, batch_size: int = 16
                        ) -> dict[str, Any]:
     """Teacher-forced prompt + answer rows (answers non-empty). Per row: ``proj`` — projections of every
@@ -250,7 +250,7 @@ def _log_stage(log: Callable[[str], None], k: int, msg: str) -> None:
     log(f"[{k}/7] {msg}")
 
 
-def run_space(model: Any, roles: Any, scripts: list[Any], judge: Any, config: SpaceConfig, out_dir: str | Path, *,
+def run_space(model: Model, roles: Any, scripts: list[Any], judge: Any, config: SpaceConfig, out_dir: str | Path, *,
               judge_id: str = "none", progress: bool = True, log: Callable[[str], None] = print) -> SpaceResult:
     """The whole persona-space pipeline (see the module docstring); ``judge`` None = judge-free.
 
@@ -298,7 +298,7 @@ def run_space(model: Any, roles: Any, scripts: list[Any], judge: Any, config: Sp
     return SpaceResult(out, summary)
 
 
-def _generate_stage(run: Run, model: Any, roles: Any, role_list: list[Any], config: SpaceConfig, mid: str
+def _generate_stage(run: Run, model: Model, roles: Any, role_list: list[Any], config: SpaceConfig, mid: str
                     ) -> list[dict[str, Any]]:
     """Stage 1: an answer for every role x prompt x question x sample (+ the default Assistant's), cached
     per answer in ``responses.jsonl``. Rows in job order, each with its cache ``key``."""
@@ -424,7 +424,7 @@ def _judge_stage(run: Run, judge: Any, judge_id: str, rows: list[dict[str, Any]]
     return _Selection(names, counts, dropped, n_default, check, decision)
 
 
-def _activations_stage(run: Run, model: Any, kept: list[dict[str, Any]], names: list[str], default: str,
+def _activations_stage(run: Run, model: Model, kept: list[dict[str, Any]], names: list[str], default: str,
                        n_default: int, axis_l: int, batch_size: int, mid: str) -> dict[str, np.ndarray]:
     """Stage 3, cached as ``activations.npz`` under ``digest(mid, answer keys, axis_l)``: ``sums [R, L+1, D]``
     (float64, per surviving role), ``default_acts [n_default, L+1, D]``, ``at_axis [N, D]`` (every kept
@@ -461,7 +461,7 @@ def _activations_stage(run: Run, model: Any, kept: list[dict[str, Any]], names: 
     return got
 
 
-def _vectors_stage(run: Run, model: Any, kept: list[dict[str, Any]], sel: _Selection, acts: dict[str, np.ndarray],
+def _vectors_stage(run: Run, model: Model, kept: list[dict[str, Any]], sel: _Selection, acts: dict[str, np.ndarray],
                    default: str, axis_l: int, config: SpaceConfig) -> dict[str, Any]:
     """Stage 4: role vectors, the Assistant Axis, PCA, the held-out checks; ``vectors/`` (the bank),
     ``pca.npz`` and ``pca.json``."""
@@ -514,7 +514,7 @@ def _vectors_stage(run: Run, model: Any, kept: list[dict[str, Any]], sel: _Selec
             "units": unit(axis), "pca_json": pca_json}
 
 
-def _capping_stage(run: Run, model: Any, drows: list[dict[str, Any]], units: np.ndarray, config: SpaceConfig
+def _capping_stage(run: Run, model: Model, drows: list[dict[str, Any]], units: np.ndarray, config: SpaceConfig
                    ) -> tuple[CapConfig, dict[str, Any]]:
     """Stage 5: floors at the chosen percentile of the default answers' per-token projections on the unit
     axis (``capping.json``); the clamp check and the log-likelihood cost of capping every token."""
@@ -547,7 +547,7 @@ def _capping_stage(run: Run, model: Any, drows: list[dict[str, Any]], units: np.
     return caps, cap_sum
 
 
-def _plots(run: Run, model: Any, vec: dict[str, Any], drift_recs: list[dict[str, Any]], drift_sum: dict[str, Any],
+def _plots(run: Run, model: Model, vec: dict[str, Any], drift_recs: list[dict[str, Any]], drift_sum: dict[str, Any],
            axis_l: int, config: SpaceConfig) -> None:
     """Stage 7: the PC1/PC2 map, the variance curve, |cos(axis, PC1)| by layer, the drift traces."""
     pca = vec["pca"]
@@ -612,7 +612,7 @@ def _split_half_pc1(kept: list[dict[str, Any]], at_axis: np.ndarray, default: st
     return {**ci, "what": "Pearson r of role PC1 scores from even- vs odd-indexed questions (axis layer)"}
 
 
-def _drift_stage(run: Run, model: Any, scripts: list[Any], config: SpaceConfig, caps: CapConfig, units: np.ndarray,
+def _drift_stage(run: Run, model: Model, scripts: list[Any], config: SpaceConfig, caps: CapConfig, units: np.ndarray,
                  resid_norm: np.ndarray, axis_l: int, cap_l: list[int], mid: str
                  ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Stage 6: the conversation scripts under the four variants, cached in ``drift.jsonl`` under a key of
@@ -675,7 +675,7 @@ def _drift_summary(recs: list[dict[str, Any]], monitor: tuple[int, ...]) -> dict
     return out
 
 
-def _user_token_check(model: Any, scripts: list[Any], recs: list[dict[str, Any]], caps: CapConfig, cap_l: list[int],
+def _user_token_check(model: Model, scripts: list[Any], recs: list[dict[str, Any]], caps: CapConfig, cap_l: list[int],
                       batch_size: int) -> dict[str, Any]:
     """Teacher-forced on the unsteered transcripts: does capping the assistant's tokens only change the
     user tokens' residuals at the capped layers and above? (Later user tokens attend to capped

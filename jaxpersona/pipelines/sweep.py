@@ -19,7 +19,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.compute.activations import VARIANTS, contrast_vectors, iter_activations
-from jaxpersona.compute.handle import load
+from jaxpersona.compute.handle import Model, load
 from jaxpersona.compute.scoring import ScoringSet
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.data.chat import conversation
@@ -43,7 +43,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise errors.InputError(f"{path} is not valid TOML: {e}") from e
 
 
-def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray, np.ndarray | None]:
+def build_vector(model: Model, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray, np.ndarray | None]:
     """``(name, [L+1, D], residual norms [L+1] or None)`` from ``bank = DIR`` + ``entry = NAME`` (a
     vector bank, with the norms it recorded), ``file = "x.npy"`` or contrastive ``positive``/``negative`` texts."""
     name = spec.get("name", spec.get("entry", "vector"))
@@ -64,7 +64,7 @@ def build_vector(model: Any, spec: dict[str, Any], base: Path) -> tuple[str, np.
     return name, contrast_vectors(model, list(pos), list(neg), reduce=spec.get("contrast_reduce", "mean")), None
 
 
-def sweep_vector(model: Any, cfg: dict[str, Any], base: Path) -> tuple[str, np.ndarray]:
+def sweep_vector(model: Model, cfg: dict[str, Any], base: Path) -> tuple[str, np.ndarray]:
     """The ``[L+1, D]`` vectors a sweep coefficient multiplies, per ``[grid] units``:
 
     * ``"relative"`` (default): ``|resid[l]| * v̂[l]``, so a coefficient is a fraction of the residual
@@ -81,7 +81,7 @@ def sweep_vector(model: Any, cfg: dict[str, Any], base: Path) -> tuple[str, np.n
     return name, steering_vectors(vec, norms, units)
 
 
-def data_resid_norm(model: Any, d: dict[str, Any]) -> np.ndarray:
+def data_resid_norm(model: Model, d: dict[str, Any]) -> np.ndarray:
     """Mean response-token norm of every resid point over a sweep's ``[data]`` (unintervened): ``[L+1]``."""
     prompts, responses = list(_need(d, "prompts", "data")), list(_need(d, "responses", "data"))
     if not prompts or len(prompts) != len(responses):

@@ -37,8 +37,15 @@ import jax
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.artifacts.records import (TMP_TAG, KeyedJsonl, atomic_write, digest, load_arrays, remove_quietly,
-                                          save_arrays)
+from jaxpersona.artifacts.records import (
+    TMP_TAG,
+    KeyedJsonl,
+    atomic_write,
+    digest,
+    load_arrays,
+    remove_quietly,
+    save_arrays,
+)
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.runner import legacy

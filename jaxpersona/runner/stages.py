@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from jaxpersona.artifacts.records import KeyedJsonl, digest
-from jaxpersona.compute.batching import pad_left
+from jaxpersona.compute.batching import pad_left, round_up
+from jaxpersona.compute.handle import Model
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.data.chat import Message
 from jaxpersona.measure.judge import score_from_probs
@@ -16,7 +17,7 @@ from jaxpersona.runner.run import Stage
 
 
 def generate_cached(
-    model: Any,
+    model: Model,
     store: KeyedJsonl,
     jobs: list[tuple[str, list[Message], dict[str, Any]]],
     *,
@@ -37,7 +38,7 @@ def generate_cached(
     the jobs, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
     ``stage``: the run stage this is part of; the jobs already in ``store`` count as its cache hits.
     """
-    ids = {k: model.tokenizer.encode(model.format_chat(conv), add_special_tokens=False) for k, conv, _ in jobs}
+    ids = dict(zip([k for k, _, _ in jobs], model.chat_ids([conv for _, conv, _ in jobs])))
     order = sorted(range(len(jobs)), key=lambda i: -len(ids[jobs[i][0]]))
     chunks = [[jobs[i] for i in order[j : j + batch_size]] for j in range(0, len(jobs), batch_size)]
     if stage is not None:
@@ -48,7 +49,7 @@ def generate_cached(
         if todo:
             seqs = [ids[k] for k, _, _ in chunk]
             seqs += [seqs[-1]] * (min(batch_size, len(jobs)) - len(seqs))  # a full batch: one compile per width
-            width = -(-max(len(x) for x in seqs) // 32) * 32
+            width = round_up(max(len(x) for x in seqs), 32)
             out = model.generate_tokens(pad_left(seqs, model.pad_id, bucket=width), max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                         seed=seed * 100_003 + c)

@@ -26,7 +26,7 @@ from typing import Any
 from jaxpersona import errors
 from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.artifacts.records import read_json
-from jaxpersona.compute.handle import load
+from jaxpersona.compute.handle import Model, load
 from jaxpersona.edit.capping import CapConfig
 from jaxpersona.model.sharding import make_mesh
 from jaxpersona.serve.engine import Engine, EngineConfig, Item
@@ -66,7 +66,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 # --- resources ------------------------------------------------------------------------------------------
-def build_resources(model: Any, banks: list[str], presets: list[str], served_name: str, max_interventions: int,
+def build_resources(model: Model, banks: list[str], presets: list[str], served_name: str, max_interventions: int,
                     max_readout: int) -> Any:
     """Bank entries and presets a request may name (errors here are start-up errors, exit 2)."""
     import numpy as np
@@ -107,7 +107,7 @@ class PersonaServer:
     """The engine plus a threaded HTTP server on ``host:port`` (port 0 picks a free one); :attr:`url` is the
     ``/v1`` base. ``api_key``: required bearer token, or None."""
 
-    def __init__(self, model: Any, resources: Any, ecfg: Any, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, model: Model, resources: Any, ecfg: Any, *, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, access_log: bool = False, mesh: Any = None) -> None:
         self.model, self.res, self.api_key, self.access_log = model, resources, api_key, access_log
         model.base_only("the server")

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from jaxpersona import errors
+from jaxpersona.compute.handle import Model
 from jaxpersona.serve.engine import POSITIONS, TOP_LOGPROBS, Item, Sequence
 
 MAX_N = 16
@@ -291,7 +292,7 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(s)
 
 
-def parse_request(kind: str, body: Any, res: Resources, model: Any, engine: Any) -> Parsed:
+def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: Any) -> Parsed:
     """Validate a ``/v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` body."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
