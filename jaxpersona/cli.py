@@ -22,14 +22,79 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+
+import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.handle import Model
 from jaxpersona.model import registry
+
+# What each command calls in the library, as "module:name" (``main`` uses "distributed" for
+# --coordinator). Nothing here is imported until that command runs: see :func:`library`.
+LIBRARY: dict[str, tuple[str, ...]] = {
+    "models": (),
+    "chat": ("jaxpersona.compute.handle:load", "jaxpersona.edit.capping:every_token_hook"),
+    "generate": ("jaxpersona.compute.handle:load", "jaxpersona.edit.capping:every_token_hook"),
+    "resid": ("jaxpersona.compute.handle:load",),
+    "convert": ("jaxpersona.model.loaders.gguf:convert_gguf_to_hf_dir",),
+    "sweep": ("jaxpersona.pipelines.sweep:run_sweep_config",),
+    "extract": ("jaxpersona.compute.handle:load", "jaxpersona.data.traits:list_traits",
+                "jaxpersona.data.traits:load_anchors", "jaxpersona.data.traits:load_trait",
+                "jaxpersona.measure.judge:build_judge", "jaxpersona.pipelines.persona:load_extract_config",
+                "jaxpersona.pipelines.persona:load_run_traits", "jaxpersona.pipelines.persona:run_extract",
+                "jaxpersona.pipelines.persona:run_extract_all"),
+    "space": ("jaxpersona.compute.handle:load", "jaxpersona.data.roles:load_conversations",
+              "jaxpersona.data.roles:load_roles", "jaxpersona.measure.judge:build_judge",
+              "jaxpersona.pipelines.space:load_space_config", "jaxpersona.pipelines.space:run_space"),
+    "consistency": ("jaxpersona.artifacts.bank:VectorBank", "jaxpersona.artifacts.bank:select_entries",
+                    "jaxpersona.compute.handle:load", "jaxpersona.pipelines.consistency:load_consistency_config",
+                    "jaxpersona.pipelines.consistency:run_consistency"),
+    "capping": ("jaxpersona.edit.capping:CapConfig", "jaxpersona.edit.capping:describe_capping",
+                "jaxpersona.edit.capping:import_capping_file"),
+    "traits": ("jaxpersona.data.traits:list_traits", "jaxpersona.data.traits:load_trait",
+               "jaxpersona.data.traits:draft_trait", "jaxpersona.data.traits:save_trait",
+               "jaxpersona.measure.endpoint:OpenAIEndpoint", "jaxpersona.measure.endpoint:LocalCompleter",
+               "jaxpersona.compute.handle:load"),
+    "vectors": ("jaxpersona.artifacts.bank:VectorBank", "jaxpersona.artifacts.bank:describe_bank",
+                "jaxpersona.artifacts.interop:import_pt_into_bank", "jaxpersona.artifacts.interop:export_entry"),
+    "screen": ("jaxpersona.artifacts.bank:VectorBank", "jaxpersona.compute.handle:load",
+               "jaxpersona.pipelines.screen:screen_dataset"),
+    "trait-data": ("jaxpersona.compute.handle:load", "jaxpersona.data.traits:load_trait",
+                   "jaxpersona.pipelines.regimes:run_trait_data"),
+    "finetune": ("jaxpersona.compute.handle:load", "jaxpersona.data.datasets:read_dataset",
+                 "jaxpersona.pipelines.regimes:load_regimes_config", "jaxpersona.pipelines.regimes:prevention_from_bank",
+                 "jaxpersona.pipelines.regimes:run_finetune"),
+    "regimes": ("jaxpersona.compute.handle:load", "jaxpersona.data.traits:load_trait",
+                "jaxpersona.pipelines.regimes:load_regimes_config", "jaxpersona.pipelines.regimes:run_regimes"),
+    "plan": ("jaxpersona.compute.plan:GIB", "jaxpersona.compute.plan:make_plan"),
+    "serve": ("jaxpersona.serve.app:run_server",),
+    "report": ("jaxpersona.report:write_report",),
+    "distributed": ("jaxpersona.model.sharding:init_distributed",),
+}
+
+
+def library(command: str) -> SimpleNamespace:
+    """The library names ``command`` calls (its :data:`LIBRARY` row), imported now, as attributes.
+
+    Looked up on every call (never cached here), so a name patched in its module is the one used."""
+    names = {}
+    for ref in LIBRARY[command]:
+        module, _, name = ref.partition(":")
+        # lazy: the command modules pull in jax, transformers, orbax, optax (seconds); `jaxpersona --help`,
+        # `jaxpersona models` and argument errors must not pay for them: only the chosen command's modules load
+        names[name] = getattr(importlib.import_module(module), name)
+    return SimpleNamespace(**names)
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    """Where a pipeline's progress lines go: stdout, or nowhere with --quiet."""
+    return (lambda _: None) if quiet else print
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,6 +112,39 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                                                  "every token")
 
 
+def _add_judge_args(p: argparse.ArgumentParser, default: str = "self") -> None:
+    g = p.add_argument_group(f"judge (default: {'the subject model itself, run locally' if default == 'self' else default})")
+    g.add_argument("--judge", default=default,
+                   help="'self', a registered name, an HF directory or .gguf file: a local JAX judge"
+                        + ("; 'none': no judge" if default == "none" else ""))
+    g.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. https://api.openai.com/v1)")
+    g.add_argument("--judge-model", default=None, help="model name at --judge-url (e.g. gpt-4.1-mini)")
+    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (never logged)")
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bank", action="append", default=[], help="a vector bank directory whose entries requests may "
+                                                                "name (repeatable)")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME=FILE",
+                   help="a named intervention preset: a capping config (capping.json from `jaxpersona space`) or a "
+                        "JSON list of intervention objects (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=8, help="rows decoded together (continuous batching)")
+    p.add_argument("--max-context", type=int, default=1024, help="KV-cache slots per row (prompt + new tokens)")
+    p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
+    p.add_argument("--max-readout", type=int, default=4, help="persona-readout directions per request")
+    p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
+    p.add_argument("--prefill-rows", type=int, default=1, help="arrivals prefilled together (fixed shape; >1 helps "
+                                                                "bursts on accelerators, costs a lone request on CPU)")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8: weights loaded tensor parallel "
+                                                 "over `model`, batch rows over `data`")
+    p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--api-key-env", default=None, help="require `Authorization: Bearer $VAR` (the variable's name)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
+    p.add_argument("--quiet", action="store_true", help="no access log")
+
+
 def _parse_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -54,6 +152,7 @@ def _parse_layers(text: str) -> tuple[int, ...]:
         raise errors.InputError(f"--layers must be comma-separated integers, got {text!r}") from e
 
 
+# --- commands: each validates its arguments and calls the library with plain values ------------------
 def cmd_models(args: argparse.Namespace) -> int:
     for name, m in registry.REGISTRY.items():
         try:
@@ -66,32 +165,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cap_hook(path: str | None, model: Model, rows: int) -> Any:
-    """The capping config at ``path`` as a hook on every token of ``rows`` sequences (None without one)."""
-    if not path:
-        return None
-    import jax.numpy as jnp
-
-    from jaxpersona.edit.capping import CapConfig
-    from jaxpersona.edit.interventions import Positions
-
-    cap = CapConfig.load(path, model.cfg)
-    return cap.hook(Positions(jnp.ones((rows, 1), bool), jnp.ones((rows,), bool)))
-
-
 def cmd_chat(args: argparse.Namespace) -> int:
-    from jaxpersona.compute.handle import load
-
-    model = load(args.model, dtype=args.dtype)
+    lib = library("chat")
+    model = lib.load(args.model, dtype=args.dtype)
+    hook = lib.every_token_hook(args.cap, model.cfg, 1) if args.cap else None
     print(model.chat(args.message, system=args.system, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                     hook=_cap_hook(args.cap, model, 1)))
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, hook=hook))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jaxpersona.compute.handle import load
-
     if args.prompts:
         path = Path(args.prompts)
         if not path.exists():
@@ -101,21 +184,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = list(args.prompt)
     if not prompts:
         raise errors.InputError("no prompts: pass PROMPT arguments or --prompts FILE (one prompt per line)")
-    model = load(args.model, dtype=args.dtype)
+    lib = library("generate")
+    model = lib.load(args.model, dtype=args.dtype)
+    hook = lib.every_token_hook(args.cap, model.cfg, len(prompts)) if args.cap else None
     texts = model.generate(prompts, chat=not args.raw, system=args.system, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                           hook=_cap_hook(args.cap, model, len(prompts)))
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed, hook=hook)
     for p, t in zip(prompts, texts):
         print(json.dumps({"prompt": p, "completion": t}, ensure_ascii=False))
     return 0
 
 
 def cmd_resid(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from jaxpersona.compute.handle import load
-
-    model = load(args.model, dtype=args.dtype)
+    """Residual-stream activations ``[len(layers), ...]`` (per ``--reduce``): saved with ``--out``, else
+    one line of shape and mean norm per resid point."""
+    model = library("resid").load(args.model, dtype=args.dtype)
     layers = _parse_layers(args.layers) if args.layers else tuple(range(model.cfg.n_resid))
     acts = model.resid(args.text, layers, args.reduce, chat=args.chat, system=args.system)
     if args.out:
@@ -129,152 +211,101 @@ def cmd_resid(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
-
     src = registry.resolve(args.gguf) if args.gguf in registry.REGISTRY else Path(args.gguf)
-    out = convert_gguf_to_hf_dir(src, args.out)
+    out = library("convert").convert_gguf_to_hf_dir(src, args.out)
     print(f"wrote HF model directory {out}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from jaxpersona.pipelines.sweep import run_sweep_config
-
-    summary = run_sweep_config(args.config, out_dir=args.out, model=args.model, progress=not args.quiet)
+    summary = library("sweep").run_sweep_config(args.config, out_dir=args.out, model=args.model,
+                                                progress=not args.quiet)
     print(summary)
     return 0
 
 
-def _add_judge_args(p: argparse.ArgumentParser, default: str = "self") -> None:
-    g = p.add_argument_group(f"judge (default: {'the subject model itself, run locally' if default == 'self' else default})")
-    g.add_argument("--judge", default=default,
-                   help="'self', a registered name, an HF directory or .gguf file: a local JAX judge"
-                        + ("; 'none': no judge" if default == "none" else ""))
-    g.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. https://api.openai.com/v1)")
-    g.add_argument("--judge-model", default=None, help="model name at --judge-url (e.g. gpt-4.1-mini)")
-    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (never logged)")
-
-
 def cmd_extract(args: argparse.Namespace) -> int:
-    from jaxpersona.compute.handle import load
-    from jaxpersona.data.traits import list_traits, load_anchors, load_trait
-    from jaxpersona.measure.judge import build_judge
-    from jaxpersona.pipelines.persona import (
-        load_extract_config,
-        load_run_traits,
-        run_extract,
-        run_extract_all,
-    )
-
-    config = load_extract_config(args.config, full=args.full)
-    names = list_traits() if args.all_traits else ([args.trait] if args.trait else load_run_traits(args.config))
+    lib = library("extract")
+    config = lib.load_extract_config(args.config, full=args.full)
+    names = lib.list_traits() if args.all_traits else ([args.trait] if args.trait else lib.load_run_traits(args.config))
     if not names:
         raise errors.InputError("extract needs --trait NAME|FILE, --all-traits, or traits = [...] in the --config file")
     if args.anchors and len(names) > 1:
         raise errors.InputError("--anchors checks one trait's judge; with several traits put anchors in "
                                 "jaxpersona/data/trait_data/anchors/ or run the traits one by one")
-    traits = [load_trait(n) for n in names]
-    anchors = load_anchors(traits[0], args.anchors) if args.anchors else "shipped"
+    traits = [lib.load_trait(n) for n in names]
+    anchors = lib.load_anchors(traits[0], args.anchors) if args.anchors else "shipped"
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    model = load(args.model, dtype=args.dtype)
-    judge, judge_id = build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
-                                  key_env=args.judge_key_env)
-    log = (lambda _: None) if args.quiet else print
+    model = lib.load(args.model, dtype=args.dtype)
+    judge, judge_id = lib.build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
+                                      key_env=args.judge_key_env)
     if len(traits) == 1:
         out = Path(args.out or f"runs/persona_{traits[0].name}")
-        result = run_extract(model, traits[0], judge, config, out, judge_id=judge_id, anchors=anchors,
-                             progress=not args.quiet, log=log)
+        result = lib.run_extract(model, traits[0], judge, config, out, judge_id=judge_id, anchors=anchors,
+                                 progress=not args.quiet, log=_log(args.quiet))
     else:
         out = Path(args.out or "runs/persona_all")
-        result = run_extract_all(model, traits, judge, config, out, judge_id=judge_id, progress=not args.quiet, log=log)
+        result = lib.run_extract_all(model, traits, judge, config, out, judge_id=judge_id, progress=not args.quiet,
+                                     log=_log(args.quiet))
     print(result.table())
     print(f"run directory: {out}")
     return 0
 
 
 def cmd_space(args: argparse.Namespace) -> int:
-    from jaxpersona.compute.handle import load
-    from jaxpersona.data.roles import load_conversations, load_roles
-    from jaxpersona.measure.judge import build_judge
-    from jaxpersona.pipelines.space import load_space_config, run_space
-
-    config = load_space_config(args.config, full=args.full)
+    lib = library("space")
+    config = lib.load_space_config(args.config, full=args.full)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    scripts = list(load_conversations(args.conversations))
-    model = load(args.model, dtype=args.dtype)
-    roles = load_roles(args.roles, questions=args.questions, model_name=model.name)
+    scripts = list(lib.load_conversations(args.conversations))
+    model = lib.load(args.model, dtype=args.dtype)
+    roles = lib.load_roles(args.roles, questions=args.questions, model_name=model.name)
     if args.judge == "none" and not args.judge_url:
         judge, judge_id = None, "none"
     else:
-        judge, judge_id = build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
-                                      key_env=args.judge_key_env)
+        judge, judge_id = lib.build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
+                                          key_env=args.judge_key_env)
     out = Path(args.out or "runs/space")
-    log = (lambda _: None) if args.quiet else print
-    result = run_space(model, roles, scripts, judge, config, out, judge_id=judge_id, progress=not args.quiet, log=log)
+    result = lib.run_space(model, roles, scripts, judge, config, out, judge_id=judge_id, progress=not args.quiet,
+                           log=_log(args.quiet))
     print(result.table())
     print(f"run directory: {out}")
     return 0
 
 
 def cmd_consistency(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.compute.handle import load
-    from jaxpersona.pipelines.consistency import (
-        load_consistency_config,
-        run_consistency,
-    )
-
-    config = load_consistency_config(args.config)
-    model = load(args.model, dtype=args.dtype)
-    bank = VectorBank.load(args.bank, model.cfg) if args.bank else None
+    lib = library("consistency")
+    config = lib.load_consistency_config(args.config)
+    model = lib.load(args.model, dtype=args.dtype)
+    bank = lib.VectorBank.load(args.bank, model.cfg) if args.bank else None
     if bank is not None and args.entries:
         names = [n.strip() for n in args.entries.split(",") if n.strip()]
         missing = [n for n in names if n not in bank]
         if missing:
             raise errors.InputError(f"--entries {missing} not in the bank; it has {list(bank.names)[:12]} ...")
-        bank = VectorBank(np.stack([bank.get(n) for n in names]), tuple(names), bank.model,
-                          tuple(bank.meta_of(n) for n in names))
+        bank = lib.select_entries(bank, names)
     out = Path(args.out or "runs/consistency")
-    log = (lambda _: None) if args.quiet else print
-    summary = run_consistency(model, config, out, bank=bank, space_dir=args.space, progress=not args.quiet, log=log)
+    summary = lib.run_consistency(model, config, out, bank=bank, space_dir=args.space, progress=not args.quiet,
+                                  log=_log(args.quiet))
     print((out / "summary.txt").read_text())
     print(f"run directory: {out}")
     return 0 if summary else 1
 
 
 def cmd_capping(args: argparse.Namespace) -> int:
-    from jaxpersona.edit.capping import CapConfig, import_reference_capping
-
+    lib = library("capping")
     if args.action == "show":
-        cap = CapConfig.load(args.file)
-        print(f"capping config for {cap.model} (d_model {cap.d_model}, resid[0..{cap.n_resid - 1}])")
-        for l, lo, hi in zip(cap.layers, cap.floors, cap.ceilings):
-            print(f"  resid[{l}]: clamp <h, direction> into [{lo:.4g}, {hi:.4g}]")
-        for k, v in cap.info.items():
-            print(f"  {k}: {v}")
+        print(lib.describe_capping(lib.CapConfig.load(args.file)))
         return 0
-    from jaxpersona.artifacts.bank import VectorBank
-
     if not args.bank and not args.model_id:
         raise errors.InputError("capping import needs --bank (a `jaxpersona space` bank of this model: gives the "
                                 "layer count and the axis to check the sign against) or --model-id with --n-layers")
-    if args.bank:
-        bank = VectorBank.load(args.bank)
-        axis = bank.get("assistant_axis") if "assistant_axis" in bank else None
-        model_id, n_resid = bank.model, bank.n_resid
-    else:
-        if not args.n_layers:
-            raise errors.InputError("--model-id needs --n-layers (the model's number of blocks)")
-        axis, model_id, n_resid = None, args.model_id, args.n_layers + 1
-    cap = import_reference_capping(args.file, model=model_id, n_resid=n_resid, experiment=args.experiment, axis=axis)
-    if axis is not None and cap.d_model != bank.d_model:
-        raise errors.ModelMismatchError(f"{args.file}: vectors have d_model {cap.d_model}; the bank's model has "
-                                        f"{bank.d_model}")
-    out = cap.save(args.out or Path(args.file).with_suffix(".json"))
+    if not args.bank and not args.n_layers:
+        raise errors.InputError("--model-id needs --n-layers (the model's number of blocks)")
+    cap, out = lib.import_capping_file(args.file, args.out or Path(args.file).with_suffix(".json"), bank=args.bank,
+                                       model_id=args.model_id, n_resid=None if args.bank else args.n_layers + 1,
+                                       experiment=args.experiment)
     print(f"wrote {out}: {len(cap.layers)} caps at resid{list(cap.layers)} (floors on -v, from the reference's "
           "ceilings on v)")
     if "cos_with_axis" in cap.info:
@@ -283,92 +314,66 @@ def cmd_capping(args: argparse.Namespace) -> int:
 
 
 def cmd_traits(args: argparse.Namespace) -> int:
-    from jaxpersona.data import traits
-
+    lib = library("traits")
     if args.action == "list":
-        for name in traits.list_traits():
-            t = traits.load_trait(name)
+        for name in lib.list_traits():
+            t = lib.load_trait(name)
             print(f"{name}: {t.description} ({len(t.pairs)} pairs, {len(t.questions)} + {len(t.eval_questions)} questions)")
         return 0
     if args.action == "show":
         if not args.name:
             raise errors.InputError("traits show needs a trait name or file")
-        print(json.dumps(traits.load_trait(args.name).to_json(), indent=2))
+        print(json.dumps(lib.load_trait(args.name).to_json(), indent=2))
         return 0
     if not args.name or not args.description:
         raise errors.InputError('traits new needs a NAME and --description "..."')
     if args.endpoint:
-        from jaxpersona.measure.endpoint import OpenAIEndpoint
-
         if not args.endpoint_model:
             raise errors.InputError("--endpoint needs --endpoint-model")
-        completer = OpenAIEndpoint(args.endpoint, args.endpoint_model, api_key_env=args.key_env)
+        completer = lib.OpenAIEndpoint(args.endpoint, args.endpoint_model, api_key_env=args.key_env)
     else:
-        from jaxpersona.compute.handle import load
-        from jaxpersona.measure.endpoint import LocalCompleter
-
-        completer = LocalCompleter(load(args.model, dtype=args.dtype))
-    trait = traits.draft_trait(args.name, args.description, completer, seed=args.seed)
+        completer = lib.LocalCompleter(lib.load(args.model, dtype=args.dtype))
+    trait = lib.draft_trait(args.name, args.description, completer, seed=args.seed)
     out = Path(args.out or f"{args.name}.json")
-    traits.save_trait(trait, out)
+    lib.save_trait(trait, out)
     print(f"wrote {out}: {len(trait.pairs)} pairs, {len(trait.questions)} extraction + "
           f"{len(trait.eval_questions)} evaluation questions (validated; review and edit before use)")
     return 0
 
 
 def cmd_vectors(args: argparse.Namespace) -> int:
-    from jaxpersona.artifacts import bank as vb
-    from jaxpersona.artifacts import interop
-
+    lib = library("vectors")
     if args.action == "import":
         if not (args.pt and args.trait and args.bank):
             raise errors.InputError("vectors import needs --pt FILE --trait NAME --bank DIR")
-        new = interop.import_pt(args.pt, args.trait, args.model_id or "unknown")
-        target = Path(args.bank)
-        if target.exists():
-            old = vb.VectorBank.load(target)
-            new = old.with_entry(args.trait, new.get(args.trait), {"source": str(args.pt)})
-        new.save(target, overwrite=True)
+        target = lib.import_pt_into_bank(args.pt, args.trait, args.bank, args.model_id or "unknown")
         print(f"saved {args.trait} into {target}")
         return 0
     if not args.bank:
         raise errors.InputError(f"vectors {args.action} needs --bank DIR")
-    bank = vb.VectorBank.load(args.bank)
+    bank = lib.VectorBank.load(args.bank)
     if args.action == "show":
-        print(f"{args.bank}: model {bank.model}, {len(bank.names)} entries x {bank.n_resid} resid points x "
-              f"{bank.d_model}, created {bank.created}\nconvention: {bank.convention}")
-        for name, meta in zip(bank.names, bank.meta):
-            print(f"  {name}: {json.dumps(meta)}")
+        print(lib.describe_bank(bank, args.bank))
         return 0
     if not (args.trait and args.out and args.format):
         raise errors.InputError("vectors export needs --trait NAME --format pt|control|assistant-axis --out FILE")
-    if args.format == "pt":
-        interop.export_pt(bank, args.trait, args.out)
-    elif args.format == "control":
-        interop.export_control_vector(bank, args.trait, args.out, coeff=args.coeff)
-    else:
-        import numpy as np
-
-        np.save(args.out, interop.to_assistant_axis(bank.get(args.trait)))
+    lib.export_entry(bank, args.trait, args.format, args.out, coeff=args.coeff)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_screen(args: argparse.Namespace) -> int:
-    from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.compute.handle import load
-    from jaxpersona.pipelines.screen import screen_dataset
-
-    model = load(args.model, dtype=args.dtype)
-    bank = VectorBank.load(args.vectors, model.cfg)
+    lib = library("screen")
+    model = lib.load(args.model, dtype=args.dtype)
+    bank = lib.VectorBank.load(args.vectors, model.cfg)
     layer = args.layer
     if layer is None:
         meta = bank.meta_of(args.trait)  # unknown trait -> an error listing the bank's entries
         if "best_layer" not in meta:
             raise errors.InputError(f"no best layer recorded for {args.trait!r} in {args.vectors}; pass --layer")
         layer = int(meta["best_layer"])
-    res = screen_dataset(model, bank.get(args.trait), layer, args.data, args.out or "runs/screen",
-                         max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+    res = lib.screen_dataset(model, bank.get(args.trait), layer, args.data, args.out or "runs/screen",
+                             max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     print(f"{res['n']} samples, layer {res['layer']}: mean projection difference {res['mean_difference']:+.3f}")
     for r in res["rows"][: args.top]:
         print(f"  #{r['index']:<5} {r['difference']:+8.3f}  {r['prompt'][:60]!r}")
@@ -376,54 +381,42 @@ def cmd_screen(args: argparse.Namespace) -> int:
 
 
 def cmd_trait_data(args: argparse.Namespace) -> int:
-    # imported on use: jax and the model stack are heavy for a CLI that may only print help
-    from jaxpersona.compute.handle import load
-    from jaxpersona.data.traits import load_trait
-    from jaxpersona.pipelines.regimes import run_trait_data
-
-    trait = load_trait(args.trait)
+    lib = library("trait-data")
+    trait = lib.load_trait(args.trait)
     qs = list(trait.questions) + (list(trait.eval_questions) if args.with_eval_questions else [])
     qs = qs[: args.n_questions] if args.n_questions else qs
     if args.n_pairs < 1 or not qs:
         raise errors.InputError("--n-pairs must be >= 1 and the trait needs questions")
-    model = load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype)
     out = Path(args.out)
-    counts = run_trait_data(model, trait, qs, args.n_pairs, out, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_p=1.0, seed=args.seed, batch_size=args.batch_size,
-                            progress=not args.quiet, log=(lambda _: None) if args.quiet else print)
+    counts = lib.run_trait_data(model, trait, qs, args.n_pairs, out, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=1.0, seed=args.seed, batch_size=args.batch_size,
+                                progress=not args.quiet, log=_log(args.quiet))
     for name, n in counts.items():
         print(f"{out / f'{name}.jsonl'}: {n} examples")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    # imported on use: jax and the model stack are heavy for a CLI that may only print help
-    from jaxpersona.compute.handle import load
-    from jaxpersona.data.datasets import read_dataset
-    from jaxpersona.pipelines.regimes import (
-        load_regimes_config,
-        prevention_from_bank,
-        run_finetune,
-    )
-
-    _, config = load_regimes_config(args.config)
+    lib = library("finetune")
+    _, config = lib.load_regimes_config(args.config)
     if args.kl_beta is not None:
         config = config.replace(kl_beta=args.kl_beta)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    data = read_dataset(args.data)
-    neutral = read_dataset(args.neutral) if args.neutral else None
-    model = load(args.model, dtype=args.dtype)
+    data = lib.read_dataset(args.data)
+    neutral = lib.read_dataset(args.neutral) if args.neutral else None
+    model = lib.load(args.model, dtype=args.dtype)
     prevention, spec = None, None
     if args.prevent_bank:
         spec = {"bank": args.prevent_bank, "entry": args.prevent_entry, "kind": args.prevent_kind,
                 "coeff": args.prevent_coeff, "layer": args.prevent_layer, "units": args.prevent_units}
-        prevention = prevention_from_bank(model, args.prevent_bank, args.prevent_entry, kind=args.prevent_kind,
-                                          coeff=args.prevent_coeff, layer=args.prevent_layer, units=args.prevent_units)
+        prevention = lib.prevention_from_bank(model, args.prevent_bank, args.prevent_entry, kind=args.prevent_kind,
+                                              coeff=args.prevent_coeff, layer=args.prevent_layer,
+                                              units=args.prevent_units)
     settings = {"data": args.data, "neutral": args.neutral, "inoculation": args.inoculation, "prevention": spec}
-    res = run_finetune(model, data, config, args.out, neutral=neutral, inoculation=args.inoculation or "",
-                       prevention=prevention, settings=settings, progress=not args.quiet,
-                       log=(lambda _: None) if args.quiet else print)
+    res = lib.run_finetune(model, data, config, args.out, neutral=neutral, inoculation=args.inoculation or "",
+                           prevention=prevention, settings=settings, progress=not args.quiet, log=_log(args.quiet))
     print(f"{res.steps} updates on {res.n_examples} examples ({res.skipped} skipped as longer than max_len "
           f"{config.max_len}); final loss {res.log[-1]['loss']:.4f}" if res.log else "nothing to do")
     print(f"adapters: {Path(args.out) / 'adapters'} (steps {res.checkpoints}); use Model.with_adapter(load_adapter(...))")
@@ -431,79 +424,72 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_regimes(args: argparse.Namespace) -> int:
-    from jaxpersona.compute.handle import load
-    from jaxpersona.data.traits import load_trait
-    from jaxpersona.pipelines.regimes import load_regimes_config, run_regimes
-
-    config, tconfig = load_regimes_config(args.config)
+    lib = library("regimes")
+    config, tconfig = lib.load_regimes_config(args.config)
     if args.trait:
         config = config.replace(trait=args.trait)
     if args.trait_b is not None:
         config = config.replace(trait_b="" if args.trait_b == "none" else args.trait_b)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    trait = load_trait(config.trait)
-    trait_b = load_trait(config.trait_b) if config.trait_b else None
-    model = load(args.model, dtype=args.dtype)
+    trait = lib.load_trait(config.trait)
+    trait_b = lib.load_trait(config.trait_b) if config.trait_b else None
+    model = lib.load(args.model, dtype=args.dtype)
     out = Path(args.out or f"runs/regimes_{trait.name}")
-    log = (lambda _: None) if args.quiet else print
-    run_regimes(model, trait, config, tconfig, out, trait_b=trait_b, progress=not args.quiet, log=log)
+    lib.run_regimes(model, trait, config, tconfig, out, trait_b=trait_b, progress=not args.quiet, log=_log(args.quiet))
     print((out / "regimes.txt").read_text())
     print(f"run directory: {out}")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from jaxpersona.compute.plan import GIB, make_plan
-
-    plan = make_plan(args.model, args.mesh, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
-                     grid=args.grid, dtype=args.dtype, fsdp=args.fsdp, accelerator=args.accelerator,
-                     headroom=args.headroom)
+    lib = library("plan")
+    plan = lib.make_plan(args.model, args.mesh, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
+                         grid=args.grid, dtype=args.dtype, fsdp=args.fsdp, accelerator=args.accelerator,
+                         headroom=args.headroom)
     print(json.dumps(plan.to_json()) if args.json else plan.table())
     if plan.fits is False:
         raise errors.MemoryPlanError(
-            f"{plan.total / GIB:.1f} GiB per device exceeds {args.headroom:.0%} of {args.accelerator}'s "
-            f"{plan.capacity / GIB:.1f} GiB; try a larger model axis, --fsdp, a smaller --batch/--seq/--grid, "
+            f"{plan.total / lib.GIB:.1f} GiB per device exceeds {args.headroom:.0%} of {args.accelerator}'s "
+            f"{plan.capacity / lib.GIB:.1f} GiB; try a larger model axis, --fsdp, a smaller --batch/--seq/--grid, "
             "or an accelerator with more memory")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from jaxpersona.serve.app import run_server
-
-    return run_server(args)
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
+    return int(library("serve").run_server(
+        args.model, args.dtype, banks=args.bank, presets=args.preset, served_name=args.served_name, host=args.host,
+        port=args.port, batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
+        max_readout=args.max_readout, max_queue=args.max_queue, prefill_rows=args.prefill_rows, mesh=args.mesh,
+        api_key=api_key, warmup=not args.no_warmup, access_log=not args.quiet))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The HTML page of a run directory: its kind from its ``run.json`` (an older directory gets one written)."""
-    from jaxpersona.report import (
-        write_report,  # heavy (jax, treescope): loaded only for this command
-    )
-
-    out = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    out = library("report").write_report(Path(args.run_dir), Path(args.out) if args.out else None)
     print(f"report: {out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
-    ap.add_argument("--coordinator", default=None, help="multi-process run: HOST:PORT of process 0 (every process "
-                                                        "runs the same command; jax.distributed.initialize)")
-    ap.add_argument("--num-processes", type=int, default=1)
-    ap.add_argument("--process-id", type=int, default=0)
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("models", help="list registered models")
+# --- the parser: one function per group of subcommands, in the order `--help` lists them -----------------
+def _add_model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Subcommands models, chat, generate, resid: the model itself (``add``: the subparsers' ``add_parser``)."""
+    p = add("models", help="list registered models")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("chat", help="one chat reply")
+    p = add("chat", help="one chat reply")
     p.add_argument("message")
     p.add_argument("--system", default=None)
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("generate", help="batched generation, one JSON line per prompt")
+    p = add("generate", help="batched generation, one JSON line per prompt")
     p.add_argument("prompt", nargs="*")
     p.add_argument("--prompts", help="file with one prompt per line")
     p.add_argument("--system", default=None)
@@ -512,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("resid", help="capture the residual stream (resid[0]=embeddings, resid[l]=block l-1 out)")
+    p = add("resid", help="capture the residual stream (resid[0]=embeddings, resid[l]=block l-1 out)")
     p.add_argument("text", nargs="+")
     p.add_argument("--layers", default="", help="comma-separated resid indices (default: all 0..L)")
     p.add_argument("--reduce", default="mean", choices=["mean", "last", "tokens"])
@@ -522,14 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_resid)
 
-    p = sub.add_parser("sweep", help="run an intervention grid from a TOML config (see configs/)")
+
+def _add_pipeline_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Subcommands sweep, extract, space, consistency: the pipelines (``add``: the subparsers' ``add_parser``)."""
+    p = add("sweep", help="run an intervention grid from a TOML config (see configs/)")
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     p.add_argument("--model", default=None, help="override the config's model")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("extract", help="persona-vector pipeline: generate, judge, filter, extract, steer, monitor")
+    p = add("extract", help="persona-vector pipeline: generate, judge, filter, extract, steer, monitor")
     p.add_argument("--trait", default=None, help="shipped trait name (see `traits list`) or a trait JSON file")
     p.add_argument("--all-traits", action="store_true",
                    help="every shipped trait, with one batched steering sweep (traits x layers x coefficients)")
@@ -544,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_args(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("space", help="persona space + Assistant Axis: role answers, PCA, calibrated capping, drift")
+    p = add("space", help="persona space + Assistant Axis: role answers, PCA, calibrated capping, drift")
     p.add_argument("--config", default=None, help="TOML with a [space] table overriding the preset")
     p.add_argument("--full", action="store_true", help="the GPU-sized run (every role prompt, 80 questions)")
     p.add_argument("--roles", default=None, help="role directory in the reference layout (default: the shipped set)")
@@ -557,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_args(p, default="none")
     p.set_defaults(func=cmd_space)
 
-    p = sub.add_parser("consistency", help="run-to-run variance within vs between personas (seeds vmapped)")
+    p = add("consistency", help="run-to-run variance within vs between personas (seeds vmapped)")
     p.add_argument("--config", default=None, help="TOML with a [consistency] table")
     p.add_argument("--bank", default=None, help="vector bank whose unit vectors are measured too (extract/space)")
     p.add_argument("--entries", default=None, help="comma-separated bank entries to measure (default: all)")
@@ -568,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_consistency)
 
-    p = sub.add_parser("capping", help="show a capping config, or import the reference's capping_config.pt")
+
+def _add_file_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Subcommands capping, traits, vectors, screen: files of configs, traits and vectors (``add``: the subparsers' ``add_parser``)."""
+    p = add("capping", help="show a capping config, or import the reference's capping_config.pt")
     p.add_argument("action", choices=["show", "import"])
     p.add_argument("file", help="capping.json (show) or capping_config.pt (import)")
     p.add_argument("--bank", default=None, help="a `jaxpersona space` bank of the same model (layer count, axis)")
@@ -578,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_capping)
 
-    p = sub.add_parser("traits", help="list / show shipped trait files, or draft a new one")
+    p = add("traits", help="list / show shipped trait files, or draft a new one")
     p.add_argument("action", choices=["list", "show", "new"])
     p.add_argument("name", nargs="?")
     p.add_argument("--description", default=None)
@@ -590,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_traits)
 
-    p = sub.add_parser("vectors", help="vector banks (Orbax): show, export (.pt / llama.cpp control GGUF / "
-                                       "assistant-axis .npy), import persona_vectors .pt")
+    p = add("vectors", help="vector banks (Orbax): show, export (.pt / llama.cpp control GGUF / "
+                            "assistant-axis .npy), import persona_vectors .pt")
     p.add_argument("action", choices=["show", "export", "import"])
     p.add_argument("--bank", default=None, help="vector bank directory (e.g. runs/persona_evil/vectors)")
     p.add_argument("--trait", default=None)
@@ -602,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="model the imported vectors belong to")
     p.set_defaults(func=cmd_vectors)
 
-    p = sub.add_parser("screen", help="rank a chat JSONL dataset by projection difference onto a persona vector")
+    p = add("screen", help="rank a chat JSONL dataset by projection difference onto a persona vector")
     p.add_argument("--vectors", required=True, help="vector bank directory")
     p.add_argument("--trait", required=True)
     p.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} per line, last = assistant')
@@ -614,8 +606,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_screen)
 
-    p = sub.add_parser("trait-data", help="trait-eliciting chat JSONL (the model's answers under the trait's "
-                                          "positive prompts, stored without them) + a matched neutral set")
+
+def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Subcommands trait-data, finetune, regimes: training data, fine-tuning, regimes (``add``: the subparsers' ``add_parser``)."""
+    p = add("trait-data", help="trait-eliciting chat JSONL (the model's answers under the trait's "
+                               "positive prompts, stored without them) + a matched neutral set")
     p.add_argument("--trait", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--n-pairs", type=int, default=2, help="answers per question (one per instruction pair)")
@@ -629,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_trait_data)
 
-    p = sub.add_parser("finetune", help="LoRA fine-tuning on a chat JSONL (optax; Orbax checkpoints; reruns resume)")
+    p = add("finetune", help="LoRA fine-tuning on a chat JSONL (optax; Orbax checkpoints; reruns resume)")
     p.add_argument("--data", required=True, help='JSONL, one {"messages": [...]} per line, last = assistant')
     p.add_argument("--out", required=True, help="run directory (ckpt/, adapters/step_N, log.jsonl)")
     p.add_argument("--config", default=None, help="TOML with a [train] table (see configs/regimes_*.toml)")
@@ -648,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("regimes", help="a persona under prompting, fine-tuning (4 trainers) and BiPO steering: "
-                                       "shifts, cosines, regime grid, composition")
+    p = add("regimes", help="a persona under prompting, fine-tuning (4 trainers) and BiPO steering: "
+                            "shifts, cosines, regime grid, composition")
     p.add_argument("--trait", default=None, help="trait to fine-tune on (default: the config's, evil)")
     p.add_argument("--trait-b", default=None, help="second trait for the composition analyses ('none' = skip)")
     p.add_argument("--config", default=None, help="TOML with [regimes] and [train] tables (configs/regimes_gpu.toml)")
@@ -659,8 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_regimes)
 
-    p = sub.add_parser("plan", help="per-device memory (params, KV cache, compiled activations) of a model on a "
-                                    "(data x model) mesh; no weights needed")
+
+def _add_tool_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Subcommands plan, serve, report, convert: memory plans, the server, reports, conversion (``add``: the subparsers' ``add_parser``)."""
+    p = add("plan", help="per-device memory (params, KV cache, compiled activations) of a model on a "
+                         "(data x model) mesh; no weights needed")
     p.add_argument("--model", required=True, help="HF directory, config.json, registered name or a shipped paper "
                                                   "model (qwen2.5-7b-instruct, gemma-2-27b-it, qwen3-32b, "
                                                   "llama-3.3-70b-instruct)")
@@ -676,23 +674,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steer/cap/ablate and a persona "
-                                     "readout; requests with different interventions share one batch")
+    p = add("serve", help="OpenAI-compatible HTTP server with per-request steer/cap/ablate and a persona "
+                          "readout; requests with different interventions share one batch")
     _add_model_args(p)
-    from jaxpersona.serve.app import add_serve_args
-
-    add_serve_args(p)
+    _add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("report", help="a static HTML report (config, tables, plots, vector bank) of a run directory")
+    p = add("report", help="a static HTML report (config, tables, plots, vector bank) of a run directory")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output HTML file (default: RUN_DIR/report.html)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("convert", help="convert a GGUF file (or registered name) to an HF model directory")
+    p = add("convert", help="convert a GGUF file (or registered name) to an HF model directory")
     p.add_argument("gguf")
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jaxpersona", description="Persona vectors and interventions in JAX.")
+    ap.add_argument("--coordinator", default=None, help="multi-process run: HOST:PORT of process 0 (every process "
+                                                        "runs the same command; jax.distributed.initialize)")
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    _add_model_commands(sub.add_parser)
+    _add_pipeline_commands(sub.add_parser)
+    _add_file_commands(sub.add_parser)
+    _add_training_commands(sub.add_parser)
+    _add_tool_commands(sub.add_parser)
     return ap
 
 
@@ -700,9 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.coordinator:
-            from jaxpersona.model.sharding import init_distributed
-
-            init_distributed(args.coordinator, args.num_processes, args.process_id)
+            library("distributed").init_distributed(args.coordinator, args.num_processes, args.process_id)
         return args.func(args)
     except errors.JaxPersonaError as e:
         print(f"jaxpersona: error: {e}", file=sys.stderr)

@@ -461,6 +461,21 @@ def _check_bank_json(path: Path, info: Any) -> tuple[int, int, int]:
     return (shape[0], shape[1], shape[2])
 
 
+def select_entries(bank: VectorBank, names: Iterable[str]) -> VectorBank:
+    """A bank of the entries ``names`` of ``bank`` only, in that order (vectors ``[K', L+1, D]``, meta kept).
+    An unknown name raises :class:`~jaxpersona.errors.InputError` listing the bank's entries."""
+    names = tuple(names)
+    return VectorBank(np.stack([bank.get(n) for n in names]), names, bank.model, tuple(bank.meta_of(n) for n in names))
+
+
+def describe_bank(bank: VectorBank, label: str) -> str:
+    """A bank for people (``label``: where it was loaded from): shape, model, convention, one line of
+    JSON meta per entry."""
+    lines = [f"{label}: model {bank.model}, {len(bank.names)} entries x {bank.n_resid} resid points x "
+             f"{bank.d_model}, created {bank.created}\nconvention: {bank.convention}"]
+    lines.extend(f"  {name}: {json.dumps(meta)}" for name, meta in zip(bank.names, bank.meta))
+    return "\n".join(lines)
+
 # --------------------------------------------------------------------------------------------------
 # llama.cpp control vectors (GGUF)
 # --------------------------------------------------------------------------------------------------

@@ -226,3 +226,36 @@ def import_control_vector(path: str | os.PathLike[str], model: str, n_resid: int
     if out is None:
         raise errors.CorruptCheckpointError(f"{path} is a control vector GGUF without any direction.N tensor")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# `jaxpersona vectors import / export`
+# --------------------------------------------------------------------------------------------------
+def import_pt_into_bank(pt: str | os.PathLike[str], name: str, bank: str | os.PathLike[str], model: str) -> Path:
+    """Entry ``name`` from the persona_vectors ``.pt`` file ``pt`` saved into the bank directory ``bank``:
+    added to (or replacing that entry of) an existing bank, which keeps its other entries, else a new
+    one-entry bank of ``model``. Returns the bank directory."""
+    new = import_pt(pt, name, model)
+    target = Path(bank)
+    if target.exists():
+        old = VectorBank.load(target)
+        new = old.with_entry(name, new.get(name), {"source": str(pt)})
+    new.save(target, overwrite=True)
+    return target
+
+
+EXPORT_FORMATS = ("pt", "control", "assistant-axis")
+
+
+def export_entry(bank: VectorBank, name: str, fmt: str, out: str | os.PathLike[str], *, coeff: float = 1.0) -> None:
+    """Write entry ``name`` of ``bank`` to ``out`` as ``fmt``: ``pt`` (persona_vectors ``[L+1, D]``
+    tensor), ``control`` (llama.cpp control vector GGUF, times ``coeff``) or ``assistant-axis``
+    (``np.save`` of ``[L, D]``, no embedding row)."""
+    if fmt == "pt":
+        export_pt(bank, name, out)
+    elif fmt == "control":
+        export_control_vector(bank, name, out, coeff=coeff)
+    elif fmt == "assistant-axis":
+        np.save(out, to_assistant_axis(bank.get(name)))
+    else:
+        raise errors.InputError(f"unknown vector export format {fmt!r}; one of {', '.join(EXPORT_FORMATS)}")

@@ -12,7 +12,7 @@ materialising ``[L+1, B, T, D]``:
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ def contrast_vectors(
     positive: list[str],
     negative: list[str],
     *,
-    reduce: str = "mean",
+    reduce: Literal["mean", "last"] = "mean",
     chat: bool = True,
     system: str | None = None,
     batch_size: int = 16,

@@ -30,6 +30,8 @@ from jaxpersona.model.transformer import (
 
 
 class GenerateOutput(NamedTuple):
+    """Generated tokens ``[B, N]`` (``pad_id`` after a row's EOS), their log-probs ``[B, N]`` and new lengths ``[B]``."""
+
     tokens: jax.Array  # [B, N] new tokens; pad_id after a row's EOS
     logprobs: jax.Array  # [B, N] log p(token) under the (unscaled) model distribution
     lengths: jax.Array  # [B] new tokens up to and including EOS
@@ -160,7 +162,7 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
         if capture is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, _project(nxt.captured, units), s.step, axis=1)
         done = s.done | jnp.isin(tok, eos)
-        return State(s.step + 1, nxt.cache, nxt.logits[:, 0], out, logprobs, done, lengths, proj)
+        return State(s.step + 1, nxt.kv(), nxt.last_logits(), out, logprobs, done, lengths, proj)
 
     init = State(
         jnp.int32(0), cache, logits,
@@ -205,7 +207,7 @@ def generate_loop(
     else:
         pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
                       hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
-    return _decode(params, cfg, pre.logits[:, 0], pre.cache, t, key, temperature, top_p, hook,
+    return _decode(params, cfg, pre.last_logits(), pre.kv(), t, key, temperature, top_p, hook,
                    max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter,
                    adapter_select=adapter_select).out
 
@@ -250,7 +252,7 @@ def continue_turn(
     t = tokens.shape[1]
     pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=write_at, hook=hook, logits="last",
                   capture=_monitor_capture(monitor), adapter=adapter, adapter_select=adapter_select)
-    dec = _decode(params, cfg, pre.logits[:, 0], pre.cache, write_at + t, key, temperature, top_p, hook,
+    dec = _decode(params, cfg, pre.last_logits(), pre.kv(), write_at + t, key, temperature, top_p, hook,
                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, monitor=monitor,
                   units=units, adapter=adapter, adapter_select=adapter_select)
     return TurnOutput(dec.out, dec.cache, _project(pre.captured, units), dec.proj)

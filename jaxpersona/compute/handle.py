@@ -117,8 +117,10 @@ class Model:
                 return self.format_chat([merged, *messages[2:]], add_generation_prompt)
             raise errors.ChatTemplateError(f"the chat template rejected the messages: {e}") from e
 
-    def encode(self, texts: list[str], *, chat: bool = False, system: str | None = None, bucket: int = BUCKET) -> Batch:
-        """Tokenize prompts (``chat=True``: each text is a user turn, optional system prompt)."""
+    def encode(self, texts: list[str] | str, *, chat: bool = False, system: str | None = None,
+               bucket: int = BUCKET) -> Batch:
+        """Tokenize prompts (one string = a batch of one; ``chat=True``: each text is a user turn, optional
+        system prompt)."""
         if isinstance(texts, str):
             texts = [texts]
         if not texts:

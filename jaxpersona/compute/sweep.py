@@ -49,6 +49,7 @@ from jaxpersona.compute.scoring import (
 )
 from jaxpersona.edit import interventions as iv
 from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.lora import Adapter, AdapterStack
 from jaxpersona.model.params import Params
 from jaxpersona.model.sharding import shard_params, to_host
 from jaxpersona.model.transformer import (
@@ -139,7 +140,7 @@ def positions_for(kind: str, valid: np.ndarray, resp: np.ndarray) -> iv.Position
 def build_hooks(grid: Grid, cfg: ModelConfig, points: list[dict[str, Any]], pos: iv.Positions) -> Any:
     """Stack the interventions of ``points`` into one pytree with a leading grid axis."""
     vecs = np.asarray(grid.vectors, np.float32)
-    items = []
+    items: list[iv.Steer | iv.Ablate | iv.Cap] = []
     for pt in points:
         v = vecs[pt["vector_index"]]
         v = v[pt["layer"]] if v.ndim == 2 else v
@@ -279,6 +280,149 @@ def _shard(tree: Any, mesh: Any, spec: Any) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, spec))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What every chunk of one sweep shares (built once by :func:`run_sweep`)."""
+
+    model: Model
+    grid: Grid
+    sets: list[ScoringSet]
+    params: Params
+    adapter: Adapter | AdapterStack | None
+    data: list[Any]  # per set: its encoded rows, on device (sharded with a mesh)
+    pos: list[iv.Positions]  # per set: where the interventions act when scoring
+    units: np.ndarray  # [P, D] unit projection vectors (one zero row when none)
+    names: tuple[str, ...]  # the projection vectors' names
+    capture: Capture | None
+    csize: int  # grid points per chunk (every chunk padded to it)
+    mesh: Any
+    split: bool  # shared unintervened prefix (``response`` positions)
+    generate_tokens: int
+    gens: list[tuple[Batch, list[int]]]  # per set: (batch of unique prompts, row -> unique index)
+    gen_pos: list[iv.Positions]  # per set: where the interventions act when generating
+
+
+def _scoring_sets(grid: Grid, data: ScoringSet | Sequence[ScoringSet]) -> tuple[list[ScoringSet], bool]:
+    """``(sets, paired)``: one set for every grid vector, or one set per vector (``paired``)."""
+    if isinstance(data, ScoringSet):
+        sets, paired = [data], False
+    else:
+        sets, paired = list(data), True
+        if len(sets) != len(grid.names):
+            raise errors.InputError(f"{len(sets)} scoring sets for {len(grid.names)} grid vectors; give one set per "
+                                    "vector, or one set for all")
+    for d in sets:
+        check_pairs(len(d.prompts), len(d.responses))
+    return sets, paired
+
+
+def _encode_sets(model: Model, grid: Grid, sets: list[ScoringSet], split: bool
+                 ) -> tuple[list[dict[str, np.ndarray]], list[iv.Positions], int, int]:
+    """Every set encoded to one shape: ``(encoded rows per set, positions per set, width, r_width)``."""
+    cfg = model.cfg
+    rows_n = max(len(d.prompts) for d in sets)
+    shape_of = split_shape if split else target_shape
+    shapes = [shape_of(model, d.conversations(), d.responses) for d in sets]
+    width, r_width = max(w for w, _ in shapes), max(r for _, r in shapes)
+    if split:
+        encs = [encode_split(model, d.conversations(), d.responses, rows=rows_n, p_width=width, s_width=r_width)
+                for d in sets]
+        for e in encs:
+            check_context(cfg, np.concatenate([e["prefix_valid"], e["valid"]], axis=1))
+        pos = [iv.Positions.explicit(e.pop("select"), after=False) for e in encs]
+    else:
+        encs = [encode_scoring(model, d, rows=rows_n, width=width, r_width=r_width) for d in sets]
+        for e in encs:
+            model.check_length(Batch(e["tokens"], e["valid"]))
+        pos = [positions_for(grid.positions, e["valid"], e["resp"]) for e in encs]
+    return encs, pos, width, r_width
+
+
+def _projections(cfg: ModelConfig, project: dict[str, np.ndarray] | None, project_layers: Sequence[int]
+                 ) -> tuple[tuple[str, ...], np.ndarray, Capture | None]:
+    """``(names, units [max(P, 1), D] float32, capture)`` of the projection vectors (validated)."""
+    project = project or {}
+    names = tuple(project)
+    units = np.zeros((max(len(names), 1), cfg.d_model), np.float32)
+    for i, n in enumerate(names):
+        v = np.asarray(project[n], np.float32)
+        if v.shape != (cfg.d_model,) or not np.all(np.isfinite(v)) or not np.any(v):
+            raise errors.InputError(f"projection vector {n!r} must be a finite nonzero [{cfg.d_model}] vector")
+        units[i] = v / np.linalg.norm(v)
+    capture = Capture(tuple(int(l) for l in project_layers), "mean") if (names and project_layers) else None
+    if capture is not None:
+        capture.validate(cfg)
+    return names, units, capture
+
+
+def _generation_inputs(model: Model, grid: Grid, sets: list[ScoringSet], generate_tokens: int
+                       ) -> tuple[list[tuple[Batch, list[int]]], list[iv.Positions]]:
+    """Per set: (batch of its unique prompts, padded to one shape; row -> unique index), and the positions
+    the interventions act on when generating. Empty without ``generate_tokens``."""
+    if not generate_tokens:
+        return [], []
+    gens: list[tuple[Batch, list[int]]] = []
+    uniq = [list(dict.fromkeys(d.prompts)) for d in sets]
+    ids = [model.chat_ids(ScoringSet(tuple(u), tuple(u), d.system).conversations()) for u, d in zip(uniq, sets)]
+    g_rows = max(len(u) for u in uniq)
+    g_width = round_up(max(len(x) for i in ids for x in i), BUCKET)
+    for u, i, d in zip(uniq, ids, sets):
+        batch = pad_left(i + [i[-1]] * (g_rows - len(i)), model.pad_id, bucket=g_width)
+        model.check_length(batch, generate_tokens)
+        gens.append((batch, [u.index(p) for p in d.prompts]))
+    make_pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt, "response": iv.Positions.response}
+    return gens, [make_pos[grid.positions](g.valid) for g, _ in gens]
+
+
+def _chunks(points: list[dict[str, Any]], n_sets: int, paired: bool, size: int, n_dev: int
+            ) -> tuple[list[tuple[int, list[dict[str, Any]]]], int]:
+    """``(chunks, csize)``: (set, grid points) chunks that never straddle a shared-prefix group (one start
+    layer) or a scoring set, all padded to ``csize`` points (one compile for the whole grid)."""
+    groups = []
+    for layer in sorted(set(p["layer"] for p in points)):
+        for si in range(n_sets):
+            g = [p for p in points if p["layer"] == layer and (not paired or p["vector_index"] == si)]
+            if g:
+                groups.append((si, g))
+    csize = min(size, -(-max(len(g) for _, g in groups) // n_dev) * n_dev)
+    return [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)], csize
+
+
+def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Score (and generate for) one chunk of grid points on set ``si``: one row per (grid point, prompt)."""
+    model, grid, cfg, params, adapter = plan.model, plan.grid, plan.model.cfg, plan.params, plan.adapter
+    padded = chunk + [chunk[-1]] * (plan.csize - len(chunk))  # fixed shape: one compile
+    hooks = build_hooks(grid, cfg, padded, plan.pos[si])
+    if plan.mesh is not None:
+        hooks = _shard(hooks, plan.mesh, P("data"))
+    res = score_chunk(params, cfg, plan.data[si], hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(plan.units),
+                      capture=plan.capture, adapter=adapter)
+
+    res = to_host(res)
+    texts = None
+    if plan.generate_tokens:
+        gb, gmap = plan.gens[si]
+        gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
+                             build_hooks(grid, cfg, padded, plan.gen_pos[si]),
+                             max_new_tokens=int(plan.generate_tokens), eos_ids=model.eos_ids, pad_id=model.pad_id,
+                             shared_prefix=plan.split, adapter=adapter)
+        decoded = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
+        texts = [[tx[j] for j in gmap] for tx in decoded]
+    done = []
+    for g, pt in enumerate(chunk):
+        for i in range(len(plan.sets[si].prompts)):
+            row = {"kind": grid.kind, "vector": pt["vector"], "layer": pt["layer"], "coeff": pt["coeff"],
+                   "prompt": i, "logprob": float(res["logprob"][g, i])}
+            if texts is not None:
+                row["text"] = texts[g][i]
+            if plan.capture is not None:
+                for li, l in enumerate(plan.capture.layers):
+                    for pi, n in enumerate(plan.names):
+                        row[f"proj/{n}@{l}"] = float(res["proj"][g, li, i, pi])
+            done.append(row)
+    return done
+
+
 def run_sweep(
     model: Model,
     grid: Grid,
@@ -308,70 +452,22 @@ def run_sweep(
     """
     cfg = model.cfg
     grid.validate(cfg)
-    paired = not isinstance(data, ScoringSet)
-    sets: list[ScoringSet] = list(data) if paired else [data]
-    if paired and len(sets) != len(grid.names):
-        raise errors.InputError(f"{len(sets)} scoring sets for {len(grid.names)} grid vectors; give one set per "
-                                "vector, or one set for all")
-    for d in sets:
-        check_pairs(len(d.prompts), len(d.responses))
-    rows_n = max(len(d.prompts) for d in sets)
+    sets, paired = _scoring_sets(grid, data)
     # response positions never touch the prompt before its last token: that prefix runs once per chunk
     split = grid.positions == "response"
-    shape_of = split_shape if split else target_shape
-    shapes = [shape_of(model, d.conversations(), d.responses) for d in sets]
-    width, r_width = max(w for w, _ in shapes), max(r for _, r in shapes)
-    if split:
-        encs = [encode_split(model, d.conversations(), d.responses, rows=rows_n, p_width=width, s_width=r_width)
-                for d in sets]
-        for e in encs:
-            check_context(cfg, np.concatenate([e["prefix_valid"], e["valid"]], axis=1))
-        pos = [iv.Positions.explicit(e.pop("select"), after=False) for e in encs]
-    else:
-        encs = [encode_scoring(model, d, rows=rows_n, width=width, r_width=r_width) for d in sets]
-        for e in encs:
-            model.check_length(Batch(e["tokens"], e["valid"]))
-        pos = [positions_for(grid.positions, e["valid"], e["resp"]) for e in encs]
-    names = tuple(project or {})
-    units = np.zeros((max(len(names), 1), cfg.d_model), np.float32)
-    for i, n in enumerate(names):
-        v = np.asarray(project[n], np.float32)
-        if v.shape != (cfg.d_model,) or not np.all(np.isfinite(v)) or not np.any(v):
-            raise errors.InputError(f"projection vector {n!r} must be a finite nonzero [{cfg.d_model}] vector")
-        units[i] = v / np.linalg.norm(v)
-    capture = Capture(tuple(int(l) for l in project_layers), "mean") if (names and project_layers) else None
-    if capture is not None:
-        capture.validate(cfg)
+    encs, pos, width, r_width = _encode_sets(model, grid, sets, split)
+    names, units, capture = _projections(cfg, project, project_layers)
 
     points = grid.points()
     b, t = encs[0]["tokens"].shape
     n_dev = mesh.shape["data"] if mesh is not None else 1
     size = chunk_size(len(points), point_bytes(cfg, b, t + (width if split else 0), r_width), budget_bytes, chunking, n_dev)
-    gens: list[tuple[Any, list[int]]] = []  # per set: (batch of unique prompts, row -> unique index)
-    if generate_tokens:
-        uniq = [list(dict.fromkeys(d.prompts)) for d in sets]
-        ids = [model.chat_ids(ScoringSet(tuple(u), tuple(u), d.system).conversations()) for u, d in zip(uniq, sets)]
-        g_rows = max(len(u) for u in uniq)
-        g_width = round_up(max(len(x) for i in ids for x in i), BUCKET)
-        for u, i, d in zip(uniq, ids, sets):
-            batch = pad_left(i + [i[-1]] * (g_rows - len(i)), model.pad_id, bucket=g_width)
-            model.check_length(batch, generate_tokens)
-            gens.append((batch, [u.index(p) for p in d.prompts]))
-        make_pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt, "response": iv.Positions.response}
-        gen_pos = [make_pos[grid.positions](g.valid) for g, _ in gens]
-    # (set, chunk): chunks never straddle a shared-prefix group (one start layer) or a scoring set, and
-    # all are padded to one size (one compile for the whole grid)
-    groups = []
-    for layer in sorted(set(p["layer"] for p in points)):
-        for si in range(len(sets)):
-            g = [p for p in points if p["layer"] == layer and (not paired or p["vector_index"] == si)]
-            if g:
-                groups.append((si, g))
-    csize = min(size, -(-max(len(g) for _, g in groups) // n_dev) * n_dev)
-    chunks = [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)]
+    gens, gen_pos = _generation_inputs(model, grid, sets, generate_tokens)
+    chunks, csize = _chunks(points, len(sets), paired, size, n_dev)
 
     store = _Store(Path(out_dir)) if out_dir is not None else None
-    params, adapter = model.params, model.adapter
+    params: Params = model.params
+    adapter: Adapter | AdapterStack | None = model.adapter
     if mesh is not None and "model" in mesh.axis_names:  # 2-D (data, model): tensor-parallel weights
         params, adapter = shard_params(params, cfg, mesh), shard_adapter(adapter, cfg, mesh)
     elif mesh is not None:
@@ -381,40 +477,13 @@ def run_sweep(
     data_js = [{k: jnp.asarray(v) for k, v in e.items()} for e in encs]  # on device once per set
     if mesh is not None:
         data_js = [_shard(d, mesh, P()) for d in data_js]
+    plan = _Plan(model, grid, sets, params, adapter, data_js, pos, units, names, capture, csize, mesh, split,
+                 generate_tokens, gens, gen_pos)
     for si, chunk in chunks:
         key = _chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens)
         done = store.load(key) if store else None
         if done is None:
-            data_j = data_js[si]
-            padded = chunk + [chunk[-1]] * (csize - len(chunk))  # fixed shape: one compile
-            hooks = build_hooks(grid, cfg, padded, pos[si])
-            if mesh is not None:
-                hooks = _shard(hooks, mesh, P("data"))
-            res = score_chunk(params, cfg, data_j, hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(units),
-                              capture=capture, adapter=adapter)
-
-            res = to_host(res)
-            texts = None
-            if generate_tokens:
-                gb, gmap = gens[si]
-                gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
-                                     build_hooks(grid, cfg, padded, gen_pos[si]), max_new_tokens=int(generate_tokens),
-                                     eos_ids=model.eos_ids, pad_id=model.pad_id, shared_prefix=split,
-                                     adapter=adapter)
-                texts = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
-                texts = [[tx[j] for j in gmap] for tx in texts]
-            done = []
-            for g, pt in enumerate(chunk):
-                for i in range(len(sets[si].prompts)):
-                    row = {"kind": grid.kind, "vector": pt["vector"], "layer": pt["layer"], "coeff": pt["coeff"],
-                           "prompt": i, "logprob": float(res["logprob"][g, i])}
-                    if texts is not None:
-                        row["text"] = texts[g][i]
-                    if capture is not None:
-                        for li, l in enumerate(capture.layers):
-                            for pi, n in enumerate(names):
-                                row[f"proj/{n}@{l}"] = float(res["proj"][g, li, i, pi])
-                    done.append(row)
+            done = _chunk_rows(plan, si, chunk)
             if store:
                 store.save(key, done)
         rows += done

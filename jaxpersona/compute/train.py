@@ -231,7 +231,7 @@ def train(model: Model, examples: Sequence[Example], config: TrainConfig, out_di
     fp = run_fingerprint(model, config, examples, neutral, prevention)
     table, skipped = encode_examples(model, examples, config.max_len)
     n = len(table["row_ok"])
-    ntable = encode_examples(model, neutral, config.max_len)[0] if config.kl_beta > 0 else None
+    ntable = encode_examples(model, neutral, config.max_len)[0] if config.kl_beta > 0 and neutral else None
     bs = config.batch_size
     per_epoch = -(-n // bs)
     micro_total = per_epoch * config.epochs

@@ -28,7 +28,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from jaxpersona.data.chat import Completer
 from jaxpersona.errors import InputError, TraitFileError
@@ -184,7 +184,8 @@ def _json_type(x: Any) -> str:
         return "boolean"
     if isinstance(x, (int, float)):
         return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(x), type(x).__name__)
+    names: dict[type, str] = {str: "string", list: "array", dict: "object"}
+    return names.get(type(x), type(x).__name__)
 
 
 def _key(text: str) -> str:
@@ -196,7 +197,7 @@ class _Checker:
     def __init__(self, src: str):
         self.src = src
 
-    def fail(self, problem: str, fix: str) -> None:
+    def fail(self, problem: str, fix: str) -> NoReturn:
         raise TraitFileError(f"trait file {self.src}: {problem}. {fix}")
 
     def strings(self, value: Any, field: str, *, required_fix: str) -> tuple[str, ...]:
@@ -322,8 +323,9 @@ def trait_from_dict(data: Any, source: str | os.PathLike[str] | None = None, *, 
     overlap = sorted({_key(q) for q in questions} & {_key(q) for q in eval_questions})
     if overlap:
         shown = [q for q in eval_questions if _key(q) in set(overlap)]
+        from_sibling = sibling_eval is not None and "eval_questions" not in data
         c.fail(f"{len(overlap)} question(s) appear in both 'questions' and the eval questions"
-               f"{' (from ' + sibling_src + ')' if sibling_eval is not None and 'eval_questions' not in data else ''}: "
+               f"{' (from ' + (sibling_src or '<eval file>') + ')' if from_sibling else ''}: "
                + "; ".join(repr(q) for q in shown[:10]) + (" ..." if len(shown) > 10 else ""),
                "Extraction and evaluation questions must be disjoint; remove each one from one of the two lists.")
 

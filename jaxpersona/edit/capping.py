@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
+from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.artifacts.interop import require_torch
 from jaxpersona.artifacts.records import read_json
 from jaxpersona.edit.directions import cosine, unit
-from jaxpersona.edit.interventions import Cap
+from jaxpersona.edit.interventions import Cap, Positions
 
 
 def percentile_floors(projections: list[np.ndarray], layers: list[int], percentile: float) -> np.ndarray:
@@ -187,3 +188,42 @@ def import_reference_capping(path: str | Path, *, model: str, n_resid: int, expe
     order = np.argsort(layers)
     return CapConfig(model, n_resid, d_model, tuple(int(layers[i]) for i in order), np.stack(dirs)[order],
                      np.asarray(floors, np.float32)[order], np.full(len(layers), np.inf, np.float32), info)
+
+
+def every_token_hook(path: str | Path, cfg: Any, rows: int) -> Any:
+    """The capping config at ``path`` (checked against ``cfg``) as a hook on every token of ``rows``
+    sequences: prompt slots (mask ``[rows, 1]``) and every generated slot (``after [rows]``)."""
+    cap = CapConfig.load(path, cfg)
+    return cap.hook(Positions(jnp.ones((rows, 1), bool), jnp.ones((rows,), bool)))
+
+
+def describe_capping(cap: CapConfig) -> str:
+    """A capping config for people: the model, one line per capped resid point, then ``info``."""
+    lines = [f"capping config for {cap.model} (d_model {cap.d_model}, resid[0..{cap.n_resid - 1}])"]
+    for l, lo, hi in zip(cap.layers, cap.floors, cap.ceilings):
+        lines.append(f"  resid[{l}]: clamp <h, direction> into [{lo:.4g}, {hi:.4g}]")
+    lines.extend(f"  {k}: {v}" for k, v in cap.info.items())
+    return "\n".join(lines)
+
+
+def import_capping_file(path: str | Path, out: str | Path, *, bank: str | Path | None = None,
+                        model_id: str | None = None, n_resid: int | None = None,
+                        experiment: str | None = None) -> tuple[CapConfig, Path]:
+    """The reference's ``capping_config.pt`` at ``path`` as a :class:`CapConfig` saved to ``out``.
+
+    The model (id, ``n_resid``) comes from ``bank`` (a ``jaxpersona space`` bank; its
+    ``assistant_axis [L+1, D]``, when present, is the sign check and fixes ``d_model``), else from
+    ``model_id`` and ``n_resid``. Returns the config and the path written."""
+    vb = VectorBank.load(bank) if bank else None
+    if vb is not None:
+        axis = vb.get("assistant_axis") if "assistant_axis" in vb else None
+        model_id, n_resid = vb.model, vb.n_resid
+    else:
+        if not model_id or not n_resid:
+            raise errors.InputError("importing a capping config needs a bank, or a model id and its n_resid")
+        axis = None
+    cap = import_reference_capping(path, model=model_id, n_resid=n_resid, experiment=experiment, axis=axis)
+    if vb is not None and axis is not None and cap.d_model != vb.d_model:
+        raise errors.ModelMismatchError(f"{path}: vectors have d_model {cap.d_model}; the bank's model has "
+                                        f"{vb.d_model}")
+    return cap, cap.save(out)

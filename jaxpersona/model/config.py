@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -178,13 +178,10 @@ def eos_tuple(eos: Any) -> tuple[int, ...]:
     return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-def from_hf_config(hf: Any) -> ModelConfig:
-    """Build a :class:`ModelConfig` from a ``transformers`` config object, a config dict or a path.
-
-    Raises :class:`~jaxpersona.errors.UnsupportedArchitectureError` for unknown model types and
-    :class:`~jaxpersona.errors.UnsupportedConfigError` for settings the forward does not honour.
-    """
-    import transformers
+def _transformers_config(hf: Any) -> tuple[Any, str, str]:
+    """``(transformers config, family, model_type)`` of a config object, dict or path (Gemma 3's multimodal
+    wrapper: its text config)."""
+    import transformers  # lazy: transformers is heavy and only configs need it here
 
     if isinstance(hf, (str, Path)):
         path = Path(hf)
@@ -213,6 +210,46 @@ def from_hf_config(hf: Any) -> ModelConfig:
         )
     if model_type == "gemma3":
         hf = hf.get_text_config()
+    return hf, family, str(model_type)
+
+
+def _rope_pair(get: Callable[..., Any], max_position: int, where: str) -> tuple[RopeConfig, RopeConfig | None]:
+    """(global rope, local rope or None). v5 configs standardise to ``rope_parameters`` (per layer type for Gemma 3)."""
+    rp = get("rope_parameters")
+    if rp is None:
+        rp = dict(get("rope_scaling") or {})
+        rp.setdefault("rope_theta", get("rope_theta", 10000.0))
+    if "full_attention" in rp or "sliding_attention" in rp:
+        rope = _rope_from_params(rp["full_attention"], max_position, where)
+        local = _rope_from_params(rp["sliding_attention"], max_position, where) if "sliding_attention" in rp else None
+        return rope, None if local == rope else local
+    return _rope_from_params(rp, max_position, where), None
+
+
+def _sliding_layers(get: Callable[..., Any], family: str, n_layers: int, where: str) -> tuple[tuple[bool, ...], Any]:
+    """(per-layer sliding flags, the window or None when no layer slides)."""
+    layer_types = get("layer_types")
+    window = get("sliding_window")
+    if family == "mistral":
+        layer_types = ["sliding_attention" if window else "full_attention"] * n_layers
+    elif family in ("qwen2", "qwen3") and not get("use_sliding_window", False):
+        layer_types = ["full_attention"] * n_layers
+    if layer_types is None:
+        layer_types = ["full_attention"] * n_layers
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise errors.UnsupportedConfigError(f"{where}: layer types {sorted(unknown)} are not implemented")
+    layer_sliding = tuple(t == "sliding_attention" for t in layer_types)
+    return layer_sliding, window if any(layer_sliding) else None
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Build a :class:`ModelConfig` from a ``transformers`` config object, a config dict or a path.
+
+    Raises :class:`~jaxpersona.errors.UnsupportedArchitectureError` for unknown model types and
+    :class:`~jaxpersona.errors.UnsupportedConfigError` for settings the forward does not honour.
+    """
+    hf, family, model_type = _transformers_config(hf)
     where = f"{model_type} config"
 
     def get(name: str, default: Any = None) -> Any:
@@ -236,36 +273,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
     head_dim = int(get("head_dim", None) or d_model // n_heads)
     max_position = int(get("max_position_embeddings"))
 
-    # Rope: v5 configs standardise to `rope_parameters` (per layer type for Gemma 3).
-    rp = get("rope_parameters")
-    if rp is None:
-        rp = dict(get("rope_scaling") or {})
-        rp.setdefault("rope_theta", get("rope_theta", 10000.0))
-    rope_local = None
-    if "full_attention" in rp or "sliding_attention" in rp:
-        rope = _rope_from_params(rp["full_attention"], max_position, where)
-        if "sliding_attention" in rp:
-            rope_local = _rope_from_params(rp["sliding_attention"], max_position, where)
-    else:
-        rope = _rope_from_params(rp, max_position, where)
-
-    # Which layers use a sliding window.
-    layer_types = get("layer_types")
-    window = get("sliding_window")
-    if family == "mistral":
-        layer_types = ["sliding_attention" if window else "full_attention"] * n_layers
-    elif family in ("qwen2", "qwen3") and not get("use_sliding_window", False):
-        layer_types = ["full_attention"] * n_layers
-    if layer_types is None:
-        layer_types = ["full_attention"] * n_layers
-    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise errors.UnsupportedConfigError(f"{where}: layer types {sorted(unknown)} are not implemented")
-    layer_sliding = tuple(t == "sliding_attention" for t in layer_types)
-    if not any(layer_sliding):
-        window = None
-    if rope_local is not None and rope_local == rope:
-        rope_local = None
+    rope, rope_local = _rope_pair(get, max_position, where)
+    layer_sliding, window = _sliding_layers(get, family, n_layers, where)
 
     gemma = family in ("gemma2", "gemma3")
     qps = get("query_pre_attn_scalar")

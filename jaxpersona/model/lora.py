@@ -106,7 +106,7 @@ def zero_adapter(cfg: ModelConfig, lcfg: LoraConfig) -> Adapter:
 def check_adapter(adapter: Adapter | AdapterStack, cfg: ModelConfig) -> None:
     """Raise :class:`~jaxpersona.errors.AdapterMismatchError` unless every factor fits ``cfg``'s weights."""
     shapes = param_shapes(cfg)["layers"]
-    stacked = isinstance(adapter, AdapterStack)
+    k = len(adapter) if isinstance(adapter, AdapterStack) else None  # adapters in a stack
     problems = []
     if set(adapter.a) != set(adapter.b):
         problems.append(f"factor a has targets {sorted(adapter.a)} but b has {sorted(adapter.b)}")
@@ -116,7 +116,7 @@ def check_adapter(adapter: Adapter | AdapterStack, cfg: ModelConfig) -> None:
             continue
         n_layers, d_in, d_out = shapes[TARGETS[t]]
         a, b = np.shape(adapter.a[t]), np.shape(adapter.b.get(t, ()))
-        lead = (n_layers, len(adapter)) if stacked else (n_layers,)
+        lead = (n_layers,) if k is None else (n_layers, k)
         r = a[-1] if a else None
         if a != (*lead, d_in, r) or b != (*lead, r, d_out):
             problems.append(f"{t}: factors {a} / {b} do not fit this model's {TARGETS[t]} "

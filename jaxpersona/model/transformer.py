@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import chex
 import jax
@@ -89,9 +89,23 @@ class KVCache(NamedTuple):
 
 
 class ForwardOutput(NamedTuple):
+    """What :func:`forward` returns: logits (as asked), captured residuals, and the KV cache when one was given."""
+
     logits: jax.Array | None  # [B, T, V] float32 (None when not asked for)
     captured: jax.Array | None  # [n, B, T, D] or [n, B, D]
     cache: KVCache | None
+
+    def last_logits(self) -> jax.Array:
+        """``[B, V]`` float32: the logits of the last position (of a forward run with ``logits`` on)."""
+        if self.logits is None:
+            raise errors.InputError("this forward ran with logits=False: there are no logits to read")
+        return self.logits[:, -1]
+
+    def kv(self) -> KVCache:
+        """The updated :class:`KVCache` (of a forward run with ``cache=``)."""
+        if self.cache is None:
+            raise errors.InputError("this forward ran without a cache: there is no KV cache to read")
+        return self.cache
 
 
 # --- shared math ------------------------------------------------------------------------------
@@ -346,6 +360,16 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     return h
 
 
+Buf = TypeVar("Buf")  # what a recorder carries through the layer scan: an array or a pytree of arrays
+
+
+class Record(Protocol[Buf]):
+    """What :func:`run_layers` calls after each block: ``record(buf, layer, resid[layer]) -> buf`` (e.g. a
+    :class:`Recorder`)."""
+
+    def __call__(self, buf: Buf, layer: jax.Array, h: jax.Array, /) -> Buf: ...
+
+
 class Recorder(NamedTuple):
     """Capture state: writes ``reduce(resid[l])`` into ``buf[slot_of[l]]`` for requested layers."""
 
@@ -365,7 +389,8 @@ class Recorder(NamedTuple):
     def empty(self, h: jax.Array) -> jax.Array:
         if self.capture is None:
             return jnp.zeros((0,), h.dtype)
-        probe = jax.eval_shape(lambda x: _reduce(x, self.capture.reduce, self.cmask), h)
+        reduce, cmask = self.capture.reduce, self.cmask
+        probe = jax.eval_shape(lambda x: _reduce(x, reduce, cmask), h)
         return jnp.zeros((len(self.capture.layers), *probe.shape), h.dtype)
 
     def __call__(self, buf: jax.Array, layer: jax.Array, h: jax.Array) -> jax.Array:
@@ -386,8 +411,8 @@ def run_layers(
     cfg: ModelConfig,
     h: jax.Array,
     prep: Prepared,
-    buf: jax.Array,
-    record: Recorder,
+    buf: Buf,
+    record: Record[Buf],
     *,
     hook: Hook | None = None,
     cache: KVCache | None = None,
@@ -395,11 +420,12 @@ def run_layers(
     span: tuple[jax.Array, jax.Array] | None = None,
     adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, KVCache | None]:
+) -> tuple[jax.Array, Buf, KVCache | None]:
     """Blocks ``0..L-1`` (or only ``start <= l < stop`` with ``span``) as one ``lax.scan``.
 
-    After block ``l`` the hook and the recorder see ``resid[l+1]``. ``span`` may be traced (one
-    compile serves every split point): layers outside it are skipped with ``lax.cond``. ``adapter``
+    After block ``l`` the hook and the recorder see ``resid[l+1]``: ``buf = record(buf, l + 1, h)``
+    (a :class:`Recorder`, or any :class:`Record` over a pytree ``buf``, e.g. a tuple of arrays). ``span`` may
+    be traced (one compile serves every split point): layers outside it are skipped with ``lax.cond``. ``adapter``
     (``adapter_select [B]`` for a stack): its per-layer factors are scanned beside the layer weights.
     """
     index = jnp.asarray(cache_index, jnp.int32)

@@ -42,7 +42,7 @@ from jaxpersona.compute.generate import GenerateOutput, generate_loop
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import mean_logprobs
-from jaxpersona.data.chat import conversation
+from jaxpersona.data.chat import Message, conversation
 from jaxpersona.data.configs import (
     check_positive,
     check_types,
@@ -63,6 +63,8 @@ from jaxpersona.runner.run import Run, open_run
 
 @dataclasses.dataclass(frozen=True)
 class ConsistencyConfig:
+    """Sizes of a consistency run: personas, questions, seeds (K runs per persona), temperatures, turns, mixtures."""
+
     personas: str = "traits"  # "traits": each shipped trait's positive prompt; "roles": the first roles of the set
     n_personas: int = 7
     prompt_index: int = 0  # which of each persona's system prompts
@@ -474,7 +476,7 @@ def turn_consistency(model: Model, personas: list[tuple[str, str]], vectors: np.
     for v in DRIFT_VARIANTS:
         for (p, s), play in zip(rows, plays):
             rs = sorted((r for r in recs if r["variant"] == v and r["script"] == play.id), key=lambda r: r["turn"])
-            conv = [{"role": "system", "content": play.system}]
+            conv: list[Message] = [{"role": "system", "content": personas[p][1]}]  # = play.system
             for r in rs:
                 conv += [{"role": "user", "content": r["user"]}, {"role": "assistant", "content": r["answer"] or "."}]
             sents = sentence_projections(model, conv, units[p], layer)
@@ -482,7 +484,7 @@ def turn_consistency(model: Model, personas: list[tuple[str, str]], vectors: np.
             per[v]["p2l"].append(float(np.mean(flat)) if flat else np.nan)
             per[v]["l2l"].append(float(np.mean(np.abs(np.diff(flat)))) if len(flat) > 1 else np.nan)
             first, last = sents[0], sents[-1]
-            per[v]["repeat_proj"].append(abs(np.mean(first) - np.mean(last)) if first and last else np.nan)
+            per[v]["repeat_proj"].append(float(abs(np.mean(first) - np.mean(last))) if first and last else np.nan)
             if rs[0]["answer"]:
                 lp_convs += [conv[:2], conv[:-1]]  # the question at turn 1, and asked again at the end
                 lp_answers += [rs[0]["answer"]] * 2

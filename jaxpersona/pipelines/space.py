@@ -572,7 +572,7 @@ def _heldout_axis_auroc(kept: list[dict[str, Any]], at_axis: np.ndarray, default
     qi = np.asarray([r["qi"] for r in kept])
     is_def = np.asarray([r["role"] == default for r in kept])
     role = np.asarray([r["role"] for r in kept])
-    aucs = []
+    aucs: list[float] = []
     for half in (0, 1):
         fit, test = qi % 2 == half, qi % 2 != half
         if not (fit & is_def).any() or not (test & is_def).any() or not (test & ~is_def).any():
@@ -582,8 +582,9 @@ def _heldout_axis_auroc(kept: list[dict[str, Any]], at_axis: np.ndarray, default
             continue
         u = unit(at_axis[fit & is_def].mean(0) - np.mean(rmeans, axis=0))
         p = at_axis[test] @ u
-        aucs.append(stats.auroc(list(p[is_def[test]]), list(p[~is_def[test]])))
-    aucs = [a for a in aucs if a is not None]
+        auc = stats.auroc(list(p[is_def[test]]), list(p[~is_def[test]]))
+        if auc is not None:
+            aucs.append(auc)
     return {"auroc": float(np.mean(aucs)) if aucs else None, "halves": aucs,
             "what": "AUROC of default vs role answers by projection on an axis built from the other half of the questions"}
 

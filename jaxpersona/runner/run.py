@@ -262,8 +262,9 @@ class Run:
         path = self.out / name
 
         def write(tmp: Path) -> None:
+            entries: dict[str, Any] = dict(arrays)  # numpy's stub would read a key as savez's allow_pickle
             with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **entries)
 
         atomic_write(path, write)
         self._artifact(path)

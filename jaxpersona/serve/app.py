@@ -12,10 +12,8 @@ method, path (without query), status and seconds. The API key is read from an en
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
-import os
 import sys
 import threading
 import time
@@ -39,30 +37,6 @@ from jaxpersona.serve.protocol import (
 )
 
 MAX_BODY = 32 << 20  # bytes
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The ``serve`` options (kept here, importable without JAX)."""
-    p.add_argument("--bank", action="append", default=[], help="a vector bank directory whose entries requests may "
-                                                                "name (repeatable)")
-    p.add_argument("--preset", action="append", default=[], metavar="NAME=FILE",
-                   help="a named intervention preset: a capping config (capping.json from `jaxpersona space`) or a "
-                        "JSON list of intervention objects (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=8, help="rows decoded together (continuous batching)")
-    p.add_argument("--max-context", type=int, default=1024, help="KV-cache slots per row (prompt + new tokens)")
-    p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
-    p.add_argument("--max-readout", type=int, default=4, help="persona-readout directions per request")
-    p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
-    p.add_argument("--prefill-rows", type=int, default=1, help="arrivals prefilled together (fixed shape; >1 helps "
-                                                                "bursts on accelerators, costs a lone request on CPU)")
-    p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8: weights loaded tensor parallel "
-                                                 "over `model`, batch rows over `data`")
-    p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
-    p.add_argument("--api-key-env", default=None, help="require `Authorization: Bearer $VAR` (the variable's name)")
-    p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
-    p.add_argument("--quiet", action="store_true", help="no access log")
 
 
 # --- resources ------------------------------------------------------------------------------------------
@@ -263,28 +237,29 @@ def _handler(server: PersonaServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def run_server(args: argparse.Namespace) -> int:
-    """``jaxpersona serve``: load, warm up, listen until interrupted."""
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    ecfg = EngineConfig(batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
-                        max_readout=args.max_readout, max_queue=args.max_queue, prefill_rows=args.prefill_rows)
-    mesh = None
-    if args.mesh:
-        mesh = make_mesh(args.mesh)
-    model = load(args.model, args.dtype, mesh=mesh)
-    res = build_resources(model, args.bank, args.preset, args.served_name or str(args.model), args.max_interventions,
-                          args.max_readout)
+def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = None,
+               presets: list[str] | None = None, served_name: str | None = None, host: str = "127.0.0.1",
+               port: int = 8000, batch: int = 8, max_context: int = 1024, max_interventions: int = 4,
+               max_readout: int = 4, max_queue: int = 256, prefill_rows: int = 1, mesh: str | None = None,
+               api_key: str | None = None, warmup: bool = True, access_log: bool = True) -> int:
+    """``jaxpersona serve``: load ``model`` (registered name, HF directory or .gguf; on a ``DATAxMODEL``
+    ``mesh`` when given), warm up, listen on ``host:port`` until interrupted. ``banks``: vector bank
+    directories requests may name; ``presets``: ``NAME=FILE`` intervention presets; ``served_name``: the
+    model id clients send (default ``model``); ``api_key``: required as ``Authorization: Bearer`` (None:
+    open). The engine options are :class:`~jaxpersona.serve.engine.EngineConfig`'s."""
+    ecfg = EngineConfig(batch=batch, max_context=max_context, max_interventions=max_interventions,
+                        max_readout=max_readout, max_queue=max_queue, prefill_rows=prefill_rows)
+    device_mesh = make_mesh(mesh) if mesh else None
+    handle = load(model, dtype, mesh=device_mesh)
+    res = build_resources(handle, list(banks or []), list(presets or []), served_name or str(model),
+                          max_interventions, max_readout)
     try:
-        server = PersonaServer(model, res, ecfg, host=args.host, port=args.port, api_key=api_key,
-                               access_log=not args.quiet, mesh=mesh)
+        server = PersonaServer(handle, res, ecfg, host=host, port=port, api_key=api_key,
+                               access_log=access_log, mesh=device_mesh)
     except OSError as e:
-        raise errors.InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+        raise errors.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     server.engine.start()
-    if not args.no_warmup:
+    if warmup:
         t = time.perf_counter()
         server.warmup()
         print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
