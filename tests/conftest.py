@@ -19,6 +19,8 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+import testpath  # noqa: E402,F401  (the layer folders on sys.path)
+
 import hf_tiny  # noqa: E402
 
 try:

@@ -78,6 +78,7 @@ if len(sys.argv) > 2:
 
 # a sweep (grid over data, weights over model) and a LoRA adapter restored into shards, on a 2x4 mesh
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+import testpath  # noqa: E402,F401
 import tempfile  # noqa: E402
 
 from jaxpersona.model.lora import LoraConfig, init_adapter, stack_adapters

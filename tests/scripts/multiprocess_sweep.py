@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import testpath  # noqa: E402,F401
 
 pid, port, hf_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 if pid >= 0:

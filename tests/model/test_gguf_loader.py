@@ -24,7 +24,7 @@ from jaxpersona.model import registry
 from jaxpersona.model.loaders import gguf as gl
 from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir, load_gguf_tokenizer, read_gguf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 SMOLLM2 = registry.DEFAULT_MODEL  # smollm2-135m-instruct

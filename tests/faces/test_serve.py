@@ -431,7 +431,7 @@ def test_engine_on_a_mesh_equals_one_device():
     import sys
     from pathlib import Path
 
-    script = Path(__file__).parent / "scripts" / "serve_mesh.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "serve_mesh.py"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -38,7 +38,7 @@ from jaxpersona.pipelines.persona import ExtractConfig, config_record, load_extr
 from jaxpersona.runner.run import open_run, read_manifest
 from jaxpersona.runner.stages import judge_cached
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 STAGES = ["generate", "judge_check", "judge", "extract", "steer", "choose", "monitor", "summary"]
 WALL_KEYS = ["generate", "judge_check", "judge", "extract", "steer", "choose", "monitor", "total"]
 
@@ -201,6 +201,7 @@ def test_cut_cache_file_is_recomputed_with_one_warning(base, model, tmp_path, na
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
+    import testpath  # noqa: F401
     import test_pipeline as tp
     import jaxpersona.compute.sweep as sweep
     from jaxpersona.model.loaders.hf import load_hf_dir

@@ -31,7 +31,7 @@ import test_space as ts
 from jaxpersona.cli import main
 from jaxpersona.report import write_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("JAXPERSONA_TEST_ARTIFACTS") or REPO / "test-artifacts")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 WINDOW = (1280, 4000)

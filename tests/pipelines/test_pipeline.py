@@ -892,7 +892,7 @@ def test_shipped_persona_configs_match_the_presets() -> None:
     """configs/persona_default.toml documents the CLI default exactly; persona_full.toml starts from --full."""
     from jaxpersona.pipelines.persona import ExtractConfig, load_extract_config
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     assert load_extract_config(root / "persona_default.toml") == ExtractConfig.default()
     full = load_extract_config(root / "persona_full.toml")
     assert full.filter == "auto" and full.samples == ExtractConfig.full().samples

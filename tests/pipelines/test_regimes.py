@@ -72,7 +72,7 @@ def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> Non
 
     bank = VectorBank.load(tmp_path / "vectors")
     assert bank.names[0] == "prompt:evil" and len(bank) == 3
-    # its HTML report, opened in headless chromium (tests/test_report.py's checks)
+    # its HTML report, opened in headless chromium (tests/faces/test_report.py's checks)
     from test_report import check_report
 
     from jaxpersona.report import write_report

@@ -22,7 +22,7 @@ import jaxpersona
 from jaxpersona import errors
 from jaxpersona.model.loaders.hf import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

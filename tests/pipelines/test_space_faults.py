@@ -30,7 +30,7 @@ from jaxpersona.runner.run import read_manifest
 from test_pipeline import CountingModel, full_word_tokenizer, read_jsonl
 from test_space import SCRIPTS, SPACE, TEMPLATE, RoleJudge
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 
 # Cache keys written by the pre-move code (jaxpersona at 7941f5d, flat modules) for these runs: a change in
@@ -234,6 +234,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 sys.path[:0] = [{tests!r}, {repo!r}]
+import testpath  # noqa: F401
 import numpy as np
 from test_pipeline import CountingModel, full_word_tokenizer
 from test_space import SCRIPTS, SPACE, TEMPLATE

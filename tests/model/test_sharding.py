@@ -15,7 +15,7 @@ import pytest
 from jaxpersona import errors
 from jaxpersona.model import sharding
 
-SCRIPT = Path(__file__).parent / "scripts" / "mesh_equality.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mesh_equality.py"
 
 
 def _run(*args: str) -> list[dict]:
@@ -106,7 +106,7 @@ def test_two_processes_give_the_rows_of_one(tiny_llama, tmp_path) -> None:
     returns the rows one process computes alone."""
     import socket
 
-    script = Path(__file__).parent / "scripts" / "multiprocess_sweep.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "multiprocess_sweep.py"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
