@@ -197,11 +197,12 @@ def space_run(tiny_llama, root: Path) -> Path:
 def sweep_run(tiny_llama, root: Path) -> Path:
     """``jaxpersona sweep --config`` through the CLI, the model loader returning the tiny llama."""
     import jaxpersona.compute.handle as jm
+    import jaxpersona.pipelines.sweep as sweep_pipeline
 
     model = jm.Model(tiny_llama.cfg, tiny_llama.params, tp.full_word_tokenizer(), "tiny-llama")
     (root / "sweep.toml").write_text(SWEEP)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(jm, "load", lambda *a, **k: model)
+        mp.setattr(sweep_pipeline, "load", lambda *a, **k: model)  # the loader the sweep pipeline calls
         assert main(["sweep", "--config", str(root / "sweep.toml"), "--out", str(root / "sweep"), "--quiet"]) == 0
     return root / "sweep"
 
