@@ -187,7 +187,7 @@ def space_run(tiny_llama, root: Path) -> Path:
 
     model = tp.CountingModel(tiny_llama.cfg, tiny_llama.params, tp.full_word_tokenizer(ts.TEMPLATE), "tiny-llama")
     (root / "roles_src").mkdir()
-    roles = load_roles(ts._role_dir(root / "roles_src"))
+    roles = load_roles(ts.make_role_dir(root / "roles_src"))
     run_space(model, roles, ts.SCRIPTS, None, SpaceConfig().replace(**ts.SPACE), root / "space", progress=False,
               log=lambda _: None)
     return root / "space"

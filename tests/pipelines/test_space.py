@@ -311,7 +311,8 @@ def test_drift_bookkeeping_matches_turn_by_turn_regeneration(model) -> None:
     assert probe_u != probe_e  # a coefficient of 1 x 5 on the cached assistant tokens moves the probe
 
 
-def _role_dir(tmp_path: Path) -> Path:
+def make_role_dir(tmp_path: Path) -> Path:
+    """A tiny role set (three roles, the default Assistant, three questions) under ``tmp_path/roles``."""
     d = tmp_path / "roles"
     d.mkdir()
     ep = "rate : {question} answer : {answer}"
@@ -334,7 +335,7 @@ def space_run(model, tmp_path_factory):
     from jaxpersona.pipelines.space import SpaceConfig, run_space
 
     root = tmp_path_factory.mktemp("space")
-    roles = load_roles(_role_dir(root))
+    roles = load_roles(make_role_dir(root))
     model.calls.clear()
     res = run_space(model, roles, SCRIPTS, None, SpaceConfig().replace(**SPACE), root / "run", progress=False,
                     log=lambda _: None)

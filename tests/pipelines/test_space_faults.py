@@ -28,7 +28,7 @@ from jaxpersona.pipelines.consistency import ConsistencyConfig, run_consistency
 from jaxpersona.pipelines.space import SpaceConfig, run_space
 from jaxpersona.runner.run import read_manifest
 from test_pipeline import CountingModel, full_word_tokenizer, read_jsonl
-from test_space import SCRIPTS, SPACE, TEMPLATE, RoleJudge
+from test_space import SCRIPTS, SPACE, TEMPLATE, RoleJudge, make_role_dir
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
@@ -45,21 +45,6 @@ PINNED = {
 SPACE_STAGES = ["generate", "judge", "activations", "vectors", "capping", "drift", "plots", "summary"]
 CONS = dict(n_personas=3, n_questions=2, seeds=3, temperatures=(1.0,), max_new_tokens=5, batch_size=4, n_boot=200,
             turn_scripts=1, turn_tokens=4, mix_questions=2)
-
-
-def _roles_dir(root: Path) -> Path:
-    """The role set of ``test_space`` (three roles, the default Assistant, three questions)."""
-    d = root / "roles"
-    d.mkdir()
-    ep = "rate : {question} answer : {answer}"
-    for name, prompts in {"cat": ["you are a cat .", "hello cat !"], "dog": ["you are a dog .", "the dog sat ."],
-                          "world": ["what is the world ?", "you are paris ."]}.items():
-        (d / f"{name}.json").write_text(json.dumps({"instruction": [{"pos": p} for p in prompts], "eval_prompt": ep}))
-    (d / "default.json").write_text(json.dumps({"instruction": [{"pos": ""}, {"pos": "you are a helpful assistant ."}],
-                                                "eval_prompt": ep}))
-    (d / "extraction_questions.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in
-                                                          ["what is a cat ?", "is the dog on the mat ?", "hello world ?"]))
-    return d
 
 
 def _keys_digest(path: Path) -> str:
@@ -95,7 +80,7 @@ def model(tiny_llama) -> CountingModel:
 def runs(model, tmp_path_factory) -> dict[str, Any]:
     """An uninterrupted judge-free run and a judged one (the judge passes its role check)."""
     root = tmp_path_factory.mktemp("space_faults")
-    roles = load_roles(_roles_dir(root))
+    roles = load_roles(make_role_dir(root))
     config = SpaceConfig().replace(**SPACE)
     plain = run_space(model, roles, SCRIPTS, None, config, root / "plain", progress=False, log=lambda _: None)
     answers = read_jsonl(root / "plain" / "answers.jsonl")
