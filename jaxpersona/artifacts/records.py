@@ -3,8 +3,8 @@
 Every finished unit of work (a generated response, a judgement, ...) is one JSON line with a
 ``key``. Writes are flushed and fsync-ed before the run moves on, so a killed run loses at most the
 unit in flight; a rerun reads the file back and skips every key it already has. A torn last line
-(killed mid-write) is ignored. :func:`cached_arrays` keeps a stage's arrays (an ``.npz``) under the key of
-what they were computed from.
+(killed mid-write) is dropped. :func:`load_arrays` / :func:`save_arrays` keep a stage's arrays (an ``.npz``)
+under the key of what they were computed from.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,16 +133,6 @@ def save_arrays(path: Path, key: str, arrays: Mapping[str, np.ndarray]) -> None:
             np.savez(f, key=np.asarray(key), **named)
 
     atomic_write(path, write)
-
-
-def cached_arrays(path: Path, key: str, compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``compute()`` saved to ``path`` (npz) under ``key``; reloaded while the key matches, recomputed otherwise."""
-    got = load_arrays(path, key)
-    if got is not None:
-        return got
-    out = dict(compute())
-    save_arrays(path, key, out)
-    return out
 
 
 def remove_quietly(p: Path) -> None:

@@ -337,18 +337,15 @@ def _turns_stage(run: Run, model: Model, config: ConsistencyConfig, personas: li
     scripts = list(scripts if scripts is not None else load_conversations())[: config.turn_scripts]
     key = digest("turns", model_fingerprint(model), config.turn_scripts, config.turn_tokens, config.edit_coeff, layer,
                  str(space_dir), persona_vecs.tobytes().hex()[:64], [dataclasses.asdict(x) for x in scripts])
-    with run.stage("turns") as st:
-        tstore = run.records("turns.jsonl")
-        if key in tstore:
-            st.hit()
-        else:
-            run.log(f"over turns: {len(personas)} personas x {len(scripts)} scripts (+ the first question again) x 4 "
-                    "variants")
-            res_t = turn_consistency(model, personas, persona_vecs, layer, scripts, space_dir,
-                                     edit_coeff=config.edit_coeff, max_new_tokens=config.turn_tokens,
-                                     progress=run.progress)
-            tstore.put([{"key": key, **res_t}])
-    return {k: v for k, v in tstore[key].items() if k not in ("key", "records")}
+    def compute() -> dict[str, Any]:
+        run.log(f"over turns: {len(personas)} personas x {len(scripts)} scripts (+ the first question again) x 4 "
+                "variants")
+        return turn_consistency(model, personas, persona_vecs, layer, scripts, space_dir, edit_coeff=config.edit_coeff,
+                                max_new_tokens=config.turn_tokens, progress=run.progress)
+
+    with run.stage("turns"):
+        rec = run.record("turns.jsonl", key, compute)
+    return {k: v for k, v in rec.items() if k not in ("key", "records")}
 
 
 def _mixtures_stage(run: Run, model: Model, config: ConsistencyConfig, personas: list[tuple[str, str]],
@@ -357,19 +354,16 @@ def _mixtures_stage(run: Run, model: Model, config: ConsistencyConfig, personas:
     cached in ``mixtures.jsonl``."""
     key = digest("mixtures", model_fingerprint(model), config.mix_questions, config.mix_alpha, config.mix_tau, layer,
                  config.max_new_tokens, config.seed, persona_vecs.tobytes().hex()[:64])
-    with run.stage("mixtures") as st:
-        mstore = run.records("mixtures.jsonl")
-        if key in mstore:
-            st.hit()
-        else:
-            run.log(f"mixtures: {len(personas)} trait personas, {config.mix_questions} held-out questions each, "
-                    "4 conditions")
-            mstore.put([{"key": key, **compare_mixtures(model, [load_trait(n) for n, _ in personas], persona_vecs,
-                                                        layer, alpha=config.mix_alpha, tau=config.mix_tau,
-                                                        n_questions=config.mix_questions,
-                                                        max_new_tokens=config.max_new_tokens, seed=config.seed,
-                                                        batch_size=config.batch_size)}])
-    return {k: v for k, v in mstore[key].items() if k not in ("key", "answers")}
+    def compute() -> dict[str, Any]:
+        run.log(f"mixtures: {len(personas)} trait personas, {config.mix_questions} held-out questions each, "
+                "4 conditions")
+        return compare_mixtures(model, [load_trait(n) for n, _ in personas], persona_vecs, layer,
+                                alpha=config.mix_alpha, tau=config.mix_tau, n_questions=config.mix_questions,
+                                max_new_tokens=config.max_new_tokens, seed=config.seed, batch_size=config.batch_size)
+
+    with run.stage("mixtures"):
+        rec = run.record("mixtures.jsonl", key, compute)
+    return {k: v for k, v in rec.items() if k not in ("key", "answers")}
 
 
 def _text(s: dict[str, Any]) -> str:

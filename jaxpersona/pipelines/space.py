@@ -624,17 +624,18 @@ def _drift_stage(run: Run, model: Model, scripts: list[Any], config: SpaceConfig
                      config.drift_tokens, config.probe or None)
     key = digest(mid, [dataclasses.asdict(s) for s in scripts], monitor, units[list(monitor)].tobytes().hex()[:64],
                  caps.floors.tolist(), cap_l, config.edit_coeff, config.drift_tokens, config.probe)
-    with run.stage("drift") as st:
-        store = run.records("drift.jsonl")
-        if key in store:
-            recs = store[key]["records"]
-            st.hit()
+    computed = []
+
+    def compute() -> dict[str, Any]:
+        _log_stage(run.log, 6, f"drift over {len(scripts)} conversations x 4 variants (vmapped), "
+                   f"{config.drift_tokens} tokens per answer, monitored at resid{list(monitor)}")
+        computed.append(True)
+        return {"records": run_drift(model, scripts, spec, progress=run.progress)}
+
+    with run.stage("drift"):
+        recs = run.record("drift.jsonl", key, compute)["records"]
+        if not computed:
             _log_stage(run.log, 6, f"drift over {len(scripts)} conversations: cached")
-        else:
-            _log_stage(run.log, 6, f"drift over {len(scripts)} conversations x 4 variants (vmapped), "
-                       f"{config.drift_tokens} tokens per answer, monitored at resid{list(monitor)}")
-            recs = run_drift(model, scripts, spec, progress=run.progress)
-            store.put([{"key": key, "records": recs}])
         user_check = _user_token_check(model, scripts, recs, caps, cap_l, config.batch_size)
     summ = _drift_summary(recs, monitor)
     summ["assistant_only_cap_user_tokens"] = user_check

@@ -230,6 +230,17 @@ class Run:
         """Append-only keyed JSONL records (a torn last line from a kill is ignored)."""
         return KeyedJsonl(self.out / name)
 
+    def record(self, name: str, key: str, compute: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+        """One JSON record cached in the keyed JSONL ``name`` under ``key``: read back when present (a cache hit),
+        else ``compute()`` stored durably as ``{"key": key, **compute()}``. Returns the stored record."""
+        store = self.records(name)
+        if key in store:
+            self._hit()
+        else:
+            store.put([{"key": key, **compute()}])
+            self._artifact(store.path)
+        return store[key]
+
     def arrays(self, name: str, key: str, compute: Callable[[], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """``compute()`` cached as ``name`` (npz) under ``key``: reloaded while the key matches, recomputed when
         it differs, or — with one :class:`~jaxpersona.errors.CacheWarning` — when the file cannot be read."""
