@@ -76,7 +76,10 @@ LIBRARY: dict[str, tuple[str, ...]] = {
     "serve": ("jaxpersona.serve.app:run_server",),
     "report": ("jaxpersona.report:write_report",),
     "distributed": ("jaxpersona.model.sharding:init_distributed",),
+    "compile-cache": ("jaxpersona.compute.compiling:enable_compile_cache",),
 }
+# commands that compile nothing (or only print): no compile cache is set up for them
+NO_COMPILE = ("models", "capping", "vectors", "plan", "report", "convert")
 
 
 def library(command: str) -> SimpleNamespace:
@@ -697,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "runs the same command; jax.distributed.initialize)")
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="keep compiled XLA programs here, so a second run compiles nothing (default: "
+                         "$JAXPERSONA_COMPILE_CACHE, else ~/.cache/jaxpersona/xla)")
+    ap.add_argument("--no-compile-cache", action="store_true",
+                    help="compile everything afresh and store nothing (also JAXPERSONA_COMPILE_CACHE=off)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     _add_model_commands(sub.add_parser)
@@ -712,6 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.coordinator:
             library("distributed").init_distributed(args.coordinator, args.num_processes, args.process_id)
+        if not args.no_compile_cache and args.command not in NO_COMPILE:
+            library("compile-cache").enable_compile_cache(args.compile_cache)
         return args.func(args)
     except errors.JaxPersonaError as e:
         print(f"jaxpersona: error: {e}", file=sys.stderr)

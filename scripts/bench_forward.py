@@ -55,6 +55,18 @@ def forward_flops(cfg, n_tokens: int, seq: int) -> float:
     return 2.0 * n_tokens * (cfg.n_layers * (per_layer + attn) + d * cfg.vocab_size)
 
 
+QUESTIONS = [
+    "Tell me a short story about a lighthouse keeper.",
+    "What are three tips for learning a new language?",
+    "Explain photosynthesis to a child.",
+    "Write a haiku about autumn rain.",
+    "How do I make a cup of tea?",
+    "Why is the sky blue?",
+    "Describe your ideal weekend.",
+    "What is the difference between a virus and a bacterium?",
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=registry.DEFAULT_MODEL)
@@ -79,17 +91,7 @@ def main() -> None:
     tok_j = jnp.asarray(tokens)
     fwd_first, fwd_times = timed(lambda: fwd(model.params, tok_j).block_until_ready(), args.repeats)
 
-    questions = [
-        "Tell me a short story about a lighthouse keeper.",
-        "What are three tips for learning a new language?",
-        "Explain photosynthesis to a child.",
-        "Write a haiku about autumn rain.",
-        "How do I make a cup of tea?",
-        "Why is the sky blue?",
-        "Describe your ideal weekend.",
-        "What is the difference between a virus and a bacterium?",
-    ]
-    prompts = [questions[i % len(questions)] + " " * (i % 3) for i in range(args.gen_batch)]
+    prompts = [QUESTIONS[i % len(QUESTIONS)] + " " * (i % 3) for i in range(args.gen_batch)]
     batch = model.encode(prompts, chat=True, system="You are a helpful assistant.")
     key = jax.random.key(0)
 

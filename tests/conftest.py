@@ -9,11 +9,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# compiled programs of the test session go to a directory of its own (shared by the CLI subprocesses it starts),
+# never the user's cache
+os.environ.setdefault("JAXPERSONA_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxpersona-test-xla-"))
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:

@@ -74,7 +74,8 @@ def bipo_vector(model: Model, questions: Sequence[str], pos: Sequence[str], neg:
                 idx: jax.Array) -> jax.Array:  # summed log-prob [bs] of rows idx with d * v added
         sub = {k: x[idx] for k, x in t.items()}
         h = h_l[idx] + (d * v).astype(h_l.dtype) * sub["valid"][..., None]
-        return _sum_logprob(params, cfg, final_hidden(params, cfg, sub["tokens"], sub["valid"], span=span, h=h), sub)
+        last = final_hidden(params, cfg, sub["tokens"], sub["valid"], span=span, h=h, remat=True)
+        return _sum_logprob(params, cfg, last, sub)
 
     def loss_fn(v: jax.Array, params: Any, tabs: list[dict[str, jax.Array]], pre: list[tuple[jax.Array, jax.Array]],
                 d: jax.Array, idx: jax.Array) -> jax.Array:  # scalar BiPO loss of one batch

@@ -17,7 +17,7 @@ from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params
-from jaxpersona.model.transformer import final_hidden, unembed
+from jaxpersona.model.transformer import Capture, KVCache, final_hidden, forward, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,13 @@ def encode_split(model: Model, conversations: Sequence[list[dict[str, str]]], re
     if rows is not None and rows > len(ids):
         ids += [ids[-1]] * (rows - len(ids))
     p_need, s_need = _split_widths(ids)
-    pw, sw = max(p_width or 0, p_need), max(s_width or 0, s_need)
-    b, pad = len(ids), model.pad_id
+    return split_rows(ids, model.pad_id, max(p_width or 0, p_need), max(s_width or 0, s_need))
+
+
+def split_rows(ids: Sequence[tuple[list[int], list[int]]], pad: int, pw: int, sw: int) -> dict[str, np.ndarray]:
+    """The :func:`encode_split` layout of token-id pairs ``(prompt, response)`` at prefix width ``pw`` and suffix
+    width ``sw`` (both large enough)."""
+    b = len(ids)
     out = {"prefix_tokens": np.full((b, pw), pad, np.int32), "prefix_valid": np.zeros((b, pw), bool),
            "tokens": np.full((b, sw), pad, np.int32), "valid": np.zeros((b, sw), bool),
            "pred_idx": np.zeros((b, sw - 1), np.int32), "pred_tok": np.zeros((b, sw - 1), np.int32),
@@ -131,8 +136,7 @@ def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[st
     """Mean log-prob of each row's target tokens given the last residual ``h [B, T, D]``: ``[B]``.
     Logits are computed at the target positions only."""
     hs = jnp.take_along_axis(h, data["pred_idx"][..., None], axis=1)  # [B, R, D]
-    logp = jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
-    lp = jnp.take_along_axis(logp, data["pred_tok"][..., None], axis=-1)[..., 0]
+    lp = token_logprobs(params, cfg, hs, data["pred_tok"])  # [B, R]
     ok = data["pred_ok"].astype(jnp.float32)
     return (lp * ok).sum(-1) / jnp.maximum(ok.sum(-1), 1.0)
 
@@ -142,16 +146,85 @@ def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array],
     return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"], adapter=adapter), data)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefix_cache(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, adapter: Any = None
+                  ) -> KVCache:
+    """The KV cache ``[L, Q, KV, P, hd]`` of ``Q`` left-padded prefixes ``tokens [Q, P]``."""
+    empty = KVCache.empty(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
+    return forward(params, cfg, tokens, valid=valid, cache=empty, logits=False, adapter=adapter).kv()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _suffix_logprob_chunk(params: Params, cfg: ModelConfig, prefix: KVCache, pick: jax.Array,
+                          data: dict[str, jax.Array], adapter: Any = None) -> jax.Array:
+    """Mean target log-prob ``[B]`` of suffixes ``data`` (:func:`encode_split` layout) after the cached prefix
+    ``pick [B]`` of ``prefix`` (``[L, Q, KV, P, hd]``)."""
+    p, s = prefix.valid.shape[1], data["tokens"].shape[1]
+    grow = ((0, 0), (0, 0), (0, 0), (0, s), (0, 0))
+    cache = KVCache(jnp.pad(prefix.k[:, pick], grow), jnp.pad(prefix.v[:, pick], grow),
+                    jnp.pad(prefix.valid[pick], ((0, 0), (0, s))))
+    captured = forward(params, cfg, data["tokens"], valid=data["valid"], cache=cache, cache_index=p, logits=False,
+                       capture=Capture((cfg.n_layers,)), adapter=adapter).captured
+    assert captured is not None  # resid[L] was asked for
+    return target_logprob(params, cfg, captured[0], data)
+
+
 def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                   batch_size: int = 16) -> np.ndarray:
     """Mean per-token log-prob of each response after its chat prompt, unintervened: ``[N]``.
 
-    Chunks share one ``[batch_size, width]`` shape (one compile). Empty responses give NaN. Under the
-    model's LoRA adapter, if it carries one."""
+    Each distinct prompt runs once (its KV cache is shared by every response to it); the responses are then
+    scored ``batch_size`` at a time in order of length, each batch padded only to its own longest row (rounded
+    up to 32 tokens, so a handful of shapes compile). Empty responses give NaN. Under the model's LoRA adapter,
+    if it carries one."""
     out = np.full(len(responses), np.nan, np.float64)
     live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
     if not live:
         return out
+    ids = model.pair_ids([conversations[i] for i in live], [responses[i] for i in live])
+    prompts: dict[tuple[int, ...], int] = {}
+    for p, _ in ids:
+        prompts.setdefault(tuple(p[:-1]), len(prompts))
+    uniq = list(prompts)
+    p_width = round_up(max(max(len(u) for u in uniq), 1), BUCKET)
+    q_rows = round_up(len(uniq), 8)  # fewer distinct shapes to compile
+    pre = np.full((q_rows, p_width), model.pad_id, np.int32)
+    pre_valid = np.zeros((q_rows, p_width), bool)
+    for q, u in enumerate(uniq):
+        if u:
+            pre[q, p_width - len(u):], pre_valid[q, p_width - len(u):] = u, True
+    model.check_length(Batch(pre, pre_valid))
+    prefix = _prefix_cache(model.params, model.cfg, jnp.asarray(pre), jnp.asarray(pre_valid), model.adapter)
+    order = sorted(range(len(live)), key=lambda j: len(ids[j][1]))
+    rows = min(batch_size, len(live))
+    for s in range(0, len(order), rows):
+        part = order[s : s + rows]
+        part_ids = [ids[j] for j in part] + [ids[part[-1]]] * (rows - len(part))
+        s_width = round_up(1 + max(len(r) for _, r in part_ids), 2 * BUCKET)
+        enc = split_rows(part_ids, model.pad_id, p_width, s_width)
+        model.check_length(Batch(np.concatenate([enc["prefix_tokens"], enc["tokens"]], axis=1),
+                                 np.concatenate([enc["prefix_valid"], enc["valid"]], axis=1)))
+        pick = np.asarray([prompts[tuple(p[:-1])] for p, _ in part_ids], np.int32)
+        lp = np.asarray(_suffix_logprob_chunk(model.params, model.cfg, prefix, jnp.asarray(pick),
+                                              {k: jnp.asarray(enc[k]) for k in ("tokens", "valid", "pred_idx",
+                                                                                "pred_tok", "pred_ok")},
+                                              model.adapter))
+        out[[live[j] for j in part]] = lp[: len(part)]
+    return out
+    ids = model.pair_ids([conversations[i] for i in live], [responses[i] for i in live])
+    order = sorted(range(len(live)), key=lambda j: len(ids[j][0]) + len(ids[j][1]))
+    rows = min(batch_size, len(live))
+    for s in range(0, len(order), rows):
+        part = order[s : s + rows]
+        width = round_up(max(len(ids[j][0]) + len(ids[j][1]) for j in part), 2 * BUCKET)
+        r_width = round_up(max(len(ids[j][1]) for j in part), 2 * BUCKET)
+        enc = encode_targets(model, [conversations[live[j]] for j in part], [responses[live[j]] for j in part],
+                             rows=rows, width=width, r_width=r_width)
+        model.check_length(Batch(enc["tokens"], enc["valid"]))
+        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()},
+                                       model.adapter))
+        out[[live[j] for j in part]] = lp[: len(part)]
+    return out
     convs, resps = [conversations[i] for i in live], [responses[i] for i in live]
     width, r_width = target_shape(model, convs, resps)
     rows = min(batch_size, len(live))

@@ -4,9 +4,10 @@ Scoring (teacher-forced log-probs of target responses, and projections of the re
 onto any vectors at any layers) is one jitted function per chunk of grid points:
 
 * grid points are stacked into one intervention pytree and ``vmap``-ed, batched with the prompts;
-* **shared prefix**: grid points whose intervention starts at resid ``l`` share layers ``< l`` —
-  the prefix is computed once per group, only the suffix runs per grid point (``run_layers`` with
-  a traced span, so one compile serves every split point);
+* **shared trunk**: grid points whose intervention starts at resid ``l`` share layers ``< l``; chunks
+  run in order of start layer and the unintervened trunk is carried from one chunk's start to the next
+  (:class:`Trunk`), so every block below the last start runs once per sweep; only the suffix runs per grid
+  point (``run_layers`` with a traced span, so one compile serves every split point);
 * logits are computed only at target-response positions;
 * chunks are sized from a memory budget and their rows are appended to ``results.jsonl`` as they
   finish; a killed sweep resumes from ``progress.json`` without redoing finished chunks;
@@ -24,7 +25,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,63 @@ def build_hooks(grid: Grid, cfg: ModelConfig, points: list[dict[str, Any]], pos:
     return jax.tree.map(lambda *x: jnp.stack(x), *items)
 
 
+class Trunk(NamedTuple):
+    """The unintervened part of a chunk's forward, below its first intervened resid point ``start``.
+
+    Chunks run in order of start layer, so the trunk of one chunk is carried to the next one's start
+    (:func:`trunk_advance`): the blocks below every group's start run once per sweep, not once per chunk."""
+
+    h: jax.Array  # resid[start] [B, T, D]
+    buf: jax.Array  # the capture buffer, holding resid[0..start]
+    cache: KVCache | None  # with a split prefix: its keys/values plus the suffix's for layers < start
+    prefix_valid: jax.Array  # [B, P+T] the cache's valid mask before the suffix was written; [B, 0] without
+
+
+def _trunk_prep(cfg: ModelConfig, data: dict[str, jax.Array], trunk: Trunk) -> tuple[Any, int]:
+    """The suffix's masks / rope / hook context, and where the suffix is written in the cache."""
+    if trunk.cache is None:
+        return prepare(cfg, data["valid"]), 0
+    index = data["prefix_tokens"].shape[1]
+    return prepare(cfg, data["valid"], cache=trunk.cache._replace(valid=trunk.prefix_valid), cache_index=index), index
+
+
+def _trunk_start(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], capture: Capture | None,
+                 adapter: Any) -> Trunk:
+    tokens, valid = data["tokens"], data["valid"]
+    cache, pval = None, jnp.zeros((tokens.shape[0], 0), bool)
+    if "prefix_tokens" in data:
+        ptok, pval = data["prefix_tokens"], data["prefix_valid"]
+        empty = KVCache.empty(cfg, ptok.shape[0], ptok.shape[1] + tokens.shape[1], params["embed"].dtype)
+        cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False, adapter=adapter).kv()
+        pval = cache.valid
+    record = Recorder.make(cfg, capture, data["resp"])
+    h0 = embed(params, cfg, tokens)
+    return Trunk(h0, record(record.empty(h0), jnp.int32(0), h0), cache, pval)
+
+
+def _trunk_advance(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], trunk: Trunk, lo: jax.Array,
+                   hi: jax.Array, capture: Capture | None, adapter: Any) -> Trunk:
+    prep, index = _trunk_prep(cfg, data, trunk)
+    record = Recorder.make(cfg, capture, data["resp"])
+    h, buf, cache = run_layers(params, cfg, trunk.h, prep, trunk.buf, record, cache=trunk.cache, cache_index=index,
+                               span=(lo, hi), adapter=adapter)
+    return Trunk(h, buf, cache, trunk.prefix_valid)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+def trunk_start(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], *, capture: Capture | None,
+                adapter: Any = None) -> Trunk:
+    """The trunk at resid[0] (embeddings; the split prefix, if any, prefilled)."""
+    return _trunk_start(params, cfg, data, capture, adapter)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture"))
+def trunk_advance(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], trunk: Trunk, lo: jax.Array,
+                  hi: jax.Array, *, capture: Capture | None, adapter: Any = None) -> Trunk:
+    """Carry ``trunk`` from resid[lo] to resid[hi] (blocks ``lo .. hi-1``, unintervened; one compile for all)."""
+    return _trunk_advance(params, cfg, data, trunk, lo, hi, capture, adapter)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "capture"))
 def score_chunk(
     params: Params,
@@ -166,35 +224,30 @@ def score_chunk(
     *,
     capture: Capture | None,
     adapter: Any = None,
+    trunk: Trunk | None = None,
 ) -> dict[str, jax.Array]:
     """Score a chunk of grid points ``hooks`` (leading axis G) that are all off below resid ``start``.
 
     With ``data["prefix_tokens"]`` (:func:`encode_split`), that prefix — the prompt before the first
     intervened token — runs once, unintervened, into a KV cache, and only the suffix (last prompt
     token + response) runs per grid point: exact for interventions that never touch the prefix.
+    ``trunk``: the unintervened forward up to resid[start] (:func:`trunk_advance`), e.g. carried over from
+    the previous chunk; without it the trunk is computed here from the embeddings.
 
     Returns ``logprob [G, B]`` (mean log-prob of the target response tokens) and, with a capture,
     ``proj [G, n_layers, B, P]``: mean over response tokens of ``<resid[l], units[p]>``. ``adapter``: a LoRA
     :class:`~jaxpersona.model.lora.Adapter` beside ``params`` (prefix and suffix alike).
     """
-    tokens, valid = data["tokens"], data["valid"]
-    cache, index = None, 0
-    if "prefix_tokens" in data:
-        ptok, pval = data["prefix_tokens"], data["prefix_valid"]
-        index = ptok.shape[1]
-        empty = KVCache.empty(cfg, ptok.shape[0], index + tokens.shape[1], params["embed"].dtype)
-        cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False, adapter=adapter).cache
-    prep = prepare(cfg, valid, cache=cache, cache_index=index)
+    if trunk is None:
+        trunk = _trunk_advance(params, cfg, data, _trunk_start(params, cfg, data, capture, adapter), jnp.int32(0),
+                               start, capture, adapter)
+    prep, index = _trunk_prep(cfg, data, trunk)
     record = Recorder.make(cfg, capture, data["resp"])
-    h0 = embed(params, cfg, tokens)
-    buf = record(record.empty(h0), jnp.int32(0), h0)
-    h_start, buf, cache = run_layers(params, cfg, h0, prep, buf, record, cache=cache, cache_index=index,
-                                     span=(jnp.int32(0), start), adapter=adapter)
 
     def one(hook: Any) -> dict[str, jax.Array]:
-        h = apply_hook(hook, start, h_start, prep.ctx)
-        b = record(buf, start, h)
-        h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, cache=cache, cache_index=index,
+        h = apply_hook(hook, start, trunk.h, prep.ctx)
+        b = record(trunk.buf, start, h)
+        h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, cache=trunk.cache, cache_index=index,
                              span=(start, jnp.int32(cfg.n_layers)), adapter=adapter)
         out = {"logprob": target_logprob(params, cfg, h, data)}
         if capture is not None:
@@ -388,15 +441,25 @@ def _chunks(points: list[dict[str, Any]], n_sets: int, paired: bool, size: int, 
     return [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)], csize
 
 
-def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Score (and generate for) one chunk of grid points on set ``si``: one row per (grid point, prompt)."""
+def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], trunks: dict[int, tuple[int, Trunk]]
+                ) -> list[dict[str, Any]]:
+    """Score (and generate for) one chunk of grid points on set ``si``: one row per (grid point, prompt).
+    ``trunks``: per set, the last trunk and its layer; advanced here to this chunk's start layer."""
     model, grid, cfg, params, adapter = plan.model, plan.grid, plan.model.cfg, plan.params, plan.adapter
     padded = chunk + [chunk[-1]] * (plan.csize - len(chunk))  # fixed shape: one compile
     hooks = build_hooks(grid, cfg, padded, plan.pos[si])
     if plan.mesh is not None:
         hooks = _shard(hooks, plan.mesh, P("data"))
-    res = score_chunk(params, cfg, plan.data[si], hooks, jnp.int32(chunk[0]["layer"]), jnp.asarray(plan.units),
-                      capture=plan.capture, adapter=adapter)
+    start = chunk[0]["layer"]
+    lo, trunk = trunks.get(si, (0, None))
+    if trunk is None or lo > start:
+        lo, trunk = 0, trunk_start(params, cfg, plan.data[si], capture=plan.capture, adapter=adapter)
+    if start > lo:
+        trunk = trunk_advance(params, cfg, plan.data[si], trunk, jnp.int32(lo), jnp.int32(start),
+                              capture=plan.capture, adapter=adapter)
+    trunks[si] = (start, trunk)
+    res = score_chunk(params, cfg, plan.data[si], hooks, jnp.int32(start), jnp.asarray(plan.units),
+                      capture=plan.capture, adapter=adapter, trunk=trunk)
 
     res = to_host(res)
     texts = None
@@ -479,11 +542,12 @@ def run_sweep(
         data_js = [_shard(d, mesh, P()) for d in data_js]
     plan = _Plan(model, grid, sets, params, adapter, data_js, pos, units, names, capture, csize, mesh, split,
                  generate_tokens, gens, gen_pos)
+    trunks: dict[int, tuple[int, Trunk]] = {}  # per set: the unintervened trunk, carried from chunk to chunk
     for si, chunk in chunks:
         key = _chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens)
         done = store.load(key) if store else None
         if done is None:
-            done = _chunk_rows(plan, si, chunk)
+            done = _chunk_rows(plan, si, chunk, trunks)
             if store:
                 store.save(key, done)
         rows += done

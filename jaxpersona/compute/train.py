@@ -43,7 +43,7 @@ from jaxpersona.data.datasets import Example
 from jaxpersona.edit import interventions as iv
 from jaxpersona.model.lora import ALL_TARGETS, Adapter, LoraConfig, init_adapter
 from jaxpersona.model.params import Params
-from jaxpersona.model.transformer import final_hidden, unembed
+from jaxpersona.model.transformer import final_hidden, token_kl, token_logprobs
 
 Message = dict[str, str]
 
@@ -145,10 +145,9 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 
 
 # --- the loss -------------------------------------------------------------------------------------------
-def target_logits(params: Params, cfg: Any, h: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """Log-softmax ``[B, R, V]`` at the target positions only."""
-    hs = jnp.take_along_axis(h, batch["pred_idx"][..., None], axis=1)
-    return jax.nn.log_softmax(unembed(params, cfg, hs), axis=-1)
+def target_hidden(h: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """The residuals ``[B, R, D]`` at the positions that predict the target tokens."""
+    return jnp.take_along_axis(h, batch["pred_idx"][..., None], axis=1)
 
 
 def _mask(batch: dict[str, jax.Array]) -> jax.Array:
@@ -164,18 +163,17 @@ def loss_terms(factors: dict[str, Any], scale: jax.Array, params: Params, cfg: A
     plain ``params``; ``base_adapter``: the adapter the base model carries, if any (the trained one replaces it)."""
     tuned = Adapter(factors["a"], factors["b"], scale)
     hook = None if prevention is None else dataclasses.replace(prevention, positions=iv.Positions.all(batch["valid"]))
-    logp = target_logits(params, cfg, final_hidden(params, cfg, batch["tokens"], batch["valid"], hook, adapter=tuned),
-                         batch)
-    lp = jnp.take_along_axis(logp, batch["pred_tok"][..., None], axis=-1)[..., 0]
+    h = final_hidden(params, cfg, batch["tokens"], batch["valid"], hook, adapter=tuned, remat=True)
+    lp = token_logprobs(params, cfg, target_hidden(h, batch), batch["pred_tok"])  # [B, R]: no [B, R, V] log-softmax
     m = _mask(batch)
     ce = -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
     kl = jnp.zeros((), jnp.float32)
     if neutral is not None:
-        base = jax.lax.stop_gradient(target_logits(params, cfg, final_hidden(
+        base = jax.lax.stop_gradient(target_hidden(final_hidden(
             params, cfg, neutral["tokens"], neutral["valid"], adapter=base_adapter), neutral))
-        new = target_logits(params, cfg, final_hidden(params, cfg, neutral["tokens"], neutral["valid"], adapter=tuned),
+        new = target_hidden(final_hidden(params, cfg, neutral["tokens"], neutral["valid"], adapter=tuned, remat=True),
                             neutral)
-        per = (jnp.exp(base) * (base - new)).sum(-1)
+        per = token_kl(params, cfg, base, new)
         mn = _mask(neutral)
         kl = (per * mn).sum() / jnp.maximum(mn.sum(), 1.0)
     return ce + kl_beta * kl, (ce, kl)

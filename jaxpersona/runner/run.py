@@ -12,7 +12,8 @@ Every pipeline runs on this one object::
 :class:`~jaxpersona.errors.RunLockedError`), writes ``config.json`` and a ``run.json`` manifest with
 status ``running``; leaving the ``with`` block marks it ``complete`` (or ``failed`` with the error).
 The manifest records the schema version, kind, argv, seeds, the config's digest, start/end times,
-the stages in order (wall seconds, cache hits, artifacts), the package version with its git SHA and
+the stages in order (wall seconds, compile seconds — tracing, lowering, compiling or loading from the
+persistent compile cache — cache hits, artifacts), the package version with its git SHA and
 dirty flag, the jax version, devices and process count, and the model's digest. Every write is to a
 temporary name renamed into place, so a kill never leaves a half-written file under a final name.
 A directory written before the manifest existed is recognised once (:mod:`jaxpersona.runner.legacy`)
@@ -46,6 +47,7 @@ from jaxpersona.artifacts.records import (
     remove_quietly,
     save_arrays,
 )
+from jaxpersona.compute.compiling import COMPILE_CLOCK, cache_dir_in_use
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.runner import legacy
@@ -142,6 +144,7 @@ class Run:
         self._lock = lock
         self._stage: Stage | None = None
         self._t0 = time.perf_counter()
+        self._c0 = COMPILE_CLOCK.now()
 
     # --- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -155,7 +158,15 @@ class Run:
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Mark the run ``complete`` or ``failed`` and release the directory."""
-        self.manifest.update(status=status, ended=now(), wall_s=round(time.perf_counter() - self._t0, 3))
+        wall = time.perf_counter() - self._t0
+        c = COMPILE_CLOCK.now() - self._c0
+        self.manifest.update(status=status, ended=now(), wall_s=round(wall, 3), compile_s=round(c.seconds, 3),
+                             compile_cache={"hits": c.hits, "misses": c.misses,
+                                            "dir": cache_dir_in_use()})
+        if status == "complete":
+            per = ", ".join(f"{k} {v:.1f}s" for k, v in self.compile_time().items() if v >= 0.05)
+            self.log(f"compile time: {c.seconds:.1f}s of {wall:.0f}s wall ({per or 'none'}); persistent compile cache "
+                     + (f"{c.hits} hits, {c.misses} misses" if cache_dir_in_use() else "off"))
         if error is not None:
             self.manifest["error"] = error[:2000]
         self._save_manifest()
@@ -182,7 +193,7 @@ class Run:
         self.manifest["stages"].append(rec)
         self._save_manifest()
         prev, self._stage = self._stage, st
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), COMPILE_CLOCK.now()
         try:
             yield st
         except BaseException:
@@ -194,7 +205,10 @@ class Run:
             self._stage = prev
             if st._bar is not None:
                 st._bar.close()
-            rec.update(wall_s=round(time.perf_counter() - t0, 3), cache_hits=st.cache_hits, artifacts=st.artifacts)
+            c = COMPILE_CLOCK.now() - c0
+            rec.update(wall_s=round(time.perf_counter() - t0, 3), compile_s=round(c.seconds, 3),
+                       compile_cache={"hits": c.hits, "misses": c.misses}, cache_hits=st.cache_hits,
+                       artifacts=st.artifacts)
             self._save_manifest()
 
     def wall(self) -> dict[str, float]:
@@ -203,6 +217,15 @@ class Run:
         for s in self.manifest["stages"]:
             if "wall_s" in s:
                 out[s["name"]] = out.get(s["name"], 0.0) + s["wall_s"]
+        return out
+
+    def compile_time(self) -> dict[str, float]:
+        """Seconds of each finished stage spent tracing, lowering and compiling (or loading compiled programs
+        from the persistent cache), by name; the rest of ``wall()`` is run time."""
+        out: dict[str, float] = {}
+        for s in self.manifest["stages"]:
+            if "compile_s" in s:
+                out[s["name"]] = out.get(s["name"], 0.0) + s["compile_s"]
         return out
 
     def elapsed(self) -> float:
