@@ -441,11 +441,32 @@ def _chunks(points: list[dict[str, Any]], n_sets: int, paired: bool, size: int, 
     return [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)], csize
 
 
-def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], trunks: dict[int, tuple[int, Trunk]]
-                ) -> list[dict[str, Any]]:
-    """Score (and generate for) one chunk of grid points on set ``si``: one row per (grid point, prompt).
-    ``trunks``: per set, the last trunk and its layer; advanced here to this chunk's start layer."""
-    model, grid, cfg, params, adapter = plan.model, plan.grid, plan.model.cfg, plan.params, plan.adapter
+GEN_ROWS = 192  # rows (grid points x prompts) per batched greedy generation; decode steps are memory-bound on
+# small batches, so the points of several chunks generate together (at any layer: generation runs the full depth)
+
+
+def _generate_texts(plan: _Plan, si: int, points: list[dict[str, Any]], size: int) -> list[list[str]]:
+    """Greedy replies under each of ``points`` (all scored on set ``si``), padded to ``size`` points (a fixed
+    shape: one compile): per point, the reply to each row's prompt of the set."""
+    grid, cfg, model = plan.grid, plan.model.cfg, plan.model
+    padded = points + [points[-1]] * (size - len(points))
+    hooks = build_hooks(grid, cfg, padded, plan.gen_pos[si])
+    if plan.mesh is not None:
+        hooks = _shard(hooks, plan.mesh, P("data"))
+    gb, gmap = plan.gens[si]
+    gen = to_host(generate_chunk(plan.params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid), hooks,
+                                 max_new_tokens=int(plan.generate_tokens), eos_ids=model.eos_ids,
+                                 pad_id=model.pad_id, shared_prefix=plan.split, adapter=plan.adapter))
+    decoded = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(points))]
+    return [[tx[j] for j in gmap] for tx in decoded]
+
+
+def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], trunks: dict[int, tuple[int, Trunk]],
+                texts: list[list[str]] | None = None) -> list[dict[str, Any]]:
+    """Score one chunk of grid points on set ``si``: one row per (grid point, prompt). ``trunks``: per set,
+    the last trunk and its layer; advanced here to this chunk's start layer. ``texts``: per point, its
+    generations (:func:`_generate_texts`), added to the rows."""
+    grid, cfg, params, adapter = plan.grid, plan.model.cfg, plan.params, plan.adapter
     padded = chunk + [chunk[-1]] * (plan.csize - len(chunk))  # fixed shape: one compile
     hooks = build_hooks(grid, cfg, padded, plan.pos[si])
     if plan.mesh is not None:
@@ -462,15 +483,6 @@ def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], trunks: dict[
                       capture=plan.capture, adapter=adapter, trunk=trunk)
 
     res = to_host(res)
-    texts = None
-    if plan.generate_tokens:
-        gb, gmap = plan.gens[si]
-        gen = generate_chunk(params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid),
-                             build_hooks(grid, cfg, padded, plan.gen_pos[si]),
-                             max_new_tokens=int(plan.generate_tokens), eos_ids=model.eos_ids, pad_id=model.pad_id,
-                             shared_prefix=plan.split, adapter=adapter)
-        decoded = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(chunk))]
-        texts = [[tx[j] for j in gmap] for tx in decoded]
     done = []
     for g, pt in enumerate(chunk):
         for i in range(len(plan.sets[si].prompts)):
@@ -543,11 +555,21 @@ def run_sweep(
     plan = _Plan(model, grid, sets, params, adapter, data_js, pos, units, names, capture, csize, mesh, split,
                  generate_tokens, gens, gen_pos)
     trunks: dict[int, tuple[int, Trunk]] = {}  # per set: the unintervened trunk, carried from chunk to chunk
-    for si, chunk in chunks:
-        key = _chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens)
-        done = store.load(key) if store else None
+    keys = [_chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens) for si, chunk in chunks]
+    loaded = [store.load(k) if store else None for k in keys]
+    texts: dict[int, list[str]] = {}  # id(point) -> its generations, made a group of chunks at a time
+    group = csize * max(1, GEN_ROWS // max(1, csize * (len(gens[0][0].tokens) if gens else 1)))
+    for n, ((si, chunk), key) in enumerate(zip(chunks, keys)):
+        done = loaded[n]
         if done is None:
-            done = _chunk_rows(plan, si, chunk, trunks)
+            if generate_tokens and id(chunk[0]) not in texts:  # this chunk and the next pending ones of its set
+                todo: list[dict[str, Any]] = []
+                for m in range(n, len(chunks)):  # whole chunks, up to `group` points
+                    if loaded[m] is None and chunks[m][0] == si and len(todo) + len(chunks[m][1]) <= group:
+                        todo += chunks[m][1]
+                texts.update(zip(map(id, todo), _generate_texts(plan, si, todo, group)))
+            done = _chunk_rows(plan, si, chunk, trunks, [texts.pop(id(p)) for p in chunk] if generate_tokens
+                               else None)
             if store:
                 store.save(key, done)
         rows += done
