@@ -33,6 +33,9 @@ from jaxpersona.compute.generate import generate
 from jaxpersona.compute.handle import load
 from jaxpersona.model.transformer import forward
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import QUESTIONS  # noqa: E402  (the same chat prompts as the training benchmark)
+
 
 def timed(fn, repeats: int) -> tuple[float, list[float]]:
     """(first-call seconds, warm per-call seconds)."""
@@ -53,18 +56,6 @@ def forward_flops(cfg, n_tokens: int, seq: int) -> float:
     per_layer = d * (h * hd + 2 * kv * hd) + h * hd * d + 3 * d * f
     attn = 2 * h * hd * seq  # QK^T and PV, average over causal positions ~ seq (upper bound)
     return 2.0 * n_tokens * (cfg.n_layers * (per_layer + attn) + d * cfg.vocab_size)
-
-
-QUESTIONS = [
-    "Tell me a short story about a lighthouse keeper.",
-    "What are three tips for learning a new language?",
-    "Explain photosynthesis to a child.",
-    "Write a haiku about autumn rain.",
-    "How do I make a cup of tea?",
-    "Why is the sky blue?",
-    "Describe your ideal weekend.",
-    "What is the difference between a virus and a bacterium?",
-]
 
 
 def main() -> None:

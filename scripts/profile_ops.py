@@ -168,7 +168,7 @@ def target_train(model):
 
 def target_generate(model):
     """Sampled generation 16 x 64 on bench_forward's prompts; returns ``run(n_times)``."""
-    from bench_forward import QUESTIONS
+    from bench_train import QUESTIONS
 
     from jaxpersona.compute.generate import generate
 
