@@ -105,3 +105,21 @@ def test_shared_prompt_scoring_equals_the_full_forward(tiny_model: jm.Model) -> 
     assert np.isnan(got[4]) and np.isnan(want[4])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     assert len({round(x, 3) for x in got if not np.isnan(x)}) > 3  # different rows, not one number repeated
+
+
+def test_cli_compile_cache_options(tmp_path: Path, tiny_llama, word_tokenizer) -> None:
+    from jaxpersona import cli
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama.path, d)
+    word_tokenizer().save_pretrained(d)
+    args = ["resid", "the cat sat", "--layers", "0,1", "--model", str(d), "--out", str(tmp_path / "r.npy")]
+    before = compiling.cache_dir_in_use()
+    try:
+        assert cli.main(["--no-compile-cache", "--compile-cache", str(tmp_path / "off"), *args]) == 0
+        assert not (tmp_path / "off").exists()  # --no-compile-cache wins: nothing set up, nothing written
+        assert cli.main(["--compile-cache", str(tmp_path / "on"), *args]) == 0
+        assert (tmp_path / "on").is_dir() and compiling.cache_dir_in_use() == str(tmp_path / "on")
+        assert np.load(tmp_path / "r.npy").shape[0] == 2
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
