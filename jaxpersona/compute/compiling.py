@@ -72,11 +72,6 @@ def cache_dir_in_use() -> str | None:
     return str(value) if value else None
 
 
-def disable_compile_cache() -> None:
-    """Stop reading and writing the persistent cache (this process)."""
-    jax.config.update("jax_compilation_cache_dir", None)
-
-
 @dataclasses.dataclass(frozen=True)
 class CompileTotals:
     """Running totals since the process started: compile seconds, persistent-cache hits and misses."""

@@ -17,7 +17,7 @@ from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params
-from jaxpersona.model.transformer import Capture, KVCache, final_hidden, forward, token_logprobs
+from jaxpersona.model.transformer import Capture, KVCache, forward, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +142,6 @@ def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[st
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _logprob_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], adapter: Any = None) -> jax.Array:
-    return target_logprob(params, cfg, final_hidden(params, cfg, data["tokens"], data["valid"], adapter=adapter), data)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def _prefix_cache(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, adapter: Any = None
                   ) -> KVCache:
     """The KV cache ``[L, Q, KV, P, hd]`` of ``Q`` left-padded prefixes ``tokens [Q, P]``."""
@@ -210,29 +205,4 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
                                                                                 "pred_tok", "pred_ok")},
                                               model.adapter))
         out[[live[j] for j in part]] = lp[: len(part)]
-    return out
-    ids = model.pair_ids([conversations[i] for i in live], [responses[i] for i in live])
-    order = sorted(range(len(live)), key=lambda j: len(ids[j][0]) + len(ids[j][1]))
-    rows = min(batch_size, len(live))
-    for s in range(0, len(order), rows):
-        part = order[s : s + rows]
-        width = round_up(max(len(ids[j][0]) + len(ids[j][1]) for j in part), 2 * BUCKET)
-        r_width = round_up(max(len(ids[j][1]) for j in part), 2 * BUCKET)
-        enc = encode_targets(model, [conversations[live[j]] for j in part], [responses[live[j]] for j in part],
-                             rows=rows, width=width, r_width=r_width)
-        model.check_length(Batch(enc["tokens"], enc["valid"]))
-        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()},
-                                       model.adapter))
-        out[[live[j] for j in part]] = lp[: len(part)]
-    return out
-    convs, resps = [conversations[i] for i in live], [responses[i] for i in live]
-    width, r_width = target_shape(model, convs, resps)
-    rows = min(batch_size, len(live))
-    for s in range(0, len(live), rows):
-        enc = encode_targets(model, convs[s : s + rows], resps[s : s + rows], rows=rows, width=width, r_width=r_width)
-        model.check_length(Batch(enc["tokens"], enc["valid"]))
-        lp = np.asarray(_logprob_chunk(model.params, model.cfg, {k: jnp.asarray(v) for k, v in enc.items()},
-                                       model.adapter))
-        n = min(rows, len(live) - s)
-        out[live[s : s + n]] = lp[:n]
     return out

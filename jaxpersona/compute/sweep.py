@@ -178,7 +178,7 @@ def _trunk_prep(cfg: ModelConfig, data: dict[str, jax.Array], trunk: Trunk) -> t
 
 def _trunk_start(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], capture: Capture | None,
                  adapter: Any) -> Trunk:
-    tokens, valid = data["tokens"], data["valid"]
+    tokens = data["tokens"]
     cache, pval = None, jnp.zeros((tokens.shape[0], 0), bool)
     if "prefix_tokens" in data:
         ptok, pval = data["prefix_tokens"], data["prefix_valid"]

@@ -174,18 +174,15 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Final norm + LM head: ``[..., D] -> [..., V]`` float32 logits."""
     x = rms_norm(h, params["final_norm"], cfg.rms_eps, cfg.norm_offset)
-    if cfg.tie_embeddings:  # contract against [V, D] directly: no transposed copy of the embedding
-        logits = jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
-    else:
-        logits = jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
-    return softcap(logits, cfg.final_softcap)
+    return _head_slice(params, cfg, x, jnp.int32(0), cfg.vocab_size)
 
 
 VOCAB_CHUNK = 65536  # vocabularies larger than this (Gemma's 262k) are reduced chunk by chunk
 
 
 def _head_slice(params: Params, cfg: ModelConfig, x: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    """Logits of vocabulary ids ``start .. start+size-1`` for the normed ``x [..., D]``: ``[..., size]`` float32."""
+    """Logits of vocabulary ids ``start .. start+size-1`` for the normed ``x [..., D]``: ``[..., size]`` float32.
+    A tied head contracts against ``[V, D]`` directly: no transposed copy of the embedding."""
     if cfg.tie_embeddings:
         w = jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0)
         z = jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)

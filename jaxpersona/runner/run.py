@@ -211,22 +211,21 @@ class Run:
                        artifacts=st.artifacts)
             self._save_manifest()
 
-    def wall(self) -> dict[str, float]:
-        """Wall seconds of this attempt's finished stages, by name (summed over repeats of a name)."""
+    def _stage_sums(self, field: str) -> dict[str, float]:
         out: dict[str, float] = {}
         for s in self.manifest["stages"]:
-            if "wall_s" in s:
-                out[s["name"]] = out.get(s["name"], 0.0) + s["wall_s"]
+            if field in s:
+                out[s["name"]] = out.get(s["name"], 0.0) + s[field]
         return out
+
+    def wall(self) -> dict[str, float]:
+        """Wall seconds of this attempt's finished stages, by name (summed over repeats of a name)."""
+        return self._stage_sums("wall_s")
 
     def compile_time(self) -> dict[str, float]:
         """Seconds of each finished stage spent tracing, lowering and compiling (or loading compiled programs
         from the persistent cache), by name; the rest of ``wall()`` is run time."""
-        out: dict[str, float] = {}
-        for s in self.manifest["stages"]:
-            if "compile_s" in s:
-                out[s["name"]] = out.get(s["name"], 0.0) + s["compile_s"]
-        return out
+        return self._stage_sums("compile_s")
 
     def elapsed(self) -> float:
         """Seconds since this attempt opened the run."""

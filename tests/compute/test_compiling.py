@@ -20,6 +20,7 @@ import jaxpersona.compute.handle as jm
 from jaxpersona import errors
 from jaxpersona.compute import compiling, scoring
 from jaxpersona.data.chat import conversation
+from jaxpersona.model.transformer import final_hidden
 from jaxpersona.runner.run import open_run
 
 PROGRAM = """
@@ -100,8 +101,9 @@ def test_shared_prompt_scoring_equals_the_full_forward(tiny_model: jm.Model) -> 
             want.append(np.nan)
             continue
         enc = scoring.encode_targets(tiny_model, [c], [r])
-        want.append(float(scoring._logprob_chunk(tiny_model.params, tiny_model.cfg,
-                                                 {k: jnp.asarray(v) for k, v in enc.items()})[0]))
+        data = {k: jnp.asarray(v) for k, v in enc.items()}
+        h = final_hidden(tiny_model.params, tiny_model.cfg, data["tokens"], data["valid"])
+        want.append(float(scoring.target_logprob(tiny_model.params, tiny_model.cfg, h, data)[0]))
     assert np.isnan(got[4]) and np.isnan(want[4])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
     assert len({round(x, 3) for x in got if not np.isnan(x)}) > 3  # different rows, not one number repeated
