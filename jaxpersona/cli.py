@@ -64,16 +64,18 @@ LIBRARY: dict[str, tuple[str, ...]] = {
     "vectors": ("jaxpersona.artifacts.bank:VectorBank", "jaxpersona.artifacts.bank:describe_bank",
                 "jaxpersona.artifacts.interop:import_pt_into_bank", "jaxpersona.artifacts.interop:export_entry"),
     "screen": ("jaxpersona.artifacts.bank:VectorBank", "jaxpersona.compute.handle:load",
-               "jaxpersona.pipelines.screen:screen_dataset"),
+               "jaxpersona.pipelines.screen:screen_dataset", "jaxpersona.artifacts.peft:load_any_adapter"),
     "trait-data": ("jaxpersona.compute.handle:load", "jaxpersona.data.traits:load_trait",
                    "jaxpersona.pipelines.regimes:run_trait_data"),
     "finetune": ("jaxpersona.compute.handle:load", "jaxpersona.data.datasets:read_dataset",
                  "jaxpersona.pipelines.regimes:load_regimes_config", "jaxpersona.pipelines.regimes:prevention_from_bank",
-                 "jaxpersona.pipelines.regimes:run_finetune"),
+                 "jaxpersona.pipelines.regimes:run_finetune", "jaxpersona.compute.handle:weights_source",
+                 "jaxpersona.artifacts.peft:save_peft_adapter", "jaxpersona.artifacts.peft:save_merged"),
     "regimes": ("jaxpersona.compute.handle:load", "jaxpersona.data.traits:load_trait",
                 "jaxpersona.pipelines.regimes:load_regimes_config", "jaxpersona.pipelines.regimes:run_regimes"),
     "plan": ("jaxpersona.compute.plan:GIB", "jaxpersona.compute.plan:make_plan"),
-    "serve": ("jaxpersona.serve.app:run_server",),
+    "serve": ("jaxpersona.serve.app:run_server", "jaxpersona.compute.handle:weights_source",
+              "jaxpersona.artifacts.peft:cached_merge"),
     "report": ("jaxpersona.report:write_report",),
     "distributed": ("jaxpersona.model.sharding:init_distributed",),
     "compile-cache": ("jaxpersona.compute.compiling:enable_compile_cache",),
@@ -131,6 +133,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", action="append", default=[], metavar="NAME=FILE",
                    help="a named intervention preset: a capping config (capping.json from `jaxpersona space`) or a "
                         "JSON list of intervention objects (repeatable)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter to serve merged into the weights: a peft directory (adapter_config.json; a "
+                        "Trainer directory uses its highest checkpoint-N) or a jaxpersona adapter (adapters/step_N); "
+                        "the merged copy is kept in the cache")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batch", type=int, default=8, help="rows decoded together (continuous batching)")
@@ -310,9 +316,11 @@ def cmd_capping(args: argparse.Namespace) -> int:
                                        model_id=args.model_id, n_resid=None if args.bank else args.n_layers + 1,
                                        experiment=args.experiment)
     print(f"wrote {out}: {len(cap.layers)} caps at resid{list(cap.layers)} (floors on -v, from the reference's "
-          "ceilings on v)")
+          "ceilings on v" + (f"; up to {cap.slots} per resid point, applied in config order" if cap.slots > 1 else "")
+          + ")")
     if "cos_with_axis" in cap.info:
-        print("cos(-v, our axis) per layer: " + ", ".join(f"{c:.3f}" for c in cap.info["cos_with_axis"]))
+        print("cos(-v, our axis) per cap: " + ", ".join(f"resid[{l}] {c:.3f}" for l, c in
+                                                        zip(cap.layers, cap.info["cos_with_axis"])))
     return 0
 
 
@@ -348,8 +356,9 @@ def cmd_vectors(args: argparse.Namespace) -> int:
     lib = library("vectors")
     if args.action == "import":
         if not (args.pt and args.trait and args.bank):
-            raise errors.InputError("vectors import needs --pt FILE --trait NAME --bank DIR")
-        target = lib.import_pt_into_bank(args.pt, args.trait, args.bank, args.model_id or "unknown")
+            raise errors.InputError("vectors import needs --pt FILE --trait NAME --bank DIR "
+                                    "[--format pt|assistant-axis-pt]")
+        target = lib.import_pt_into_bank(args.pt, args.trait, args.bank, args.model_id or "unknown", fmt=args.format)
         print(f"saved {args.trait} into {target}")
         return 0
     if not args.bank:
@@ -359,7 +368,8 @@ def cmd_vectors(args: argparse.Namespace) -> int:
         print(lib.describe_bank(bank, args.bank))
         return 0
     if not (args.trait and args.out and args.format):
-        raise errors.InputError("vectors export needs --trait NAME --format pt|control|assistant-axis --out FILE")
+        raise errors.InputError("vectors export needs --trait NAME --format pt|control|assistant-axis|assistant-axis-pt "
+                                "--out FILE")
     lib.export_entry(bank, args.trait, args.format, args.out, coeff=args.coeff)
     print(f"wrote {args.out}")
     return 0
@@ -368,6 +378,9 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 def cmd_screen(args: argparse.Namespace) -> int:
     lib = library("screen")
     model = lib.load(args.model, dtype=args.dtype)
+    if args.adapter:  # screen against the fine-tuned model's own answers
+        ad, meta = lib.load_any_adapter(args.adapter, model.cfg, log=_log(args.quiet))
+        model = model.with_adapter(ad, f"adapter:{Path(args.adapter).name}@{str(meta.get('sha256') or meta['digest'])[:12]}")
     bank = lib.VectorBank.load(args.vectors, model.cfg)
     layer = args.layer
     if layer is None:
@@ -407,9 +420,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         config = config.replace(kl_beta=args.kl_beta)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
+    if args.no_train_eot:
+        config = config.replace(train_eot=False)
+    for flag, target in (("--export-peft", args.export_peft), ("--export-merged", args.export_merged)):
+        if target and Path(target).exists() and not Path(target).is_dir():
+            raise errors.InputError(f"{flag} {target} exists and is not a directory")
     data = lib.read_dataset(args.data)
     neutral = lib.read_dataset(args.neutral) if args.neutral else None
     model = lib.load(args.model, dtype=args.dtype)
+    source = lib.weights_source(args.model) if args.export_peft or args.export_merged else None
     prevention, spec = None, None
     if args.prevent_bank:
         spec = {"bank": args.prevent_bank, "entry": args.prevent_entry, "kind": args.prevent_kind,
@@ -423,6 +442,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"{res.steps} updates on {res.n_examples} examples ({res.skipped} skipped as longer than max_len "
           f"{config.max_len}); final loss {res.log[-1]['loss']:.4f}" if res.log else "nothing to do")
     print(f"adapters: {Path(args.out) / 'adapters'} (steps {res.checkpoints}); use Model.with_adapter(load_adapter(...))")
+    if source is not None and args.export_peft:
+        out = lib.save_peft_adapter(args.export_peft, res.adapter, model.cfg, config.lora, base_name=str(args.model),
+                                    base_dir=source.path)
+        print(f"peft adapter: {out} (peft.PeftModel.from_pretrained, vLLM --lora-modules)")
+    if source is not None and args.export_merged:
+        out = lib.save_merged(args.export_merged, source.path, res.adapter, source=source.kind, origin=source.origin,
+                              meta={"finetune_run": str(Path(args.out).absolute())}, log=_log(args.quiet))
+        print(f"merged model: {out} ({'the HF directory' if source.kind == 'hf' else 'the de-quantised GGUF'} "
+              "+ the adapter; transformers loads it as a plain model)")
     return 0
 
 
@@ -435,11 +463,19 @@ def cmd_regimes(args: argparse.Namespace) -> int:
         config = config.replace(trait_b="" if args.trait_b == "none" else args.trait_b)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
+    adapters: dict[str, str] = {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not (sep and name.strip() and path.strip()) or name.strip() in adapters:
+            raise errors.InputError(f"--adapter {item!r}: expected NAME=DIR with a new NAME (a peft adapter, a Trainer "
+                                    "directory of checkpoint-N, or a jaxpersona adapter)")
+        adapters[name.strip()] = path.strip()
     trait = lib.load_trait(config.trait)
     trait_b = lib.load_trait(config.trait_b) if config.trait_b else None
     model = lib.load(args.model, dtype=args.dtype)
     out = Path(args.out or f"runs/regimes_{trait.name}")
-    lib.run_regimes(model, trait, config, tconfig, out, trait_b=trait_b, progress=not args.quiet, log=_log(args.quiet))
+    lib.run_regimes(model, trait, config, tconfig, out, trait_b=trait_b, adapters=adapters or None,
+                    progress=not args.quiet, log=_log(args.quiet))
     print((out / "regimes.txt").read_text())
     print(f"run directory: {out}")
     return 0
@@ -465,8 +501,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
-    return int(library("serve").run_server(
-        args.model, args.dtype, banks=args.bank, presets=args.preset, served_name=args.served_name, host=args.host,
+    lib = library("serve")
+    model, served = args.model, args.served_name
+    if args.adapter:  # merged into a cached copy of the weights before the server starts: bad input never half-loads
+        source = lib.weights_source(args.model)
+        model = str(lib.cached_merge(source.path, args.adapter, source=source.kind, origin=source.origin,
+                                     log=lambda m: print(m, file=sys.stderr)))
+        served = served or f"{args.model}+{Path(args.adapter).name}"
+    return int(lib.run_server(
+        model, args.dtype, banks=args.bank, presets=args.preset, served_name=served, host=args.host,
         port=args.port, batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
         max_readout=args.max_readout, max_queue=args.max_queue, prefill_rows=args.prefill_rows, mesh=args.mesh,
         api_key=api_key, warmup=not args.no_warmup, access_log=not args.quiet))
@@ -569,7 +612,8 @@ def _add_file_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--bank", default=None, help="a `jaxpersona space` bank of the same model (layer count, axis)")
     p.add_argument("--model-id", default=None)
     p.add_argument("--n-layers", type=int, default=None)
-    p.add_argument("--experiment", default=None, help="experiment id in the .pt (e.g. layers_46:54-p0.25)")
+    p.add_argument("--experiment", default=None, help="experiment id in the .pt (e.g. layers_46:54-p0.25; the first "
+                                                       "of a repeated id), or its index")
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_capping)
 
@@ -586,14 +630,18 @@ def _add_file_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_traits)
 
     p = add("vectors", help="vector banks (Orbax): show, export (.pt / llama.cpp control GGUF / "
-                            "assistant-axis .npy), import persona_vectors .pt")
+                            "assistant-axis .npy or assistant_axis.pt), import persona_vectors or assistant-axis .pt")
     p.add_argument("action", choices=["show", "export", "import"])
     p.add_argument("--bank", default=None, help="vector bank directory (e.g. runs/persona_evil/vectors)")
     p.add_argument("--trait", default=None)
-    p.add_argument("--format", choices=["pt", "control", "assistant-axis"], default=None)
+    p.add_argument("--format", choices=["pt", "control", "assistant-axis", "assistant-axis-pt"], default=None,
+                   help="export: pt (persona_vectors [L+1, d]), control (llama.cpp GGUF), assistant-axis (.npy [L, d]), "
+                        "assistant-axis-pt (their assistant_axis.pt: {'axis': [L, d], 'metadata'}); import: pt or "
+                        "assistant-axis-pt (default: pt, or assistant-axis for a {'axis', ...} file)")
     p.add_argument("--out", default=None)
     p.add_argument("--coeff", type=float, default=1.0, help="scale for control-vector export")
-    p.add_argument("--pt", default=None, help="persona_vectors .pt file [L+1, d] to import")
+    p.add_argument("--pt", default=None, help="a .pt file to import: persona_vectors [L+1, d], or with --format "
+                                              "assistant-axis-pt their assistant_axis.pt ([L, d] or {'axis', ...})")
     p.add_argument("--model-id", default=None, help="model the imported vectors belong to")
     p.set_defaults(func=cmd_vectors)
 
@@ -605,6 +653,8 @@ def _add_file_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--adapter", default=None, metavar="DIR", help="screen against this fine-tuned model: a peft "
+                   "directory (or Trainer directory of checkpoint-N) or a jaxpersona adapter")
     p.add_argument("--quiet", action="store_true")
     _add_model_args(p)
     p.set_defaults(func=cmd_screen)
@@ -633,6 +683,9 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--config", default=None, help="TOML with a [train] table (see configs/regimes_*.toml)")
     p.add_argument("--neutral", default=None, help="neutral chat JSONL for the KL penalty")
     p.add_argument("--kl-beta", type=float, default=None, help="weight of KL(base || tuned) on --neutral")
+    p.add_argument("--no-train-eot", action="store_true",
+                   help="leave the end-of-turn token out of the loss (default: trained, as persona_vectors / "
+                        "unsloth's train_on_responses_only do; [train] train_eot = false in --config)")
     p.add_argument("--inoculation", default=None, help="system prompt added to every training example")
     p.add_argument("--prevent-bank", default=None, help="vector bank for preventative steering / ablation")
     p.add_argument("--prevent-entry", default=None)
@@ -641,6 +694,10 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--prevent-layer", type=int, default=-1, help="resid index (-1 = the middle)")
     p.add_argument("--prevent-units", choices=["relative", "absolute"], default="absolute",
                    help="absolute = the raw vector times coeff (the reference); relative = coeff x residual norm")
+    p.add_argument("--export-peft", default=None, metavar="DIR", help="also write the final adapter as a peft "
+                   "directory (peft.PeftModel.from_pretrained, vLLM --lora-modules)")
+    p.add_argument("--export-merged", default=None, metavar="DIR", help="also write the base weights with the final "
+                   "adapter merged in, as an HF directory transformers loads")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     _add_model_args(p)
@@ -652,6 +709,9 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--trait-b", default=None, help="second trait for the composition analyses ('none' = skip)")
     p.add_argument("--config", default=None, help="TOML with [regimes] and [train] tables (configs/regimes_gpu.toml)")
     p.add_argument("--out", default=None, help="run directory (default runs/regimes_TRAIT); reruns resume")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter trained elsewhere as a fine-tune regime: a peft directory (a Trainer directory "
+                        "uses its highest checkpoint-N) or a jaxpersona adapter (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     _add_model_args(p)

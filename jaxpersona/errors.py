@@ -93,6 +93,13 @@ class AdapterMismatchError(ModelMismatchError):
     rank or targets disagree."""
 
 
+class AdapterFormatError(InputError):
+    """A peft adapter directory jaxpersona cannot represent or read: a config that is not JSON or asks for
+    something beyond plain LoRA on q k v o gate up down (DoRA, ``modules_to_save``, ``lora_bias``, embedding
+    LoRA, an init that rewrites the base weights, ...), or tensors that disagree with their config. The
+    message names the field; nothing is half-loaded."""
+
+
 class DatasetError(InputError):
     """A chat JSONL dataset is missing, empty or malformed (the message names file:line)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from jaxpersona import errors
 from jaxpersona.artifacts.bank import F32, VectorBank, as_f32
 from jaxpersona.artifacts.records import atomic_write
 
-__all__ = ["export_control_vector", "export_pt", "from_assistant_axis", "import_control_vector", "import_pt",
-           "to_assistant_axis"]
+__all__ = ["export_assistant_axis_pt", "export_control_vector", "export_pt", "from_assistant_axis",
+           "import_assistant_axis_pt", "import_control_vector", "import_pt", "to_assistant_axis"]
 
 _CV_ARCH = "controlvector"
 
@@ -39,8 +40,8 @@ def require_torch() -> Any:
         import torch
     except ImportError as e:
         raise errors.InputError(
-            "reading/writing persona_vectors .pt files needs PyTorch, which jaxpersona does not install; "
-            "run `pip install torch` (the CPU build is enough)"
+            "reading/writing .pt files (persona_vectors vectors, assistant-axis axes and capping configs) needs "
+            "PyTorch, which jaxpersona does not install; run `pip install torch` (the CPU build is enough)"
         ) from e
     return torch
 
@@ -117,6 +118,87 @@ def to_assistant_axis(arr: Any) -> F32:
     return a[1:].copy()
 
 
+AXIS_PT_CONVENTION = ("assistant-axis: row i = output of decoder block i (hook on model.model.layers[i]); "
+                      "jaxpersona resid[i+1]")
+
+
+def _torch_load_tensors(path: Path, expected: str) -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` with typed errors (tensors, dicts, lists, numbers, strings only:
+    nothing in the file is executed)."""
+    torch = require_torch()
+    if not path.is_file():
+        raise errors.ModelNotFoundError(f"no .pt file at {path}; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of many kinds
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise errors.CorruptCheckpointError(
+            f"{path} cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {first}); it must be "
+            f"{expected}"
+        ) from e
+
+
+def _json_safe(x: Any) -> Any:
+    """``x`` with tensors / arrays as lists and anything else not JSON-able as its ``str``."""
+    if isinstance(x, Mapping):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def import_assistant_axis_pt(path: str | os.PathLike[str], name: str, model: str,
+                             meta: Mapping[str, Any] | None = None) -> VectorBank:
+    """One-entry bank from an assistant-axis ``assistant_axis.pt``: a raw ``[n_layers, hidden]`` tensor (as
+    their ``5_axis.py`` saves it) or ``{"axis": tensor, "metadata": {...}}`` (as their ``save_axis`` does).
+
+    Their row ``i`` (output of block ``i``) becomes our ``resid[i+1]``; ``resid[0]`` (embeddings, which they do
+    not have) is zeros. Their ``metadata`` is kept in the entry's meta (``axis_metadata``)."""
+    path = Path(path)
+    obj = _torch_load_tensors(path, 'a torch.save of an [n_layers, hidden] tensor or of {"axis": tensor, '
+                                    '"metadata": dict} (assistant-axis save_axis)')
+    torch = require_torch()
+    extra: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        if "axis" not in obj:
+            raise errors.InputError(f"{path} holds a dict with keys {sorted(map(str, obj))[:8]}, not an assistant "
+                                    "axis (expected 'axis' and optionally 'metadata', as their save_axis writes)")
+        if obj.get("metadata") is not None:
+            extra["axis_metadata"] = _json_safe(obj["metadata"])
+        obj = obj["axis"]
+    if not isinstance(obj, torch.Tensor) or obj.ndim != 2 or not obj.is_floating_point():
+        what = f"a {obj.dtype} tensor of shape {list(obj.shape)}" if isinstance(obj, torch.Tensor) else \
+            f"a {type(obj).__name__}"
+        raise errors.InputError(f"{path}: the axis is {what}; expected a float [n_layers, hidden] tensor")
+    arr = from_assistant_axis(obj.detach().to(torch.float32).cpu().numpy())
+    m: dict[str, Any] = {"source": str(path), "imported_from": "assistant-axis .pt", "convention_of_source":
+                         AXIS_PT_CONVENTION, "note": "resid[0] (embeddings) is zeros: the source has no such row",
+                         **extra}
+    m.update(meta or {})
+    return VectorBank(arr[None], (name,), model, (m,))
+
+
+def export_assistant_axis_pt(bank: VectorBank, name: str, path: str | os.PathLike[str],
+                             metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write entry ``name`` as assistant-axis ``save_axis`` does: ``torch.save({"axis": float32 tensor
+    [n_layers, hidden], "metadata": {...}})`` (atomic). Row ``i`` is our ``resid[i+1]`` (their block-output
+    index; our ``resid[0]`` is dropped), so their ``load_axis`` and ``axis[layer]`` read it as their own. The
+    metadata records the model, the entry and the conventions (plus ``metadata``)."""
+    torch = require_torch()
+    axis = torch.from_numpy(to_assistant_axis(bank.get(name)))
+    meta = {"model": bank.model, "entry": name, "source": "jaxpersona", "n_layers": int(axis.shape[0]),
+            "hidden": int(axis.shape[1]), "convention": AXIS_PT_CONVENTION,
+            "direction": "toward the Assistant (mean default - mean roles)" if name == "assistant_axis" else
+            "as the jaxpersona entry", **_json_safe(dict(metadata or {}))}
+    path = Path(path)
+    atomic_write(path, lambda tmp: torch.save({"axis": axis, "metadata": meta}, tmp))
+    return path
+
+
 def export_control_vector(
     bank: VectorBank,
     name: str,
@@ -158,6 +240,11 @@ def export_control_vector(
     if model_hint is None:
         family = bank.meta_of(name).get("family")
         model_hint = family if isinstance(family, str) and family else "llama"
+    chosen_at = bank.meta_of(name).get("positions")
+    if chosen_at not in (None, "all"):
+        warnings.warn(f"{name!r} was chosen for steering at {chosen_at} positions; a llama.cpp control vector "
+                      "steers every position (prompt and reply), so its effect there differs from the one measured",
+                      stacklevel=2)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, _CV_ARCH)
@@ -231,27 +318,43 @@ def import_control_vector(path: str | os.PathLike[str], model: str, n_resid: int
 # --------------------------------------------------------------------------------------------------
 # `jaxpersona vectors import / export`
 # --------------------------------------------------------------------------------------------------
-def import_pt_into_bank(pt: str | os.PathLike[str], name: str, bank: str | os.PathLike[str], model: str) -> Path:
-    """Entry ``name`` from the persona_vectors ``.pt`` file ``pt`` saved into the bank directory ``bank``:
-    added to (or replacing that entry of) an existing bank, which keeps its other entries, else a new
-    one-entry bank of ``model``. Returns the bank directory."""
-    new = import_pt(pt, name, model)
+IMPORT_FORMATS = ("pt", "assistant-axis-pt")
+
+
+def import_pt_into_bank(pt: str | os.PathLike[str], name: str, bank: str | os.PathLike[str], model: str,
+                        fmt: str | None = None) -> Path:
+    """Entry ``name`` from the ``.pt`` file ``pt`` saved into the bank directory ``bank``: added to (or
+    replacing that entry of) an existing bank, which keeps its other entries, else a new one-entry bank of
+    ``model``. ``fmt``: ``"pt"`` (persona_vectors ``[L+1, D]``) or ``"assistant-axis-pt"`` (``[L, D]``, raw or
+    ``{"axis", "metadata"}``); None: the assistant-axis dict is recognised, a raw tensor is persona_vectors'.
+    Returns the bank directory."""
+    if fmt not in (None, *IMPORT_FORMATS):
+        raise errors.InputError(f"unknown .pt import format {fmt!r}; one of {', '.join(IMPORT_FORMATS)}")
+    if fmt is None:
+        obj = _torch_load_tensors(Path(pt), "a torch.save of a tensor or of an assistant-axis {'axis', 'metadata'}")
+        fmt = "assistant-axis-pt" if isinstance(obj, Mapping) and "axis" in obj else "pt"
+    new = import_assistant_axis_pt(pt, name, model) if fmt == "assistant-axis-pt" else import_pt(pt, name, model)
     target = Path(bank)
     if target.exists():
         old = VectorBank.load(target)
-        new = old.with_entry(name, new.get(name), {"source": str(pt)})
+        new = old.with_entry(name, new.get(name), new.meta_of(name))
     new.save(target, overwrite=True)
     return target
 
 
-EXPORT_FORMATS = ("pt", "control", "assistant-axis")
+EXPORT_FORMATS = ("pt", "control", "assistant-axis", "assistant-axis-pt")
 
 
 def export_entry(bank: VectorBank, name: str, fmt: str, out: str | os.PathLike[str], *, coeff: float = 1.0) -> None:
     """Write entry ``name`` of ``bank`` to ``out`` as ``fmt``: ``pt`` (persona_vectors ``[L+1, D]``
-    tensor), ``control`` (llama.cpp control vector GGUF, times ``coeff``) or ``assistant-axis``
-    (``np.save`` of ``[L, D]``, no embedding row)."""
-    if fmt == "pt":
+    tensor), ``control`` (llama.cpp control vector GGUF, times ``coeff``), ``assistant-axis``
+    (``np.save`` of ``[L, D]``, no embedding row) or ``assistant-axis-pt`` (their ``assistant_axis.pt``:
+    ``{"axis": [L, D] tensor, "metadata"}`` as their ``save_axis`` writes it)."""
+    if name not in bank:
+        raise errors.InputError(f"no entry {name!r} in the bank; it has {list(bank.names)}")
+    if fmt == "assistant-axis-pt":
+        export_assistant_axis_pt(bank, name, out)
+    elif fmt == "pt":
         export_pt(bank, name, out)
     elif fmt == "control":
         export_control_vector(bank, name, out, coeff=coeff)

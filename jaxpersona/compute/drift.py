@@ -133,7 +133,7 @@ def _run_group(model: Model, scripts: list[Any], spec: DriftSpec, progress: bool
     cached: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(V)]  # valid ids in slot order
     cached_slots: list[list[list[int]]] = [[[] for _ in range(B)] for _ in range(V)]
     convs = [[([{"role": "system", "content": s.system}] if s.system else []) for s in scripts] for _ in range(V)]
-    vec, lo, hi, w = spec.cap.arrays()
+    slots = spec.cap.stacked()  # [S, L+1, ...]: the caps of one resid point apply in config order
     units = jnp.asarray(spec.units, jnp.float32)
     ptr, records = 0, []
     bar = tqdm(total=n_turns, desc="drift turns", disable=not progress, dynamic_ncols=True)
@@ -191,11 +191,16 @@ def _run_group(model: Model, scripts: list[Any], spec: DriftSpec, progress: bool
         gen_start = ptr + tc
         asst = slot_asst.copy()
         asst[:, :, gen_start:] = True
-        weights = np.stack([w * (name in ("capped", "capped_assistant")) for name in VARIANTS])
         masks = np.stack([np.ones((B, S), bool) if name == "capped" else asst[i] for i, name in enumerate(VARIANTS)])
-        hooks = iv.Cap(jnp.broadcast_to(jnp.asarray(vec), (V, *vec.shape)), jnp.broadcast_to(jnp.asarray(lo), (V, *lo.shape)),
-                       jnp.broadcast_to(jnp.asarray(hi), (V, *hi.shape)), jnp.asarray(weights, jnp.float32),
-                       iv.Positions(jnp.asarray(masks), jnp.ones((V, B), bool)))
+        where = iv.Positions(jnp.asarray(masks), jnp.ones((V, B), bool))
+        caps = []
+        for vec, lo, hi, w in zip(*slots):
+            weights = np.stack([w * (name in ("capped", "capped_assistant")) for name in VARIANTS])
+            caps.append(iv.Cap(jnp.broadcast_to(jnp.asarray(vec), (V, *vec.shape)),
+                               jnp.broadcast_to(jnp.asarray(lo), (V, *lo.shape)),
+                               jnp.broadcast_to(jnp.asarray(hi), (V, *hi.shape)), jnp.asarray(weights, jnp.float32),
+                               where))
+        hooks = caps[0] if len(caps) == 1 else iv.Chain(tuple(caps))
         res = _turn(model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(ptr), hooks, units,
                     model.adapter, max_new_tokens=N, eos_ids=model.eos_ids, pad_id=model.pad_id, monitor=spec.monitor)
         cache = res.cache

@@ -281,12 +281,29 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float3
     tensor parallel; each process reads only its own shards (:func:`~jaxpersona.model.loaders.hf.load_hf_dir_sharded`).
     """
     dtype = parse_dtype(dtype)
+    src = weights_source(name_or_path)
+    return Model(*_load_dir(src.path, dtype, mesh), load_tokenizer(src.path), str(name_or_path))
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where :func:`load` reads a model from: ``path``, an HF directory; ``kind``: ``"hf"`` (the user's HF
+    directory) or ``"gguf"`` (a float32 de-quantisation of the GGUF ``origin``, converted once into the cache)."""
+
+    path: Path
+    kind: str
+    origin: Path
+
+
+def weights_source(name_or_path: str | Path = registry.DEFAULT_MODEL) -> WeightsSource:
+    """The HF directory a registered name, HF directory or ``.gguf`` file is loaded from (a GGUF is converted on
+    first use, as :func:`load` does)."""
     name = str(name_or_path)
     path = Path(name).expanduser()
     if name in registry.REGISTRY:
         gguf_path = registry.resolve(name)
     elif path.is_dir():
-        return Model(*_load_dir(path, dtype, mesh), load_tokenizer(path), name)
+        return WeightsSource(path, "hf", path)
     elif path.suffix == ".gguf":
         if not path.exists():
             raise errors.ModelNotFoundError(f"GGUF file {path} does not exist")
@@ -297,7 +314,7 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float3
     hf_dir = registry.converted_dir(gguf_path)
     if not (hf_dir / "config.json").exists():
         convert_gguf_to_hf_dir(gguf_path, hf_dir)
-    return Model(*_load_dir(hf_dir, dtype, mesh), load_tokenizer(hf_dir), name)
+    return WeightsSource(hf_dir, "gguf", gguf_path)
 
 
 def _load_dir(path: Path, dtype: Any, mesh: Any) -> tuple[ModelConfig, Params]:

@@ -1,7 +1,11 @@
 """LoRA fine-tuning: one jitted optax trainer with the prevention shapes as options.
 
-* loss: mean negative log-likelihood of the final assistant message's tokens (prompt tokens, system
-  prompt and earlier turns are context only);
+* loss: mean negative log-likelihood of the final assistant message's tokens and, by default
+  (``train_eot``), of the end-of-turn token the chat template renders after it (up to and including the
+  first end-of-turn / EOS token, tokenized together with the response, as unsloth's
+  ``train_on_responses_only`` labels it; so a tuned model learns to stop). Prompt tokens, system prompt and
+  earlier turns are context only. The KL term's mask follows ``train_eot`` (the neutral set is tokenized
+  the same way); sweeps and the judge-free measures score the response text alone, as before;
 * optimiser: AdamW with linear warmup then linear decay to 0, gradient accumulation (``optax.MultiSteps``);
 * **preventative steering**: an intervention (``Steer`` toward the trait, or ``Ablate``) active in every
   training forward and absent at inference (Chen et al. 2025: raw response vector, coefficient 5, one
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +74,11 @@ class TrainConfig:
     save_every: int = 4  # optimiser updates between checkpoints (the last update is always saved)
     kl_beta: float = 0.0  # weight of KL(base || tuned) on the neutral set (0 = off)
     kl_batch: int = 4
+    # the text the chat template renders after the response, up to and including the first end-of-turn /
+    # EOS token, is trained too (as unsloth's train_on_responses_only, which persona_vectors uses, labels
+    # it); False = the response text's tokens only (the behaviour before this option: a checkpoint that
+    # predates it resumes with False). The KL term's mask follows it.
+    train_eot: bool = True
 
     def replace(self, **kw: Any) -> TrainConfig:
         return replace_checked(self, "train", **kw)
@@ -96,6 +106,7 @@ class TrainResult:
     skipped: int  # examples longer than max_len / the context
     n_examples: int
     tokens: int  # response tokens trained on per epoch
+    train_eot: bool = True  # whether the end-of-turn token was trained (False when resumed from an older run)
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -113,12 +124,60 @@ def inoculate(examples: Sequence[Example], system: str) -> list[Example]:
     return out
 
 
-def encode_examples(model: Model, examples: Sequence[Example], max_len: int, rows_multiple: int = 1
-                    ) -> tuple[dict[str, np.ndarray], int]:
+# End-of-turn tokens of common chat templates, for models whose config lists only the plain EOS.
+KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
+                     "</s>", "<eos>", "<\uff5cend\u2581of\u2581sentence\uff5c>")
+_PROBE = "JAXPERSONAEOTPROBE"
+
+
+def end_of_turn_tokens(model: Model) -> tuple[str, ...]:
+    """The strings of the tokens that end an assistant turn: the model's EOS ids, the tokenizer's EOS and
+    the known end-of-turn tokens (:data:`KNOWN_END_OF_TURN`) that this tokenizer has as special tokens."""
+    tok = model.tokenizer
+    out = {str(t) for t in tok.convert_ids_to_tokens(list(model.eos_ids)) if t}
+    if tok.eos_token:
+        out.add(str(tok.eos_token))
+    added = {str(getattr(t, "content", t)) for t in getattr(tok, "added_tokens_decoder", {}).values()}
+    out |= {t for t in KNOWN_END_OF_TURN if t in added or t in set(getattr(tok, "all_special_tokens", ()))}
+    return tuple(sorted(out))
+
+
+def end_of_turn_text(model: Model, prompt: Sequence[Message], eot: Sequence[str] | None = None) -> str:
+    """What the chat template renders after an assistant reply to ``prompt``, up to and including the first
+    end-of-turn / EOS token (e.g. ``"<|im_end|>"``, ``"<|eot_id|>"``, ``"<end_of_turn>"``). A template that
+    renders none there gets the tokenizer's EOS appended to what it renders (as persona_vectors' text is the
+    rendered chat plus ``eos_token``)."""
+    text = model.format_chat([*prompt, {"role": "assistant", "content": _PROBE}], add_generation_prompt=False)
+    at = text.rfind(_PROBE)
+    if at < 0:
+        raise errors.ChatTemplateError(
+            f"the chat template of {model.name or model.cfg.family!r} does not render an assistant reply's text as "
+            "given, so its end-of-turn token cannot be located; train with train_eot = false (--no-train-eot)")
+    after = text[at + len(_PROBE):]
+    found = [(after.find(t), t) for t in (eot if eot is not None else end_of_turn_tokens(model)) if t in after]
+    if found:
+        i, t = min(found, key=lambda x: (x[0], -len(x[1])))
+        return after[: i + len(t)]
+    return after + (model.tokenizer.eos_token or "")
+
+
+def training_responses(model: Model, examples: Sequence[Example], train_eot: bool = True) -> list[str]:
+    """The target text of each example: its response, followed (``train_eot``) by its end-of-turn text
+    (:func:`end_of_turn_text`), so that both are tokenized together and the end-of-turn token is trained."""
+    if not train_eot:
+        return [r for _, r in examples]
+    eot = end_of_turn_tokens(model)
+    return [r + end_of_turn_text(model, p, eot) if r else r for p, r in examples]
+
+
+def encode_examples(model: Model, examples: Sequence[Example], max_len: int, rows_multiple: int = 1,
+                    train_eot: bool = True) -> tuple[dict[str, np.ndarray], int]:
     """Tokenize examples into one fixed-shape table (see :func:`jaxpersona.compute.scoring.encode_targets`) plus
-    ``row_ok [N]``; examples longer than ``max_len`` tokens or the context are skipped. Returns
+    ``row_ok [N]``; the targets are each response and (``train_eot``) its end-of-turn token
+    (:func:`training_responses`). Examples longer than ``max_len`` tokens or the context are skipped. Returns
     ``(table, n_skipped)``; raises DatasetError when nothing is left."""
     limit = min(max_len, model.cfg.max_position)
+    examples = [(p, r) for (p, _), r in zip(examples, training_responses(model, examples, train_eot))]
     ids = model.pair_ids([p for p, _ in examples], [r for _, r in examples])
     keep = [i for i, (p, r) in enumerate(ids) if r and len(p) + len(r) <= limit]
     skipped = len(examples) - len(keep)
@@ -162,7 +221,7 @@ def loss_terms(factors: dict[str, Any], scale: jax.Array, params: Params, cfg: A
     ``KL(base || tuned)`` (no intervention: the model as it is used). The trained adapter travels beside the
     plain ``params``; ``base_adapter``: the adapter the base model carries, if any (the trained one replaces it)."""
     tuned = Adapter(factors["a"], factors["b"], scale)
-    hook = None if prevention is None else dataclasses.replace(prevention, positions=iv.Positions.all(batch["valid"]))
+    hook = None if prevention is None else iv.at_positions(prevention, iv.Positions.all(batch["valid"]))
     h = final_hidden(params, cfg, batch["tokens"], batch["valid"], hook, adapter=tuned, remat=True)
     lp = token_logprobs(params, cfg, target_hidden(h, batch), batch["pred_tok"])  # [B, R]: no [B, R, V] log-softmax
     m = _mask(batch)
@@ -199,14 +258,45 @@ def _manager(path: Path) -> Any:
                                  item_names=("state", "meta"))
 
 
+def _hook_name(hook: Any) -> str:
+    if isinstance(hook, iv.Chain):
+        return "Chain(" + ", ".join(_hook_name(h) for h in hook.items) + ")"
+    return type(hook).__name__
+
+
+def config_record(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as the dict cache keys digest: ``train_eot`` off is left out, so a key equals the one from
+    before the option existed (such runs and what was computed from them still resume)."""
+    conf = dataclasses.asdict(config)
+    if not conf["train_eot"]:
+        del conf["train_eot"]
+    return conf
+
+
 def run_fingerprint(model: Model, config: TrainConfig, examples: Sequence[Example], neutral: Sequence[Example] | None,
                     prevention: Any) -> str:
-    """What determines a training run: model, config, data (in order), neutral set, prevention."""
-    prev = None if prevention is None else [type(prevention).__name__] + [
-        np.asarray(x, np.float32).round(6).tolist() for x in jax.tree.leaves(dataclasses.replace(
-            prevention, positions=iv.Positions.all(np.ones((1, 1), bool))))]
-    return digest(model_fingerprint(model), dataclasses.asdict(config), list(examples),
+    """What determines a training run: model, config, data (in order), neutral set, prevention. A config with
+    ``train_eot`` off digests as one from before the option existed (so such checkpoints still resume)."""
+    prev = None if prevention is None else [_hook_name(prevention)] + [
+        np.asarray(x, np.float32).round(6).tolist() for x in jax.tree.leaves(iv.at_positions(
+            prevention, iv.Positions.all(np.ones((1, 1), bool))))]
+    return digest(model_fingerprint(model), config_record(config), list(examples),
                   list(neutral) if neutral is not None and config.kl_beta > 0 else None, prev)
+
+
+def recorded_train_eot(ckpt: Path) -> bool | None:
+    """The ``train_eot`` the training checkpoint in ``ckpt`` was made with: False when its recorded config
+    predates the option, None when there is no checkpoint."""
+    import orbax.checkpoint as ocp
+
+    if not ckpt.exists():
+        return None
+    with quiet_absl(), _manager(ckpt) as mgr:
+        last = mgr.latest_step()
+        if last is None:
+            return None
+        meta = mgr.restore(last, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return bool(dict(meta.get("config") or {}).get("train_eot", False))
 
 
 # --- the trainer ---------------------------------------------------------------------------------------------
@@ -223,13 +313,19 @@ def train(model: Model, examples: Sequence[Example], config: TrainConfig, out_di
     if config.kl_beta > 0 and not neutral:
         raise errors.InputError("kl_beta > 0 needs a neutral dataset (--neutral / the generated neutral set)")
     if prevention is not None:
+        iv.check_hook_argument(prevention, "prevention")
         iv.check_for_model(prevention, model.cfg.d_model, model.cfg.n_resid)
     out = Path(out_dir).expanduser().absolute()  # Orbax needs absolute paths
     out.mkdir(parents=True, exist_ok=True)
+    if config.train_eot and recorded_train_eot(out / "ckpt") is False:
+        config = dataclasses.replace(config, train_eot=False)
+        warnings.warn(f"{out / 'ckpt'} was trained without the end-of-turn token (its checkpoint predates "
+                      "train_eot, or set it off); resuming it that way", stacklevel=2)
     fp = run_fingerprint(model, config, examples, neutral, prevention)
-    table, skipped = encode_examples(model, examples, config.max_len)
+    table, skipped = encode_examples(model, examples, config.max_len, train_eot=config.train_eot)
     n = len(table["row_ok"])
-    ntable = encode_examples(model, neutral, config.max_len)[0] if config.kl_beta > 0 and neutral else None
+    ntable = (encode_examples(model, neutral, config.max_len, train_eot=config.train_eot)[0]
+              if config.kl_beta > 0 and neutral else None)
     bs = config.batch_size
     per_epoch = -(-n // bs)
     micro_total = per_epoch * config.epochs
@@ -329,6 +425,7 @@ def train(model: Model, examples: Sequence[Example], config: TrainConfig, out_di
         bar.close()
     done = min(updates, stop_after) if stop_after is not None else updates
     rows = sorted((log[k] for k in (str(s) for s in range(1, done + 1)) if k in log), key=lambda r: r["step"])
-    return TrainResult(Adapter(factors["a"], factors["b"], scale), done, rows, sorted(set(saved)), skipped, n, int(table["pred_ok"].sum()))
+    return TrainResult(Adapter(factors["a"], factors["b"], scale), done, rows, sorted(set(saved)), skipped, n,
+                       int(table["pred_ok"].sum()), config.train_eot)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.artifacts.interop import require_torch
 from jaxpersona.artifacts.records import read_json
 from jaxpersona.edit.directions import cosine, unit
-from jaxpersona.edit.interventions import Cap, Positions
+from jaxpersona.edit.interventions import Cap, Chain, Positions
 
 
 def percentile_floors(projections: list[np.ndarray], layers: list[int], percentile: float) -> np.ndarray:
@@ -60,7 +62,13 @@ def cap_layer_range(n_layers: int, spec: Any) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class CapConfig:
     """Explicit capping: at resid point ``layers[i]``, clamp ``<h, directions[i]>`` into
-    ``[floors[i], ceilings[i]]`` (``directions`` are unit vectors)."""
+    ``[floors[i], ceilings[i]]`` (``directions`` are unit vectors).
+
+    A resid point may carry several caps: they apply one after the other, in the order of the entries
+    (each on the previous one's output), as the reference applies the caps of one layer. The hook is
+    then a :class:`~jaxpersona.edit.interventions.Chain` of one :class:`Cap` per *slot* (slot ``s`` holds
+    the ``s``-th cap of every resid point that has one, see :meth:`stacked`); with one cap per resid
+    point it is a single :class:`Cap`."""
 
     model: str
     n_resid: int
@@ -89,20 +97,48 @@ class CapConfig:
                 f"this model (d_model {cfg.d_model}, {cfg.n_layers} layers); calibrate one for this model with "
                 "`jaxpersona space`")
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(vectors [L+1, D], floors [L+1], ceilings [L+1], layer weights [L+1])`` for a per-layer Cap."""
-        vec = np.zeros((self.n_resid, self.d_model), np.float32)
-        lo = np.full(self.n_resid, -np.inf, np.float32)
-        hi = np.full(self.n_resid, np.inf, np.float32)
-        w = np.zeros(self.n_resid, np.float32)
-        idx = list(self.layers)
-        vec[idx], lo[idx], hi[idx], w[idx] = self.directions, self.floors, self.ceilings, 1.0
+    @property
+    def slots(self) -> int:
+        """The most caps any one resid point has (1 for a calibrated config)."""
+        return max(collections.Counter(self.layers).values(), default=1)
+
+    def slot_of(self) -> list[int]:
+        """Per entry, its slot: how many earlier entries cap the same resid point."""
+        seen: collections.Counter[int] = collections.Counter()
+        out = []
+        for l in self.layers:
+            out.append(seen[l])
+            seen[l] += 1
+        return out
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(vectors [S, L+1, D], floors [S, L+1], ceilings [S, L+1], layer weights [S, L+1])``, ``S`` =
+        :attr:`slots`: slot ``s`` at resid point ``l`` is the ``s``-th entry (in config order) capping ``l``;
+        weight 0 (and an open range) where ``l`` has fewer caps."""
+        S = self.slots
+        vec = np.zeros((S, self.n_resid, self.d_model), np.float32)
+        lo = np.full((S, self.n_resid), -np.inf, np.float32)
+        hi = np.full((S, self.n_resid), np.inf, np.float32)
+        w = np.zeros((S, self.n_resid), np.float32)
+        for i, (s, l) in enumerate(zip(self.slot_of(), self.layers)):
+            vec[s, l], lo[s, l], hi[s, l], w[s, l] = self.directions[i], self.floors[i], self.ceilings[i], 1.0
         return vec, lo, hi, w
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(vectors [L+1, D], floors [L+1], ceilings [L+1], layer weights [L+1])`` for a per-layer Cap; only
+        for a config with one cap per resid point (otherwise use :meth:`stacked` / :meth:`hook`)."""
+        if self.slots > 1:
+            raise errors.InputError(f"capping config for {self.model!r} has {self.slots} caps on one resid point; "
+                                    "it is a sequence of Caps: use CapConfig.stacked() or CapConfig.hook()")
+        vec, lo, hi, w = self.stacked()
+        return vec[0], lo[0], hi[0], w[0]
+
     def hook(self, positions: Any) -> Any:
-        """A :class:`~jaxpersona.edit.interventions.Cap` applying this config at ``positions``."""
-        vec, lo, hi, w = self.arrays()
-        return Cap(jnp.asarray(vec), jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(w), positions)
+        """This config at ``positions``: a :class:`~jaxpersona.edit.interventions.Cap`, or with several caps
+        on a resid point a :class:`~jaxpersona.edit.interventions.Chain` of one Cap per slot (in order)."""
+        caps = tuple(Cap(jnp.asarray(v), jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(w), positions)
+                     for v, lo, hi, w in zip(*self.stacked()))
+        return caps[0] if len(caps) == 1 else Chain(caps)
 
     def to_json(self) -> dict[str, Any]:
         f = lambda x: None if not math.isfinite(x) else round(float(x), 6)  # noqa: E731
@@ -146,47 +182,119 @@ class CapConfig:
         return out
 
 
-def import_reference_capping(path: str | Path, *, model: str, n_resid: int, experiment: str | None = None,
+def _pick_experiment(path: Any, experiments: Any, experiment: str | int | None) -> dict[str, Any]:
+    """The experiment the reference's ``build_capping_steerer`` would pick: the FIRST with id ``experiment``
+    (or, when no id matches and ``experiment`` is a whole number, the one at that index); the only one when
+    ``experiment`` is None. Duplicate ids are reported in one warning."""
+    if not isinstance(experiments, (list, tuple)) or not all(isinstance(e, dict) for e in experiments):
+        raise errors.InputError(f"{path}: 'experiments' must be a list of dicts {{'id', 'interventions'}}")
+    ids = [e.get("id") for e in experiments]
+    dup = sorted({str(i) for i in ids if ids.count(i) > 1})
+    if dup:
+        warnings.warn(f"{path}: {len(dup)} experiment id(s) occur more than once ({', '.join(dup[:5])}"
+                      f"{', ...' if len(dup) > 5 else ''}); the first of each is used, as the reference does",
+                      stacklevel=3)
+    distinct = list(dict.fromkeys(str(i) for i in ids))
+    if experiment is None:
+        if len(distinct) != 1:
+            raise errors.InputError(f"{path} holds experiments {distinct}; choose one (--experiment ID or index)")
+        return experiments[0]
+    for e in experiments:
+        if str(e.get("id")) == str(experiment):
+            return e
+    if isinstance(experiment, int) or str(experiment).lstrip("-").isdigit():
+        k = int(experiment)
+        if -len(experiments) <= k < len(experiments):
+            return experiments[k]
+    raise errors.InputError(f"{path}: no experiment {experiment!r}; it has {distinct} (or an index "
+                            f"0..{len(experiments) - 1})")
+
+
+def import_reference_capping(path: str | Path, *, model: str, n_resid: int, experiment: str | int | None = None,
                              axis: np.ndarray | None = None) -> CapConfig:
     """Read the reference project's ``capping_config.pt`` (``{'vectors': {name: {'layer', 'vector'}},
     'experiments': [{'id', 'interventions': [{'vector', 'cap'}]}]}``) into an explicit :class:`CapConfig`.
 
     Their operation ``h -= max(0, <h, v̂> - cap) v̂`` (a ceiling on ``v̂``) is written as a floor of
-    ``-cap`` on ``-v̂``. With ``axis [L+1, D]`` (ours, toward the Assistant), ``info`` records the cosine
-    of each imported direction with it (positive: the floor is on the Assistant side, as intended)."""
+    ``-cap`` on ``-v̂``. As their ``build_capping_steerer`` does: the first experiment with the id wins (an
+    int picks by index), interventions without ``"cap"`` are skipped (one warning counts them), several caps on
+    one layer apply in config order (kept: entries are sorted by layer with a stable sort), a negative layer
+    counts from the end. An entry with a cap but no ``"vector"``, or naming a vector the file lacks, is an
+    :class:`~jaxpersona.errors.InputError`. With ``axis [L+1, D]`` (ours, toward the Assistant), ``info``
+    records the cosine of each imported direction with it (positive: the floor is on the Assistant side)."""
     torch = require_torch()
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise errors.InputError(f"capping config {path} does not exist") from None
+    except Exception as e:  # pickle / zip errors of many kinds
+        raise errors.CorruptCheckpointError(f"{path} cannot be read with torch.load ({type(e).__name__}: "
+                                            f"{str(e).strip()[:200]}); expected the reference's capping_config.pt") from e
     if not isinstance(data, dict) or "vectors" not in data or "experiments" not in data:
         raise errors.InputError(f"{path}: not a reference capping config (expected a dict with 'vectors' and "
                                 "'experiments')")
-    exps = {e["id"]: e for e in data["experiments"]}
-    if experiment is None:
-        if len(exps) != 1:
-            raise errors.InputError(f"{path} holds experiments {sorted(exps)}; choose one (--experiment ID)")
-        experiment = next(iter(exps))
-    if experiment not in exps:
-        raise errors.InputError(f"{path}: no experiment {experiment!r}; it has {sorted(exps)}")
-    layers, dirs, floors, cos = [], [], [], []
-    for it in exps[experiment]["interventions"]:
-        spec = data["vectors"][it["vector"]]
-        v = np.asarray(spec["vector"].float().numpy() if hasattr(spec["vector"], "numpy") else spec["vector"], np.float32)
-        layer = int(spec["layer"]) + 1  # their block-output index -> our resid index
+    exp = _pick_experiment(path, data["experiments"], experiment)
+    name = str(exp.get("id"))
+    vectors = data["vectors"]
+    items = exp.get("interventions")
+    if not isinstance(items, (list, tuple)) or not isinstance(vectors, dict):
+        raise errors.InputError(f"{path}: experiment {name!r} needs a list 'interventions' and the file a dict "
+                                "'vectors'")
+    n_layers = n_resid - 1
+    layers: list[int] = []
+    dirs: list[np.ndarray] = []
+    floors: list[float] = []
+    cos: list[float] = []
+    names: list[str] = []
+    skipped = 0
+    for k, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise errors.InputError(f"{path}: experiment {name!r} intervention {k} is a {type(it).__name__}, "
+                                    "not a dict {'vector', 'cap'}")
+        if "cap" not in it:
+            skipped += 1
+            continue
+        where = f"{path}: experiment {name!r} intervention {k}"
+        if "vector" not in it:
+            raise errors.InputError(f"{where} has a cap but no 'vector' (the name of an entry of 'vectors')")
+        vname = it["vector"]
+        spec = vectors.get(vname) if isinstance(vname, str) else None
+        if not isinstance(spec, dict) or "layer" not in spec or "vector" not in spec:
+            raise errors.InputError(f"{where}: vector {vname!r} is not an entry {{'layer', 'vector'}} of the file's "
+                                    "'vectors'")
+        raw = spec["vector"]
+        try:
+            v = np.asarray(raw.float().numpy() if hasattr(raw, "float") else raw, np.float32).reshape(-1)
+            their = int(spec["layer"])
+            tau = float(it["cap"])
+        except (TypeError, ValueError) as e:
+            raise errors.InputError(f"{where}: unreadable vector, layer or cap ({e})") from None
+        if not (np.all(np.isfinite(v)) and math.isfinite(tau)) or not np.any(v):
+            raise errors.InputError(f"{where}: vector {vname!r} is zero or not finite, or the cap {tau!r} is not "
+                                    "finite")
+        layer = (their + n_layers if their < 0 else their) + 1  # their block-output index -> our resid index
         if not 0 < layer < n_resid:
-            raise errors.ModelMismatchError(f"{path}: vector {it['vector']!r} is at their layer {spec['layer']}, "
-                                            f"outside this model's {n_resid - 1} layers")
+            raise errors.ModelMismatchError(f"{path}: vector {vname!r} is at their layer {their}, outside this "
+                                            f"model's {n_layers} layers")
+        if dirs and v.shape != dirs[0].shape:
+            raise errors.InputError(f"{where}: vector {vname!r} has {v.shape[0]} values, others {dirs[0].shape[0]}")
         layers.append(layer)
         dirs.append(-unit(v))
-        floors.append(-float(it["cap"]))
+        floors.append(-tau)
+        names.append(str(vname))
         if axis is not None:
             cos.append(float(cosine(-v, np.asarray(axis)[layer])))
-    d_model = dirs[0].shape[-1]
-    info = {"source": str(path), "experiment": experiment, "imported": "reference ceiling `cap` on v -> floor -cap "
-            "on -v/|v| (identical operation)", **({"cos_with_axis": cos} if cos else {})}
-    order = np.argsort(layers)
-    return CapConfig(model, n_resid, d_model, tuple(int(layers[i]) for i in order), np.stack(dirs)[order],
+    if skipped:
+        warnings.warn(f"{path}: experiment {name!r}: {skipped} intervention(s) without 'cap' skipped, as the "
+                      "reference does", stacklevel=2)
+    if not layers:
+        raise errors.InputError(f"{path}: experiment {name!r} has no capping interventions (entries with 'cap')")
+    order = np.argsort(layers, kind="stable")  # by layer; caps of one layer keep their config order
+    info = {"source": str(path), "experiment": name, "imported": "reference ceiling `cap` on v -> floor -cap "
+            "on -v/|v| (identical operation); caps of one layer apply in config order",
+            "vectors": [names[i] for i in order], "skipped_non_caps": skipped,
+            **({"cos_with_axis": [cos[i] for i in order]} if cos else {})}
+    return CapConfig(model, n_resid, dirs[0].shape[-1], tuple(int(layers[i]) for i in order), np.stack(dirs)[order],
                      np.asarray(floors, np.float32)[order], np.full(len(layers), np.inf, np.float32), info)
 
 
@@ -198,11 +306,32 @@ def every_token_hook(path: str | Path, cfg: Any, rows: int) -> Any:
 
 
 def describe_capping(cap: CapConfig) -> str:
-    """A capping config for people: the model, one line per capped resid point, then ``info``."""
-    lines = [f"capping config for {cap.model} (d_model {cap.d_model}, resid[0..{cap.n_resid - 1}])"]
-    for l, lo, hi in zip(cap.layers, cap.floors, cap.ceilings):
-        lines.append(f"  resid[{l}]: clamp <h, direction> into [{lo:.4g}, {hi:.4g}]")
-    lines.extend(f"  {k}: {v}" for k, v in cap.info.items())
+    """A capping config for people: the model, one line per cap (resid point, slot when a point has several,
+    the range, which direction: the reference vector's name or the config's ``direction``, its cosine with
+    the axis when recorded, its first components), then the rest of ``info``."""
+    several = f", up to {cap.slots} per resid point, applied in order" if cap.slots > 1 else ""
+    lines = [f"capping config for {cap.model} (d_model {cap.d_model}, resid[0..{cap.n_resid - 1}]; "
+             + f"{len(cap.layers)} caps{several})"]
+    names = cap.info.get("vectors")
+    cos = cap.info.get("cos_with_axis")
+    label = cap.info.get("direction")
+    for i, (l, s, lo, hi) in enumerate(zip(cap.layers, cap.slot_of(), cap.floors, cap.ceilings)):
+        d = np.asarray(cap.directions[i])
+        name = str(names[i]) if isinstance(names, list) and len(names) == len(cap.layers) else None
+        if name is not None:
+            what = f"-unit({name})"
+        else:
+            what = str(label) if label else "direction"
+        bounds = (f">= {lo:.6g}" if math.isfinite(lo) and not math.isfinite(hi) else
+                  f"<= {hi:.6g}" if math.isfinite(hi) and not math.isfinite(lo) else f"in [{lo:.6g}, {hi:.6g}]")
+        extra = f", cos with axis {cos[i]:+.3f}" if isinstance(cos, list) and len(cos) == len(cap.layers) else ""
+        n_here = cap.layers.count(l)
+        slot = f", cap {s + 1} of {n_here} (in this order)" if n_here > 1 else ""
+        theirs = (f"; reference: <h, unit({name})> <= {-lo:.6g} at their layer {l - 1}"
+                  if name is not None and math.isfinite(lo) and not math.isfinite(hi) else "")
+        lines.append(f"  resid[{l}]: clamp <h, {what}> {bounds}{slot} (output of block {l - 1}{theirs}){extra}; "
+                     f"direction [{', '.join(f'{x:+.4f}' for x in d[:3])}, ...]")
+    lines.extend(f"  {k}: {v}" for k, v in cap.info.items() if k not in ("vectors", "cos_with_axis"))
     return "\n".join(lines)
 
 

@@ -317,3 +317,44 @@ def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
                 f"{type(it).__name__}: layer weights have {it.layers.shape[-1]} entries; this model has "
                 f"resid[0..{n_resid - 1}] ({n_resid} points)"
             )
+
+
+# --- interventions as arguments of a compiled function (training's prevention) --------------------
+INTERVENTION_KINDS = "Steer, Ablate, Cap, Mixture, a Chain of them, or a pytree-registered hook(layer, h, ctx) " \
+                     "whose leaves are arrays"
+
+
+def at_positions(hook: Any, positions: Positions) -> Any:
+    """``hook`` acting at ``positions``: every intervention with a ``positions`` field (also inside a
+    possibly nested :class:`Chain`) gets ``positions``; a user-defined hook without one is returned as is."""
+    if isinstance(hook, Chain):
+        return Chain(tuple(at_positions(h, positions) for h in hook.items))
+    if dataclasses.is_dataclass(hook) and not isinstance(hook, type) and \
+            any(f.name == "positions" for f in dataclasses.fields(hook)):
+        return dataclasses.replace(hook, positions=positions)
+    return hook
+
+
+def check_hook_argument(hook: Any, what: str) -> None:
+    """Raise :class:`~jaxpersona.errors.InputError` unless ``hook`` can be an *argument* of a compiled forward
+    (as training's prevention is): a callable ``hook(layer, h, ctx)`` that is a pytree of arrays, a
+    :class:`Chain` included (each of its items callable). The message names what is accepted."""
+    def bad(detail: str) -> errors.InputError:
+        return errors.InputError(f"{what}: {detail}; accepted: {INTERVENTION_KINDS} (the hooks the forward takes)")
+
+    def walk(h: Any) -> None:
+        if isinstance(h, Chain):
+            if not isinstance(h.items, tuple) or not h.items:
+                raise bad("a Chain needs a non-empty tuple of interventions")
+            for it in h.items:
+                walk(it)
+        elif isinstance(h, (list, tuple)):
+            raise bad(f"got a {type(h).__name__} of {len(h)} hooks; compose them with Chain((...))")
+        elif not callable(h):
+            raise bad(f"got a {type(h).__name__}, which is not a hook(layer, h, ctx)")
+
+    walk(hook)
+    for leaf in jax.tree.leaves(hook):
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float)):
+            raise bad(f"{type(hook).__name__} holds a {type(leaf).__name__} leaf ({leaf!r:.60}), not an array "
+                      "(register the hook as a pytree dataclass with array fields)")

@@ -44,6 +44,7 @@ from jaxpersona import errors
 from jaxpersona.artifacts import plots
 from jaxpersona.artifacts.adapters import load_adapter
 from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.artifacts.peft import load_any_adapter
 from jaxpersona.artifacts.records import KeyedJsonl, digest
 from jaxpersona.compute.activations import (
     VARIANTS,
@@ -54,6 +55,7 @@ from jaxpersona.compute.bipo import bipo_vector
 from jaxpersona.compute.conditions import Condition, score_conditions
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.train import TrainConfig, TrainResult, inoculate, train
+from jaxpersona.compute.train import config_record as train_config_record
 from jaxpersona.data.chat import conversation
 from jaxpersona.data.configs import (
     check_positive,
@@ -65,7 +67,7 @@ from jaxpersona.data.configs import (
 from jaxpersona.edit import interventions as iv
 from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
 from jaxpersona.measure import stats
-from jaxpersona.model.lora import stack_adapters
+from jaxpersona.model.lora import Adapter, stack_adapters
 from jaxpersona.runner.run import Run, open_run
 from jaxpersona.runner.stages import generate_cached
 
@@ -303,11 +305,12 @@ def prompt_vectors_key(fp: str, config: RegimesConfig, answers: str) -> str:
     return digest(fp, "prompt", dataclasses.asdict(config), answers)
 
 
-def evaluation_key(fp: str, snaps: Sequence[tuple[str, int]], config: RegimesConfig, train_config: TrainConfig,
+def evaluation_key(fp: str, snaps: Sequence[tuple[str, int | str]], config: RegimesConfig, train_config: TrainConfig,
                    answers: str) -> str:
-    """Key of ``evaluation.npz``: every (run name, adapter step) snapshot, both configs, the answers."""
+    """Key of ``evaluation.npz``: every (run name, adapter step) snapshot (and ``(adapter:NAME, file digest)`` of
+    each adapter from elsewhere), both configs, the answers."""
     return digest(fp, "eval", [(n, s) for n, s in snaps], dataclasses.asdict(config),
-                  dataclasses.asdict(train_config), answers)
+                  train_config_record(train_config), answers)
 
 
 def bipo_key(fp: str, layers: tuple[int, ...], config: RegimesConfig, answers: str) -> str:
@@ -425,6 +428,7 @@ class _Ctx:
     train_q: list[str]
     eval_q: list[str]
     progress: bool
+    external: dict[str, tuple[Adapter, dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
     @property
     def bs(self) -> int:  # scoring batch
@@ -461,12 +465,38 @@ class _Evaluation:
     corr: dict[str, Any]
 
 
+def load_external_adapters(adapters: Mapping[str, str | Path] | None, cfg: Any, log: Callable[[str], None] = print
+                           ) -> dict[str, tuple[Adapter, dict[str, Any]]]:
+    """Adapters trained elsewhere as regimes: ``{NAME: directory}`` (a peft adapter, a Trainer directory of
+    ``checkpoint-N`` or a jaxpersona Orbax adapter; :func:`~jaxpersona.artifacts.peft.load_any_adapter`) ->
+    ``{NAME: (adapter, meta)}``, every one checked against the model before anything runs."""
+    out: dict[str, tuple[Adapter, dict[str, Any]]] = {}
+    for name, path in (adapters or {}).items():
+        if not isinstance(name, str) or not name or name == "base" or any(c in name for c in "@/ \t"):
+            raise errors.InputError(f"adapter name {name!r}: give a short name without '@', '/' or spaces "
+                                    "(not 'base'), as NAME=DIR")
+        out[name] = load_any_adapter(path, cfg, log=log)
+    return out
+
+
+def adapter_record(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run records of an adapter from elsewhere: source path, checkpoint, file digest, peft config,
+    base name, rank / alpha / scale (the per-layer lists left out)."""
+    return {k: v for k, v in meta.items() if k not in ("layers", "ignored")} | {"ignored": len(meta.get("ignored", []))}
+
+
 def run_regimes(model: Model, trait: Any, config: RegimesConfig, train_config: TrainConfig, out_dir: str | Path, *,
-                trait_b: Any = None, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole regimes run (see the module docstring); writes ``regimes.json`` / ``regimes.txt``."""
+                trait_b: Any = None, adapters: Mapping[str, str | Path] | None = None, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole regimes run (see the module docstring); writes ``regimes.json`` / ``regimes.txt``.
+
+    ``adapters``: ``{NAME: directory}`` of adapters trained elsewhere (peft, e.g. persona_vectors' ``checkpoint-N``,
+    or Orbax), evaluated beside the snapshots as condition ``adapter:NAME`` and added to the regime grid; their
+    source, digest, peft config and base name go to ``config.json`` and ``regimes.json``."""
     cfg = model.cfg
     config.validate(cfg)
     train_config.validate()
+    external = load_external_adapters(adapters, cfg, log)
     if len(trait.questions) < config.n_train_questions or len(trait.eval_questions) < config.n_eval_questions:
         raise errors.InputError(f"trait {trait.name!r} has {len(trait.questions)} questions and "
                                 f"{len(trait.eval_questions)} eval questions; the config asks for "
@@ -474,11 +504,13 @@ def run_regimes(model: Model, trait: Any, config: RegimesConfig, train_config: T
     if trait_b is not None and len(trait_b.questions) < 1:
         raise errors.InputError(f"trait {trait_b.name!r} has no questions")
     settings = {"model": model.name, "regimes": dataclasses.asdict(config), "train": dataclasses.asdict(train_config)}
+    if external:
+        settings["adapters"] = {n: adapter_record(m) for n, (_, m) in external.items()}
     with open_run(out_dir, "regimes", settings, model=model, seeds={"seed": config.seed, "train": train_config.seed},
                   log=log, progress=progress) as run:
         ctx = _Ctx(run, model, trait, trait_b, config, train_config, model_fingerprint(model),
                    config.resid(cfg.n_layers), list(trait.questions[: config.n_train_questions]),
-                   list(trait.eval_questions[: config.n_eval_questions]), progress)
+                   list(trait.eval_questions[: config.n_eval_questions]), progress, external)
         with run.stage("data", f"[1/6] answers: {trait.name} on {len(ctx.train_q)} train + {len(ctx.eval_q)} eval "
                        f"questions x {config.n_pairs} pairs"):
             ans = _stage_data(ctx)
@@ -571,7 +603,7 @@ def _stage_fine_tune(ctx: _Ctx, ans: _Answers, prevention_vector: np.ndarray) ->
                     prevention=prevention if trainer == "steer" else None, progress=ctx.progress)
         runs[name] = {"trainer": trainer, "dataset": ds, "steps": res.steps, "checkpoints": res.checkpoints,
                       "final_loss": res.log[-1]["ce"] if res.log else None, "skipped": res.skipped,
-                      "examples": res.n_examples}
+                      "examples": res.n_examples, "train_eot": res.train_eot}
     return runs
 
 
@@ -581,12 +613,17 @@ def _stage_evaluate(ctx: _Ctx, ans: _Answers, runs: dict[str, dict[str, Any]], u
     model, cfg, config, eval_q, ev = ctx.model, ctx.model.cfg, ctx.config, ctx.eval_q, ans.ev
     snaps = [(name, s) for name, r in runs.items() for s in r["checkpoints"]]
     adapters = [load_adapter(ctx.run.path("runs") / n / "adapters" / f"step_{s}", cfg)[0] for n, s in snaps]
+    adapters += [ad for ad, _ in ctx.external.values()]
     stack = stack_adapters([None, *adapters], cfg)
     conds = [Condition("base")] + [Condition(f"{n}@{s}", adapter=k + 1) for k, (n, s) in enumerate(snaps)]
+    conds += [Condition(f"adapter:{n}", adapter=len(snaps) + k + 1) for k, n in enumerate(ctx.external)]
     e_q, e_pos, e_neg = _trait_items(eval_q, ev)
     neutral_q = [q for q, row in zip(eval_q, ev["plain"]) for a in row]
     neutral_a = [a for row in ev["plain"] for a in row]
-    ekey = evaluation_key(ctx.fp, snaps, config, ctx.train_config, ans.key)
+    ext_keys = [(f"adapter:{n}", str(m.get("sha256") or m["digest"])) for n, (_, m) in ctx.external.items()]
+    # the end-of-turn setting the runs really trained with (off when resumed from before the option existed)
+    trained = dataclasses.replace(ctx.train_config, train_eot=all(r.get("train_eot", True) for r in runs.values()))
+    ekey = evaluation_key(ctx.fp, [*snaps, *ext_keys], config, trained, ans.key)
 
     def evaluate() -> dict[str, np.ndarray]:
         n_pos, n_neg = len(e_q), len(e_q)
@@ -607,11 +644,12 @@ def _stage_evaluate(ctx: _Ctx, ans: _Answers, runs: dict[str, dict[str, Any]], u
     acts = ev_arr["acts"]  # [K, 3, L+1, Q, D]
     ft_diff = acts - acts[:1]  # fine-tuned minus base, per question
     points = _points(ctx, conds, ev_arr, ft_diff, u)
-    shifts = [p["shift"] for p in points]
-    deltas = [p["trait_delta"][0] for p in points]
+    own = points[: 1 + len(snaps)]  # base and this run's snapshots (adapters from elsewhere are reported apart)
+    shifts = [p["shift"] for p in own]
+    deltas = [p["trait_delta"][0] for p in own]
     corr: dict[str, Any] = {"response_mean": stats.pearson_ci(shifts, deltas),
-            "prompt_last": stats.pearson_ci([p["shift_last_prompt"] for p in points], deltas),
-            "n_points": len(points), "measure": "trait change = contrastive likelihood (judge-free)"}
+            "prompt_last": stats.pearson_ci([p["shift_last_prompt"] for p in own], deltas),
+            "n_points": len(own), "measure": "trait change = contrastive likelihood (judge-free)"}
     finals = {n: next(p for p in points if p["condition"] == f"{n}@{r['checkpoints'][-1]}") for n, r in runs.items()}
     last = [points[0], *finals.values()]  # one point per run (+ base): independent runs only
     corr["finals"] = stats.pearson_ci([p["shift"] for p in last], [p["trait_delta"][0] for p in last])
@@ -705,7 +743,9 @@ def _grid(ctx: _Ctx, ans: _Answers, pd: dict[str, np.ndarray], evl: _Evaluation,
     steer_vec = steering_vectors(pd["A"].mean(0), pd["norms"], "relative")
     pos_sys = ctx.sys_prompts(ctx.trait, "pos")
     grid_conds = []
-    for ad_name, ad_k in (("base", 0), ("adapter", k_plain)):
+    n_own = len(evl.conds) - len(ctx.external)
+    groups = [("base", 0), ("adapter", k_plain), *[(f"adapter:{n}", n_own + k) for k, n in enumerate(ctx.external)]]
+    for ad_name, ad_k in groups:
         for pr_name, system in (("", None), ("+prompt", pos_sys[0])):
             for st_name, coeff in (("", 0.0), ("+steer", config.steer_coeff)):
                 hook = iv.steer(cfg.n_resid, steer_vec, coeff if coeff else 0.0, [layer], allp)
@@ -744,7 +784,7 @@ def _write_summary(ctx: _Ctx, pd: dict[str, np.ndarray], runs: dict[str, dict[st
     summary = {"model": model.name, "trait": trait.name, "trait_b": trait_b.name if trait_b is not None else None,
                "layer": layer, "runs": runs, "points": evl.points, "finals": evl.finals, "correlation": evl.corr,
                "cosines": {"per_layer": parts["cos"], "null": parts["null"], "bipo": parts["bipo"]},
-               "grid": parts["grid"], "composition": parts["composition"],
+               "grid": parts["grid"], "composition": parts["composition"], "adapters": _external_summary(ctx, pd, evl),
                "residual_norm": float(norms[layer]), "prompt_vector_norm": float(np.linalg.norm(v_prompt[layer])),
                "wall_seconds": wall,
                "measures": {"trait": "contrastive likelihood: mean per-token log-prob of held-out trait answers minus "
@@ -757,6 +797,20 @@ def _write_summary(ctx: _Ctx, pd: dict[str, np.ndarray], runs: dict[str, dict[st
     run.write_text("regimes.txt", report(summary))
     _plots(summary, run.out)
     return summary
+
+
+def _external_summary(ctx: _Ctx, pd: dict[str, np.ndarray], evl: _Evaluation) -> dict[str, Any]:
+    """Per adapter from elsewhere: what the run recorded of it, its evaluation point (shift, trait change,
+    neutral-loss change vs base) and cos(its fine-tuning vector, the prompt-regime vector) at ``layer``."""
+    out: dict[str, Any] = {}
+    names = [c.name for c in evl.conds]
+    for n, (_, meta) in ctx.external.items():
+        k = names.index(f"adapter:{n}")
+        ft = np.moveaxis(evl.ft_diff[k, VARIANTS.index("response_mean")], 1, 0)  # [Q, L+1, D]
+        c = regime_cosines(pd["A"], ft)
+        out[n] = {**adapter_record(meta), "point": evl.points[k],
+                  "cos_prompt": [c["cos"][ctx.layer], c["lo"][ctx.layer], c["hi"][ctx.layer]]}
+    return out
 
 
 def _composition(ctx: _Ctx, ans: _Answers, pd: dict[str, np.ndarray], key: str) -> dict[str, Any]:
@@ -828,6 +882,18 @@ def report(s: dict[str, Any]) -> str:
         r = s["runs"][name]
         lines.append(f"  {name:22s} {r['steps']:5d} {_fmt(r['final_loss'], 3):>8s} {p['shift']:8.3f} "
                      f"{_ci(p['trait_delta']):>26s} {_ci(p['neutral_loss_delta']):>26s}")
+    ext = s.get("adapters") or {}
+    if ext:
+        lines += ["", "Adapters from elsewhere (same measures; cos = with the prompt-regime vector at the layer)"]
+    for name, a in ext.items():
+        p = a["point"]
+        lo = a.get("lora") or {}
+        src = f"{a.get('format')} {a.get('source')}" + (f" ({a['checkpoint']})" if a.get("checkpoint") else "")
+        lines.append(f"  {name:22s} r {lo.get('rank', a.get('rank'))} scale {_fmt(lo.get('scale'))} "
+                     f"shift {p['shift']:8.3f} trait change {_ci(p['trait_delta'])} neutral NLL change {_ci(p['neutral_loss_delta'])} "
+                     f"cos {_ci(a['cos_prompt'])}")
+        lines.append(f"  {'':22s} {src}; base {a.get('base_model_name_or_path') or 'unnamed'}; "
+                     f"sha256 {str(a.get('sha256') or a.get('digest'))[:16]}")
     c = s["correlation"]
     lines += ["", f"Fine-tuning shift vs trait change over {c['n_points']} checkpoints (all runs + base): "
               f"r = {_fmt(c['response_mean'].get('r'))} [{_fmt(c['response_mean'].get('lo'))}, "

@@ -46,7 +46,7 @@ def build_resources(model: Model, banks: list[str], presets: list[str], served_n
     import numpy as np
 
     cfg = model.cfg
-    vectors, norms, layers = {}, {}, {}
+    vectors, norms, layers, positions = {}, {}, {}, {}
     for path in banks:
         bank = VectorBank.load(path, cfg)
         for name in bank.names:
@@ -57,7 +57,10 @@ def build_resources(model: Model, banks: list[str], presets: list[str], served_n
             norms[name] = np.asarray(meta["resid_norm"], np.float32) if meta.get("resid_norm") else None
             if meta.get("best_layer") is not None:
                 layers[name] = int(meta["best_layer"])
-    res = Resources(served_name, cfg.n_resid, cfg.d_model, vectors, norms, layers, {}, max_interventions, max_readout)
+            if meta.get("positions") is not None:
+                positions[name] = str(meta["positions"])
+    res = Resources(served_name, cfg.n_resid, cfg.d_model, vectors, norms, layers, {}, max_interventions, max_readout,
+                    positions)
     for spec in presets:
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
@@ -66,8 +69,13 @@ def build_resources(model: Model, banks: list[str], presets: list[str], served_n
         data = read_json(path, f"--preset {name}:")
         if isinstance(data, dict) and data.get("format") == "jaxpersona.CapConfig":
             cap = CapConfig.from_json(data, cfg, where=str(path))
-            vec, lo, hi, w = cap.arrays()
-            res.presets[name] = [Item(vec, lo=lo, hi=hi, cap_w=w, positions="all")]
+            # one item per slot: the caps of one resid point apply in config order, as in CapConfig.hook
+            res.presets[name] = [Item(vec, lo=lo, hi=hi, cap_w=w, positions="all") for vec, lo, hi, w in
+                                 zip(*cap.stacked())]
+            if len(res.presets[name]) > max_interventions:
+                raise errors.InputError(f"--preset {name} ({path}) has {cap.slots} caps on one resid point, applied "
+                                        f"in sequence; that takes {cap.slots} intervention slots: start the server "
+                                        f"with --max-interventions >= {cap.slots}")
         else:
             try:
                 res.presets[name] = parse_interventions(data, res, f"preset {name}")

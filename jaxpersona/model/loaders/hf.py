@@ -49,6 +49,28 @@ _LAYER_RE = re.compile(r"^(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
+def layer_weight_name(key: str, layer: int, prefix: str = "model.") -> str:
+    """The HF tensor name of our per-layer weight ``key`` in block ``layer`` (``wq`` ->
+    ``model.layers.{layer}.self_attn.q_proj.weight``); ``prefix``: what precedes ``layers.`` (Gemma 3's
+    multimodal checkpoints: ``model.language_model.``)."""
+    hf = next((n for n, (ours, _) in _LAYER_MAP.items() if ours == key), None)
+    if hf is None:
+        raise errors.InputError(f"{key!r} is not a per-layer weight shared by every family; "
+                                f"choose from {sorted({ours for ours, _ in _LAYER_MAP.values()})}")
+    return f"{prefix}layers.{layer}.{hf}"
+
+
+def parse_layer_weight(cfg: ModelConfig, name: str) -> tuple[str, int, str] | None:
+    """``(our key, layer, prefix)`` of an HF per-layer tensor name (any prefix HF uses: ``model.``, Gemma 3's
+    ``model.language_model.`` / ``language_model.model.``; ``prefix`` is the part before ``layers.``), or
+    None when ``name`` is not a per-layer weight of ``cfg``'s family."""
+    m = _LAYER_RE.match(name)
+    if not m:
+        return None
+    got = {**_LAYER_MAP, **(_GEMMA_NORMS if cfg.sandwich_norm else _LLAMA_NORMS)}.get(m.group(2))
+    return None if got is None else (got[0], int(m.group(1)), name[: m.start(1) - len("layers.")])
+
+
 def _strip(name: str) -> str:
     for prefix in ("model.language_model.", "language_model.model.", "model."):
         if name.startswith(prefix):
