@@ -549,11 +549,16 @@ def example_steer(vectors: np.ndarray, name: str, meta: dict[str, Any]) -> tuple
     relative = isinstance(norms, list) and len(norms) == n_resid and all(_is_number(x) for x in norms)
     vec = steering_vectors(vectors, np.asarray(norms, np.float32) if relative else None,
                            "relative" if relative else "absolute")
-    coeff = 0.5 if relative else 1.0
-    hook = iv.steer(n_resid, vec[layer], coeff, layer, iv.Positions.response(np.ones((1, 1), bool)))
+    chosen = meta.get("best_coeff")
+    coeff = float(chosen) if relative and _is_number(chosen) else (0.5 if relative else 1.0)
+    positions = meta.get("positions") if meta.get("positions") in ("all", "prompt", "response") else "response"
+    one = np.ones((1, 1), bool)
+    pos = {"all": iv.Positions.all, "prompt": iv.Positions.prompt, "response": iv.Positions.response}[positions](one)
+    hook = iv.steer(n_resid, vec[layer], coeff, layer, pos)
     units = "× the residual norm (relative units)" if relative else "× the raw vector (no residual norms recorded)"
-    return hook, (f"Steer along {name!r} at resid[{layer}], coefficient {coeff:g} {units}, at response positions "
-                  "(positions for a one-token placeholder prompt)")
+    source = "the bank's chosen setting" if meta.get("positions") else "defaults: the bank records no chosen setting"
+    return hook, (f"Steer along {name!r} at resid[{layer}], coefficient {coeff:g} {units}, at {positions} positions "
+                  f"({source}; positions for a one-token placeholder prompt)")
 
 
 def _entry_table(bank: Any) -> str:

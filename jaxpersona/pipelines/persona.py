@@ -39,6 +39,7 @@ import dataclasses
 import datetime
 import math
 import tomllib
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from jaxpersona.artifacts.records import KeyedJsonl, digest
 from jaxpersona.compute.activations import VARIANTS, iter_activations
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.scoring import ScoringSet
-from jaxpersona.compute.sweep import Grid, run_sweep
+from jaxpersona.compute.sweep import POSITIONS, Grid, run_sweep
 from jaxpersona.data.configs import (
     check_positive,
     check_types,
@@ -68,6 +69,16 @@ from jaxpersona.measure.evaluate import (
     steering_table,
 )
 from jaxpersona.measure.judge_check import JudgeCheck, check_judge
+from jaxpersona.measure.selection import (
+    DEFAULT_HOW,
+    cross_fit,
+    dose_response,
+    echo_rate,
+    instruction_words,
+    paired_gain,
+    select,
+    setting_json,
+)
 from jaxpersona.measure.stats import CoherenceThresholds, pearson_ci
 from jaxpersona.runner.run import Run, Stage, open_run
 from jaxpersona.runner.stages import generate_cached, judge_cached
@@ -113,12 +124,17 @@ class ExtractConfig:
     steer_layers: tuple[int, ...] = ()  # () -> evenly spaced over the middle of the model
     n_steer_layers: int = 4
     steer_coeffs: tuple[float, ...] = (-0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
-    n_eval: int = 8
+    n_eval: int = 20  # evaluation questions (the shipped traits have 20); cross-fitted, see ``folds``
     steer_tokens: int = 24
     max_bad: float = 0.25  # a grid point is incoherent when more of its generations than this are
     # monitoring
     monitor_pairs: int = 1  # system prompts: none + pos_i + neg_i for i < monitor_pairs
     monitor_tokens: int = 32
+    # how to steer (fields added in 0.7, after the older ones so config.json keeps its order): grid axes beside layer and coefficient (the default setting is the first of each)
+    steer_positions: tuple[str, ...] = ("response", "all")  # "response", "all", "prompt"
+    steer_variants: tuple[str, ...] = ("response_mean",)  # "response_mean", "prompt_mean", "prompt_last"
+    folds: int = 2  # cross-fitting: the setting is chosen on the other folds' questions, its gain read on these
+    n_random: int = 3  # random directions of the same norm run at the chosen setting (the control)
 
     @classmethod
     def default(cls) -> ExtractConfig:
@@ -129,6 +145,7 @@ class ExtractConfig:
         """Chen et al.'s sizes: 5 pairs x all extraction questions x 10 samples, 20 eval questions."""
         return cls(temperature=1.0, top_p=1.0, n_questions=10_000, samples=10, max_new_tokens=256, n_eval=20,
                    steer_tokens=128, n_steer_layers=10, steer_coeffs=(-0.5, -0.25, 0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0),
+                   steer_positions=("response", "all", "prompt"), steer_variants=VARIANTS,
                    monitor_pairs=2, monitor_tokens=128, batch_size=64)
 
     def replace(self, **kw: Any) -> ExtractConfig:
@@ -156,6 +173,14 @@ class ExtractConfig:
             raise errors.InputError(f"steer_layers {bad} outside resid[0..{n_resid - 1}]")
         if not self.steer_coeffs or not all(math.isfinite(c) for c in self.steer_coeffs):
             raise errors.InputError(f"steer_coeffs must be finite and non-empty, got {self.steer_coeffs}")
+        for key, allowed in (("steer_positions", POSITIONS), ("steer_variants", VARIANTS)):
+            got = getattr(self, key)
+            if not got or len(set(got)) != len(got) or not set(got) <= set(allowed):
+                raise errors.InputError(f"{key} must be distinct values among {list(allowed)}, got {list(got)}")
+        if self.folds < 2 or self.folds > self.n_eval:
+            raise errors.InputError(f"folds must be in [2, n_eval = {self.n_eval}] (cross-fitting), got {self.folds}")
+        if self.n_random < 1:
+            raise errors.InputError(f"n_random must be >= 1 (the random-direction control), got {self.n_random}")
         if 0.0 not in self.steer_coeffs or not any(c > 0 for c in self.steer_coeffs):
             raise errors.InputError(f"steer_coeffs must contain 0 (the unsteered baseline) and a positive coefficient, "
                                     f"got {self.steer_coeffs}")
@@ -253,6 +278,19 @@ class ExtractResult:
     monitor_judged: dict[str, dict[str, Any]] | None  # layer -> {r, lo, hi, n} vs the judge (if trusted)
     wall_s: dict[str, float]
     out_dir: str
+    setting: dict[str, Any] | None = None  # the shipped {positions, variant, layer, coeff} (selection.setting_json)
+    selection: dict[str, Any] | None = None  # selection.select on all questions (per positions/variant: its best)
+    heldout: dict[str, Any] | None = None  # selection.cross_fit: the procedure's held-out gain, fold choices
+    control: dict[str, Any] | None = None  # random directions at the setting: selection.paired_gain
+    dose: dict[str, Any] | None = None  # selection.dose_response at the setting's layer
+    lexical: dict[str, Any] | None = None  # distinct-2 and instruction-word echo, steered vs unsteered
+    steering_by_how: dict[str, Any] | None = None  # "positions/variant" -> judge-free table
+
+    @property
+    def reliable(self) -> bool:
+        """The held-out gain's interval is above 0."""
+        h = self.heldout
+        return bool(h and h.get("lo") is not None and math.isfinite(h["lo"]) and h["lo"] > 0)
 
     def table(self) -> str:
         coeffs = sorted({c for v in self.steering.values() for c in v}, key=float)
@@ -282,6 +320,7 @@ class ExtractResult:
                          f"coherence breaks at c={_fmt(self.choice['cliff'], 3) if self.choice['cliff'] is not None else 'none in grid'}; "
                          f"Spearman rho(coeff, trait score) below the cliff = {_fmt(self.choice['rho'], 2)}) — "
                          f"chosen by {self.decisions['layer']}")
+        lines += self._evidence_lines()
         m = self.monitor.get(str(self.best_layer)) if self.best_layer is not None else None
         if m:
             lines.append(f"monitoring (judge-free): Pearson r(last-prompt projection, answer trait score) at layer "
@@ -291,6 +330,46 @@ class ExtractResult:
             lines.append(f"monitoring (judged): r = {_fmt(mj.get('r'), 3)} [{_fmt(mj.get('lo'), 2)}, {_fmt(mj.get('hi'), 2)}]")
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.wall_s.items()))
         return "\n".join(line for line in lines if line)
+
+
+    def _evidence_lines(self) -> list[str]:
+        """The setting, its held-out gain, the random control, the slope and the lexical checks."""
+        lines = []
+        if self.setting is not None and self.selection is not None:
+            st = self.setting
+            others = "; ".join(f"{h}: layer {v['setting'][2]}, c={v['setting'][3]:g}, gain {v['gain']:+.3f}"
+                               for h, v in self.selection.get("per_how", {}).items())
+            lines.append(f"setting: {st['positions']} positions, {st['variant']} vector, layer {st['layer']}, "
+                         f"c={st['coeff']:g} ({self.selection['reason']}); searched: {others}")
+        h = self.heldout
+        if h is not None:
+            folds = ", ".join("none" if f["setting"] is None else f"{f['setting'][0]}/{f['setting'][1]} "
+                              f"L{f['setting'][2]} c={f['setting'][3]:g}" for f in h["folds"])
+            lines.append(f"held-out gain ({len(h['folds'])}-fold cross-fitting, n={h['n']} questions): "
+                         f"{_fmt(h['gain'], 3)} [{_fmt(h['lo'], 3)}, {_fmt(h['hi'], 3)}]; questions with a positive "
+                         f"gain {_fmt(100 * h['share_positive'] if h['share_positive'] is not None else None, 0)}%; "
+                         f"folds chose {folds}" + ("" if h["stable"] else " — selection unstable"))
+        c = self.control
+        if c is not None:
+            lines.append(f"random-direction control ({c['n_random']} directions, same norm, same setting): gain "
+                         f"{_fmt(c['control'], 3)} [{_fmt(c['control_lo'], 3)}, {_fmt(c['control_hi'], 3)}]; trait - "
+                         f"random {_fmt(c['diff'], 3)} [{_fmt(c['diff_lo'], 3)}, {_fmt(c['diff_hi'], 3)}]"
+                         + ("" if c["beats"] else " — does not beat the random direction"))
+        d = self.dose
+        if d is not None:
+            lines.append(f"dose-response slope over c in {d['coeffs']} (below the cliff): "
+                         + (f"{_fmt(d['slope'], 3)} [{_fmt(d['lo'], 3)}, {_fmt(d['hi'], 3)}] per unit c, n={d['n']}"
+                            if d["slope"] is not None else d.get("reason", "-")))
+        x = self.lexical
+        if x is not None:
+            pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+            lines.append(f"lexical: distinct-2 {_fmt(x['distinct2_steered'], 2)} steered vs "
+                         f"{_fmt(x['distinct2_unsteered'], 2)} unsteered; the instruction's own words "
+                         f"({', '.join(x['words'][:6]) or 'none'}) echoed in {pct(x['echo_steered'])} of steered vs "
+                         f"{pct(x['echo_unsteered'])} of unsteered answers")
+        if h is not None and not self.reliable:
+            lines.append("no reliable steering on this model: the held-out gain's interval includes 0")
+        return lines
 
 
 def _fmt(x: float | None, nd: int = 1) -> str:
@@ -608,88 +687,226 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
+def vector_name(trait: str, variant: str) -> str:
+    """A bank entry's name: the trait for its response-mean vector, ``trait.variant`` for the others."""
+    return trait if variant == "response_mean" else f"{trait}.{variant}"
+
+
 def _steer_traits(run: Run, model: Model, states: list[_TraitState], config: ExtractConfig,
                   sweep_dir: str) -> dict[str, dict[str, Any]]:
-    """Stage 5 (``steer``): one batched steering sweep over traits x layers x coefficients: teacher-forced
-    contrastive likelihood of each trait's evaluation answers + greedy generations (for coherence),
-    intervention at response positions (last prompt token + answer tokens). Its cache hits are the sweep
-    rows served from ``sweep_dir``."""
+    """Stage 5 (``steer``): one batched steering sweep per token-position setting over traits x vector
+    variants x layers x coefficients: teacher-forced contrastive likelihood of each trait's evaluation
+    answers + greedy generations (for coherence). Its cache hits are the sweep rows served from
+    ``sweep_dir``.
+
+    Returns per trait ``{rows, steer_rows, tables, deltas, bad, thresholds, layers, coeffs, hows}``: ``tables``
+    per ``"positions/variant"`` the judge-free table (:func:`steering_table`); ``deltas``/``bad`` per setting
+    ``(positions, variant, layer, coeff)`` the per-question gain ``[n_q]`` and incoherent generations ``[n_q]``
+    (coefficient 0 at every layer: zeros and the unsteered generations)."""
     cfg = model.cfg
     layers = config.layers_for(cfg.n_layers)
     coeffs = tuple(sorted(float(c) for c in config.steer_coeffs))
+    variants = config.steer_variants
     with run.stage("steer") as stage:
-        vectors = np.stack([steering_vectors(st.vecs[0], st.norms, config.coeff_units) for st in states])
-        grid = Grid("steer", vectors, tuple(st.trait.name for st in states), layers, coeffs, positions="response",
-                    baseline_once=True)
+        # one resumable store per position setting: the default's in sweep_dir, the others' in sweep_dir/<positions>
+        dirs = {p: run.path(sweep_dir if i == 0 else f"{sweep_dir}/{p}") for i, p in enumerate(config.steer_positions)}
+        before = sum(_count_lines(d / "results.jsonl") for d in dirs.values())
+        vectors = np.stack([steering_vectors(st.vecs[VARIANTS.index(v)], st.norms, config.coeff_units)
+                            for st in states for v in variants])
+        names = tuple(vector_name(st.trait.name, v) for st in states for v in variants)
         sets = [ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
                            tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items))
-                for st in states]
-        n_points = len(grid.points())
-        run.log(f"[5/7] steering sweep: {len(states)} trait(s) x {len(layers)} layers x {len(coeffs)} coefficients "
-                f"({config.coeff_units}; {n_points} points) on {len(states[0].eval_items)} evaluation questions: "
-                f"contrastive likelihood (teacher-forced) + {config.steer_tokens} greedy tokens, one batched "
-                "computation")
-        results = run.path(sweep_dir) / "results.jsonl"
-        before = _count_lines(results)
-        rows = run_sweep(model, grid, sets, out_dir=run.path(sweep_dir), progress=run.progress,
-                         generate_tokens=config.steer_tokens)
-        stage.hit(max(0, len(rows) - (_count_lines(results) - before)))
+                for st in states for _ in variants]
+        n_points = len(config.steer_positions) * len(Grid("steer", vectors, names, layers, coeffs,
+                                                          baseline_once=True).points())
+        run.log(f"[5/7] steering sweep: {len(states)} trait(s) x positions {list(config.steer_positions)} x vectors "
+                f"{list(variants)} x {len(layers)} layers x {len(coeffs)} coefficients ({config.coeff_units}; "
+                f"{n_points} points) on {len(states[0].eval_items)} evaluation questions: contrastive likelihood "
+                f"(teacher-forced) + {config.steer_tokens} greedy tokens, batched")
+        rows: list[dict[str, Any]] = []
+        for positions in config.steer_positions:
+            grid = Grid("steer", vectors, names, layers, coeffs, positions=positions, baseline_once=True)
+            got = run_sweep(model, grid, sets, out_dir=dirs[positions], progress=run.progress,
+                            generate_tokens=config.steer_tokens)
+            rows += [{**r, "positions": positions} for r in got]
+        stage.hit(max(0, len(rows) - (sum(_count_lines(d / "results.jsonl") for d in dirs.values()) - before)))
 
-        # coherence of every generation (NLL under the unsteered model), calibrated per trait on unsteered answers
+        # coherence of every generation (NLL under the unsteered model), calibrated per trait on unsteered answers;
         # rows i and i + n_q of a set share question i: its generation is taken once
         qs = {st.trait.name: [q for q, _, _ in st.eval_items] for st in states}
-        texts = [(r["vector"], r["layer"], r["coeff"], r["prompt"], r["text"]) for r in rows
-                 if r["prompt"] < len(qs[r["vector"]])]
+        of = {vector_name(st.trait.name, v): (st.trait.name, v) for st in states for v in variants}
+        texts = [(r["positions"], r["vector"], r["layer"], r["coeff"], r["prompt"], r["text"]) for r in rows
+                 if r["prompt"] < len(qs[of[r["vector"]][0]])]
         refs = [(st.trait.name, q, a) for st in states for q, p, n in st.eval_items for a in (p, n)]
-        stats = coherence_stats(model, [qs[t][i] for t, _, _, i, _ in texts] + [q for _, q, _ in refs],
+        stats = coherence_stats(model, [qs[of[v][0]][i] for _, v, _, _, i, _ in texts] + [q for _, q, _ in refs],
                                 [x for *_, x in texts] + [a for _, _, a in refs], batch_size=config.batch_size)
         text_stats, ref_stats = stats[: len(texts)], stats[len(texts):]
         out: dict[str, dict[str, Any]] = {}
+        first = config.steer_positions[0]
         for st in states:
-            name = st.trait.name
-            base = [s for (t, _, c, _, _), s in zip(texts, text_stats) if t == name and c == 0.0]
-            ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + base
+            name, n_q = st.trait.name, len(st.eval_items)
+            mine = [(t, s) for t, s in zip(texts, text_stats) if of[t[1]][0] == name]
+            base_gen = {t[4]: s for t, s in mine if t[3] == 0.0 and t[0] == first and t[1] == name}
+            ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + list(base_gen.values())
             thr = CoherenceThresholds.calibrate(ref, max_bad=config.max_bad)
-            by_point: dict[tuple[int, float], list[dict[str, float]]] = {}
-            for (t, l, c, _, _), s in zip(texts, text_stats):
-                if t == name:
-                    by_point.setdefault((l, c), []).append(s)
-            coherence = {k: thr.point(v) for k, v in by_point.items()}
-            steer_rows = [{"layer": l, "coeff": c, "question": qs[name][i], "response": x, **s}
-                          for (t, l, c, i, x), s in zip(texts, text_stats) if t == name]
-            out[name] = {"rows": [r for r in rows if r["vector"] == name], "coherence": coherence, "thresholds": thr,
-                         "steer_rows": steer_rows, "layers": layers, "coeffs": coeffs}
+            by_point: dict[tuple[str, str, int, float], dict[int, dict[str, float]]] = {}
+            for (p, v, l, c, i, _), s in mine:
+                by_point.setdefault((p, of[v][1], l, c), {})[i] = s
+            logp: dict[tuple[str, str, int, float], np.ndarray] = {}
+            for r in rows:
+                if of[r["vector"]][0] == name:
+                    key = (r["positions"], of[r["vector"]][1], r["layer"], r["coeff"])
+                    logp.setdefault(key, np.full(2 * n_q, np.nan))[r["prompt"]] = r["logprob"]
+            diffs = {k: v[:n_q] - v[n_q:] for k, v in logp.items()}
+            base_bad = np.asarray([thr.bad(base_gen[i]) for i in range(n_q)])
+            deltas: dict[tuple[str, str, int, float], np.ndarray] = {}
+            bad: dict[tuple[str, str, int, float], np.ndarray] = {}
+            tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+            for p in config.steer_positions:
+                for v in variants:
+                    for l in layers:
+                        for c in coeffs:
+                            k = (p, v, int(l), float(c))
+                            if c == 0.0:
+                                deltas[k], bad[k] = np.zeros(n_q), base_bad
+                            else:
+                                deltas[k] = diffs[k] - diffs[(p, v, min(layers), 0.0)]  # the same sweep's zero
+                                bad[k] = np.asarray([thr.bad(by_point[k][i]) for i in range(n_q)])
+                    vrows = [r for r in rows if r["positions"] == p and r["vector"] == vector_name(name, v)]
+                    coherence = {(l, c): thr.point(list(pts.values())) for (pp, vv, l, c), pts in by_point.items()
+                                 if pp == p and vv == v}
+                    tables[f"{p}/{v}"] = steering_table(vrows, n_q, coherence, layers, coeffs, seed=config.seed)
+            steer_rows = [{"positions": p, "variant": of[v][1], "layer": l, "coeff": c, "question": qs[name][i],
+                           "response": x, **s} for (p, v, l, c, i, x), s in mine]
+            base = {(p, v): diffs[(p, v, min(layers), 0.0)] for p in config.steer_positions for v in variants}
+            out[name] = {"rows": [r for r in rows if of[r["vector"]][0] == name], "tables": tables, "deltas": deltas,
+                         "bad": bad, "base": base, "thresholds": thr, "steer_rows": steer_rows, "layers": layers, "coeffs": coeffs,
+                         "hows": [(p, v) for p in config.steer_positions for v in variants]}
     return out
 
 
+@dataclasses.dataclass
+class _Choice:
+    """What the ``choose`` stage decided for one trait (the shipped setting is selected on all questions)."""
+
+    table: dict[str, Any]  # the shipped (positions, variant)'s judge-free table
+    choice: dict[str, Any]  # evaluate.choose_layer of that table, with the selected layer/coefficient
+    baseline: float
+    judged_table: dict[str, Any] | None
+    setting: tuple[str, str, int, float] | None
+    selection: dict[str, Any]  # selection.select on all questions
+    heldout: dict[str, Any] | None  # selection.cross_fit
+    dose: dict[str, Any] | None
+    lexical: dict[str, Any] | None
+
+
 def _choose(run: Run, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
-            judge_id: str) -> tuple[dict[str, Any], dict[str, Any], float, dict[str, Any] | None]:
-    """Stage 6 (``choose``): the judge-free steering table and layer choice (+ the judged table when the
-    judge is trusted); records the choice in the bank. Returns ``(table, choice, baseline, judged_table)``."""
+            judge_id: str) -> _Choice:
+    """Stage 6 (``choose``): the steering setting (positions, vector variant, layer, coefficient) selected on
+    all evaluation questions, the procedure's held-out gain by cross-fitting, the dose-response slope and the
+    lexical checks at the selected setting; the judged table when the judge is trusted (coherent rows only).
+    Records the setting in the bank."""
     with _stage(run, st, "choose") as stage:
         n_q = len(st.eval_items)
-        table = steering_table(sw["rows"], n_q, sw["coherence"], sw["layers"], sw["coeffs"], seed=config.seed)
+        default = DEFAULT_HOW if DEFAULT_HOW in sw["hows"] else sw["hows"][0]
+        sel = select(sw["deltas"], sw["bad"], None, max_bad=config.max_bad, default=default)
+        folds = min(config.folds, n_q)
+        heldout = (cross_fit(sw["deltas"], sw["bad"], folds=folds, max_bad=config.max_bad, seed=config.seed,
+                             default=default) if n_q >= 2 else None)
+        s = sel["setting"]
+        how = (s[0], s[1]) if s is not None else default
+        table = sw["tables"]["/".join(how)]
         choice = choose_layer(table)
-        best = choice["best_layer"]
+        if s is not None:
+            per = choice["per_layer"][str(s[2])]
+            choice.update(best_layer=int(s[2]), best_coeff=float(s[3]), gain=sel["gain"], cliff=sel["cliff"],
+                          rho=per["rho"])
+        choice.update(positions=how[0], variant=how[1], reason=sel["reason"])
         baseline = table[str(sw["layers"][0])]["0"]["score"]
+        dose = lexical = None
         steer_rows = sw["steer_rows"]
+        unsteered = [r for r in steer_rows if r["coeff"] == 0.0 and (r["positions"], r["variant"]) == how]
+        if s is not None:
+            dose = dose_response({c: sw["deltas"][(how[0], how[1], s[2], c)] for c in sw["coeffs"]}, sel["cliff"],
+                                 seed=config.seed)
+            trait = st.trait
+            words = instruction_words([trait.system_prompt("pos", i) for i in range(len(trait.pairs))],
+                                      [trait.system_prompt("neg", i) for i in range(len(trait.pairs))])
+            steered = [r for r in steer_rows if (r["positions"], r["variant"], r["layer"], r["coeff"]) == s]
+            lexical = {"words": words, "echo_steered": echo_rate([r["response"] for r in steered], words),
+                       "echo_unsteered": echo_rate([r["response"] for r in unsteered], words),
+                       "distinct2_steered": _mean([r["distinct2"] for r in steered]),
+                       "distinct2_unsteered": _mean([r["distinct2"] for r in unsteered]), "n": len(steered)}
         judged_table: dict[str, dict[str, dict[str, float | None]]] | None = None
-        if st.trusted:
-            _judge_rows(judge, judge_id, st, steer_rows, config, "judge steering", run.progress, stage)
+        thr = sw["thresholds"]
+        shipped_rows = [r for r in steer_rows if (r["positions"], r["variant"]) == how]
+        if st.trusted:  # judged scores only on generations that pass the judge-free coherence check
+            coherent = [r for r in shipped_rows if not thr.bad(r)]
+            _judge_rows(judge, judge_id, st, coherent, config, "judge steering", run.progress, stage)
             judged_table = {}
             for l in sw["layers"]:
                 judged_table[str(l)] = {}
                 for c in sw["coeffs"]:
-                    sel = [r for r in steer_rows if r["coeff"] == c and (r["layer"] == l or c == 0.0)]
-                    judged_table[str(l)][f"{c:g}"] = {"trait": _mean([r["trait"] for r in sel]),
-                                                      "coherence": _mean([r["coherence"] for r in sel])}
+                    sel_rows = [r for r in coherent if r["coeff"] == c and (r["layer"] == l or c == 0.0)]
+                    judged_table[str(l)][f"{c:g}"] = {"trait": _mean([r["trait"] for r in sel_rows]),
+                                                      "coherence": _mean([r["coherence"] for r in sel_rows]),
+                                                      "n": len(sel_rows)}
         run.write_jsonl(st.sub + "steering_scored.jsonl", steer_rows)
-        st.log(f"[6/7] layer choice (judge-free): best layer {best} — {choice['reason']}")
-        st.bank = dataclasses.replace(st.bank, meta=tuple({**m, "best_layer": best, "cliff": choice["cliff"],
-                                                           "coeff_units": config.coeff_units} for m in st.bank.meta))
+        best = choice["best_layer"]
+        st.log(f"[6/7] steering setting (judge-free, chosen on all {n_q} questions): "
+               + (f"{how[0]} positions, {how[1]} vector, layer {best}, c={choice['best_coeff']:g}"
+                  if s is not None else "none") + f" — {sel['reason']}")
+        if heldout is not None:
+            st.log(f"      held-out gain ({folds}-fold cross-fitting, n={heldout['n']}): {_fmt(heldout['gain'], 3)} "
+                   f"[{_fmt(heldout['lo'], 3)}, {_fmt(heldout['hi'], 3)}]"
+                   + ("" if heldout["stable"] else "; selection unstable (the folds chose different settings)"))
+        extra = {"best_layer": best, "cliff": choice["cliff"], "coeff_units": config.coeff_units,
+                 "best_coeff": choice.get("best_coeff"), "positions": how[0],
+                 "steer_vector": vector_name(st.trait.name, how[1])}
+        st.bank = dataclasses.replace(st.bank, meta=tuple({**m, **extra} for m in st.bank.meta))
         st.bank.save(st.out / "vectors", overwrite=True)
         run.artifact(st.out / "vectors")
-    return table, choice, baseline, judged_table
+    return _Choice(table, choice, baseline, judged_table, s, sel, heldout, dose, lexical)
+
+
+def random_directions(like: np.ndarray, n: int, seed: int, name: str) -> np.ndarray:
+    """``[n, L+1, D]`` random directions with the per-layer norms of ``like [L+1, D]``, seeded by
+    ``(seed, name)``."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    r = rng.standard_normal((n, *like.shape))
+    r /= np.linalg.norm(r, axis=-1, keepdims=True)
+    return (r * np.linalg.norm(like, axis=-1, keepdims=True)[None]).astype(np.float32)
+
+
+def _control(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], ch: _Choice,
+             config: ExtractConfig) -> dict[str, Any] | None:
+    """Stage ``control``: ``n_random`` random directions with the chosen vector's per-layer norms, run at the
+    chosen setting (same positions, layer, coefficient, units) on the same questions. Returns the random gain
+    and the trait's gain minus it per question (intervals over questions); None without a chosen setting."""
+    if ch.setting is None:
+        return None
+    p, v, layer, c = ch.setting
+    with _stage(run, st, "control"):
+        name = st.trait.name
+        rand = random_directions(st.vecs[VARIANTS.index(v)], config.n_random, config.seed, name)
+        vectors = np.stack([steering_vectors(r, st.norms, config.coeff_units) for r in rand])
+        n_q = len(st.eval_items)
+        data = ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
+                          tuple(a for _, a, _ in st.eval_items) + tuple(a for _, _, a in st.eval_items))
+        names = tuple(f"{name}~random{k}" for k in range(config.n_random))
+        grid = Grid("steer", vectors, names, (int(layer),), (float(c),), positions=p)
+        st.log(f"      control: {config.n_random} random direction(s) of the same norm at {p} positions, layer {layer}, "
+               f"c={c:g}")
+        rows = run_sweep(model, grid, [data] * config.n_random, out_dir=run.path(st.sub + "control"),
+                         progress=run.progress)
+        lp = np.full((config.n_random, 2 * n_q), np.nan)
+        for r in rows:
+            lp[names.index(r["vector"]), r["prompt"]] = r["logprob"]
+        random_gain = (lp[:, :n_q] - lp[:, n_q:]).mean(axis=0) - sw["base"][(p, v)]
+        out = paired_gain(sw["deltas"][ch.setting], random_gain, seed=config.seed)
+        out.update(n_random=config.n_random, setting=setting_json(ch.setting),
+                   per_question=[float(x) for x in random_gain])
+    return out
 
 
 def _monitor(run: Run, model: Model, st: _TraitState, judge: Any, config: ExtractConfig, show: int, *,
@@ -747,7 +964,9 @@ def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], j
                   judge_id: str) -> ExtractResult:
     """Stages 6-7 for one trait (layer choice, monitoring), then its ``summary`` stage: summary and plots."""
     cfg, trait = model.cfg, st.trait
-    table, choice, baseline, judged_table = _choose(run, st, sw, judge, config, judge_id=judge_id)
+    ch = _choose(run, st, sw, judge, config, judge_id=judge_id)
+    control = _control(run, model, st, sw, ch, config)
+    table, choice, baseline, judged_table = ch.table, ch.choice, ch.baseline, ch.judged_table
     best = choice["best_layer"]
     show = best if best is not None else sw["layers"][len(sw["layers"]) // 2]
     mrows, monitor, monitor_judged = _monitor(run, model, st, judge, config, show, judge_id=judge_id)
@@ -755,8 +974,10 @@ def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], j
 
     decisions = {
         "filter": st.filter_decision,
-        "layer": "judge-free measures (contrastive likelihood of held-out answers; coherence from NLL under the "
-                 "unsteered model, distinct-2 and longest repeated span)",
+        "layer": "judge-free measures (contrastive likelihood of the evaluation answers; coherence from NLL under "
+                 "the unsteered model, distinct-2 and longest repeated span): the setting (positions, vector, layer, "
+                 "coefficient) is selected on all evaluation questions; the reported gain is the held-out gain of "
+                 f"that procedure by {config.folds}-fold cross-fitting",
         "monitor": "judge-free answer score (log-likelihood ratio of the answer under held-out pos vs neg system "
                    "prompts)" + ("; judged r beside it" if st.trusted else "; no judged r (judge not trusted)"),
     }
@@ -766,7 +987,8 @@ def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], j
         trait.name, model.name or cfg.family, judge_id, check, decisions, len(st.rows), len(st.pairs), len(st.kept),
         st.filter_desc, config.coeff_units, {l: float(st.norms[int(l)]) for l in steering_layers}, best, choice,
         baseline, table, judged_table, dataclasses.asdict(sw["thresholds"]), monitor, monitor_judged, dict(st.wall),
-        str(st.out))
+        str(st.out), setting=setting_json(ch.setting), selection=ch.selection, heldout=ch.heldout, control=control,
+        dose=ch.dose, lexical=ch.lexical, steering_by_how=sw["tables"])
     with run.stage(st.sub + "summary"):
         run.write_json(st.sub + "summary.json", dataclasses.asdict(result), indent=2)
         run.write_text(st.sub + "summary.txt", result.table() + "\n")
@@ -821,19 +1043,25 @@ class AllTraitsResult:
     out_dir: str
 
     def table(self) -> str:
-        lines = [f"{'trait':<14} {'best':>4} {'gain':>7} {'95% CI':>17} {'cliff':>6} {'rho':>5} {'monitor r':>10} "
-                 "judge check"]
+        lines = [f"{'trait':<14} {'setting':<24} {'held-out gain':>24} {'- random':>8} {'slope':>7} {'cliff':>6} "
+                 f"{'monitor r':>10} judge check"]
         for r in self.results:
-            bc = r.choice.get("best_coeff")
-            cell = r.steering[str(r.best_layer)][f"{bc:g}"] if r.best_layer is not None and bc is not None else None
-            ci = f"[{cell['delta_lo']:+.3f},{cell['delta_hi']:+.3f}]" if cell else "-"
+            st = r.setting
+            where = f"{st['positions']}/{st['variant'].split('_')[0]} L{st['layer']} c={st['coeff']:g}" if st else "none"
+            h = r.heldout or {}
+            ci = (f"{_fmt(h.get('gain'), 3)} [{_fmt(h.get('lo'), 3)},{_fmt(h.get('hi'), 3)}]"
+                  + ("" if h.get("stable", True) else "~"))
             m = r.monitor.get(str(r.best_layer), {}) if r.best_layer is not None else {}
-            lines.append(f"{r.trait:<14} {str(r.best_layer):>4} {_fmt(r.choice.get('gain'), 3):>7} {ci:>17} "
-                         f"{_fmt(r.choice.get('cliff'), 3):>6} {_fmt(r.choice.get('rho'), 2):>5} {_fmt(m.get('r'), 3):>10} "
-                         f"{'passed' if r.judge_check.get('passed') else 'failed/unchecked'}")
-        lines.append("gain: judge-free contrastive log-likelihood change at the best coherent coefficient (95% bootstrap "
-                     "over questions); cliff: smallest coefficient whose generations are incoherent (- = none in the "
-                     "grid); rho: Spearman(coefficient, trait score) below the cliff; monitor r: judge-free")
+            lines.append(f"{r.trait:<14} {where:<24} {ci:>24} {_fmt((r.control or {}).get('diff'), 3):>8} "
+                         f"{_fmt((r.dose or {}).get('slope'), 3):>7} {_fmt(r.choice.get('cliff'), 3):>6} "
+                         f"{_fmt(m.get('r'), 3):>10} {'passed' if r.judge_check.get('passed') else 'failed/unchecked'}"
+                         + ("" if r.reliable else "  (no reliable steering)"))
+        lines.append("judge-free throughout. setting: positions/vector, layer, coefficient chosen on all evaluation "
+                     "questions; held-out gain: contrastive log-likelihood change under the setting each question's "
+                     "fold did not choose (cross-fitting, 95% bootstrap over questions; ~ = the folds chose "
+                     "differently); - random: trait gain minus a random direction's of the same norm; slope: gain per "
+                     "unit coefficient below the cliff; cliff: smallest coefficient whose generations are incoherent "
+                     "(- = none in the grid); monitor r: last-prompt projection vs the judge-free answer score")
         return "\n".join(lines)
 
 

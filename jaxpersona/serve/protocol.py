@@ -56,6 +56,8 @@ class Resources:
     presets: dict[str, list[Item]] = dataclasses.field(default_factory=dict)
     max_interventions: int = 4
     max_readout: int = 4
+    default_positions: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the bank's chosen steering
+    # positions (a steer naming the entry without "positions" uses them)
 
     def describe(self) -> dict[str, Any]:
         return {"n_resid": self.n_resid, "d_model": self.d_model, "vectors": sorted(self.vectors),
@@ -174,6 +176,8 @@ def parse_item(spec: Any, res: Resources, param: str) -> list[Item]:
             vec = (vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-12) * norms[:, None])
         elif units != "absolute":
             raise bad(f"{param}.units must be 'absolute' or 'relative', got {units!r}", f"{param}.units")
+        if "positions" not in spec and entry:  # the positions the bank's steering setting was chosen at
+            positions = res.default_positions.get(entry, positions)
         return [Item(vec.astype(np.float32), coeff, steer_w=w, positions=positions)]
     if np.any(np.linalg.norm(vec, axis=-1)[w > 0] == 0):
         raise bad(f"{param}.vector is zero at a chosen layer: it has no direction to {kind}", f"{param}.vector")

@@ -39,18 +39,24 @@ from jaxpersona.runner.run import open_run, read_manifest
 from jaxpersona.runner.stages import judge_cached
 
 TESTS = Path(__file__).resolve().parents[1]
-STAGES = ["generate", "judge_check", "judge", "extract", "steer", "choose", "monitor", "summary"]
-WALL_KEYS = ["generate", "judge_check", "judge", "extract", "steer", "choose", "monitor", "total"]
+STAGES = ["generate", "judge_check", "judge", "extract", "steer", "choose", "control", "monitor", "summary"]
+WALL_KEYS = ["generate", "judge_check", "judge", "extract", "steer", "choose", "control", "monitor", "total"]
 
 # --- constants from the pre-layering code (see the module docstring) -------------------------------
 MODEL_DIGEST = "332bfd168befc90a184f171a"  # model_fingerprint of the tiny llama named "tiny-llama"
 RESPONSE_KEYS = (28, "d8b4869a90fd9faf0cd8cc1e")  # responses.jsonl: (number of keys, _hash of the sorted keys)
 MONITOR_KEYS = (6, "0cb89b48509ef2c83c69e5aa")  # monitor.jsonl
-CONFIG_JSON = "30f06332ec2ec589f18da008"  # sha256 of config.json (its bytes)
+CONFIG_JSON = "30f06332ec2ec589f18da008"  # sha256 of config.json (its bytes) without the keys added since:
+ADDED_KEYS = ("steer_positions", "steer_variants", "folds", "n_random")  # 0.7: how to steer, cross-fitting, control
 JUDGE_KEYS = ["222a676c2a533af3191e87d0", "262f57a13bb62d7bde0a5c27", "8c19a6653aac229143478e42",
               "a55fccfb027d4774b9e375af"]  # judge_cached on _judge_prompts()
 SWEEP_KEYS = ["0c09980e731b921b5e08", "1c12f63cf38ed36f9a79", "b34f6f3666a89b6ff5f8",
               "b96e0fc45677a67d00b2"]  # the sweep's chunk keys (progress.json) of _fixed_sweep()
+
+
+def _sweep_rows(run: Path) -> int:
+    """Rows of the steering sweep's stores (response positions in steering/, all positions in steering/all/)."""
+    return sum(len(tp.read_jsonl(run / d / "results.jsonl")) for d in ("steering", "steering/all"))
 
 
 def _hash(keys: list[str]) -> str:
@@ -135,14 +141,18 @@ def test_config_json_is_the_pre_layering_config_json(base, tmp_path) -> None:
     """config.json keeps every key of the pre-layering file, the retired ``steer_points_per_chunk`` (8) at
     its place; old config files that still set it load."""
     text = (base / "config.json").read_text()
-    assert hashlib.sha256(text.encode()).hexdigest()[:24] == CONFIG_JSON
     got = json.loads(text)
+    # the pre-layering keys keep their values and order; keys added since follow them
+    old_part = {k: v for k, v in got.items() if k not in ADDED_KEYS}
+    assert list(got)[len(old_part):] == list(ADDED_KEYS)
+    assert hashlib.sha256(json.dumps(old_part, indent=2).encode()).hexdigest()[:24] == CONFIG_JSON
     assert got == json.loads(json.dumps(config_record("cat", "tiny-llama", "scripted", tp.CONFIG)))
     keys = list(got)
     assert keys[:3] == ["trait", "model", "judge"] and got["steer_points_per_chunk"] == 8
     assert keys[keys.index("steer_tokens") + 1] == "steer_points_per_chunk"
     assert keys[3:] == [k for k in keys[3:] if k == "steer_points_per_chunk" or k in ExtractConfig.__dataclass_fields__]
     assert len(keys) == 3 + len(ExtractConfig.__dataclass_fields__) + 1
+    assert text == json.dumps(got, indent=2)
     old = tmp_path / "old.toml"
     old.write_text("[extract]\nn_pairs = 2\nsteer_points_per_chunk = 8\n")
     assert load_extract_config(old) == ExtractConfig(n_pairs=2)
@@ -151,7 +161,8 @@ def test_config_json_is_the_pre_layering_config_json(base, tmp_path) -> None:
 # ============================================================================================
 # b. a cached stage file cut short: one CacheWarning, the same summary
 # ============================================================================================
-CACHES = ["responses.jsonl", "judgements.jsonl", "monitor.jsonl", "steering/results.jsonl", "steering/progress.json"]
+CACHES = ["responses.jsonl", "judgements.jsonl", "monitor.jsonl", "steering/results.jsonl", "steering/progress.json",
+          "steering/all/results.jsonl", "steering/all/progress.json", "control/results.jsonl", "control/progress.json"]
 
 
 def _cut(path: Path) -> None:
@@ -166,7 +177,7 @@ def _cut(path: Path) -> None:
 def test_every_cache_file_is_covered(base) -> None:
     files = {str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".npz")}
     outputs = {"pairs.jsonl", "steering_scored.jsonl", "monitor_scored.jsonl"}  # rewritten by every run
-    assert files - outputs == set(CACHES) - {"steering/progress.json"}  # (an extract run keeps no npz cache)
+    assert files - outputs == {c for c in CACHES if not c.endswith("progress.json")}  # (an extract run keeps no npz cache)
 
 
 @pytest.mark.parametrize("name", CACHES)
@@ -191,8 +202,7 @@ def test_cut_cache_file_is_recomputed_with_one_warning(base, model, tmp_path, na
         warnings.simplefilter("error", errors.CacheWarning)
         _extract(model, run, tp.NoJudge())
     assert model.calls == [] and tp.stable_summary(run) == tp.stable_summary(base)
-    assert read_manifest(run)["stages"][STAGES.index("steer")]["cache_hits"] == len(
-        tp.read_jsonl(base / "steering" / "results.jsonl"))
+    assert read_manifest(run)["stages"][STAGES.index("steer")]["cache_hits"] == _sweep_rows(base)
 
 
 # ============================================================================================
@@ -357,8 +367,8 @@ def test_manifest_of_a_finished_extract(base, model, tmp_path) -> None:
     m2 = read_manifest(again)
     assert m2["attempt"] == 2 and m2["created"] == m["created"] and m2["status"] == "complete"
     hits = {s["name"]: s["cache_hits"] for s in m2["stages"]}
-    n_rows = tp.read_jsonl(base / "steering" / "results.jsonl")
+    n_rows = _sweep_rows(base)
     live = [r for r in tp.read_jsonl(base / "monitor_scored.jsonl") if r["response"]]  # judged (trait only)
     assert hits["generate"] == tp.N_RESPONSES + tp.N_EVAL_ANSWERS and hits["monitor"] == 3 * tp.CONFIG.n_eval + len(live)
-    assert hits["judge"] > 0 and hits["choose"] > 0 and hits["steer"] == len(n_rows)
+    assert hits["judge"] > 0 and hits["choose"] > 0 and hits["steer"] == n_rows
     assert model.calls == []

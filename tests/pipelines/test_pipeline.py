@@ -400,9 +400,10 @@ def test_relative_filter_uses_percentiles_of_the_runs_scores(base_run, model, tm
     check_vectors(run, model)
 
 
-def _ref_mean_logprob(model, convs, answers, hook_for=None) -> np.ndarray:
+def _ref_mean_logprob(model, convs, answers, hook_for=None, positions="response") -> np.ndarray:
     """Mean log-prob of each answer after its chat prompt, from full logits of our own left-padded
-    batch; ``hook_for(batch, pos_mask)`` gives the intervention (positions = last prompt token + answer)."""
+    batch; ``hook_for(pos_mask)`` gives the intervention (``positions``: ``response`` = last prompt token +
+    answer, ``all`` = every token)."""
     tok = model.tokenizer
     seqs, n_prompt = [], []
     for conv, a in zip(convs, answers):
@@ -413,7 +414,7 @@ def _ref_mean_logprob(model, convs, answers, hook_for=None) -> np.ndarray:
     t = batch.tokens.shape[1]
     mask = np.zeros(batch.tokens.shape, bool)
     for i, (s_, n) in enumerate(zip(seqs, n_prompt)):
-        mask[i, t - len(s_) + n - 1 :] = True
+        mask[i, t - len(s_) + (n - 1 if positions == "response" else 0):] = True
     hook = hook_for(mask) if hook_for else None
     logp = np.asarray(jax.nn.log_softmax(model.run(batch, hook=hook).logits, axis=-1), np.float64)
     out = []
@@ -433,48 +434,68 @@ def test_judge_free_steering_score_matches_independent_reference(base_run, model
 
     out, result, _ = base_run
     summary = json.loads((out / "summary.json").read_text())
-    steering = summary["steering"]
-    assert set(steering) == {"1", "2"} and all(set(row) == {"0", "0.5", "2"} for row in steering.values())
+    by_how = summary["steering_by_how"]
+    assert set(by_how) == {"response/response_mean", "all/response_mean"}
+    shipped = summary["setting"] or {"positions": "response", "variant": "response_mean"}
+    assert summary["steering"] == by_how[f"{shipped['positions']}/{shipped['variant']}"]
     ev = [r for r in read_jsonl(out / "responses.jsonl") if r.get("eval")]
     items = {}
     for r in ev:
         items.setdefault(r["question"], {})[r["side"]] = r["response"]
     items = [(q, d["pos"], d["neg"]) for q, d in items.items() if d["pos"] and d["neg"] and d["pos"] != d["neg"]]
+    items.sort(key=lambda it: TRAIT.eval_questions.index(it[0]))  # the pipeline's question order
     assert items, "the tiny model should give different pos/neg answers to some eval question"
     convs = [conversation(q) for q, _, _ in items]
     bank = VectorBank.load(out / "vectors")
     norms = np.asarray(bank.meta_of("cat")["resid_norm"])
     L1 = model.cfg.n_resid
 
-    def score(layer, c):
+    def per_question(layer, c, positions, v=None):
         def hook_for(mask):
             if c == 0:
                 return None
-            v = bank.get("cat")[layer]
-            return iv.steer(L1, v / np.linalg.norm(v) * norms[layer], c, layer, iv.Positions.explicit(mask, False))
-        lp_pos = _ref_mean_logprob(model, convs, [p for _, p, _ in items], hook_for)
-        lp_neg = _ref_mean_logprob(model, convs, [n for _, _, n in items], hook_for)
-        return np.mean(lp_pos - lp_neg)
+            u = bank.get("cat")[layer] if v is None else v[layer]
+            return iv.steer(L1, u / np.linalg.norm(u) * norms[layer], c, layer, iv.Positions.explicit(mask, False))
+        lp_pos = _ref_mean_logprob(model, convs, [p for _, p, _ in items], hook_for, positions)
+        lp_neg = _ref_mean_logprob(model, convs, [n for _, _, n in items], hook_for, positions)
+        return lp_pos - lp_neg
 
-    base = score(1, 0.0)
-    assert summary["baseline_score"] == pytest.approx(base, abs=2e-4)
-    for layer in ("1", "2"):
-        assert steering[layer]["0"]["delta"] == pytest.approx(0.0, abs=1e-9)
-        for c in ("0.5", "2"):
-            cell = steering[layer][c]
-            want = score(int(layer), float(c))
-            assert cell["score"] == pytest.approx(want, abs=2e-4)
-            assert cell["delta"] == pytest.approx(want - base, abs=2e-4)
-            assert cell["lo"] <= cell["score"] + 1e-9 <= cell["hi"] + 2e-9
-    # coherence cells and the layer choice come from the same table
-    assert all({"coherent", "bad_frac", "nll", "distinct2", "repeat_frac"} <= set(cell)
-               for row in steering.values() for cell in row.values())
-    assert result.best_layer == summary["best_layer"] == choose_layer(steering)["best_layer"]
+    base = per_question(1, 0.0, "response")
+    assert summary["baseline_score"] == pytest.approx(base.mean(), abs=2e-4)
+    for how, steering in by_how.items():
+        positions = how.split("/")[0]
+        assert set(steering) == {"1", "2"} and all(set(row) == {"0", "0.5", "2"} for row in steering.values())
+        for layer in ("1", "2"):
+            assert steering[layer]["0"]["delta"] == pytest.approx(0.0, abs=1e-9)
+            for c in ("0.5", "2"):
+                cell = steering[layer][c]
+                want = per_question(int(layer), float(c), positions).mean()
+                assert cell["score"] == pytest.approx(want, abs=2e-4)
+                assert cell["delta"] == pytest.approx(want - base.mean(), abs=2e-4)
+                assert cell["lo"] <= cell["score"] + 1e-9 <= cell["hi"] + 2e-9
+        # coherence cells come with every table
+        assert all({"coherent", "bad_frac", "nll", "distinct2", "repeat_frac"} <= set(cell)
+                   for row in steering.values() for cell in row.values())
+    steering = summary["steering"]
+    if summary["setting"] is not None:  # the layer choice comes from the same table
+        assert result.best_layer == summary["best_layer"] == choose_layer(steering)["best_layer"] == shipped["layer"]
+        # the random-direction control: recomputed from the same seeded directions
+        from jaxpersona.pipelines.persona import random_directions
+
+        ctl = summary["control"]
+        rand = random_directions(bank.get("cat"), CONFIG.n_random, CONFIG.seed, "cat")
+        gains = np.mean([per_question(shipped["layer"], shipped["coeff"], shipped["positions"], r) for r in rand],
+                        axis=0) - base
+        np.testing.assert_allclose(ctl["per_question"], gains, atol=2e-4)
+        trait_gain = per_question(shipped["layer"], shipped["coeff"], shipped["positions"]) - base
+        assert ctl["diff"] == pytest.approx(float(np.mean(trait_gain - gains)), abs=2e-4)
+        assert summary["heldout"]["n"] == len(items) and len(summary["heldout"]["folds"]) == CONFIG.folds
     bank_meta = bank.meta_of("cat")
     assert bank_meta["best_layer"] == result.best_layer and bank_meta["coeff_units"] == "relative"
-    # steered generations: baseline once + 2 layers x 2 nonzero coefficients, one per eval question
+    assert bank_meta["positions"] == shipped["positions"] and bank_meta["steer_vector"] == "cat"
+    # steered generations: per position setting, baseline once + 2 layers x 2 nonzero coefficients, per question
     srows = read_jsonl(out / "steering_scored.jsonl")
-    assert len(srows) == (1 + 2 * 2) * len(items)
+    assert len(srows) == 2 * (1 + 2 * 2) * len(items)
     # judged columns exist only because the (unchecked) judge is trusted by config
     assert summary["steering_judged"] is not None
 
@@ -1005,7 +1026,7 @@ def test_all_traits_is_one_sweep_and_matches_single_runs(base_run, model, tmp_pa
 
     m = read_manifest(tmp_path / "all")
     assert m["kind"] == "extract-all" and m["status"] == "complete"
-    first, last = ("generate", "judge_check", "judge", "extract"), ("choose", "monitor", "summary")
+    first, last = ("generate", "judge_check", "judge", "extract"), ("choose", "control", "monitor", "summary")
     assert [s["name"] for s in m["stages"]] == ([f"{t}/{s}" for t in ("cat", "dog") for s in first] + ["steer"]
                                                 + [f"{t}/{s}" for t in ("cat", "dog") for s in last] + ["summary"])
     steer = next(s["wall_s"] for s in m["stages"] if s["name"] == "steer")
