@@ -67,6 +67,7 @@ class Verdict:
     auroc: float | None
     n: int  # prompts scored
     min_auroc: float
+    interval: tuple[float | None, float | None] = (None, None)  # bootstrap 95% of the AUROC
 
     @property
     def passed(self) -> bool:
@@ -76,7 +77,9 @@ class Verdict:
 def check_set(score: Score, labelled: Labelled, min_auroc: float) -> tuple[Verdict, list[float | None]]:
     """Score one labelled set with ``score(prompts)`` (one call) -> its verdict and the scores."""
     got = list(score(list(labelled.prompts)))
-    return Verdict(labelled.use, separation(got, labelled.labels), len(labelled.prompts), min_auroc), got
+    vals = [(v, y) for v, y in zip(got, labelled.labels) if v is not None]
+    _, lo, hi = stats.auroc_ci([v for v, y in vals if y == 1], [v for v, y in vals if y == 0])
+    return Verdict(labelled.use, separation(got, labelled.labels), len(labelled.prompts), min_auroc, (lo, hi)), got
 
 
 def run_checks(score: Score, sets: Sequence[Labelled], min_auroc: float, *, full: bool = False
@@ -115,6 +118,7 @@ class JudgeCheck:
     n: dict[str, int]
     scored_frac: float  # fraction of anchor judgements that got a score (integer mass >= min_mass)
     checked: bool  # False: no anchors for this trait (an unchecked judge is not trusted)
+    intervals: dict[str, tuple[float | None, float | None]] = dataclasses.field(default_factory=dict)  # 95% bootstrap
 
     @property
     def passed(self) -> bool:
@@ -124,10 +128,13 @@ class JudgeCheck:
     def describe(self) -> str:
         if not self.checked:
             return f"judge {self.judge} is UNCHECKED (no anchor answers for this trait): not trusted"
-        f = lambda x: "not run" if x is None else f"{x:.2f}"  # noqa: E731
+
+        def f(x: float | None, use: str) -> str:
+            lo, hi = self.intervals.get(use, (None, None))
+            return "not run" if x is None else f"{x:.2f}" + ("" if lo is None else f" [{lo:.2f}, {hi:.2f}]")
         verdict = "passed" if self.passed else "FAILED"
         return (f"judge {self.judge} {verdict} its check on {sum(self.n.values())} anchor answers: AUROC trait "
-                f"{f(self.trait_auroc)}, coherence {f(self.coherence_auroc)} (need >= {self.min_auroc:g}; "
+                f"{f(self.trait_auroc, 'trait')}, coherence {f(self.coherence_auroc, 'coherence')} (need >= {self.min_auroc:g}; "
                 f"{self.scored_frac:.0%} of judgements scored)")
 
     def to_json(self) -> dict[str, Any]:
@@ -153,5 +160,6 @@ def check_judge(score: Score, trait: Any, anchors: Any, judge_id: str, min_auroc
     (trait_v, coherence_v), scores = run_checks(score, anchor_sets(trait, anchors), min_auroc, full=full)
     n = {"trait": len(anchors.of("trait")), "no_trait": len(anchors.of("no_trait")),
          "incoherent": len(anchors.of("incoherent"))}
+    intervals = {v.use: v.interval for v in (trait_v, coherence_v) if v is not None}
     return JudgeCheck(judge_id, trait_v.auroc if trait_v else None, coherence_v.auroc if coherence_v else None,
-                      min_auroc, n, scored_fraction(scores), True)
+                      min_auroc, n, scored_fraction(scores), True, intervals)

@@ -121,6 +121,24 @@ def auroc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np
     return float((r[: p.size].sum() - p.size * (p.size + 1) / 2) / (p.size * n.size))
 
 
+def auroc_ci(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray, *, n_boot: int = 2000,
+             level: float = 0.95, seed: int = 0) -> tuple[float | None, float | None, float | None]:
+    """``(auroc, lo, hi)``: :func:`auroc` with a percentile bootstrap interval, positives and negatives resampled
+    separately (stratified). All None if a side is empty."""
+    p, n = np.asarray(positive, np.float64), np.asarray(negative, np.float64)
+    p, n = p[np.isfinite(p)], n[np.isfinite(n)]
+    a = auroc(p, n)
+    if a is None:
+        return None, None, None
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        b = auroc(p[rng.integers(0, p.size, p.size)], n[rng.integers(0, n.size, n.size)])
+        draws.append(b if b is not None else a)
+    q = (1 - level) / 2
+    return a, float(np.quantile(draws, q)), float(np.quantile(draws, 1 - q))
+
+
 def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float | None:
     """Spearman rho of ``x [N]`` and ``y [N]`` (Pearson r of average ranks); None with < 3 points or a
     constant input."""

@@ -79,7 +79,7 @@ from jaxpersona.measure.selection import (
     select,
     setting_json,
 )
-from jaxpersona.measure.stats import CoherenceThresholds, pearson_ci
+from jaxpersona.measure.stats import CoherenceThresholds, auroc_ci, pearson_ci
 from jaxpersona.runner.run import Run, Stage, open_run
 from jaxpersona.runner.stages import generate_cached, judge_cached
 
@@ -297,6 +297,7 @@ class ExtractResult:
         units = "x residual norm" if self.coeff_units == "relative" else "x raw vector"
         lines = [f"trait {self.trait} on {self.model}",
                  self.judge_check.get("describe", ""),
+                 self._own_check_line(),
                  f"pairs kept {self.n_pairs_kept}/{self.n_pairs_total} ({self.n_generated} responses generated); "
                  f"filter: {self.decisions['filter']}",
                  f"steering (judge-free): change in contrastive log-likelihood lp(pos answer) - lp(neg answer) vs "
@@ -331,6 +332,14 @@ class ExtractResult:
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.wall_s.items()))
         return "\n".join(line for line in lines if line)
 
+
+    def _own_check_line(self) -> str:
+        own = self.judge_check.get("own_answers")
+        if not own:
+            return ""
+        return (f"judge on this run's own answers (pos vs neg system prompt): AUROC {_fmt(own['auroc'], 2)} "
+                f"[{_fmt(own['lo'], 2)}, {_fmt(own['hi'], 2)}] — "
+                + ("passed" if own["passed"] else "below the bar: not trusted for this trait"))
 
     def _evidence_lines(self) -> list[str]:
         """The setting, its held-out gain, the random control, the slope and the lexical checks."""
@@ -398,6 +407,7 @@ class _TraitState:
     vecs: Any = None  # [V, L+1, D] float32
     norms: Any = None  # [L+1] float32
     bank: Any = None  # VectorBank
+    own_check: dict[str, Any] | None = None  # the judge's AUROC on this run's pos vs neg answers (when judged)
 
 
 @contextlib.contextmanager
@@ -604,6 +614,21 @@ def _judge_and_filter(run: Run, st: _TraitState, judge: Any, config: ExtractConf
         if use_judge:
             st.log(f"[3/7] judging {len(rows)} responses for {st.trait.name} and coherence with {judge_id}")
             _judge_rows(judge, judge_id, st, rows, config, "judge responses", run.progress, stage)
+            # trusted per use: the judge must also tell this run's own pos answers from its neg answers
+            a, lo, hi = auroc_ci([r["trait"] for r in rows if r["side"] == "pos" and r["trait"] is not None],
+                                 [r["trait"] for r in rows if r["side"] == "neg" and r["trait"] is not None],
+                                 seed=config.seed)
+            st.own_check = {"auroc": a, "lo": lo, "hi": hi, "min_auroc": config.judge_min_auroc,
+                            "passed": a is not None and a >= config.judge_min_auroc}
+            st.log(f"      judge on this run's own answers (pos vs neg system prompt): AUROC {_fmt(a, 2)} "
+                   f"[{_fmt(lo, 2)}, {_fmt(hi, 2)}]" + ("" if st.own_check["passed"] else " — below the bar"))
+            if not st.own_check["passed"] and not config.trust_judge:
+                if config.filter in ("absolute", "relative"):
+                    raise errors.JudgeCheckError(
+                        f"judge {judge_id} passed its anchor check but does not tell this run's pos answers from its "
+                        f"neg answers (AUROC {_fmt(a, 2)} < {config.judge_min_auroc:g}); filter = {config.filter!r} "
+                        f"relies on it. Use filter = 'auto' or trust_judge = true. Work so far is kept in {st.out}.")
+                st.trusted = use_judge = False
         else:
             for r in rows:
                 r["trait"] = r["coherence"] = None
@@ -621,7 +646,8 @@ def _judge_and_filter(run: Run, st: _TraitState, judge: Any, config: ExtractConf
                                   f"{st.filter_desc}")
         else:
             st.filter_desc = "none: every pair with two non-empty, different answers"
-            why = "filter = 'none'" if config.filter == "none" else "the judge did not pass its check"
+            why = ("filter = 'none'" if config.filter == "none" else "the judge did not pass its check"
+                   + (" on this run's own answers" if st.own_check and not st.own_check["passed"] else ""))
             st.filter_decision = f"judge-free: kept every pair with two non-empty, different answers ({why})"
         pairs, kept = [], []
         for slot, sides in by_slot.items():
@@ -746,7 +772,7 @@ def _steer_traits(run: Run, model: Model, states: list[_TraitState], config: Ext
         for st in states:
             name, n_q = st.trait.name, len(st.eval_items)
             mine = [(t, s) for t, s in zip(texts, text_stats) if of[t[1]][0] == name]
-            base_gen = {t[4]: s for t, s in mine if t[3] == 0.0 and t[0] == first and t[1] == name}
+            base_gen = {t[4]: s for t, s in mine if t[3] == 0.0 and t[0] == first and t[1] == vector_name(name, variants[0])}
             ref = [s for (t, _, _), s in zip(refs, ref_stats) if t == name] + list(base_gen.values())
             thr = CoherenceThresholds.calibrate(ref, max_bad=config.max_bad)
             by_point: dict[tuple[str, str, int, float], dict[int, dict[str, float]]] = {}
@@ -981,7 +1007,7 @@ def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], j
         "monitor": "judge-free answer score (log-likelihood ratio of the answer under held-out pos vs neg system "
                    "prompts)" + ("; judged r beside it" if st.trusted else "; no judged r (judge not trusted)"),
     }
-    check = {**st.check.to_json(), "describe": st.check.describe()}
+    check = {**st.check.to_json(), "describe": st.check.describe(), "own_answers": st.own_check}
     steering_layers = [str(l) for l in sw["layers"]]
     result = ExtractResult(
         trait.name, model.name or cfg.family, judge_id, check, decisions, len(st.rows), len(st.pairs), len(st.kept),

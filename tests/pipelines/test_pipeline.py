@@ -500,6 +500,38 @@ def test_judge_free_steering_score_matches_independent_reference(base_run, model
     assert summary["steering_judged"] is not None
 
 
+def test_vector_variants_are_a_grid_axis(model, tmp_path) -> None:
+    """steer_variants puts each extracted variant on the grid (one pass); each table is the independent
+    reference with that variant's vector; a default variant missing from the grid still calibrates."""
+    from jaxpersona.data.chat import conversation
+    from jaxpersona.edit import interventions as iv
+
+    config = CONFIG.replace(steer_positions=("response",), steer_variants=("prompt_mean", "prompt_last"),
+                            filter="none", trust_judge=False)
+    out = tmp_path / "variants"
+    result = run_extract(model, TRAIT, NoJudge(), config, out, judge_id="scripted", progress=False, log=_quiet)
+    assert set(result.steering_by_how) == {"response/prompt_mean", "response/prompt_last"}
+    bank = VectorBank.load(out / "vectors")
+    norms = np.asarray(bank.meta_of("cat")["resid_norm"])
+    ev = [r for r in read_jsonl(out / "responses.jsonl") if r.get("eval")]
+    items: dict = {}
+    for r in ev:
+        items.setdefault(r["question"], {})[r["side"]] = r["response"]
+    items = sorted([(q, d["pos"], d["neg"]) for q, d in items.items() if d["pos"] and d["neg"] and d["pos"] != d["neg"]],
+                   key=lambda it: TRAIT.eval_questions.index(it[0]))
+    convs = [conversation(q) for q, _, _ in items]
+    for variant in ("prompt_mean", "prompt_last"):
+        u = bank.get(f"cat.{variant}")[2]
+        hook = lambda mask, u=u: iv.steer(model.cfg.n_resid, u / np.linalg.norm(u) * norms[2], 0.5, 2,  # noqa: E731
+                                          iv.Positions.explicit(mask, False))
+        want = np.mean(_ref_mean_logprob(model, convs, [p for _, p, _ in items], hook)
+                       - _ref_mean_logprob(model, convs, [n for _, _, n in items], hook))
+        assert result.steering_by_how[f"response/{variant}"]["2"]["0.5"]["score"] == pytest.approx(want, abs=2e-4)
+    if result.setting is not None:
+        assert result.setting["variant"] in ("prompt_mean", "prompt_last")
+        assert bank.meta_of("cat")["steer_vector"] == f"cat.{result.setting['variant']}"
+
+
 def test_monitor_projection_and_judge_free_score(base_run, model) -> None:
     from jaxpersona.data.chat import conversation
 
@@ -964,6 +996,43 @@ def test_failed_judge_check_makes_the_run_judge_free(model, tmp_path) -> None:
     assert "judge-free" in result.decisions["filter"] and "did not pass" in result.decisions["filter"]
     assert result.steering_judged is None and result.monitor_judged is None
     assert VectorBank.load(run / "vectors").meta_of("cat")["judge_check"] == "failed"
+
+
+class AnchorOnlyJudge:
+    """Separates the cat anchors perfectly but scores every other answer 50: it passes the anchor check and
+    cannot tell this run's own pos answers from its neg answers (AUROC 0.5)."""
+
+    def probs(self, prompts: list[str]) -> np.ndarray:
+        out = np.zeros((len(prompts), 101))
+        for i, p in enumerate(prompts):
+            if is_coherence(p):
+                out[i, 5 if "the the the" in p else 90] = 1.0
+            else:
+                out[i, 90 if "meow meow purr" in p else 10 if "capital of france" in p else 50] = 1.0
+        return out
+
+
+def test_judge_is_trusted_per_use_on_its_own_answers_too(model, tmp_path) -> None:
+    """Passing the anchors is not enough: a judge that cannot tell this run's pos answers from its neg answers
+    filters nothing and drives nothing (filter = auto), and a forced judge filter is then an error."""
+    run = tmp_path / "own"
+    config = CONFIG.replace(filter="auto", trust_judge=False)
+    result = run_extract(model, TRAIT, AnchorOnlyJudge(), config, run, judge_id="anchors-only",
+                         anchors=_cat_anchors(), progress=False, log=_quiet)
+    check = json.loads((run / "judge_check.json").read_text())
+    assert check["passed"] and check["trait_auroc"] == 1.0
+    assert check["intervals"]["trait"] == [1.0, 1.0]
+    own = result.judge_check["own_answers"]
+    assert own["auroc"] == 0.5 and not own["passed"] and own["lo"] <= 0.5 <= own["hi"]
+    assert "own answers" in result.decisions["filter"] and "judge-free" in result.decisions["filter"]
+    pairs = read_jsonl(run / "pairs.jsonl")
+    assert all(p["kept"] == (bool(p["pos_response"]) and bool(p["neg_response"])
+                             and p["pos_response"] != p["neg_response"]) for p in pairs)
+    assert result.steering_judged is None and result.monitor_judged is None
+    assert "below the bar" in result.table()
+    with pytest.raises(errors.JudgeCheckError, match="own|pos answers"):
+        run_extract(model, TRAIT, AnchorOnlyJudge(), config.replace(filter="absolute"), tmp_path / "forced",
+                    judge_id="anchors-only", anchors=_cat_anchors(), progress=False, log=_quiet)
 
 
 def test_forced_judge_filter_with_an_unchecked_judge_is_an_error(model, tmp_path) -> None:

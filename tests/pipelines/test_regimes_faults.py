@@ -29,7 +29,9 @@ from test_pipeline import SCREEN_DATA, full_word_tokenizer
 
 SMALL = dict(n_pairs=1, n_train_questions=4, n_eval_questions=2, max_new_tokens=6, batch_size=4, bipo_steps=3,
              bipo_batch=2, n_boot=50, n_splits=20, trainers=("plain", "steer"), datasets=("trait",))
-TRAIN_SMALL = dict(rank=2, epochs=1, batch_size=2, save_every=1, lr=1e-2, warmup_steps=0)
+# train_eot=False: the 0.4 trainer (response tokens only), which is how a 0.4 directory's training resumes and what
+# its keys were computed with; the 0.7 default (train_eot=True) is a different training and gets other keys (below)
+TRAIN_SMALL = dict(rank=2, epochs=1, batch_size=2, save_every=1, lr=1e-2, warmup_steps=0, train_eot=False)
 CACHED = ("answers.jsonl", "prompt_vectors.npz", "evaluation.npz", "bipo.npz", "grid.npz", "composition.npz")
 STAGES = ["data", "prompt_vectors", "fine_tune", "evaluate", "bipo", "compare", "write"]
 
@@ -168,6 +170,13 @@ def test_cache_keys_and_train_fingerprints_are_those_of_0_4(model, finished) -> 
     assert keys == PINNED_NPZ
     assert (len(answers), hashlib.sha256(json.dumps(answers).encode()).hexdigest()[:24]) == PINNED_ANSWERS
     assert fps == PINNED_TRAIN
+    # the 0.7 default trains the end-of-turn token: another fingerprint and evaluation key, never a 0.4 one
+    eot = tc.replace(train_eot=True)
+    assert run_fingerprint(model, eot, trait, None, None) != fps["plain-trait"]
+    from jaxpersona.pipelines.regimes import evaluation_key
+
+    snaps = [("plain-trait", 1)]
+    assert evaluation_key("fp", snaps, rc, eot, "a") != evaluation_key("fp", snaps, rc, tc, "a")
 
 
 @pytest.mark.parametrize("name", CACHED)
