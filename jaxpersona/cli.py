@@ -78,7 +78,7 @@ LIBRARY: dict[str, tuple[str, ...]] = {
               "jaxpersona.artifacts.peft:cached_merge"),
     "report": ("jaxpersona.report:write_report",),
     "distributed": ("jaxpersona.model.sharding:init_distributed",),
-    "compile-cache": ("jaxpersona.compute.compiling:enable_compile_cache",),
+    "compile-cache": ("jaxpersona.compute.compiling:compile_cache",),
 }
 # commands that compile nothing (or only print): no compile cache is set up for them
 NO_COMPILE = ("models", "capping", "vectors", "plan", "report", "convert")
@@ -780,9 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.coordinator:
             library("distributed").init_distributed(args.coordinator, args.num_processes, args.process_id)
-        if not args.no_compile_cache and args.command not in NO_COMPILE:
-            library("compile-cache").enable_compile_cache(args.compile_cache)
-        return args.func(args)
+        if args.no_compile_cache or args.command in NO_COMPILE:
+            return args.func(args)
+        with library("compile-cache").compile_cache(args.compile_cache):  # restored after the command
+            return args.func(args)
     except errors.JaxPersonaError as e:
         print(f"jaxpersona: error: {e}", file=sys.stderr)
         return e.exit_code

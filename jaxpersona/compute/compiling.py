@@ -15,13 +15,16 @@ version and the device, and a cached executable is the executable the compile wo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from jaxpersona import errors
 from jaxpersona.model.registry import cache_dir
@@ -64,6 +67,24 @@ def enable_compile_cache(path: str | Path | None = None) -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return target
+
+
+_CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+
+
+@contextlib.contextmanager
+def compile_cache(path: str | Path | None = None) -> Iterator[Path | None]:
+    """:func:`enable_compile_cache` for the duration of a block, then the process's previous cache settings
+    again (the CLI's ``main`` called in-process — a notebook, a test — leaves no global setting behind)."""
+    before = {k: getattr(jax.config, k) for k in _CACHE_KEYS}
+    jax_compilation_cache.reset_cache()  # jax remembers whether it uses a cache: ask it again under the new setting
+    try:
+        yield enable_compile_cache(path)
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        jax_compilation_cache.reset_cache()
 
 
 def cache_dir_in_use() -> str | None:
