@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import pytest
 
 # compiled programs of the test session go to a directory of its own (shared by the CLI subprocesses it starts),
@@ -140,3 +141,11 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compiled_programs_per_module():
+    """Drop jax's in-memory compiled programs after each test module: a whole-suite process otherwise keeps
+    every program of ~700 tests, and two full runs segfaulted inside XLA late in the session."""
+    yield
+    jax.clear_caches()
