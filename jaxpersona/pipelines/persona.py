@@ -713,6 +713,13 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
+def _eval_set(st: _TraitState) -> ScoringSet:
+    """The trait's evaluation answers as a scoring set: rows ``0..n-1`` the positive answers, ``n..2n-1`` the
+    negative ones, each after its question alone."""
+    return ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
+                      tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items))
+
+
 def vector_name(trait: str, variant: str) -> str:
     """A bank entry's name: the trait for its response-mean vector, ``trait.variant`` for the others."""
     return trait if variant == "response_mean" else f"{trait}.{variant}"
@@ -740,9 +747,7 @@ def _steer_traits(run: Run, model: Model, states: list[_TraitState], config: Ext
         vectors = np.stack([steering_vectors(st.vecs[VARIANTS.index(v)], st.norms, config.coeff_units)
                             for st in states for v in variants])
         names = tuple(vector_name(st.trait.name, v) for st in states for v in variants)
-        sets = [ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
-                           tuple(p for _, p, _ in st.eval_items) + tuple(n for _, _, n in st.eval_items))
-                for st in states for _ in variants]
+        sets = [_eval_set(st) for st in states for _ in variants]
         n_points = len(config.steer_positions) * len(Grid("steer", vectors, names, layers, coeffs,
                                                           baseline_once=True).points())
         run.log(f"[5/7] steering sweep: {len(states)} trait(s) x positions {list(config.steer_positions)} x vectors "
@@ -917,8 +922,7 @@ def _control(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], ch: _C
         rand = random_directions(st.vecs[VARIANTS.index(v)], config.n_random, config.seed, name)
         vectors = np.stack([steering_vectors(r, st.norms, config.coeff_units) for r in rand])
         n_q = len(st.eval_items)
-        data = ScoringSet(tuple(q for q, _, _ in st.eval_items) * 2,
-                          tuple(a for _, a, _ in st.eval_items) + tuple(a for _, _, a in st.eval_items))
+        data = _eval_set(st)
         names = tuple(f"{name}~random{k}" for k in range(config.n_random))
         grid = Grid("steer", vectors, names, (int(layer),), (float(c),), positions=p)
         st.log(f"      control: {config.n_random} random direction(s) of the same norm at {p} positions, layer {layer}, "
