@@ -106,3 +106,15 @@ def test_instruction_words_and_echo() -> None:
     assert words == ["cruel", "evil", "malicious"]
     assert sel.echo_rate(["That is cruel.", "Sunny today.", "EVIL!", "evilness"], words) == 0.5
     assert sel.echo_rate([], words) is None
+
+
+def test_extract_config_rejects_bad_steering_axes() -> None:
+    from jaxpersona.pipelines.persona import ExtractConfig
+
+    ok = ExtractConfig()
+    ok.validate(31)
+    for bad in ({"steer_positions": ("response", "middle")}, {"steer_positions": ()},
+                {"steer_variants": ("response_mean", "response_mean")}, {"folds": 1}, {"folds": 21},
+                {"n_random": 0}):
+        with pytest.raises(errors.InputError):
+            ExtractConfig(**bad).validate(31)
