@@ -129,6 +129,8 @@ def test_playground_in_chromium(server, browser, tmp_path):
     # the bank's vectors, from /v1/models, in pane A's searchable picker
     page.wait_for_selector("#settings-A .vector-list li[data-vector=evil]")
     page.fill("#api-key", "sk-only-in-memory")
+    served = [m.id for m in openai.OpenAI(base_url=server.url, api_key="x").models.list().data]
+    assert page.eval_on_selector_all("#settings-A .model option", "ns => ns.map(n => n.value)") == served  # + adapters
     page.fill("#settings-A .filter", "evi")
     assert page.eval_on_selector_all("#settings-A .vector-list li", "ns => ns.map(n => n.dataset.vector)") == ["evil"]
     page.click("#settings-A .vector-list li[data-vector=evil]")
@@ -156,9 +158,14 @@ def test_playground_in_chromium(server, browser, tmp_path):
     body = api_body(page)
     assert (body["seed"], body["temperature"], body["max_tokens"]) == (7, 0.5, 12)
     assert body["persona_readout"] == [{"name": "evil", "vector": "evil", "layer": LAYER}]
-    assert "interventions" not in page.evaluate("() => { document.getElementById('api-pane').value = 'B'; "
-                                                "document.getElementById('api-pane').dispatchEvent(new Event('change'));"
-                                                " return JSON.parse(document.getElementById('api-body').textContent); }")
+    # pane B (the comparison) starts with no interventions; its capping toggle adds the server's preset by name
+    page.select_option("#api-pane", "B")
+    assert "interventions" not in api_body(page) and api_body(page)["seed"] == 7
+    assert page.eval_on_selector_all("#settings-B .cap-preset option", "ns => ns.map(n => n.value)") == ["calm"]
+    page.check("#settings-B .cap-on")
+    assert api_body(page)["interventions"] == ["calm"]
+    page.uncheck("#settings-B .cap-on")
+    assert "interventions" not in api_body(page)
     page.select_option("#api-pane", "A")
 
     # turn 1: both panes stream at the same time
