@@ -133,10 +133,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", action="append", default=[], metavar="NAME=FILE",
                    help="a named intervention preset: a capping config (capping.json from `jaxpersona space`) or a "
                         "JSON list of intervention objects (repeatable)")
-    p.add_argument("--adapter", default=None, metavar="DIR",
-                   help="a LoRA adapter to serve merged into the weights: a peft directory (adapter_config.json; a "
-                        "Trainer directory uses its highest checkpoint-N) or a jaxpersona adapter (adapters/step_N); "
-                        "the merged copy is kept in the cache")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter requests select per request with \"model\": NAME (vLLM's way; listed in "
+                        "/v1/models): a peft directory (adapter_config.json; a Trainer directory uses its highest "
+                        "checkpoint-N) or a jaxpersona adapter (adapters/step_N); a bare DIR is named after the "
+                        "directory (repeatable; all of them decode in one batch)")
+    p.add_argument("--merge-adapter", default=None, metavar="DIR",
+                   help="serve the weights with this adapter merged in (every request; the merged copy is kept in "
+                        "the cache)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--batch", type=int, default=8, help="rows decoded together (continuous batching)")
@@ -152,6 +156,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-env", default=None, help="require `Authorization: Bearer $VAR` (the variable's name)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
     p.add_argument("--quiet", action="store_true", help="no access log")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request body (then 408)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take in all (then 504, or an error chunk when streaming)")
+    p.add_argument("--max-connections", type=int, default=512, help="concurrent connections (503 beyond)")
+    p.add_argument("--graceful-seconds", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, how long in-flight requests may take to finish")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -503,16 +513,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise errors.InputError(f"--api-key-env {args.api_key_env}: that environment variable is empty or unset")
     lib = library("serve")
     model, served = args.model, args.served_name
-    if args.adapter:  # merged into a cached copy of the weights before the server starts: bad input never half-loads
+    if args.merge_adapter:  # merged into a cached copy of the weights before the server starts
         source = lib.weights_source(args.model)
-        model = str(lib.cached_merge(source.path, args.adapter, source=source.kind, origin=source.origin,
+        model = str(lib.cached_merge(source.path, args.merge_adapter, source=source.kind, origin=source.origin,
                                      log=lambda m: print(m, file=sys.stderr)))
-        served = served or f"{args.model}+{Path(args.adapter).name}"
+        served = served or f"{args.model}+{Path(args.merge_adapter).name}"
+    adapters = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name, spec
+        if not name or not path:
+            raise errors.InputError(f"--adapter {spec!r}: use NAME=DIR (or a bare DIR)")
+        adapters.append(f"{name}={path}")
     return int(lib.run_server(
-        model, args.dtype, banks=args.bank, presets=args.preset, served_name=served, host=args.host,
-        port=args.port, batch=args.batch, max_context=args.max_context, max_interventions=args.max_interventions,
-        max_readout=args.max_readout, max_queue=args.max_queue, prefill_rows=args.prefill_rows, mesh=args.mesh,
-        api_key=api_key, warmup=not args.no_warmup, access_log=not args.quiet))
+        model, args.dtype, banks=args.bank, presets=args.preset, adapters=adapters, served_name=served,
+        host=args.host, port=args.port, batch=args.batch, max_context=args.max_context,
+        max_interventions=args.max_interventions, max_readout=args.max_readout, max_queue=args.max_queue,
+        prefill_rows=args.prefill_rows, mesh=args.mesh, api_key=api_key, warmup=not args.no_warmup,
+        access_log=not args.quiet, read_timeout=args.read_timeout, request_timeout=args.request_timeout,
+        max_connections=args.max_connections, graceful_seconds=args.graceful_seconds))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -102,6 +102,7 @@ def test_bad_adapters_exit_2_before_any_work(root: Path, capsys) -> None:
         (["screen", *model, "--vectors", str(root / "bank"), "--trait", "cat", "--data", str(root / "data.jsonl"),
           "--adapter", str(dora), "--out", str(root / "s1")], "use_dora", root / "s1"),
         (["serve", *model, "--adapter", str(dora), "--no-warmup"], "use_dora", None),
+        (["serve", *model, "--merge-adapter", str(dora), "--no-warmup"], "use_dora", None),
         (["finetune", *model, "--data", str(root / "data.jsonl"), "--out", str(root / "f1"), "--export-peft",
           str(root / "data.jsonl")], "not a directory", root / "f1"),
     ]
