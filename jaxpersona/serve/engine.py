@@ -1,4 +1,4 @@
-"""Continuous batching with a different intervention on every row.
+"""Continuous batching with a different intervention, adapter and readout on every row.
 
 The engine keeps ``batch`` rows of one KV cache ``[L, B, KV, S, hd]``. A request (one *choice*) owns a row
 from admission to its last token, and its tokens always sit at the same slots of that row: the prompt,
@@ -8,13 +8,27 @@ joined or on what the other rows hold: interleaved requests give the tokens they
 
 Every row carries its interventions as data (:class:`RowInterventions`: ``K`` items of
 ``vector [N, D]``, steer coefficient and layer weights, cap bounds and layer weights, a position mask over
-the row's cache slots). One jitted decode step applies them all — a ``vmap`` over rows of the library's own
-:class:`~jaxpersona.edit.interventions.Cap` and :class:`~jaxpersona.edit.interventions.Steer` — and samples every
-row with its own temperature, top-p and PRNG key. An ablation is a cap with ``floor = ceiling = mean``.
+the row's cache slots; and at most one persona mixture, :class:`RowMixture`: up to ``M = max_mixture``
+directions ``[M, N, D]``, alpha, tau, fixed weights or context-conditional, layer weights, a position mask).
+One jitted decode step applies them all — a ``vmap`` over rows of the library's own
+:class:`~jaxpersona.edit.interventions.Cap`, :class:`~jaxpersona.edit.interventions.Steer` and
+:class:`~jaxpersona.edit.interventions.Mixture` — and samples every row with its own temperature, top-p and
+PRNG key. An ablation is a cap with ``floor = ceiling = mean``. Order at each resid point: the row's items in
+request order (each a cap, then a steer), then its mixture (which therefore sees the capped/steered residual).
+Rows without a mixture have ``alpha = 0`` (bit-identical residuals); when no row has one, none is traced.
+
+LoRA adapters (the way multi-adapter servers select them): the engine may hold an
+:class:`~jaxpersona.model.lora.AdapterStack` whose member 0 is the base model (a zero adapter); every row has
+an ``adapter_select [B]`` entry (0 = base) and ``forward(..., adapter=stack, adapter_select=...)`` gives each
+row its own adapter inside the one prefill / decode step, so base and several fine-tunes share a batch and a
+compiled program. Without a stack (``adapters=None``) no adapter array is traced and the programs are the
+plain ones.
 
 The host loop (:meth:`Engine.run`) admits waiting requests into free rows between decode steps
-(arrivals with the same prompt bucket prefilled together, in a call of fixed shape), steps, and hands each request its tokens, log-probs, text deltas and a
-persona readout (mean projection of its generated tokens' residuals on named directions).
+(arrivals with the same prompt bucket prefilled together, in a call of fixed shape), steps, and hands each
+request its tokens, log-probs, text deltas and a persona readout: each generated token's residual (after
+the interventions) at the readout layers projected on named unit directions — per token, on the delta that
+carries the token's text, and their mean at the end.
 """
 
 from __future__ import annotations
@@ -32,8 +46,9 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.generate import sample_token
-from jaxpersona.edit.interventions import Cap, Positions, Steer, pytree_dataclass
+from jaxpersona.edit.interventions import Cap, Mixture, Positions, Steer, pytree_dataclass
 from jaxpersona.model.config import ModelConfig
+from jaxpersona.model.lora import AdapterStack, check_adapter
 from jaxpersona.model.params import Params
 from jaxpersona.model.sharding import spec
 from jaxpersona.model.transformer import Capture, HookContext, KVCache, forward
@@ -44,8 +59,8 @@ POSITIONS = ("all", "prompt", "response", "assistant")
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Static shape of the engine: ``batch`` rows x ``max_context`` cache slots, ``max_interventions`` items and
-    ``max_readout`` readout directions per row."""
+    """Static shape of the engine: ``batch`` rows x ``max_context`` cache slots, ``max_interventions`` items,
+    ``max_readout`` readout directions and a mixture of at most ``max_mixture`` directions per row."""
 
     batch: int = 8
     max_context: int = 1024
@@ -54,13 +69,17 @@ class EngineConfig:
     max_queue: int = 256
     min_bucket: int = 32
     prefill_rows: int = 1  # arrivals with the same prompt bucket prefilled together (always this many rows)
+    max_mixture: int = 8  # directions a request's persona mixture may hold (K <= max_mixture)
 
     def __post_init__(self) -> None:
         for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "min_bucket",
-                  "prefill_rows"):
+                  "prefill_rows", "max_mixture"):
             v = getattr(self, f)
             if int(v) != v or v < 1:
                 raise errors.InputError(f"serve: {f} must be an integer >= 1, got {v}")
+        if self.max_mixture < 2:
+            raise errors.InputError(f"serve: max_mixture must be >= 2 (a mixture mixes >= 2 directions), got "
+                                    f"{self.max_mixture}")
         if self.prefill_rows > self.batch:
             raise errors.InputError(f"serve: prefill_rows {self.prefill_rows} exceeds the batch {self.batch}")
         if self.max_context < 2 * self.min_bucket:
@@ -85,11 +104,70 @@ class Item:
     positions: str = "all"
 
 
+@dataclasses.dataclass(frozen=True)
+class MixSpec:
+    """A request's persona mixture (numpy, host side): ``h + alpha * sum_k w_k v_k[l]`` at the resid points
+    ``l`` with ``layers[l] != 0``; ``w = softmax(<h, v̂_k[l]> / tau)`` (context-conditional) or the fixed
+    ``weights``. ``vectors [K, N, D]``: each direction at every resid point (relative units: already scaled to
+    the residual norm there)."""
+
+    vectors: np.ndarray  # [K, N, D]
+    alpha: float
+    layers: np.ndarray  # [N] layer weights (0 = off)
+    tau: float = 1.0
+    weights: np.ndarray | None = None  # [K] fixed mix; None = context-conditional
+    positions: str = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedMixture(Mixture):
+    """The library's :class:`~jaxpersona.edit.interventions.Mixture` over a padded bank: ``present [K]`` marks
+    the real entries; padding (zero vectors, zero fixed weights) is left out of the context-conditional
+    softmax (``softmax(<h, v̂_k>/tau)`` over the present ``k`` only), so the weights are the unpadded
+    mixture's. Everything else is :class:`Mixture` itself."""
+
+    present: jax.Array | None = None  # [K] bool
+
+    def mix(self, h: jax.Array) -> jax.Array:
+        if not self.conditional or self.present is None:
+            return super().mix(h)
+        v = self.vectors.astype(jnp.float32)
+        u = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        return jax.nn.softmax(jnp.einsum("btd,kd->btk", h.astype(jnp.float32), u) / self.tau, axis=-1,
+                              where=self.present)
+
+
+@pytree_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowMixture:
+    """One persona mixture per row over ``M`` direction slots (a row's ``K <= M`` entries first, the rest
+    padding). All ``[B, ...]``; a row without a mixture has ``alpha = 0`` and changes nothing."""
+
+    vectors: jax.Array  # [B, M, N, D] each entry's direction at every resid point
+    present: jax.Array  # [B, M] bool: the row's real entries
+    alpha: jax.Array  # [B]
+    tau: jax.Array  # [B] (> 0; 1 on rows without a mixture)
+    weights: jax.Array  # [B, M] fixed mix (used where conditional is False)
+    layers: jax.Array  # [B, N] layer weights
+    conditional: jax.Array  # [B] bool
+    mask: jax.Array  # [B, S] bool: the row's cache slots the mixture acts on
+
+    def apply_row(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
+        """One row's mixture (this pytree sliced to one row, as inside a ``vmap``) on ``h [1, T, D]``:
+        :class:`Mixture` (context-conditional, padding masked) or :class:`Mixture` with fixed weights."""
+        where = Positions(self.mask[None], jnp.zeros((1,), bool))
+        vec = self.vectors[:, layer]  # [M, D]
+        cond = PaddedMixture(vec, self.alpha, self.tau, self.weights, self.layers, where, True, self.present)
+        fixed = Mixture(vec, self.alpha, self.tau, self.weights, self.layers, where, False)
+        return jnp.where(self.conditional, cond(layer, h, ctx), fixed(layer, h, ctx))
+
+
 @pytree_dataclass
 @dataclasses.dataclass(frozen=True)
 class RowInterventions:
     """``K`` intervention items per row, applied in order at every resid point: each item is a
-    :class:`Cap` then a :class:`Steer` (one of them switched off by zero layer weights). All ``[B, K, ...]``."""
+    :class:`Cap` then a :class:`Steer` (one of them switched off by zero layer weights); then the row's
+    persona mixture (``mix``; None when no row has one). All ``[B, K, ...]``."""
 
     vector: jax.Array  # [B, K, N, D]
     coeff: jax.Array  # [B, K]
@@ -98,6 +176,7 @@ class RowInterventions:
     hi: jax.Array  # [B, K, N]
     cap_w: jax.Array  # [B, K, N]
     mask: jax.Array  # [B, K, S] bool: the row's cache slots the item acts on
+    mix: RowMixture | None = None
 
     def __call__(self, layer: jax.Array, h: jax.Array, ctx: HookContext) -> jax.Array:
         def row(iv: RowInterventions, h1: jax.Array, pos: jax.Array, slots: jax.Array, valid: jax.Array) -> jax.Array:
@@ -107,16 +186,22 @@ class RowInterventions:
                 where = Positions(iv.mask[k][None], jnp.zeros((1,), bool))
                 out = Cap(iv.vector[k], iv.lo[k], iv.hi[k], iv.cap_w[k], where)(layer, out, c1)
                 out = Steer(iv.vector[k], iv.coeff[k], iv.steer_w[k], where)(layer, out, c1)
+            if iv.mix is not None:  # after the row's items
+                out = iv.mix.apply_row(layer, out, c1)
             return out[0]
 
         return jax.vmap(row)(self, h, ctx.positions, ctx.slots, ctx.valid)
 
 
 class RowTable:
-    """Host copy of every row's interventions and readout directions; shipped to the device when changed."""
+    """Host copy of every row's interventions, mixture and readout directions; shipped to the device when
+    changed. The mixture arrays (``[B, M, N, D]``) are allocated at the first mixture request."""
 
     def __init__(self, cfg: ModelConfig, ecfg: EngineConfig) -> None:
         b, k, n, d, s, r = ecfg.batch, ecfg.max_interventions, cfg.n_resid, cfg.d_model, ecfg.max_context, ecfg.max_readout
+        self.mix_shape = (b, ecfg.max_mixture, n, d, s)
+        self.mix: dict[str, np.ndarray] | None = None
+        self.has_mix = np.zeros(b, bool)
         self.vector = np.zeros((b, k, n, d), np.float32)
         self.coeff = np.zeros((b, k), np.float32)
         self.steer_w = np.zeros((b, k, n), np.float32)
@@ -128,14 +213,40 @@ class RowTable:
         self.layers = np.zeros((b, r), np.int32)
         self._device: tuple[Any, Any, Any] | None = None
 
+    def _mix_arrays(self) -> dict[str, np.ndarray]:
+        if self.mix is None:
+            b, m, n, d, s = self.mix_shape
+            self.mix = {"vectors": np.zeros((b, m, n, d), np.float32), "present": np.zeros((b, m), bool),
+                        "alpha": np.zeros(b, np.float32), "tau": np.ones(b, np.float32),
+                        "weights": np.zeros((b, m), np.float32), "layers": np.zeros((b, n), np.float32),
+                        "conditional": np.zeros(b, bool), "mask": np.zeros((b, s), bool)}
+        return self.mix
+
     def clear(self, row: int) -> None:
         for a, v in ((self.vector, 0), (self.coeff, 0), (self.steer_w, 0), (self.lo, -np.inf), (self.hi, np.inf),
                      (self.cap_w, 0), (self.mask, False), (self.units, 0), (self.layers, 0)):
             a[row] = v
+        if self.has_mix[row]:
+            for key, a in self._mix_arrays().items():
+                a[row] = 1 if key == "tau" else 0
+            self.has_mix[row] = False
         self._device = None
 
-    def set(self, row: int, items: list[Item], masks: list[np.ndarray], units: np.ndarray, layers: np.ndarray) -> None:
+    def set(self, row: int, items: list[Item], masks: list[np.ndarray], units: np.ndarray, layers: np.ndarray,
+            mix: MixSpec | None = None, mix_mask: np.ndarray | None = None) -> None:
+        """Row ``row``'s items (with their ``[S]`` slot masks), readout ``units [R, D]`` / ``layers [R]`` and
+        mixture (with its ``[S]`` slot mask)."""
         self.clear(row)
+        if mix is not None:
+            t, k = self._mix_arrays(), len(mix.vectors)
+            t["vectors"][row, :k] = mix.vectors
+            t["present"][row, :k] = True
+            t["alpha"][row], t["tau"][row], t["layers"][row] = mix.alpha, mix.tau, mix.layers
+            t["conditional"][row] = mix.weights is None
+            if mix.weights is not None:
+                t["weights"][row, :k] = mix.weights
+            t["mask"][row] = mix_mask
+            self.has_mix[row] = True
         for k, (it, m) in enumerate(zip(items, masks)):
             self.vector[row, k] = it.vector
             self.coeff[row, k] = it.coeff
@@ -147,11 +258,20 @@ class RowTable:
         self.units[row, : len(units)] = units
         self.layers[row, : len(layers)] = layers
 
+    def any_mix(self) -> bool:
+        return bool(self.has_mix.any())
+
     def rows(self, sl: slice | np.ndarray | None = None) -> RowInterventions:
-        """The device pytree of all rows, or of the rows ``sl`` selects (a slice or an index array)."""
+        """The device pytree of all rows, or of the rows ``sl`` selects (a slice or an index array); its
+        ``mix`` is None unless one of those rows has a mixture."""
         sl = slice(None) if sl is None else sl
+        mix = None
+        if self.mix is not None and self.has_mix[sl].any():
+            t = self.mix
+            mix = RowMixture(*(jnp.asarray(t[f][sl]) for f in ("vectors", "present", "alpha", "tau", "weights",
+                                                                "layers", "conditional", "mask")))
         return RowInterventions(*(jnp.asarray(a[sl]) for a in (self.vector, self.coeff, self.steer_w, self.lo, self.hi,
-                                                               self.cap_w, self.mask)))
+                                                               self.cap_w, self.mask)), mix=mix)
 
     def device(self) -> tuple[RowInterventions, jax.Array, jax.Array]:
         if self._device is None:
@@ -185,7 +305,8 @@ class StepOut(NamedTuple):
     logprobs: jax.Array  # [B] log p(token) under the model's (unscaled) distribution
     top_ids: jax.Array  # [B, TOP_LOGPROBS]
     top_logprobs: jax.Array  # [B, TOP_LOGPROBS]
-    readout: jax.Array  # [B, R] projection of this token's residual on each readout direction (or [0])
+    readout: jax.Array  # [B, R] projection of this token's residual (after the row's interventions) at each
+    # readout layer on its unit direction (or [0] when no row asks for a readout)
 
 
 def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array) -> jax.Array:
@@ -207,17 +328,21 @@ def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: ja
 @functools.partial(jax.jit, static_argnames=("cfg", "readout"), donate_argnames=("cache",))
 def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Array, index: jax.Array,
                 active: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array,
-                hook: RowInterventions | None, units: jax.Array, layers: jax.Array, *, readout: bool
+                hook: RowInterventions | None, units: jax.Array, layers: jax.Array,
+                adapter: AdapterStack | None = None, adapter_select: jax.Array | None = None, *, readout: bool
                 ) -> tuple[KVCache, jax.Array, StepOut]:
     """Pick each row's next token from ``logits [B, V]`` and run it through the model at the row's slot
-    ``index [B]`` (inactive rows write nothing valid). Returns the cache, the next logits and the step's outputs."""
+    ``index [B]`` (inactive rows write nothing valid), each row under its own interventions (``hook``) and
+    adapter (``adapter_select [B]`` into the stack ``adapter``; both None: no adapter). ``units [B, R, D]`` /
+    ``layers [B, R]``: the readout directions. Returns the cache, the next logits ``[B, V]`` and the step's
+    outputs."""
     tok = pick_tokens(logits, keys, counts, temps, top_ps)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
     top_lp, top_id = jax.lax.top_k(logp, TOP_LOGPROBS)
     capture = Capture(tuple(range(cfg.n_resid)), "tokens") if readout else None
     out = forward(params, cfg, tok[:, None], valid=active[:, None], cache=cache, cache_index=index, hook=hook,
-                  logits="last", capture=capture)
+                  logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select)
     proj = jnp.zeros((0,), jnp.float32)
     if readout:  # captured [N, B, 1, D]: each row's readout layers, projected on its unit directions
         h = jnp.swapaxes(out.captured[:, :, 0], 0, 1).astype(jnp.float32)  # [B, N, D]
@@ -227,12 +352,15 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "size"))
-def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: RowInterventions, *,
+def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: RowInterventions,
+            adapter: AdapterStack | None = None, adapter_select: jax.Array | None = None, *,
             size: int) -> tuple[KVCache, jax.Array]:
     """Prompts ``tokens [R, P]`` (left-padded; R = the engine's ``prefill_rows``) into a fresh cache of ``size``
-    slots; returns it and the last position's logits ``[R, V]``."""
+    slots, each row under its interventions and adapter (``adapter_select [R]``); returns the cache and the
+    last position's logits ``[R, V]``."""
     cache = KVCache.empty(cfg, tokens.shape[0], size, params["embed"].dtype)
-    out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last")
+    out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last",
+                  adapter=adapter, adapter_select=adapter_select)
     return out.cache, out.logits[:, 0]
 
 
@@ -249,8 +377,15 @@ def insert_row(cache: KVCache, logits: jax.Array, new: KVCache, new_logits: jax.
 class Sequence:
     """One choice of one request: what to generate, under what, and where its results go.
 
-    Events put on ``events`` (shared by a request's choices): ``("delta", index, text, logprob entries)``
-    and ``("done", index, finish_reason, {"completion_tokens", "readout"})``.
+    Events put on ``events`` (shared by a request's choices):
+
+    * ``("delta", index, text, entry, projections)``: ``entry`` = ``(token, logprob, [(id, logprob), ...])``
+      or None (no logprobs asked); ``projections`` = None when no readout was asked, else the per-token
+      readout of the tokens whose text this delta releases, in order: a list of ``[R]`` float lists (empty
+      while text is held back for an incomplete character or a possible stop string);
+    * ``("done", index, finish_reason, {"completion_tokens", "readout", "projection_rest"})``: ``readout`` =
+      ``{name: {"layer", "mean_projection", "tokens", "per_token"}}`` (``per_token``: one float per generated
+      token); ``projection_rest``: the per-token readout not yet sent on a delta (``[R]`` lists).
     """
 
     index: int
@@ -267,20 +402,38 @@ class Sequence:
     readout: list[tuple[str, int, np.ndarray]] = dataclasses.field(default_factory=list)  # (name, layer, unit [D])
     ignore_eos: bool = False  # generate max_tokens whatever comes (vLLM's ignore_eos; for benchmarks)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    adapter: str | None = None  # the adapter's name (None = the base model)
+    adapter_id: int = 0  # its index in the engine's AdapterStack (0 = base)
+    mixture: MixSpec | None = None
     # filled in by the engine
     tokens: list[int] = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     readout_sum: np.ndarray | None = None
+    projections: list[list[float]] = dataclasses.field(default_factory=list)  # [tokens][R] per-token readout
+    projections_sent: int = 0  # tokens whose projections went out on a delta
 
 
 class Engine:
     """Owns the model, the batch cache and the decode loop (run it on one thread: :meth:`start`)."""
 
     def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any, eos_ids: tuple[int, ...], pad_id: int,
-                 ecfg: EngineConfig, mesh: jax.sharding.Mesh | None = None) -> None:
+                 ecfg: EngineConfig, mesh: jax.sharding.Mesh | None = None, *,
+                 adapters: AdapterStack | None = None) -> None:
         """``mesh``: a ``(data, model)`` mesh (params already placed on it, see :mod:`jaxpersona.model.sharding`):
-        the cache's rows go over ``data`` and its kv heads over ``model``; the jitted steps follow."""
+        the cache's rows go over ``data`` and its kv heads over ``model``; the jitted steps follow.
+        ``adapters``: LoRA adapters requests may select (member 0 the base model, a zero adapter; see
+        :func:`~jaxpersona.model.lora.stack_adapters`); a sequence's ``adapter_id`` indexes it."""
         self.params, self.cfg, self.tokenizer, self.ecfg = params, cfg, tokenizer, ecfg
+        if adapters is not None:
+            if not isinstance(adapters, AdapterStack):
+                raise errors.InputError(f"serve: adapters must be an AdapterStack (stack_adapters([None, ...])), "
+                                        f"got {type(adapters).__name__}")
+            check_adapter(adapters, cfg)
+            if mesh is not None:
+                from jaxpersona.artifacts.adapters import shard_adapter
+
+                adapters = shard_adapter(adapters, cfg, mesh)
+        self.adapters = adapters
         self.eos = set(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         b, s = ecfg.batch, ecfg.max_context
@@ -299,6 +452,7 @@ class Engine:
         self.keys = np.zeros((b, 2), np.uint32)
         self.temps = np.zeros(b, np.float32)
         self.top_ps = np.ones(b, np.float32)
+        self.adapter_select = np.zeros(b, np.int32)  # each row's adapter (0 = base)
         self.waiting: queue.Queue[Sequence] = queue.Queue()  # submitted (any thread)
         self.backlog: list[Sequence] = []  # taken from `waiting` by the engine thread, not yet admitted
         self.pending = 0  # sequences submitted and not finished (guarded by _lock)
@@ -324,6 +478,9 @@ class Engine:
         if self.failure is not None:
             raise errors.RequestError(f"the engine stopped: {type(self.failure).__name__}", status=503,
                                       kind="server_error", code="engine_failed")
+        if self._stop.is_set():
+            raise errors.RequestError("the server is shutting down", status=503, kind="server_error",
+                                      code="shutting_down")
         with self._lock:
             if self.pending + len(seqs) > self.ecfg.max_queue:
                 raise errors.RequestError(f"the server has {self.pending} sequences queued or running (limit "
@@ -338,9 +495,12 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop; sequences still running or queued end with an error event (nothing hangs)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if not self._thread.is_alive():
+                self._fail_all("the server is shutting down")  # anything submitted while it stopped
 
     # --- the loop (engine thread) ----------------------------------------------------------------
     def run(self) -> None:
@@ -356,10 +516,21 @@ class Engine:
                 self._step()
         except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
             self.failure = e
-            for r in [*self.rows, *self.backlog, *self._drain()]:
-                if r is not None:
-                    r.events.put(("error", r.index, f"engine failure: {type(e).__name__}: {e}"))
+            self._fail_all(f"engine failure: {type(e).__name__}: {e}")
             raise
+        self._fail_all("the server is shutting down")  # stopped: nobody waits forever
+
+    def _fail_all(self, message: str) -> None:
+        """End every running and queued sequence with an ``("error", ...)`` event and free its row."""
+        seqs = [r for r in self.rows if r is not None] + self.backlog + self._drain()
+        self.rows = [None] * len(self.rows)
+        self.backlog = []
+        for row in range(len(self.rows)):
+            self.table.clear(row)
+        for r in seqs:
+            with self._lock:
+                self.pending -= 1
+            r.events.put(("error", r.index, message))
 
     def _drain(self) -> list[Sequence]:
         out = []
@@ -376,8 +547,9 @@ class Engine:
         while True:
             self.backlog.extend(self._drain())
             free = [r for r, occ in enumerate(self.rows) if occ is None]
-            while self.backlog and self.backlog[0].cancelled.is_set():
-                self._finish(self.backlog.pop(0), "cancelled")
+            for gone in [q for q in self.backlog if q.cancelled.is_set()]:  # left before they got a row
+                self.backlog.remove(gone)
+                self._finish(gone, "cancelled")
             if not free or not self.backlog:
                 return
             bucket = self.ecfg.bucket(len(self.backlog[0].prompt))
@@ -395,13 +567,17 @@ class Engine:
             n = len(seq.prompt)
             masks = [position_mask(it.positions, n, p, s, seq.assistant_mask) for it in seq.items]
             units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
-            self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32))
+            mix_mask = (position_mask(seq.mixture.positions, n, p, s, seq.assistant_mask)
+                        if seq.mixture is not None else None)
+            self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32),
+                           seq.mixture, mix_mask)
+            self.adapter_select[row] = seq.adapter_id if self.adapters is not None else 0
             tokens[i, p - n:], valid[i, p - n:] = seq.prompt, True
         tokens[len(seqs):], valid[len(seqs):] = tokens[0], valid[0]  # padding rows: copies, never used
         table_rows = rows + [rows[0]] * (r - len(rows))
         self.stats["prefills"] += 1
         new, new_logits = prefill(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(valid),
-                                  self.table.rows(np.asarray(table_rows)), size=s)
+                                  self.table.rows(np.asarray(table_rows)), *self._adapter_args(table_rows), size=s)
         for i, (row, seq) in enumerate(zip(rows, seqs)):
             self.cache, self.logits = insert_row(self.cache, self.logits, new, new_logits, jnp.int32(i), jnp.int32(row))
             self.stats["joined_running"] += any(x is not None and x.tokens for x in self.rows)  # joined mid-decode
@@ -409,28 +585,38 @@ class Engine:
             self.index[row], self.keys[row] = p, seq.key
             self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
             seq.readout_sum = np.zeros(len(seq.readout), np.float64)
+            seq.projections, seq.projections_sent = [], 0
             self.stats["admitted"] += 1
+
+    def _adapter_args(self, rows: list[int] | None = None) -> tuple[AdapterStack | None, jax.Array | None]:
+        """``(adapter stack, adapter_select)`` for the rows ``rows`` (all rows: None); ``(None, None)`` without a
+        stack, so no adapter array is traced."""
+        if self.adapters is None:
+            return None, None
+        sel = self.adapter_select if rows is None else self.adapter_select[np.asarray(rows, np.int64)]
+        return self.adapters, jnp.asarray(sel)
 
     def compile_prefills(self, limit: int) -> None:
         """Compile the prefill of each prompt bucket up to ``limit`` tokens (and half the context)."""
         p = self.ecfg.min_bucket
         while p <= min(limit, self.ecfg.max_context // 2):
             r = self.ecfg.prefill_rows
+            ad = (None, None) if self.adapters is None else (self.adapters, jnp.zeros((r,), jnp.int32))
             prefill(self.params, self.cfg, jnp.full((r, p), self.pad_id, jnp.int32), jnp.ones((r, p), bool),
-                    self.table.rows(np.zeros(r, np.int64)), size=self.ecfg.max_context)
+                    self.table.rows(np.zeros(r, np.int64)), *ad, size=self.ecfg.max_context)
             p *= 2
 
     def _step(self) -> None:
         t0 = time.perf_counter()
         active = np.array([r is not None for r in self.rows])
         counts = np.array([len(r.tokens) if r is not None else 0 for r in self.rows], np.int32)
-        any_items = any(r is not None and r.items for r in self.rows)
+        any_items = any(r is not None and (r.items or r.mixture is not None) for r in self.rows)
         readout = any(r is not None and r.readout for r in self.rows)
         rows, units, layers = self.table.device()
         self.cache, self.logits, out = decode_step(
             self.params, self.cfg, self.cache, self.logits, jnp.asarray(self.index), jnp.asarray(active),
             jnp.asarray(self.keys), jnp.asarray(counts), jnp.asarray(self.temps), jnp.asarray(self.top_ps),
-            rows if any_items else None, units, layers, readout=readout)
+            rows if any_items else None, units, layers, *self._adapter_args(), readout=readout)
         out = jax.device_get(out)
         self.stats["steps"] += 1
         self.stats["step_seconds"] += time.perf_counter() - t0
@@ -444,7 +630,9 @@ class Engine:
     def _advance(self, row: int, seq: Sequence, out: StepOut) -> None:
         tok = int(out.tokens[row])
         if seq.readout:
-            seq.readout_sum += out.readout[row, : len(seq.readout)]
+            vals = out.readout[row, : len(seq.readout)]
+            seq.readout_sum += vals
+            seq.projections.append([float(x) for x in vals])
         seq.tokens.append(tok)
         entry = None
         if seq.logprobs is not None:
@@ -472,7 +660,11 @@ class Engine:
             delta = text[seq.sent:]
         seq.sent += len(delta)
         if delta or entry is not None:
-            seq.events.put(("delta", seq.index, delta, entry))
+            proj = None
+            if seq.readout:  # the tokens whose text this delta carries (held-back ones go with later text)
+                proj = seq.projections[seq.projections_sent:] if delta else []
+                seq.projections_sent += len(proj)
+            seq.events.put(("delta", seq.index, delta, entry, proj))
         if finish is not None:
             self.rows[row] = None
             self.table.clear(row)
@@ -483,11 +675,22 @@ class Engine:
         readout = {}
         for j, (name, layer, _) in enumerate(seq.readout):
             mean = float(seq.readout_sum[j] / n) if n and seq.readout_sum is not None else None
-            readout[name] = {"layer": layer, "mean_projection": mean, "tokens": n}
+            readout[name] = {"layer": layer, "mean_projection": mean, "tokens": n,
+                             "per_token": [p[j] for p in seq.projections]}
+        rest = seq.projections[seq.projections_sent:]
+        seq.projections_sent = len(seq.projections)
         with self._lock:
             self.pending -= 1
-        seq.events.put(("done", seq.index, reason, {"completion_tokens": n, "readout": readout}))
+        seq.events.put(("done", seq.index, reason, {"completion_tokens": n, "readout": readout,
+                                                    "projection_rest": rest}))
 
     def busy(self) -> dict[str, int]:
+        """``running`` (rows in use), ``queued`` (waiting for a row), ``pending`` (submitted, not finished:
+        0 when nothing leaks), ``batch``."""
         return {"running": sum(r is not None for r in self.rows), "queued": self.waiting.qsize() + len(self.backlog),
-                "batch": self.ecfg.batch}
+                "pending": self.pending, "batch": self.ecfg.batch}
+
+    def cache_usage(self) -> float:
+        """Cache slots in use (prompt bucket + tokens so far of every running row) over all slots, 0..1."""
+        used = sum(int(self.index[row]) for row, r in enumerate(self.rows) if r is not None)
+        return used / float(self.ecfg.batch * self.ecfg.max_context)

@@ -1,4 +1,5 @@
-"""The OpenAI wire format, plus jaxpersona's ``interventions`` and ``persona_readout`` fields.
+"""The OpenAI wire format, plus jaxpersona's ``interventions``, ``mixture``, ``adapter`` and ``persona_readout``
+fields.
 
 Parsing turns a request body into engine :class:`~jaxpersona.serve.engine.Sequence` objects (one per
 choice) or raises :class:`~jaxpersona.errors.RequestError` naming the offending field; building turns the
@@ -15,6 +16,36 @@ An intervention item (a list under ``interventions``; also read from ``extra_bod
 ``units = "relative"`` makes ``coeff`` a multiple of the residual norm at each layer (recorded in the bank),
 so one coefficient means the same strength at every layer. Caps clamp the projection on the unit
 vector; an ablation sets it to ``mean``.
+
+A persona mixture (``mixture``; also read from ``extra_body``), the library's
+:class:`~jaxpersona.edit.interventions.Mixture` ``h + alpha * sum_k w_k v_k`` per row::
+
+    {"vectors": ["evil", "optimistic", [d_model floats], ...],   # 2 <= K <= max_mixture (default 8)
+     "layers": 12 | [12, 16], "alpha": 4.0, "tau": 1.0,          # tau > 0 (default 1)
+     "weights": [0.5, 0.5],                                      # optional: a fixed mix instead of
+                                                                 #   w = softmax(<h, v̂_k> / tau) per token
+     "positions": "all|prompt|response|assistant", "units": "absolute" | "relative"}
+
+At resid point ``l`` the mixture uses each entry's direction at ``l`` (a bank entry's ``vector[l]``; a list of
+``d_model`` floats is one direction everywhere). ``units = "relative"`` replaces each entry by its unit direction
+times the residual norm the bank recorded at ``l`` (``v̂_k[l] * norm_k[l]``), so ``alpha`` is in residual-norm
+units, as a relative steer's ``coeff`` (bank entries with norms only). The softmax always uses the unit
+directions. It is applied after the request's ``interventions`` at each resid point. Every bad field is a 400
+whose ``param`` names it (``mixture.vectors[1]``, ``mixture.tau``, ...).
+
+Adapters (LoRA, loaded at server start): a request selects one with ``"model": "<adapter name>"`` (vLLM's
+way) or ``"adapter": "<name>"`` (also in ``extra_body``); ``"model"`` may be the served name (the base model)
+or absent. An unknown name is a 404 ``model_not_found`` listing what is served; ``model`` naming one adapter
+and ``adapter`` another is a 400. Responses name the adapter as their ``model``.
+
+Persona readout (``persona_readout``): each generated token's residual at the entry's layer projected on its
+unit direction. Non-streamed, ``choices[i]["persona_readout"][name]`` is ``{"layer", "mean_projection",
+"tokens", "per_token": [one float per generated token]}``. Streamed, every delta chunk's choice carries
+``"persona_projection": {name: [floats]}``: the projections of the tokens whose text that chunk carries, in
+order (tokens whose text is held back — an incomplete UTF-8 character, a possible stop string — go with the
+next chunk that carries text; the final chunk, the one with ``finish_reason``, carries any rest, e.g. an EOS
+token or a stop string's tokens, and ``persona_readout`` with ``layer``, ``mean_projection`` and ``tokens``).
+Concatenating a choice's ``persona_projection`` lists gives ``per_token``.
 """
 
 from __future__ import annotations
@@ -33,9 +64,10 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.handle import Model
-from jaxpersona.serve.engine import POSITIONS, TOP_LOGPROBS, Item, Sequence
+from jaxpersona.serve.engine import POSITIONS, TOP_LOGPROBS, Item, MixSpec, Sequence
 
 MAX_N = 16
+F32_MAX = float(np.finfo(np.float32).max)  # numbers a request may carry (they become float32)
 MAX_STOP = 4
 
 
@@ -45,7 +77,7 @@ def bad(message: str, param: str | None = None, code: str | None = None, status:
 
 @dataclasses.dataclass
 class Resources:
-    """What requests may name: the model's shape, bank vectors (with residual norms) and presets."""
+    """What requests may name: the model's shape, bank vectors (with residual norms), presets and adapters."""
 
     model_name: str
     n_resid: int
@@ -58,19 +90,28 @@ class Resources:
     max_readout: int = 4
     default_positions: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the bank's chosen steering
     # positions (a steer naming the entry without "positions" uses them)
+    adapters: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # name -> path, kind, rank, ...
+    adapter_index: dict[str, int] = dataclasses.field(default_factory=dict)  # name -> index in adapter_stack (0 = base)
+    adapter_stack: Any = None  # AdapterStack (member 0 the base model), or None without adapters
+    max_mixture: int = 8
 
     def describe(self) -> dict[str, Any]:
         return {"n_resid": self.n_resid, "d_model": self.d_model, "vectors": sorted(self.vectors),
                 "presets": sorted(self.presets), "max_interventions": self.max_interventions,
-                "max_readout": self.max_readout, "positions": list(POSITIONS)}
+                "max_readout": self.max_readout, "max_mixture": self.max_mixture, "positions": list(POSITIONS),
+                "adapters": sorted(self.adapters)}
+
+    def served(self) -> list[str]:
+        """The model ids requests may send: the served name (the base model), then the adapters."""
+        return [self.model_name, *sorted(self.adapters)]
 
 
 # --- small typed readers ---------------------------------------------------------------------------
 def _finite(x: Any, param: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise bad(f"{param} must be a number, got {type(x).__name__}", param)
-    if not math.isfinite(x):
-        raise bad(f"{param} must be finite, got {x}", param, "non_finite")
+    if not math.isfinite(x) or abs(x) > F32_MAX:
+        raise bad(f"{param} must be finite (and within float32's range), got {x}", param, "non_finite")
     return float(x)
 
 
@@ -102,30 +143,34 @@ def _array(v: Any, param: str) -> np.ndarray:
         raise bad(f"{param} must be a list of numbers (or a bank entry name)", param) from None
     if a.dtype == object or a.size == 0:
         raise bad(f"{param} must be a non-empty list of numbers", param)
-    if not np.all(np.isfinite(a)):
-        raise bad(f"{param} contains NaN or infinity", param, "non_finite")
+    if not np.all(np.isfinite(a)) or np.any(np.abs(a) > F32_MAX):
+        raise bad(f"{param} contains NaN, infinity or numbers beyond float32's range", param, "non_finite")
     return a.astype(np.float32)
 
 
 # --- interventions ---------------------------------------------------------------------------------
-def _vector(spec: dict, res: Resources, param: str) -> tuple[np.ndarray, str | None]:
-    """``([N, D], bank entry name or None)``."""
-    v = spec.get("vector")
+def _resolve_vector(v: Any, res: Resources, param: str) -> tuple[np.ndarray, str | None]:
+    """A bank entry name or a list of numbers (``[D]`` or ``[N, D]``) -> ``([N, D], bank entry name or None)``;
+    errors name ``param``."""
     if v is None:
-        raise bad(f"{param}.vector is required: a bank entry name or a list of {res.d_model} numbers", f"{param}.vector")
+        raise bad(f"{param} is required: a bank entry name or a list of {res.d_model} numbers", param)
     if isinstance(v, str):
         if v not in res.vectors:
             known = ", ".join(sorted(res.vectors)) or "none: start the server with --bank"
-            raise bad(f"{param}.vector: unknown vector {v!r}; this server has: {known}", f"{param}.vector",
-                      "unknown_vector")
+            raise bad(f"{param}: unknown vector {v!r}; this server has: {known}", param, "unknown_vector")
         return res.vectors[v], v
-    a = _array(v, f"{param}.vector")
+    a = _array(v, param)
     if a.ndim == 1 and a.shape[0] == res.d_model:
         return np.broadcast_to(a, (res.n_resid, res.d_model)).copy(), None
     if a.shape == (res.n_resid, res.d_model):
         return a, None
-    raise bad(f"{param}.vector has shape {list(a.shape)}; this model needs [{res.d_model}] (d_model) or "
-              f"[{res.n_resid}, {res.d_model}] (one per resid point)", f"{param}.vector", "wrong_dimension")
+    raise bad(f"{param} has shape {list(a.shape)}; this model needs [{res.d_model}] (d_model) or "
+              f"[{res.n_resid}, {res.d_model}] (one per resid point)", param, "wrong_dimension")
+
+
+def _vector(spec: dict, res: Resources, param: str) -> tuple[np.ndarray, str | None]:
+    """``spec["vector"]`` -> ``([N, D], bank entry name or None)``."""
+    return _resolve_vector(spec.get("vector"), res, f"{param}.vector")
 
 
 def _layer_weights(spec: dict, res: Resources, param: str) -> np.ndarray:
@@ -243,6 +288,92 @@ def parse_readout(value: Any, res: Resources, param: str = "persona_readout") ->
     return out
 
 
+MIXTURE_KEYS = ("vectors", "layers", "layer", "alpha", "tau", "weights", "positions", "units")
+
+
+def parse_mixture(value: Any, res: Resources, max_k: int, param: str = "mixture") -> MixSpec | None:
+    """``{"vectors": [...], "layers": .., "alpha": .., "tau": .., "weights": .., "positions": .., "units": ..}``
+    -> a :class:`~jaxpersona.serve.engine.MixSpec` (``vectors [K, N, D]``, ``2 <= K <= max_k``); None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad(f"{param} must be an object with vectors, layers and alpha", param)
+    unknown = sorted(set(value) - set(MIXTURE_KEYS))
+    if unknown:
+        raise bad(f"{param}: unknown field {unknown[0]!r}; a mixture takes {', '.join(MIXTURE_KEYS)}",
+                  f"{param}.{unknown[0]}")
+    raw = value.get("vectors")
+    if not isinstance(raw, list) or not 2 <= len(raw) <= max_k:
+        got = f"{len(raw)} vectors" if isinstance(raw, list) else repr(raw)
+        raise bad(f"{param}.vectors must be a list of 2..{max_k} bank entry names or lists of {res.d_model} numbers "
+                  f"(got {got}; this server mixes at most {max_k})", f"{param}.vectors",
+                  "too_many_vectors" if isinstance(raw, list) and len(raw) > max_k else None)
+    w = _layer_weights(value, res, param)
+    units = value.get("units", "absolute")
+    if units not in ("absolute", "relative"):
+        raise bad(f"{param}.units must be 'absolute' or 'relative', got {units!r}", f"{param}.units")
+    vecs = []
+    for i, v in enumerate(raw):
+        p = f"{param}.vectors[{i}]"
+        vec, entry = _resolve_vector(v, res, p)
+        if np.any(np.linalg.norm(vec, axis=-1)[w > 0] == 0):
+            raise bad(f"{p} is zero at a chosen layer: it has no direction to mix", p)
+        if units == "relative":
+            norms = res.norms.get(entry) if entry else None
+            if norms is None:
+                raise bad(f"{param}.units 'relative' needs bank vectors with recorded residual norms; {p} is "
+                          f"{'a list of numbers' if entry is None else f'bank entry {entry!r}, which has none'}",
+                          f"{param}.units")
+            vec = vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-12) * norms[:, None]
+        vecs.append(vec.astype(np.float32))
+    if "alpha" not in value:
+        raise bad(f"{param}.alpha is required (the strength of the mix)", f"{param}.alpha")
+    alpha = _finite(value["alpha"], f"{param}.alpha")
+    tau = _finite(value.get("tau", 1.0), f"{param}.tau")
+    if tau <= 0:
+        raise bad(f"{param}.tau must be > 0 (the softmax temperature), got {tau}", f"{param}.tau")
+    weights = value.get("weights")
+    if weights is not None:
+        if not isinstance(weights, list) or len(weights) != len(raw):
+            raise bad(f"{param}.weights must be a list of {len(raw)} non-negative numbers (one per vector)",
+                      f"{param}.weights")
+        for i, x in enumerate(weights):
+            if _finite(x, f"{param}.weights[{i}]") < 0:
+                raise bad(f"{param}.weights[{i}] must be >= 0, got {x}", f"{param}.weights[{i}]")
+        weights = np.asarray(weights, np.float32)
+    positions = value.get("positions", "all")
+    if positions not in POSITIONS:
+        raise bad(f"{param}.positions {positions!r}; use one of {', '.join(POSITIONS)}", f"{param}.positions")
+    return MixSpec(np.stack(vecs), alpha, w, tau, weights, positions)
+
+
+def select_adapter(body: dict, res: Resources) -> tuple[str | None, int]:
+    """The adapter a request selects — ``"model": "<adapter>"`` (vLLM's way) or ``"adapter": "<name>"`` (also in
+    ``extra_body``) — as ``(name or None for the base model, index into the stack)``."""
+    served = ", ".join(repr(s) for s in res.served())
+
+    def pick(value: Any, param: str) -> str | None:
+        if not isinstance(value, str):
+            raise bad(f"{param} must be a string (one of {served})", param)
+        if value == res.model_name:
+            return None
+        if value not in res.adapter_index:
+            raise bad(f"{param} {value!r} is not served here; this server has: {served} (see /v1/models)", param,
+                      "model_not_found", 404)
+        return value
+
+    model = body.get("model")
+    chosen = None if model is None else pick(model, "model")
+    requested = _extension(body, "adapter")
+    if requested is not None:
+        ad = pick(requested, "adapter")
+        if chosen is not None and ad != chosen:
+            raise bad(f"model {model!r} is an adapter and adapter {requested!r} names another; select one (set model "
+                      f"to {res.model_name!r} or leave adapter out)", "adapter")
+        chosen = ad
+    return chosen, (res.adapter_index[chosen] if chosen is not None else 0)
+
+
 # --- whole requests --------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Parsed:
@@ -258,6 +389,8 @@ class Parsed:
     id: str
     created: int
     token_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:N"
+    adapter: str | None = None  # the selected adapter (None = the base model); responses name it as "model"
+    mixture: MixSpec | None = None
 
 
 def _extension(body: dict, key: str) -> Any:
@@ -300,9 +433,7 @@ def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: An
     """Validate a ``/v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` body."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    if body.get("model") not in (None, res.model_name):
-        raise bad(f"model {body.get('model')!r} is not served here; use {res.model_name!r} (see /v1/models)", "model",
-                  "model_not_found", 404)
+    adapter, adapter_id = select_adapter(body, res)
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0:
@@ -317,6 +448,7 @@ def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: An
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     stop = _stop(body)
     items = parse_interventions(_extension(body, "interventions"), res)
+    mix = parse_mixture(_extension(body, "mixture"), res, min(res.max_mixture, engine.ecfg.max_mixture))
     readout = parse_readout(_extension(body, "persona_readout"), res)
     if kind == "chat":
         max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 30)
@@ -367,13 +499,13 @@ def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: An
             key = np.asarray(jax.random.key_data(jax.random.fold_in(base, index)), np.uint32)
             seqs.append(Sequence(index, ids, max_tokens, events, temperature=temperature, top_p=top_p, key=key,
                                  stop=stop, logprobs=logprobs, items=items, assistant_mask=mask, readout=readout,
-                                 ignore_eos=ignore_eos))
+                                 ignore_eos=ignore_eos, adapter=adapter, adapter_id=adapter_id, mixture=mix))
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     as_ids = body.get("return_tokens_as_token_ids", False)
     if not isinstance(as_ids, bool):
         raise bad("return_tokens_as_token_ids must be true or false", "return_tokens_as_token_ids")
     return Parsed(kind, seqs, events, stream, include_usage, sum(len(p) for p in prompts), seed,
-                  prefix + uuid.uuid4().hex[:24], int(time.time()), as_ids)
+                  prefix + uuid.uuid4().hex[:24], int(time.time()), as_ids, adapter, mix)
 
 
 # --- answers ---------------------------------------------------------------------------------------
@@ -408,11 +540,31 @@ def completion_logprobs(tokens: Tokens, entries: list[tuple], offset: int = 0) -
             "top_logprobs": [{tokens.name(i): v for i, v in tops} for _, _, tops in entries], "text_offset": offs}
 
 
+class Abandoned(Exception):
+    """The request was given up (its client left, or it timed out) while a reader waited for its events."""
+
+
+ABANDON = ("abandon", -1)  # put on a request's events to wake a reader that should stop (see :func:`abandon`)
+
+
+def abandon(req: Parsed) -> None:
+    """Give a request up: its choices are cancelled (each frees its row at the engine's next step, or is
+    dropped from the queue) and a reader blocked in :func:`iter_events` raises :class:`Abandoned`."""
+    for s in req.seqs:
+        s.cancelled.set()
+    req.events.put(ABANDON)
+
+
 def iter_events(req: Parsed) -> Iterator[tuple]:
-    """The request's engine events until every choice is done; an engine failure raises a 500."""
+    """The request's engine events until every choice is done; an engine failure raises a 500 (503 when the
+    server is shutting down); :func:`abandon` raises :class:`Abandoned`."""
     left = len(req.seqs)
     while left:
         ev = req.events.get()
+        if ev[0] == "abandon":
+            raise Abandoned()
+        if ev[0] == "error" and "shutting down" in ev[2]:
+            raise errors.RequestError(ev[2], status=503, kind="server_error", code="shutting_down")
         if ev[0] == "error":
             raise errors.RequestError(ev[2], status=500, kind="server_error", code="engine_failed")
         if ev[0] == "done":
@@ -425,8 +577,15 @@ def _usage(req: Parsed, completion: int) -> dict[str, int]:
             "total_tokens": req.prompt_tokens + completion}
 
 
+def projection_fields(seq: Sequence, projections: list[list[float]] | None) -> dict[str, list[float]]:
+    """Per-token readout ``[tokens][R]`` -> ``{readout name: [one float per token]}``."""
+    rows = projections or []
+    return {name: [p[j] for p in rows] for j, (name, _, _) in enumerate(seq.readout)}
+
+
 def collect(req: Parsed, tokenizer: Any, model_name: str) -> dict[str, Any]:
-    """A whole (non-streamed) response."""
+    """A whole (non-streamed) response (``model``: the selected adapter, else ``model_name``)."""
+    model_name = req.adapter or model_name
     tokens, n = Tokens(tokenizer, req.token_ids), len(req.seqs)
     texts, entries, finish, extra = [""] * n, [[] for _ in range(n)], [None] * n, [{} for _ in range(n)]
     for ev in iter_events(req):
@@ -456,7 +615,9 @@ def collect(req: Parsed, tokenizer: Any, model_name: str) -> dict[str, Any]:
 
 
 def stream_chunks(req: Parsed, tokenizer: Any, model_name: str) -> Iterator[dict[str, Any]]:
-    """The chunks of a streamed response (``data:`` payloads before ``[DONE]``)."""
+    """The chunks of a streamed response (``data:`` payloads before ``[DONE]``); ``model``: the selected
+    adapter, else ``model_name``. With a readout every delta chunk's choice has ``persona_projection``."""
+    model_name = req.adapter or model_name
     tokens = Tokens(tokenizer, req.token_ids)
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
     head = {"id": req.id, "object": obj, "created": req.created, "model": model_name,
@@ -477,13 +638,18 @@ def stream_chunks(req: Parsed, tokenizer: Any, model_name: str) -> Iterator[dict
                 c = {"index": i, "text": ev[2], "finish_reason": None,
                      "logprobs": completion_logprobs(tokens, entry, offsets[i]) if entry else None}
                 offsets[i] += len(ev[2])
+            if req.seqs[i].readout:
+                c["persona_projection"] = projection_fields(req.seqs[i], ev[4] if len(ev) > 4 else None)
             yield {**head, "choices": [c]}
         else:
             completion += ev[3].get("completion_tokens", 0)
             c = {"index": i, "finish_reason": ev[2], "logprobs": None}
             c.update({"delta": {}} if req.kind == "chat" else {"text": ""})
-            if ev[3].get("readout"):
-                c["persona_readout"] = ev[3]["readout"]
+            if req.seqs[i].readout:
+                c["persona_projection"] = projection_fields(req.seqs[i], ev[3].get("projection_rest"))
+            if ev[3].get("readout"):  # per_token went out chunk by chunk
+                c["persona_readout"] = {name: {k: v for k, v in r.items() if k != "per_token"}
+                                        for name, r in ev[3]["readout"].items()}
             yield {**head, "choices": [c]}
     if req.include_usage:
         yield {**head, "choices": [], "usage": _usage(req, completion)}

@@ -1,8 +1,10 @@
 """What requests may name, gathered at server start: bank vectors (with residual norms, chosen layers and
-positions) and intervention presets. Errors here are start-up errors (exit 2)."""
+positions), intervention presets and LoRA adapters. Errors here are start-up errors (exit 2)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,44 @@ from jaxpersona.serve.engine import Item
 from jaxpersona.serve.protocol import Resources, parse_interventions
 
 
+def load_adapters(specs: Sequence[str], model: Model, served_name: str) -> tuple[dict[str, dict[str, Any]],
+                                                                                dict[str, int], Any]:
+    """``NAME=DIR`` specs (an Orbax or peft adapter directory each, read with
+    :func:`~jaxpersona.artifacts.peft.load_any_adapter`) -> ``(info by name, index by name, AdapterStack)``; the
+    stack's member 0 is the base model (a zero adapter), adapter ``i`` (in spec order) is member ``i + 1``.
+    No specs: ``({}, {}, None)``. A bad spec or a duplicate name is an InputError; a missing directory, a bad
+    file or an adapter for another base model is the loader's typed error (ModelNotFoundError,
+    AdapterFormatError, AdapterMismatchError)."""
+    from jaxpersona.artifacts.peft import load_any_adapter
+    from jaxpersona.model.lora import stack_adapters
+
+    info: dict[str, dict[str, Any]] = {}
+    index: dict[str, int] = {}
+    loaded = []
+    for spec in specs:
+        name, sep, path = str(spec).partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise errors.InputError(f"--adapter {spec!r}: use NAME=DIR (an Orbax or peft adapter directory)")
+        if name == served_name:
+            raise errors.InputError(f"--adapter {spec!r}: {name!r} is the served model's own name (the base model); "
+                                    "give the adapter another name")
+        if name in info:
+            raise errors.InputError(f"--adapter {name!r} is given twice; adapter names must be unique")
+        ad, meta = load_any_adapter(path, model.cfg, log=lambda m: print(m, file=sys.stderr))
+        info[name] = {"path": str(meta.get("source") or Path(path).expanduser().absolute()),
+                      "kind": meta.get("format"), "rank": ad.rank, "targets": list(ad.targets),
+                      "scale": float(ad.scale), "sha256": meta.get("sha256"), "digest": meta.get("digest")}
+        loaded.append(ad)
+        index[name] = len(loaded)
+    stack = stack_adapters([None, *loaded], model.cfg) if loaded else None
+    return info, index, stack
+
+
 def build_resources(model: Model, banks: list[str], presets: list[str], served_name: str, max_interventions: int,
-                    max_readout: int) -> Any:
-    """Bank entries and presets a request may name (errors here are start-up errors, exit 2)."""
+                    max_readout: int, adapters: Sequence[str] = (), max_mixture: int = 8) -> Any:
+    """Bank entries, presets and adapters (``NAME=DIR``, see :func:`load_adapters`) a request may name, and the
+    largest mixture it may ask for (errors here are start-up errors, exit 2)."""
     import numpy as np
 
     cfg = model.cfg
@@ -34,8 +71,12 @@ def build_resources(model: Model, banks: list[str], presets: list[str], served_n
                 layers[name] = int(meta["best_layer"])
             if meta.get("positions") is not None:
                 positions[name] = str(meta["positions"])
+    if isinstance(max_mixture, bool) or not isinstance(max_mixture, int) or max_mixture < 2:
+        raise errors.InputError(f"--max-mixture must be an integer >= 2 (a mixture mixes >= 2 directions), got "
+                                f"{max_mixture!r}")
+    info, index, stack = load_adapters(adapters, model, served_name)
     res = Resources(served_name, cfg.n_resid, cfg.d_model, vectors, norms, layers, {}, max_interventions, max_readout,
-                    positions)
+                    positions, info, index, stack, max_mixture)
     for spec in presets:
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
