@@ -150,6 +150,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
     p.add_argument("--prefill-rows", type=int, default=1, help="arrivals prefilled together (fixed shape; >1 helps "
                                                                 "bursts on accelerators, costs a lone request on CPU)")
+    p.add_argument("--prefill-chunk", type=int, default=32,
+                   help="prompts are prefilled in blocks of this many tokens, one block between decode steps (running "
+                        "streams keep going); also the prefix cache's block")
+    p.add_argument("--attn-block", type=int, default=64,
+                   help="attention reads the KV cache in blocks of this many slots, only over the slots in use")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0,
+                   help="device memory for cached prompt blocks (shared system prompts); 0 turns it off")
+    p.add_argument("--max-mixture", type=int, default=8, help="directions a request's persona mixture may hold")
     p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 1x8: weights loaded tensor parallel "
                                                  "over `model`, batch rows over `data`")
     p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
@@ -532,7 +540,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_interventions=args.max_interventions, max_readout=args.max_readout, max_queue=args.max_queue,
         prefill_rows=args.prefill_rows, mesh=args.mesh, api_key=api_key, warmup=not args.no_warmup,
         access_log=not args.quiet, read_timeout=args.read_timeout, request_timeout=args.request_timeout,
-        max_connections=args.max_connections, graceful_seconds=args.graceful_seconds))
+        max_connections=args.max_connections, graceful_seconds=args.graceful_seconds,
+        prefill_chunk=args.prefill_chunk, attn_block=args.attn_block, prefix_cache_mb=args.prefix_cache_mb,
+        max_mixture=args.max_mixture))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

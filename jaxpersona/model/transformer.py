@@ -155,20 +155,70 @@ def attention_masks(cfg: ModelConfig, q_slots: jax.Array, k_valid: jax.Array) ->
     return causal, causal & near
 
 
-def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+class Blocked(NamedTuple):
+    """Attention over the first ``span`` cache slots in blocks of ``block`` keys (online softmax, blocks in
+    slot order). A row's result does not depend on ``span`` once it covers the row's keys: a block with no key
+    to attend leaves the running max, sum and output exactly as they were. So a server may attend over only
+    the slots in use (``span`` = a bucket of the longest row) and still give each row the numbers it gets
+    alone. Both are static (``span % block == 0``, ``span <= S``)."""
+
+    block: int
+    span: int
+
+
+def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              blocked: Blocked | None = None) -> jax.Array:
     """Grouped-query attention. q ``[B,T,H,hd]``, k/v ``[B,KV,S,hd]``, mask ``[B,T,S]`` -> ``[B,T,H*hd]``.
 
     Heads are laid out ``[B, KV, G*T, hd]`` so both products are plain batched matmuls (fast on CPU).
+    ``blocked``: see :class:`Blocked`.
     """
     b, t, h, hd = q.shape
     kvh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
     qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
+    if blocked is not None:
+        return _blocked_attention(cfg, qg, k, v, mask, blocked).reshape(b, kvh, g, t, hd).transpose(
+            0, 3, 1, 2, 4).reshape(b, t, h * hd)
     scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * cfg.scale
     scores = softcap(scores, cfg.attn_softcap).reshape(b, kvh, g, t, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, g, t, hd)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+
+def _blocked_attention(cfg: ModelConfig, qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                       blocked: Blocked) -> jax.Array:
+    """``qg [B, KV, G*T, hd]`` over the first ``span`` slots of k/v ``[B, KV, S, hd]`` in blocks, scanned in
+    slot order with a running max ``m``, sum ``l`` and output ``acc`` (float32) -> ``[B, KV, G*T, hd]``."""
+    bs, span = blocked.block, blocked.span
+    if span % bs or span > k.shape[2]:
+        raise ValueError(f"blocked attention: span {span} must be a multiple of the block {bs} and <= {k.shape[2]}")
+    b, kvh, gt, hd = qg.shape
+    t = mask.shape[1]
+    g = gt // t
+    nb = span // bs
+    low = jnp.finfo(jnp.float32).min
+    kb = k[:, :, :span].reshape(b, kvh, nb, bs, hd).transpose(2, 0, 1, 3, 4)  # [nb, B, KV, bs, hd]
+    vb = v[:, :, :span].reshape(b, kvh, nb, bs, hd).transpose(2, 0, 1, 3, 4)
+    mb = mask[:, :, :span].reshape(b, t, nb, bs).transpose(2, 0, 1, 3)  # [nb, B, T, bs]
+
+    def step(carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
+        m, l, acc = carry
+        kk, vv, mm = xs
+        s = jnp.einsum("bkqd,bksd->bkqs", qg, kk, preferred_element_type=jnp.float32) * cfg.scale
+        s = softcap(s, cfg.attn_softcap).reshape(b, kvh, g, t, bs)
+        s = jnp.where(mm[:, None, None], s, low).reshape(b, kvh, gt, bs)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+        return (m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv), None
+
+    init = (jnp.full((b, kvh, gt), low, jnp.float32), jnp.zeros((b, kvh, gt), jnp.float32),
+            jnp.zeros((b, kvh, gt, hd), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
+    return (acc / l[..., None]).astype(v.dtype)
 
 
 def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
@@ -342,11 +392,12 @@ def project_qkv(
 
 def finish_block(
     cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-    mask: jax.Array,
+    mask: jax.Array, blocked: Blocked | None = None,
 ) -> jax.Array:
-    """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``), output projection, MLP; residual adds."""
+    """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``; ``blocked``: see :class:`Blocked`), output
+    projection, MLP; residual adds."""
     eps, off = cfg.rms_eps, cfg.norm_offset
-    attn = linear(lp, lora, "wo", attention(cfg, q, k, v, mask))
+    attn = linear(lp, lora, "wo", attention(cfg, q, k, v, mask, blocked))
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
@@ -515,6 +566,7 @@ def run_layers(
     adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
     remat: bool = False,
+    blocked: Blocked | None = None,
 ) -> tuple[jax.Array, Buf, KVCache | None]:
     """Blocks ``0..L-1`` (or only ``start <= l < stop`` with ``span``) as one ``lax.scan``.
 
@@ -522,7 +574,8 @@ def run_layers(
     (a :class:`Recorder`, or any :class:`Record` over a pytree ``buf``, e.g. a tuple of arrays). ``span`` may
     be traced (one compile serves every split point): layers outside it are skipped with ``lax.cond``. ``adapter``
     (``adapter_select [B]`` for a stack): its per-layer factors are scanned beside the layer weights. ``remat``
-    (no cache; for gradients): see :func:`remat_block`.
+    (no cache; for gradients): see :func:`remat_block`. ``blocked`` (with a cache): attention over the cache's
+    first slots in blocks, see :class:`Blocked`.
     """
     index = jnp.asarray(cache_index, jnp.int32)
 
@@ -538,7 +591,7 @@ def run_layers(
             else:  # write the new keys/values in place first, then read this layer's slice
                 q, k, v = project_qkv(cfg, lp, lora, h, rope)
                 ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                h = finish_block(cfg, lp, lora, h, q, ck[layer], cv[layer], mask)
+                h = finish_block(cfg, lp, lora, h, q, ck[layer], cv[layer], mask, blocked)
             h = apply_hook(hook, layer + 1, h, prep.ctx)
             return h, record(buf, layer + 1, h), ck, cv
 
@@ -588,6 +641,7 @@ def forward(
     logits: bool | Literal["last"] = True,
     adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
+    blocked: Blocked | None = None,
 ) -> ForwardOutput:
     """Run the model on ``tokens [B, T]`` (int32).
 
@@ -604,6 +658,8 @@ def forward(
       adapter: a :class:`~jaxpersona.model.lora.Adapter` (or an ``AdapterStack`` with ``adapter_select [B]``,
         the adapter each example uses), applied inside every block: its per-layer factors are scanned beside
         the layer weights (``params`` stay the plain weights).
+      blocked: with a cache, attend over its first ``span`` slots in blocks (:class:`Blocked`): a row's
+        numbers do not depend on ``span``, so a server can attend over only the slots in use.
     """
     chex.assert_rank(tokens, 2)
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
@@ -613,7 +669,7 @@ def forward(
     buf = record(record.empty(h), jnp.int32(0), h)
     h, buf, new_cache = run_layers(
         params, cfg, h, prep, buf, record, hook=hook, cache=cache, cache_index=cache_index, adapter=adapter,
-        adapter_select=adapter_select,
+        adapter_select=adapter_select, blocked=blocked if cache is not None else None,
     )
     out_logits = None
     if logits == "last":

@@ -89,7 +89,7 @@ def parse_body(raw: bytes) -> Any:
     Infinity, numbers out of range (``1e400``, integers past 64 bits), nesting deeper than ``MAX_DEPTH``,
     strings that are not valid Unicode (lone surrogates such as ``"\\ud800"``)."""
     def no_constants(c: str) -> Any:
-        raise _OutOfRange(f"{c} is not valid JSON (numbers must be finite)")
+        raise ValueError(f"{c} is not valid JSON (numbers must be finite)")
 
     def finite(text: str) -> float:
         x = float(text)
@@ -458,8 +458,9 @@ class PersonaServer:
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Compile the decode step (plain, and with interventions + readout) and the prefill of every prompt
-        bucket up to 512 tokens (or half the context), so first requests do not wait for the compiler."""
+        """Compile the prefill block and the decode step at every attention span (the decode step only when
+        called before the engine started) and the steps with interventions + readout (two small requests;
+        starts the engine), so first requests do not wait for the compiler."""
         import numpy as np
 
         d = self.model.cfg.d_model
@@ -467,11 +468,12 @@ class PersonaServer:
                   {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0.5,
                    "interventions": [{"kind": "steer", "vector": np.ones(d).tolist(), "layers": 1, "coeff": 0.0}],
                    "persona_readout": [{"name": "w", "vector": np.ones(d).tolist(), "layer": 1}]}]
+        self.engine.compile_shapes(decode=not self.engine.started)
+        self.engine.start()
         for body in bodies:
             req = parse_request("chat", body, self.res, self.model, self.engine)
             self.engine.submit(req.seqs)
             collect(req, self.model.tokenizer, self.res.model_name)
-        self.engine.compile_prefills(limit=512)
 
     def _serve(self) -> None:
         anyio_limit = max(40, self.engine.ecfg.max_queue + 32)  # one worker thread per request awaiting events
@@ -531,7 +533,8 @@ def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = 
                max_interventions: int = 4, max_readout: int = 4, max_queue: int = 256, prefill_rows: int = 1,
                mesh: str | None = None, api_key: str | None = None, warmup: bool = True, access_log: bool = True,
                read_timeout: float = 30.0, request_timeout: float | None = None, max_connections: int = 512,
-               graceful_seconds: float = 30.0) -> int:
+               graceful_seconds: float = 30.0, prefill_chunk: int = 32, attn_block: int = 64,
+               prefix_cache_mb: float = 256.0, max_mixture: int = 8) -> int:
     """``jaxpersona serve``: load ``model`` (registered name, HF directory or .gguf; on a ``DATAxMODEL``
     ``mesh`` when given), warm up, listen on ``host:port`` until SIGINT / SIGTERM. ``banks``: vector bank
     directories requests may name; ``presets``: ``NAME=FILE`` intervention presets; ``adapters``: ``NAME=DIR``
@@ -539,24 +542,27 @@ def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = 
     send (default ``model``); ``api_key``: required as ``Authorization: Bearer`` (None: open). The engine
     options are :class:`~jaxpersona.serve.engine.EngineConfig`'s, the HTTP ones :class:`ServerOptions`'."""
     ecfg = EngineConfig(batch=batch, max_context=max_context, max_interventions=max_interventions,
-                        max_readout=max_readout, max_queue=max_queue, prefill_rows=prefill_rows)
+                        max_readout=max_readout, max_queue=max_queue, prefill_rows=prefill_rows,
+                        prefill_chunk=prefill_chunk, attn_block=attn_block, prefix_cache_mb=prefix_cache_mb,
+                        max_mixture=max_mixture)
     options = ServerOptions(read_timeout=read_timeout, request_timeout=request_timeout,
                             max_connections=max_connections, graceful_seconds=graceful_seconds)
     device_mesh = make_mesh(mesh) if mesh else None
     handle = load(model, dtype, mesh=device_mesh)
     extra = {"adapters": list(adapters)} if adapters else {}
     res = build_resources(handle, list(banks or []), list(presets or []), served_name or str(model),
-                          max_interventions, max_readout, **extra)
+                          max_interventions, max_readout, max_mixture=max_mixture, **extra)
     try:
         server = PersonaServer(handle, res, ecfg, host=host, port=port, api_key=api_key, access_log=access_log,
                                mesh=device_mesh, options=options)
     except OSError as e:
         raise errors.InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    server.engine.start()
     if warmup:
         t = time.perf_counter()
-        server.warmup()
+        server.warmup()  # starts the engine
         print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    else:
+        server.engine.start()
     print(f"serving {res.model_name} on {server.url} (batch {ecfg.batch}, {len(res.vectors)} bank vectors, "
           f"presets: {', '.join(sorted(res.presets)) or 'none'}{', API key required' if api_key else ''}; "
           f"playground: {server.url[:-3]}/, metrics: {server.url[:-3]}/metrics)", file=sys.stderr, flush=True)

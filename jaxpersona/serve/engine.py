@@ -1,10 +1,22 @@
 """Continuous batching with a different intervention, adapter and readout on every row.
 
 The engine keeps ``batch`` rows of one KV cache ``[L, B, KV, S, hd]``. A request (one *choice*) owns a row
-from admission to its last token, and its tokens always sit at the same slots of that row: the prompt,
-left-padded to a power-of-two bucket, at ``0 .. P-1``, generated tokens from ``P`` on. Each row is written
-at its own slot (``forward(..., cache_index=[B])``), so a request's computation never depends on when it
-joined or on what the other rows hold: interleaved requests give the tokens they give alone.
+from admission to its last token, and its tokens always sit at the same slots of that row: the prompt at
+``0 .. n-1``, generated tokens from ``n`` on. Each row is written at its own slot (``forward(...,
+cache_index=[B])``), so a request's computation never depends on when it joined or on what the other rows
+hold: interleaved requests give the tokens they give alone.
+
+**Chunked prefill.** A prompt is prefilled in blocks of ``C = prefill_chunk`` tokens at slots ``0, C, 2C,
+...`` — always the same blocks, one call of one shape ``[prefill_rows, C]`` each — into a prefill buffer,
+one block per engine iteration, interleaved with the decode steps of the running rows: a long prompt never
+stalls the streams already running. When its last block is done the row moves into the batch cache.
+**Prefix cache** (:mod:`jaxpersona.serve.prefix`): a block's keys and values depend only on the tokens up to
+it, the adapter and the interventions acting on its slots, so blocks another request computed are copied in
+instead of recomputed — the same numbers, bit for bit. **Attention over the slots in use**: prefill and
+decode attend over the first ``span`` slots (a power-of-two number of ``attn_block`` blocks covering the
+longest row), in blocks with an online softmax whose result for a row does not depend on ``span``
+(:class:`~jaxpersona.model.transformer.Blocked`): a step at 1/8 of the context reads 1/8 of the cache, and a
+request's numbers are still the same alone or beside a long one.
 
 Every row carries its interventions as data (:class:`RowInterventions`: ``K`` items of
 ``vector [N, D]``, steer coefficient and layer weights, cap bounds and layer weights, a position mask over
@@ -24,8 +36,8 @@ row its own adapter inside the one prefill / decode step, so base and several fi
 compiled program. Without a stack (``adapters=None``) no adapter array is traced and the programs are the
 plain ones.
 
-The host loop (:meth:`Engine.run`) admits waiting requests into free rows between decode steps
-(arrivals with the same prompt bucket prefilled together, in a call of fixed shape), steps, and hands each
+The host loop (:meth:`Engine.run`) admits waiting requests into free prefill slots (a batch row reserved for
+each), runs one prefill block for them and one decode step for the running rows, and hands each
 request its tokens, log-probs, text deltas and a persona readout: each generated token's residual (after
 the interventions) at the readout layers projected on named unit directions — per token, on the delta that
 carries the token's text, and their mean at the end.
@@ -51,7 +63,8 @@ from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import AdapterStack, check_adapter
 from jaxpersona.model.params import Params
 from jaxpersona.model.sharding import spec
-from jaxpersona.model.transformer import Capture, HookContext, KVCache, forward
+from jaxpersona.model.transformer import Blocked, Capture, HookContext, KVCache, forward, unembed
+from jaxpersona.serve.prefix import PrefixCache, actor_identity, block_keys
 
 TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit)
 POSITIONS = ("all", "prompt", "response", "assistant")
@@ -60,34 +73,62 @@ POSITIONS = ("all", "prompt", "response", "assistant")
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Static shape of the engine: ``batch`` rows x ``max_context`` cache slots, ``max_interventions`` items,
-    ``max_readout`` readout directions and a mixture of at most ``max_mixture`` directions per row."""
+    ``max_readout`` readout directions and a mixture of at most ``max_mixture`` directions per row.
+    ``prefill_chunk``: prompts are prefilled in blocks of this many tokens (also the prefix cache's block);
+    ``prefill_rows``: prompts prefilled side by side in one call; ``attn_block``: attention reads the cache in
+    blocks of this many slots, over only the slots in use; ``prefix_cache_mb``: device memory for cached
+    prompt blocks (0: no prefix cache). ``max_context`` must be a multiple of both block sizes."""
 
     batch: int = 8
     max_context: int = 1024
     max_interventions: int = 4
     max_readout: int = 4
     max_queue: int = 256
-    min_bucket: int = 32
-    prefill_rows: int = 1  # arrivals with the same prompt bucket prefilled together (always this many rows)
+    prefill_chunk: int = 32
+    prefill_rows: int = 1
     max_mixture: int = 8  # directions a request's persona mixture may hold (K <= max_mixture)
+    attn_block: int = 64
+    prefix_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
-        for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "min_bucket",
-                  "prefill_rows", "max_mixture"):
+        for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "prefill_chunk",
+                  "prefill_rows", "max_mixture", "attn_block"):
             v = getattr(self, f)
-            if int(v) != v or v < 1:
+            if isinstance(v, bool) or int(v) != v or v < 1:
                 raise errors.InputError(f"serve: {f} must be an integer >= 1, got {v}")
         if self.max_mixture < 2:
             raise errors.InputError(f"serve: max_mixture must be >= 2 (a mixture mixes >= 2 directions), got "
                                     f"{self.max_mixture}")
         if self.prefill_rows > self.batch:
             raise errors.InputError(f"serve: prefill_rows {self.prefill_rows} exceeds the batch {self.batch}")
-        if self.max_context < 2 * self.min_bucket:
-            raise errors.InputError(f"serve: max_context {self.max_context} is too small (>= {2 * self.min_bucket})")
+        if self.max_context < 2 * self.prefill_chunk:
+            raise errors.InputError(f"serve: max_context {self.max_context} is too small (>= 2 x prefill_chunk = "
+                                    f"{2 * self.prefill_chunk})")
+        for f in ("prefill_chunk", "attn_block"):
+            if self.max_context % getattr(self, f):
+                raise errors.InputError(f"serve: max_context {self.max_context} must be a multiple of {f} "
+                                        f"({getattr(self, f)})")
+        if not (isinstance(self.prefix_cache_mb, (int, float)) and self.prefix_cache_mb >= 0
+                and self.prefix_cache_mb < float("inf")):
+            raise errors.InputError(f"serve: prefix_cache_mb must be a number >= 0, got {self.prefix_cache_mb!r}")
 
-    def bucket(self, n: int) -> int:
-        """Prompt slots for an ``n``-token prompt: the next power of two >= ``min_bucket``."""
-        return max(self.min_bucket, 1 << (max(n, 1) - 1).bit_length())
+    def prompt_slots(self, n: int) -> int:
+        """Slots an ``n``-token prompt's prefill writes: whole blocks of ``prefill_chunk``."""
+        return -(-max(n, 1) // self.prefill_chunk) * self.prefill_chunk
+
+    def span(self, used: int) -> int:
+        """Slots attention covers when the rows use slots ``0 .. used-1``: ``attn_block`` times the next power
+        of two blocks, at most ``max_context``."""
+        blocks = -(-max(used, 1) // self.attn_block)
+        return min(self.max_context, self.attn_block * (1 << (blocks - 1).bit_length()))
+
+    def spans(self) -> list[int]:
+        """Every span :meth:`span` can return (the decode and prefill programs there are)."""
+        out, sp = [], self.attn_block
+        while sp < self.max_context:
+            out.append(sp)
+            sp *= 2
+        return [*out, self.max_context]
 
 
 # --- interventions as per-row data --------------------------------------------------------------------
@@ -279,21 +320,21 @@ class RowTable:
         return self._device
 
 
-def position_mask(kind: str, prompt_len: int, bucket: int, size: int, assistant: np.ndarray | None) -> np.ndarray:
-    """``[S]`` bool over a row's cache slots for a positions name. The prompt sits at ``bucket-prompt_len ..
-    bucket-1``, generated tokens from ``bucket`` on. ``assistant``: the prompt's assistant-content tokens."""
+def position_mask(kind: str, prompt_len: int, size: int, assistant: np.ndarray | None) -> np.ndarray:
+    """``[S]`` bool over a row's cache slots for a positions name. The prompt sits at ``0 .. prompt_len-1``,
+    generated tokens from ``prompt_len`` on. ``assistant``: the prompt's assistant-content tokens."""
     m = np.zeros(size, bool)
-    first = bucket - prompt_len
+    n = prompt_len
     if kind == "all":
-        m[first:] = True
+        m[:] = True
     elif kind == "prompt":
-        m[first:bucket] = True
+        m[:n] = True
     elif kind == "response":  # persona_vectors' "response": the last prompt token and every generated token
-        m[bucket - 1:] = True
+        m[n - 1:] = True
     elif kind == "assistant":  # earlier assistant turns' content and everything generated
         if assistant is not None:
-            m[first:bucket] = assistant
-        m[bucket:] = True
+            m[:n] = assistant
+        m[n:] = True
     else:
         raise errors.InputError(f"positions {kind!r}; use one of {', '.join(POSITIONS)}")
     return m
@@ -325,24 +366,24 @@ def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: ja
     return jnp.where(temps > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "readout"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "readout", "blocked"), donate_argnames=("cache",))
 def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Array, index: jax.Array,
                 active: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array,
                 hook: RowInterventions | None, units: jax.Array, layers: jax.Array,
-                adapter: AdapterStack | None = None, adapter_select: jax.Array | None = None, *, readout: bool
-                ) -> tuple[KVCache, jax.Array, StepOut]:
+                adapter: AdapterStack | None = None, adapter_select: jax.Array | None = None, *, readout: bool,
+                blocked: Blocked) -> tuple[KVCache, jax.Array, StepOut]:
     """Pick each row's next token from ``logits [B, V]`` and run it through the model at the row's slot
     ``index [B]`` (inactive rows write nothing valid), each row under its own interventions (``hook``) and
-    adapter (``adapter_select [B]`` into the stack ``adapter``; both None: no adapter). ``units [B, R, D]`` /
-    ``layers [B, R]``: the readout directions. Returns the cache, the next logits ``[B, V]`` and the step's
-    outputs."""
+    adapter (``adapter_select [B]`` into the stack ``adapter``; both None: no adapter); attention over the
+    first ``blocked.span`` slots. ``units [B, R, D]`` / ``layers [B, R]``: the readout directions. Returns the
+    cache, the next logits ``[B, V]`` and the step's outputs."""
     tok = pick_tokens(logits, keys, counts, temps, top_ps)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
     top_lp, top_id = jax.lax.top_k(logp, TOP_LOGPROBS)
     capture = Capture(tuple(range(cfg.n_resid)), "tokens") if readout else None
     out = forward(params, cfg, tok[:, None], valid=active[:, None], cache=cache, cache_index=index, hook=hook,
-                  logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select)
+                  logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select, blocked=blocked)
     proj = jnp.zeros((0,), jnp.float32)
     if readout:  # captured [N, B, 1, D]: each row's readout layers, projected on its unit directions
         h = jnp.swapaxes(out.captured[:, :, 0], 0, 1).astype(jnp.float32)  # [B, N, D]
@@ -351,17 +392,43 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
     return out.cache, out.logits[:, 0], StepOut(tok, lp, top_id.astype(jnp.int32), top_lp, proj)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "size"))
-def prefill(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: RowInterventions,
-            adapter: AdapterStack | None = None, adapter_select: jax.Array | None = None, *,
-            size: int) -> tuple[KVCache, jax.Array]:
-    """Prompts ``tokens [R, P]`` (left-padded; R = the engine's ``prefill_rows``) into a fresh cache of ``size``
-    slots, each row under its interventions and adapter (``adapter_select [R]``); returns the cache and the
-    last position's logits ``[R, V]``."""
-    cache = KVCache.empty(cfg, tokens.shape[0], size, params["embed"].dtype)
-    out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last",
-                  adapter=adapter, adapter_select=adapter_select)
-    return out.cache, out.logits[:, 0]
+@functools.partial(jax.jit, static_argnames=("cfg", "blocked"), donate_argnames=("cache",))
+def prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, valid: jax.Array,
+                  index: jax.Array, last: jax.Array, hook: RowInterventions | None, adapter: AdapterStack | None = None,
+                  adapter_select: jax.Array | None = None, *, blocked: Blocked) -> tuple[KVCache, jax.Array]:
+    """One prompt block per prefill row: ``tokens [R, C]`` (``valid`` False past a prompt's end) written at
+    slots ``index [R] ..`` of the prefill buffer ``cache [L, R, KV, S, hd]``, each row under its interventions
+    and adapter; returns the buffer and the logits ``[R, V]`` at each row's position ``last [R]``."""
+    out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=index, hook=hook, logits=False,
+                  capture=Capture((cfg.n_layers,), "tokens"), adapter=adapter, adapter_select=adapter_select,
+                  blocked=blocked)
+    h = jnp.take_along_axis(out.captured[0], last[:, None, None], axis=1)  # [R, 1, D] resid[L] at `last`
+    return out.cache, unembed(params, cfg, h)[:, 0]
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def clear_row(cache: KVCache, row: jax.Array) -> KVCache:
+    """Mark every slot of prefill row ``row`` empty (its stale keys and values are never attended to)."""
+    return cache._replace(valid=cache.valid.at[row].set(False))
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def put_block(cache: KVCache, row: jax.Array, start: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+    """Write a cached prompt block ``k``/``v [L, KV, C, hd]`` at slots ``start ..`` of row ``row``."""
+    c = k.shape[2]
+    at = (0, row, 0, start, 0)
+    return KVCache(jax.lax.dynamic_update_slice(cache.k, k[:, None], at),
+                   jax.lax.dynamic_update_slice(cache.v, v[:, None], at),
+                   jax.lax.dynamic_update_slice(cache.valid, jnp.ones((1, c), bool), (row, start)))
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def get_block(cache: KVCache, row: jax.Array, start: jax.Array, *, size: int) -> tuple[jax.Array, jax.Array]:
+    """The keys and values ``[L, KV, size, hd]`` of row ``row`` at slots ``start .. start+size-1``."""
+    l, _, kv, _, hd = cache.k.shape
+    at = (0, row, 0, start, 0)
+    return (jax.lax.dynamic_slice(cache.k, at, (l, 1, kv, size, hd))[:, 0],
+            jax.lax.dynamic_slice(cache.v, at, (l, 1, kv, size, hd))[:, 0])
 
 
 @functools.partial(jax.jit, donate_argnames=("cache", "logits"))
@@ -413,6 +480,17 @@ class Sequence:
     projections_sent: int = 0  # tokens whose projections went out on a delta
 
 
+@dataclasses.dataclass
+class Prefilling:
+    """A prompt being prefilled: its sequence, the batch row it will join, the next slot to fill and the prefix
+    cache keys of its full blocks."""
+
+    seq: Sequence
+    row: int
+    pos: int
+    keys: list[bytes]
+
+
 class Engine:
     """Owns the model, the batch cache and the decode loop (run it on one thread: :meth:`start`)."""
 
@@ -453,6 +531,14 @@ class Engine:
         self.temps = np.zeros(b, np.float32)
         self.top_ps = np.ones(b, np.float32)
         self.adapter_select = np.zeros(b, np.int32)  # each row's adapter (0 = base)
+        r = ecfg.prefill_rows
+        self.pcache = KVCache.empty(cfg, r, s, params["embed"].dtype)  # the prefill buffer (one row per slot)
+        if mesh is not None:
+            pkv = spec(mesh, "layers", None, "kv_heads", None, "head_dim")
+            self.pcache = jax.device_put(self.pcache, KVCache(pkv, pkv, spec(mesh, None, None)))
+        self.pslots: list[Prefilling | None] = [None] * r  # what each prefill row is filling
+        self.reserved: set[int] = set()  # batch rows held for a prompt being prefilled
+        self.prefix = PrefixCache(int(ecfg.prefix_cache_mb * (1 << 20)))
         self.waiting: queue.Queue[Sequence] = queue.Queue()  # submitted (any thread)
         self.backlog: list[Sequence] = []  # taken from `waiting` by the engine thread, not yet admitted
         self.pending = 0  # sequences submitted and not finished (guarded by _lock)
@@ -460,18 +546,18 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "joined_running": 0, "prefills": 0,
-                      "step_seconds": 0.0}
+                      "step_seconds": 0.0, "prefill_seconds": 0.0, "prefix_queries": 0, "prefix_hits": 0}
         self.failure: BaseException | None = None
 
     # --- submission (any thread) ----------------------------------------------------------------
     def check_fits(self, prompt_len: int, max_tokens: int, param: str = "max_tokens") -> None:
-        need = self.ecfg.bucket(prompt_len) + max_tokens
+        """A 400 unless the prompt (in whole prefill blocks) and ``max_tokens`` new tokens fit a row."""
         limit = min(self.ecfg.max_context, self.cfg.max_position) if self.cfg.max_position else self.ecfg.max_context
-        if prompt_len + max_tokens > limit or need > self.ecfg.max_context:
+        if prompt_len + max_tokens > limit or self.ecfg.prompt_slots(prompt_len) > self.ecfg.max_context:
             raise errors.RequestError(
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}; this server holds at most "
-                f"{self.ecfg.max_context} slots per sequence (prompt padded to {self.ecfg.bucket(prompt_len)} + "
-                f"new tokens). Shorten the prompt or lower max_tokens", param=param, code="context_length_exceeded")
+                f"{limit} tokens per sequence (prompt + new tokens). Shorten the prompt or lower max_tokens",
+                param=param, code="context_length_exceeded")
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue a request's choices; raises a 429 :class:`~jaxpersona.errors.RequestError` when the queue is full."""
@@ -490,9 +576,15 @@ class Engine:
         for s in seqs:
             self.waiting.put(s)
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="jaxpersona-engine", daemon=True)
-        self._thread.start()
+        """Run the loop on its own thread (a second call does nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self.run, name="jaxpersona-engine", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop the loop; sequences still running or queued end with an error event (nothing hangs)."""
@@ -507,13 +599,18 @@ class Engine:
         try:
             while not self._stop.is_set():
                 self._admit()
-                if not any(r is not None for r in self.rows):
+                prefilling = any(p is not None for p in self.pslots)
+                decoding = any(r is not None for r in self.rows)
+                if not prefilling and not decoding:
                     try:
                         self.backlog.append(self.waiting.get(timeout=0.05))
                     except queue.Empty:
                         pass
                     continue
-                self._step()
+                if prefilling:  # one block of the prompts being prefilled, then a step of the running rows
+                    self._prefill_step()
+                if any(r is not None for r in self.rows):
+                    self._step()
         except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
             self.failure = e
             self._fail_all(f"engine failure: {type(e).__name__}: {e}")
@@ -522,8 +619,11 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         """End every running and queued sequence with an ``("error", ...)`` event and free its row."""
-        seqs = [r for r in self.rows if r is not None] + self.backlog + self._drain()
+        seqs = ([r for r in self.rows if r is not None] + [p.seq for p in self.pslots if p is not None]
+                + self.backlog + self._drain())
         self.rows = [None] * len(self.rows)
+        self.pslots = [None] * len(self.pslots)
+        self.reserved = set()
         self.backlog = []
         for row in range(len(self.rows)):
             self.table.clear(row)
@@ -541,52 +641,109 @@ class Engine:
                 return out
 
     def _admit(self) -> None:
-        """Fill free rows from the queue: arrivals with the same prompt bucket (up to ``prefill_rows``) are
-        prefilled together in one fixed-shape call, padded with copies of the first — no row's numbers depend
-        on what else is in the call, so grouping never changes a request's tokens."""
+        """Start prefilling waiting requests: each takes a free prefill row and reserves a free batch row;
+        a request that left before it got one is finished as cancelled."""
         while True:
             self.backlog.extend(self._drain())
-            free = [r for r, occ in enumerate(self.rows) if occ is None]
-            for gone in [q for q in self.backlog if q.cancelled.is_set()]:  # left before they got a row
+            for gone in [q for q in self.backlog if q.cancelled.is_set()]:
                 self.backlog.remove(gone)
                 self._finish(gone, "cancelled")
-            if not free or not self.backlog:
+            free = [r for r, occ in enumerate(self.rows) if occ is None and r not in self.reserved]
+            slots = [i for i, p in enumerate(self.pslots) if p is None]
+            if not free or not slots or not self.backlog:
                 return
-            bucket = self.ecfg.bucket(len(self.backlog[0].prompt))
-            group = [s for s in self.backlog if self.ecfg.bucket(len(s.prompt)) == bucket and not s.cancelled.is_set()]
-            group = group[: min(self.ecfg.prefill_rows, len(free))]
-            for s in group:
-                self.backlog.remove(s)
-            self._prefill_into(free[: len(group)], group, bucket)
+            self._start_prefill(slots[0], free[0], self.backlog.pop(0))
 
-    def _prefill_into(self, rows: list[int], seqs: list[Sequence], p: int) -> None:
-        s, r = self.ecfg.max_context, self.ecfg.prefill_rows
-        tokens = np.full((r, p), self.pad_id, np.int32)
-        valid = np.zeros((r, p), bool)
-        for i, (row, seq) in enumerate(zip(rows, seqs)):
-            n = len(seq.prompt)
-            masks = [position_mask(it.positions, n, p, s, seq.assistant_mask) for it in seq.items]
-            units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
-            mix_mask = (position_mask(seq.mixture.positions, n, p, s, seq.assistant_mask)
-                        if seq.mixture is not None else None)
-            self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32),
-                           seq.mixture, mix_mask)
-            self.adapter_select[row] = seq.adapter_id if self.adapters is not None else 0
-            tokens[i, p - n:], valid[i, p - n:] = seq.prompt, True
-        tokens[len(seqs):], valid[len(seqs):] = tokens[0], valid[0]  # padding rows: copies, never used
-        table_rows = rows + [rows[0]] * (r - len(rows))
+    def _start_prefill(self, slot: int, row: int, seq: Sequence) -> None:
+        """Set row ``row``'s interventions, adapter and readout, and prefill row ``slot``'s cached prompt blocks."""
+        n, s, c = len(seq.prompt), self.ecfg.max_context, self.ecfg.prefill_chunk
+        masks = [position_mask(it.positions, n, s, seq.assistant_mask) for it in seq.items]
+        units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
+        mix = seq.mixture
+        mix_mask = position_mask(mix.positions, n, s, seq.assistant_mask) if mix is not None else None
+        self.table.set(row, seq.items, masks, units, np.asarray([l for _, l, _ in seq.readout], np.int32),
+                       mix, mix_mask)
+        self.adapter_select[row] = seq.adapter_id if self.adapters is not None else 0
+        self.reserved.add(row)
+        keys: list[bytes] = []
+        if self.prefix.budget > 0:
+            actors = [(actor_identity(it.vector, it.coeff, it.steer_w, it.lo, it.hi, it.cap_w), m)
+                      for it, m in zip(seq.items, masks)]
+            if mix is not None:
+                actors.append((actor_identity(mix.vectors, mix.alpha, mix.layers, mix.tau, mix.weights), mix_mask))
+            # full blocks before the one holding the last prompt token (its logits start the generation)
+            keys = block_keys(seq.prompt, c, int(self.adapter_select[row]), actors, (n - 1) // c)
+        hit = self.prefix.lookup(keys)
+        self.pcache = clear_row(self.pcache, jnp.int32(slot))
+        for j, (k, v) in enumerate(hit):
+            self.pcache = put_block(self.pcache, jnp.int32(slot), jnp.int32(j * c), k, v)
+        self.stats["prefix_queries"] += n
+        self.stats["prefix_hits"] += len(hit) * c
+        self.pslots[slot] = Prefilling(seq, row, len(hit) * c, keys)
+
+    def _release(self, slot: int) -> None:
+        p = self.pslots[slot]
+        assert p is not None
+        self.pslots[slot] = None
+        self.reserved.discard(p.row)
+        self.table.clear(p.row)
+
+    def _prefill_step(self) -> None:
+        """One block of every prompt being prefilled (one call of shape ``[prefill_rows, C]``); rows whose
+        prompt is done join the batch."""
+        t0 = time.perf_counter()
+        r, c = self.ecfg.prefill_rows, self.ecfg.prefill_chunk
+        for i, p in enumerate(self.pslots):
+            if p is not None and p.seq.cancelled.is_set():
+                self._release(i)
+                self._finish(p.seq, "cancelled")
+        active = [i for i, p in enumerate(self.pslots) if p is not None]
+        if not active:
+            return
+        tokens = np.full((r, c), self.pad_id, np.int32)
+        valid = np.zeros((r, c), bool)
+        index = np.zeros(r, np.int32)
+        last = np.zeros(r, np.int32)
+        rows = [self.pslots[active[0]].row] * r  # type: ignore[union-attr]  # idle prefill rows: copies, unused
+        for i in active:
+            p = self.pslots[i]
+            assert p is not None
+            lo, hi = p.pos, min(p.pos + c, len(p.seq.prompt))
+            tokens[i, : hi - lo], valid[i, : hi - lo] = p.seq.prompt[lo:hi], True
+            index[i], last[i], rows[i] = lo, hi - lo - 1, p.row
+        span = self.ecfg.span(int(index.max()) + c)
+        any_items = any(self.pslots[i].seq.items or self.pslots[i].seq.mixture is not None for i in active)  # type: ignore[union-attr]
+        hook = self.table.rows(np.asarray(rows)) if any_items else None
+        self.pcache, logits = prefill_chunk(
+            self.params, self.cfg, self.pcache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(index),
+            jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
         self.stats["prefills"] += 1
-        new, new_logits = prefill(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(valid),
-                                  self.table.rows(np.asarray(table_rows)), *self._adapter_args(table_rows), size=s)
-        for i, (row, seq) in enumerate(zip(rows, seqs)):
-            self.cache, self.logits = insert_row(self.cache, self.logits, new, new_logits, jnp.int32(i), jnp.int32(row))
-            self.stats["joined_running"] += any(x is not None and x.tokens for x in self.rows)  # joined mid-decode
-            self.rows[row] = seq
-            self.index[row], self.keys[row] = p, seq.key
-            self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
-            seq.readout_sum = np.zeros(len(seq.readout), np.float64)
-            seq.projections, seq.projections_sent = [], 0
-            self.stats["admitted"] += 1
+        for i in active:
+            p = self.pslots[i]
+            assert p is not None
+            j = p.pos // c
+            if j < len(p.keys):  # a full block before the last: keep it for later requests
+                k, v = get_block(self.pcache, jnp.int32(i), jnp.int32(p.pos), size=c)
+                self.prefix.store(p.keys[j], k, v)
+            p.pos += c
+            if p.pos >= len(p.seq.prompt):
+                self._join(i, p, logits)
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
+
+    def _join(self, slot: int, p: Prefilling, logits: jax.Array) -> None:
+        """A prompt is prefilled: its row moves into the batch cache and starts decoding."""
+        row, seq = p.row, p.seq
+        self.cache, self.logits = insert_row(self.cache, self.logits, self.pcache, logits, jnp.int32(slot),
+                                             jnp.int32(row))
+        self.pslots[slot] = None
+        self.reserved.discard(row)
+        self.stats["joined_running"] += any(x is not None and x.tokens for x in self.rows)  # joined mid-decode
+        self.rows[row] = seq
+        self.index[row], self.keys[row] = len(seq.prompt), seq.key
+        self.temps[row], self.top_ps[row] = seq.temperature, seq.top_p
+        seq.readout_sum = np.zeros(len(seq.readout), np.float64)
+        seq.projections, seq.projections_sent = [], 0
+        self.stats["admitted"] += 1
 
     def _adapter_args(self, rows: list[int] | None = None) -> tuple[AdapterStack | None, jax.Array | None]:
         """``(adapter stack, adapter_select)`` for the rows ``rows`` (all rows: None); ``(None, None)`` without a
@@ -596,15 +753,29 @@ class Engine:
         sel = self.adapter_select if rows is None else self.adapter_select[np.asarray(rows, np.int64)]
         return self.adapters, jnp.asarray(sel)
 
-    def compile_prefills(self, limit: int) -> None:
-        """Compile the prefill of each prompt bucket up to ``limit`` tokens (and half the context)."""
-        p = self.ecfg.min_bucket
-        while p <= min(limit, self.ecfg.max_context // 2):
-            r = self.ecfg.prefill_rows
-            ad = (None, None) if self.adapters is None else (self.adapters, jnp.zeros((r,), jnp.int32))
-            prefill(self.params, self.cfg, jnp.full((r, p), self.pad_id, jnp.int32), jnp.ones((r, p), bool),
-                    self.table.rows(np.zeros(r, np.int64)), *ad, size=self.ecfg.max_context)
-            p *= 2
+    def compile_shapes(self, decode: bool = False) -> None:
+        """Compile the prefill block at every attention span (on a scratch buffer: safe while the engine runs)
+        and, with ``decode`` (only before :meth:`start`: it steps the idle batch), the plain decode step at
+        every span, so first requests do not wait for the compiler."""
+        r, c = self.ecfg.prefill_rows, self.ecfg.prefill_chunk
+        ad = (None, None) if self.adapters is None else (self.adapters, jnp.zeros((r,), jnp.int32))
+        scratch = jax.tree.map(jnp.zeros_like, self.pcache)
+        zeros = np.zeros(r, np.int32)
+        for span in self.ecfg.spans():
+            scratch, _ = prefill_chunk(self.params, self.cfg, scratch, jnp.full((r, c), self.pad_id, jnp.int32),
+                                       jnp.zeros((r, c), bool), jnp.asarray(zeros), jnp.asarray(zeros), None, *ad,
+                                       blocked=Blocked(self.ecfg.attn_block, span))
+        if decode and not self.started:
+            b = self.ecfg.batch
+            units, layers = self.table.device()[1:]
+            for span in self.ecfg.spans():
+                self.cache, self.logits, _ = decode_step(
+                    self.params, self.cfg, self.cache, self.logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
+                    jnp.asarray(self.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32), jnp.ones(b, jnp.float32),
+                    None, units, layers, *self._adapter_args(), readout=False,
+                    blocked=Blocked(self.ecfg.attn_block, span))
+            self.cache = self.cache._replace(valid=jnp.zeros_like(self.cache.valid))
+            self.logits = jnp.zeros_like(self.logits)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -613,10 +784,13 @@ class Engine:
         any_items = any(r is not None and (r.items or r.mixture is not None) for r in self.rows)
         readout = any(r is not None and r.readout for r in self.rows)
         rows, units, layers = self.table.device()
+        index = np.where(active, self.index, 0).astype(np.int32)  # idle rows write (nothing valid) at slot 0
+        span = self.ecfg.span(int(index.max()) + 1)
         self.cache, self.logits, out = decode_step(
-            self.params, self.cfg, self.cache, self.logits, jnp.asarray(self.index), jnp.asarray(active),
+            self.params, self.cfg, self.cache, self.logits, jnp.asarray(index), jnp.asarray(active),
             jnp.asarray(self.keys), jnp.asarray(counts), jnp.asarray(self.temps), jnp.asarray(self.top_ps),
-            rows if any_items else None, units, layers, *self._adapter_args(), readout=readout)
+            rows if any_items else None, units, layers, *self._adapter_args(), readout=readout,
+            blocked=Blocked(self.ecfg.attn_block, span))
         out = jax.device_get(out)
         self.stats["steps"] += 1
         self.stats["step_seconds"] += time.perf_counter() - t0
@@ -687,10 +861,13 @@ class Engine:
     def busy(self) -> dict[str, int]:
         """``running`` (rows in use), ``queued`` (waiting for a row), ``pending`` (submitted, not finished:
         0 when nothing leaks), ``batch``."""
-        return {"running": sum(r is not None for r in self.rows), "queued": self.waiting.qsize() + len(self.backlog),
-                "pending": self.pending, "batch": self.ecfg.batch}
+        prefilling = sum(p is not None for p in self.pslots)
+        return {"running": sum(r is not None for r in self.rows) + prefilling, "prefilling": prefilling,
+                "queued": self.waiting.qsize() + len(self.backlog), "pending": self.pending, "batch": self.ecfg.batch}
 
     def cache_usage(self) -> float:
-        """Cache slots in use (prompt bucket + tokens so far of every running row) over all slots, 0..1."""
+        """Cache slots in use (prompt + tokens so far of every running row, prompt blocks written of every
+        prefilling one) over all slots, 0..1."""
         used = sum(int(self.index[row]) for row, r in enumerate(self.rows) if r is not None)
+        used += sum(p.pos for p in self.pslots if p is not None)
         return used / float(self.ecfg.batch * self.ecfg.max_context)

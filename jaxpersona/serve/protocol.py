@@ -484,7 +484,7 @@ def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: An
             raise bad("the prompt encodes to no tokens", "prompt" if kind == "completion" else "messages")
     if max_tokens is None:  # chat default: whatever room the longest prompt leaves
         longest = max(len(ids) for ids in prompts)
-        max_tokens = max(1, min(engine.ecfg.max_context - engine.ecfg.bucket(longest), 512))
+        max_tokens = max(1, min(engine.ecfg.max_context - longest, 512))
     for ids in prompts:
         engine.check_fits(len(ids), max_tokens, "max_tokens" if body.get("max_tokens") else "messages")
     ignore_eos = body.get("ignore_eos", False)

@@ -300,7 +300,7 @@ def test_served_multi_cap_preset_gives_the_library_logits(tiny_llama, setup, tmp
         build_resources(model, [], [f"caps={path}"], "tiny", 1, 1)
     res = build_resources(model, [], [f"caps={path}"], "tiny", 2, 1)
     assert len(res.presets["caps"]) == 2
-    srv = PersonaServer(model, res, EngineConfig(batch=2, max_context=64, prefill_rows=1, min_bucket=16)).start()
+    srv = PersonaServer(model, res, EngineConfig(batch=2, max_context=64, prefill_rows=1, prefill_chunk=16)).start()
     try:
         conv = [{"role": "user", "content": "hello world what is the cat"}]
         body = {"messages": conv, "max_tokens": 6, "temperature": 0, "logprobs": True,

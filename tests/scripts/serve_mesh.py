@@ -38,7 +38,7 @@ class Tok:  # the engine only needs decode()
 
 def serve(mesh):
     p = params if mesh is None else sharding.shard_params(params, cfg, mesh)
-    eng = Engine(p, cfg, Tok(), (), 0, EngineConfig(batch=4, max_context=64, min_bucket=16, prefill_rows=2), mesh)
+    eng = Engine(p, cfg, Tok(), (), 0, EngineConfig(batch=4, max_context=64, prefill_chunk=16, prefill_rows=2), mesh)
     eng.start()
     qs = []
     for i, (ids, its) in enumerate(zip(prompts, items)):

@@ -1,0 +1,181 @@
+"""The serving engine's prefill path on the embedded SmolLM2-135M: chunked prefill interleaved with decode
+steps, the prefix cache, attention over the slots in use. The invariant under all of it: a request's tokens
+and log-probs are the same (fp32 on CPU, bit for bit) alone or beside others, with or without a prefix-cache
+hit, whatever else is being prefilled or decoded."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from jaxpersona import errors
+
+SYSTEM = ("You are a careful assistant for a persona study. Answer every question in two short sentences, "
+          "plainly and kindly, without lists, without headings and without mentioning that you are an AI. "
+          "If a question is unclear, say what you would need to know.")
+QUESTIONS = ["What is the capital of France?", "Why do cats purr?", "How do I boil an egg?"]
+
+
+def prompt_ids(model, question: str, system: str | None = SYSTEM) -> list[int]:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    ids, _ = model.tokens_and_role(msgs, "assistant")
+    return list(ids)
+
+
+def make_engine(model, **kw):
+    from jaxpersona.serve.engine import Engine, EngineConfig
+
+    cfg = dict(batch=4, max_context=256, prefill_chunk=16, attn_block=32, prefill_rows=2, **kw)
+    eng = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id, EngineConfig(**cfg))
+    eng.start()
+    return eng
+
+
+def submit(eng, ids, max_tokens, items=()):
+    from jaxpersona.serve.engine import Sequence
+
+    q: queue.Queue = queue.Queue()
+    eng.submit([Sequence(0, ids, max_tokens, q, logprobs=0, ignore_eos=True, items=list(items))])
+    return q
+
+
+def collect(q, stamps=None):
+    toks, lps = [], []
+    while (ev := q.get(timeout=600))[0] != "done":
+        assert ev[0] == "delta", ev
+        toks.append(ev[3][0])
+        lps.append(ev[3][1])
+        if stamps is not None:
+            stamps.append(time.perf_counter())
+    return toks, lps
+
+
+def run_alone(eng, ids, max_tokens, items=()):
+    return collect(submit(eng, ids, max_tokens, items))
+
+
+def steer_item(model, positions: str):
+    from jaxpersona.serve.engine import Item
+
+    n, d = model.cfg.n_resid, model.cfg.d_model
+    v = np.random.default_rng(1).normal(size=(n, d)).astype(np.float32)
+    w = np.zeros(n, np.float32)
+    w[10] = 1.0
+    return Item(v, 0.5, steer_w=w, positions=positions)
+
+
+@pytest.fixture(scope="module")
+def engines(smollm2):
+    plain = make_engine(smollm2, prefix_cache_mb=0)
+    cached = make_engine(smollm2)
+    yield plain, cached
+    plain.stop()
+    cached.stop()
+
+
+def test_prefix_cache_hits_give_the_same_numbers(smollm2, engines):
+    plain, cached = engines
+    ids = [prompt_ids(smollm2, q) for q in QUESTIONS]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
+    ref = [run_alone(plain, p, 6) for p in ids]
+    assert plain.stats["prefix_hits"] == 0
+    first = run_alone(cached, ids[0], 6)  # fills the cache with its full blocks
+    assert first == ref[0] and cached.stats["prefix_hits"] == 0 and len(cached.prefix) > 0
+    for p, want in zip(ids[1:], ref[1:]):
+        before = cached.stats["prefix_hits"]
+        assert run_alone(cached, p, 6) == want  # tokens and log-probs, bit for bit
+        hit = cached.stats["prefix_hits"] - before
+        assert hit == (min(shared, len(p) - 1) // 16) * 16 and hit >= 0.8 * shared, (hit, shared)
+    # a steer acting on the reply only leaves the prompt's blocks alone: still a hit, and the library's numbers
+    resp = steer_item(smollm2, "response")
+    want = run_alone(plain, ids[2], 6, [resp])
+    before = cached.stats["prefix_hits"]
+    assert run_alone(cached, ids[2], 6, [resp]) == want
+    assert cached.stats["prefix_hits"] > before
+    # a steer on the prompt changes its keys and values: no hit on blocks it touches, same numbers as no cache
+    prompt_steer = steer_item(smollm2, "prompt")
+    want = run_alone(plain, ids[1], 6, [prompt_steer])
+    before = cached.stats["prefix_hits"]
+    assert run_alone(cached, ids[1], 6, [prompt_steer]) == want
+    assert cached.stats["prefix_hits"] == before
+    assert run_alone(cached, ids[1], 6, [prompt_steer]) == want  # now its own blocks are cached: a hit
+    assert cached.stats["prefix_hits"] > before
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(smollm2, engines):
+    """Two streams run; a prompt ~8x longer arrives: its 10+ blocks are prefilled one per iteration while the
+    streams keep producing tokens, and every request gets exactly what it gets alone (the short rows attend
+    over fewer slots alone than beside the long one)."""
+    plain, _ = engines
+    short = [prompt_ids(smollm2, q, None) for q in QUESTIONS[:2]]
+    long = prompt_ids(smollm2, "Summarise this: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 16),
+                      None)
+    assert len(long) >= 8 * max(map(len, short)) // 2 and len(long) > 10 * 16
+    alone_short = [run_alone(plain, p, 40) for p in short]
+    alone_long = run_alone(plain, long, 8)
+    stamps: list[list[float]] = [[], []]
+    qs = [submit(plain, p, 40) for p in short]
+    results: dict[int, tuple] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, collect(qs[i], stamps[i])))
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    while len(stamps[0]) < 5:  # both streams are decoding
+        time.sleep(0.01)
+    prefills, t_submit = plain.stats["prefills"], time.perf_counter()
+    ql = submit(plain, long, 8)
+    long_stamps: list[float] = []
+    got_long = collect(ql, long_stamps)
+    for t in threads:
+        t.join()
+    assert got_long == alone_long
+    assert [results[0], results[1]] == alone_short
+    blocks = -(-len(long) // 16)
+    assert plain.stats["prefills"] - prefills >= blocks
+    during = [s for s in stamps[0] if t_submit < s < long_stamps[0]]
+    assert len(during) >= blocks - 2, (len(during), blocks)  # the running stream kept producing tokens
+
+
+def test_lru_eviction_keeps_the_numbers(smollm2):
+    from jaxpersona.serve.engine import EngineConfig
+
+    block = 30 * 2 * 3 * 16 * 64 * 4  # SmolLM2: layers x (k, v) x kv heads x block x head_dim x fp32 bytes
+    eng = make_engine(smollm2, prefix_cache_mb=2.5 * block / (1 << 20))  # room for two blocks
+    try:
+        ids = [prompt_ids(smollm2, q) for q in QUESTIONS]
+        ref = [run_alone(eng, p, 3) for p in ids]
+        assert eng.prefix.evictions > 0 and len(eng.prefix) == 2 and eng.prefix.bytes <= eng.prefix.budget
+        assert [run_alone(eng, p, 3) for p in ids] == ref
+    finally:
+        eng.stop()
+    with pytest.raises(errors.InputError, match="multiple of prefill_chunk"):
+        EngineConfig(max_context=200, prefill_chunk=32, attn_block=8)
+    with pytest.raises(errors.InputError, match="multiple of attn_block"):
+        EngineConfig(max_context=192, attn_block=128)
+    with pytest.raises(errors.InputError, match="prefix_cache_mb"):
+        EngineConfig(prefix_cache_mb=-1)
+
+
+def test_block_keys_hold_what_changes_a_block():
+    from jaxpersona.serve.prefix import actor_identity, block_keys
+
+    toks = list(range(100, 164))
+    s = 128
+    none = block_keys(toks, 16, 0, [], 3)
+    assert len(none) == 3 and len(set(none)) == 3
+    assert block_keys(toks, 16, 1, [], 3) != none  # the adapter
+    other = toks.copy()
+    other[20] = 7
+    k2 = block_keys(other, 16, 0, [], 3)
+    assert k2[0] == none[0] and k2[1] != none[1] and k2[2] != none[2]  # a token changes its block and later ones
+    late = np.zeros(s, bool)
+    late[40:] = True  # acts from slot 40: blocks 0 and 1 untouched
+    v = actor_identity(np.ones(4), 0.5)
+    k3 = block_keys(toks, 16, 0, [(v, late)], 3)
+    assert k3[:2] == none[:2] and k3[2] != none[2]
+    k4 = block_keys(toks, 16, 0, [(actor_identity(np.ones(4), 0.6), late)], 3)
+    assert k4[2] != k3[2]  # another coefficient, another block
