@@ -48,7 +48,14 @@ from jaxpersona.compute.handle import Model, load
 from jaxpersona.model.sharding import make_mesh
 from jaxpersona.serve.engine import Engine, EngineConfig
 from jaxpersona.serve.metrics import CONTENT_TYPE, Metrics, TimedEvents
-from jaxpersona.serve.protocol import Abandoned, Parsed, abandon, collect, parse_request, stream_chunks
+from jaxpersona.serve.protocol import (
+    Abandoned,
+    Parsed,
+    abandon,
+    collect,
+    parse_request,
+    stream_chunks,
+)
 from jaxpersona.serve.resources import build_resources
 from jaxpersona.version import __version__
 

@@ -57,13 +57,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
+from jaxpersona.artifacts.adapters import shard_adapter
 from jaxpersona.compute.generate import sample_token
-from jaxpersona.edit.interventions import Cap, Mixture, Positions, Steer, pytree_dataclass
+from jaxpersona.edit.interventions import (
+    Cap,
+    Mixture,
+    Positions,
+    Steer,
+    pytree_dataclass,
+)
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import AdapterStack, check_adapter
 from jaxpersona.model.params import Params
 from jaxpersona.model.sharding import spec
-from jaxpersona.model.transformer import Blocked, Capture, HookContext, KVCache, forward, unembed
+from jaxpersona.model.transformer import (
+    Blocked,
+    Capture,
+    HookContext,
+    KVCache,
+    forward,
+    unembed,
+)
 from jaxpersona.serve.prefix import PrefixCache, actor_identity, block_keys
 
 TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's limit)
@@ -508,8 +522,6 @@ class Engine:
                                         f"got {type(adapters).__name__}")
             check_adapter(adapters, cfg)
             if mesh is not None:
-                from jaxpersona.artifacts.adapters import shard_adapter
-
                 adapters = shard_adapter(adapters, cfg, mesh)
         self.adapters = adapters
         self.eos = set(int(e) for e in eos_ids)

@@ -10,9 +10,11 @@ from typing import Any
 
 from jaxpersona import errors
 from jaxpersona.artifacts.bank import VectorBank
+from jaxpersona.artifacts.peft import load_any_adapter
 from jaxpersona.artifacts.records import read_json
 from jaxpersona.compute.handle import Model
 from jaxpersona.edit.capping import CapConfig
+from jaxpersona.model.lora import stack_adapters
 from jaxpersona.serve.engine import Item
 from jaxpersona.serve.protocol import Resources, parse_interventions
 
@@ -25,9 +27,6 @@ def load_adapters(specs: Sequence[str], model: Model, served_name: str) -> tuple
     No specs: ``({}, {}, None)``. A bad spec or a duplicate name is an InputError; a missing directory, a bad
     file or an adapter for another base model is the loader's typed error (ModelNotFoundError,
     AdapterFormatError, AdapterMismatchError)."""
-    from jaxpersona.artifacts.peft import load_any_adapter
-    from jaxpersona.model.lora import stack_adapters
-
     info: dict[str, dict[str, Any]] = {}
     index: dict[str, int] = {}
     loaded = []
