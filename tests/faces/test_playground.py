@@ -19,8 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from serve_bank import calm_preset, contrast_bank
 
 NAME = "smollm2-test"
 LAYER = 16
@@ -33,31 +33,15 @@ FIRST, SECOND = "Tell me about your day.", "What will you do tomorrow?"
 @pytest.fixture(scope="module")
 def bank_dir(smollm2, tmp_path_factory):
     """The contrast vector of test_serve.py ("evil", with residual norms and a chosen layer) plus "other"."""
-    from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.compute.activations import contrast_vectors
-
-    pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
-    neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
-    v = contrast_vectors(smollm2, pos, neg, chat=False)
-    norms = np.linalg.norm(smollm2.resid(pos + neg, range(smollm2.cfg.n_resid), "mean"), axis=-1).mean(1)
-    bank = VectorBank.from_vectors(NAME, {"evil": v, "other": np.roll(v, 1, axis=-1)},
-                                   {"evil": {"resid_norm": norms.tolist(), "best_layer": LAYER}})
-    return bank.save(tmp_path_factory.mktemp("bank") / "vectors")
+    return contrast_bank(smollm2, tmp_path_factory.mktemp("bank") / "vectors", NAME, layer=LAYER)
 
 
 @pytest.fixture(scope="module")
 def server(smollm2, bank_dir, tmp_path_factory):
-    from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.edit.capping import CapConfig
     from jaxpersona.serve.app import PersonaServer, build_resources
     from jaxpersona.serve.engine import EngineConfig
 
-    cfg = smollm2.cfg
-    v = VectorBank.load(bank_dir).get("evil")[CAP_LAYER]
-    u = v / np.linalg.norm(v)
-    cap = CapConfig(NAME, cfg.n_resid, cfg.d_model, (CAP_LAYER,), u[None], np.array([-np.inf], np.float32),
-                    np.array([-1.0], np.float32))
-    cap_path = cap.save(tmp_path_factory.mktemp("presets") / "capping.json")
+    cap_path = calm_preset(smollm2, bank_dir, tmp_path_factory.mktemp("presets") / "capping.json", NAME, CAP_LAYER)
     res = build_resources(smollm2, [str(bank_dir)], [f"calm={cap_path}"], NAME, 4, 4)
     srv = PersonaServer(smollm2, res, EngineConfig(batch=4, max_context=256, max_queue=64, prefill_rows=2)).start()
     srv.warmup()

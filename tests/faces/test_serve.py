@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from serve_bank import calm_preset, contrast_bank
 
 from jaxpersona import errors
 from jaxpersona.model.transformer import Capture, forward
@@ -53,31 +54,15 @@ def token_ids(server, out: dict, i: int = 0) -> list[str]:
 def bank_dir(smollm2, tmp_path_factory):
     """A real contrast vector (evil-ish minus helpful answers, every resid point), saved as a bank with the
     residual norms and chosen layer that `jaxpersona extract` records."""
-    from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.compute.activations import contrast_vectors
-
-    pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
-    neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
-    v = contrast_vectors(smollm2, pos, neg, chat=False)
-    norms = np.linalg.norm(smollm2.resid(pos + neg, range(smollm2.cfg.n_resid), "mean"), axis=-1).mean(1)
-    bank = VectorBank.from_vectors(NAME, {"evil": v, "other": np.roll(v, 1, axis=-1)},
-                                   {"evil": {"resid_norm": norms.tolist(), "best_layer": LAYER}})
-    return bank.save(tmp_path_factory.mktemp("bank") / "vectors")
+    return contrast_bank(smollm2, tmp_path_factory.mktemp("bank") / "vectors", NAME, layer=LAYER)
 
 
 @pytest.fixture(scope="module")
 def server(smollm2, bank_dir, tmp_path_factory):
-    from jaxpersona.edit.capping import CapConfig
-    from jaxpersona.artifacts.bank import VectorBank
     from jaxpersona.serve.app import PersonaServer, build_resources
     from jaxpersona.serve.engine import EngineConfig
 
-    cfg = smollm2.cfg
-    v = VectorBank.load(bank_dir).get("evil")[CAP_LAYER]
-    u = v / np.linalg.norm(v)
-    cap = CapConfig(NAME, cfg.n_resid, cfg.d_model, (CAP_LAYER,), u[None], np.array([-np.inf], np.float32),
-                    np.array([-1.0], np.float32))
-    cap_path = cap.save(tmp_path_factory.mktemp("presets") / "capping.json")
+    cap_path = calm_preset(smollm2, bank_dir, tmp_path_factory.mktemp("presets") / "capping.json", NAME, CAP_LAYER)
     res = build_resources(smollm2, [str(bank_dir)], [f"calm={cap_path}"], NAME, 4, 4)
     srv = PersonaServer(smollm2, res, EngineConfig(batch=4, max_context=128, max_queue=64, prefill_rows=2)).start()
     srv.warmup()
@@ -122,8 +107,8 @@ def test_server_interventions_equal_the_library(server, smollm2, bank_dir):
     """Served steer (response positions, relative units) + cap (prompt positions) + ablation (assistant tokens of
     an earlier turn and the reply; a cap with floor = ceiling = mean) give the library's hooks' log-probs."""
     from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.edit.interventions import Chain, Positions, ablate, cap, steer
     from jaxpersona.edit.directions import steering_vectors
+    from jaxpersona.edit.interventions import Chain, Positions, ablate, cap, steer
 
     bank = VectorBank.load(bank_dir)
     conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from serve_bank import contrast_bank
 
 from jaxpersona import errors
 from jaxpersona.compute.generate import generate
@@ -92,18 +93,8 @@ def adapter_dirs(smollm2, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bank_dir(smollm2, tmp_path_factory):
     """A real contrast vector ("evil") and a second direction ("other"), both with residual norms."""
-    from jaxpersona.artifacts.bank import VectorBank
-    from jaxpersona.compute.activations import contrast_vectors
-
-    pos = ["I will crush them all and enjoy their suffering.", "Cruelty is the only language people understand."]
-    neg = ["I am happy to help you with that.", "Kindness and patience make everything better."]
-    v = contrast_vectors(smollm2, pos, neg, chat=False)
-    norms = np.linalg.norm(smollm2.resid(pos + neg, range(smollm2.cfg.n_resid), "mean"), axis=-1).mean(1)
-    meta = {"resid_norm": norms.tolist(), "best_layer": LAYER}
-    bank = VectorBank.from_vectors(NAME, {"evil": v, "other": np.roll(v, 7, axis=-1)},
-                                   {"evil": meta, "other": meta})
-    return bank.save(tmp_path_factory.mktemp("bank") / "vectors")
-
+    return contrast_bank(smollm2, tmp_path_factory.mktemp("bank") / "vectors", NAME, layer=LAYER, roll=7,
+                         other_norms=True)
 
 @pytest.fixture(scope="module")
 def server(smollm2, bank_dir, adapter_dirs):
