@@ -562,14 +562,17 @@ class Engine:
         self.failure: BaseException | None = None
 
     # --- submission (any thread) ----------------------------------------------------------------
-    def check_fits(self, prompt_len: int, max_tokens: int, param: str = "max_tokens") -> None:
-        """A 400 unless the prompt (in whole prefill blocks) and ``max_tokens`` new tokens fit a row."""
+    def check_fits(self, prompt_len: int, max_tokens: int, prompt_param: str = "messages") -> None:
+        """A 400 unless the prompt (in whole prefill blocks) and ``max_tokens`` new tokens fit a row; its
+        ``param`` is ``prompt_param`` when the prompt alone leaves no room for a token, else ``max_tokens``."""
         limit = min(self.ecfg.max_context, self.cfg.max_position) if self.cfg.max_position else self.ecfg.max_context
-        if prompt_len + max_tokens > limit or self.ecfg.prompt_slots(prompt_len) > self.ecfg.max_context:
+        prompt_too_long = prompt_len + 1 > limit or self.ecfg.prompt_slots(prompt_len) > self.ecfg.max_context
+        if prompt_too_long or prompt_len + max_tokens > limit:
             raise errors.RequestError(
                 f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}; this server holds at most "
-                f"{limit} tokens per sequence (prompt + new tokens). Shorten the prompt or lower max_tokens",
-                param=param, code="context_length_exceeded")
+                f"{limit} tokens per sequence (prompt + new tokens). "
+                + ("Shorten the prompt" if prompt_too_long else "Lower max_tokens or shorten the prompt"),
+                param=prompt_param if prompt_too_long else "max_tokens", code="context_length_exceeded")
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue a request's choices; raises a 429 :class:`~jaxpersona.errors.RequestError` when the queue is full."""

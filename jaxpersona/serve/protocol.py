@@ -486,7 +486,7 @@ def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: An
         longest = max(len(ids) for ids in prompts)
         max_tokens = max(1, min(engine.ecfg.max_context - longest, 512))
     for ids in prompts:
-        engine.check_fits(len(ids), max_tokens, "max_tokens" if body.get("max_tokens") else "messages")
+        engine.check_fits(len(ids), max_tokens, "messages" if kind == "chat" else "prompt")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad("ignore_eos must be true or false", "ignore_eos")

@@ -339,3 +339,16 @@ def test_request_timeout_and_a_graceful_shutdown_while_streaming(smollm2, server
     assert srv.engine.pending == 0 and closed_in < 30
     with pytest.raises(httpx.ConnectError):
         httpx.post(srv.url + "/chat/completions", json=short, timeout=5)
+
+
+def test_a_too_long_request_names_the_field_at_fault(server):
+    with httpx.Client(timeout=60) as client:
+        cases = [("/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 2},
+                  "messages"),
+                 ("/completions", {"prompt": "word " * 300, "max_tokens": 2}, "prompt"),
+                 ("/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 500},
+                  "max_tokens")]
+        for path, body, param in cases:
+            r = client.post(server.url + path, json=body)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, err
