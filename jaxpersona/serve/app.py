@@ -540,7 +540,7 @@ def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = 
                max_interventions: int = 4, max_readout: int = 4, max_queue: int = 256, prefill_rows: int = 1,
                mesh: str | None = None, api_key: str | None = None, warmup: bool = True, access_log: bool = True,
                read_timeout: float = 30.0, request_timeout: float | None = None, max_connections: int = 512,
-               graceful_seconds: float = 30.0, prefill_chunk: int = 32, attn_block: int = 64,
+               graceful_seconds: float = 30.0, prefill_chunk: int = 16, attn_block: int = 64,
                prefix_cache_mb: float = 256.0, max_mixture: int = 8) -> int:
     """``jaxpersona serve``: load ``model`` (registered name, HF directory or .gguf; on a ``DATAxMODEL``
     ``mesh`` when given), warm up, listen on ``host:port`` until SIGINT / SIGTERM. ``banks``: vector bank

@@ -8,8 +8,8 @@ hold: interleaved requests give the tokens they give alone.
 
 **Chunked prefill.** A prompt is prefilled in blocks of ``C = prefill_chunk`` tokens at slots ``0, C, 2C,
 ...`` — always the same blocks, one call of one shape ``[prefill_rows, C]`` each — into a prefill buffer,
-one block per engine iteration, interleaved with the decode steps of the running rows: a long prompt never
-stalls the streams already running. When its last block is done the row moves into the batch cache.
+blocks for about one decode step's time between two decode steps of the running rows: a long prompt never
+stalls the streams already running (they wait at most about one more step per token). When its last block is done the row moves into the batch cache.
 **Prefix cache** (:mod:`jaxpersona.serve.prefix`): a block's keys and values depend only on the tokens up to
 it, the adapter and the interventions acting on its slots, so blocks another request computed are copied in
 instead of recomputed — the same numbers, bit for bit. **Attention over the slots in use**: prefill and
@@ -98,7 +98,7 @@ class EngineConfig:
     max_interventions: int = 4
     max_readout: int = 4
     max_queue: int = 256
-    prefill_chunk: int = 32
+    prefill_chunk: int = 16
     prefill_rows: int = 1
     max_mixture: int = 8  # directions a request's persona mixture may hold (K <= max_mixture)
     attn_block: int = 64
@@ -551,6 +551,8 @@ class Engine:
         self.pslots: list[Prefilling | None] = [None] * r  # what each prefill row is filling
         self.reserved: set[int] = set()  # batch rows held for a prompt being prefilled
         self.prefix = PrefixCache(int(ecfg.prefix_cache_mb * (1 << 20)))
+        self._last_step = 0.0  # seconds the last decode step took: the prefill time allowed between two steps
+        self._blocks_this_call = 0
         self.waiting: queue.Queue[Sequence] = queue.Queue()  # submitted (any thread)
         self.backlog: list[Sequence] = []  # taken from `waiting` by the engine thread, not yet admitted
         self.pending = 0  # sequences submitted and not finished (guarded by _lock)
@@ -622,8 +624,8 @@ class Engine:
                     except queue.Empty:
                         pass
                     continue
-                if prefilling:  # one block of the prompts being prefilled, then a step of the running rows
-                    self._prefill_step()
+                if prefilling:  # prompt blocks for about one decode step's time, then a step of the running rows
+                    self._prefill_for(self._last_step if decoding else 0.0)
                 if any(r is not None for r in self.rows):
                     self._step()
         except BaseException as e:  # noqa: BLE001 - fail every waiter loudly rather than hang them
@@ -703,6 +705,19 @@ class Engine:
         self.reserved.discard(p.row)
         self.table.clear(p.row)
 
+    def _prefill_for(self, budget: float) -> None:
+        """Prefill blocks until about ``budget`` seconds have gone (at least one block; new arrivals are
+        admitted in between): running streams wait at most about one more decode step for each token."""
+        t0 = time.perf_counter()
+        while True:
+            self._prefill_step()
+            self._admit()
+            spent = time.perf_counter() - t0
+            per_block = spent / max(1, self._blocks_this_call)
+            if not any(p is not None for p in self.pslots) or spent + per_block > budget:
+                self._blocks_this_call = 0
+                return
+
     def _prefill_step(self) -> None:
         """One block of every prompt being prefilled (one call of shape ``[prefill_rows, C]``); rows whose
         prompt is done join the batch."""
@@ -729,6 +744,7 @@ class Engine:
         span = self.ecfg.span(int(index.max()) + c)
         any_items = any(self.pslots[i].seq.items or self.pslots[i].seq.mixture is not None for i in active)  # type: ignore[union-attr]
         hook = self.table.rows(np.asarray(rows)) if any_items else None
+        self._blocks_this_call += 1
         self.pcache, logits = prefill_chunk(
             self.params, self.cfg, self.pcache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(index),
             jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
@@ -808,7 +824,8 @@ class Engine:
             blocked=Blocked(self.ecfg.attn_block, span))
         out = jax.device_get(out)
         self.stats["steps"] += 1
-        self.stats["step_seconds"] += time.perf_counter() - t0
+        self._last_step = time.perf_counter() - t0
+        self.stats["step_seconds"] += self._last_step
         for row, seq in enumerate(self.rows):
             if seq is None:
                 continue

@@ -107,8 +107,8 @@ def test_prefix_cache_hits_give_the_same_numbers(smollm2, engines):
 
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(smollm2, engines):
-    """Two streams run; a prompt ~8x longer arrives: its 10+ blocks are prefilled one per iteration while the
-    streams keep producing tokens, and every request gets exactly what it gets alone (the short rows attend
+    """Two streams run; a prompt ~8x longer arrives: its 10+ blocks are prefilled a few at a time (about one
+    decode step's worth) between decode steps, so the streams keep producing tokens, and every request gets exactly what it gets alone (the short rows attend
     over fewer slots alone than beside the long one)."""
     plain, _ = engines
     short = [prompt_ids(smollm2, q, None) for q in QUESTIONS[:2]]
@@ -137,7 +137,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(smollm2, engines):
     blocks = -(-len(long) // 16)
     assert plain.stats["prefills"] - prefills >= blocks
     during = [s for s in stamps[0] if t_submit < s < long_stamps[0]]
-    assert len(during) >= blocks - 2, (len(during), blocks)  # the running stream kept producing tokens
+    assert len(during) >= 2, (len(during), blocks)  # the running stream kept producing tokens meanwhile
 
 
 def test_lru_eviction_keeps_the_numbers(smollm2):
