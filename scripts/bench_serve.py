@@ -880,7 +880,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int)
     ap.add_argument("--max-context", type=int, default=192, help="of the plain / mixed / adapters loads' server")
     ap.add_argument("--prefill-rows", type=int, default=1)
-    ap.add_argument("--prefill-chunk", type=int, default=32)
+    ap.add_argument("--prefill-chunk", type=int, default=16)
     ap.add_argument("--attn-block", type=int, default=64)
     ap.add_argument("--prefix-cache-mb", type=float, default=256.0)
     ap.add_argument("--repeats", type=int, help="each load this many times, alternating; medians reported")
