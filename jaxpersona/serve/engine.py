@@ -748,6 +748,7 @@ class Engine:
         self.pcache, logits = prefill_chunk(
             self.params, self.cfg, self.pcache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(index),
             jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
+        logits.block_until_ready()  # the time budget counts work done, not work dispatched
         self.stats["prefills"] += 1
         for i in active:
             p = self.pslots[i]
