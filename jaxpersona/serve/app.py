@@ -193,12 +193,22 @@ class Outer:
         given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _RID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        t0, status = time.perf_counter(), [0]
+        t0, status, logged = time.perf_counter(), [0], [False]
+
+        def finished() -> None:  # once per request: metrics and the access line, before the client has it all
+            if not logged[0]:
+                logged[0] = True
+                self.server.metrics.response(status[0] or 499)
+                if self.server.access_log:
+                    _log(f"{time.strftime('%H:%M:%S')} {scope.get('method')} {scope.get('path', '')} "
+                         f"{status[0] or 499} {time.perf_counter() - t0:.3f}s rid={rid}")
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished()
             await send(message)
 
         try:
@@ -212,13 +222,9 @@ class Outer:
                 await send_with_id({"type": "http.response.start", "status": 500,
                                     "headers": [(b"content-type", b"application/json"),
                                                 (b"content-length", str(len(data)).encode())]})
-                await send({"type": "http.response.body", "body": data})
+                await send_with_id({"type": "http.response.body", "body": data})
         finally:
-            self.server.metrics.response(status[0] or 499)
-            if self.server.access_log:
-                path = scope.get("path", "")
-                _log(f"{time.strftime('%H:%M:%S')} {scope.get('method')} {path} {status[0] or 499} "
-                     f"{time.perf_counter() - t0:.3f}s rid={rid}")
+            finished()
 
 
 # --- the application ------------------------------------------------------------------------------------
