@@ -53,6 +53,7 @@ from jaxpersona.serve.protocol import (
     Parsed,
     abandon,
     collect,
+    extension,
     parse_request,
     stream_chunks,
 )
@@ -80,8 +81,10 @@ class ServerOptions:
 
     def __init__(self, *, read_timeout: float = 30.0, request_timeout: float | None = None,
                  max_connections: int = 512, keep_alive: float = 5.0, graceful_seconds: float = 30.0) -> None:
-        for name, v in (("read_timeout", read_timeout), ("keep_alive", keep_alive),
-                        ("graceful_seconds", graceful_seconds), ("request_timeout", request_timeout or 1.0)):
+        limits = [("read_timeout", read_timeout), ("keep_alive", keep_alive), ("graceful_seconds", graceful_seconds)]
+        if request_timeout is not None:  # None: no limit; 0 or less is refused like the others
+            limits.append(("request_timeout", request_timeout))
+        for name, v in limits:
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise errors.InputError(f"serve: {name} must be a positive number of seconds, got {v!r}")
         if int(max_connections) != max_connections or max_connections < 1:
@@ -372,11 +375,11 @@ class PersonaServer:
             s.events = events
         self.engine.submit(req.seqs)
         kinds = []
-        for spec in _extension(body, "interventions") or []:
+        for spec in extension(body, "interventions") or []:
             kinds.append("preset" if isinstance(spec, str) or "preset" in spec else str(spec.get("kind")))
-        if _extension(body, "mixture") is not None:
+        if extension(body, "mixture") is not None:
             kinds.append("mixture")
-        if _extension(body, "persona_readout") is not None:
+        if extension(body, "persona_readout") is not None:
             kinds.append("readout")
         self.metrics.admitted(req.prompt_tokens, kinds, getattr(req.seqs[0], "adapter", None))
 
@@ -531,13 +534,6 @@ class PersonaServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _extension(body: dict, key: str) -> Any:
-    if key in body:
-        return body[key]
-    extra = body.get("extra_body")
-    return extra.get(key) if isinstance(extra, dict) else None
 
 
 def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = None,

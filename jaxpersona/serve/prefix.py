@@ -60,15 +60,13 @@ def actor_identity(*arrays: Any) -> bytes:
 
 
 class PrefixCache:
-    """Blocks ``key -> (k, v)`` (each ``[L, KV, C, hd]`` device arrays) up to ``budget`` bytes, LRU.
-    ``queries`` / ``hits`` count prompt tokens looked up / served from the cache."""
+    """Blocks ``key -> (k, v)`` (each ``[L, KV, C, hd]`` device arrays) up to ``budget`` bytes, LRU. (The
+    engine counts the prompt tokens looked up and served, in its ``stats``.)"""
 
     def __init__(self, budget: int) -> None:
         self.budget = int(budget)
         self.blocks: collections.OrderedDict[bytes, tuple[Any, Any]] = collections.OrderedDict()
         self.bytes = 0
-        self.queries = 0
-        self.hits = 0
         self.evictions = 0
 
     def __len__(self) -> int:

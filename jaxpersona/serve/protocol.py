@@ -189,6 +189,15 @@ def _layer_weights(spec: dict, res: Resources, param: str) -> np.ndarray:
     return w
 
 
+def _norm_units(vec: np.ndarray, entry: str | None, res: Resources, param: str, needs: str) -> np.ndarray:
+    """``vec [N, D]`` in relative units: its unit direction times the bank entry's residual norm at each resid
+    point (a 400 naming ``{param}.units`` when ``entry`` has no recorded norms; ``needs`` says what it needs)."""
+    norms = res.norms.get(entry) if entry else None
+    if norms is None:
+        raise bad(f"{param}.units 'relative' needs {needs}", f"{param}.units")
+    return vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-12) * norms[:, None]
+
+
 def parse_item(spec: Any, res: Resources, param: str) -> list[Item]:
     """One entry of ``interventions`` -> engine items (a preset may expand to several)."""
     if isinstance(spec, str):
@@ -215,10 +224,7 @@ def parse_item(spec: Any, res: Resources, param: str) -> list[Item]:
         coeff = _finite(spec["coeff"], f"{param}.coeff")
         units = spec.get("units", "absolute")
         if units == "relative":
-            norms = res.norms.get(entry) if entry else None
-            if norms is None:
-                raise bad(f"{param}.units 'relative' needs a bank vector with recorded residual norms", f"{param}.units")
-            vec = (vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-12) * norms[:, None])
+            vec = _norm_units(vec, entry, res, param, "a bank vector with recorded residual norms")
         elif units != "absolute":
             raise bad(f"{param}.units must be 'absolute' or 'relative', got {units!r}", f"{param}.units")
         if "positions" not in spec and entry:  # the positions the bank's steering setting was chosen at
@@ -319,12 +325,8 @@ def parse_mixture(value: Any, res: Resources, max_k: int, param: str = "mixture"
         if np.any(np.linalg.norm(vec, axis=-1)[w > 0] == 0):
             raise bad(f"{p} is zero at a chosen layer: it has no direction to mix", p)
         if units == "relative":
-            norms = res.norms.get(entry) if entry else None
-            if norms is None:
-                raise bad(f"{param}.units 'relative' needs bank vectors with recorded residual norms; {p} is "
-                          f"{'a list of numbers' if entry is None else f'bank entry {entry!r}, which has none'}",
-                          f"{param}.units")
-            vec = vec / np.maximum(np.linalg.norm(vec, axis=-1, keepdims=True), 1e-12) * norms[:, None]
+            vec = _norm_units(vec, entry, res, param, f"bank vectors with recorded residual norms; {p} is "
+                              f"{'a list of numbers' if entry is None else f'bank entry {entry!r}, which has none'}")
         vecs.append(vec.astype(np.float32))
     if "alpha" not in value:
         raise bad(f"{param}.alpha is required (the strength of the mix)", f"{param}.alpha")
@@ -364,7 +366,7 @@ def select_adapter(body: dict, res: Resources) -> tuple[str | None, int]:
 
     model = body.get("model")
     chosen = None if model is None else pick(model, "model")
-    requested = _extension(body, "adapter")
+    requested = extension(body, "adapter")
     if requested is not None:
         ad = pick(requested, "adapter")
         if chosen is not None and ad != chosen:
@@ -393,7 +395,8 @@ class Parsed:
     mixture: MixSpec | None = None
 
 
-def _extension(body: dict, key: str) -> Any:
+def extension(body: dict, key: str) -> Any:
+    """A jaxpersona field of a request body: top level, or inside ``extra_body`` (how the OpenAI SDK sends it)."""
     if key in body:
         return body[key]
     extra = body.get("extra_body")
@@ -447,9 +450,9 @@ def parse_request(kind: str, body: Any, res: Resources, model: Model, engine: An
     opts = body.get("stream_options") or {}
     include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
     stop = _stop(body)
-    items = parse_interventions(_extension(body, "interventions"), res)
-    mix = parse_mixture(_extension(body, "mixture"), res, min(res.max_mixture, engine.ecfg.max_mixture))
-    readout = parse_readout(_extension(body, "persona_readout"), res)
+    items = parse_interventions(extension(body, "interventions"), res)
+    mix = parse_mixture(extension(body, "mixture"), res, min(res.max_mixture, engine.ecfg.max_mixture))
+    readout = parse_readout(extension(body, "persona_readout"), res)
     if kind == "chat":
         max_tokens = _integer(body, "max_completion_tokens", None, 1, 1 << 30)
         max_tokens = _integer(body, "max_tokens", max_tokens, 1, 1 << 30)

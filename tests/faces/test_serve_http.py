@@ -352,3 +352,14 @@ def test_a_too_long_request_names_the_field_at_fault(server):
             r = client.post(server.url + path, json=body)
             err = r.json()["error"]
             assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, err
+
+
+def test_bad_server_options_are_refused():
+    from jaxpersona import errors
+    from jaxpersona.serve.app import ServerOptions
+
+    for bad in (dict(request_timeout=0), dict(request_timeout=-1.0), dict(read_timeout=0),
+                dict(max_connections=0), dict(graceful_seconds=float("nan"))):
+        with pytest.raises(errors.InputError, match="serve: "):
+            ServerOptions(**bad)
+    assert ServerOptions(request_timeout=None).request_timeout is None
