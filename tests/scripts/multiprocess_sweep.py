@@ -1,5 +1,6 @@
-"""One process of a multi-process sweep: ``python multiprocess_sweep.py PID PORT HF_DIR OUT`` (2 processes with
-4 CPU devices each, or PID -1 for the single-process reference). Writes the sweep's rows as JSON (process 0)."""
+"""One process of a multi-process sweep: ``python multiprocess_sweep.py PID PORT HF_DIR OUT [NPROC]`` (NPROC
+processes, 2 by default, each with the CPU devices XLA_FLAGS gives it; PID -1 for the single-process reference).
+Writes the sweep's rows as JSON (process 0)."""
 
 import json
 import sys
@@ -9,10 +10,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import testpath  # noqa: E402,F401
 
 pid, port, hf_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+nproc = int(sys.argv[5]) if len(sys.argv) > 5 else 2
 if pid >= 0:
     from jaxpersona.model.sharding import init_distributed
 
-    init_distributed(f"127.0.0.1:{port}", 2, pid)
+    init_distributed(f"127.0.0.1:{port}", nproc, pid)
 
 import jax
 import numpy as np
