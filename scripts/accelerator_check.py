@@ -192,6 +192,8 @@ def section_bf16_parity(args) -> dict:
     from jaxpersona.model.loaders.hf import load_hf_dir
     from jaxpersona.model.transformer import forward
 
+    if not accelerator() and not args.tiny:
+        return {"skipped": NO_ACCELERATOR}
     dev = torch_device()
     if dev is None:
         return {"skipped": "torch cannot reach this accelerator (no CUDA)"}

@@ -78,3 +78,14 @@ def test_a_section_killed_by_its_time_box_is_recorded(tmp_path) -> None:
                                             "sweep_vs_hf", "serve"]
     assert all(x["error"].startswith("timed out after") for x in recs), recs
     assert "ERROR: timed out" in r.stdout
+
+
+def test_full_mode_without_an_accelerator_skips_every_section(tmp_path) -> None:
+    """The real shapes (7B, 32B) are not tried on a CPU: every section says why it did not run."""
+    r = subprocess.run(["bash", str(SCRIPT), "--out", str(tmp_path / "full.jsonl")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180, env={**os.environ, "PYTHON": __import__("sys").executable,
+                                                    "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
+    assert {x["section"] for x in recs} == set(SECTIONS) and len(recs) == 7
+    assert all(x.get("skipped") == "no accelerator" for x in recs), recs
