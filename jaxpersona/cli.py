@@ -22,6 +22,7 @@ message on stderr and a non-zero exit code (2), never a traceback or a silently 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -73,7 +74,9 @@ LIBRARY: dict[str, tuple[str, ...]] = {
                  "jaxpersona.artifacts.peft:save_peft_adapter", "jaxpersona.artifacts.peft:save_merged"),
     "regimes": ("jaxpersona.compute.handle:load", "jaxpersona.data.traits:load_trait",
                 "jaxpersona.pipelines.regimes:load_regimes_config", "jaxpersona.pipelines.regimes:run_regimes"),
-    "plan": ("jaxpersona.compute.plan:GIB", "jaxpersona.compute.plan:make_plan"),
+    "plan": ("jaxpersona.compute.plan:GIB", "jaxpersona.compute.plan:make_plan", "jaxpersona.compute.aot:dry_run",
+             "jaxpersona.compute.aot:DEFAULT_SIZES", "jaxpersona.compute.layout:choose_layout",
+             "jaxpersona.compute.accelerators:parse_slice"),
     "serve": ("jaxpersona.serve.app:run_server", "jaxpersona.compute.handle:weights_source",
               "jaxpersona.artifacts.peft:cached_merge"),
     "report": ("jaxpersona.report:write_report",),
@@ -499,17 +502,62 @@ def cmd_regimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_devices(chips: int) -> None:
+    """Before JAX starts its backends: the CPU platform (libtpu, when installed for deviceless TPU compiles, must
+    not claim a TPU this command does not use) with ``chips`` devices for CPU-backend estimates of GPU meshes."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        try:
+            jax.config.update("jax_num_cpu_devices", max(chips, 1))
+        except RuntimeError:  # backends already up (a caller in the same process): its device count stands
+            pass
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     lib = library("plan")
-    plan = lib.make_plan(args.model, args.mesh, batch=args.batch, seq=args.seq, new_tokens=args.new_tokens,
-                         grid=args.grid, dtype=args.dtype, fsdp=args.fsdp, accelerator=args.accelerator,
-                         headroom=args.headroom)
-    print(json.dumps(plan.to_json()) if args.json else plan.table())
-    if plan.fits is False:
+    if args.stage is None and args.slice is None:
+        plan = lib.make_plan(args.model, args.mesh, batch=args.batch or 1, seq=args.seq or 2048,
+                             new_tokens=args.new_tokens or 0, grid=args.grid or 1, dtype=args.dtype, fsdp=args.fsdp,
+                             accelerator=args.accelerator, headroom=args.headroom)
+        print(json.dumps(plan.to_json()) if args.json else plan.table())
+        if plan.fits is False:
+            raise errors.MemoryPlanError(
+                f"{plan.total / lib.GIB:.1f} GiB per device exceeds {args.headroom:.0%} of {args.accelerator}'s "
+                f"{plan.capacity / lib.GIB:.1f} GiB; try a larger model axis, --fsdp, a smaller --batch/--seq/--grid, "
+                "or an accelerator with more memory")
+        return 0
+    stage = args.stage or "decode"
+    if stage not in lib.DEFAULT_SIZES:
+        raise errors.InputError(f"unknown stage {stage!r}; stages: {', '.join(lib.DEFAULT_SIZES)}")
+    given = {k: getattr(args, k) for k in ("batch", "seq", "context", "new_tokens", "grid", "targets", "rank")
+             if getattr(args, k) is not None}
+    sizes = dataclasses.replace(lib.DEFAULT_SIZES[stage], **given)
+    if args.slice is not None:
+        acc, chips = lib.parse_slice(args.slice)
+        _plan_devices(chips if acc.platform == "gpu" else 1)
+        choice = lib.choose_layout(args.model, stage, args.slice, sizes=sizes, dtype=args.dtype,
+                                   headroom=args.headroom, log=None if args.json else print)
+        print(json.dumps({**choice.run.to_json(), "skipped": choice.skipped, "command": choice.command(args.model)})
+              if args.json else choice.table(args.model))
+        return 0
+    if args.accelerator is None:
+        raise errors.InputError("plan --stage needs --accelerator (the chip whose compiler and specs are used), "
+                                "or --slice to choose the layout")
+    from jaxpersona.model.sharding import parse_mesh
+
+    data, model = parse_mesh(args.mesh)
+    _plan_devices(data * model)
+    run = lib.dry_run(args.model, stage, (data, model), args.accelerator, sizes=sizes, dtype=args.dtype,
+                      fsdp=args.fsdp)
+    print(json.dumps(run.to_json()) if args.json else run.table())
+    if not run.fits(args.headroom):
         raise errors.MemoryPlanError(
-            f"{plan.total / lib.GIB:.1f} GiB per device exceeds {args.headroom:.0%} of {args.accelerator}'s "
-            f"{plan.capacity / lib.GIB:.1f} GiB; try a larger model axis, --fsdp, a smaller --batch/--seq/--grid, "
-            "or an accelerator with more memory")
+            f"the compiled {stage} needs {run.total / lib.GIB:.1f} GiB per device, over {args.headroom:.0%} of "
+            f"{args.accelerator}'s {run.capacity / lib.GIB:.1f} GiB; let `--slice` choose a layout, or try a larger "
+            "model axis, --fsdp or smaller sizes")
     return 0
 
 
@@ -750,16 +798,24 @@ def _add_training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 def _add_tool_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Subcommands plan, serve, report, convert: memory plans, the server, reports, conversion (``add``: the subparsers' ``add_parser``)."""
-    p = add("plan", help="per-device memory (params, KV cache, compiled activations) of a model on a "
-                         "(data x model) mesh; no weights needed")
+    p = add("plan", help="per-device memory of a model on a (data x model) mesh, no weights needed; with --stage, "
+                         "the stage's real sharded program compiled ahead of time (deviceless for TPU topologies); "
+                         "with --slice, the layout chosen for you")
     p.add_argument("--model", required=True, help="HF directory, config.json, registered name or a shipped paper "
-                                                  "model (qwen2.5-7b-instruct, gemma-2-27b-it, qwen3-32b, "
-                                                  "llama-3.3-70b-instruct)")
+                                                  "model (qwen2.5-7b-instruct, llama-3.1-8b-instruct, gemma-2-27b-it, "
+                                                  "qwen3-32b, llama-3.3-70b-instruct)")
     p.add_argument("--mesh", default="1x1", help="DATAxMODEL, e.g. 8x8")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--new-tokens", type=int, default=0, help="extra KV-cache positions for generation")
-    p.add_argument("--grid", type=int, default=1, help="sweep grid points (sharded over the data axis)")
+    p.add_argument("--stage", default=None, help="compile this stage: prefill, activations, sweep, roles, capped, "
+                                                 "train, decode")
+    p.add_argument("--slice", default=None, help="choose the layout for this slice: v5e-8, v5e-64, v5p-8 (TensorCores), "
+                                                 "8xh100, 8xh200 (with --stage; default stage decode)")
+    p.add_argument("--batch", type=int, default=None, help="rows (default 1; with --stage the stage's paper size)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048 / the stage's)")
+    p.add_argument("--new-tokens", type=int, default=None, help="extra KV-cache positions for generation")
+    p.add_argument("--grid", type=int, default=None, help="sweep grid points (sharded over the data axis)")
+    p.add_argument("--context", type=int, default=None, help="--stage: KV-cache slots (capped, decode, prefill)")
+    p.add_argument("--targets", type=int, default=None, help="--stage: scored response tokens (sweep, train)")
+    p.add_argument("--rank", type=int, default=None, help="--stage train: LoRA rank")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--fsdp", action="store_true", help="also shard every weight's embed dimension over data")
     p.add_argument("--accelerator", default=None, help="h100, h200, a100-80gb, a100-40gb, l4, v4, v5e, v5p, v6e")

@@ -7,6 +7,7 @@ HF conversion of the real models is slow, and reusing it across tests and runs i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import tempfile
@@ -14,8 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
-import pytest
+# libtpu (the `aot` extra, for deviceless TPU compiles) probes for a TPU whenever a JAX backend starts: the suite
+# runs on CPU (the `gpu` tests are run on an accelerator with JAX_PLATFORMS set there), subprocesses included
+if not os.environ.get("JAX_PLATFORMS") and importlib.util.find_spec("libtpu") is not None \
+        and importlib.util.find_spec("jax_cuda12_plugin") is None and importlib.util.find_spec("jax_cuda13_plugin") is None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # compiled programs of the test session go to a directory of its own (shared by the CLI subprocesses it starts),
 # never the user's cache

@@ -71,7 +71,7 @@ class _WeightedMeans(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _reduced_resid(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
+def reduced_resid(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
                    weights: jax.Array, adapter: Any = None) -> tuple[jax.Array, jax.Array]:
     """Weighted token means of every resid point ``[L+1, V, B, D]`` and of its token norms
     ``[L+1, V, B]``, float32."""
@@ -131,7 +131,7 @@ def response_activations(model: Model, prompts: list[list[Message]], responses: 
         return m / np.maximum(m.sum(axis=1, keepdims=True), 1)
 
     w = np.stack([norm(rmask.astype(np.float32)), norm(pmask.astype(np.float32)), last.astype(np.float32)])
-    means, norms = _reduced_resid(model.params, model.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid),
+    means, norms = reduced_resid(model.params, model.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid),
                                   jnp.asarray(w), model.adapter)
     acts = np.asarray(means).transpose(1, 0, 2, 3)[:, :, :n]  # [V, L+1, N, D]
     return (acts, np.asarray(norms).transpose(1, 0, 2)[:, :, :n]) if with_norms else acts

@@ -26,18 +26,16 @@ from typing import Any
 import numpy as np
 
 from jaxpersona import errors
+from jaxpersona.compute.accelerators import ACCELERATORS as SPECS
 from jaxpersona.compute.handle import load
 from jaxpersona.model import registry
 from jaxpersona.model.config import ModelConfig, from_hf_config, parse_dtype
 from jaxpersona.model.params import LAYER_AXES, TOP_AXES, param_shapes
-from jaxpersona.model.sharding import FSDP, TENSOR_PARALLEL, check_divisible, parse_mesh
+from jaxpersona.model.sharding import FSDP, TENSOR_PARALLEL, layout_for_mesh, parse_mesh
 from jaxpersona.model.transformer import KVCache, forward
 
 GIB = 1024**3
-ACCELERATORS = {  # memory per device, bytes
-    "h100": 80 * 10**9, "h200": 141 * 10**9, "a100-80gb": 80 * 10**9, "a100-40gb": 40 * 10**9, "l4": 24 * 10**9,
-    "v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB,
-}
+ACCELERATORS = {k: a.memory for k, a in SPECS.items()}  # memory per device, bytes
 PAPER_MODELS = registry.PAPER_CONFIGS
 
 
@@ -130,6 +128,20 @@ def _activation_bytes(cfg: ModelConfig, rows: int, seq: int, positions: int, dty
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
+def param_bytes(cfg: ModelConfig, data: int, model: int, fsdp: bool, itemsize: int) -> int:
+    """Bytes of one device's shards of every parameter on a ``data x model`` mesh (tensor-parallel dimensions
+    divided by ``model``; with FSDP the ``embed`` dimension by ``data``)."""
+    rules = dict(FSDP if fsdp else TENSOR_PARALLEL)
+    split = {"model": model, "data": data, None: 1}
+
+    def local(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> int:
+        return int(np.prod([math.ceil(n / split[rules.get(a)]) for n, a in zip(shape, axes)]))
+
+    shapes = param_shapes(cfg)
+    total = sum(local(s, TOP_AXES[k]) for k, s in shapes.items() if k != "layers")
+    return (total + sum(local(s, LAYER_AXES[k]) for k, s in shapes["layers"].items())) * itemsize
+
+
 def make_plan(spec: str | Path, mesh: Any, *, batch: int, seq: int, new_tokens: int = 0, grid: int = 1,
               dtype: Any = "bfloat16", fsdp: bool = False, accelerator: str | None = None,
               headroom: float = 0.9) -> Plan:
@@ -139,20 +151,14 @@ def make_plan(spec: str | Path, mesh: Any, *, batch: int, seq: int, new_tokens: 
     data, model = parse_mesh(mesh)
     if min(batch, seq, grid) < 1 or new_tokens < 0:
         raise errors.InputError("plan: batch, seq and grid must be >= 1, new_tokens >= 0")
-    check_divisible(cfg, model, data, fsdp)
+    cfg, _ = layout_for_mesh(cfg, (data, model), fsdp)  # KV heads repeated when the model axis exceeds them
     if accelerator is not None and accelerator not in ACCELERATORS:
         raise errors.InputError(f"unknown accelerator {accelerator!r}; known: {sorted(ACCELERATORS)}")
     jdt = parse_dtype(dtype)
     item = np.dtype(jdt).itemsize
     rules = dict(FSDP if fsdp else TENSOR_PARALLEL)
-    split = {"model": model, "data": data, None: 1}
-
-    def local(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> int:
-        return int(np.prod([math.ceil(n / split[rules.get(a)]) for n, a in zip(shape, axes)]))
-
     shapes = param_shapes(cfg)
-    p_bytes = sum(local(s, TOP_AXES[k]) for k, s in shapes.items() if k != "layers") * item
-    p_bytes += sum(local(s, LAYER_AXES[k]) for k, s in shapes["layers"].items()) * item
+    p_bytes = param_bytes(cfg, data, model, fsdp, item)
     gather = 0
     if fsdp:  # the partitioner gathers one layer's weights at a time inside the scan
         gather = sum(int(np.prod(s[1:])) // (model if any(a == "model" for a in

@@ -250,6 +250,24 @@ def make_optimizer(config: TrainConfig, updates: int) -> Any:
     return (optax.MultiSteps(tx, every_k_schedule=config.grad_accum) if config.grad_accum > 1 else tx), sched
 
 
+def train_step(tx: Any, scale: jax.Array, cfg: Any, kl_beta: float) -> Any:
+    """The jitted optimiser step ``(factors, opt_state, params, base_adapter, batch, nbatch, prev) ->
+    (factors, opt_state, loss, ce, kl)``: gradients of :func:`loss_terms` for the adapter factors only, one
+    ``tx`` (AdamW) update. ``params`` are an argument, never a closure constant (XLA would constant-fold the
+    weights), so the same function is compiled ahead of time from abstract inputs by
+    :mod:`jaxpersona.compute.aot`."""
+    import optax  # lazy: optax loads only where a training step is built
+
+    @jax.jit
+    def step_fn(factors, opt_state, params, base_adapter, batch, nbatch, prev):
+        (loss, (ce, kl)), grads = jax.value_and_grad(loss_terms, has_aux=True)(
+            factors, scale, params, cfg, batch, nbatch, prev, kl_beta, base_adapter)
+        upd, opt_state = tx.update(grads, opt_state, factors)
+        return optax.apply_updates(factors, upd), opt_state, loss, ce, kl
+
+    return step_fn
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 def _manager(path: Path) -> Any:
     import orbax.checkpoint as ocp
@@ -337,17 +355,9 @@ def train(model: Model, examples: Sequence[Example], config: TrainConfig, out_di
     tx, sched = make_optimizer(config, updates)
     params, cfg, base_adapter = model.params, model.cfg, model.adapter
 
-    import optax
-
-    @jax.jit  # params are an argument, never a closure constant (XLA would constant-fold the weights)
-    def step_fn(factors, opt_state, params, base_adapter, batch, nbatch, prev):
-        (loss, (ce, kl)), grads = jax.value_and_grad(loss_terms, has_aux=True)(
-            factors, scale, params, cfg, batch, nbatch, prev, config.kl_beta, base_adapter)
-        upd, opt_state = tx.update(grads, opt_state, factors)
-        return optax.apply_updates(factors, upd), opt_state, loss, ce, kl
-
     init = init_adapter(cfg, config.lora, jax.random.fold_in(jax.random.key(config.seed), 1))
     scale = init.scale  # fixed (alpha / r); only the factors train
+    step_fn = train_step(tx, scale, cfg, config.kl_beta)
     factors = {"a": init.a, "b": init.b}
     opt_state = tx.init(factors)
     key = jax.random.fold_in(jax.random.key(config.seed), 2)
