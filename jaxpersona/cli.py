@@ -505,9 +505,12 @@ def cmd_regimes(args: argparse.Namespace) -> int:
 def _plan_devices(chips: int) -> None:
     """Before JAX starts its backends: the CPU platform (libtpu, when installed for deviceless TPU compiles, must
     not claim a TPU this command does not use) with ``chips`` devices for CPU-backend estimates of GPU meshes."""
+    import importlib.util
+
     import jax
 
-    if not os.environ.get("JAX_PLATFORMS"):
+    on_gpu = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+    if not os.environ.get("JAX_PLATFORMS") and not on_gpu:  # a GPU machine compiles GPU targets on its GPUs
         jax.config.update("jax_platforms", "cpu")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:

@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("pytest_gpu", "bf16_parity", "mfu_mbu", "big_prefill", "sweep_vs_hf", "serve")
+SECTIONS = ("pytest_gpu", "bf16_parity", "mfu_mbu", "big_prefill", "plan_vs_peak", "sweep_vs_hf", "serve")
 BIG_MODELS = ("qwen3-32b", "gemma-2-27b-it")
 NO_ACCELERATOR = "no accelerator"
 # bf16 dense peak FLOP/s and HBM bandwidth (bytes/s), from the device kind jax reports
@@ -487,8 +487,61 @@ def section_serve(args) -> dict:
             "max_tokens": res["config"]["max_tokens"], "batch": res["config"]["batch"]}
 
 
+PLAN_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 2048,
+               "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 4,
+               "vocab_size": 32000, "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+               "tie_word_embeddings": False, "hidden_act": "silu", "use_sliding_window": False}
+
+
+def section_plan_vs_peak(args) -> dict:
+    """One stage's program as `jaxpersona plan --stage` compiles it (jaxpersona.compute.aot, from abstract inputs),
+    then run on random inputs made on the device: planned (compiled arguments + outputs + temporaries - aliased)
+    vs `memory_stats()['peak_bytes_in_use']` of this fresh process (one stage per process: the peak only grows)."""
+    import jax
+
+    from jaxpersona.compute import aot
+    from jaxpersona.model import sharding
+
+    stage = args.stage or "prefill"
+    out: dict = {"stage": stage}
+    if not accelerator() and not args.tiny:
+        return {**out, "skipped": NO_ACCELERATOR}
+    cfg_path = Path(tempfile.mkdtemp(prefix="plan-vs-peak-")) / "config.json"
+    hf = dict(PLAN_CONFIG)
+    if args.tiny:
+        hf.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=512)
+    cfg_path.write_text(json.dumps(hf))
+    _, cfg = aot.read_config(str(cfg_path))
+    cfg, _ = sharding.layout_for_mesh(cfg, (1, 1))
+    sizes = {"prefill": aot.Sizes(batch=8, seq=1024), "sweep": aot.Sizes(batch=8, seq=256, grid=8, targets=64),
+             "train": aot.Sizes(batch=8, seq=512, targets=128, rank=16),
+             "decode": aot.Sizes(batch=64, seq=1, context=2048, targets=1)}[stage]
+    if args.tiny:
+        sizes = aot.Sizes(batch=2, seq=32, context=64 if stage == "decode" else 0, grid=2, targets=8, rank=4)
+    mesh, backend = aot.target_mesh(aot.accelerator("h100"), 1, 1)  # this machine's GPU, or a CPU estimate
+    prog = aot.build_program(stage, cfg, mesh, sizes, jax.numpy.bfloat16, False)
+    t0 = time.perf_counter()
+    compiled = prog.fn.lower(*prog.args).compile()
+    out["compile_s"] = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    planned = int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    out.update(backend=backend, planned_bytes=planned, sizes={k: v for k, v in vars(sizes).items()})
+    inputs = aot.materialise(prog.args, jax.random.key(0))
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*inputs))
+    out["run_s"] = time.perf_counter() - t0
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    out["peak_bytes_in_use"] = peak
+    if peak is None:
+        out["peak_note"] = "the device reports no memory stats (CPU): planned bytes only"
+    else:
+        out["peak_over_planned"] = peak / planned
+    return out
+
+
 RUNNERS = {"pytest_gpu": section_pytest_gpu, "bf16_parity": section_bf16_parity, "mfu_mbu": section_mfu_mbu,
-           "big_prefill": section_big_prefill, "sweep_vs_hf": section_sweep_vs_hf, "serve": section_serve}
+           "big_prefill": section_big_prefill, "plan_vs_peak": section_plan_vs_peak, "sweep_vs_hf": section_sweep_vs_hf,
+           "serve": section_serve}
 
 
 # --- the record and the summary -----------------------------------------------------------------------------
@@ -539,6 +592,9 @@ def line_of(r: dict) -> str:
     if s == "big_prefill":
         return (f"{s:12s} {r['model']}: prefill {fmt(r['prefill_s'])} s, peak {fmt(r['peak_bytes_in_use'])} B vs "
                 f"planned {fmt(r['planned_bytes'])} B (ratio {fmt(r.get('peak_over_planned'))})")
+    if s == "plan_vs_peak":
+        return (f"{s:12s} {r['stage']}: peak {fmt(r['peak_bytes_in_use'])} B vs planned {fmt(r['planned_bytes'])} B "
+                f"(ratio {fmt(r.get('peak_over_planned'))}; {r['backend']})")
     if s == "sweep_vs_hf":
         return (f"{s:12s} {r['grid_points']} points: ours {fmt(r['jaxpersona_s'])} s, HF hooks {fmt(r['hf_hooks_s'])} s "
                 f"-> {fmt(r['ratio'])}x; max |logprob diff| {fmt(r['max_abs_logprob_diff'])}")
@@ -565,6 +621,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--section", choices=SECTIONS)
     ap.add_argument("--model", default=None, help=f"big_prefill: one of {', '.join(BIG_MODELS)}")
+    ap.add_argument("--stage", default=None, choices=("prefill", "sweep", "train", "decode"), help="plan_vs_peak")
     ap.add_argument("--tiny", action="store_true", help="small configs (a CPU runs every section in seconds)")
     ap.add_argument("--out", default="bench_results/accelerator_check.jsonl")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for a section's own subprocess")

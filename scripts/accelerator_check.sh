@@ -56,15 +56,17 @@ if [ -n "$TINY" ]; then
   run mfu_mbu 60
   run big_prefill 60 --model qwen3-32b
   run big_prefill 60 --model gemma-2-27b-it
+  for st in prefill sweep train decode; do run plan_vs_peak 60 --stage $st; done
   run sweep_vs_hf 90
   run serve 120
 else  # 300 s together at most; the boxes are estimates (no accelerator was lent yet): stretch with ACCEL_TIME_SCALE
-  run pytest_gpu 45
-  run bf16_parity 30
+  run pytest_gpu 35
+  run bf16_parity 25
   run mfu_mbu 50
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 run big_prefill 40 --model qwen3-32b
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 run big_prefill 35 --model gemma-2-27b-it
+  for st in prefill sweep train decode; do run plan_vs_peak 15 --stage $st; done
   run sweep_vs_hf 30
-  run serve 70
+  run serve 50
 fi
 "$PYTHON" scripts/accelerator_check.py --summary "$OUT"

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "accelerator_check.sh"
-SECTIONS = ("pytest_gpu", "bf16_parity", "mfu_mbu", "big_prefill", "sweep_vs_hf", "serve")
+SECTIONS = ("pytest_gpu", "bf16_parity", "mfu_mbu", "big_prefill", "plan_vs_peak", "sweep_vs_hf", "serve")
 
 
 def _run(out: Path, timeout: int, **env: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
@@ -64,6 +64,9 @@ def test_tiny_mode_records_every_section(tmp_path) -> None:
     assert [b["model"] for b in by["big_prefill"]] == ["qwen3-32b", "gemma-2-27b-it"]
     for b in by["big_prefill"]:
         assert b["planned_bytes"] > b["param_bytes"] > 0 and b["prefill_s"] > 0
+    assert [p["stage"] for p in by["plan_vs_peak"]] == ["prefill", "sweep", "train", "decode"]
+    for p in by["plan_vs_peak"]:  # the stage's AOT program ran on inputs made from its abstract ones
+        assert p["planned_bytes"] > 0 and p["run_s"] > 0 and p["backend"] == "cpu-estimate" and p["peak_note"]
     sw = by["sweep_vs_hf"][0]
     assert sw["grid_points"] == 6 and sw["max_abs_logprob_diff"] < 1e-4 and sw["ratio"] > 0  # fp32 on the CPU
     assert by["serve"][0]["tokens_per_s"] > 0
@@ -75,7 +78,7 @@ def test_a_section_killed_by_its_time_box_is_recorded(tmp_path) -> None:
     r, recs = _run(tmp_path / "killed.jsonl", timeout=120, ACCEL_TIME_SCALE="0.001")
     assert r.returncode == 0, r.stderr[-3000:]
     assert [x["section"] for x in recs] == ["pytest_gpu", "bf16_parity", "mfu_mbu", "big_prefill", "big_prefill",
-                                            "sweep_vs_hf", "serve"]
+                                            *["plan_vs_peak"] * 4, "sweep_vs_hf", "serve"]
     assert all(x["error"].startswith("timed out after") for x in recs), recs
     assert "ERROR: timed out" in r.stdout
 
@@ -87,5 +90,5 @@ def test_full_mode_without_an_accelerator_skips_every_section(tmp_path) -> None:
                                                     "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "full.jsonl").read_text().splitlines()]
-    assert {x["section"] for x in recs} == set(SECTIONS) and len(recs) == 7
+    assert {x["section"] for x in recs} == set(SECTIONS) and len(recs) == 11
     assert all(x.get("skipped") == "no accelerator" for x in recs), recs

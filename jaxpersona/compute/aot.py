@@ -103,8 +103,9 @@ def libtpu_available() -> bool:
 
 
 def target_mesh(acc: Accelerator, data: int, model: int) -> tuple[jax.sharding.Mesh, str]:
-    """The mesh the program is compiled for, and how: ``"tpu-deviceless"`` (libtpu, the named topology) or
-    ``"cpu-estimate"`` (this machine's CPU devices)."""
+    """The mesh the program is compiled for, and how: ``"tpu-deviceless"`` (libtpu, the named topology),
+    ``"gpu-compiled"`` (a GPU target on a machine with that many GPUs) or ``"cpu-estimate"`` (this machine's CPU
+    devices)."""
     chips = data * model
     if acc.platform == "tpu" and libtpu_available():
         from jax.experimental import topologies
@@ -120,6 +121,8 @@ def target_mesh(acc: Accelerator, data: int, model: int) -> tuple[jax.sharding.M
         # a 4x16 mesh on an 8x8 torus splits a physical axis: allowed (ICI still connects the devices)
         grid = mesh_utils.create_device_mesh((data, model), list(topo.devices), allow_split_physical_axes=True)
         return jax.sharding.Mesh(grid, ("data", "model")), "tpu-deviceless"
+    if acc.platform == "gpu" and jax.default_backend() == "gpu" and jax.device_count() >= chips:
+        return shd.make_mesh((data, model)), "gpu-compiled"  # this machine's GPUs: their compiler's own numbers
     cpus = jax.devices("cpu")
     if len(cpus) < chips:
         raise errors.MeshError(
@@ -276,6 +279,28 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
     raise errors.InputError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
+def materialise(args: Any, key: jax.Array) -> Any:
+    """Concrete arrays for a program's abstract ``args``, made on their devices with their shardings (for a
+    device check of a plan: run the program, read the peak memory): floats small normal, integers 0, booleans
+    True, PRNG keys from ``key``."""
+    leaves, treedef = jax.tree.flatten(args)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(a: jax.ShapeDtypeStruct, k: jax.Array) -> jax.Array:
+        sharding = getattr(a, "sharding", None)
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            make = lambda: jax.random.key(0)  # noqa: E731
+        elif jnp.issubdtype(a.dtype, jnp.floating):
+            make = lambda: (0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)  # noqa: E731
+        elif a.dtype == jnp.bool_:
+            make = lambda: jnp.ones(a.shape, bool)  # noqa: E731
+        else:
+            make = lambda: jnp.zeros(a.shape, a.dtype)  # noqa: E731
+        return jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+
+    return jax.tree.unflatten(treedef, [one(a, k) for a, k in zip(leaves, keys)])
+
+
 def _like_factors(opt_state: Any, factors: Any) -> Any:
     """For each optimiser-state leaf, the factor leaf of the same shape (AdamW's mu / nu mirror the factors),
     else the leaf itself (counts, schedules: replicated)."""
@@ -366,8 +391,9 @@ class DryRun:
 
     def table(self) -> str:
         g = lambda b: f"{b / GIB:9.3f} GiB"  # noqa: E731
-        label = ("compiled deviceless for the TPU topology (libtpu)" if self.backend == "tpu-deviceless"
-                 else "CPU-backend estimate (XLA:CPU compile of the sharded program)")
+        label = {"tpu-deviceless": "compiled deviceless for the TPU topology (libtpu)",
+                 "gpu-compiled": "compiled for this machine's GPUs"}.get(
+            self.backend, "CPU-backend estimate (XLA:CPU compile of the sharded program)")
         sz = ", ".join(f"{k} {v}" for k, v in self.sizes.items())
         util = self.utilisation
         lines = [f"dry run: {self.model}, stage {self.stage} ({sz}) on {self.mesh[0]}x{self.mesh[1]} (data x model)"
