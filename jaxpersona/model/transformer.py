@@ -15,6 +15,10 @@ norm applied; ``resid[L]`` here is the raw residual (the final norm is part of t
 Hook point: ``hook(layer, h, ctx) -> h`` is called on every ``resid[l]`` before it flows on, with
 ``layer`` a traced int32 scalar, so a hook that is a pytree of arrays (an intervention) never
 forces a recompile when its values change.
+
+Meshes: the forward knows none, but marks the layout it wants for its activations
+(:func:`jaxpersona.model.sharding.constrain`: residual, q / k / v, MLP hidden, logits); the marks act only
+while a caller has set a ``(data, model)`` mesh with ``jax.set_mesh`` and are no-ops otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack, LayerFactors, layer_factors
 from jaxpersona.model.params import Params
+from jaxpersona.model.sharding import constrain
 
 Reduce = Literal["tokens", "mean", "last"]
 
@@ -387,7 +392,9 @@ def project_qkv(
     if cfg.qk_norm:
         q, k = rms_norm(q, lp["q_norm"], eps, off), rms_norm(k, lp["k_norm"], eps, off)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    kv_names = ("batch", "kv_heads", "seq", "head_dim")
+    return (constrain(q, "batch", "seq", "heads", "head_dim"), constrain(k.transpose(0, 2, 1, 3), *kv_names),
+            constrain(v.transpose(0, 2, 1, 3), *kv_names))
 
 
 def finish_block(
@@ -397,18 +404,18 @@ def finish_block(
     """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``; ``blocked``: see :class:`Blocked`), output
     projection, MLP; residual adds."""
     eps, off = cfg.rms_eps, cfg.norm_offset
-    attn = linear(lp, lora, "wo", attention(cfg, q, k, v, mask, blocked))
+    attn = linear(lp, lora, "wo", constrain(attention(cfg, q, k, v, mask, blocked), "batch", "seq", "heads"))
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
         attn = rms_norm(attn, lp["post_attn_norm"], eps, off)
-    x = x + attn
+    x = constrain(x + attn, "batch", "seq", "embed")
     hx = rms_norm(x, lp["mlp_norm"], eps, off)
-    mlp = linear(lp, lora, "w_down",
-                 activation(cfg.activation, linear(lp, lora, "w_gate", hx)) * linear(lp, lora, "w_up", hx))
+    hidden = activation(cfg.activation, linear(lp, lora, "w_gate", hx)) * linear(lp, lora, "w_up", hx)
+    mlp = linear(lp, lora, "w_down", constrain(hidden, "batch", "seq", "mlp"))
     if cfg.sandwich_norm:
         mlp = rms_norm(mlp, lp["post_mlp_norm"], eps, off)
-    return x + mlp
+    return constrain(x + mlp, "batch", "seq", "embed")
 
 
 def block(cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, rope: tuple[jax.Array, jax.Array],
@@ -498,8 +505,10 @@ def write_cache(c: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array
 
 
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """``resid[0]``: token embeddings ``[B, T, D]`` (Gemma scales by sqrt(d) in the model dtype)."""
-    h = params["embed"][tokens]
+    """``resid[0]``: token embeddings ``[B, T, D]`` (Gemma scales by sqrt(d) in the model dtype). On a mesh the
+    table is first brought to its activation layout (vocabulary over model, ``d_model`` whole: an FSDP table is
+    gathered over data once, as every FSDP weight is), so the lookup is a local gather plus one all-reduce."""
+    h = constrain(params["embed"], "vocab", "embed")[tokens]
     if cfg.embed_scale != 1.0:
         h = h * jnp.asarray(cfg.embed_scale, h.dtype)
     return h
@@ -581,6 +590,7 @@ def run_layers(
 
     def step(carry, xs):
         h, buf, ck, cv = carry
+        h = constrain(h, "batch", "seq", "embed")
         lp, lora, layer, is_sliding = xs
         mask = jnp.where(is_sliding, prep.mask_local, prep.mask_full)
         rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
@@ -673,9 +683,9 @@ def forward(
     )
     out_logits = None
     if logits == "last":
-        out_logits = unembed(params, cfg, h[:, -1:])
+        out_logits = constrain(unembed(params, cfg, h[:, -1:]), "batch", "seq", "vocab")
     elif logits:
-        out_logits = unembed(params, cfg, h)
+        out_logits = constrain(unembed(params, cfg, h), "batch", "seq", "vocab")
     return ForwardOutput(out_logits, buf if capture is not None else None, new_cache)
 
 

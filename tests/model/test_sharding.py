@@ -1,6 +1,7 @@
 """The 2-D (data, model) mesh: forward, captures, generation, sharded loading and LoRA adapters (single and
 stacked, sharded beside the params) on 8 virtual CPU devices (a subprocess: the device count is fixed when JAX
-starts) equal one device's; bad meshes are refused."""
+starts) equal one device's, with the forward's activation constraints active (the mesh set); KV heads fewer than
+the model axis are repeated (exact GQA); bad meshes are refused."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_every_mesh_gives_the_single_device_numbers(results) -> None:
         assert r["logits"] < 1e-4 and r["capture"] < 1e-4, (name, r)  # fp32; reductions reordered across shards
         assert r["generate_equal"], name
         assert r["devices"] == 8
+        assert r["constraints"] >= 8, (name, r)  # traced under the mesh: the forward's constraints are in
     assert meshes["tp1x8"]["w_up_local_shape"] == [3, 64, 16]  # the MLP width split 8 ways
     assert meshes["fsdp2x4"]["w_up_local_shape"] == [3, 32, 32]  # d_model over data, width over model
 
@@ -45,6 +47,31 @@ def test_sharded_loading_reads_slices_and_equals_the_eager_load(results) -> None
     r = results[1]["sharded_load"]
     assert r["max_param_diff"] == 0.0 and r["logits"] < 1e-4
     assert r["q_reads"] >= 1 and r["q_reads_partial"]
+
+
+def test_sharded_loading_repeats_kv_heads_for_a_wider_model_axis(results) -> None:
+    """The tiny llama (4 heads, 2 KV heads) loaded onto a model axis of 4: each device reads its one stored KV
+    head (16 rows of k_proj) and holds it, and the logits equal the eager load's."""
+    r = results[1]["sharded_load_replicated"]
+    assert r["mesh"] == [2, 4] and r["n_kv_heads"] == [2, 4]
+    assert r["wk_local"] == [4, 64, 16]
+    assert r["k_read_rows"] == [16]
+    assert r["logits"] < 1e-4
+
+
+def test_kv_heads_repeated_for_a_wider_model_axis_give_the_single_device_numbers(results) -> None:
+    """8 query heads, 2 KV heads on model axes 8 (r = 4) and 4 (r = 2), tensor parallel and FSDP: the params
+    of the un-repeated config are refused with the way out, the repeated ones give one device's logits (fp32,
+    <= 1e-4) and greedy tokens, one KV head per device."""
+    kv = results[3]["kv_replication"]
+    assert set(kv) == {"tp1x8", "tp2x4", "fsdp2x4"}
+    assert (kv["tp1x8"]["r"], kv["tp2x4"]["r"], kv["fsdp2x4"]["r"]) == (4, 2, 2)
+    for name, r in kv.items():
+        assert "layout_for_mesh" in r["refused_unreplicated"] and "replicate_kv_heads" in r["refused_unreplicated"]
+        assert r["logits"] <= 1e-4 and r["one_device_replicated"] <= 1e-4, (name, r)
+        assert r["generate_equal"], name
+        assert r["wk_local"][-1] == 16, (name, r)  # one head (head_dim 16) of k per device
+    assert kv["fsdp2x4"]["wk_local"] == [3, 32, 16]  # d_model over data
 
 
 def test_sweep_and_adapter_on_a_2d_mesh(results) -> None:
@@ -95,8 +122,9 @@ def test_bad_meshes(tiny_llama) -> None:
         sharding.make_mesh("8x8")
     with pytest.raises(errors.MeshError, match="DATAxMODEL"):
         sharding.make_mesh("two-by-four")
-    with pytest.raises(errors.MeshError, match=r"does not divide the kv heads \(2\)"):
-        sharding.check_divisible(cfg, 4)
+    with pytest.raises(errors.MeshError, match=r"does not divide the attention heads \(4\).*fit.*: 1, 2, 4$"):
+        sharding.check_divisible(cfg, 8)
+    sharding.check_divisible(cfg, 4)  # 2 KV heads on 4: repeated (layout_for_mesh)
     with pytest.raises(errors.MeshError, match="FSDP"):
         sharding.check_divisible(cfg, 1, data_axis=7, fsdp=True)
 

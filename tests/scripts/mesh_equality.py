@@ -1,7 +1,11 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: the forward (logits, captures), greedy
 generation and a sweep's rows on meshes (1,8), (2,4), (4,2), (8,1) (tensor parallel) and (2,4) FSDP must
 equal one device's; so must a LoRA adapter and a stack of adapters selected per example (sharded with
-``adapter_shardings`` beside the sharded params) on a (2,4) mesh. Prints JSON lines with the max differences."""
+``adapter_shardings`` beside the sharded params) on a (2,4) mesh. The mesh runs are traced under
+``jax.set_mesh(mesh)``, so the forward's activation constraints act (counted in the lowered program). A model
+with 2 KV heads and 8 query heads on model axes 4 and 8 (KV heads repeated by ``layout_for_mesh`` /
+``replicate_kv_heads``, and by the sharded loader) gives the one-device logits and tokens too. Prints JSON lines
+with the max differences."""
 
 import json
 import sys
@@ -47,15 +51,34 @@ for shape, rules, tag in [((1, 8), sharding.TENSOR_PARALLEL, "tp"), ((2, 4), sha
     p = sharding.shard_params(params, cfg, mesh, rules)
     bs = sharding.spec(mesh, "batch", "seq", rules=rules)
     t, v = jax.device_put(tokens, bs), jax.device_put(valid, bs)
-    logits, captured = run(p, t, v)
+    with jax.set_mesh(mesh):  # the forward's activation constraints act
+        constraints = run.lower(p, t, v).as_text().count("sharding_constraint")
+        logits, captured = run(p, t, v)
+        gen = generate(p, cfg, t, v, max_new_tokens=6, pad_id=0).tokens
     n_shards = len({d.id for d in p["layers"]["wq"].sharding.device_set})
     local = p["layers"]["w_up"].addressable_shards[0].data.shape
-    gen = generate(p, cfg, t, v, max_new_tokens=6, pad_id=0).tokens
-    res[f"{tag}{shape[0]}x{shape[1]}"] = {
+    res[f"{tag}{shape[0]}x{shape[1]}"] = {"constraints": constraints,
         "logits": float(jnp.abs(logits - ref_logits).max()), "capture": float(jnp.abs(captured - ref_cap).max()),
         "generate_equal": bool(np.array_equal(np.asarray(gen), np.asarray(ref_gen))), "devices": n_shards,
         "w_up_local_shape": list(local)}
 print(json.dumps(res))
+
+def replicated_load(path, cfg2, logits_e):
+    """Load onto a model axis of 2x the KV heads (a 2x4 or 1x8 mesh): KV heads repeated while reading."""
+    from jaxpersona.model.loaders.hf import load_hf_dir_sharded
+
+    model_axis = 2 * cfg2.n_kv_heads
+    mesh = sharding.make_mesh((8 // model_axis, model_axis))
+    log = []
+    cfg3, sharded = load_hf_dir_sharded(path, mesh, read_log=log)
+    k_reads = [idx for name, idx in log if name.endswith("layers.0.self_attn.k_proj.weight")]
+    with jax.set_mesh(mesh):
+        logits_s = jax.jit(lambda p: forward(p, cfg3, tokens % cfg3.vocab_size, valid=valid).logits)(sharded)
+    return {"mesh": [8 // model_axis, model_axis], "n_kv_heads": [cfg2.n_kv_heads, cfg3.n_kv_heads],
+            "wk_local": list(sharded["layers"]["wk"].addressable_shards[0].data.shape),
+            "k_read_rows": sorted({(s.stop or 0) - (s.start or 0) for s, _ in k_reads}),
+            "logits": float(jnp.abs(logits_e - logits_s).max())}
+
 
 # sharded loading of an HF directory (argv[2]): values equal the eager load; sharded weights are read in slices
 if len(sys.argv) > 2:
@@ -74,7 +97,8 @@ if len(sys.argv) > 2:
     logits_s = jax.jit(lambda p: forward(p, cfg2, tokens % cfg2.vocab_size, valid=valid).logits)(sharded)
     print(json.dumps({"sharded_load": {"max_param_diff": diff, "q_reads": len(q_reads), "q_reads_partial": partial,
                                        "logits": float(jnp.abs(logits_e - logits_s).max()),
-                                       "mesh": [8 // model_axis, model_axis]}}))
+                                       "mesh": [8 // model_axis, model_axis]},
+                      "sharded_load_replicated": replicated_load(sys.argv[2], cfg2, logits_e)}))
 
 # a sweep (grid over data, weights over model) and a LoRA adapter restored into shards, on a 2x4 mesh
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -141,3 +165,39 @@ print(json.dumps({"sweep_2x4": {"rows": len(two), "same_keys": [
                                                                       for b in two],
     "max_logprob_diff": max(abs(a["logprob"] - b["logprob"]) for a, b in zip(one, two))},
     "adapter_2x4": adapters["tp2x4"], "adapters": adapters}))
+
+# KV heads fewer than the model axis: 2 KV heads, 8 query heads, on model axes 4 and 8 (each KV head repeated
+# r = model / 2 times): the one-device logits and greedy tokens
+from jaxpersona import errors  # noqa: E402
+
+hf_kv = {**hf, "num_key_value_heads": 2}
+cfg_kv = from_hf_config(hf_kv)
+params_kv = init_params(cfg_kv, jax.random.key(5), scale=0.1)
+run_kv = jax.jit(lambda p, c, t, v: forward(p, c, t, valid=v).logits, static_argnums=1)
+ref_logits_kv = run_kv(params_kv, cfg_kv, tokens, valid)
+ref_gen_kv = generate(params_kv, cfg_kv, tokens, valid, max_new_tokens=6, pad_id=0).tokens
+kv = {}
+for shape, rules, tag in [((1, 8), sharding.TENSOR_PARALLEL, "tp"), ((2, 4), sharding.TENSOR_PARALLEL, "tp"),
+                          ((2, 4), sharding.FSDP, "fsdp")]:
+    mesh = sharding.make_mesh(shape)
+    try:
+        sharding.param_shardings(cfg_kv, mesh, rules)
+        refused = ""
+    except errors.MeshError as e:
+        refused = str(e)
+    cfg_r, r = sharding.layout_for_mesh(cfg_kv, mesh, fsdp=rules is sharding.FSDP)
+    cfg_r, params_r = sharding.replicate_kv_heads(cfg_kv, params_kv, r)
+    p = sharding.shard_params(params_r, cfg_r, mesh, rules)
+    bs = sharding.spec(mesh, "batch", "seq", rules=rules)
+    t, v = jax.device_put(tokens, bs), jax.device_put(valid, bs)
+    with jax.set_mesh(mesh):
+        logits = run_kv(p, cfg_r, t, v)
+        gen = generate(p, cfg_r, t, v, max_new_tokens=6, pad_id=0).tokens
+    one = run_kv(params_r, cfg_r, tokens, valid)  # the replicated model on one device
+    kv[f"{tag}{shape[0]}x{shape[1]}"] = {
+        "r": r, "n_kv_heads": cfg_r.n_kv_heads, "refused_unreplicated": refused,
+        "wk_local": list(p["layers"]["wk"].addressable_shards[0].data.shape),
+        "logits": float(jnp.abs(logits - ref_logits_kv).max()), "one_device_replicated": float(
+            jnp.abs(one - ref_logits_kv).max()),
+        "generate_equal": bool(np.array_equal(np.asarray(gen), np.asarray(ref_gen_kv)))}
+print(json.dumps({"kv_replication": kv}))

@@ -19,7 +19,8 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig, eos_tuple, from_hf_config, parse_dtype
 from jaxpersona.model.params import Params, check_params, param_shapes
-from jaxpersona.model.sharding import TENSOR_PARALLEL, param_shardings, per_device_bytes
+from jaxpersona.model.sharding import (KV_WEIGHTS, TENSOR_PARALLEL, kv_source_columns, layout_for_mesh,
+                                       param_shardings, per_device_bytes)
 
 # HF per-layer names (after "model.layers.{i}.") -> (our name, transpose?)
 _LAYER_MAP: dict[str, tuple[str, bool]] = {
@@ -265,7 +266,11 @@ def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: A
     Each array is built with ``jax.make_array_from_callback``: a process reads, from the safetensors files,
     only the slices its own devices hold (transposed / stacked over layers on the fly); no host ever holds
     the whole model. Shapes are checked against the config before anything is read. ``read_log`` (for
-    tests) collects ``(hf name, slice)`` of every read."""
+    tests) collects ``(hf name, slice)`` of every read.
+
+    A model axis larger than the KV heads (a multiple of them) loads the config of
+    :func:`jaxpersona.model.sharding.layout_for_mesh`: each KV head repeated ``r = model / kv`` times (read from
+    the one stored head), and that config is the one returned."""
     import jax
 
     dtype = parse_dtype(dtype)
@@ -273,10 +278,12 @@ def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: A
     cfg = read_hf_config(path)
     where = open_checkpoint(path)
     plan = weight_plan(cfg, list(where))
-    shapes = param_shapes(cfg)
-    shardings = param_shardings(cfg, mesh, rules or TENSOR_PARALLEL)
+    shapes = param_shapes(cfg)  # the checkpoint's shapes
+    rules = rules or TENSOR_PARALLEL
+    used, r = layout_for_mesh(cfg, mesh, fsdp=any(k == "embed" and v for k, v in rules))
+    shardings = param_shardings(used, mesh, rules)
     np_dtype = np.dtype(jnp.dtype(dtype))
-    check_device_memory(shapes, shardings, np_dtype.itemsize, mesh)
+    check_device_memory(param_shapes(used), shardings, np_dtype.itemsize, mesh)
 
     def hf_shape(name: str) -> tuple[int, ...]:
         return tuple(where[name].get_slice(name).get_shape())
@@ -314,6 +321,7 @@ def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: A
 
     def array(kpath: tuple[str, ...], shape: tuple[int, ...], sharding: Any) -> jax.Array:
         src = sources[kpath]
+        repeat = r > 1 and kpath[0] == "layers" and kpath[1] in KV_WEIGHTS
 
         def cb(idx: tuple[slice, ...]) -> np.ndarray:
             if kpath[0] != "layers":
@@ -321,15 +329,24 @@ def load_hf_dir_sharded(path: str | Path, mesh: Any, rules: Any = None, dtype: A
             else:
                 names, transpose = src
                 rows = range(*idx[0].indices(shape[0]))
+                take = None
+                if repeat:  # replicated KV heads: read the stored heads' columns these copy, then pick
+                    cols = kv_source_columns(cfg, r, *idx[-1].indices(shape[-1])[:2])
+                    lo = int(cols.min()) if cols.size else 0
+                    idx = (*idx[:-1], slice(lo, lo + (int(cols.max()) + 1 - lo if cols.size else 0)))
+                    take = cols - lo
                 inner = idx[1:][::-1] if transpose else idx[1:]
                 out = np.stack([read(names[l], inner).T if transpose else read(names[l], inner) for l in rows])
+                if take is not None:
+                    out = out[..., take]
             return out.astype(np_dtype)
 
         return jax.make_array_from_callback(tuple(shape), sharding, cb)
 
-    params: Params = {k: array((k,), shapes[k], shardings[k]) for k in shapes if k != "layers"}
-    params["layers"] = {k: array(("layers", k), s, shardings["layers"][k]) for k, s in shapes["layers"].items()}
-    return cfg, params
+    used_shapes = param_shapes(used)
+    params: Params = {k: array((k,), used_shapes[k], shardings[k]) for k in used_shapes if k != "layers"}
+    params["layers"] = {k: array(("layers", k), s, shardings["layers"][k]) for k, s in used_shapes["layers"].items()}
+    return used, params
 
 
 # Files a tokenizer can be built from (besides tokenizer.json, which is enough on its own): each set
