@@ -194,6 +194,9 @@ class Program:
     kv_read: bool  # a decode: the KV cache is read every step
     steps: int = 1  # decode steps inside (capped generation)
     note: str = ""
+    # traced under jax.set_mesh, so the forward's activation constraints act (as the server's steps are); not the
+    # sweep, whose grid points are sharded over data: constraining its rows to data too would reshard them
+    on_mesh: bool = True
 
 
 def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: Any, fsdp: bool) -> Program:
@@ -222,7 +225,7 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
         fn = jax.jit(lambda p, d, h, s, u: score_chunk(p, cfg, d, h, s, u, capture=None))
         return Program(fn, (params, data, hooks, start, units),
                        (("fwd", sizes.grid * b, t, t // 2, sizes.grid * b * sizes.targets),), sizes.grid, False,
-                       note=f"{sizes.grid} grid points per chunk (score_chunk), the trunk from resid[0]")
+                       note=f"{sizes.grid} grid points per chunk (score_chunk), the trunk from resid[0]", on_mesh=False)
     if stage == "capped":
         cache = abstract_cache(cfg, mesh, b, sizes.slots, dtype)
         cap = iv.Cap(jax.ShapeDtypeStruct((cfg.n_resid, cfg.d_model), jnp.float32),
@@ -310,12 +313,22 @@ def _like_factors(opt_state: Any, factors: Any) -> Any:
 
 # --- analysis ---------------------------------------------------------------------------------------
 def _times(c: shd.Collective, layers: int, steps: int = 1) -> int:
-    """How often a collective runs per step: once outside loops; its loop's recorded trip count (the layer scan);
-    ``layers x steps`` in a loop of unknown length (a decode loop, which stops at end of sequence, around the
-    layer scan: counted at its full ``steps``)."""
-    if not c.in_loop:
-        return 1
-    return c.trips if c.trips else layers * steps
+    """How often a collective runs per step: the product of its enclosing loops' trip counts (read from the HLO);
+    a loop of unknown length counts as the stage's ``steps`` (a decode loop, which may stop early at end of
+    sequence: counted at its full length), or ``layers`` where the stage has no decode loop."""
+    return c.times(unknown=steps if steps > 1 else layers)
+
+
+def wire_bytes(c: shd.Collective, default_group: int) -> float:
+    """Bytes one device sends for a collective on a ring of ``g`` devices (its replica group, else
+    ``default_group``): all-reduce ``2 (g-1)/g x size``, all-gather / all-to-all ``(g-1)/g x result``,
+    reduce-scatter ``(g-1) x result`` (its input is ``g`` results), collective-permute the whole result."""
+    g = c.group_size or default_group
+    if g <= 1 and c.kind != "collective-permute":
+        return 0.0
+    factor = {"all-reduce": 2 * (g - 1) / g, "all-gather": (g - 1) / g, "all-to-all": (g - 1) / g,
+              "reduce-scatter": float(g - 1)}.get(c.kind, 1.0)
+    return factor * c.bytes
 
 
 def model_flops(cfg: ModelConfig, kind: str, rows: int, tokens: int, attended: int, logit_rows: int) -> float:
@@ -352,7 +365,7 @@ class DryRun:
     collectives: tuple[shd.Collective, ...]
     flops: float  # per device
     hbm_bytes: float  # per device
-    comm_bytes: float  # per device, summed over layers
+    comm_bytes: float  # per device sent over the interconnect per step (ring algorithms, see wire_bytes)
     capacity: int
     seconds: dict[str, float]  # compute, memory, interconnect
     compile_s: float
@@ -440,8 +453,11 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
     jdt = parse_dtype(dtype)
     prog = build_program(stage, cfg, jmesh, sizes, jdt, fsdp)
     t0 = time.perf_counter()
+    import contextlib
+
     try:
-        compiled = prog.fn.lower(*prog.args).compile()
+        with jax.set_mesh(jmesh) if prog.on_mesh else contextlib.nullcontext():
+            compiled = prog.fn.lower(*prog.args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -461,10 +477,9 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
         kv_dev = 2 * cfg.n_layers * math.ceil(rows / data) * math.ceil(cfg.n_kv_heads / model) * sizes.slots * cfg.head_dim * item
     hbm = prog.weight_passes * param_dev + prog.steps * kv_dev + 2 * int(mem.temp_size_in_bytes)
     layers = cfg.n_layers
-    comm = sum(c.bytes * _times(c, layers, prog.steps) for c in colls)
-    ring = 2 * (model - 1) / model if model > 1 else 1.0
+    comm = sum(wire_bytes(c, model) * _times(c, layers, prog.steps) for c in colls)
     seconds = {"compute": flops / acc.bf16_flops, "memory": hbm / acc.hbm_bytes_per_s,
-               "interconnect": comm * ring / acc.link_bytes_per_s if comm else 0.0}
+               "interconnect": comm / acc.link_bytes_per_s}
     sz = {k: v for k, v in dataclasses.asdict(sizes).items() if v and k in USED[stage]}
     return DryRun(name, stage, (data, model), fsdp, acc.name, backend, str(np.dtype(jdt)), sz,
                   cfg.n_kv_heads // cfg0.n_kv_heads, layers, prog.steps, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),

@@ -293,9 +293,11 @@ class Collective(NamedTuple):
     ``kind``: ``all-reduce``, ``all-gather``, ``reduce-scatter``, ``all-to-all``, ``collective-permute``...;
     ``shapes``: the result arrays as ``(dtype, dims)``; ``bytes``: their total size (per device, per execution);
     ``in_loop``: inside a while loop's body (a ``lax.scan``: the layer scan) or something it calls; ``loop``:
-    the outermost such body's name (None outside loops); ``trips``: that loop's known trip count (None when
-    XLA does not record one); ``group_size``: devices per replica group (None when not stated);
-    ``computation``: the computation it sits in."""
+    the outermost such body's name (None outside loops); ``trips``: that loop's trip count (XLA's
+    ``known_trip_count``, else the constant its condition compares the counter with; None when neither says);
+    ``trip_counts``: the counts of every enclosing loop, outermost first (a decode loop around the layer scan);
+    ``group_size``: devices per replica group (None when not stated); ``computation``: the computation it sits
+    in."""
 
     kind: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
@@ -306,6 +308,12 @@ class Collective(NamedTuple):
     group_size: int | None
     computation: str
     name: str
+    trip_counts: tuple[int | None, ...] = ()  # every enclosing loop's trip count, outermost first
+
+    def times(self, unknown: int = 1) -> int:
+        """How often it runs per execution of the program: the product of its enclosing loops' trip counts
+        (``unknown`` for a loop whose count neither XLA records nor its condition states)."""
+        return int(np.prod([n if n is not None else unknown for n in self.trip_counts], dtype=np.int64))
 
 
 def _group_size(attrs: str) -> int | None:
@@ -319,6 +327,28 @@ def _group_size(attrs: str) -> int | None:
     m = re.search(r"replica_groups=\{\{([0-9,]*)\}", attrs)
     if m:
         return len(m.group(1).split(",")) if m.group(1) else None
+    return None
+
+
+def _condition_bound(comps: dict[str, list[tuple[str, str, str, str]]], cond: str) -> int | None:
+    """A loop condition's trip count when it compares a counter with one integer constant (``i < N``, as
+    ``lax.scan`` and ``fori_loop`` lower, on backends that record no ``known_trip_count``; the compare may sit in a
+    fusion the condition calls), else None."""
+    todo, seen = [cond], set()
+    while todo:
+        c = todo.pop()
+        if c in seen or c not in comps:
+            continue
+        seen.add(c)
+        instrs = comps[c]
+        consts = {n: r for n, _, op, r in instrs if op == "constant"}
+        for _, _, op, rest in instrs:
+            if op == "compare" and "direction=LT" in rest:
+                for operand in re.findall(r"%?([\w.\-]+)", rest.split(")")[0]):
+                    m = re.match(r"\s*(-?\d+)\s*\)?", consts.get(operand, ""))
+                    if m:
+                        return int(m.group(1))
+            todo += re.findall(r"\bcalls=%?([\w.\-]+)", rest)
     return None
 
 
@@ -357,35 +387,24 @@ def collectives(hlo_text: str) -> list[Collective]:
             if op == "while":
                 b = re.search(r"\bbody=%?([\w.\-]+)", rest)
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                cond = re.search(r"\bcondition=%?([\w.\-]+)", rest)
                 if b:
-                    bodies[b.group(1)] = int(n.group(1)) if n else None
+                    bodies[b.group(1)] = int(n.group(1)) if n else (cond and _condition_bound(comps, cond.group(1)))
 
-    loop_of: dict[str, str] = {}  # computation -> outermost loop body that (transitively) calls it
+    chain_of: dict[str, tuple[str, ...]] = {}  # computation -> the loop bodies around it, outermost first
 
-    def mark(c: str, body: str) -> None:
-        if c in loop_of or c not in comps:
+    def walk(c: str, chain: tuple[str, ...]) -> None:
+        if c not in comps or (c in chain_of and len(chain_of[c]) >= len(chain)):
             return
-        loop_of[c] = body
+        chain_of[c] = chain
         for d in called.get(c, []):
-            mark(d, body)
-
-    # visit from the entry down so an outer loop claims its nested loops first
-    seen: set[str] = set()
-
-    def walk(c: str) -> None:
-        if c in seen or c not in comps:
-            return
-        seen.add(c)
-        for d in called.get(c, []):
-            if d in bodies and c not in loop_of:
-                mark(d, d)
-            walk(d)
+            walk(d, chain + (d,) if d in bodies else chain)
 
     if entry is not None:
-        walk(entry)
+        walk(entry, ())
     for body in bodies:  # bodies not reached from the entry (should not happen)
-        if body not in loop_of:
-            mark(body, body)
+        if body not in chain_of:
+            walk(body, (body,))
 
     out = []
     for c in order:
@@ -401,7 +420,8 @@ def collectives(hlo_text: str) -> list[Collective]:
                 attrs = next((r for n, _, o, r in comps[c] if start and n == start.group(1)), rest)
             else:
                 attrs = rest
-            loop = loop_of.get(c)
+            chain = chain_of.get(c, ())
+            loop = chain[0] if chain else None
             out.append(Collective(base, shapes, size, loop is not None, loop, bodies.get(loop) if loop else None,
-                                  _group_size(attrs), c, name))
+                                  _group_size(attrs), c, name, tuple(bodies.get(b) for b in chain)))
     return out

@@ -247,14 +247,48 @@ def _head_slice(params: Params, cfg: ModelConfig, x: jax.Array, start: jax.Array
     return softcap(z, cfg.final_softcap)
 
 
+def vocab_stride(vocab: int, chunk: int) -> int:
+    """The number of strided vocabulary chunks for :func:`_vocab_scan`: the smallest divisor ``n`` of ``vocab``
+    with ``vocab / n <= chunk``, or 0 when ``vocab`` has none near ``ceil(vocab / chunk)`` (then contiguous,
+    shifted chunks are used)."""
+    need = -(-vocab // chunk)
+    return next((n for n in range(need, 4 * need + 1) if vocab % n == 0), 0)
+
+
 def _vocab_scan(params: Params, cfg: ModelConfig, xs: tuple[jax.Array, ...], chunk: int, init: Any,
                 step: Callable[[Any, tuple[jax.Array, ...], jax.Array], Any]) -> Any:
     """Fold ``step(carry, logits per x [..., c], ids [c]) -> carry`` over the vocabulary in chunks of ``c``
-    (the last chunk is shifted back to end at ``V``; ids it shares with the previous chunk come as ``-1``).
-    Each chunk's logits are recomputed in the backward (``jax.checkpoint``): ``[..., V]`` never exists."""
+    (ids ``-1`` mark padding a step must ignore). Each chunk's logits are recomputed in the backward
+    (``jax.checkpoint``): ``[..., V]`` never exists.
+
+    Chunks are **strided** when the vocabulary allows (:func:`vocab_stride`: chunk ``i`` holds ids ``i, i+n,
+    i+2n, ...``): the head viewed as ``[D, V/n, n]`` is indexed on its minor axis, so a head whose vocabulary is
+    split over a mesh's ``model`` axis is read shard-locally (a contiguous slice of a sharded dimension makes the
+    partitioner gather the whole head in every chunk). Otherwise contiguous chunks, the last shifted back to end
+    at ``V`` (ids it shares with the previous chunk come as ``-1``)."""
     v = cfg.vocab_size
     size = min(chunk, v)
     normed = tuple(rms_norm(x, params["final_norm"], cfg.rms_eps, cfg.norm_offset) for x in xs)
+    n = vocab_stride(v, size)
+    if n:
+        if cfg.tie_embeddings:
+            w3 = params["embed"].reshape(v // n, n, cfg.d_model)
+        else:
+            w3 = params["lm_head"].reshape(cfg.d_model, v // n, n)
+
+        @jax.checkpoint
+        def strided(carry: Any, i: jax.Array) -> tuple[Any, None]:
+            ids = jnp.arange(v // n, dtype=jnp.int32) * n + i
+            if cfg.tie_embeddings:
+                w = jax.lax.dynamic_index_in_dim(w3, i, axis=1, keepdims=False)
+                logits = tuple(jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32) for x in normed)
+            else:
+                w = jax.lax.dynamic_index_in_dim(w3, i, axis=2, keepdims=False)
+                logits = tuple(jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32) for x in normed)
+            return step(carry, tuple(softcap(z, cfg.final_softcap) for z in logits), ids), None
+
+        out, _ = jax.lax.scan(strided, init, jnp.arange(n, dtype=jnp.int32))
+        return out
 
     @jax.checkpoint
     def body(carry: Any, i: jax.Array) -> tuple[Any, None]:

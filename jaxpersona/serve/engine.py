@@ -45,11 +45,13 @@ carries the token's text, and their mean at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -516,6 +518,9 @@ class Engine:
         ``adapters``: LoRA adapters requests may select (member 0 the base model, a zero adapter; see
         :func:`~jaxpersona.model.lora.stack_adapters`); a sequence's ``adapter_id`` indexes it."""
         self.params, self.cfg, self.tokenizer, self.ecfg = params, cfg, tokenizer, ecfg
+        # the steps trace under the mesh, so the forward's activation constraints act (batch over data, heads and
+        # MLP over model: jaxpersona.model.sharding.constrain)
+        self.on_mesh: Callable[[], Any] = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext
         if adapters is not None:
             if not isinstance(adapters, AdapterStack):
                 raise errors.InputError(f"serve: adapters must be an AdapterStack (stack_adapters([None, ...])), "
@@ -745,9 +750,10 @@ class Engine:
         any_items = any(self.pslots[i].seq.items or self.pslots[i].seq.mixture is not None for i in active)  # type: ignore[union-attr]
         hook = self.table.rows(np.asarray(rows)) if any_items else None
         self._blocks_this_call += 1
-        self.pcache, logits = prefill_chunk(
-            self.params, self.cfg, self.pcache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(index),
-            jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
+        with self.on_mesh():
+            self.pcache, logits = prefill_chunk(
+                self.params, self.cfg, self.pcache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(index),
+                jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
         logits.block_until_ready()  # the time budget counts work done, not work dispatched
         self.stats["prefills"] += 1
         for i in active:
@@ -794,18 +800,20 @@ class Engine:
         scratch = jax.tree.map(jnp.zeros_like, self.pcache)
         zeros = np.zeros(r, np.int32)
         for span in self.ecfg.spans():
-            scratch, _ = prefill_chunk(self.params, self.cfg, scratch, jnp.full((r, c), self.pad_id, jnp.int32),
-                                       jnp.zeros((r, c), bool), jnp.asarray(zeros), jnp.asarray(zeros), None, *ad,
-                                       blocked=Blocked(self.ecfg.attn_block, span))
+            with self.on_mesh():
+                scratch, _ = prefill_chunk(self.params, self.cfg, scratch, jnp.full((r, c), self.pad_id, jnp.int32),
+                                           jnp.zeros((r, c), bool), jnp.asarray(zeros), jnp.asarray(zeros), None, *ad,
+                                           blocked=Blocked(self.ecfg.attn_block, span))
         if decode and not self.started:
             b = self.ecfg.batch
             units, layers = self.table.device()[1:]
             for span in self.ecfg.spans():
-                self.cache, self.logits, _ = decode_step(
-                    self.params, self.cfg, self.cache, self.logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
-                    jnp.asarray(self.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32), jnp.ones(b, jnp.float32),
-                    None, units, layers, *self._adapter_args(), readout=False,
-                    blocked=Blocked(self.ecfg.attn_block, span))
+                with self.on_mesh():
+                    self.cache, self.logits, _ = decode_step(
+                        self.params, self.cfg, self.cache, self.logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
+                        jnp.asarray(self.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
+                        jnp.ones(b, jnp.float32), None, units, layers, *self._adapter_args(), readout=False,
+                        blocked=Blocked(self.ecfg.attn_block, span))
             self.cache = self.cache._replace(valid=jnp.zeros_like(self.cache.valid))
             self.logits = jnp.zeros_like(self.logits)
 
@@ -818,11 +826,12 @@ class Engine:
         rows, units, layers = self.table.device()
         index = np.where(active, self.index, 0).astype(np.int32)  # idle rows write (nothing valid) at slot 0
         span = self.ecfg.span(int(index.max()) + 1)
-        self.cache, self.logits, out = decode_step(
-            self.params, self.cfg, self.cache, self.logits, jnp.asarray(index), jnp.asarray(active),
-            jnp.asarray(self.keys), jnp.asarray(counts), jnp.asarray(self.temps), jnp.asarray(self.top_ps),
-            rows if any_items else None, units, layers, *self._adapter_args(), readout=readout,
-            blocked=Blocked(self.ecfg.attn_block, span))
+        with self.on_mesh():
+            self.cache, self.logits, out = decode_step(
+                self.params, self.cfg, self.cache, self.logits, jnp.asarray(index), jnp.asarray(active),
+                jnp.asarray(self.keys), jnp.asarray(counts), jnp.asarray(self.temps), jnp.asarray(self.top_ps),
+                rows if any_items else None, units, layers, *self._adapter_args(), readout=readout,
+                blocked=Blocked(self.ecfg.attn_block, span))
         out = jax.device_get(out)
         self.stats["steps"] += 1
         self._last_step = time.perf_counter() - t0

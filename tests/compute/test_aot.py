@@ -16,7 +16,7 @@ import pytest
 from jaxpersona import errors
 from jaxpersona.cli import main
 from jaxpersona.compute.accelerators import parse_slice
-from jaxpersona.compute.aot import STAGES, Sizes, dry_run
+from jaxpersona.compute.aot import STAGES, Sizes, dry_run, wire_bytes
 from jaxpersona.compute.layout import choose_layout
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "aot_cpu.py"
@@ -49,7 +49,8 @@ def test_llama_70b_decode_on_v5e_4x16_compiles_deviceless_with_kv_heads_replicat
     s = r.collective_summary()
     assert s["all-reduce"][0] == 2 * 80 + 1
     in_loop = [c for c in r.collectives if c.kind == "all-reduce" and c.in_loop]
-    assert in_loop and all(c.bytes == 16 * 8192 * 2 for c in in_loop)
+    # the TPU's HLO records no known_trip_count: the layer scan's 80 is read from its loop condition
+    assert in_loop and all(c.bytes == 16 * 8192 * 2 and c.trip_counts == (80,) for c in in_loop)
     assert all(c.bytes < 2**20 for c in r.collectives if c.kind == "all-gather")
     assert r.bound == "memory" and r.utilisation["MBU"] == 1.0
 
@@ -98,3 +99,26 @@ def test_the_planner_picks_a_layout_within_the_heads_and_the_cli_prints_it(capsy
     assert main(["plan", "--model", "qwen2.5-7b-instruct", "--stage", "decode", "--mesh", "1x8",
                  "--accelerator", "v5e"]) == 2  # 28 query heads
     assert "attention heads (28)" in capsys.readouterr().err
+
+
+def test_a_large_vocabulary_is_scored_shard_locally_under_tensor_parallelism() -> None:
+    """Qwen2.5-7B's 152,064-id head, split over a model axis of 4: the sweep scores targets in strided vocabulary
+    chunks, so no chunk gathers the head (contiguous chunks of a sharded vocabulary made the partitioner all-gather
+    the whole [3584, 152064] head in every chunk: 1.1 GB per device per chunk)."""
+    r = dry_run("qwen2.5-7b-instruct", "sweep", "2x4", "v5e", sizes=Sizes(batch=2, seq=64, grid=2, targets=16))
+    gathers = [c for c in r.collectives if c.kind == "all-gather"]
+    assert all(c.bytes < 2**20 for c in gathers), [(c.shapes, c.trip_counts) for c in gathers]
+    assert r.bound == "compute" or r.seconds["interconnect"] < r.seconds["compute"] * 2
+
+
+def test_wire_bytes_of_ring_collectives() -> None:
+    from jaxpersona.model.sharding import Collective
+
+    def c(kind: str, group: int | None) -> Collective:
+        return Collective(kind, (("bf16", (1024,)),), 2048, False, None, None, group, "main", "x")
+
+    assert wire_bytes(c("all-reduce", 4), 8) == 2 * 3 / 4 * 2048
+    assert wire_bytes(c("all-gather", None), 8) == 7 / 8 * 2048  # no group stated: the model axis
+    assert wire_bytes(c("reduce-scatter", 4), 8) == 3 * 2048
+    assert wire_bytes(c("collective-permute", None), 1) == 2048
+    assert wire_bytes(c("all-reduce", 1), 8) == 0.0

@@ -1,6 +1,7 @@
 """The vocabulary reductions: ``token_logprobs`` / ``token_kl`` against a plain log-softmax, chunked (an online
-log-sum-exp over vocabulary slices, the last one shifted back) against unchunked — values and gradients — and
-the rematerialised block giving the same loss and gradient as the plain one."""
+log-sum-exp over strided vocabulary chunks, or contiguous slices with the last one shifted back where the vocabulary
+has no divisor to stride by) against unchunked — values and gradients — and the rematerialised block giving the
+same loss and gradient as the plain one."""
 
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ import pytest
 
 from jaxpersona.model.config import from_hf_config
 from jaxpersona.model.params import init_params
-from jaxpersona.model.transformer import final_hidden, token_kl, token_logprobs, unembed
+from jaxpersona.model.transformer import final_hidden, token_kl, token_logprobs, unembed, vocab_stride
 
-# vocab 1000: chunks of 256 leave a last chunk that overlaps the previous one (1000 = 3 * 256 + 232)
+# vocab 1000: strided chunks (4 of 250 ids for a chunk of 256 or 333); vocab 1009 (prime): contiguous chunks whose
+# last one overlaps the previous one (1009 = 3 * 256 + 241)
 CFG = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 32, "intermediate_size": 64,
        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
        "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "lm_head"])
+@pytest.fixture(scope="module", params=[(True, 1000), (False, 1000), (True, 1009), (False, 1009)],
+                ids=["tied-strided", "lm_head-strided", "tied-contiguous", "lm_head-contiguous"])
 def model(request: pytest.FixtureRequest):
-    cfg = from_hf_config({**CFG, "tie_word_embeddings": request.param,
-                          **({"final_logit_softcapping": 5.0} if not request.param else {})})
+    tied, vocab = request.param
+    assert (vocab_stride(vocab, 256) > 0) == (vocab == 1000)
+    cfg = from_hf_config({**CFG, "vocab_size": vocab, "tie_word_embeddings": tied,
+                          **({"final_logit_softcapping": 5.0} if not tied else {})})
     params = init_params(cfg, jax.random.key(0), jnp.float32)
     # init weights are tiny (flat next-token distributions): sharpen the head so the KLs are far from zero
     return cfg, {**params, **{k: params[k] * 20 for k in ("embed", "lm_head") if k in params}}
