@@ -70,7 +70,7 @@ class Plan:
                  f"  params       {g(self.params)}", f"  KV cache     {g(self.kv_cache)}",
                  f"  activations  {g(self.activations)}   (compiled prefill of the local shapes, XLA memory analysis)"]
         if self.fsdp:
-            lines.append(f"  FSDP gather  {g(self.fsdp_gather)}   (one layer's weights, gathered)")
+            lines.append(f"  FSDP gather  {g(self.fsdp_gather)}   (the largest group of one layer's weights gathered together)")
         lines.append(f"  total        {g(self.total)}")
         if self.capacity is not None:
             verdict = "fits" if self.fits else "does NOT fit"
@@ -160,9 +160,14 @@ def make_plan(spec: str | Path, mesh: Any, *, batch: int, seq: int, new_tokens: 
     shapes = param_shapes(cfg)
     p_bytes = param_bytes(cfg, data, model, fsdp, item)
     gather = 0
-    if fsdp:  # the partitioner gathers one layer's weights at a time inside the scan
-        gather = sum(int(np.prod(s[1:])) // (model if any(a == "model" for a in
-                     (rules.get(x) for x in LAYER_AXES[k])) else 1) for k, s in shapes["layers"].items()) * item
+    if fsdp:  # inside the scan each weight is gathered just before its matmul: the matrices that read one input
+        # together (q, k, v; gate, up), then the output projections on their own; the largest group is the peak
+        def gathered(k: str) -> int:
+            local = int(np.prod(shapes["layers"][k][1:]))
+            return local // (model if any(rules.get(a) == "model" for a in LAYER_AXES[k]) else 1)
+
+        groups = (("wq", "wk", "wv"), ("wo",), ("w_gate", "w_up"), ("w_down",))
+        gather = max(sum(gathered(k) for k in g) for g in groups) * item
     rows = math.ceil(grid / data) * batch if grid > 1 else math.ceil(batch / data)
     positions = seq + new_tokens
     kv = 2 * cfg.n_layers * rows * (cfg.n_kv_heads // model) * positions * cfg.head_dim * item
