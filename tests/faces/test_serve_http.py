@@ -190,11 +190,12 @@ def test_a_body_shorter_than_its_content_length_gets_408(server):
                 head += more
         assert head.startswith(b"HTTP/1.1 408"), head[:200]
         assert b"request_timeout" in head and 1.0 < waited < 10, waited
-    with httpx.Client(timeout=60) as client:  # a slow sender: a byte every 0.5 s
+    with httpx.Client(timeout=60) as client:  # a slow sender: a piece every 0.5 s, 4 s for the body in all
         def trickle():
-            for b in b'{"messages": [{"role": "user", "content": "hi"}]}':
+            body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+            for i in range(0, len(body), 7):
                 time.sleep(0.5)
-                yield bytes([b])
+                yield body[i:i + 7]
         r = client.post(server.url + "/chat/completions", content=trickle())
         assert r.status_code == 408
     settle(server)
