@@ -86,14 +86,9 @@ def device_info() -> dict:
 
 def median_time(fn, repeats: int) -> tuple[float, float]:
     """(first call seconds, median warm seconds); ``fn`` blocks until its result is ready."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    from bench_forward import timed  # scripts/bench_forward.py
+
+    first, times = timed(fn, repeats)
     return first, statistics.median(times)
 
 
@@ -374,45 +369,6 @@ def section_big_prefill(args) -> dict:
     return out
 
 
-def hf_hook_loop(hf, enc: dict, vec: np.ndarray, points: list[dict], device: str) -> tuple[np.ndarray, float]:
-    """scripts/bench_sweep.py's peer (one HF forward per grid point, a forward hook adding ``coeff * v`` to
-    resid[layer] at every valid token) on ``device`` (bench_sweep's own loop is CPU-only)."""
-    import torch
-
-    t = {k: torch.tensor(np.asarray(enc[k]), device=device) for k in ("tokens", "valid", "pred_idx", "pred_tok",
-                                                                       "pred_ok")}
-    tokens, mask = t["tokens"].long(), t["valid"].long()
-    pos = torch.clamp(mask.cumsum(-1) - 1, min=0)
-    pred_idx, pred_tok, ok = t["pred_idx"].long(), t["pred_tok"].long(), t["pred_ok"].float()
-    valid = t["valid"].bool()[..., None]
-    dtype = next(hf.parameters()).dtype
-    out = np.zeros((len(points), tokens.shape[0]), np.float32)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for g, pt in enumerate(points):
-            v = (torch.tensor(vec, device=device) * pt["coeff"]).to(dtype)
-
-            def add(module, args, output, v=v):
-                h = output[0] if isinstance(output, tuple) else output
-                h = torch.where(valid, h + v, h)
-                return (h, *output[1:]) if isinstance(output, tuple) else h
-
-            layer = pt["layer"]
-            target = hf.model.embed_tokens if layer == 0 else hf.model.layers[layer - 1]
-            handle = target.register_forward_hook(add)
-            try:
-                logits = hf(input_ids=tokens, attention_mask=mask, position_ids=pos).logits
-            finally:
-                handle.remove()
-            logp = torch.log_softmax(logits.float(), -1)
-            sel = logp.gather(1, pred_idx[..., None].expand(-1, -1, logp.shape[-1]))
-            lp = sel.gather(-1, pred_tok[..., None])[..., 0]
-            out[g] = ((lp * ok).sum(-1) / ok.sum(-1)).cpu().numpy()
-    return out, time.perf_counter() - t0
-
-
 SMOLLM2_135M = {"vocab": 49152, "d": 576, "ff": 1536, "layers": 30, "heads": 9, "kv": 3}
 
 
@@ -452,8 +408,10 @@ def section_sweep_vs_hf(args) -> dict:
     ours = np.asarray([[r["logprob"] for r in sorted((r for r in rows if r["layer"] == p["layer"]
                                                        and r["coeff"] == p["coeff"]), key=lambda r: r["prompt"])]
                        for p in points])
-    hf_hook_loop(hf, enc, vec, points[:1], dev)  # warm-up
-    theirs, hf_s = hf_hook_loop(hf, enc, vec, points, dev)
+    from bench_sweep import hf_loop  # scripts/bench_sweep.py's peer loop, here on the device
+
+    hf_loop(hf, enc, vec, points[:1], device=dev)  # warm-up
+    theirs, hf_s = hf_loop(hf, enc, vec, points, device=dev)
     return {"dims": dims, "dtype": dtype, "grid_points": len(points), "prompts": n_prompts,
             "seq_len": int(enc["tokens"].shape[1]), "jaxpersona_s": ours_s, "jaxpersona_compile_s": compile_s,
             "hf_hooks_s": hf_s, "ratio": hf_s / ours_s, "points_per_s": len(points) / ours_s,

@@ -60,24 +60,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict], positions: str = "all") -> tuple[np.ndarray, float]:
+def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict], positions: str = "all",
+            device: str = "cpu") -> tuple[np.ndarray, float]:
     """One HF forward per grid point with a torch hook adding coeff * v to resid[layer] (every valid
-    token, or the last prompt token + response tokens)."""
+    token, or the last prompt token + response tokens), on ``device``; ``vec`` ``[L+1, D]`` (one vector per resid
+    point) or ``[D]``."""
     import torch
 
-    tokens = torch.tensor(enc["tokens"]).long()
-    mask = torch.tensor(enc["valid"]).long()
+    t = {k: torch.tensor(np.asarray(enc[k]), device=device) for k in ("tokens", "valid", "pred_idx", "pred_tok",
+                                                                       "pred_ok")}
+    tokens, mask = t["tokens"].long(), t["valid"].long()
     pos = torch.clamp(mask.cumsum(-1) - 1, min=0)
-    pred_idx = torch.tensor(enc["pred_idx"]).long()
-    pred_tok = torch.tensor(enc["pred_tok"]).long()
-    ok = torch.tensor(enc["pred_ok"]).float()
+    pred_idx, pred_tok, ok = t["pred_idx"].long(), t["pred_tok"].long(), t["pred_ok"].float()
     where = enc["valid"] if positions == "all" else (enc["resp"] | (np.roll(enc["resp"], -1, axis=1) & ~enc["resp"]))
-    valid = torch.tensor(where)[..., None]
+    valid = torch.tensor(np.asarray(where), device=device).bool()[..., None]
+    dtype = next(hf.parameters()).dtype
     out = np.zeros((len(points), tokens.shape[0]), np.float32)
+    if device == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.inference_mode():
         for g, pt in enumerate(points):
-            v = torch.tensor(vec[pt["layer"]]) * pt["coeff"]
+            v = (torch.tensor(vec[pt["layer"]] if vec.ndim == 2 else vec, device=device) * pt["coeff"]).to(dtype)
 
             def add(module, args, output, v=v):
                 h = output[0] if isinstance(output, tuple) else output
@@ -94,7 +98,7 @@ def hf_loop(hf, enc: dict, vec: np.ndarray, points: list[dict], positions: str =
             logp = torch.log_softmax(logits.float(), -1)
             sel = logp.gather(1, pred_idx[..., None].expand(-1, -1, logp.shape[-1]))
             lp = sel.gather(-1, pred_tok[..., None])[..., 0]
-            out[g] = ((lp * ok).sum(-1) / ok.sum(-1)).numpy()
+            out[g] = ((lp * ok).sum(-1) / ok.sum(-1)).cpu().numpy()
     return out, time.perf_counter() - t0
 
 
