@@ -122,3 +122,13 @@ def test_wire_bytes_of_ring_collectives() -> None:
     assert wire_bytes(c("reduce-scatter", 4), 8) == 3 * 2048
     assert wire_bytes(c("collective-permute", None), 1) == 2048
     assert wire_bytes(c("all-reduce", 1), 8) == 0.0
+
+
+def test_without_libtpu_a_tpu_target_is_a_labelled_cpu_estimate(small, monkeypatch, capsys) -> None:
+    from jaxpersona.compute import aot
+
+    monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+    r = dry_run(small, "decode", "1x1", "v5e", sizes=SIZES["decode"])
+    assert r.backend == "cpu-estimate" and "CPU-backend estimate" in r.table()
+    with pytest.raises(errors.MeshError, match="needs 8 CPU devices"):  # this process has one
+        dry_run(small, "decode", "2x4", "v5e", sizes=SIZES["decode"])
