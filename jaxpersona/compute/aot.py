@@ -190,13 +190,14 @@ class Program:
     fn: Any  # jitted
     args: tuple[Any, ...]
     work: tuple[tuple[str, int, int, int, int], ...]  # (kind, rows, tokens per row, attended slots, logit rows)
-    weight_passes: int  # times the weights are read from HBM
+    weight_passes: int  # times the weights are read from HBM (a vmapped grid shares one read per layer)
     kv_read: bool  # a decode: the KV cache is read every step
     steps: int = 1  # decode steps inside (capped generation)
     note: str = ""
     # traced under jax.set_mesh, so the forward's activation constraints act (as the server's steps are); not the
     # sweep, whose grid points are sharded over data: constraining its rows to data too would reshard them
     on_mesh: bool = True
+    donate: tuple[int, ...] = ()  # argument positions donated to the outputs (caches, optimiser state)
 
 
 def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: Any, fsdp: bool) -> Program:
@@ -208,7 +209,7 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
     if stage == "prefill":
         cache = abstract_cache(cfg, mesh, b, sizes.slots, dtype)
         fn = jax.jit(lambda p, tk, c: forward(p, cfg, tk, cache=c, logits="last")[0::2], donate_argnums=(2,))
-        return Program(fn, (params, tokens, cache), (("fwd", b, t, t // 2, b),), 1, False)
+        return Program(fn, (params, tokens, cache), (("fwd", b, t, t // 2, b),), 1, False, donate=(2,))
     if stage in ("activations", "roles"):
         views = 2 if stage == "activations" else 1  # persona vectors: response and prompt means; roles: response
         weights = _array(mesh, (views, b, t), jnp.float32, P(None, "data"))
@@ -224,7 +225,7 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
         units = jax.ShapeDtypeStruct((1, cfg.d_model), jnp.float32)
         fn = jax.jit(lambda p, d, h, s, u: score_chunk(p, cfg, d, h, s, u, capture=None))
         return Program(fn, (params, data, hooks, start, units),
-                       (("fwd", sizes.grid * b, t, t // 2, sizes.grid * b * sizes.targets),), sizes.grid, False,
+                       (("fwd", sizes.grid * b, t, t // 2, sizes.grid * b * sizes.targets),), 1, False,
                        note=f"{sizes.grid} grid points per chunk (score_chunk), the trunk from resid[0]", on_mesh=False)
     if stage == "capped":
         cache = abstract_cache(cfg, mesh, b, sizes.slots, dtype)
@@ -247,7 +248,7 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
         return Program(fn, args, (("fwd", b, t, sizes.slots, b), ("fwd", b * sizes.new_tokens, 1, sizes.slots, b * sizes.new_tokens)),
                        1 + sizes.new_tokens, True, steps=n,
                        note=f"one turn: a {t}-token chunk into a {sizes.slots}-slot cache, {sizes.new_tokens} sampled "
-                            "tokens under a cap (continue_turn), one resid point monitored")
+                            "tokens under a cap (continue_turn), one resid point monitored", donate=(1,))
     if stage == "train":
         tc = TrainConfig(rank=sizes.rank, alpha=2.0 * sizes.rank, batch_size=b, max_len=t)
         tx, _ = make_optimizer(tc, 100)
@@ -266,7 +267,7 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
         step = train_step(tx, jnp.float32(tc.lora.scale), cfg, 0.0)
         fn = jax.jit(lambda f, o, p, bt: step(f, o, p, None, bt, None, None), donate_argnums=(0, 1))
         return Program(fn, (factors, opt_state, params, batch), (("train", b, t, t // 2, b * sizes.targets),), 2, False,
-                       note=f"LoRA rank {sizes.rank} on all 7 projections, AdamW state, remat (dots saved)")
+                       note=f"LoRA rank {sizes.rank} on all 7 projections, AdamW state, remat (dots saved)", donate=(0, 1))
     if stage == "decode":
         cache = abstract_cache(cfg, mesh, b, sizes.slots, dtype)
         tok = _rows(mesh, (b, 1), jnp.int32)
@@ -278,7 +279,8 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
 
         fn = jax.jit(step, donate_argnums=(2,))
         return Program(fn, (params, tok, cache, index), (("fwd", b, 1, sizes.slots, b),), 1, True,
-                       note=f"one token per row at its own slot of a {sizes.slots}-slot cache (the server's step)")
+                       note=f"one token per row at its own slot of a {sizes.slots}-slot cache (the server's step)",
+                       donate=(2,))
     raise errors.InputError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 
@@ -312,6 +314,18 @@ def _like_factors(opt_state: Any, factors: Any) -> Any:
 
 
 # --- analysis ---------------------------------------------------------------------------------------
+def _shard_bytes(tree: Any, shardings: Any = None) -> int:
+    """Bytes of one device's shards of abstract arrays (their own shardings, or ``shardings`` leaf by leaf)."""
+    leaves = jax.tree.leaves(tree)
+    shs = jax.tree.leaves(shardings) if shardings is not None else [getattr(a, "sharding", None) for a in leaves]
+    total = 0
+    for a, sh in zip(leaves, shs):
+        shape = sh.shard_shape(a.shape) if sh is not None else a.shape
+        size = 8 if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else np.dtype(a.dtype).itemsize  # threefry
+        total += int(np.prod(shape, dtype=np.int64)) * size
+    return total
+
+
 def _times(c: shd.Collective, layers: int, steps: int = 1) -> int:
     """How often a collective runs per step: the product of its enclosing loops' trip counts (read from the HLO);
     a loop of unknown length counts as the stage's ``steps`` (a decode loop, which may stop early at end of
@@ -451,7 +465,11 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
     cfg, _ = shd.layout_for_mesh(cfg0, (data, model), fsdp)
     jmesh, backend = target_mesh(acc, data, model)
     jdt = parse_dtype(dtype)
-    prog = build_program(stage, cfg, jmesh, sizes, jdt, fsdp)
+    item = np.dtype(jdt).itemsize
+    # XLA:CPU upcasts bf16 matmul operands to f32 (a temporary f32 copy of every weight): a CPU estimate of a
+    # narrower dtype compiles in f32 and scales its temporaries to the dtype (arguments / outputs are counted exactly)
+    upcast = backend == "cpu-estimate" and item < 4
+    prog = build_program(stage, cfg, jmesh, sizes, jnp.float32 if upcast else jdt, fsdp)
     t0 = time.perf_counter()
     import contextlib
 
@@ -465,23 +483,30 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
                                      f"does not fit: the compiler says {str(e).split(':', 1)[-1].strip()[:300]}") from e
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    arguments, outputs = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+    temporaries, aliased = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
+    if upcast:
+        real = build_program(stage, cfg, jmesh, sizes, jdt, fsdp)
+        arguments = _shard_bytes(real.args)
+        outputs = _shard_bytes(jax.eval_shape(real.fn, *real.args), compiled.output_shardings)
+        aliased = _shard_bytes(tuple(real.args[i] for i in real.donate)) if aliased else 0
+        temporaries = temporaries * item // 4
     colls = tuple(shd.collectives(compiled.as_text()))
     chips = data * model
     flops = sum(model_flops(cfg, *w) for w in prog.work) / chips
-    item = np.dtype(jdt).itemsize
     param_dev = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * item
                     for a in jax.tree.leaves(abstract_params(cfg, jmesh, jdt, fsdp)))
     kv_dev = 0
     if prog.kv_read:
         rows = sizes.batch
         kv_dev = 2 * cfg.n_layers * math.ceil(rows / data) * math.ceil(cfg.n_kv_heads / model) * sizes.slots * cfg.head_dim * item
-    hbm = prog.weight_passes * param_dev + prog.steps * kv_dev + 2 * int(mem.temp_size_in_bytes)
+    hbm = prog.weight_passes * param_dev + prog.steps * kv_dev + 2 * temporaries
     layers = cfg.n_layers
     comm = sum(wire_bytes(c, model) * _times(c, layers, prog.steps) for c in colls)
     seconds = {"compute": flops / acc.bf16_flops, "memory": hbm / acc.hbm_bytes_per_s,
                "interconnect": comm / acc.link_bytes_per_s}
     sz = {k: v for k, v in dataclasses.asdict(sizes).items() if v and k in USED[stage]}
     return DryRun(name, stage, (data, model), fsdp, acc.name, backend, str(np.dtype(jdt)), sz,
-                  cfg.n_kv_heads // cfg0.n_kv_heads, layers, prog.steps, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
-                  int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes), colls, flops, float(hbm), float(comm),
+                  cfg.n_kv_heads // cfg0.n_kv_heads, layers, prog.steps, arguments, outputs, temporaries, aliased,
+                  colls, flops, float(hbm), float(comm),
                   acc.memory, seconds, compile_s, prog.note)

@@ -132,3 +132,18 @@ def test_without_libtpu_a_tpu_target_is_a_labelled_cpu_estimate(small, monkeypat
     assert r.backend == "cpu-estimate" and "CPU-backend estimate" in r.table()
     with pytest.raises(errors.MeshError, match="needs 8 CPU devices"):  # this process has one
         dry_run(small, "decode", "2x4", "v5e", sizes=SIZES["decode"])
+
+
+def test_a_bf16_cpu_estimate_counts_the_model_dtype_not_xla_cpus_f32_copies(small) -> None:
+    """XLA:CPU upcasts bf16 matmul operands to f32: the estimate compiles in f32 and scales, so a bf16 program's
+    arguments are the bf16 weights + cache exactly, and its temporaries are not a second f32 copy of the weights."""
+    from jaxpersona.compute.plan import param_bytes, read_config
+    from jaxpersona.model.sharding import layout_for_mesh
+
+    _, cfg = read_config(small)
+    cfg, _ = layout_for_mesh(cfg, (1, 1))
+    r = dry_run(small, "decode", "1x1", "h100", sizes=SIZES["decode"], dtype="bfloat16")
+    kv = 2 * cfg.n_layers * 8 * cfg.n_kv_heads * 128 * cfg.head_dim * 2 + 8 * 128  # k, v in bf16 + the valid mask
+    assert r.backend == "cpu-estimate"
+    assert r.arguments == param_bytes(cfg, 1, 1, False, 2) + kv + 8 * 4 + 8 * 4  # + tokens [8, 1] + slots [8]
+    assert r.aliased == kv and r.temporaries < param_bytes(cfg, 1, 1, False, 2)
