@@ -3,8 +3,11 @@ abstract, sharded inputs (``jax.ShapeDtypeStruct`` with ``NamedSharding``; no we
 
 * **TPU targets** compile *deviceless* for the named topology with libtpu (``jax.experimental.topologies``,
   as MaxText's ``train_compile.py``): the TPU compiler's own memory analysis and collectives.
-* **GPU targets** (or TPU without libtpu) compile on this machine's CPU devices (``jax_num_cpu_devices``),
-  labelled "CPU-backend estimate": XLA:CPU's buffer assignment and partitioner, not the GPU's.
+* **GPU targets** compile on a GPU machine's own GPUs ("gpu-compiled"); elsewhere (and TPU targets without
+  libtpu) on this machine's CPU devices (``jax_num_cpu_devices``), labelled "CPU-backend estimate": XLA:CPU's
+  buffer assignment and partitioner, not the GPU's. XLA:CPU upcasts bf16 matmul operands to f32, so a narrower
+  dtype is compiled in f32 there and its temporaries scaled to the dtype; arguments, outputs and donated bytes are
+  counted exactly from the shardings.
 
 Each stage is the function the pipeline runs (``score_chunk`` of the sweep, ``reduced_resid`` of the
 persona-vector and role activations, ``continue_turn`` under a cap for capped multi-turn generation, the LoRA
