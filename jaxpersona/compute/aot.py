@@ -256,7 +256,6 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
         tc = TrainConfig(rank=sizes.rank, alpha=2.0 * sizes.rank, batch_size=b, max_len=t)
         tx, _ = make_optimizer(tc, 100)
         init = jax.eval_shape(lambda: init_adapter(cfg, tc.lora, jax.random.key(0)))
-        factors = {"a": init.a, "b": init.b}
         from jaxpersona.artifacts.adapters import adapter_shardings  # lazy: artifacts sits above compute
 
         ash = adapter_shardings(cfg, list(init.a), mesh, shd.FSDP if fsdp else shd.TENSOR_PARALLEL)
@@ -297,7 +296,7 @@ def materialise(args: Any, key: jax.Array) -> Any:
     def one(a: jax.ShapeDtypeStruct, k: jax.Array) -> jax.Array:
         sharding = getattr(a, "sharding", None)
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            make = lambda: jax.random.key(0)  # noqa: E731
+            make = lambda: k  # noqa: E731
         elif jnp.issubdtype(a.dtype, jnp.floating):
             make = lambda: (0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)  # noqa: E731
         elif a.dtype == jnp.bool_:
