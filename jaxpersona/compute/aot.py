@@ -287,25 +287,26 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
 
 
 def materialise(args: Any, key: jax.Array) -> Any:
-    """Concrete arrays for a program's abstract ``args``, made on their devices with their shardings (for a
-    device check of a plan: run the program, read the peak memory): floats small normal, integers 0, booleans
-    True, PRNG keys from ``key``."""
+    """Concrete arrays for a program's abstract ``args``, made on their devices with their shardings by one jitted
+    program (for a device check of a plan: run the program, read the peak memory): floats small normal, integers 0,
+    booleans True, PRNG keys from ``key``."""
     leaves, treedef = jax.tree.flatten(args)
-    keys = jax.random.split(key, len(leaves))
 
-    def one(a: jax.ShapeDtypeStruct, k: jax.Array) -> jax.Array:
-        sharding = getattr(a, "sharding", None)
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            make = lambda: k  # noqa: E731
-        elif jnp.issubdtype(a.dtype, jnp.floating):
-            make = lambda: (0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype)  # noqa: E731
-        elif a.dtype == jnp.bool_:
-            make = lambda: jnp.ones(a.shape, bool)  # noqa: E731
-        else:
-            make = lambda: jnp.zeros(a.shape, a.dtype)  # noqa: E731
-        return jax.jit(make, out_shardings=sharding)() if sharding is not None else make()
+    def make_all(key: jax.Array) -> list[jax.Array]:
+        out = []
+        for a, k in zip(leaves, jax.random.split(key, len(leaves))):
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                out.append(k)
+            elif jnp.issubdtype(a.dtype, jnp.floating):
+                out.append((0.02 * jax.random.normal(k, a.shape, jnp.float32)).astype(a.dtype))
+            elif a.dtype == jnp.bool_:
+                out.append(jnp.ones(a.shape, bool))
+            else:
+                out.append(jnp.zeros(a.shape, a.dtype))
+        return out
 
-    return jax.tree.unflatten(treedef, [one(a, k) for a, k in zip(leaves, keys)])
+    shardings = [getattr(a, "sharding", None) for a in leaves]
+    return jax.tree.unflatten(treedef, jax.jit(make_all, out_shardings=shardings)(key))
 
 
 def _like_factors(opt_state: Any, factors: Any) -> Any:
