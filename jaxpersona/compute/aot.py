@@ -22,7 +22,6 @@ accelerator's specs, the bounding term, and the MFU (compute-bound) or MBU (memo
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any
 
@@ -33,10 +32,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpersona import errors
-from jaxpersona.compute.accelerators import Accelerator, accelerator, topology_name
+from jaxpersona.compute.accelerators import GIB, Accelerator, accelerator, topology_name
 from jaxpersona.compute.activations import reduced_resid
 from jaxpersona.compute.generate import continue_turn
-from jaxpersona.compute.plan import read_config
+from jaxpersona.compute.plan import kv_bytes, param_bytes, read_config
 from jaxpersona.compute.sweep import score_chunk
 from jaxpersona.compute.train import TrainConfig, make_optimizer, train_step
 from jaxpersona.edit import interventions as iv
@@ -47,7 +46,6 @@ from jaxpersona.model.params import param_shapes
 from jaxpersona.model.transformer import KVCache, forward
 
 STAGES = ("prefill", "activations", "sweep", "roles", "capped", "train", "decode")
-GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,12 +495,8 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
     colls = tuple(shd.collectives(compiled.as_text()))
     chips = data * model
     flops = sum(model_flops(cfg, *w) for w in prog.work) / chips
-    param_dev = sum(int(np.prod(a.sharding.shard_shape(a.shape))) * item
-                    for a in jax.tree.leaves(abstract_params(cfg, jmesh, jdt, fsdp)))
-    kv_dev = 0
-    if prog.kv_read:
-        rows = sizes.batch
-        kv_dev = 2 * cfg.n_layers * math.ceil(rows / data) * math.ceil(cfg.n_kv_heads / model) * sizes.slots * cfg.head_dim * item
+    param_dev = param_bytes(cfg, data, model, fsdp, item)
+    kv_dev = kv_bytes(cfg, sizes.batch, sizes.slots, data, model, item) if prog.kv_read else 0
     hbm = prog.weight_passes * param_dev + prog.steps * kv_dev + 2 * temporaries
     layers = cfg.n_layers
     comm = sum(wire_bytes(c, model) * _times(c, layers, prog.steps) for c in colls)

@@ -21,12 +21,13 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.compute.accelerators import parse_slice
 from jaxpersona.compute.aot import DEFAULT_SIZES, DryRun, Sizes, dry_run
-from jaxpersona.compute.plan import param_bytes, read_config
+from jaxpersona.compute.plan import kv_bytes, param_bytes, read_config
 from jaxpersona.model import sharding as shd
 from jaxpersona.model.config import parse_dtype
 
 # which size a data shard splits, per stage (the sweep shards its grid points, the rest their rows)
 SPLIT = {"sweep": "grid"}
+CACHED = ("capped", "decode", "prefill")  # stages that hold a KV cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +62,8 @@ def static_bytes(cfg: Any, stage: str, sizes: Sizes, data: int, model: int, fsdp
     """Weights (their shards) and, where the stage holds one, the KV cache per device: what no smaller batch can
     shrink."""
     total = param_bytes(cfg, data, model, fsdp, itemsize)
-    if stage in ("capped", "decode", "prefill"):
-        total += (2 * cfg.n_layers * math.ceil(sizes.batch / data) * math.ceil(cfg.n_kv_heads / model)
-                  * sizes.slots * cfg.head_dim * itemsize)
+    if stage in CACHED:
+        total += kv_bytes(cfg, sizes.batch, sizes.slots, data, model, itemsize)
     return total
 
 
@@ -96,7 +96,7 @@ def choose_layout(spec: str, stage: str, slice_name: str, *, sizes: Sizes | None
             trial = dataclasses.replace(sizes, **{field: per * data})
             static = static_bytes(cfg, stage, dataclasses.replace(trial, **{field: data}), data, model, fsdp, item)
             if static > headroom * acc.memory:
-                skipped.append(f"{where}: weights{' + KV cache' if stage in ('capped', 'decode', 'prefill') else ''} "
+                skipped.append(f"{where}: weights{' + KV cache' if stage in CACHED else ''} "
                                f"{static / 2**30:.1f} GiB per device before any activation")
                 continue
             while per >= 1:

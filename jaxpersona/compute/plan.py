@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.compute.accelerators import ACCELERATORS as SPECS
+from jaxpersona.compute.accelerators import GIB
 from jaxpersona.compute.handle import load
 from jaxpersona.model import registry
 from jaxpersona.model.config import ModelConfig, from_hf_config, parse_dtype
@@ -34,7 +35,6 @@ from jaxpersona.model.params import LAYER_AXES, TOP_AXES, param_shapes
 from jaxpersona.model.sharding import FSDP, TENSOR_PARALLEL, layout_for_mesh, parse_mesh
 from jaxpersona.model.transformer import KVCache, forward
 
-GIB = 1024**3
 ACCELERATORS = {k: a.memory for k, a in SPECS.items()}  # memory per device, bytes
 PAPER_MODELS = registry.PAPER_CONFIGS
 
@@ -142,6 +142,13 @@ def param_bytes(cfg: ModelConfig, data: int, model: int, fsdp: bool, itemsize: i
     return (total + sum(local(s, LAYER_AXES[k]) for k, s in shapes["layers"].items())) * itemsize
 
 
+def kv_bytes(cfg: ModelConfig, rows: int, slots: int, data: int, model: int, itemsize: int) -> int:
+    """Bytes of one device's shard of a KV cache (keys and values) of ``rows x slots`` on a ``data x model`` mesh:
+    ``2 x L x ceil(rows / data) x ceil(kv_heads / model) x slots x head_dim``."""
+    return (2 * cfg.n_layers * math.ceil(rows / data) * math.ceil(cfg.n_kv_heads / model) * slots * cfg.head_dim
+            * itemsize)
+
+
 def make_plan(spec: str | Path, mesh: Any, *, batch: int, seq: int, new_tokens: int = 0, grid: int = 1,
               dtype: Any = "bfloat16", fsdp: bool = False, accelerator: str | None = None,
               headroom: float = 0.9) -> Plan:
@@ -170,7 +177,7 @@ def make_plan(spec: str | Path, mesh: Any, *, batch: int, seq: int, new_tokens: 
         gather = max(sum(gathered(k) for k in g) for g in groups) * item
     rows = math.ceil(grid / data) * batch if grid > 1 else math.ceil(batch / data)
     positions = seq + new_tokens
-    kv = 2 * cfg.n_layers * rows * (cfg.n_kv_heads // model) * positions * cfg.head_dim * item
+    kv = kv_bytes(cfg, rows, positions, 1, model, item)  # rows are this device's already
     # compiled in float32: XLA's CPU backend upcasts bf16 weights to f32 for its matmuls, which would count
     # a copy of the weights as "activations"; the f32 temporaries are scaled to the model dtype
     act = _activation_bytes(local_config(cfg, model), rows, seq, positions, np.float32) * item // 4
