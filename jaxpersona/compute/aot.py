@@ -16,13 +16,16 @@ persona-vector and role activations, ``continue_turn`` under a cap for capped mu
 (compiled ``memory_analysis``), the collectives of the compiled HLO with their bytes (those inside the layer
 loop counted once per layer), FLOPs and HBM bytes (the analytic model below: XLA's ``cost_analysis`` counts a
 ``while`` body once, not once per layer), and a roofline: compute, memory and interconnect time from the
-accelerator's specs, the bounding term, and the MFU (compute-bound) or MBU (memory-bound) it implies.
+accelerator's specs, the bounding term, and the MFU and MBU a run at that bound would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import os
+import time
 from typing import Any
 
 import jax
@@ -98,8 +101,6 @@ USED = {"prefill": ("batch", "seq", "context"), "activations": ("batch", "seq"),
 
 # --- meshes ---------------------------------------------------------------------------------------
 def libtpu_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("libtpu") is not None
 
 
@@ -455,8 +456,6 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
             dtype: Any = "bfloat16", fsdp: bool = False) -> DryRun:
     """Compile ``stage`` of the model ``spec`` (see :func:`jaxpersona.compute.plan.read_config`) for ``mesh``
     (``"8x8"``) on ``accelerator_name`` from abstract inputs; see the module docstring."""
-    import time
-
     if stage not in STAGES:
         raise errors.InputError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     name, cfg0 = read_config(spec)
@@ -472,8 +471,6 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
     upcast = backend == "cpu-estimate" and item < 4
     prog = build_program(stage, cfg, jmesh, sizes, jnp.float32 if upcast else jdt, fsdp)
     t0 = time.perf_counter()
-    import contextlib
-
     try:
         with jax.set_mesh(jmesh) if prog.on_mesh else contextlib.nullcontext():
             compiled = prog.fn.lower(*prog.args).compile()
