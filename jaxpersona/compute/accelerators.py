@@ -44,8 +44,9 @@ ACCELERATORS: dict[str, Accelerator] = {a.name: a for a in (
 )}
 
 # TPU slice shapes libtpu knows, by chip count (2-D tori for v5e/v6e, 3-D for v4/v5p)
-_TOPOLOGY_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}
+_TOPOLOGY_2D = {1: "1x1", 2: "1x2", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_TOPOLOGY_3D = {1: "1x1x1", 2: "1x2x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+                256: "4x8x8"}
 
 
 def accelerator(name: str) -> Accelerator:
@@ -61,6 +62,15 @@ def topology_name(acc: Accelerator, chips: int) -> str:
     if chips not in table:
         raise errors.MeshError(f"no {acc.name} slice of {chips} chips; slices: {sorted(table)} chips")
     return f"{acc.topology}:{table[chips]}"
+
+
+def host_bounds(acc: Accelerator, chips: int) -> tuple[int, int, int] | None:
+    """libtpu's ``chips_per_host_bounds`` for a slice smaller than one host (4 chips): the slice itself (libtpu
+    refuses ``v5e:1x1`` against its default 2x2x1 host); None for a slice of whole hosts."""
+    if chips >= 4:
+        return None
+    dims = [int(x) for x in topology_name(acc, chips).split(":")[1].split("x")]
+    return (dims + [1, 1, 1])[:3]  # type: ignore[return-value]
 
 
 def parse_slice(text: str) -> tuple[Accelerator, int]:

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpersona import errors
-from jaxpersona.compute.accelerators import GIB, Accelerator, accelerator, topology_name
+from jaxpersona.compute.accelerators import GIB, Accelerator, accelerator, host_bounds, topology_name
 from jaxpersona.compute.activations import reduced_resid
 from jaxpersona.compute.generate import continue_turn
 from jaxpersona.compute.plan import kv_bytes, param_bytes, read_config
@@ -115,7 +115,9 @@ def target_mesh(acc: Accelerator, data: int, model: int) -> tuple[jax.sharding.M
         # several processes may compile for TPU at once (tests, a planner beside a server): libtpu's lockfile is
         # for processes that own TPU chips, and a deviceless compile owns none
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        topo = topologies.get_topology_desc(topology_name=topology_name(acc, chips), platform="tpu")
+        bounds = host_bounds(acc, chips)
+        topo = topologies.get_topology_desc(topology_name=topology_name(acc, chips), platform="tpu",
+                                            **({"chips_per_host_bounds": bounds} if bounds else {}))
         if len(topo.devices) != chips:  # v4 reports each TensorCore of a megacore chip
             raise errors.MeshError(f"{topology_name(acc, chips)} has {len(topo.devices)} devices, not {chips}")
         from jax.experimental import mesh_utils
@@ -462,6 +464,7 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
     data, model = shd.parse_mesh(mesh)
     acc = accelerator(accelerator_name)
     sizes = sizes or DEFAULT_SIZES[stage]
+    sizes.validate(stage)  # before any compiler starts
     cfg, _ = shd.layout_for_mesh(cfg0, (data, model), fsdp)
     jmesh, backend = target_mesh(acc, data, model)
     jdt = parse_dtype(dtype)

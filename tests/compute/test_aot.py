@@ -147,3 +147,17 @@ def test_a_bf16_cpu_estimate_counts_the_model_dtype_not_xla_cpus_f32_copies(smal
     assert r.backend == "cpu-estimate"
     assert r.arguments == param_bytes(cfg, 1, 1, False, 2) + kv + 8 * 4 + 8 * 4  # + tokens [8, 1] + slots [8]
     assert r.aliased == kv and r.temporaries < param_bytes(cfg, 1, 1, False, 2)
+
+
+def test_bad_sizes_are_refused_by_name(small, capsys) -> None:
+    assert main(["plan", "--model", small, "--stage", "sweep", "--accelerator", "v5e", "--seq", "64",
+                 "--targets", "999"]) == 2
+    assert "targets (999) cannot exceed seq (64)" in capsys.readouterr().err
+    assert main(["plan", "--model", small, "--stage", "decode", "--accelerator", "v5e", "--batch", "0"]) == 2
+    assert "batch must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_slices_smaller_than_a_host_compile_deviceless(small) -> None:
+    """libtpu refuses a v5e:1x1 topology against its default 2x2x1 host: the host bounds are the slice's own."""
+    for mesh in ("1x1", "1x2"):
+        assert dry_run(small, "decode", mesh, "v5e", sizes=SIZES["decode"]).backend == "tpu-deviceless"
