@@ -124,8 +124,10 @@ def main() -> None:
     data = ScoringSet(tuple(cfg["data"]["prompts"]), tuple(cfg["data"]["responses"]), cfg["data"].get("system"))
     enc = encode_scoring(model, data)
 
-    # warm-up compiles on a 1-layer grid, then time the full grid
-    warm = Grid("steer", vec[None], (name,), (grid.layers[0],), grid.coeffs, positions=args.positions)
+    # warm-up compiles on a 2-layer grid (both chunk shapes: the lowest layer's group, which holds the
+    # coefficient-0 point, and the others), then time the full grid
+    warm = Grid("steer", vec[None], (name,), tuple(grid.layers[:2]), grid.coeffs, positions=args.positions,
+                baseline_once=zero_once)
     t0 = time.perf_counter()
     run_sweep(model, warm, data, progress=False)
     compile_s = time.perf_counter() - t0

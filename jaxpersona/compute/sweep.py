@@ -347,7 +347,7 @@ class _Plan:
     units: np.ndarray  # [P, D] unit projection vectors (one zero row when none)
     names: tuple[str, ...]  # the projection vectors' names
     capture: Capture | None
-    csize: int  # grid points per chunk (every chunk padded to it)
+    csize: int  # the most grid points in one chunk
     mesh: Any
     split: bool  # shared unintervened prefix (``response`` positions)
     generate_tokens: int
@@ -428,9 +428,12 @@ def _generation_inputs(model: Model, grid: Grid, sets: list[ScoringSet], generat
 
 
 def _chunks(points: list[dict[str, Any]], n_sets: int, paired: bool, size: int, n_dev: int
-            ) -> tuple[list[tuple[int, list[dict[str, Any]]]], int]:
-    """``(chunks, csize)``: (set, grid points) chunks that never straddle a shared-prefix group (one start
-    layer) or a scoring set, all padded to ``csize`` points (one compile for the whole grid)."""
+            ) -> tuple[list[tuple[int, list[dict[str, Any]], int]], int]:
+    """``(chunks, csize)``: (set, grid points, padded size) chunks that never straddle a shared-prefix group
+    (one start layer) or a scoring set. A group that fits in ``csize`` points is one chunk padded only to its
+    own size (rounded up to the devices); a larger one is cut into chunks padded to ``csize``. So a grid
+    compiles once per distinct group size (two for the usual grid, whose lowest layer also holds the
+    coefficient-0 point) and computes no padding points beyond the devices' rounding."""
     groups = []
     for layer in sorted(set(p["layer"] for p in points)):
         for si in range(n_sets):
@@ -438,7 +441,11 @@ def _chunks(points: list[dict[str, Any]], n_sets: int, paired: bool, size: int, 
             if g:
                 groups.append((si, g))
     csize = min(size, -(-max(len(g) for _, g in groups) // n_dev) * n_dev)
-    return [(si, g[i : i + csize]) for si, g in groups for i in range(0, len(g), csize)], csize
+    chunks = []
+    for si, g in groups:
+        width = csize if len(g) > csize else min(csize, -(-len(g) // n_dev) * n_dev)
+        chunks += [(si, g[i : i + csize], width) for i in range(0, len(g), csize)]
+    return chunks, csize
 
 
 GEN_ROWS = 192  # rows (grid points x prompts) per batched greedy generation; decode steps are memory-bound on
@@ -461,13 +468,14 @@ def _generate_texts(plan: _Plan, si: int, points: list[dict[str, Any]], size: in
     return [[tx[j] for j in gmap] for tx in decoded]
 
 
-def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], trunks: dict[int, tuple[int, Trunk]],
+def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], width: int, trunks: dict[int, tuple[int, Trunk]],
                 texts: list[list[str]] | None = None) -> list[dict[str, Any]]:
-    """Score one chunk of grid points on set ``si``: one row per (grid point, prompt). ``trunks``: per set,
+    """Score one chunk of grid points on set ``si``, padded to ``width`` points (a fixed shape per group size,
+    see :func:`_chunks`): one row per (grid point, prompt). ``trunks``: per set,
     the last trunk and its layer; advanced here to this chunk's start layer. ``texts``: per point, its
     generations (:func:`_generate_texts`), added to the rows."""
     grid, cfg, params, adapter = plan.grid, plan.model.cfg, plan.params, plan.adapter
-    padded = chunk + [chunk[-1]] * (plan.csize - len(chunk))  # fixed shape: one compile
+    padded = chunk + [chunk[-1]] * (width - len(chunk))
     hooks = build_hooks(grid, cfg, padded, plan.pos[si])
     if plan.mesh is not None:
         hooks = _shard(hooks, plan.mesh, P("data"))
@@ -555,11 +563,11 @@ def run_sweep(
     plan = _Plan(model, grid, sets, params, adapter, data_js, pos, units, names, capture, csize, mesh, split,
                  generate_tokens, gens, gen_pos)
     trunks: dict[int, tuple[int, Trunk]] = {}  # per set: the unintervened trunk, carried from chunk to chunk
-    keys = [_chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens) for si, chunk in chunks]
+    keys = [_chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens) for si, chunk, _ in chunks]
     loaded = [store.load(k) if store else None for k in keys]
     texts: dict[int, list[str]] = {}  # id(point) -> its generations, made a group of chunks at a time
     group = csize * max(1, GEN_ROWS // max(1, csize * (len(gens[0][0].tokens) if gens else 1)))
-    for n, ((si, chunk), key) in enumerate(zip(chunks, keys)):
+    for n, ((si, chunk, width), key) in enumerate(zip(chunks, keys)):
         done = loaded[n]
         if done is None:
             if generate_tokens and id(chunk[0]) not in texts:  # this chunk and the next pending ones of its set
@@ -568,7 +576,7 @@ def run_sweep(
                     if loaded[m] is None and chunks[m][0] == si and len(todo) + len(chunks[m][1]) <= group:
                         todo += chunks[m][1]
                 texts.update(zip(map(id, todo), _generate_texts(plan, si, todo, group)))
-            done = _chunk_rows(plan, si, chunk, trunks, [texts.pop(id(p)) for p in chunk] if generate_tokens
+            done = _chunk_rows(plan, si, chunk, width, trunks, [texts.pop(id(p)) for p in chunk] if generate_tokens
                                else None)
             if store:
                 store.save(key, done)

@@ -66,6 +66,31 @@ def test_grid_equals_points_one_by_one(model, bank, kind, positions):
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-5)
 
 
+def test_chunks_pad_only_to_their_group_and_still_equal_points_one_by_one(model, bank, monkeypatch):
+    """With coefficient 0 scored once the lowest layer's group has one point more than the others: each
+    group is one chunk padded to its own size (no padding points computed), and the rows still equal plain
+    one-point forwards."""
+    grid = Grid("steer", bank, ("a", "b"), layers=(0, 7, 20), coeffs=(-6.0, 0.0, 6.0), baseline_once=True)
+    chunks, csize = sweep_mod._chunks(grid.points(), 1, False, 100, 1)
+    assert csize == 6 and [(len(c), w) for _, c, w in chunks] == [(6, 6), (4, 4), (4, 4)]
+    chunks, csize = sweep_mod._chunks(grid.points(), 1, False, 4, 1)  # a group larger than a chunk: cut, padded to 4
+    assert [(len(c), w) for _, c, w in chunks] == [(4, 4), (2, 4), (4, 4), (4, 4)]
+    chunks, _ = sweep_mod._chunks(grid.points(), 1, False, 100, 4)  # rounded up to the devices
+    assert [w for *_, w in chunks] == [8, 4, 4]
+
+    widths = []
+    real = sweep_mod.build_hooks
+    monkeypatch.setattr(sweep_mod, "build_hooks", lambda g, c, pts, pos: widths.append(len(pts)) or real(g, c, pts, pos))
+    rows = run_sweep(model, grid, DATA, progress=False)
+    assert widths == [6, 4, 4]
+    enc = encode_scoring(model, DATA)
+    pos = positions_for("all", enc["valid"], enc["resp"])
+    for p in grid.points():
+        hook = jax.tree.map(lambda x: x[0], real(grid, model.cfg, [p], pos))
+        got = [r["logprob"] for r in rows if (r["vector"], r["layer"], r["coeff"]) == (p["vector"], p["layer"], p["coeff"])]
+        np.testing.assert_allclose(got, reference_logprob(model, enc, hook), atol=2e-4, rtol=1e-5)
+
+
 def test_steering_changes_logprob_and_zero_is_identity(model, bank):
     grid = Grid("steer", bank[:1], ("a",), layers=(5, 15), coeffs=(0.0, 20.0))
     rows = run_sweep(model, grid, DATA, progress=False)
