@@ -27,12 +27,13 @@ from jaxpersona import errors
 from jaxpersona.compute.handle import Model
 from jaxpersona.compute.scoring import encode_targets, target_logprob, target_shape
 from jaxpersona.data.chat import conversation
-from jaxpersona.model.transformer import Capture, final_hidden, forward
+from jaxpersona.model.transformer import VOCAB_CHUNK, Capture, final_hidden, forward
 
 
 def _sum_logprob(params: Any, cfg: Any, h: jax.Array, data: dict[str, jax.Array]) -> jax.Array:
     ok = data["pred_ok"].astype(jnp.float32).sum(-1)
-    return target_logprob(params, cfg, h, data) * ok  # mean * count = sum over the response tokens
+    # mean * count = sum over the response tokens; differentiated, so the vocabulary is not cut in small chunks
+    return target_logprob(params, cfg, h, data, chunk=VOCAB_CHUNK) * ok
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

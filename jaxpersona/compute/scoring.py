@@ -17,7 +17,7 @@ from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params
-from jaxpersona.model.transformer import Capture, KVCache, forward, token_logprobs
+from jaxpersona.model.transformer import Capture, KVCache, forward, score_vocab_chunk, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +132,16 @@ def encode_scoring(model: Model, data: ScoringSet, **pad: Any) -> dict[str, np.n
     return encode_targets(model, data.conversations(), data.responses, **pad)
 
 
-def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[str, jax.Array]) -> jax.Array:
+def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[str, jax.Array],
+                   chunk: int | None = None) -> jax.Array:
     """Mean log-prob of each row's target tokens given the last residual ``h [B, T, D]``: ``[B]``.
-    Logits are computed at the target positions only."""
+    Logits are computed at the target positions only, over vocabulary chunks of ``chunk`` ids (default: the
+    forward-only choice :func:`~jaxpersona.model.transformer.score_vocab_chunk`; pass ``VOCAB_CHUNK`` under a
+    gradient)."""
     hs = jnp.take_along_axis(h, data["pred_idx"][..., None], axis=1)  # [B, R, D]
-    lp = token_logprobs(params, cfg, hs, data["pred_tok"])  # [B, R]
+    if chunk is None:
+        chunk = score_vocab_chunk(hs.shape[0] * hs.shape[1], cfg.vocab_size)
+    lp = token_logprobs(params, cfg, hs, data["pred_tok"], chunk=chunk)  # [B, R]
     ok = data["pred_ok"].astype(jnp.float32)
     return (lp * ok).sum(-1) / jnp.maximum(ok.sum(-1), 1.0)
 

@@ -248,7 +248,7 @@ def score_chunk(
         h = apply_hook(hook, start, trunk.h, prep.ctx)
         b = record(trunk.buf, start, h)
         h, b, _ = run_layers(params, cfg, h, prep, b, record, hook=hook, cache=trunk.cache, cache_index=index,
-                             span=(start, jnp.int32(cfg.n_layers)), adapter=adapter)
+                             span=(start, jnp.int32(cfg.n_layers)), adapter=adapter, read_only=True)
         out = {"logprob": target_logprob(params, cfg, h, data)}
         if capture is not None:
             out["proj"] = jnp.einsum("nbd,pd->nbp", b.astype(jnp.float32), units)
