@@ -643,17 +643,18 @@ def run_layers(
         rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
 
         def run(h, buf, ck, cv):
+            w = lp if span is None else jax.tree.map(lambda x: x[layer], params["layers"])  # see `xs` below
             if cache is None:
-                h = (remat_block if remat else block)(cfg, lp, lora, h, rope, mask)
+                h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
             elif read_only:  # this layer's keys/values with the new ones written in, nothing stored
-                q, k, v = project_qkv(cfg, lp, lora, h, rope)
+                q, k, v = project_qkv(cfg, w, lora, h, rope)
                 kl = write_cache(cache.k[layer][None], k, jnp.int32(0), index)[0]
                 vl = write_cache(cache.v[layer][None], v, jnp.int32(0), index)[0]
-                h = finish_block(cfg, lp, lora, h, q, kl, vl, mask, blocked)
+                h = finish_block(cfg, w, lora, h, q, kl, vl, mask, blocked)
             else:  # write the new keys/values in place first, then read this layer's slice
-                q, k, v = project_qkv(cfg, lp, lora, h, rope)
+                q, k, v = project_qkv(cfg, w, lora, h, rope)
                 ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                h = finish_block(cfg, lp, lora, h, q, ck[layer], cv[layer], mask, blocked)
+                h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked)
             h = apply_hook(hook, layer + 1, h, prep.ctx)
             return h, record(buf, layer + 1, h), ck, cv
 
@@ -666,7 +667,10 @@ def run_layers(
     ck = cache.k if carried else jnp.zeros((0,), h.dtype)
     cv = cache.v if carried else jnp.zeros((0,), h.dtype)
     lora = layer_factors(adapter, adapter_select)
-    xs = (params["layers"], lora, jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(cfg.layer_sliding))
+    # with a span, each layer's weights are read inside its branch: XLA copies a layer's slice of the stacked
+    # weights out, and a skipped layer should not pay for that copy (a sweep chunk skips the layers below its start)
+    xs = (params["layers"] if span is None else None, lora, jnp.arange(cfg.n_layers, dtype=jnp.int32),
+          jnp.asarray(cfg.layer_sliding))
     (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), xs)
     return h, buf, (KVCache(ck, cv, prep.k_valid) if carried else None)
 
