@@ -249,7 +249,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     summary = library("sweep").run_sweep_config(args.config, out_dir=args.out, model=args.model,
-                                                progress=not args.quiet)
+                                                progress=not args.quiet, mesh=args.mesh)
     print(summary)
     return 0
 
@@ -642,6 +642,8 @@ def _add_pipeline_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--out", default=None, help="output directory (default: the config's out_dir)")
     p.add_argument("--model", default=None, help="override the config's model")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh, e.g. 8x1: grid points sharded over `data`, "
+                                                 "weights tensor parallel over `model` (all processes' devices)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 

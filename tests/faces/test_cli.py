@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,29 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("jaxpersona: error:") and needle in err
+
+
+def test_sweep_on_a_mesh_equals_one_device(tmp_path: Path) -> None:
+    """``jaxpersona sweep --mesh 2x3`` on 8 virtual CPU devices (grid over data, weights tensor parallel over
+    model) writes the rows a one-device run writes; a mesh larger than the devices exits 2 with one line."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL_SWEEP)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    runs = {}
+    for name, extra in (("one", []), ("mesh", ["--mesh", "2x3"])):
+        out = tmp_path / name
+        done = subprocess.run([sys.executable, "-m", "jaxpersona.cli", "sweep", "--config", str(cfg), "--out", str(out),
+                               "--quiet", *extra], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(runs["one"]) == len(runs["mesh"]) == 12
+    for a, b in zip(runs["one"], runs["mesh"]):
+        assert (a["layer"], a["coeff"], a["prompt"]) == (b["layer"], b["coeff"], b["prompt"])
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+        assert a["proj/joy@12"] == pytest.approx(b["proj/joy@12"], abs=1e-3, rel=1e-5)
+    bad = subprocess.run([sys.executable, "-m", "jaxpersona.cli", "sweep", "--config", str(cfg), "--out",
+                          str(tmp_path / "bad"), "--mesh", "4x4"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "needs 16 devices" in bad.stderr and not (tmp_path / "bad").exists()
 
 
 def test_bad_config_files(tmp_path: Path, capsys) -> None:
