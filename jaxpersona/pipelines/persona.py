@@ -285,6 +285,7 @@ class ExtractResult:
     dose: dict[str, Any] | None = None  # selection.dose_response at the setting's layer
     lexical: dict[str, Any] | None = None  # distinct-2 and instruction-word echo, steered vs unsteered
     steering_by_how: dict[str, Any] | None = None  # "positions/variant" -> judge-free table
+    measures: list[dict[str, str]] | None = None  # per measure: what it decided in this run (measure_uses)
 
     @property
     def reliable(self) -> bool:
@@ -329,6 +330,9 @@ class ExtractResult:
         if self.monitor_judged and self.best_layer is not None:
             mj = self.monitor_judged.get(str(self.best_layer), {})
             lines.append(f"monitoring (judged): r = {_fmt(mj.get('r'), 3)} [{_fmt(mj.get('lo'), 2)}, {_fmt(mj.get('hi'), 2)}]")
+        if self.measures:
+            lines.append("what each measure decided in this run:")
+            lines += [f"  - {m['measure']}: {m['decided']}" for m in self.measures]
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in self.wall_s.items()))
         return "\n".join(line for line in lines if line)
 
@@ -408,6 +412,7 @@ class _TraitState:
     norms: Any = None  # [L+1] float32
     bank: Any = None  # VectorBank
     own_check: dict[str, Any] | None = None  # the judge's AUROC on this run's pos vs neg answers (when judged)
+    judge_filtered: bool = False  # the judge's scores filtered the extraction pairs
 
 
 @contextlib.contextmanager
@@ -635,6 +640,7 @@ def _judge_and_filter(run: Run, st: _TraitState, judge: Any, config: ExtractConf
         by_slot: dict[tuple, dict[str, dict[str, Any]]] = {}
         for r in rows:
             by_slot.setdefault((r["pair"], r["question"], r["sample"]), {})[r["side"]] = r
+        st.judge_filtered = use_judge
         if use_judge:
             mode = "absolute" if config.filter == "auto" else config.filter
             t_cut, c_cut = filter_thresholds(rows, dataclasses.replace(config, filter=mode))
@@ -990,6 +996,44 @@ def _monitor(run: Run, model: Model, st: _TraitState, judge: Any, config: Extrac
     return mrows, monitor, monitor_judged
 
 
+def _untrusted_why(st: _TraitState, config: ExtractConfig) -> str:
+    """Why the judge drove nothing for this trait (empty when it is trusted)."""
+    if st.trusted:
+        return ""
+    if config.filter == "none":
+        return "filter = 'none': the judge was not used"
+    own = st.own_check
+    if own and not own["passed"]:
+        return f"it passed the anchors but scored this run's own pos vs neg answers at AUROC {_fmt(own['auroc'], 2)}"
+    return "it failed its check on the anchors" if st.check is not None else "no judge check"
+
+
+def measure_uses(judge_id: str, trusted: bool, filtered: bool, why_not: str) -> list[dict[str, str]]:
+    """Each measure of an extract run and the decisions it drove (the summary's "what each measure decided").
+    ``trusted``: the judge passed its checks (anchors and this run's own answers) or was trusted by config;
+    ``filtered``: its scores filtered the extraction pairs; ``why_not``: why the judge drove nothing."""
+    judge_trait = ("the pair filter (pos answer's trait score >= the cut, neg's below); the judged steering table "
+                   "and judged monitoring r, shown beside the judge-free ones, choose nothing" if filtered else
+                   "no decision: judged tables shown beside the judge-free ones" if trusted else
+                   f"nothing ({why_not}); no judged scores are reported")
+    judge_coherence = ("the pair filter's coherence bar" if filtered else
+                       f"nothing ({why_not})" if not trusted else "no decision")
+    return [
+        {"measure": "contrastive likelihood of the trait's evaluation answers, pos minus neg (judge-free)",
+         "decided": "the steering setting (positions, vector, layer, coefficient); its held-out gain by "
+                    "cross-fitting, the random-direction control and the dose-response slope"},
+        {"measure": "coherence of the steered generations: NLL under the unsteered model, distinct-2, longest "
+                    "repeat (judge-free, thresholds calibrated on unsteered answers)",
+         "decided": "the coherence cliff: no coefficient at or past it is chosen"},
+        {"measure": "answer score: log-likelihood ratio of the answer under held-out pos vs neg system prompts "
+                    "(judge-free)",
+         "decided": "the monitoring target: r against the last-prompt projection at the chosen layer (fixed in "
+                    "advance, not chosen by r)"},
+        {"measure": f"judge {judge_id}: trait score", "decided": judge_trait},
+        {"measure": f"judge {judge_id}: coherence score", "decided": judge_coherence},
+    ]
+
+
 def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
                   judge_id: str) -> ExtractResult:
     """Stages 6-7 for one trait (layer choice, monitoring), then its ``summary`` stage: summary and plots."""
@@ -1018,7 +1062,8 @@ def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], j
         st.filter_desc, config.coeff_units, {l: float(st.norms[int(l)]) for l in steering_layers}, best, choice,
         baseline, table, judged_table, dataclasses.asdict(sw["thresholds"]), monitor, monitor_judged, dict(st.wall),
         str(st.out), setting=setting_json(ch.setting), selection=ch.selection, heldout=ch.heldout, control=control,
-        dose=ch.dose, lexical=ch.lexical, steering_by_how=sw["tables"])
+        dose=ch.dose, lexical=ch.lexical, steering_by_how=sw["tables"],
+        measures=measure_uses(judge_id, st.trusted, st.judge_filtered, _untrusted_why(st, config)))
     with run.stage(st.sub + "summary"):
         run.write_json(st.sub + "summary.json", dataclasses.asdict(result), indent=2)
         run.write_text(st.sub + "summary.txt", result.table() + "\n")

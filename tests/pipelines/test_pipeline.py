@@ -286,6 +286,10 @@ def test_run_dir_files(base_run, model) -> None:
     # the cat trait ships no anchors: the judge is unchecked, used only because trust_judge = true
     assert summary["judge_check"]["checked"] is False and "UNCHECKED" in (out / "summary.txt").read_text()
     assert "trust_judge" in summary["decisions"]["filter"] and "judge-free" in summary["decisions"]["layer"]
+    uses = {m["measure"].split(":")[0].split(" (")[0]: m["decided"] for m in summary["measures"]}
+    assert uses["judge scripted"].startswith("the pair filter")  # trusted by config: it filtered the pairs
+    assert "the steering setting" in uses["contrastive likelihood of the trait's evaluation answers, pos minus neg"]
+    assert "what each measure decided in this run:" in (out / "summary.txt").read_text()
     assert f"best layer: {summary['best_layer']}" in (out / "summary.txt").read_text()
     np.testing.assert_array_equal(np.load(out / "vectors.npy"), bank.get("cat"))
 
@@ -994,6 +998,9 @@ def test_failed_judge_check_makes_the_run_judge_free(model, tmp_path) -> None:
     assert result.n_pairs_kept == sum(p["kept"] for p in pairs) > 0
     assert all(p["pos_trait"] is None for p in pairs)
     assert "judge-free" in result.decisions["filter"] and "did not pass" in result.decisions["filter"]
+    judge_uses = [m["decided"] for m in result.measures if m["measure"].startswith("judge scripted")]
+    assert judge_uses == ["nothing (it failed its check on the anchors); no judged scores are reported",
+                          "nothing (it failed its check on the anchors)"]
     assert result.steering_judged is None and result.monitor_judged is None
     assert VectorBank.load(run / "vectors").meta_of("cat")["judge_check"] == "failed"
 
@@ -1025,6 +1032,8 @@ def test_judge_is_trusted_per_use_on_its_own_answers_too(model, tmp_path) -> Non
     own = result.judge_check["own_answers"]
     assert own["auroc"] == 0.5 and not own["passed"] and own["lo"] <= 0.5 <= own["hi"]
     assert "own answers" in result.decisions["filter"] and "judge-free" in result.decisions["filter"]
+    judge_uses = [m["decided"] for m in result.measures if m["measure"].startswith("judge anchors-only")]
+    assert len(judge_uses) == 2 and all("own pos vs neg answers at AUROC 0.50" in u for u in judge_uses)
     pairs = read_jsonl(run / "pairs.jsonl")
     assert all(p["kept"] == (bool(p["pos_response"]) and bool(p["neg_response"])
                              and p["pos_response"] != p["neg_response"]) for p in pairs)
