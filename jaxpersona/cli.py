@@ -273,11 +273,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if len(traits) == 1:
         out = Path(args.out or f"runs/persona_{traits[0].name}")
         result = lib.run_extract(model, traits[0], judge, config, out, judge_id=judge_id, anchors=anchors,
-                                 progress=not args.quiet, log=_log(args.quiet))
+                                 progress=not args.quiet, log=_log(args.quiet), mesh=args.mesh)
     else:
         out = Path(args.out or "runs/persona_all")
         result = lib.run_extract_all(model, traits, judge, config, out, judge_id=judge_id, progress=not args.quiet,
-                                     log=_log(args.quiet))
+                                     log=_log(args.quiet), mesh=args.mesh)
     print(result.table())
     print(f"run directory: {out}")
     return 0
@@ -658,6 +658,8 @@ def _add_pipeline_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--out", default=None, help="run directory (default runs/persona_TRAIT); reruns resume")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL device mesh for the steering sweep and its random "
+                                                 "control (grid points over `data`, weights over `model`)")
     _add_model_args(p)
     _add_judge_args(p)
     p.set_defaults(func=cmd_extract)

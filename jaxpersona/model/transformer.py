@@ -634,6 +634,7 @@ def run_layers(
     (a sweep's grid points over one prompt prefix) without a per-row copy of every layer.
     """
     index = jnp.asarray(cache_index, jnp.int32)
+    shared = cache if read_only else None  # read, never carried
 
     def step(carry, xs):
         h, buf, ck, cv = carry
@@ -646,10 +647,10 @@ def run_layers(
             w = lp if span is None else jax.tree.map(lambda x: x[layer], params["layers"])  # see `xs` below
             if cache is None:
                 h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
-            elif read_only:  # this layer's keys/values with the new ones written in, nothing stored
+            elif shared is not None:  # read_only: this layer's keys/values with the new ones written in
                 q, k, v = project_qkv(cfg, w, lora, h, rope)
-                kl = write_cache(cache.k[layer][None], k, jnp.int32(0), index)[0]
-                vl = write_cache(cache.v[layer][None], v, jnp.int32(0), index)[0]
+                kl = write_cache(shared.k[layer][None], k, jnp.int32(0), index)[0]
+                vl = write_cache(shared.v[layer][None], v, jnp.int32(0), index)[0]
                 h = finish_block(cfg, w, lora, h, q, kl, vl, mask, blocked)
             else:  # write the new keys/values in place first, then read this layer's slice
                 q, k, v = project_qkv(cfg, w, lora, h, rope)
@@ -663,16 +664,16 @@ def run_layers(
         inside = (layer >= span[0]) & (layer < span[1])
         return jax.lax.cond(inside, run, lambda *a: a, h, buf, ck, cv), None
 
-    carried = cache is not None and not read_only
-    ck = cache.k if carried else jnp.zeros((0,), h.dtype)
-    cv = cache.v if carried else jnp.zeros((0,), h.dtype)
+    carried = None if read_only else cache
+    ck = carried.k if carried is not None else jnp.zeros((0,), h.dtype)
+    cv = carried.v if carried is not None else jnp.zeros((0,), h.dtype)
     lora = layer_factors(adapter, adapter_select)
     # with a span, each layer's weights are read inside its branch: XLA copies a layer's slice of the stacked
     # weights out, and a skipped layer should not pay for that copy (a sweep chunk skips the layers below its start)
     xs = (params["layers"] if span is None else None, lora, jnp.arange(cfg.n_layers, dtype=jnp.int32),
           jnp.asarray(cfg.layer_sliding))
     (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), xs)
-    return h, buf, (KVCache(ck, cv, prep.k_valid) if carried else None)
+    return h, buf, (KVCache(ck, cv, prep.k_valid) if carried is not None else None)
 
 
 def final_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: Hook | None = None,

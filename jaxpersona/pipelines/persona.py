@@ -80,6 +80,7 @@ from jaxpersona.measure.selection import (
     setting_json,
 )
 from jaxpersona.measure.stats import CoherenceThresholds, auroc_ci, pearson_ci
+from jaxpersona.model.sharding import make_mesh
 from jaxpersona.runner.run import Run, Stage, open_run
 from jaxpersona.runner.stages import generate_cached, judge_cached
 
@@ -444,6 +445,7 @@ def run_extract(
     anchors: Any = "shipped",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    mesh: str | None = None,
 ) -> ExtractResult:
     """The whole pipeline for one trait (see the module docstring).
 
@@ -453,12 +455,16 @@ def run_extract(
     sweep's resumable rows), ``config.json``, ``run.json``, ``judge_check.json``, ``pairs.jsonl``,
     ``vectors/`` (Orbax bank with the residual norms), ``vectors.npy``, ``steering_scored.jsonl``,
     ``monitor_scored.jsonl``, ``summary.json``/``.txt``, ``steering.png``, ``monitor.png``.
-    A second process on the same directory gets :class:`~jaxpersona.errors.RunLockedError`.
+    A second process on the same directory gets :class:`~jaxpersona.errors.RunLockedError`. ``mesh``
+    (``"DATAxMODEL"``): the steering sweep and the random control run sharded on it (grid points over ``data``,
+    weights over ``model``); the other stages run on one device.
     """
     _check_inputs(model, [trait], config)
+    device_mesh = make_mesh(mesh) if mesh is not None else None  # a bad mesh fails before any work
     with open_run(out_dir, "extract", config_record(trait.name, model.name, judge_id, config), model=model,
                   seeds={"seed": config.seed}, log=log, progress=progress) as run:
-        return run_extract_many(run, model, [trait], judge, config, judge_id=judge_id, anchors=[anchors])[0]
+        return run_extract_many(run, model, [trait], judge, config, judge_id=judge_id, anchors=[anchors],
+                                mesh=device_mesh)[0]
 
 
 def run_extract_many(
@@ -472,6 +478,7 @@ def run_extract_many(
     subdirs: Sequence[str] | None = None,
     anchors: Sequence[Any] | None = None,
     sweep_dir: str = "steering",
+    mesh: Any = None,
 ) -> list[ExtractResult]:
     """Stages 1-4 per trait, then **one** steering sweep over traits x layers x coefficients (one
     compile, chunked by the memory budget; ``sweep_dir`` inside the run holds its resumable rows),
@@ -495,12 +502,13 @@ def run_extract_many(
         st = _TraitState(trait, sub, run.out / sub, run.records(sub + "judgements.jsonl"), _tagged(run.log, tag))
         _prepare_trait(run, model, st, judge, config, judge_id=judge_id, anchors=anc)
         states.append(st)
-    sweep = _steer_traits(run, model, states, config, sweep_dir)
+    sweep = _steer_traits(run, model, states, config, sweep_dir, mesh)
     share = run.wall()["steer"] / len(states)
     results = []
     for st in states:
         st.wall["steer"] = share
-        results.append(_finish_trait(run, model, st, sweep[st.trait.name], judge, config, judge_id=judge_id))
+        results.append(_finish_trait(run, model, st, sweep[st.trait.name], judge, config, judge_id=judge_id,
+                                     mesh=mesh))
     return results
 
 
@@ -732,7 +740,7 @@ def vector_name(trait: str, variant: str) -> str:
 
 
 def _steer_traits(run: Run, model: Model, states: list[_TraitState], config: ExtractConfig,
-                  sweep_dir: str) -> dict[str, dict[str, Any]]:
+                  sweep_dir: str, mesh: Any = None) -> dict[str, dict[str, Any]]:
     """Stage 5 (``steer``): one batched steering sweep per token-position setting over traits x vector
     variants x layers x coefficients: teacher-forced contrastive likelihood of each trait's evaluation
     answers + greedy generations (for coherence). Its cache hits are the sweep rows served from
@@ -764,7 +772,7 @@ def _steer_traits(run: Run, model: Model, states: list[_TraitState], config: Ext
         for positions in config.steer_positions:
             grid = Grid("steer", vectors, names, layers, coeffs, positions=positions, baseline_once=True)
             got = run_sweep(model, grid, sets, out_dir=dirs[positions], progress=run.progress,
-                            generate_tokens=config.steer_tokens)
+                            generate_tokens=config.steer_tokens, mesh=mesh)
             rows += [{**r, "positions": positions} for r in got]
         stage.hit(max(0, len(rows) - (sum(_count_lines(d / "results.jsonl") for d in dirs.values()) - before)))
 
@@ -916,7 +924,7 @@ def random_directions(like: np.ndarray, n: int, seed: int, name: str) -> np.ndar
 
 
 def _control(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], ch: _Choice,
-             config: ExtractConfig) -> dict[str, Any] | None:
+             config: ExtractConfig, mesh: Any = None) -> dict[str, Any] | None:
     """Stage ``control``: ``n_random`` random directions with the chosen vector's per-layer norms, run at the
     chosen setting (same positions, layer, coefficient, units) on the same questions. Returns the random gain
     and the trait's gain minus it per question (intervals over questions); None without a chosen setting."""
@@ -934,7 +942,7 @@ def _control(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], ch: _C
         st.log(f"      control: {config.n_random} random direction(s) of the same norm at {p} positions, layer {layer}, "
                f"c={c:g}")
         rows = run_sweep(model, grid, [data] * config.n_random, out_dir=run.path(st.sub + "control"),
-                         progress=run.progress)
+                         progress=run.progress, mesh=mesh)
         lp = np.full((config.n_random, 2 * n_q), np.nan)
         for r in rows:
             lp[names.index(r["vector"]), r["prompt"]] = r["logprob"]
@@ -1035,11 +1043,11 @@ def measure_uses(judge_id: str, trusted: bool, filtered: bool, why_not: str) -> 
 
 
 def _finish_trait(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], judge: Any, config: ExtractConfig, *,
-                  judge_id: str) -> ExtractResult:
+                  judge_id: str, mesh: Any = None) -> ExtractResult:
     """Stages 6-7 for one trait (layer choice, monitoring), then its ``summary`` stage: summary and plots."""
     cfg, trait = model.cfg, st.trait
     ch = _choose(run, st, sw, judge, config, judge_id=judge_id)
-    control = _control(run, model, st, sw, ch, config)
+    control = _control(run, model, st, sw, ch, config, mesh)
     table, choice, baseline, judged_table = ch.table, ch.choice, ch.baseline, ch.judged_table
     best = choice["best_layer"]
     show = best if best is not None else sw["layers"][len(sw["layers"]) // 2]
@@ -1141,19 +1149,21 @@ class AllTraitsResult:
 
 
 def run_extract_all(model: Model, traits: Sequence[Any], judge: Any, config: ExtractConfig, out_dir: str | Path, *,
-                    judge_id: str, progress: bool = True, log: Callable[[str], None] = print) -> AllTraitsResult:
+                    judge_id: str, progress: bool = True, log: Callable[[str], None] = print,
+                    mesh: str | None = None) -> AllTraitsResult:
     """Every trait in one run directory (a run of kind ``extract-all``) ``out_dir/<trait>/``; the steering
     sweep of all traits is one batched computation (``out_dir/steering/``). Writes ``summary.json``/``.txt``
     and a per-trait ``steering.png`` grid in ``out_dir``; each trait's ``config.json`` is in its folder (the
     run's config, recorded by digest in ``run.json``, is not written as a file)."""
     _check_inputs(model, traits, config)
+    device_mesh = make_mesh(mesh) if mesh is not None else None  # as in run_extract
     out = Path(out_dir)
     record = config_record(traits[0].name, model.name, judge_id, config) if traits else {}
     mapping = {"traits": [t.name for t in traits], **{k: v for k, v in record.items() if k != "trait"}}
     with open_run(out, "extract-all", mapping, model=model, seeds={"seed": config.seed}, log=log, progress=progress,
                   write_config=False) as run:
         results = run_extract_many(run, model, traits, judge, config, judge_id=judge_id,
-                                   subdirs=[f"{t.name}/" for t in traits])
+                                   subdirs=[f"{t.name}/" for t in traits], mesh=device_mesh)
         res = AllTraitsResult(results, str(out))
         with run.stage("summary"):
             run.write_json("summary.json", [dataclasses.asdict(r) for r in results], indent=2)
