@@ -80,7 +80,11 @@ def test_chunks_pad_only_to_their_group_and_still_equal_points_one_by_one(model,
 
     widths = []
     real = sweep_mod.build_hooks
-    monkeypatch.setattr(sweep_mod, "build_hooks", lambda g, c, pts, pos: widths.append(len(pts)) or real(g, c, pts, pos))
+    def recording(g, c, pts, pos):
+        widths.append(len(pts))
+        return real(g, c, pts, pos)
+
+    monkeypatch.setattr(sweep_mod, "build_hooks", recording)
     rows = run_sweep(model, grid, DATA, progress=False)
     assert widths == [6, 4, 4]
     enc = encode_scoring(model, DATA)

@@ -74,13 +74,13 @@ def test_sweep_on_a_mesh_equals_one_device(tmp_path: Path) -> None:
     cfg = tmp_path / "small.toml"
     cfg.write_text(SMALL_SWEEP)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    runs = {}
-    for name, extra in (("one", []), ("mesh", ["--mesh", "2x3"])):
-        out = tmp_path / name
-        done = subprocess.run([sys.executable, "-m", "jaxpersona.cli", "sweep", "--config", str(cfg), "--out", str(out),
-                               "--quiet", *extra], env=env, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert main(["sweep", "--config", str(cfg), "--out", str(tmp_path / "one"), "--quiet"]) == 0  # this process
+    done = subprocess.run([sys.executable, "-m", "jaxpersona.cli", "sweep", "--config", str(cfg), "--out",
+                           str(tmp_path / "mesh"), "--quiet", "--mesh", "2x3"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {name: [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+            for name in ("one", "mesh")}
     assert len(runs["one"]) == len(runs["mesh"]) == 12
     for a, b in zip(runs["one"], runs["mesh"]):
         assert (a["layer"], a["coeff"], a["prompt"]) == (b["layer"], b["coeff"], b["prompt"])

@@ -1112,26 +1112,26 @@ def test_all_traits_is_one_sweep_and_matches_single_runs(base_run, model, tmp_pa
     assert (tmp_path / "all" / "cat" / "config.json").is_file() and not (tmp_path / "all" / "config.json").exists()
 
 
-def test_extract_on_a_mesh_equals_one_device() -> None:
+def test_extract_on_a_mesh_equals_one_device(base_run) -> None:
     """``run_extract(..., mesh="4x2")`` on 8 virtual CPU devices (a subprocess: the device count is fixed when JAX
-    starts): the steering sweep and random control sharded give the one-device table, setting and held-out gain."""
+    starts) gives this process's one-device run of the same inputs (``base_run``): the steering sweep and the
+    random control, sharded, give the same table, setting, held-out gain and control."""
     import os
     import subprocess
     import sys
 
+    _, one, _ = base_run
     script = Path(__file__).resolve().parents[1] / "scripts" / "extract_mesh.py"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    res = json.loads(done.stdout.strip().splitlines()[-1])
-    one, mesh = res["one"], res["mesh"]
-    assert set(map(json.dumps, one["meshes"])) == {"null"}  # steering passes + control, unsharded
-    assert len(mesh["meshes"]) == len(one["meshes"]) >= 2 and all(m == {"data": 4, "model": 2} for m in mesh["meshes"])
-    assert one["setting"] == mesh["setting"]
-    cells = [(layer, c) for layer, row in one["steering"].items() for c in row]
+    mesh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(mesh["meshes"]) >= 2 and all(m == {"data": 4, "model": 2} for m in mesh["meshes"])  # really sharded
+    assert list(one.setting.items()) == list(mesh["setting"].items())
+    cells = [(layer, c) for layer, row in one.steering.items() for c in row]
     assert len(cells) > 4
     for layer, c in cells:
-        assert one["steering"][layer][c]["delta"] == pytest.approx(mesh["steering"][layer][c]["delta"], abs=1e-4)
-    assert one["heldout"]["gain"] == pytest.approx(mesh["heldout"]["gain"], abs=1e-4)
-    assert one["control"]["per_question"] == pytest.approx(mesh["control"]["per_question"], abs=1e-4)
-    assert one["control"]["diff"] == pytest.approx(mesh["control"]["diff"], abs=1e-4)
+        assert one.steering[layer][c]["delta"] == pytest.approx(mesh["steering"][layer][c]["delta"], abs=1e-4)
+    assert one.heldout["gain"] == pytest.approx(mesh["heldout"]["gain"], abs=1e-4)
+    assert one.control["per_question"] == pytest.approx(mesh["control"]["per_question"], abs=1e-4)
+    assert one.control["diff"] == pytest.approx(mesh["control"]["diff"], abs=1e-4)

@@ -1,7 +1,8 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: the persona-vector pipeline on the tiny llama
-(tests/pipelines/test_pipeline.py's model, trait, judge and config), once on one device and once with
-``mesh="4x2"`` (steering sweep and random control sharded: grid points over data, weights over model). Prints
-one JSON line: the two summaries' steering cells, held-out gain, control and chosen setting."""
+(tests/pipelines/test_pipeline.py's model, trait, judge and config) with ``mesh="4x2"`` (steering sweep and
+random control sharded: grid points over data, weights over model). Prints one JSON line: the steering cells,
+held-out gain, control and chosen setting, and the mesh each of the pipeline's sweeps was given (the test
+compares them with its own one-device run of the same inputs)."""
 
 import json
 import sys
@@ -36,11 +37,7 @@ assert jax.device_count() == 8, jax.device_count()
 root = Path(tempfile.mkdtemp())
 cfg, params = load_hf_dir(hf_tiny.save_hf_dir(hf_tiny.hf_model("llama"), root / "llama"))
 model = tp.CountingModel(cfg, params, tp.full_word_tokenizer(), "tiny-llama")
-out = {}
-for name, mesh in (("one", None), ("mesh", "4x2")):
-    seen.clear()
-    r = run_extract(model, tp.TRAIT, tp.ScriptedJudge(), tp.CONFIG, root / name, judge_id="scripted", progress=False,
-                    log=lambda _: None, mesh=mesh)
-    out[name] = {"meshes": list(seen), "steering": r.steering, "heldout": r.heldout, "control": r.control,
-                 "setting": r.setting}
-print(json.dumps(out, default=float))
+r = run_extract(model, tp.TRAIT, tp.ScriptedJudge(), tp.CONFIG, root / "mesh", judge_id="scripted", progress=False,
+                log=lambda _: None, mesh="4x2")
+print(json.dumps({"meshes": seen, "steering": r.steering, "heldout": r.heldout, "control": r.control,
+                  "setting": r.setting}, default=float))
