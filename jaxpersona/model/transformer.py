@@ -240,8 +240,14 @@ def score_vocab_chunk(rows: int, vocab: int) -> int:
     """The vocabulary chunk for forward-only :func:`token_logprobs` of ``rows`` positions: ``SCORE_CHUNK`` once
     the ``[rows, V]`` logits pass 16 MiB, else ``VOCAB_CHUNK``. Measured on a 2-core CPU, SmolLM2's 49k
     vocabulary: 4 x 144 positions (a sweep chunk) 227 -> 139 ms, 384 positions 149 -> 95 ms; 32 positions
-    are slower chunked (18 -> 22 ms), and so is the gradient (430 -> 560 ms), which keeps ``VOCAB_CHUNK``."""
-    return SCORE_CHUNK if rows * vocab >= 1 << 22 else VOCAB_CHUNK
+    are slower chunked (18 -> 22 ms), and so is the gradient (430 -> 560 ms), which keeps ``VOCAB_CHUNK``.
+    Small chunks are used only where they are strided with a multiple of 256 ids each (SmolLM2's 49,152 and
+    Gemma's 262,144 ids): a vocabulary split over a mesh's ``model`` axis then splits every chunk evenly, so no
+    device gathers the head. Other vocabularies (Qwen's 151,936, Llama 3's 128,256) keep ``VOCAB_CHUNK``."""
+    if rows * vocab < 1 << 22:
+        return VOCAB_CHUNK
+    n = vocab_stride(vocab, SCORE_CHUNK)
+    return SCORE_CHUNK if n and (vocab // n) % 256 == 0 else VOCAB_CHUNK
 
 
 def _head_slice(params: Params, cfg: ModelConfig, x: jax.Array, start: jax.Array, size: int) -> jax.Array:

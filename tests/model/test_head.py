@@ -84,3 +84,17 @@ def test_remat_block_gives_the_same_loss_and_gradient(model) -> None:
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_forward_only_scoring_chunks_only_where_they_stay_evenly_sharded() -> None:
+    """``score_vocab_chunk``: 4,096-id strided chunks for many positions of SmolLM2's or Gemma's vocabulary (each
+    chunk a multiple of 256 ids, so a vocabulary split over ``model`` splits every chunk evenly); the one-pass
+    form for few positions and for vocabularies whose strided chunks would not split evenly (Qwen, Llama 3)."""
+    from jaxpersona.model.transformer import SCORE_CHUNK, VOCAB_CHUNK, score_vocab_chunk
+
+    assert score_vocab_chunk(576, 49152) == SCORE_CHUNK and score_vocab_chunk(576, 262144) == SCORE_CHUNK
+    assert score_vocab_chunk(32, 49152) == VOCAB_CHUNK  # 6 MiB of logits: one pass is faster
+    for vocab in (151936, 128256, 32000, 1009):
+        assert score_vocab_chunk(4096, vocab) == VOCAB_CHUNK, vocab
+    for vocab in (49152, 262144):
+        assert (vocab // vocab_stride(vocab, SCORE_CHUNK)) % 256 == 0
