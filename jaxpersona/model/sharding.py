@@ -107,6 +107,12 @@ def make_mesh(shape: Sequence[int] | str, devices: Sequence[Any] | None = None) 
     return jax.make_mesh(dims, ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices[:need])
 
 
+def mesh_option(shape: Sequence[int] | str | None) -> jax.sharding.Mesh | None:
+    """A pipeline's ``mesh=`` option: None (one device) or :func:`make_mesh` of it, built before any work so a
+    bad mesh fails first."""
+    return make_mesh(shape) if shape is not None else None
+
+
 def parse_mesh(shape: Sequence[int] | str) -> tuple[int, int]:
     if isinstance(shape, str):
         try:

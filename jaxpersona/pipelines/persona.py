@@ -80,7 +80,7 @@ from jaxpersona.measure.selection import (
     setting_json,
 )
 from jaxpersona.measure.stats import CoherenceThresholds, auroc_ci, pearson_ci
-from jaxpersona.model.sharding import make_mesh
+from jaxpersona.model.sharding import mesh_option
 from jaxpersona.runner.run import Run, Stage, open_run
 from jaxpersona.runner.stages import generate_cached, judge_cached
 
@@ -460,7 +460,7 @@ def run_extract(
     weights over ``model``); the other stages run on one device.
     """
     _check_inputs(model, [trait], config)
-    device_mesh = make_mesh(mesh) if mesh is not None else None  # a bad mesh fails before any work
+    device_mesh = mesh_option(mesh)
     with open_run(out_dir, "extract", config_record(trait.name, model.name, judge_id, config), model=model,
                   seeds={"seed": config.seed}, log=log, progress=progress) as run:
         return run_extract_many(run, model, [trait], judge, config, judge_id=judge_id, anchors=[anchors],
@@ -1156,7 +1156,7 @@ def run_extract_all(model: Model, traits: Sequence[Any], judge: Any, config: Ext
     and a per-trait ``steering.png`` grid in ``out_dir``; each trait's ``config.json`` is in its folder (the
     run's config, recorded by digest in ``run.json``, is not written as a file)."""
     _check_inputs(model, traits, config)
-    device_mesh = make_mesh(mesh) if mesh is not None else None  # as in run_extract
+    device_mesh = mesh_option(mesh)
     out = Path(out_dir)
     record = config_record(traits[0].name, model.name, judge_id, config) if traits else {}
     mapping = {"traits": [t.name for t in traits], **{k: v for k, v in record.items() if k != "trait"}}

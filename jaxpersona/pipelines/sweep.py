@@ -24,7 +24,7 @@ from jaxpersona.compute.scoring import ScoringSet
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
-from jaxpersona.model.sharding import make_mesh
+from jaxpersona.model.sharding import mesh_option
 from jaxpersona.runner.run import open_run
 
 
@@ -103,7 +103,7 @@ def run_sweep_config(
     ``jax.devices()`` (every process's, after ``jax.distributed.initialize``); the rows equal one device's
     (the shards reorder reductions: ~1e-6 in log-prob)."""
     config_path = Path(config_path)
-    device_mesh = make_mesh(mesh) if mesh is not None else None  # a bad mesh fails before any work
+    device_mesh = mesh_option(mesh)
     cfg = load_config(config_path)
     out = Path(out_dir or cfg.get("out_dir") or f"runs/{config_path.stem}")
     m = load(model or cfg.get("model", "smollm2-135m-instruct"), dtype=cfg.get("dtype", "float32"))
