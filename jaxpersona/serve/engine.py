@@ -462,7 +462,8 @@ class Sequence:
 
     Events put on ``events`` (shared by a request's choices):
 
-    * ``("delta", index, text, entry, projections)``: ``entry`` = ``(token, logprob, [(id, logprob), ...])``
+    * ``("delta", index, text, entry, projections)``, one per generated token (``text`` may be empty while
+      text is held back): ``entry`` = ``(token, logprob, [(id, logprob), ...])``
       or None (no logprobs asked); ``projections`` = None when no readout was asked, else the per-token
       readout of the tokens whose text this delta releases, in order: a list of ``[R]`` float lists (empty
       while text is held back for an incomplete character or a possible stop string);
@@ -875,12 +876,11 @@ class Engine:
         else:
             delta = text[seq.sent:]
         seq.sent += len(delta)
-        if delta or entry is not None:
-            proj = None
-            if seq.readout:  # the tokens whose text this delta carries (held-back ones go with later text)
-                proj = seq.projections[seq.projections_sent:] if delta else []
-                seq.projections_sent += len(proj)
-            seq.events.put(("delta", seq.index, delta, entry, proj))
+        proj = None  # one event per generated token, so latency metrics count tokens, not text pieces
+        if seq.readout:  # the tokens whose text this delta carries (held-back ones go with later text)
+            proj = seq.projections[seq.projections_sent:] if delta else []
+            seq.projections_sent += len(proj)
+        seq.events.put(("delta", seq.index, delta, entry, proj))
         if finish is not None:
             self.rows[row] = None
             self.table.clear(row)

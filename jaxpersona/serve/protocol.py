@@ -633,6 +633,8 @@ def stream_chunks(req: Parsed, tokenizer: Any, model_name: str) -> Iterator[dict
     for ev in iter_events(req):
         i = ev[1]
         if ev[0] == "delta":
+            if not ev[2] and ev[3] is None:  # a token whose text is held back and no logprobs: nothing to send
+                continue
             entry = [ev[3]] if ev[3] is not None else []
             if req.kind == "chat":
                 c = {"index": i, "delta": {"content": ev[2]},

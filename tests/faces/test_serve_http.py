@@ -275,7 +275,7 @@ def test_metrics_count_what_was_served(server):
         usage = []
         for i in range(3):
             body = {"messages": [{"role": "user", "content": f"Count to {i + 2}."}], "max_tokens": 3 + i,
-                    "ignore_eos": True,
+                    "ignore_eos": True, "stop": ["#" * 64],  # holds the text back to the end: gaps count tokens
                     "interventions": [{"kind": "steer", "vector": [0.0] * d, "layers": 3, "coeff": 1.0}],
                     "persona_readout": [{"name": "x", "vector": [1.0] * d, "layer": 3}]}
             r = client.post(server.url + "/chat/completions", json=body)
