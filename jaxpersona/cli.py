@@ -151,8 +151,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
     p.add_argument("--max-readout", type=int, default=4, help="persona-readout directions per request")
     p.add_argument("--max-queue", type=int, default=256, help="sequences queued or running before 429s")
-    p.add_argument("--prefill-rows", type=int, default=1, help="arrivals prefilled together (fixed shape; >1 helps "
-                                                                "bursts on accelerators, costs a lone request on CPU)")
+    p.add_argument("--prefill-rows", type=int, default=None,
+                   help="arrivals prefilled side by side in one call (default min(8, batch)); a lone arrival's calls "
+                        "compute one row")
     p.add_argument("--prefill-chunk", type=int, default=16,
                    help="prompts are prefilled in blocks of this many tokens, one block between decode steps (running "
                         "streams keep going); also the prefix cache's block")

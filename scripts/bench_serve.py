@@ -778,7 +778,7 @@ def summary(results: dict, args) -> list[str]:
     """The printed report (also kept in the JSON as ``summary``)."""
     lines = [(f"device {results['device']}; {args.clients} clients x {args.rounds} rounds x {args.max_tokens} "
               f"tokens, batch {args.batch}, max_context {args.max_context}, prefill_chunk {args.prefill_chunk}, "
-              f"attn_block {args.attn_block}, prefix cache {args.prefix_cache_mb:g} MB; medians of {args.repeats} "
+              f"prefill_rows {args.prefill_rows}, attn_block {args.attn_block}, prefix cache {args.prefix_cache_mb:g} MB; medians of {args.repeats} "
               f"alternating repeats (tok/s min-max in brackets)")]
     hf = results.get("hf", {})
     rows = [(k, results[k], hf.get(k)) for k in ("none", "mixed", "none_new_connection") if k in results]
@@ -879,7 +879,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--batch", type=int)
     ap.add_argument("--max-context", type=int, default=192, help="of the plain / mixed / adapters loads' server")
-    ap.add_argument("--prefill-rows", type=int, default=1)
+    ap.add_argument("--prefill-rows", type=int, default=None, help="default min(8, batch), as `jaxpersona serve`")
     ap.add_argument("--prefill-chunk", type=int, default=16)
     ap.add_argument("--attn-block", type=int, default=64)
     ap.add_argument("--prefix-cache-mb", type=float, default=256.0)
@@ -900,6 +900,8 @@ def main() -> None:
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.prefill_rows is None:
+        args.prefill_rows = min(8, args.batch, args.chunked_batch)
     want = {s.strip() for s in args.sections.split(",") if s.strip()}
     if want - set(SECTIONS):
         ap.error(f"unknown sections {sorted(want - set(SECTIONS))}; use {', '.join(SECTIONS)}")

@@ -204,10 +204,6 @@ def _blocked_attention(cfg: ModelConfig, qg: jax.Array, k: jax.Array, v: jax.Arr
     g = gt // t
     nb = span // bs
     low = jnp.finfo(jnp.float32).min
-    kb = k[:, :, :span].reshape(b, kvh, nb, bs, hd).transpose(2, 0, 1, 3, 4)  # [nb, B, KV, bs, hd]
-    vb = v[:, :, :span].reshape(b, kvh, nb, bs, hd).transpose(2, 0, 1, 3, 4)
-    mb = mask[:, :, :span].reshape(b, t, nb, bs).transpose(2, 0, 1, 3)  # [nb, B, T, bs]
-
     def step(carry: tuple[jax.Array, jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
         m, l, acc = carry
         kk, vv, mm = xs
@@ -222,7 +218,11 @@ def _blocked_attention(cfg: ModelConfig, qg: jax.Array, k: jax.Array, v: jax.Arr
 
     init = (jnp.full((b, kvh, gt), low, jnp.float32), jnp.zeros((b, kvh, gt), jnp.float32),
             jnp.zeros((b, kvh, gt, hd), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
+    carry = init
+    for i in range(nb):  # static slices, unrolled: each block is read in place (no transposed copy of the span)
+        sl = slice(i * bs, (i + 1) * bs)
+        carry, _ = step(carry, (k[:, :, sl], v[:, :, sl], mask[:, :, sl]))
+    _, l, acc = carry
     return (acc / l[..., None]).astype(v.dtype)
 
 

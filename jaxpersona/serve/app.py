@@ -539,7 +539,7 @@ class PersonaServer:
 def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = None,
                presets: list[str] | None = None, adapters: list[str] | None = None, served_name: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, batch: int = 8, max_context: int = 1024,
-               max_interventions: int = 4, max_readout: int = 4, max_queue: int = 256, prefill_rows: int = 1,
+               max_interventions: int = 4, max_readout: int = 4, max_queue: int = 256, prefill_rows: int | None = None,
                mesh: str | None = None, api_key: str | None = None, warmup: bool = True, access_log: bool = True,
                read_timeout: float = 30.0, request_timeout: float | None = None, max_connections: int = 512,
                graceful_seconds: float = 30.0, prefill_chunk: int = 16, attn_block: int = 64,
@@ -551,7 +551,8 @@ def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = 
     send (default ``model``); ``api_key``: required as ``Authorization: Bearer`` (None: open). The engine
     options are :class:`~jaxpersona.serve.engine.EngineConfig`'s, the HTTP ones :class:`ServerOptions`'."""
     ecfg = EngineConfig(batch=batch, max_context=max_context, max_interventions=max_interventions,
-                        max_readout=max_readout, max_queue=max_queue, prefill_rows=prefill_rows,
+                        max_readout=max_readout, max_queue=max_queue,
+                        prefill_rows=min(8, batch) if prefill_rows is None else prefill_rows,
                         prefill_chunk=prefill_chunk, attn_block=attn_block, prefix_cache_mb=prefix_cache_mb,
                         max_mixture=max_mixture)
     options = ServerOptions(read_timeout=read_timeout, request_timeout=request_timeout,

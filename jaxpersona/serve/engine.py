@@ -7,7 +7,8 @@ cache_index=[B])``), so a request's computation never depends on when it joined 
 hold: interleaved requests give the tokens they give alone.
 
 **Chunked prefill.** A prompt is prefilled in blocks of ``C = prefill_chunk`` tokens at slots ``0, C, 2C,
-...`` — always the same blocks, one call of one shape ``[prefill_rows, C]`` each — into a prefill buffer,
+...`` — always the same blocks, one call of shape ``[1, C]`` for a lone prompt or ``[prefill_rows, C]`` for
+several side by side — into a prefill buffer,
 blocks for about one decode step's time between two decode steps of the running rows: a long prompt never
 stalls the streams already running (they wait at most about one more step per token). When its last block is done the row moves into the batch cache.
 **Prefix cache** (:mod:`jaxpersona.serve.prefix`): a block's keys and values depend only on the tokens up to
@@ -137,6 +138,17 @@ class EngineConfig:
         of two blocks, at most ``max_context``."""
         blocks = -(-max(used, 1) // self.attn_block)
         return min(self.max_context, self.attn_block * (1 << (blocks - 1).bit_length()))
+
+    def prefill_buckets(self) -> list[int]:
+        """The row counts a prefill call is compiled for: 1 and ``prefill_rows``. A call computes one row when
+        only the first prefill row is in use (rows are taken lowest first), else all of them: a lone arrival
+        pays for one row, and a burst is prefilled side by side (on a CPU a call of a few rows x ``C`` tokens
+        still reads every weight once, so it costs little more than one row)."""
+        return sorted({1, self.prefill_rows})
+
+    def prefill_bucket(self, rows_in_use: int) -> int:
+        """The smallest of :meth:`prefill_buckets` >= ``rows_in_use``."""
+        return min(n for n in self.prefill_buckets() if n >= rows_in_use)
 
     def spans(self) -> list[int]:
         """Every span :meth:`span` can return (the decode and prefill programs there are)."""
@@ -412,14 +424,21 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
 def prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, valid: jax.Array,
                   index: jax.Array, last: jax.Array, hook: RowInterventions | None, adapter: AdapterStack | None = None,
                   adapter_select: jax.Array | None = None, *, blocked: Blocked) -> tuple[KVCache, jax.Array]:
-    """One prompt block per prefill row: ``tokens [R, C]`` (``valid`` False past a prompt's end) written at
-    slots ``index [R] ..`` of the prefill buffer ``cache [L, R, KV, S, hd]``, each row under its interventions
-    and adapter; returns the buffer and the logits ``[R, V]`` at each row's position ``last [R]``."""
-    out = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=index, hook=hook, logits=False,
+    """One prompt block per prefill row: ``tokens [n, C]`` (``valid`` False past a prompt's end) written at
+    slots ``index [n] ..`` of the first ``n`` rows of the prefill buffer ``cache [L, R, KV, S, hd]`` (``n <= R``:
+    a call computes only the rows in use, see :meth:`EngineConfig.prefill_buckets`), each row under its
+    interventions and adapter; returns the buffer and the logits ``[n, V]`` at each row's position ``last [n]``.
+    Only the first ``blocked.span`` slots of those rows are read and written back."""
+    n, sp = tokens.shape[0], blocked.span
+    sub = KVCache(cache.k[:, :n, :, :sp], cache.v[:, :n, :, :sp], cache.valid[:n, :sp])
+    out = forward(params, cfg, tokens, valid=valid, cache=sub, cache_index=index, hook=hook, logits=False,
                   capture=Capture((cfg.n_layers,), "tokens"), adapter=adapter, adapter_select=adapter_select,
                   blocked=blocked)
-    h = jnp.take_along_axis(out.captured[0], last[:, None, None], axis=1)  # [R, 1, D] resid[L] at `last`
-    return out.cache, unembed(params, cfg, h)[:, 0]
+    assert out.cache is not None
+    cache = KVCache(cache.k.at[:, :n, :, :sp].set(out.cache.k), cache.v.at[:, :n, :, :sp].set(out.cache.v),
+                    cache.valid.at[:n, :sp].set(out.cache.valid))
+    h = jnp.take_along_axis(out.captured[0], last[:, None, None], axis=1)  # [n, 1, D] resid[L] at `last`
+    return cache, unembed(params, cfg, h)[:, 0]
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -566,7 +585,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "joined_running": 0, "prefills": 0,
-                      "step_seconds": 0.0, "prefill_seconds": 0.0, "prefix_queries": 0, "prefix_hits": 0}
+                      "prefill_rows": 0, "step_seconds": 0.0, "prefill_seconds": 0.0, "prefix_queries": 0, "prefix_hits": 0}
         self.failure: BaseException | None = None
 
     # --- submission (any thread) ----------------------------------------------------------------
@@ -725,10 +744,10 @@ class Engine:
                 return
 
     def _prefill_step(self) -> None:
-        """One block of every prompt being prefilled (one call of shape ``[prefill_rows, C]``); rows whose
-        prompt is done join the batch."""
+        """One block of every prompt being prefilled (one call of shape ``[n, C]``, ``n`` the bucket of the
+        highest prefill row in use); rows whose prompt is done join the batch."""
         t0 = time.perf_counter()
-        r, c = self.ecfg.prefill_rows, self.ecfg.prefill_chunk
+        c = self.ecfg.prefill_chunk
         for i, p in enumerate(self.pslots):
             if p is not None and p.seq.cancelled.is_set():
                 self._release(i)
@@ -736,6 +755,7 @@ class Engine:
         active = [i for i, p in enumerate(self.pslots) if p is not None]
         if not active:
             return
+        r = self.ecfg.prefill_bucket(active[-1] + 1)  # the rows this call computes
         tokens = np.full((r, c), self.pad_id, np.int32)
         valid = np.zeros((r, c), bool)
         index = np.zeros(r, np.int32)
@@ -757,6 +777,7 @@ class Engine:
                 jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
         logits.block_until_ready()  # the time budget counts work done, not work dispatched
         self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += r  # rows computed (a lone prompt: 1)
         for i in active:
             p = self.pslots[i]
             assert p is not None
@@ -793,18 +814,21 @@ class Engine:
         return self.adapters, jnp.asarray(sel)
 
     def compile_shapes(self, decode: bool = False) -> None:
-        """Compile the prefill block at every attention span (on a scratch buffer: safe while the engine runs)
+        """Compile the prefill block at every attention span and row bucket (on a scratch buffer: safe while the
+        engine runs)
         and, with ``decode`` (only before :meth:`start`: it steps the idle batch), the plain decode step at
         every span, so first requests do not wait for the compiler."""
-        r, c = self.ecfg.prefill_rows, self.ecfg.prefill_chunk
-        ad = (None, None) if self.adapters is None else (self.adapters, jnp.zeros((r,), jnp.int32))
+        c = self.ecfg.prefill_chunk
         scratch = jax.tree.map(jnp.zeros_like, self.pcache)
-        zeros = np.zeros(r, np.int32)
-        for span in self.ecfg.spans():
-            with self.on_mesh():
-                scratch, _ = prefill_chunk(self.params, self.cfg, scratch, jnp.full((r, c), self.pad_id, jnp.int32),
-                                           jnp.zeros((r, c), bool), jnp.asarray(zeros), jnp.asarray(zeros), None, *ad,
-                                           blocked=Blocked(self.ecfg.attn_block, span))
+        for r in self.ecfg.prefill_buckets():
+            ad = (None, None) if self.adapters is None else (self.adapters, jnp.zeros((r,), jnp.int32))
+            zeros = np.zeros(r, np.int32)
+            for span in self.ecfg.spans():
+                with self.on_mesh():
+                    scratch, _ = prefill_chunk(self.params, self.cfg, scratch,
+                                               jnp.full((r, c), self.pad_id, jnp.int32), jnp.zeros((r, c), bool),
+                                               jnp.asarray(zeros), jnp.asarray(zeros), None, *ad,
+                                               blocked=Blocked(self.ecfg.attn_block, span))
         if decode and not self.started:
             b = self.ecfg.batch
             units, layers = self.table.device()[1:]
