@@ -579,6 +579,7 @@ class Engine:
         self._last_step = 0.0  # seconds the last decode step took: the prefill time allowed between two steps
         self._blocks_this_call = 0
         self.waiting: queue.Queue[Sequence] = queue.Queue()  # submitted (any thread)
+        self._submitting = threading.Lock()  # a request's choices are queued together: drained together
         self.backlog: list[Sequence] = []  # taken from `waiting` by the engine thread, not yet admitted
         self.pending = 0  # sequences submitted and not finished (guarded by _lock)
         self._lock = threading.Lock()
@@ -615,8 +616,9 @@ class Engine:
                                           f"{self.ecfg.max_queue}); retry later", status=429,
                                           kind="rate_limit_error", code="queue_full")
             self.pending += len(seqs)
-        for s in seqs:
-            self.waiting.put(s)
+        with self._submitting:
+            for s in seqs:
+                self.waiting.put(s)
 
     @property
     def started(self) -> bool:
@@ -675,12 +677,14 @@ class Engine:
             r.events.put(("error", r.index, message))
 
     def _drain(self) -> list[Sequence]:
+        """Everything submitted so far; never half of a request's choices (they are queued under one lock)."""
         out = []
-        while True:
-            try:
-                out.append(self.waiting.get_nowait())
-            except queue.Empty:
-                return out
+        with self._submitting:
+            while True:
+                try:
+                    out.append(self.waiting.get_nowait())
+                except queue.Empty:
+                    return out
 
     def _admit(self) -> None:
         """Start prefilling waiting requests: each takes a free prefill row and reserves a free batch row;
