@@ -23,9 +23,15 @@ from jaxpersona.model.transformer import (
     Capture,
     Hook,
     KVCache,
+    Recorder,
+    apply_hook,
     check_context,
     check_tokens,
+    embed,
     forward,
+    prepare,
+    run_layers,
+    unembed,
 )
 
 
@@ -210,6 +216,41 @@ def generate_loop(
     return _decode(params, cfg, pre.last_logits(), pre.kv(), t, key, temperature, top_p, hook,
                    max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter,
                    adapter_select=adapter_select).out
+
+
+def prefill_trunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, start: jax.Array, *,
+                  max_new_tokens: int, adapter: Adapter | AdapterStack | None = None) -> tuple[jax.Array, KVCache]:
+    """The prompt's prefill below ``resid[start]``, unintervened: ``(resid[start] [B, T, D], cache)``, the cache
+    (``T + max_new_tokens`` slots) holding the prompt's keys/values of layers ``< start``, its ``valid`` as before
+    the prompt. Run once, it serves every intervention that is off below ``start`` (:func:`generate_above`)."""
+    b, t = tokens.shape
+    empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
+    prep = prepare(cfg, valid, None, empty, 0)
+    h, _, cache = run_layers(params, cfg, embed(params, cfg, tokens), prep, jnp.zeros((0,), params["embed"].dtype),
+                             Recorder.make(cfg, None, valid), cache=empty, cache_index=0,
+                             span=(jnp.int32(0), start), adapter=adapter)
+    assert cache is not None
+    return h, cache._replace(valid=empty.valid)
+
+
+def generate_above(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, trunk: tuple[jax.Array, KVCache],
+                   start: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *,
+                   max_new_tokens: int, greedy: bool, eos_ids: tuple[int, ...], pad_id: int,
+                   adapter: Adapter | AdapterStack | None = None) -> GenerateOutput:
+    """:func:`generate_loop` for a ``hook`` that is off below ``resid[start]``, from the prompt's
+    :func:`prefill_trunk` at ``start``: only blocks ``start..L-1`` of the prompt run here (the same numbers as the
+    whole prefill: the blocks below run unintervened either way)."""
+    h0, cache = trunk
+    t = tokens.shape[1]
+    prep = prepare(cfg, valid, None, cache, 0)
+    h = apply_hook(hook, start, h0, prep.ctx)
+    h, _, filled = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, valid),
+                              hook=hook, cache=cache, cache_index=0, span=(start, jnp.int32(cfg.n_layers)),
+                              adapter=adapter)
+    assert filled is not None
+    return _decode(params, cfg, unembed(params, cfg, h[:, -1:])[:, -1], filled, t, key, temperature, top_p, hook,
+                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id,
+                   adapter=adapter).out
 
 
 class TurnOutput(NamedTuple):

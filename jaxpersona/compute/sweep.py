@@ -36,7 +36,7 @@ from jaxpersona import errors
 from jaxpersona.artifacts.adapters import shard_adapter
 from jaxpersona.artifacts.records import atomic_write
 from jaxpersona.compute.batching import BUCKET, Batch, pad_left, round_up
-from jaxpersona.compute.generate import generate_loop
+from jaxpersona.compute.generate import generate_above, generate_loop, prefill_trunk
 from jaxpersona.compute.handle import Model
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import (
@@ -258,25 +258,30 @@ def score_chunk(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id", "shared_prefix"))
-def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hooks: Any, *,
-                   max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int, shared_prefix: bool = False,
-                   adapter: Any = None) -> Any:
+def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hooks: Any,
+                   start: jax.Array | None = None, *, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
+                   shared_prefix: bool = False, adapter: Any = None) -> Any:
     """Greedy generation for every grid point of ``hooks`` (leading axis G): tokens ``[G, B, N]``.
 
     ``shared_prefix``: the hooks never touch the prompt before its last token (``response``
-    positions), so that prefix is prefilled once for all grid points. ``adapter``: a LoRA adapter beside
-    ``params``."""
-    cache = None
+    positions), so that prefix is prefilled once for all grid points. Otherwise, with ``start``: every hook is
+    off below ``resid[start]``, so the prompt's prefill below it runs once for all grid points
+    (:func:`~jaxpersona.compute.generate.prefill_trunk`). ``adapter``: a LoRA adapter beside ``params``."""
+    cache, trunk = None, None
     if shared_prefix:
         b, t = tokens.shape
         empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
         cache = forward(params, cfg, tokens[:, :-1], valid=valid[:, :-1], cache=empty, logits=False,
                         adapter=adapter).cache
+    elif start is not None:
+        trunk = prefill_trunk(params, cfg, tokens, valid, start, max_new_tokens=max_new_tokens, adapter=adapter)
 
     def one(hook: Any) -> Any:
-        return generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
-                         max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
-                         prefix_cache=cache, adapter=adapter)
+        args = (jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook)
+        kw = dict(max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter)
+        if trunk is not None and start is not None:
+            return generate_above(params, cfg, tokens, valid, trunk, start, *args, **kw)
+        return generate_loop(params, cfg, tokens, valid, *args, prefix_cache=cache, **kw)
 
     return jax.vmap(one)(hooks)
 
@@ -461,7 +466,8 @@ def _generate_texts(plan: _Plan, si: int, points: list[dict[str, Any]], size: in
     if plan.mesh is not None:
         hooks = _shard(hooks, plan.mesh, P("data"))
     gb, gmap = plan.gens[si]
-    gen = to_host(generate_chunk(plan.params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid), hooks,
+    start = None if plan.split else jnp.int32(min(p["layer"] for p in points))  # every hook is off below it
+    gen = to_host(generate_chunk(plan.params, cfg, jnp.asarray(gb.tokens), jnp.asarray(gb.valid), hooks, start,
                                  max_new_tokens=int(plan.generate_tokens), eos_ids=model.eos_ids,
                                  pad_id=model.pad_id, shared_prefix=plan.split, adapter=plan.adapter))
     decoded = [model.decode(jax.tree.map(lambda x, g=g: x[g], gen)) for g in range(len(points))]

@@ -228,17 +228,23 @@ def test_sharded_sweep_on_8_cpu_devices_matches_one_device():
                 assert x[k] == pytest.approx(y[k], abs=1e-4, rel=1e-5), k
 
 
-def test_sweep_generation_matches_per_point_generate(model, bank):
-    grid = Grid("steer", bank[:1], ("a",), layers=(6,), coeffs=(0.0, 12.0), positions="response")
+@pytest.mark.parametrize("positions", ["response", "all", "prompt"])
+def test_sweep_generation_matches_per_point_generate(model, bank, positions):
+    """The sweep's greedy texts equal one full generate per point: with ``response`` positions the prompt's
+    prefix is prefilled once for all points; otherwise the prompt's blocks below the batch's lowest steering
+    layer are (here layers 3 and 6 generate in one batch, prefilled once below resid[3])."""
+    grid = Grid("steer", bank[:1], ("a",), layers=(3, 6), coeffs=(0.0, 12.0), positions=positions)
     rows = run_sweep(model, grid, DATA, generate_tokens=8, progress=False)
     batch = model.encode(list(DATA.prompts), chat=True, system=DATA.system)
-    pos = iv.Positions.response(batch.valid)
+    pos = getattr(iv.Positions, positions)(batch.valid)
     for p in grid.points():
         hook = jax.tree.map(lambda x: x[0], sweep_mod.build_hooks(grid, model.cfg, [p], pos))
         want = model.decode(model.generate_tokens(batch, max_new_tokens=8, hook=hook))
-        got = [r["text"] for r in rows if r["coeff"] == p["coeff"]]
-        assert got == want
-    assert [r["text"] for r in rows if r["coeff"] == 0.0] != [r["text"] for r in rows if r["coeff"] == 12.0]
+        got = [r["text"] for r in rows if r["coeff"] == p["coeff"] and r["layer"] == p["layer"]]
+        assert got == want, p
+    for layer in (3, 6):
+        assert ([r["text"] for r in rows if r["coeff"] == 0.0 and r["layer"] == layer]
+                != [r["text"] for r in rows if r["coeff"] == 12.0 and r["layer"] == layer])
 
 
 def test_paired_sets_equal_each_set_alone_and_baseline_once(model, bank):
