@@ -233,8 +233,8 @@ def prefill_trunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: ja
     return h, cache._replace(valid=empty.valid)
 
 
-def generate_above(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, trunk: tuple[jax.Array, KVCache],
-                   start: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *,
+def generate_above(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
+                   trunk: tuple[jax.Array, KVCache], start: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *,
                    max_new_tokens: int, greedy: bool, eos_ids: tuple[int, ...], pad_id: int,
                    adapter: Adapter | AdapterStack | None = None) -> GenerateOutput:
     """:func:`generate_loop` for a ``hook`` that is off below ``resid[start]``, from the prompt's

@@ -586,7 +586,8 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "tokens": 0, "admitted": 0, "joined_running": 0, "prefills": 0,
-                      "prefill_rows": 0, "step_seconds": 0.0, "prefill_seconds": 0.0, "prefix_queries": 0, "prefix_hits": 0}
+                      "prefill_rows": 0, "step_seconds": 0.0, "prefill_seconds": 0.0, "prefix_queries": 0,
+                      "prefix_hits": 0}
         self.failure: BaseException | None = None
 
     # --- submission (any thread) ----------------------------------------------------------------
@@ -819,9 +820,8 @@ class Engine:
 
     def compile_shapes(self, decode: bool = False) -> None:
         """Compile the prefill block at every attention span and row bucket (on a scratch buffer: safe while the
-        engine runs)
-        and, with ``decode`` (only before :meth:`start`: it steps the idle batch), the plain decode step at
-        every span, so first requests do not wait for the compiler."""
+        engine runs) and, with ``decode`` (only before :meth:`start`: it steps the idle batch), the plain decode
+        step at every span, so first requests do not wait for the compiler."""
         c = self.ecfg.prefill_chunk
         scratch = jax.tree.map(jnp.zeros_like, self.pcache)
         for r in self.ecfg.prefill_buckets():
