@@ -182,6 +182,28 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
     return _Decoded(GenerateOutput(final.out, final.logprobs, final.lengths), final.cache, final.proj)
 
 
+class PromptTrunk(NamedTuple):
+    """A prompt prefilled below ``resid[start]``, unintervened (:func:`prefill_trunk`)."""
+
+    start: jax.Array  # the first resid point an intervention may touch
+    h: jax.Array  # resid[start] [B, T, D]
+    cache: KVCache  # the prompt's keys/values of layers < start; ``valid`` as before the prompt
+
+
+def prefill_trunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, start: jax.Array, *,
+                  max_new_tokens: int, adapter: Adapter | AdapterStack | None = None) -> PromptTrunk:
+    """The prompt's prefill below ``resid[start]``, in a cache of ``T + max_new_tokens`` slots. Run once, it serves
+    every intervention that is off below ``start`` (:func:`generate_loop`'s ``trunk``)."""
+    b, t = tokens.shape
+    empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
+    prep = prepare(cfg, valid, None, empty, 0)
+    h, _, cache = run_layers(params, cfg, embed(params, cfg, tokens), prep, jnp.zeros((0,), params["embed"].dtype),
+                             Recorder.make(cfg, None, valid), cache=empty, cache_index=0,
+                             span=(jnp.int32(0), start), adapter=adapter)
+    assert cache is not None
+    return PromptTrunk(start, h, cache._replace(valid=empty.valid))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id"))
 def generate_loop(
     params: Params,
@@ -198,59 +220,37 @@ def generate_loop(
     eos_ids: tuple[int, ...],
     pad_id: int,
     prefix_cache: KVCache | None = None,
+    trunk: PromptTrunk | None = None,
     adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
 ) -> GenerateOutput:
     """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, cache of size
     ``T + max_new_tokens``, under the same adapter); only the last prompt token then runs here, under the
-    hook. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``."""
+    hook. ``trunk``: the prompt already prefilled below ``resid[trunk.start]`` (:func:`prefill_trunk`; the hook
+    must be off below it): only blocks ``start..L-1`` of the prompt run here, the same numbers as the whole
+    prefill. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``."""
     b, t = tokens.shape
     dtype = params["embed"].dtype
-    if prefix_cache is None:
-        cache = KVCache.empty(cfg, b, t + max_new_tokens, dtype)
-        pre = forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits="last",
-                      adapter=adapter, adapter_select=adapter_select)
+    if trunk is not None:
+        prep = prepare(cfg, valid, None, trunk.cache, 0)
+        h = apply_hook(hook, trunk.start, trunk.h, prep.ctx)
+        h, _, cache = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, valid),
+                                 hook=hook, cache=trunk.cache, cache_index=0,
+                                 span=(trunk.start, jnp.int32(cfg.n_layers)), adapter=adapter,
+                                 adapter_select=adapter_select)
+        assert cache is not None
+        logits = unembed(params, cfg, h[:, -1:])[:, -1]
     else:
-        pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
-                      hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
-    return _decode(params, cfg, pre.last_logits(), pre.kv(), t, key, temperature, top_p, hook,
+        if prefix_cache is None:
+            pre = forward(params, cfg, tokens, valid=valid, cache=KVCache.empty(cfg, b, t + max_new_tokens, dtype),
+                          cache_index=0, hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
+        else:
+            pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
+                          hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
+        logits, cache = pre.last_logits(), pre.kv()
+    return _decode(params, cfg, logits, cache, t, key, temperature, top_p, hook,
                    max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter,
                    adapter_select=adapter_select).out
-
-
-def prefill_trunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, start: jax.Array, *,
-                  max_new_tokens: int, adapter: Adapter | AdapterStack | None = None) -> tuple[jax.Array, KVCache]:
-    """The prompt's prefill below ``resid[start]``, unintervened: ``(resid[start] [B, T, D], cache)``, the cache
-    (``T + max_new_tokens`` slots) holding the prompt's keys/values of layers ``< start``, its ``valid`` as before
-    the prompt. Run once, it serves every intervention that is off below ``start`` (:func:`generate_above`)."""
-    b, t = tokens.shape
-    empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
-    prep = prepare(cfg, valid, None, empty, 0)
-    h, _, cache = run_layers(params, cfg, embed(params, cfg, tokens), prep, jnp.zeros((0,), params["embed"].dtype),
-                             Recorder.make(cfg, None, valid), cache=empty, cache_index=0,
-                             span=(jnp.int32(0), start), adapter=adapter)
-    assert cache is not None
-    return h, cache._replace(valid=empty.valid)
-
-
-def generate_above(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-                   trunk: tuple[jax.Array, KVCache], start: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *,
-                   max_new_tokens: int, greedy: bool, eos_ids: tuple[int, ...], pad_id: int,
-                   adapter: Adapter | AdapterStack | None = None) -> GenerateOutput:
-    """:func:`generate_loop` for a ``hook`` that is off below ``resid[start]``, from the prompt's
-    :func:`prefill_trunk` at ``start``: only blocks ``start..L-1`` of the prompt run here (the same numbers as the
-    whole prefill: the blocks below run unintervened either way)."""
-    h0, cache = trunk
-    t = tokens.shape[1]
-    prep = prepare(cfg, valid, None, cache, 0)
-    h = apply_hook(hook, start, h0, prep.ctx)
-    h, _, filled = run_layers(params, cfg, h, prep, jnp.zeros((0,), h.dtype), Recorder.make(cfg, None, valid),
-                              hook=hook, cache=cache, cache_index=0, span=(start, jnp.int32(cfg.n_layers)),
-                              adapter=adapter)
-    assert filled is not None
-    return _decode(params, cfg, unembed(params, cfg, h[:, -1:])[:, -1], filled, t, key, temperature, top_p, hook,
-                   max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id,
-                   adapter=adapter).out
 
 
 class TurnOutput(NamedTuple):

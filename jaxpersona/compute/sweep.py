@@ -36,7 +36,7 @@ from jaxpersona import errors
 from jaxpersona.artifacts.adapters import shard_adapter
 from jaxpersona.artifacts.records import atomic_write
 from jaxpersona.compute.batching import BUCKET, Batch, pad_left, round_up
-from jaxpersona.compute.generate import generate_above, generate_loop, prefill_trunk
+from jaxpersona.compute.generate import generate_loop, prefill_trunk
 from jaxpersona.compute.handle import Model
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import (
@@ -277,11 +277,9 @@ def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: j
         trunk = prefill_trunk(params, cfg, tokens, valid, start, max_new_tokens=max_new_tokens, adapter=adapter)
 
     def one(hook: Any) -> Any:
-        args = (jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook)
-        kw = dict(max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter)
-        if trunk is not None and start is not None:
-            return generate_above(params, cfg, tokens, valid, trunk, start, *args, **kw)
-        return generate_loop(params, cfg, tokens, valid, *args, prefix_cache=cache, **kw)
+        return generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
+                             max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
+                             prefix_cache=cache, trunk=trunk, adapter=adapter)
 
     return jax.vmap(one)(hooks)
 
