@@ -12,6 +12,8 @@ B/A columns.
     block-forward model of the grid;
   * ``sweep_response`` — the same grid steering response positions only;
   * ``train``     — ``bench_train.py``: a LoRA step (r 8, all 7 targets, batch 8 x 128) vs peft;
+  * ``matmul``    — ``bench_matmul.py``: the ceiling under the decode-bound rows, XLA's vs torch's ``x @ W`` at the
+    model's projection shapes (16 rows, as a decode step; 1024 rows, as a training step);
   * ``main_job``  — ``jaxpersona extract --trait evil``, first with an empty compile cache, then again with it
     (stage times and compile seconds from ``run.json``).
 
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHES = ("forward", "sweep", "sweep_response", "train", "main_job")
+BENCHES = ("forward", "sweep", "sweep_response", "train", "matmul", "main_job")
 
 
 def _cpus(threads: int) -> str:
@@ -79,6 +81,16 @@ def bench_once(name: str, src: Path, threads: int, tmp: Path) -> dict:
         jx, hf = r["jax"], r.get("hf") or {}
         return {"jax_s_step": jx["median_s"], "peft_s_step": hf.get("median_s"),
                 "ratio": r.get("ratio", {}).get("throughput_jax_over_hf")}
+    if name == "matmul":
+        _run([py, "scripts/bench_matmul.py", "--rows", "16,1024", "--out", str(out)], src, threads)
+        r = json.loads(out.read_text())
+
+        def step(m: int, col: str) -> float:  # one layer's 7 projections (q, k, v, o, gate, up, down), µs
+            per = {row["shape"]: row[col + "_us"] for row in r["table"] if row["M"] == m}
+            return 2 * per["q/o"] + 2 * per["k/v"] + 2 * per["gate/up"] + per["down"]
+
+        return {f"{side}_layer_us_{m}": step(m, side) for side in ("xla", "torch") for m in (16, 1024)} | {
+            f"torch_over_xla_{m}": step(m, "xla") / step(m, "torch") for m in (16, 1024)}
     if name == "main_job":
         cache = tmp / "xla-cache"
         shutil.rmtree(cache, ignore_errors=True)
@@ -127,6 +139,8 @@ ROWS = [  # (benchmark, field, label, unit, digits)
     ("sweep_response", "share_of_model", "… share of the modelled speed-up", "", 2),
     ("train", "jax_s_step", "LoRA step r 8 × 7 targets, batch 8×128, s/step", " s", 2),
     ("train", "ratio", "LoRA step vs peft + torch (throughput)", "×", 2),
+    ("matmul", "torch_over_xla_16", "a layer's 7 projections at 16 rows (decode), torch's speed / XLA's", "×", 2),
+    ("matmul", "torch_over_xla_1024", "… at 1024 rows (training, prefill), torch's speed / XLA's", "×", 2),
     ("main_job", "first_s", "main job `extract --trait evil`, first run (compiles)", " s", 0),
     ("main_job", "second_s", "main job, second run (compile cache)", " s", 0),
     ("main_job", "first_compile_s", "main job, compile seconds, first run", " s", 1),

@@ -757,7 +757,8 @@ class Engine:
             if p is not None and p.seq.cancelled.is_set():
                 self._release(i)
                 self._finish(p.seq, "cancelled")
-        active = [i for i, p in enumerate(self.pslots) if p is not None]
+        held = self._share_blocks()
+        active = [i for i, p in enumerate(self.pslots) if p is not None and i not in held]
         if not active:
             return
         r = self.ecfg.prefill_bucket(active[-1] + 1)  # the rows this call computes
@@ -766,6 +767,9 @@ class Engine:
         index = np.zeros(r, np.int32)
         last = np.zeros(r, np.int32)
         rows = [self.pslots[active[0]].row] * r  # type: ignore[union-attr]  # idle prefill rows: copies, unused
+        for i in held:  # in the call, computes nothing (no valid token) at slots not filled yet: nothing is lost
+            if i < r:
+                index[i] = self.pslots[i].pos  # type: ignore[union-attr]
         for i in active:
             p = self.pslots[i]
             assert p is not None
@@ -794,6 +798,29 @@ class Engine:
             if p.pos >= len(p.seq.prompt):
                 self._join(i, p, logits)
         self.stats["prefill_seconds"] += time.perf_counter() - t0
+
+    def _share_blocks(self) -> set[int]:
+        """Prompts being prefilled together share their common blocks through the prefix cache: each takes the
+        blocks another has stored since it started (copied in, not computed), and of prompts whose next block is
+        the same (same key: tokens, adapter and prompt-acting interventions), only the first computes it; the
+        others are returned, to be held for this call and take the block from the cache at the next."""
+        c = self.ecfg.prefill_chunk
+        held: set[int] = set()
+        leaders: set[bytes] = set()
+        for i, p in enumerate(self.pslots):
+            if p is None:
+                continue
+            while p.pos // c < len(p.keys) and (got := self.prefix.lookup([p.keys[p.pos // c]])):
+                (k, v), = got
+                self.pcache = put_block(self.pcache, jnp.int32(i), jnp.int32(p.pos), k, v)
+                self.stats["prefix_hits"] += c
+                p.pos += c
+            if p.pos // c < len(p.keys):
+                key = p.keys[p.pos // c]
+                if key in leaders:
+                    held.add(i)
+                leaders.add(key)
+        return held
 
     def _join(self, slot: int, p: Prefilling, logits: jax.Array) -> None:
         """A prompt is prefilled: its row moves into the batch cache and starts decoding."""

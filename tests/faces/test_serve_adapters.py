@@ -142,8 +142,9 @@ def test_adapter_requests_equal_the_library(server, smollm2, adapter_dirs, bank_
 
 
 def test_adapters_in_one_batch_give_what_each_gives_alone(server):
-    """Base, a, b, a + steer and b + mixture at once (5 requests on 4 rows, prefilled two by two, joining
-    mid-decode): bit-identical tokens and log-probs to each alone."""
+    """Base, a, b, a + steer and b + mixture at once (5 requests on 4 rows, joining mid-decode): the tokens of
+    each alone, and its log-probs within 1e-4 — the bound of prompts prefilled side by side (``prefill_rows`` 2:
+    whether two arrivals share a prefill call depends on timing; the decode batch itself is bit for bit)."""
     bodies = [{}, {"model": "a"}, {"adapter": "b"}, {"model": "a", "interventions": [STEER]},
               {"model": "b", "mixture": MIX, "max_tokens": 8}]
     alone = [served(chat(server, **kw)) for kw in bodies]
@@ -155,7 +156,9 @@ def test_adapters_in_one_batch_give_what_each_gives_alone(server):
 
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(send, range(len(bodies))))
-    assert together == alone
+    for (tok, lp), (tok1, lp1) in zip(together, alone, strict=True):
+        assert tok == tok1
+        np.testing.assert_allclose(lp, lp1, rtol=0, atol=1e-4)
     assert server.engine.stats["joined_running"] > joined
 
 

@@ -137,6 +137,32 @@ def test_prompts_prefilled_side_by_side_give_what_they_give_alone(smollm2, engin
     assert n_calls == max(blocks) and plain.stats["prefill_rows"] - rows == 2 * n_calls  # side by side
 
 
+def test_prompts_arriving_together_share_their_common_blocks(smollm2, engines):
+    """Two prompts with one system prompt (not cached yet) arrive together: the first computes each common block,
+    the second waits a call and takes it from the cache, so the shared tokens are computed once, as when they
+    arrive one after the other; then each computes its own blocks. Same tokens as alone (log-probs within
+    1e-4: some of its calls compute another row beside it)."""
+    from jaxpersona.serve.engine import Sequence
+
+    plain, cached = engines
+    system = "Study B, second wave. " + SYSTEM  # blocks no earlier test has cached
+    ids = [prompt_ids(smollm2, q, system) for q in QUESTIONS[1:]]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[0], ids[1])) if a != b)
+    common = min(shared, len(ids[0]) - 1, len(ids[1]) - 1) // 16  # full blocks before each one's last
+    assert common >= 3
+    alone = [run_alone(plain, p, 6) for p in ids]
+    qs = [queue.Queue(), queue.Queue()]
+    hits, queries = cached.stats["prefix_hits"], cached.stats["prefix_queries"]
+    calls, rows = cached.stats["prefills"], cached.stats["prefill_rows"]
+    cached.submit([Sequence(0, ids[0], 6, qs[0], logprobs=0, ignore_eos=True),
+                   Sequence(0, ids[1], 6, qs[1], logprobs=0, ignore_eos=True)])
+    assert_same_up_to_prefill_shape([collect(q) for q in qs], alone)
+    assert cached.stats["prefix_hits"] - hits == common * 16  # the second's common blocks, from the cache
+    assert cached.stats["prefix_queries"] - queries == sum(len(p) for p in ids)
+    blocks = [-(-len(p) // 16) for p in ids]
+    assert cached.stats["prefill_rows"] - rows <= sum(blocks) - common + (cached.stats["prefills"] - calls)
+
+
 def test_a_long_prompt_is_prefilled_between_decode_steps(smollm2, engines):
     """Two streams run; a prompt ~8x longer arrives: its 10+ blocks are prefilled a few at a time (about one
     decode step's worth) between decode steps, so the streams keep producing tokens, and every request gets exactly what it gets alone (the short rows attend
