@@ -702,7 +702,8 @@ class Engine:
             self._start_prefill(slots[0], free[0], self.backlog.pop(0))
 
     def _start_prefill(self, slot: int, row: int, seq: Sequence) -> None:
-        """Set row ``row``'s interventions, adapter and readout, and prefill row ``slot``'s cached prompt blocks."""
+        """Set row ``row``'s interventions, adapter and readout, and clear prefill row ``slot`` (its cached blocks are
+        copied in at its first prefill call)."""
         n, s, c = len(seq.prompt), self.ecfg.max_context, self.ecfg.prefill_chunk
         masks = [position_mask(it.positions, n, s, seq.assistant_mask) for it in seq.items]
         units = np.asarray([u for _, _, u in seq.readout], np.float32).reshape(len(seq.readout), self.cfg.d_model)
@@ -720,13 +721,9 @@ class Engine:
                 actors.append((actor_identity(mix.vectors, mix.alpha, mix.layers, mix.tau, mix.weights), mix_mask))
             # full blocks before the one holding the last prompt token (its logits start the generation)
             keys = block_keys(seq.prompt, c, int(self.adapter_select[row]), actors, (n - 1) // c)
-        hit = self.prefix.lookup(keys)
         self.pcache = clear_row(self.pcache, jnp.int32(slot))
-        for j, (k, v) in enumerate(hit):
-            self.pcache = put_block(self.pcache, jnp.int32(slot), jnp.int32(j * c), k, v)
         self.stats["prefix_queries"] += n
-        self.stats["prefix_hits"] += len(hit) * c
-        self.pslots[slot] = Prefilling(seq, row, len(hit) * c, keys)
+        self.pslots[slot] = Prefilling(seq, row, 0, keys)  # its cached blocks are copied in by _share_blocks
 
     def _release(self, slot: int) -> None:
         p = self.pslots[slot]
@@ -800,8 +797,9 @@ class Engine:
         self.stats["prefill_seconds"] += time.perf_counter() - t0
 
     def _share_blocks(self) -> set[int]:
-        """Prompts being prefilled together share their common blocks through the prefix cache: each takes the
-        blocks another has stored since it started (copied in, not computed), and of prompts whose next block is
+        """Prompts being prefilled share their blocks through the prefix cache: each copies in (does not compute)
+        the cached blocks that come next in it — at its first call, those of earlier requests; later, those another
+        prompt prefilled beside it has stored since — and of prompts whose next block is
         the same (same key: tokens, adapter and prompt-acting interventions), only the first computes it; the
         others are returned, to be held for this call and take the block from the cache at the next."""
         c = self.ecfg.prefill_chunk
