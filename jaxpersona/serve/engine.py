@@ -797,11 +797,11 @@ class Engine:
         self.stats["prefill_seconds"] += time.perf_counter() - t0
 
     def _share_blocks(self) -> set[int]:
-        """Prompts being prefilled share their blocks through the prefix cache: each copies in (does not compute)
-        the cached blocks that come next in it — at its first call, those of earlier requests; later, those another
-        prompt prefilled beside it has stored since — and of prompts whose next block is
-        the same (same key: tokens, adapter and prompt-acting interventions), only the first computes it; the
-        others are returned, to be held for this call and take the block from the cache at the next."""
+        """Prompts being prefilled share their blocks through the prefix cache. Each copies in (does not compute)
+        the cached blocks that come next in it: at its first call, those of earlier requests; later, those another
+        prompt prefilled beside it has stored since. Of prompts whose next block is the same (same key: tokens,
+        adapter and prompt-acting interventions), only the first computes it; the others are returned, to be held
+        for this call and take the block from the cache at the next."""
         c = self.ecfg.prefill_chunk
         held: set[int] = set()
         leaders: set[bytes] = set()
