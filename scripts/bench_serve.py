@@ -560,7 +560,7 @@ def section_decode(model, args, results: dict) -> None:
         eng.cache, eng.logits, out = decode_step(
             eng.params, eng.cfg, eng.cache, eng.logits, jnp.full(b, span - 1, jnp.int32), jnp.ones(b, bool),
             jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32), jnp.ones(b, jnp.float32),
-            None, units, layers, readout=False, blocked=Blocked(args.attn_block, span))
+            None, units, layers, logprobs=jnp.asarray(False), readout=False, blocked=Blocked(args.attn_block, span))
         jax.block_until_ready((eng.cache, eng.logits, out))
         return time.perf_counter() - t0
 

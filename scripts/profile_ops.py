@@ -5,6 +5,8 @@ Targets (SmolLM2-135M, fp32, the shapes of the benchmarks):
 
   * ``train``    — the LoRA trainer step of ``scripts/bench_train.py`` (batch 8 x 128, rank 8, all 7 targets);
   * ``generate`` — sampled generation 16 x 64 (T 0.8, top-p 0.95), as ``scripts/bench_forward.py``;
+  * ``decode``   — the server's jitted decode step (``jaxpersona.serve.engine.decode_step``) at batch 16, no
+    interventions, attention over 128 slots: the plain serving load's step (``--steps`` x 16 steps);
   * ``main``     — the whole main job, ``jaxpersona extract --trait evil`` with the default config, in-process
     (its steering sweep is ``jit_score_chunk`` + ``jit_generate_chunk``).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -184,6 +187,32 @@ def target_generate(model):
     return run
 
 
+def target_decode(model, temperature: float = 0.0):
+    """The engine's decode step, batch 16, span 128 (the plain load of ``bench_serve.py``: greedy; top-p 0.95 at
+    ``temperature > 0``); ``run(n)``: n x 16 steps."""
+    import jax.numpy as jnp
+
+    from jaxpersona.model.transformer import Blocked
+    from jaxpersona.serve.engine import Engine, EngineConfig, decode_step
+
+    b, span = 16, 128
+    eng = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id,
+                 EngineConfig(batch=b, max_context=512, prefix_cache_mb=0))
+    eng.cache = eng.cache._replace(valid=jnp.ones_like(eng.cache.valid))
+    units, layers = eng.table.device()[1:]
+
+    def run(steps: int) -> None:
+        for _ in range(16 * steps):
+            eng.cache, eng.logits, out = decode_step(
+                eng.params, eng.cfg, eng.cache, eng.logits, jnp.full(b, span - 1, jnp.int32), jnp.ones(b, bool),
+                jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.full(b, temperature, jnp.float32),
+                jnp.full(b, 0.95, jnp.float32), None, units, layers, logprobs=jnp.asarray(False), readout=False,
+                blocked=Blocked(64, span))
+            jax.device_get(out)
+
+    return run
+
+
 def target_main(out_dir: str):
     from jaxpersona import cli
 
@@ -197,9 +226,10 @@ def target_main(out_dir: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("target", choices=("train", "generate", "main"))
+    ap.add_argument("target", choices=("train", "generate", "decode", "main"))
     ap.add_argument("--steps", type=int, default=3, help="traced repetitions (train, generate)")
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--temperature", type=float, default=0.0, help="decode: sample at this temperature (top-p 0.95)")
     ap.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")
     args = ap.parse_args()
@@ -213,7 +243,7 @@ def main() -> None:
         from jaxpersona.compute.handle import load
 
         model = load(registry.DEFAULT_MODEL, dtype="float32")
-        run = (target_train if args.target == "train" else target_generate)(model)
+        run = {"train": target_train, "generate": target_generate, "decode": functools.partial(target_decode, temperature=args.temperature)}[args.target](model)
         run(1)  # compile outside the trace
         t0 = time.perf_counter()
         traced(lambda: run(args.steps), trace_dir)

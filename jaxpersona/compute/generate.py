@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -94,6 +95,37 @@ def sample_token(
         return jax.lax.cond(covered, from_top_k, lambda: _nucleus_threshold(scaled, key, top_p))
 
     return jax.lax.cond(top_p >= 1.0, lambda: jax.random.categorical(key, scaled, axis=-1), nucleus)
+
+
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, candidates: int = 256
+) -> jax.Array:
+    """Sample ``[B]`` ids from ``logits [B, V]``, row ``b`` with its own key ``keys[b]`` (typed), temperature and
+    top-p ``[B]``: row ``b`` gets exactly ``sample_token(logits[b:b+1], keys[b], temperature[b], top_p[b])``.
+
+    The choices between sampling paths are made once for the batch, not per row (a ``vmap`` of
+    :func:`sample_token` would turn its conditionals into selects and run every path for every row): the
+    candidates' nucleus for all rows; the whole-vocabulary bisection only if some row's nucleus is wider than
+    the candidates; a whole-vocabulary draw only if some row has ``top_p >= 1``.
+    """
+    chex.assert_rank(logits, 2)
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    k = min(candidates, scaled.shape[-1])
+    draw = jax.vmap(lambda key, lg: jax.random.categorical(key, lg[None], axis=-1)[0])
+    vals, idx = jax.lax.top_k(scaled, k)
+    probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p[:, None]).at[:, 0].set(True)
+    choice = draw(keys, jnp.where(keep, vals, -jnp.inf))
+    tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    full = top_p >= 1.0
+    wide = ~full & (jnp.sum(probs, axis=-1) < top_p)
+    tok = jax.lax.cond(
+        jnp.any(wide),
+        lambda: jnp.where(wide, jax.vmap(lambda key, s, p: _nucleus_threshold(s[None], key, p)[0])(keys, scaled, top_p),
+                          tok),
+        lambda: tok)
+    return jax.lax.cond(jnp.any(full), lambda: jnp.where(full, draw(keys, scaled), tok), lambda: tok)
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:

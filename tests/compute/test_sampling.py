@@ -1,0 +1,90 @@
+"""Batched sampling with a key per row (the server's decode step) and the step's log-prob readout.
+
+``sample_rows`` must give each row exactly what ``sample_token`` gives that row alone with its key, on every
+path: the nucleus among the candidates, a nucleus wider than the candidates (whole-vocabulary bisection) and
+``top_p = 1`` (the whole vocabulary); ``read_logits`` must give log_softmax's numbers and argmax's greedy token
+without a ``[B, V]`` log-softmax, and stay a ``top_k`` (not a sort of the vocabulary) once compiled."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpersona.compute.generate import sample_rows, sample_token
+from jaxpersona.serve.engine import TOP_LOGPROBS, pick_tokens, read_logits
+
+
+def batch(seed: int, b: int = 12, v: int = 3000):
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([0.05, 1.0, 5.0, 20.0], size=b)[:, None]  # 0.05: near-uniform rows, nucleus > 256 ids
+    scale[:3, 0] = (1.0, 0.05, 20.0)  # every path in every batch: top_p 1, a wide nucleus, a narrow one
+    logits = jnp.asarray(rng.standard_normal((b, v)) * scale, jnp.float32)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(rng.integers(0, 2**31, b), jnp.uint32))
+    temps = jnp.asarray(rng.choice([0.3, 0.7, 1.0, 1.5], size=b), jnp.float32)
+    top_ps = rng.choice([0.5, 0.9, 0.99, 1.0], size=b)
+    top_ps[:3] = (1.0, 0.9, 0.9)
+    top_ps = jnp.asarray(top_ps, jnp.float32)
+    return logits, keys, temps, top_ps
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_row_gets_what_it_gets_alone(seed):
+    logits, keys, temps, top_ps = batch(seed)
+    got = np.asarray(jax.jit(sample_rows)(logits, keys, temps, top_ps))
+    alone = jax.jit(lambda lg, k, t, p: sample_token(lg[None], k, t, p)[0])
+    want = np.asarray([alone(logits[i], keys[i], temps[i], top_ps[i]) for i in range(len(got))])
+    np.testing.assert_array_equal(got, want)
+    # the batch held every path: a wide nucleus, top_p = 1 and a nucleus among the candidates
+    probs = np.asarray(jax.nn.softmax(logits / temps[:, None], axis=-1))
+    top = -np.sort(-probs, axis=-1)[:, :256].sum(-1)
+    p = np.asarray(top_ps)
+    assert ((p < 1) & (top < p)).any() and (p >= 1).any() and ((p < 1) & (top >= p)).any()
+
+
+def test_one_rows_draw_does_not_depend_on_the_others():
+    logits, keys, temps, top_ps = batch(7)
+    full = np.asarray(sample_rows(logits, keys, temps, top_ps))
+    for i in range(3):
+        one = sample_rows(logits[i:i + 1], keys[i:i + 1], temps[i:i + 1], top_ps[i:i + 1])
+        assert int(one[0]) == full[i]
+
+
+def test_pick_tokens_is_greedy_at_temperature_zero_and_seeded_per_row():
+    logits, _, _, top_ps = batch(3, b=6)
+    kd = jnp.asarray(np.arange(12, dtype=np.uint32).reshape(6, 2))
+    counts = jnp.arange(6, dtype=jnp.int32)
+    temps = jnp.asarray([0, 0.8, 0, 0.8, 1.0, 0], jnp.float32)
+    got = np.asarray(pick_tokens(logits, kd, counts, temps, top_ps))
+    argmax = np.asarray(jnp.argmax(logits, axis=-1))
+    np.testing.assert_array_equal(got[np.asarray(temps) == 0], argmax[np.asarray(temps) == 0])
+    for i in np.flatnonzero(np.asarray(temps) > 0):
+        key = jax.random.fold_in(jax.random.wrap_key_data(kd[i]), counts[i])
+        assert got[i] == int(sample_token(logits[i:i + 1], key, temps[i], top_ps[i])[0])
+
+
+def test_read_logits_gives_log_softmax_numbers_without_a_sort():
+    logits, *_ = batch(5, v=5000)
+    logits = logits.at[2, 7].set(logits[2].max() + 1).at[2, 9].set(logits[2].max() + 1)  # a tie: lowest id wins
+    fn = jax.jit(lambda lg: read_logits(lg, lambda g: g))
+    tok, lp, top_id, top_lp = (np.asarray(x) for x in fn(logits))
+    ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_array_equal(tok, np.asarray(jnp.argmax(logits, axis=-1)))
+    assert tok[2] == 7
+    np.testing.assert_allclose(lp, ref[np.arange(len(tok)), tok], rtol=0, atol=2e-6)
+    want_lp, want_id = jax.lax.top_k(jnp.asarray(ref), TOP_LOGPROBS)
+    np.testing.assert_array_equal(top_id, np.asarray(want_id))
+    np.testing.assert_allclose(top_lp, np.asarray(want_lp), rtol=0, atol=2e-6)
+    # a picked token other than the greedy one reads its own log-prob
+    tok2, lp2, *_ = jax.jit(lambda lg: read_logits(lg, lambda g: (g + 1) % lg.shape[-1]))(logits)
+    np.testing.assert_allclose(np.asarray(lp2), ref[np.arange(len(tok)), np.asarray(tok2)], rtol=0, atol=2e-6)
+    if jax.default_backend() == "cpu":  # the slice of the top_k's ids must not turn it into a full sort
+        assert " sort(" not in fn.lower(logits).compile().as_text()
+
+
+def test_read_logits_skips_the_log_probs_no_row_asked_for():
+    logits, *_ = batch(6)
+    tok, lp, top_id, top_lp = jax.jit(lambda lg, w: read_logits(lg, lambda g: g, w))(logits, jnp.asarray(False))
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(jnp.argmax(logits, axis=-1)))
+    assert not np.asarray(lp).any() and not np.asarray(top_id).any() and not np.asarray(top_lp).any()
