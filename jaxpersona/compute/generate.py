@@ -70,6 +70,17 @@ def _nucleus_threshold(scaled: jax.Array, key: jax.Array, top_p: jax.Array) -> j
     return jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
 
 
+def _candidates(scaled: jax.Array, top_p: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The ``k`` most likely ids of ``scaled [B, V]``: their logits and ids ``[B, k]``, the mask ``[B, k]`` of the
+    nucleus among them (``top_p`` a scalar or ``[B, 1]``; the first id always kept) and their total probability
+    ``[B]`` (the nucleus is exact among them where it is ``>= top_p``)."""
+    vals, idx = jax.lax.top_k(scaled, k)
+    probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p).at[:, 0].set(True)
+    return vals, idx, keep, jnp.sum(probs, axis=-1)
+
+
 def sample_token(
     logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, candidates: int = 256
 ) -> jax.Array:
@@ -82,11 +93,8 @@ def sample_token(
     k = min(candidates, scaled.shape[-1])
 
     def nucleus() -> jax.Array:
-        vals, idx = jax.lax.top_k(scaled, k)
-        probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
-        before = jnp.cumsum(probs, axis=-1) - probs
-        keep = (before < top_p).at[:, 0].set(True)
-        covered = jnp.all(jnp.sum(probs, axis=-1) >= top_p)
+        vals, idx, keep, mass = _candidates(scaled, top_p, k)
+        covered = jnp.all(mass >= top_p)
 
         def from_top_k() -> jax.Array:
             choice = jax.random.categorical(key, jnp.where(keep, vals, -jnp.inf), axis=-1)
@@ -112,14 +120,11 @@ def sample_rows(
     scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
     k = min(candidates, scaled.shape[-1])
     draw = jax.vmap(lambda key, lg: jax.random.categorical(key, lg[None], axis=-1)[0])
-    vals, idx = jax.lax.top_k(scaled, k)
-    probs = jnp.exp(vals - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))  # true probabilities
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p[:, None]).at[:, 0].set(True)
+    vals, idx, keep, mass = _candidates(scaled, top_p[:, None], k)
     choice = draw(keys, jnp.where(keep, vals, -jnp.inf))
     tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
     full = top_p >= 1.0
-    wide = ~full & (jnp.sum(probs, axis=-1) < top_p)
+    wide = ~full & (mass < top_p)
     tok = jax.lax.cond(
         jnp.any(wide),
         lambda: jnp.where(wide, jax.vmap(lambda key, s, p: _nucleus_threshold(s[None], key, p)[0])(keys, scaled, top_p),

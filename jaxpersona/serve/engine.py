@@ -896,8 +896,7 @@ class Engine:
                         self.params, self.cfg, self.cache, self.logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
                         jnp.asarray(self.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
                         jnp.ones(b, jnp.float32), None, units, layers, *self._adapter_args(), jnp.asarray(False),
-                        readout=False,
-                        blocked=Blocked(self.ecfg.attn_block, span))
+                        readout=False, blocked=Blocked(self.ecfg.attn_block, span))
             self.cache = self.cache._replace(valid=jnp.zeros_like(self.cache.valid))
             self.logits = jnp.zeros_like(self.logits)
 
