@@ -378,13 +378,11 @@ class StepOut(NamedTuple):
     # readout layer on its unit direction (or [0] when no row asks for a readout)
 
 
-def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array,
-                greedy: jax.Array | None = None) -> jax.Array:
-    """One token per row: argmax where ``temps == 0`` (``greedy [B]`` when already computed), else a sample with the
-    row's temperature, top-p and key ``fold_in(keys[b], counts[b])`` (so a row's draws depend only on its own
-    seed and step; :func:`~jaxpersona.compute.generate.sample_rows`)."""
-    if greedy is None:
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array) -> jax.Array:
+    """One token per row: argmax where ``temps == 0``, else a sample with the row's temperature, top-p and
+    key ``fold_in(keys[b], counts[b])`` (so a row's draws depend only on its own seed and step;
+    :func:`~jaxpersona.compute.generate.sample_rows`)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled() -> jax.Array:
         rows = jax.vmap(lambda kd, c: jax.random.fold_in(jax.random.wrap_key_data(kd), c))(keys, counts)
@@ -394,18 +392,16 @@ def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: ja
     return jnp.where(temps > 0, drawn, greedy)
 
 
-def read_logits(logits: jax.Array, pick: Callable[[jax.Array], jax.Array], wanted: jax.Array | bool = True
-                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """From ``logits [B, V]``: the tokens ``pick(greedy [B])`` chooses, their log-probs ``[B]``, and the
-    ``TOP_LOGPROBS`` most likely ids and their log-probs ``[B, TOP_LOGPROBS]``: log_softmax's own arithmetic,
+def read_logits(logits: jax.Array, tok: jax.Array, wanted: jax.Array | bool = True
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """From ``logits [B, V]`` and the picked tokens ``tok [B]``: their log-probs ``[B]`` and the ``TOP_LOGPROBS``
+    most likely ids and their log-probs ``[B, TOP_LOGPROBS]``: log_softmax's own arithmetic,
     ``(x - max) - log(sum(exp(x - max)))``, on the entries read, with no ``[B, V]`` log-softmax written. Where
-    ``wanted`` (traced) is False the log-probs and top ids are zeros and cost nothing (no row asked for them).
+    ``wanted`` (traced) is False they are zeros and cost nothing (no row asked for them).
 
-    The greedy token is its own ``argmax``, not the ``top_k``'s first id: on XLA:CPU a ``top_k`` whose outputs
-    are sliced again is left a full sort of the vocabulary (measured: 142 ms instead of 0.9 ms for
-    ``[16, 49152]``)."""
+    The top ids are not sliced again (e.g. for the greedy token): on XLA:CPU a ``top_k`` whose outputs are sliced
+    again is left a full sort of the vocabulary (measured: 142 ms instead of 0.9 ms for ``[16, 49152]``)."""
     lg = logits.astype(jnp.float32)
-    tok = pick(jnp.argmax(lg, axis=-1).astype(jnp.int32))
 
     def read() -> tuple[jax.Array, jax.Array, jax.Array]:
         top_v, top_id = jax.lax.top_k(lg, TOP_LOGPROBS)
@@ -419,8 +415,7 @@ def read_logits(logits: jax.Array, pick: Callable[[jax.Array], jax.Array], wante
         return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
                 jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
 
-    lp, top_id, top_lp = jax.lax.cond(jnp.asarray(wanted), read, skip)
-    return tok, lp, top_id, top_lp
+    return jax.lax.cond(jnp.asarray(wanted), read, skip)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "readout", "blocked"), donate_argnames=("cache",))
@@ -436,8 +431,8 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
     first ``blocked.span`` slots. ``units [B, R, D]`` / ``layers [B, R]``: the readout directions;
     ``logprobs`` (traced bool): whether any row asked for log-probs (else the step's are zeros). Returns the
     cache, the next logits ``[B, V]`` and the step's outputs."""
-    tok, lp, top_id, top_lp = read_logits(logits, lambda greedy: pick_tokens(logits, keys, counts, temps, top_ps,
-                                                                            greedy=greedy), logprobs)
+    tok = pick_tokens(logits, keys, counts, temps, top_ps)
+    lp, top_id, top_lp = read_logits(logits, tok, logprobs)
     capture = Capture(tuple(range(cfg.n_resid)), "tokens") if readout else None
     out = forward(params, cfg, tok[:, None], valid=active[:, None], cache=cache, cache_index=index, hook=hook,
                   logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select, blocked=blocked)

@@ -2,8 +2,8 @@
 
 ``sample_rows`` must give each row exactly what ``sample_token`` gives that row alone with its key, on every
 path: the nucleus among the candidates, a nucleus wider than the candidates (whole-vocabulary bisection) and
-``top_p = 1`` (the whole vocabulary); ``read_logits`` must give log_softmax's numbers and argmax's greedy token
-without a ``[B, V]`` log-softmax, and stay a ``top_k`` (not a sort of the vocabulary) once compiled."""
+``top_p = 1`` (the whole vocabulary); ``read_logits`` must give log_softmax's numbers without a ``[B, V]``
+log-softmax, and the step's head stay a ``top_k`` (not a sort of the vocabulary) once compiled."""
 
 from __future__ import annotations
 
@@ -66,25 +66,31 @@ def test_pick_tokens_is_greedy_at_temperature_zero_and_seeded_per_row():
 
 def test_read_logits_gives_log_softmax_numbers_without_a_sort():
     logits, *_ = batch(5, v=5000)
-    logits = logits.at[2, 7].set(logits[2].max() + 1).at[2, 9].set(logits[2].max() + 1)  # a tie: lowest id wins
-    fn = jax.jit(lambda lg: read_logits(lg, lambda g: g))
-    tok, lp, top_id, top_lp = (np.asarray(x) for x in fn(logits))
+    logits = logits.at[2, 7].set(logits[2].max() + 1).at[2, 9].set(logits[2].max() + 1)  # a tie: lowest id first
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    fn = jax.jit(read_logits)
+    lp, top_id, top_lp = (np.asarray(x) for x in fn(logits, tok))
     ref = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    np.testing.assert_array_equal(tok, np.asarray(jnp.argmax(logits, axis=-1)))
-    assert tok[2] == 7
-    np.testing.assert_allclose(lp, ref[np.arange(len(tok)), tok], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(lp, ref[np.arange(len(tok)), np.asarray(tok)], rtol=0, atol=2e-6)
     want_lp, want_id = jax.lax.top_k(jnp.asarray(ref), TOP_LOGPROBS)
     np.testing.assert_array_equal(top_id, np.asarray(want_id))
+    assert top_id[2, 0] == 7 and top_id[2, 1] == 9
     np.testing.assert_allclose(top_lp, np.asarray(want_lp), rtol=0, atol=2e-6)
     # a picked token other than the greedy one reads its own log-prob
-    tok2, lp2, *_ = jax.jit(lambda lg: read_logits(lg, lambda g: (g + 1) % lg.shape[-1]))(logits)
-    np.testing.assert_allclose(np.asarray(lp2), ref[np.arange(len(tok)), np.asarray(tok2)], rtol=0, atol=2e-6)
-    if jax.default_backend() == "cpu":  # the slice of the top_k's ids must not turn it into a full sort
-        assert " sort(" not in fn.lower(logits).compile().as_text()
+    other = (tok + 1) % logits.shape[-1]
+    np.testing.assert_allclose(np.asarray(fn(logits, other)[0]), ref[np.arange(len(tok)), np.asarray(other)],
+                               rtol=0, atol=2e-6)
+    if jax.default_backend() == "cpu":  # the decode step's head (picked tokens + top ids) must not become a sort
+        def head(lg):
+            greedy = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+            return (greedy, *read_logits(lg, greedy))
+
+        head = jax.jit(head)
+        assert " sort(" not in head.lower(logits).compile().as_text()
 
 
 def test_read_logits_skips_the_log_probs_no_row_asked_for():
     logits, *_ = batch(6)
-    tok, lp, top_id, top_lp = jax.jit(lambda lg, w: read_logits(lg, lambda g: g, w))(logits, jnp.asarray(False))
-    np.testing.assert_array_equal(np.asarray(tok), np.asarray(jnp.argmax(logits, axis=-1)))
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    lp, top_id, top_lp = jax.jit(read_logits)(logits, tok, jnp.asarray(False))
     assert not np.asarray(lp).any() and not np.asarray(top_id).any() and not np.asarray(top_lp).any()
