@@ -109,6 +109,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=registry.DEFAULT_MODEL,
                    help=f"registered name, HF model directory or .gguf file (default: {registry.DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
+                   help="store and multiply the matmul weights in this dtype, accumulating in --dtype: "
+                        "`--matmul-dtype bfloat16` is mixed precision, ~2.5x faster on CPUs with AMX-BF16 "
+                        "(default: --dtype)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -198,7 +202,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     lib = library("chat")
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     hook = lib.every_token_hook(args.cap, model.cfg, 1) if args.cap else None
     print(model.chat(args.message, system=args.system, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, hook=hook))
@@ -216,7 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise errors.InputError("no prompts: pass PROMPT arguments or --prompts FILE (one prompt per line)")
     lib = library("generate")
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     hook = lib.every_token_hook(args.cap, model.cfg, len(prompts)) if args.cap else None
     texts = model.generate(prompts, chat=not args.raw, system=args.system, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, hook=hook)
@@ -228,7 +232,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_resid(args: argparse.Namespace) -> int:
     """Residual-stream activations ``[len(layers), ...]`` (per ``--reduce``): saved with ``--out``, else
     one line of shape and mean norm per resid point."""
-    model = library("resid").load(args.model, dtype=args.dtype)
+    model = library("resid").load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     layers = _parse_layers(args.layers) if args.layers else tuple(range(model.cfg.n_resid))
     acts = model.resid(args.text, layers, args.reduce, chat=args.chat, system=args.system)
     if args.out:
@@ -268,7 +272,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     anchors = lib.load_anchors(traits[0], args.anchors) if args.anchors else "shipped"
     if args.seed is not None:
         config = config.replace(seed=args.seed)
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     judge, judge_id = lib.build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
                                       key_env=args.judge_key_env)
     if len(traits) == 1:
@@ -290,7 +294,7 @@ def cmd_space(args: argparse.Namespace) -> int:
     if args.seed is not None:
         config = config.replace(seed=args.seed)
     scripts = list(lib.load_conversations(args.conversations))
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     roles = lib.load_roles(args.roles, questions=args.questions, model_name=model.name)
     if args.judge == "none" and not args.judge_url:
         judge, judge_id = None, "none"
@@ -308,7 +312,7 @@ def cmd_space(args: argparse.Namespace) -> int:
 def cmd_consistency(args: argparse.Namespace) -> int:
     lib = library("consistency")
     config = lib.load_consistency_config(args.config)
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     bank = lib.VectorBank.load(args.bank, model.cfg) if args.bank else None
     if bank is not None and args.entries:
         names = [n.strip() for n in args.entries.split(",") if n.strip()]
@@ -365,7 +369,7 @@ def cmd_traits(args: argparse.Namespace) -> int:
             raise errors.InputError("--endpoint needs --endpoint-model")
         completer = lib.OpenAIEndpoint(args.endpoint, args.endpoint_model, api_key_env=args.key_env)
     else:
-        completer = lib.LocalCompleter(lib.load(args.model, dtype=args.dtype))
+        completer = lib.LocalCompleter(lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype))
     trait = lib.draft_trait(args.name, args.description, completer, seed=args.seed)
     out = Path(args.out or f"{args.name}.json")
     lib.save_trait(trait, out)
@@ -399,7 +403,7 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 
 def cmd_screen(args: argparse.Namespace) -> int:
     lib = library("screen")
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     if args.adapter:  # screen against the fine-tuned model's own answers
         ad, meta = lib.load_any_adapter(args.adapter, model.cfg, log=_log(args.quiet))
         model = model.with_adapter(ad, f"adapter:{Path(args.adapter).name}@{str(meta.get('sha256') or meta['digest'])[:12]}")
@@ -425,7 +429,7 @@ def cmd_trait_data(args: argparse.Namespace) -> int:
     qs = qs[: args.n_questions] if args.n_questions else qs
     if args.n_pairs < 1 or not qs:
         raise errors.InputError("--n-pairs must be >= 1 and the trait needs questions")
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     out = Path(args.out)
     counts = lib.run_trait_data(model, trait, qs, args.n_pairs, out, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=1.0, seed=args.seed, batch_size=args.batch_size,
@@ -449,7 +453,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             raise errors.InputError(f"{flag} {target} exists and is not a directory")
     data = lib.read_dataset(args.data)
     neutral = lib.read_dataset(args.neutral) if args.neutral else None
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     source = lib.weights_source(args.model) if args.export_peft or args.export_merged else None
     prevention, spec = None, None
     if args.prevent_bank:
@@ -494,7 +498,7 @@ def cmd_regimes(args: argparse.Namespace) -> int:
         adapters[name.strip()] = path.strip()
     trait = lib.load_trait(config.trait)
     trait_b = lib.load_trait(config.trait_b) if config.trait_b else None
-    model = lib.load(args.model, dtype=args.dtype)
+    model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     out = Path(args.out or f"runs/regimes_{trait.name}")
     lib.run_regimes(model, trait, config, tconfig, out, trait_b=trait_b, adapters=adapters or None,
                     progress=not args.quiet, log=_log(args.quiet))
@@ -587,7 +591,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise errors.InputError(f"--adapter {spec!r}: use NAME=DIR (or a bare DIR)")
         adapters.append(f"{name}={path}")
     return int(lib.run_server(
-        model, args.dtype, banks=args.bank, presets=args.preset, adapters=adapters, served_name=served,
+        model, args.dtype, matmul_dtype=args.matmul_dtype, banks=args.bank, presets=args.preset, adapters=adapters, served_name=served,
         host=args.host, port=args.port, batch=args.batch, max_context=args.max_context,
         max_interventions=args.max_interventions, max_readout=args.max_readout, max_queue=args.max_queue,
         prefill_rows=args.prefill_rows, mesh=args.mesh, api_key=api_key, warmup=not args.no_warmup,

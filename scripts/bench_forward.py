@@ -62,6 +62,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=registry.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--matmul-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="jaxpersona's matmul weights and products in this dtype (mixed precision; default --dtype)")
+    ap.add_argument("--hf-dtype", default=None, choices=["float32", "bfloat16"], help="the peer's torch dtype "
+                    "(default --dtype)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--gen-batch", type=int, default=16)
@@ -72,7 +76,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/forward.json")
     args = ap.parse_args()
 
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     cfg = model.cfg
     rng = np.random.default_rng(0)
     tokens = rng.integers(10, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -99,6 +103,7 @@ def main() -> None:
     results: dict = {
         "model": args.model,
         "dtype": args.dtype,
+        "matmul_dtype": args.matmul_dtype or args.dtype,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(),
@@ -121,7 +126,7 @@ def main() -> None:
 
         torch.set_num_threads(os.cpu_count() or 1)
         hf_dir = model.name if Path(str(model.name)).is_dir() else registry.converted_dir(registry.resolve(args.model))
-        tdtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+        tdtype = torch.float32 if (args.hf_dtype or args.dtype) == "float32" else torch.bfloat16
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdtype).eval()
         tt = torch.tensor(tokens).long()
         with torch.inference_mode():
@@ -138,6 +143,7 @@ def main() -> None:
 
             _, hf_gen_times = timed(hf_gen, args.repeats)
         results["hf"] = {
+            "dtype": str(tdtype).removeprefix("torch."),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "attn_implementation": hf.config._attn_implementation,
             "forward_tokens_per_s": n_fwd / statistics.median(hf_fwd),
@@ -152,7 +158,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     f, g = results["forward"], results["generate"]
-    print(f"\n{args.model}  {args.dtype}  {results['backend']} ({results['device']}, {os.cpu_count()} cpus)")
+    peer = f" (HF+torch {results['hf']['dtype']})" if "hf" in results else ""
+    print(f"\n{args.model}  {args.dtype}, matmuls {results['matmul_dtype']}{peer}  {results['backend']} ({results['device']}, {os.cpu_count()} cpus)")
     print(f"{'':28s}{'jaxpersona':>14s}{'HF+torch':>14s}{'ratio':>8s}")
     hf_r = results.get("hf", {})
     rows = [

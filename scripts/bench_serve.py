@@ -669,7 +669,8 @@ class HFPeer:
         torch.set_num_threads(os.cpu_count() or 1)
         self.torch, self.args, self.bank = torch, args, bank
         hf_dir = model.name if Path(str(model.name)).is_dir() else registry.converted_dir(registry.resolve(args.model))
-        self.hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        dtype = torch.float32 if args.hf_dtype == "float32" else torch.bfloat16
+        self.hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).eval()
         self.tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
@@ -872,6 +873,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=registry.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--matmul-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="the server's matmul weights and products in this dtype (mixed precision; default --dtype)")
+    ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="the HF peer's torch dtype")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--quick", action="store_true", help="fewer clients / tokens / repeats (~5 min on 2 cores)")
     ap.add_argument("--clients", type=int)
@@ -914,7 +918,7 @@ def main() -> None:
     from jaxpersona.serve.app import build_resources
 
     t_start = time.perf_counter()
-    model = load(args.model, args.dtype)
+    model = load(args.model, args.dtype, matmul_dtype=args.matmul_dtype)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     bank_dir = contrast_bank(model, out.parent / "serve_bank")

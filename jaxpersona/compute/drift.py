@@ -33,6 +33,7 @@ from jaxpersona import errors
 from jaxpersona.compute.generate import continue_turn
 from jaxpersona.compute.handle import Model
 from jaxpersona.edit import interventions as iv
+from jaxpersona.model.params import activation_dtype
 from jaxpersona.model.transformer import KVCache, forward
 
 VARIANTS = ("unsteered", "capped", "capped_assistant", "kv_edit")
@@ -72,7 +73,7 @@ def _turn(params, cfg, cache, tokens, valid, write_at, hooks, units, adapter=Non
 def _refill(params, cfg, tokens, valid, hook, size, adapter=None):
     """Recompute a cache for ``tokens [B, T]`` (history) under ``hook``: the KV-cache edit."""
     b, t = tokens.shape
-    cache = KVCache.empty(cfg, b, size.shape[0], params["embed"].dtype)
+    cache = KVCache.empty(cfg, b, size.shape[0], activation_dtype(params))
     return forward(params, cfg, tokens, valid=valid, cache=cache, cache_index=0, hook=hook, logits=False,
                    adapter=adapter).cache
 
@@ -125,7 +126,7 @@ def _run_group(model: Model, scripts: list[Any], spec: DriftSpec, progress: bool
     tok = model.tokenizer
     est = sum(-(-(len(tok.encode(t, add_special_tokens=False)) + 48) // 64) * 64 + N for t in turns[0])
     S = -(-max(est, 128) // 128) * 128
-    dtype = model.params["embed"].dtype
+    dtype = activation_dtype(model.params)
     empty = KVCache.empty(cfg, B, S, dtype)
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (V, *x.shape)), empty)
     slot_tok = np.full((V, B, S), model.pad_id, np.int32)  # host mirror: which id each slot holds

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model.transformer import (
     Capture,
     Hook,
@@ -232,9 +232,9 @@ def prefill_trunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: ja
     """The prompt's prefill below ``resid[start]``, in a cache of ``T + max_new_tokens`` slots. Run once, it serves
     every intervention that is off below ``start`` (:func:`generate_loop`'s ``trunk``)."""
     b, t = tokens.shape
-    empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
+    empty = KVCache.empty(cfg, b, t + max_new_tokens, activation_dtype(params))
     prep = prepare(cfg, valid, None, empty, 0)
-    h, _, cache = run_layers(params, cfg, embed(params, cfg, tokens), prep, jnp.zeros((0,), params["embed"].dtype),
+    h, _, cache = run_layers(params, cfg, embed(params, cfg, tokens), prep, jnp.zeros((0,), activation_dtype(params)),
                              Recorder.make(cfg, None, valid), cache=empty, cache_index=0,
                              span=(jnp.int32(0), start), adapter=adapter)
     assert cache is not None
@@ -267,7 +267,7 @@ def generate_loop(
     must be off below it): only blocks ``start..L-1`` of the prompt run here, the same numbers as the whole
     prefill. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``."""
     b, t = tokens.shape
-    dtype = params["embed"].dtype
+    dtype = activation_dtype(params)
     if trunk is not None:
         prep = prepare(cfg, valid, None, trunk.cache, 0)
         h = apply_hook(hook, trunk.start, trunk.h, prep.ctx)

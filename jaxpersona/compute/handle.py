@@ -30,7 +30,7 @@ from jaxpersona.model.config import ModelConfig, parse_dtype
 from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
 from jaxpersona.model.loaders.hf import load_hf_dir, load_hf_dir_sharded, load_tokenizer
 from jaxpersona.model.lora import Adapter, check_adapter
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype, matmul_weight_dtype, with_matmul_dtype
 from jaxpersona.model.transformer import (
     Capture,
     Hook,
@@ -273,16 +273,28 @@ class Model:
         return self.decode(self.generate_tokens(batch, **kw))[0]
 
 
-def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float32", mesh: Any = None) -> Model:
+def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: Any = "float32", mesh: Any = None,
+         matmul_dtype: Any = None) -> Model:
     """Load a registered model name, an HF model directory, or a ``.gguf`` file.
 
     GGUF files are converted once to an HF directory under :func:`jaxpersona.model.registry.cache_dir`.
     ``mesh``: a ``(data, model)`` mesh (:func:`jaxpersona.model.sharding.make_mesh`) to load the weights onto,
     tensor parallel; each process reads only its own shards (:func:`~jaxpersona.model.loaders.hf.load_hf_dir_sharded`).
+    ``dtype``: the activations' (and by default every weight's) dtype. ``matmul_dtype``: store and multiply the
+    matmul weights in this dtype instead, accumulating in ``dtype`` — ``dtype="float32", matmul_dtype="bfloat16"``
+    is mixed precision (:func:`~jaxpersona.model.params.with_matmul_dtype`): the residual stream, norms, softmax
+    and KV cache stay float32, the products take bfloat16 inputs.
     """
     dtype = parse_dtype(dtype)
+    mm = parse_dtype(matmul_dtype) if matmul_dtype is not None else dtype
+    if jnp.finfo(mm).bits > jnp.finfo(dtype).bits:
+        raise errors.UnsupportedDtypeError(f"matmul_dtype {jnp.dtype(mm).name} is wider than dtype {jnp.dtype(dtype).name}; "
+                                           "the matmul weights can only be stored narrower than the activations")
     src = weights_source(name_or_path)
-    return Model(*_load_dir(src.path, dtype, mesh), load_tokenizer(src.path), str(name_or_path))
+    cfg, params = _load_dir(src.path, dtype, mesh)
+    if mm != dtype:
+        params = with_matmul_dtype(params, mm)
+    return Model(cfg, params, load_tokenizer(src.path), str(name_or_path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,4 +341,6 @@ def model_fingerprint(model: Model) -> str:
     """Identity of a model for cache keys: name, config and a sample of the weights (so a run directory
     reused with another model never serves the first model's generations)."""
     emb = np.asarray(model.params["embed"][:8], np.float32)
-    return digest(model.name, repr(model.cfg), emb.tobytes().hex())
+    mm = matmul_weight_dtype(model.params)
+    precision = () if mm == activation_dtype(model.params) else (f"matmul {jnp.dtype(mm).name}",)  # float32 runs keep their fingerprints
+    return digest(model.name, repr(model.cfg), emb.tobytes().hex(), *precision)

@@ -16,7 +16,7 @@ from jaxpersona.compute.batching import BUCKET, Batch, pad_pairs, round_up
 from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model.transformer import Capture, KVCache, forward, score_vocab_chunk, token_logprobs
 
 
@@ -150,7 +150,7 @@ def target_logprob(params: Params, cfg: ModelConfig, h: jax.Array, data: dict[st
 def _prefix_cache(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, adapter: Any = None
                   ) -> KVCache:
     """The KV cache ``[L, Q, KV, P, hd]`` of ``Q`` left-padded prefixes ``tokens [Q, P]``."""
-    empty = KVCache.empty(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
+    empty = KVCache.empty(cfg, tokens.shape[0], tokens.shape[1], activation_dtype(params))
     return forward(params, cfg, tokens, valid=valid, cache=empty, logits=False, adapter=adapter).kv()
 
 

@@ -51,7 +51,7 @@ from jaxpersona.compute.scoring import (
 from jaxpersona.edit import interventions as iv
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model.sharding import shard_params, to_host
 from jaxpersona.model.transformer import (
     Capture,
@@ -182,7 +182,7 @@ def _trunk_start(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], c
     cache, pval = None, jnp.zeros((tokens.shape[0], 0), bool)
     if "prefix_tokens" in data:
         ptok, pval = data["prefix_tokens"], data["prefix_valid"]
-        empty = KVCache.empty(cfg, ptok.shape[0], ptok.shape[1] + tokens.shape[1], params["embed"].dtype)
+        empty = KVCache.empty(cfg, ptok.shape[0], ptok.shape[1] + tokens.shape[1], activation_dtype(params))
         cache = forward(params, cfg, ptok, valid=pval, cache=empty, logits=False, adapter=adapter).kv()
         pval = cache.valid
     record = Recorder.make(cfg, capture, data["resp"])
@@ -270,7 +270,7 @@ def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: j
     cache, trunk = None, None
     if shared_prefix:
         b, t = tokens.shape
-        empty = KVCache.empty(cfg, b, t + max_new_tokens, params["embed"].dtype)
+        empty = KVCache.empty(cfg, b, t + max_new_tokens, activation_dtype(params))
         cache = forward(params, cfg, tokens[:, :-1], valid=valid[:, :-1], cache=empty, logits=False,
                         adapter=adapter).cache
     elif start is not None:

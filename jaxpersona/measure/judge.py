@@ -34,7 +34,7 @@ from jaxpersona.compute.batching import pad_left
 from jaxpersona.compute.handle import load
 from jaxpersona.measure.endpoint import OpenAIEndpoint, redact_url
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model.transformer import (
     KVCache,
     Recorder,
@@ -270,7 +270,7 @@ def integer_logprobs(params: Params, cfg: ModelConfig, tokens: jax.Array, valid:
     b, t = tokens.shape
     n = trie.tokens.shape[0]
     p = 0 if prefix is None else prefix.shape[0]
-    dtype = params["embed"].dtype
+    dtype = activation_dtype(params)
     cache = KVCache.empty(cfg, b, p + t + n, dtype)
     if prefix is not None:
         one = forward(params, cfg, prefix[None], cache=KVCache.empty(cfg, 1, p + t + n, dtype), logits=False).cache

@@ -77,6 +77,36 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, scal
     return jax.tree.unflatten(treedef, out)
 
 
+# --- precision --------------------------------------------------------------------------------
+MATMUL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # per layer; plus "embed" and "lm_head"
+
+
+def activation_dtype(params: Params) -> Any:
+    """The dtype of the residual stream, KV caches and every elementwise op: that of the norm weights (the
+    matmul weights may be stored narrower, see :func:`with_matmul_dtype`)."""
+    return params["final_norm"].dtype
+
+
+def with_matmul_dtype(params: Params, dtype: Any) -> Params:
+    """``params`` with the matmul weights (projections, embedding / LM head) stored in ``dtype`` and everything
+    else (norms, biases) as it was. The forward multiplies in the weights' dtype and accumulates in the
+    activations' (:func:`jaxpersona.model.transformer.matmul`): float32 activations with bfloat16 weights is
+    mixed precision, the usual accelerator setting, which on CPUs with AMX-BF16 runs the matmuls ~5x faster."""
+    dt = jnp.dtype(dtype)
+    cast = lambda x: x.astype(dt)  # noqa: E731  (keeps a sharded array's sharding)
+    out = dict(params)
+    out["layers"] = {k: cast(v) if k in MATMUL_WEIGHTS else v for k, v in params["layers"].items()}
+    for k in ("embed", "lm_head"):
+        if k in out:
+            out[k] = cast(out[k])
+    return out
+
+
+def matmul_weight_dtype(params: Params) -> Any:
+    """The dtype the matmul weights are stored (and multiplied) in."""
+    return params["layers"]["wq"].dtype
+
+
 # logical axes of every parameter (per dimension), keyed by its name in the params pytree
 LAYER_AXES: dict[str, tuple[str | None, ...]] = {
     "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),

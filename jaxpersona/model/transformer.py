@@ -35,7 +35,7 @@ import numpy as np
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack, LayerFactors, layer_factors
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model.sharding import constrain
 
 Reduce = Literal["tokens", "mean", "last"]
@@ -255,10 +255,10 @@ def _head_slice(params: Params, cfg: ModelConfig, x: jax.Array, start: jax.Array
     A tied head contracts against ``[V, D]`` directly: no transposed copy of the embedding."""
     if cfg.tie_embeddings:
         w = jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0)
-        z = jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
+        z = jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
     else:
         w = jax.lax.dynamic_slice_in_dim(params["lm_head"], start, size, axis=1)
-        z = jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32)
+        z = jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
     return softcap(z, cfg.final_softcap)
 
 
@@ -296,10 +296,12 @@ def _vocab_scan(params: Params, cfg: ModelConfig, xs: tuple[jax.Array, ...], chu
             ids = jnp.arange(v // n, dtype=jnp.int32) * n + i
             if cfg.tie_embeddings:
                 w = jax.lax.dynamic_index_in_dim(w3, i, axis=1, keepdims=False)
-                logits = tuple(jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32) for x in normed)
+                logits = tuple(jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
+                               for x in normed)
             else:
                 w = jax.lax.dynamic_index_in_dim(w3, i, axis=2, keepdims=False)
-                logits = tuple(jnp.einsum("...d,dv->...v", x, w, preferred_element_type=jnp.float32) for x in normed)
+                logits = tuple(jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
+                               for x in normed)
             return step(carry, tuple(softcap(z, cfg.final_softcap) for z in logits), ids), None
 
         out, _ = jax.lax.scan(strided, init, jnp.arange(n, dtype=jnp.int32))
@@ -404,6 +406,20 @@ def check_context(cfg: ModelConfig, valid: np.ndarray, new_tokens: int = 0) -> N
 
 
 # --- the block --------------------------------------------------------------------------------
+def as_operand(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x`` as the left operand of a product with ``w``: cast to ``w``'s dtype when the weight is stored narrower
+    (bfloat16 weights under float32 activations, :func:`~jaxpersona.model.params.with_matmul_dtype`)."""
+    return x.astype(w.dtype) if jnp.finfo(w.dtype).bits < jnp.finfo(x.dtype).bits else x
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` ``[..., in] x [in, out]``, accumulated and returned in ``x``'s dtype; with a narrower weight the
+    product is taken in the weight's dtype (:func:`as_operand`)."""
+    if w.dtype == x.dtype:
+        return x @ w
+    return jnp.dot(as_operand(x, w), w, preferred_element_type=x.dtype)
+
+
 def linear(lp: Params, lora: LayerFactors, name: str, x: jax.Array) -> jax.Array:
     """``x @ lp[name]``, plus a low-rank adapter's ``(x @ A) @ B`` when ``lora`` holds one for ``name``.
 
@@ -414,11 +430,11 @@ def linear(lp: Params, lora: LayerFactors, name: str, x: jax.Array) -> jax.Array
     ad = lora.get(name)
     if ad is not None and "select" in ad:  # one adapter per example, gathered from the stack
         a, b = ad["a"].astype(x.dtype)[ad["select"]], ad["b"].astype(x.dtype)[ad["select"]]
-        return x @ lp[name] + jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, a), b)
+        return matmul(x, lp[name]) + jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x, a), b)
     # tokens flattened to one [B*T, in] matrix (a free reshape): the backward's weight-side products then
     # contract one row-major axis; with [B, T] kept apart XLA:CPU transposes the activations first (2x slower)
     flat = x.reshape(-1, x.shape[-1])
-    y = flat @ lp[name]
+    y = matmul(flat, lp[name])
     if ad is not None:
         y = y + (flat @ ad["a"].astype(x.dtype)) @ ad["b"].astype(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -557,7 +573,7 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """``resid[0]``: token embeddings ``[B, T, D]`` (Gemma scales by sqrt(d) in the model dtype). On a mesh the
     table is first brought to its activation layout (vocabulary over model, ``d_model`` whole: an FSDP table is
     gathered over data once, as every FSDP weight is), so the lookup is a local gather plus one all-reduce."""
-    h = constrain(params["embed"], "vocab", "embed")[tokens]
+    h = constrain(params["embed"], "vocab", "embed")[tokens].astype(activation_dtype(params))
     if cfg.embed_scale != 1.0:
         h = h * jnp.asarray(cfg.embed_scale, h.dtype)
     return h

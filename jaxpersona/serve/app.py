@@ -536,7 +536,7 @@ class PersonaServer:
         self.close()
 
 
-def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = None,
+def run_server(model: str, dtype: str = "float32", *, matmul_dtype: str | None = None, banks: list[str] | None = None,
                presets: list[str] | None = None, adapters: list[str] | None = None, served_name: str | None = None,
                host: str = "127.0.0.1", port: int = 8000, batch: int = 8, max_context: int = 1024,
                max_interventions: int = 4, max_readout: int = 4, max_queue: int = 256, prefill_rows: int | None = None,
@@ -558,7 +558,7 @@ def run_server(model: str, dtype: str = "float32", *, banks: list[str] | None = 
     options = ServerOptions(read_timeout=read_timeout, request_timeout=request_timeout,
                             max_connections=max_connections, graceful_seconds=graceful_seconds)
     device_mesh = make_mesh(mesh) if mesh else None
-    handle = load(model, dtype, mesh=device_mesh)
+    handle = load(model, dtype, mesh=device_mesh, matmul_dtype=matmul_dtype)
     extra = {"adapters": list(adapters)} if adapters else {}
     res = build_resources(handle, list(banks or []), list(presets or []), served_name or str(model),
                           max_interventions, max_readout, max_mixture=max_mixture, **extra)

@@ -71,7 +71,7 @@ from jaxpersona.edit.interventions import (
 )
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import AdapterStack, check_adapter
-from jaxpersona.model.params import Params
+from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model.sharding import spec
 from jaxpersona.model.transformer import (
     Blocked,
@@ -576,7 +576,7 @@ class Engine:
         self.eos = set(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         b, s = ecfg.batch, ecfg.max_context
-        self.cache = KVCache.empty(cfg, b, s, params["embed"].dtype)
+        self.cache = KVCache.empty(cfg, b, s, activation_dtype(params))
         self.logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
         if mesh is not None:
             if b % mesh.shape["data"]:
@@ -593,7 +593,7 @@ class Engine:
         self.top_ps = np.ones(b, np.float32)
         self.adapter_select = np.zeros(b, np.int32)  # each row's adapter (0 = base)
         r = ecfg.prefill_rows
-        self.pcache = KVCache.empty(cfg, r, s, params["embed"].dtype)  # the prefill buffer (one row per slot)
+        self.pcache = KVCache.empty(cfg, r, s, activation_dtype(params))  # the prefill buffer (one row per slot)
         if mesh is not None:
             pkv = spec(mesh, "layers", None, "kv_heads", None, "head_dim")
             self.pcache = jax.device_put(self.pcache, KVCache(pkv, pkv, spec(mesh, None, None)))
