@@ -163,12 +163,15 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
             key: jax.Array, temperature: jax.Array, top_p: jax.Array, hook: Hook | None, *, max_new_tokens: int,
             greedy: bool, eos_ids: tuple[int, ...], pad_id: int, monitor: tuple[int, ...] = (),
             units: jax.Array | None = None, adapter: Adapter | AdapterStack | None = None,
-            adapter_select: jax.Array | None = None) -> _Decoded:
+            adapter_select: jax.Array | None = None, early_exit: bool = True, logprobs: bool = True) -> _Decoded:
     """The decode loop after a prefill: ``logits [B, V]`` of the last prompt token; new tokens are written
     into ``cache`` at slots ``start, start+1, ...``. A row's tokens after its EOS are written as padding
     (``valid`` False), so the cache can carry on into a next turn. ``monitor``: resid points whose
     projections on ``units [n, D]`` are recorded per new token (post-hook). ``adapter`` (``adapter_select
-    [B]`` for a stack): applied in every decode step, as in the prefill."""
+    [B]`` for a stack): applied in every decode step, as in the prefill. ``early_exit``: stop once every row has
+    ended (otherwise run all ``max_new_tokens`` steps: the same tokens; under ``vmap`` a per-element exit test
+    makes every step select the whole carry, KV cache included). ``logprobs``: False leaves them 0 (no
+    ``[B, V]`` log-softmax per step)."""
     b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     capture = _monitor_capture(monitor)
@@ -189,15 +192,18 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
         proj: jax.Array
 
     def cond(s: State) -> jax.Array:
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+        return (s.step < max_new_tokens) & ~jnp.all(s.done) if early_exit else s.step < max_new_tokens
 
     def body(s: State) -> State:
         tok = pick(s.logits, s.step)
-        lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        if logprobs:
+            lp = jnp.take_along_axis(jax.nn.log_softmax(s.logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+        else:
+            lp = jnp.zeros(tok.shape, jnp.float32)
         tok = jnp.where(s.done, pad_id, tok)
         lp = jnp.where(s.done, 0.0, lp)
         out = s.out.at[:, s.step].set(tok)
-        logprobs = s.logprobs.at[:, s.step].set(lp)
+        lps = s.logprobs.at[:, s.step].set(lp)
         lengths = s.lengths + (~s.done).astype(jnp.int32)
         nxt = forward(params, cfg, tok[:, None], valid=~s.done[:, None], cache=s.cache, cache_index=start + s.step,
                       hook=hook, logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select)
@@ -205,7 +211,7 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
         if capture is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, _project(nxt.captured, units), s.step, axis=1)
         done = s.done | jnp.isin(tok, eos)
-        return State(s.step + 1, nxt.kv(), nxt.last_logits(), out, logprobs, done, lengths, proj)
+        return State(s.step + 1, nxt.kv(), nxt.last_logits(), out, lps, done, lengths, proj)
 
     init = State(
         jnp.int32(0), cache, logits,
@@ -241,7 +247,8 @@ def prefill_trunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: ja
     return PromptTrunk(start, h, cache._replace(valid=empty.valid))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "eos_ids", "pad_id", "early_exit",
+                                             "logprobs"))
 def generate_loop(
     params: Params,
     cfg: ModelConfig,
@@ -260,12 +267,15 @@ def generate_loop(
     trunk: PromptTrunk | None = None,
     adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
+    early_exit: bool = True,
+    logprobs: bool = True,
 ) -> GenerateOutput:
     """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, cache of size
     ``T + max_new_tokens``, under the same adapter); only the last prompt token then runs here, under the
     hook. ``trunk``: the prompt already prefilled below ``resid[trunk.start]`` (:func:`prefill_trunk`; the hook
     must be off below it): only blocks ``start..L-1`` of the prompt run here, the same numbers as the whole
-    prefill. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``."""
+    prefill. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``. Callers that
+    ``vmap`` this pass ``early_exit=False`` (see :func:`_decode`); ``logprobs=False`` when they are not read."""
     b, t = tokens.shape
     dtype = activation_dtype(params)
     if trunk is not None:
@@ -287,7 +297,7 @@ def generate_loop(
         logits, cache = pre.last_logits(), pre.kv()
     return _decode(params, cfg, logits, cache, t, key, temperature, top_p, hook,
                    max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids, pad_id=pad_id, adapter=adapter,
-                   adapter_select=adapter_select).out
+                   adapter_select=adapter_select, early_exit=early_exit, logprobs=logprobs).out
 
 
 class TurnOutput(NamedTuple):

@@ -17,7 +17,16 @@ from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.params import Params, activation_dtype
-from jaxpersona.model.transformer import Capture, KVCache, forward, score_vocab_chunk, token_logprobs
+from jaxpersona.model.transformer import (
+    KVCache,
+    Recorder,
+    embed,
+    forward,
+    prepare,
+    run_layers,
+    score_vocab_chunk,
+    token_logprobs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +172,14 @@ def _suffix_logprob_chunk(params: Params, cfg: ModelConfig, prefix: KVCache, pic
     grow = ((0, 0), (0, 0), (0, 0), (0, s), (0, 0))
     cache = KVCache(jnp.pad(prefix.k[:, pick], grow), jnp.pad(prefix.v[:, pick], grow),
                     jnp.pad(prefix.valid[pick], ((0, 0), (0, s))))
-    captured = forward(params, cfg, data["tokens"], valid=data["valid"], cache=cache, cache_index=p, logits=False,
-                       capture=Capture((cfg.n_layers,)), adapter=adapter).captured
-    assert captured is not None  # resid[L] was asked for
-    return target_logprob(params, cfg, captured[0], data)
+    # read_only: each block attends over its own layer of the cache; the cache is never carried through the layer
+    # scan (a carried cache is copied whole at every layer), and none is returned (nothing reads it)
+    prep = prepare(cfg, data["valid"], cache=cache, cache_index=p)
+    record = Recorder.make(cfg, None, data["valid"])
+    h = embed(params, cfg, data["tokens"])
+    h, _, _ = run_layers(params, cfg, h, prep, record(record.empty(h), jnp.int32(0), h), record, cache=cache,
+                         cache_index=p, adapter=adapter, read_only=True)
+    return target_logprob(params, cfg, h, data)
 
 
 def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,

@@ -279,7 +279,8 @@ def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: j
     def one(hook: Any) -> Any:
         return generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0), hook,
                              max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids, pad_id=pad_id,
-                             prefix_cache=cache, trunk=trunk, adapter=adapter)
+                             prefix_cache=cache, trunk=trunk, adapter=adapter,
+                             early_exit=False, logprobs=False)
 
     return jax.vmap(one)(hooks)
 

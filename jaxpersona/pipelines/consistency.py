@@ -161,7 +161,7 @@ def sample_seeds(params: Any, cfg: Any, tokens: jax.Array, valid: jax.Array, key
     vmapped over ``keys [K]`` -> tokens/logprobs ``[K, B, N]``, lengths ``[K, B]``."""
     def one(key: jax.Array) -> Any:
         return generate_loop(params, cfg, tokens, valid, key, temperature, top_p, None, max_new_tokens=max_new_tokens,
-                         greedy=False, eos_ids=eos_ids, pad_id=pad_id)
+                             greedy=False, eos_ids=eos_ids, pad_id=pad_id, early_exit=False)
 
     return jax.vmap(one)(keys)
 

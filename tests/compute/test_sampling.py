@@ -94,3 +94,30 @@ def test_read_logits_skips_the_log_probs_no_row_asked_for():
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     lp, top_id, top_lp = jax.jit(read_logits)(logits, tok, jnp.asarray(False))
     assert not np.asarray(lp).any() and not np.asarray(top_id).any() and not np.asarray(top_lp).any()
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_loop_without_early_exit_or_logprobs_gives_the_same_tokens(tiny_llama, greedy):
+    """``generate_loop(early_exit=False, logprobs=False)`` (the sweep's and the seed axis' vmapped loops) gives the
+    tokens and lengths of the default loop, rows that end early included; vmapped over keys as well."""
+    from jaxpersona.compute.generate import generate_loop
+
+    import hf_tiny
+
+    tokens, valid = (jnp.asarray(x) for x in hf_tiny.left_padded_batch())
+    cfg, params = tiny_llama.cfg, tiny_llama.params
+    first = generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0), None,
+                          max_new_tokens=12, greedy=greedy, eos_ids=(), pad_id=0)
+    eos = (int(first.tokens[0, 2]), int(first.tokens[2, 5]))  # rows 0 and 2 end early, the others may not
+
+    def run(key, **flags):
+        return generate_loop(params, cfg, tokens, valid, key, jnp.float32(1.0), jnp.float32(1.0), None,
+                             max_new_tokens=12, greedy=greedy, eos_ids=eos, pad_id=0, **flags)
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    want = jax.vmap(run)(keys)
+    got = jax.vmap(lambda k: run(k, early_exit=False, logprobs=False))(keys)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
+    assert np.asarray(want.lengths).min() < 12  # some row did end early
+    assert not np.asarray(got.logprobs).any() and np.asarray(want.logprobs).any()
