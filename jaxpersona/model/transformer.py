@@ -287,25 +287,27 @@ def _vocab_scan(params: Params, cfg: ModelConfig, xs: tuple[jax.Array, ...], chu
     n = vocab_stride(v, size)
     if n:
         if cfg.tie_embeddings:
-            w3 = as_bits(params["embed"].reshape(v // n, n, cfg.d_model))
+            head = params["embed"].reshape(v // n, n, cfg.d_model)
         else:
-            w3 = as_bits(params["lm_head"].reshape(cfg.d_model, v // n, n))
+            head = params["lm_head"].reshape(cfg.d_model, v // n, n)
 
-        @jax.checkpoint
-        def strided(carry: Any, i: jax.Array) -> tuple[Any, None]:
-            ids = jnp.arange(v // n, dtype=jnp.int32) * n + i
-            if cfg.tie_embeddings:
-                w = from_bits(jax.lax.dynamic_index_in_dim(w3, i, axis=1, keepdims=False))
-                logits = tuple(jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
-                               for x in normed)
-            else:
-                w = from_bits(jax.lax.dynamic_index_in_dim(w3, i, axis=2, keepdims=False))
-                logits = tuple(jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
-                               for x in normed)
-            return step(carry, tuple(softcap(z, cfg.final_softcap) for z in logits), ids), None
+        def scan(w3: jax.Array) -> Any:
+            @jax.checkpoint
+            def strided(carry: Any, i: jax.Array) -> tuple[Any, None]:
+                ids = jnp.arange(v // n, dtype=jnp.int32) * n + i
+                if cfg.tie_embeddings:
+                    w = from_bits(jax.lax.dynamic_index_in_dim(w3, i, axis=1, keepdims=False))
+                    logits = tuple(jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
+                                   for x in normed)
+                else:
+                    w = from_bits(jax.lax.dynamic_index_in_dim(w3, i, axis=2, keepdims=False))
+                    logits = tuple(jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
+                                   for x in normed)
+                return step(carry, tuple(softcap(z, cfg.final_softcap) for z in logits), ids), None
 
-        out, _ = jax.lax.scan(strided, init, jnp.arange(n, dtype=jnp.int32))
-        return out
+            return jax.lax.scan(strided, init, jnp.arange(n, dtype=jnp.int32))[0]
+
+        return cpu_loop_weights(scan, head)
 
     @jax.checkpoint
     def body(carry: Any, i: jax.Array) -> tuple[Any, None]:
@@ -436,6 +438,16 @@ def as_bits(tree: Any) -> Any:
 def from_bits(tree: Any) -> Any:
     """The inverse of :func:`as_bits` (params hold no ``uint16`` leaves of their own)."""
     return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x, tree)
+
+
+def cpu_loop_weights(loop: Callable[[Any], Any], weights: Any) -> Any:
+    """``loop(weights)``, where ``loop`` slices ``weights`` inside a ``lax`` loop and applies :func:`from_bits` to
+    each slice. Compiled for a CPU, bfloat16 weights enter the loop as their bits (:func:`as_bits`); for any other
+    platform (a GPU, a TPU, or a deviceless TPU compile on a CPU host) as they are: there XLA keeps them bfloat16,
+    and the bitcast would add a copy of every weight (``jax.lax.platform_dependent`` picks at lowering)."""
+    if not any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(weights)):
+        return loop(weights)
+    return jax.lax.platform_dependent(cpu=lambda: loop(as_bits(weights)), default=lambda: loop(weights))
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -684,33 +696,35 @@ def run_layers(
     index = jnp.asarray(cache_index, jnp.int32)
     shared = cache if read_only else None  # read, never carried
 
-    def step(carry, xs):
-        h, buf, ck, cv = carry
-        h = constrain(h, "batch", "seq", "embed")
-        lp, lora, layer, is_sliding = xs
-        mask = jnp.where(is_sliding, prep.mask_local, prep.mask_full)
-        rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
+    def make_step(stacked: Params) -> Callable[..., Any]:
+        def step(carry, xs):
+            h, buf, ck, cv = carry
+            h = constrain(h, "batch", "seq", "embed")
+            lp, lora, layer, is_sliding = xs
+            mask = jnp.where(is_sliding, prep.mask_local, prep.mask_full)
+            rope = jax.tree.map(lambda a, c: jnp.where(is_sliding, a, c), prep.rope_l, prep.rope_g)
 
-        def run(h, buf, ck, cv):
-            w = from_bits(lp if span is None else jax.tree.map(lambda x: x[layer], stacked))  # see `xs` below
-            if cache is None:
-                h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
-            elif shared is not None:  # read_only: this layer's keys/values with the new ones written in
-                q, k, v = project_qkv(cfg, w, lora, h, rope)
-                kl = write_cache(shared.k[layer][None], k, jnp.int32(0), index)[0]
-                vl = write_cache(shared.v[layer][None], v, jnp.int32(0), index)[0]
-                h = finish_block(cfg, w, lora, h, q, kl, vl, mask, blocked)
-            else:  # write the new keys/values in place first, then read this layer's slice
-                q, k, v = project_qkv(cfg, w, lora, h, rope)
-                ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked)
-            h = apply_hook(hook, layer + 1, h, prep.ctx)
-            return h, record(buf, layer + 1, h), ck, cv
+            def run(h, buf, ck, cv):
+                w = from_bits(lp if span is None else jax.tree.map(lambda x: x[layer], stacked))  # see `xs` below
+                if cache is None:
+                    h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
+                elif shared is not None:  # read_only: this layer's keys/values with the new ones written in
+                    q, k, v = project_qkv(cfg, w, lora, h, rope)
+                    kl = write_cache(shared.k[layer][None], k, jnp.int32(0), index)[0]
+                    vl = write_cache(shared.v[layer][None], v, jnp.int32(0), index)[0]
+                    h = finish_block(cfg, w, lora, h, q, kl, vl, mask, blocked)
+                else:  # write the new keys/values in place first, then read this layer's slice
+                    q, k, v = project_qkv(cfg, w, lora, h, rope)
+                    ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
+                    h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked)
+                h = apply_hook(hook, layer + 1, h, prep.ctx)
+                return h, record(buf, layer + 1, h), ck, cv
 
-        if span is None:
-            return run(h, buf, ck, cv), None
-        inside = (layer >= span[0]) & (layer < span[1])
-        return jax.lax.cond(inside, run, lambda *a: a, h, buf, ck, cv), None
+            if span is None:
+                return run(h, buf, ck, cv), None
+            inside = (layer >= span[0]) & (layer < span[1])
+            return jax.lax.cond(inside, run, lambda *a: a, h, buf, ck, cv), None
+        return step
 
     carried = None if read_only else cache
     ck = carried.k if carried is not None else jnp.zeros((0,), h.dtype)
@@ -718,10 +732,12 @@ def run_layers(
     lora = layer_factors(adapter, adapter_select)
     # with a span, each layer's weights are read inside its branch: XLA copies a layer's slice of the stacked
     # weights out, and a skipped layer should not pay for that copy (a sweep chunk skips the layers below its start)
-    stacked = as_bits(params["layers"])
-    xs = (stacked if span is None else None, lora, jnp.arange(cfg.n_layers, dtype=jnp.int32),
-          jnp.asarray(cfg.layer_sliding))
-    (h, buf, ck, cv), _ = jax.lax.scan(step, (h, buf, ck, cv), xs)
+    def scan(stacked: Params) -> Any:
+        xs = (stacked if span is None else None, lora, jnp.arange(cfg.n_layers, dtype=jnp.int32),
+              jnp.asarray(cfg.layer_sliding))
+        return jax.lax.scan(make_step(stacked), (h, buf, ck, cv), xs)[0]
+
+    h, buf, ck, cv = cpu_loop_weights(scan, params["layers"])
     return h, buf, (KVCache(ck, cv, prep.k_valid) if carried is not None else None)
 
 
