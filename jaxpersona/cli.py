@@ -111,8 +111,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     p.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
                    help="store and multiply the matmul weights in this dtype, accumulating in --dtype: "
-                        "`--matmul-dtype bfloat16` is mixed precision, ~2.5x faster on CPUs with AMX-BF16 "
-                        "(default: --dtype)")
+                        "`--matmul-dtype bfloat16` is mixed precision, ~2x faster on CPUs with AMX-BF16 "
+                        "(not for serve: see README, Precision) (default: --dtype)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -591,7 +591,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise errors.InputError(f"--adapter {spec!r}: use NAME=DIR (or a bare DIR)")
         adapters.append(f"{name}={path}")
     return int(lib.run_server(
-        model, args.dtype, matmul_dtype=args.matmul_dtype, banks=args.bank, presets=args.preset, adapters=adapters, served_name=served,
+        model, args.dtype, matmul_dtype=args.matmul_dtype, banks=args.bank, presets=args.preset, adapters=adapters,
+        served_name=served,
         host=args.host, port=args.port, batch=args.batch, max_context=args.max_context,
         max_interventions=args.max_interventions, max_readout=args.max_readout, max_queue=args.max_queue,
         prefill_rows=args.prefill_rows, mesh=args.mesh, api_key=api_key, warmup=not args.no_warmup,

@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="traced repetitions (train, generate)")
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.0, help="decode: sample at this temperature (top-p 0.95)")
+    ap.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="train/generate/decode: the model in mixed precision (see README, Precision)")
     ap.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")
     args = ap.parse_args()
@@ -242,7 +244,7 @@ def main() -> None:
     else:
         from jaxpersona.compute.handle import load
 
-        model = load(registry.DEFAULT_MODEL, dtype="float32")
+        model = load(registry.DEFAULT_MODEL, dtype="float32", matmul_dtype=args.matmul_dtype)
         run = {"train": target_train, "generate": target_generate, "decode": functools.partial(target_decode, temperature=args.temperature)}[args.target](model)
         run(1)  # compile outside the trace
         t0 = time.perf_counter()

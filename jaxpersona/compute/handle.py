@@ -342,5 +342,6 @@ def model_fingerprint(model: Model) -> str:
     reused with another model never serves the first model's generations)."""
     emb = np.asarray(model.params["embed"][:8], np.float32)
     mm = matmul_weight_dtype(model.params)
-    precision = () if mm == activation_dtype(model.params) else (f"matmul {jnp.dtype(mm).name}",)  # float32 runs keep their fingerprints
+    # float32 models keep their fingerprints (old run directories resume); a mixed-precision one gets its own
+    precision = () if mm == activation_dtype(model.params) else (f"matmul {jnp.dtype(mm).name}",)
     return digest(model.name, repr(model.cfg), emb.tobytes().hex(), *precision)
