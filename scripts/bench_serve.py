@@ -686,7 +686,8 @@ class HFPeer:
             for layer in layers:  # resid[l] = output of block l-1
                 raw = self.bank.get(spec["vector"])[layer] if isinstance(spec["vector"], str) else spec["vector"]
                 v = torch.tensor(np.asarray(raw, np.float32))
-                u = v / v.norm()
+                u = (v / v.norm()).to(self.hf.dtype)  # in the residual stream's dtype (bfloat16 with --hf-dtype)
+                v = v.to(self.hf.dtype)
 
                 def hook(mod, inp, out, spec=spec, v=v, u=u):
                     h = out[0] if isinstance(out, tuple) else out

@@ -325,7 +325,9 @@ def weights_source(name_or_path: str | Path = registry.DEFAULT_MODEL) -> Weights
         raise AssertionError("unreachable")
     hf_dir = registry.converted_dir(gguf_path)
     if not (hf_dir / "config.json").exists():
-        convert_gguf_to_hf_dir(gguf_path, hf_dir)
+        with registry.cache_lock(hf_dir):  # another process converting the same file: wait, then use its work
+            if not (hf_dir / "config.json").exists():
+                convert_gguf_to_hf_dir(gguf_path, hf_dir)
     return WeightsSource(hf_dir, "gguf", gguf_path)
 
 

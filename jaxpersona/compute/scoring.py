@@ -22,6 +22,7 @@ from jaxpersona.model.transformer import (
     Recorder,
     embed,
     forward,
+    layers_as_bits,
     prepare,
     run_layers,
     score_vocab_chunk,
@@ -207,7 +208,8 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
         if u:
             pre[q, p_width - len(u):], pre_valid[q, p_width - len(u):] = u, True
     model.check_length(Batch(pre, pre_valid))
-    prefix = _prefix_cache(model.params, model.cfg, jnp.asarray(pre), jnp.asarray(pre_valid), model.adapter)
+    params = layers_as_bits(model.params)  # mixed precision on a CPU: bitcast once, not in every call below
+    prefix = _prefix_cache(params, model.cfg, jnp.asarray(pre), jnp.asarray(pre_valid), model.adapter)
     order = sorted(range(len(live)), key=lambda j: len(ids[j][1]))
     rows = min(batch_size, len(live))
     for s in range(0, len(order), rows):
@@ -218,7 +220,7 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
         model.check_length(Batch(np.concatenate([enc["prefix_tokens"], enc["tokens"]], axis=1),
                                  np.concatenate([enc["prefix_valid"], enc["valid"]], axis=1)))
         pick = np.asarray([prompts[tuple(p[:-1])] for p, _ in part_ids], np.int32)
-        lp = np.asarray(_suffix_logprob_chunk(model.params, model.cfg, prefix, jnp.asarray(pick),
+        lp = np.asarray(_suffix_logprob_chunk(params, model.cfg, prefix, jnp.asarray(pick),
                                               {k: jnp.asarray(enc[k]) for k in ("tokens", "valid", "pred_idx",
                                                                                 "pred_tok", "pred_ok")},
                                               model.adapter))

@@ -61,6 +61,7 @@ from jaxpersona.model.transformer import (
     check_context,
     embed,
     forward,
+    layers_as_bits,
     prepare,
     run_layers,
 )
@@ -560,6 +561,7 @@ def run_sweep(
         params, adapter = shard_params(params, cfg, mesh), shard_adapter(adapter, cfg, mesh)
     elif mesh is not None:
         params, adapter = _shard((params, adapter), mesh, P())
+    params = layers_as_bits(params)  # mixed precision on a CPU: bitcast once, not in every jitted call
     rows: list[dict[str, Any]] = []
     bar = progress_bar(len(chunks), "sweep chunks", progress)
     data_js = [{k: jnp.asarray(v) for k, v in e.items()} for e in encs]  # on device once per set

@@ -103,8 +103,10 @@ def with_matmul_dtype(params: Params, dtype: Any) -> Params:
 
 
 def matmul_weight_dtype(params: Params) -> Any:
-    """The dtype the matmul weights are stored (and multiplied) in."""
-    return params["layers"]["wq"].dtype
+    """The dtype the matmul weights are multiplied in (bfloat16 for weights held as their ``uint16`` bits,
+    :func:`~jaxpersona.model.transformer.layers_as_bits`)."""
+    dtype = params["layers"]["wq"].dtype
+    return jnp.dtype(jnp.bfloat16) if dtype == jnp.uint16 else dtype
 
 
 # logical axes of every parameter (per dimension), keyed by its name in the params pytree

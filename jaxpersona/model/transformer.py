@@ -252,12 +252,13 @@ def score_vocab_chunk(rows: int, vocab: int) -> int:
 
 def _head_slice(params: Params, cfg: ModelConfig, x: jax.Array, start: jax.Array, size: int) -> jax.Array:
     """Logits of vocabulary ids ``start .. start+size-1`` for the normed ``x [..., D]``: ``[..., size]`` float32.
-    A tied head contracts against ``[V, D]`` directly: no transposed copy of the embedding."""
+    A tied head contracts against ``[V, D]`` directly: no transposed copy of the embedding. A head held as its
+    bits (inside :func:`_vocab_scan`'s loop, :func:`cpu_loop_weights`) is read as bfloat16."""
     if cfg.tie_embeddings:
-        w = jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0)
+        w = from_bits(jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0))
         z = jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
     else:
-        w = jax.lax.dynamic_slice_in_dim(params["lm_head"], start, size, axis=1)
+        w = from_bits(jax.lax.dynamic_slice_in_dim(params["lm_head"], start, size, axis=1))
         z = jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
     return softcap(z, cfg.final_softcap)
 
@@ -309,16 +310,21 @@ def _vocab_scan(params: Params, cfg: ModelConfig, xs: tuple[jax.Array, ...], chu
 
         return cpu_loop_weights(scan, head)
 
-    @jax.checkpoint
-    def body(carry: Any, i: jax.Array) -> tuple[Any, None]:
-        start = jnp.minimum(i * size, v - size)
-        ids = start + jnp.arange(size, dtype=jnp.int32)
-        ids = jnp.where(ids >= i * size, ids, -1)
-        logits = tuple(jnp.where(ids >= 0, _head_slice(params, cfg, x, start, size), -jnp.inf) for x in normed)
-        return step(carry, logits, ids), None
+    key = "embed" if cfg.tie_embeddings else "lm_head"
 
-    out, _ = jax.lax.scan(body, init, jnp.arange(-(-v // size), dtype=jnp.int32))
-    return out
+    def chunks(head: jax.Array) -> Any:
+        @jax.checkpoint
+        def body(carry: Any, i: jax.Array) -> tuple[Any, None]:
+            start = jnp.minimum(i * size, v - size)
+            ids = start + jnp.arange(size, dtype=jnp.int32)
+            ids = jnp.where(ids >= i * size, ids, -1)
+            logits = tuple(jnp.where(ids >= 0, _head_slice({key: head}, cfg, x, start, size), -jnp.inf)
+                           for x in normed)
+            return step(carry, logits, ids), None
+
+        return jax.lax.scan(body, init, jnp.arange(-(-v // size), dtype=jnp.int32))[0]
+
+    return cpu_loop_weights(chunks, params[key])
 
 
 def token_logprobs(params: Params, cfg: ModelConfig, h: jax.Array, tokens: jax.Array,
@@ -436,8 +442,32 @@ def as_bits(tree: Any) -> Any:
 
 
 def from_bits(tree: Any) -> Any:
-    """The inverse of :func:`as_bits` (params hold no ``uint16`` leaves of their own)."""
+    """The inverse of :func:`as_bits` (params hold no ``uint16`` leaves of their own: a ``uint16`` leaf is a
+    bfloat16 weight's bits, from :func:`as_bits` or :func:`layers_as_bits`)."""
     return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x, tree)
+
+
+def layers_as_bits(params: Params) -> Params:
+    """``params`` with the bfloat16 stacked layer weights held as their ``uint16`` bits, converted once: for a
+    caller that runs many jitted forwards on a CPU (the serving engine, one call per decode step). A bitcast
+    inside a jitted call is a copy of every weight on XLA:CPU (~50 ms a decode step for SmolLM2-135M);
+    weights that arrive as bits need none, and :func:`cpu_loop_weights` passes them through. The forward reads
+    such params as it reads the bfloat16 ones (the loops take :func:`from_bits` of each slice), on any platform;
+    gradients with respect to them are not defined. On one CPU device the bits share the bfloat16 weights' memory.
+    Params without bfloat16 layer weights, or not on CPU devices, come back as they are."""
+    leaves = jax.tree.leaves(params["layers"])
+    if not all(d.platform == "cpu" for x in leaves if isinstance(x, jax.Array) for d in x.devices()):
+        return params  # a GPU / TPU compile keeps bfloat16 loop operands as they are
+
+    def bits(x: jax.Array) -> jax.Array:
+        if x.dtype != jnp.bfloat16:
+            return x
+        devices = x.devices()
+        if len(devices) == 1 and next(iter(devices)).platform == "cpu":  # a view of the same memory, no copy
+            return jax.device_put(np.asarray(x).view(np.uint16), next(iter(devices)))
+        return jax.jit(lambda w: jax.lax.bitcast_convert_type(w, jnp.uint16))(x)  # sharded: keeps its sharding
+
+    return {**params, "layers": jax.tree.map(bits, params["layers"])}
 
 
 def cpu_loop_weights(loop: Callable[[Any], Any], weights: Any) -> Any:

@@ -79,6 +79,7 @@ from jaxpersona.model.transformer import (
     HookContext,
     KVCache,
     forward,
+    layers_as_bits,
     unembed,
 )
 from jaxpersona.serve.prefix import PrefixCache, actor_identity, block_keys
@@ -561,7 +562,10 @@ class Engine:
         the cache's rows go over ``data`` and its kv heads over ``model``; the jitted steps follow.
         ``adapters``: LoRA adapters requests may select (member 0 the base model, a zero adapter; see
         :func:`~jaxpersona.model.lora.stack_adapters`); a sequence's ``adapter_id`` indexes it."""
-        self.params, self.cfg, self.tokenizer, self.ecfg = params, cfg, tokenizer, ecfg
+        self.cfg, self.tokenizer, self.ecfg = cfg, tokenizer, ecfg
+        # mixed precision on a CPU: the bfloat16 layer weights are viewed as their uint16 bits once here, not in
+        # every jitted step (a copy of every weight per call on XLA:CPU; the numbers are the same bit for bit)
+        self.params = layers_as_bits(params)
         # the steps trace under the mesh, so the forward's activation constraints act (batch over data, heads and
         # MLP over model: jaxpersona.model.sharding.constrain)
         self.on_mesh: Callable[[], Any] = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -236,3 +237,28 @@ def test_block_keys_hold_what_changes_a_block():
     assert k3[:2] == none[:2] and k3[2] != none[2]
     k4 = block_keys(toks, 16, 0, [(actor_identity(np.ones(4), 0.6), late)], 3)
     assert k4[2] != k3[2]  # another coefficient, another block
+
+
+def test_a_mixed_precision_engine_holds_weight_bits_and_serves_the_same_numbers(tiny_llama, word_tokenizer,
+                                                                               monkeypatch):
+    """On a CPU the engine holds bfloat16 layer weights as their uint16 bits (converted once, not in every step):
+    its tokens and log-probs equal an engine that holds them as bfloat16, bit for bit."""
+    from jaxpersona.model.params import with_matmul_dtype
+    from jaxpersona.serve import engine as engine_module
+    from jaxpersona.serve.engine import Engine, EngineConfig
+
+    params = with_matmul_dtype(tiny_llama.params, "bfloat16")
+    ecfg = EngineConfig(batch=2, max_context=64, prefill_chunk=8, attn_block=16, prefill_rows=1, prefix_cache_mb=0)
+    tokenizer = word_tokenizer()
+    runs = []
+    for hold_bits in (True, False):
+        if not hold_bits:
+            monkeypatch.setattr(engine_module, "layers_as_bits", lambda p: p)
+        eng = Engine(params, tiny_llama.cfg, tokenizer, (2,), 0, ecfg)
+        assert eng.params["layers"]["wq"].dtype == (np.uint16 if hold_bits else jnp.bfloat16)
+        eng.start()
+        try:
+            runs.append([run_alone(eng, [1, 5 + i, 9, 11, 7 + i], 6) for i in range(2)])
+        finally:
+            eng.stop()
+    assert runs[0] == runs[1]

@@ -620,3 +620,20 @@ def test_real_file_matches_transformers(name: str, monkeypatch: pytest.MonkeyPat
     else:
         assert m.hf_config["tie_word_embeddings"] is False and "lm_head.weight" in m.tensors
         assert "model.layers.0.self_attn.q_proj.bias" in m.tensors
+
+
+def test_conversion_cache_lock_excludes_another_process(tmp_path: Path) -> None:
+    """``registry.cache_lock``: while one process holds it, another cannot take it (so two runs, or two test
+    workers, convert a GGUF once); released, it can."""
+    entry = tmp_path / "converted" / "model-0123"
+    probe = textwrap.dedent(f"""
+        import fcntl, sys
+        with open({str(entry) + ".lock"!r}, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                sys.exit(3)
+    """)
+    with registry.cache_lock(entry):
+        assert subprocess.run([sys.executable, "-c", probe]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

@@ -57,6 +57,30 @@ def test_logprobs_match_log_softmax_chunked_or_not(model) -> None:
     np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-4)
 
 
+def test_a_bfloat16_head_chunked_or_not_gives_the_same_logprobs(model) -> None:
+    """Mixed precision: the head enters the chunk loop as its bits (``cpu_loop_weights``, strided and contiguous
+    chunks alike) and gives what the unchunked bfloat16 head gives; gradients w.r.t. the residual still flow."""
+    from jaxpersona.model.params import with_matmul_dtype
+
+    cfg, params = model
+    params = with_matmul_dtype(params, "bfloat16")
+    h = jax.random.normal(jax.random.key(1), (3, 5, cfg.d_model)) * 3
+    tokens = jax.random.randint(jax.random.key(2), (3, 5), 0, cfg.vocab_size)
+    ref = reference_logprobs(params, cfg, h, tokens)
+    run = jax.jit(lambda p, x: token_logprobs(p, cfg, x, tokens, chunk=256))
+    np.testing.assert_allclose(run(params, h), ref, atol=2e-5, rtol=1e-5)
+    # XLA:CPU would convert a bfloat16 loop operand to float32 whole before the loop: the head enters as bits
+    shape = f"{cfg.vocab_size},{cfg.d_model}" if cfg.tie_embeddings else f"{cfg.d_model},{cfg.vocab_size}"
+    hlo = run.lower(params, h).compile().as_text()
+    assert f"f32[{shape}]" not in hlo and "u16[" in hlo
+    g_ref = jax.grad(lambda x: reference_logprobs(params, cfg, x, tokens).sum())(h)
+    g = jax.grad(lambda x: token_logprobs(params, cfg, x, tokens, chunk=256).sum())(h)
+    # the cotangent of a bfloat16 operand is bfloat16: per chunk here, once for the whole vocabulary there
+    scale = float(jnp.abs(g_ref).max())
+    assert scale > 0.01
+    np.testing.assert_allclose(g, g_ref, atol=2 ** -7 * scale, rtol=0)
+
+
 def test_kl_matches_the_log_softmax_formula(model) -> None:
     cfg, params = model
     hb = jax.random.normal(jax.random.key(3), (2, 4, cfg.d_model)) * 3

@@ -95,6 +95,31 @@ def test_greedy_tokens_under_mixed_precision_are_the_same_alone_or_in_a_batch(ti
         np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(batch[i]))
 
 
+def test_layer_weights_held_as_bits_give_the_same_numbers_and_share_memory(tiny_llama) -> None:
+    """``layers_as_bits`` (what the serving engine holds on a CPU): the bfloat16 layer weights as their uint16 bits,
+    the same memory; a forward with a KV cache (prefill, then a decode step) gives the same numbers bit for bit."""
+    from jaxpersona.model.transformer import KVCache, layers_as_bits
+
+    cfg = tiny_llama.cfg
+    params = with_matmul_dtype(tiny_llama.params, "bfloat16")
+    bits = layers_as_bits(params)
+    for name, w in bits["layers"].items():
+        assert w.dtype == (jnp.uint16 if name in MATMUL_WEIGHTS else jnp.float32), name
+        assert w.unsafe_buffer_pointer() == params["layers"][name].unsafe_buffer_pointer(), name
+    assert matmul_weight_dtype(bits) == jnp.bfloat16 and bits["embed"] is params["embed"]
+    f32 = layers_as_bits(tiny_llama.params)
+    assert all(f32["layers"][k] is w for k, w in tiny_llama.params["layers"].items())
+    step = jax.jit(forward, static_argnames=("cfg", "logits"))
+    tok, val = jnp.asarray(TOKENS), jnp.asarray(VALID)
+    outs = []
+    for p in (params, bits):
+        first = step(p, cfg, tok, valid=val, cache=KVCache.empty(cfg, tok.shape[0], 16, jnp.float32), cache_index=0)
+        nxt = jnp.argmax(first.logits[:, -1], axis=-1)[:, None]
+        outs.append((first.logits, step(p, cfg, nxt, cache=first.cache, cache_index=tok.shape[1]).logits))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
             "{% if add_generation_prompt %}<s> assistant {% endif %}")
 
