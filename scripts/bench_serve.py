@@ -316,6 +316,9 @@ def with_engine_stats(srv, fn: Callable[[], dict]) -> dict:
     st = {k: srv.engine.stats[k] - s0[k] for k in s0}
     r["decode_step_ms"] = 1000 * st["step_seconds"] / max(st["steps"], 1)
     r["mean_rows_per_step"] = st["tokens"] / max(st["steps"], 1)
+    # the load's wall time split: decode steps, prompt prefill, and the rest (host loop, HTTP, clients)
+    r["decode_s"], r["prefill_s"] = st["step_seconds"], st["prefill_seconds"]
+    r["other_s"] = r["wall_s"] - st["step_seconds"] - st["prefill_seconds"]
     r["prefix_hits"], r["prefix_queries"] = st["prefix_hits"], st["prefix_queries"]
     return r
 
