@@ -56,21 +56,24 @@ def _smollm2() -> Path:
 
 
 def _concat_parts(parts: list[Path], target: Path) -> Path:
-    """Concatenate ``parts`` into ``target`` atomically (a kill never leaves a partial file)."""
+    """Concatenate ``parts`` into ``target`` atomically (a kill never leaves a partial file), once: a second process
+    waits for the first (the file's mtime keys its converted copy, :func:`converted_dir`)."""
     size = sum(p.stat().st_size for p in parts)
     if target.exists() and target.stat().st_size == size:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as f:
-                    shutil.copyfileobj(f, out, 16 << 20)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with cache_lock(target):
+        if target.exists() and target.stat().st_size == size:
+            return target
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for p in parts:
+                    with open(p, "rb") as f:
+                        shutil.copyfileobj(f, out, 16 << 20)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return target
 
 
