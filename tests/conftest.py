@@ -25,8 +25,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # compiled programs of the test session go to a directory of its own (shared by the CLI subprocesses it starts),
-# never the user's cache
-os.environ.setdefault("JAXPERSONA_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxpersona-test-xla-"))
+# never the user's cache; under pytest-xdist one per worker (JAX writes cache entries without a lock, so two
+# workers sharing one could read each other's half-written files)
+_owner, _me = os.environ.get("JAXPERSONA_TEST_CACHE_OWNER"), os.environ.get("PYTEST_XDIST_WORKER", "main")
+if "JAXPERSONA_COMPILE_CACHE" not in os.environ or (_owner is not None and _owner != _me):  # not one the user set
+    os.environ["JAXPERSONA_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxpersona-test-xla-")
+    os.environ["JAXPERSONA_TEST_CACHE_OWNER"] = _me
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:

@@ -460,14 +460,18 @@ def layers_as_bits(params: Params) -> Params:
         return params  # a GPU / TPU compile keeps bfloat16 loop operands as they are
 
     def bits(x: jax.Array) -> jax.Array:
-        if x.dtype != jnp.bfloat16:
+        if not isinstance(x, jax.Array) or x.dtype != jnp.bfloat16:
             return x
         devices = x.devices()
-        if len(devices) == 1 and next(iter(devices)).platform == "cpu":  # a view of the same memory, no copy
-            return jax.device_put(np.asarray(x).view(np.uint16), next(iter(devices)))
-        return jax.jit(lambda w: jax.lax.bitcast_convert_type(w, jnp.uint16))(x)  # sharded: keeps its sharding
+        if len(devices) == 1:  # a view of the same memory, no copy; placed as the weights were (committed or not)
+            view = np.asarray(x).view(np.uint16)
+            return jax.device_put(view, next(iter(devices))) if x.committed else jax.device_put(view)
+        return _bitcast_u16(x)  # sharded: keeps its sharding
 
     return {**params, "layers": jax.tree.map(bits, params["layers"])}
+
+
+_bitcast_u16 = jax.jit(lambda w: jax.lax.bitcast_convert_type(w, jnp.uint16))
 
 
 def cpu_loop_weights(loop: Callable[[Any], Any], weights: Any) -> Any:

@@ -276,3 +276,25 @@ def test_mean_logprobs_equals_full_forward(model):
     want = reference_logprob(model, encode_scoring(model, DATA), None)
     np.testing.assert_allclose(got[:2], want, atol=2e-5)
     assert np.isnan(got[2])  # an empty response has no score
+
+
+def test_mixed_precision_sweep_and_scores_equal_with_the_weights_as_bits(model, bank, monkeypatch):
+    """Mixed precision: the sweep and the scorer view the bfloat16 layer weights as their bits once (not in every
+    jitted call); rows, greedy texts and mean log-probs are the numbers the bfloat16 weights give, bit for bit."""
+    import dataclasses
+
+    import jaxpersona.compute.scoring as scoring_mod
+    from jaxpersona.model.params import with_matmul_dtype
+
+    mixed = dataclasses.replace(model, params=with_matmul_dtype(model.params, "bfloat16"))
+    grid = Grid("steer", bank, ("a", "b"), layers=(5, 12), coeffs=(0.0, 4.0), positions="all")
+    convs = DATA.conversations()
+    runs = []
+    for as_bits in (True, False):
+        if not as_bits:
+            monkeypatch.setattr(sweep_mod, "layers_as_bits", lambda p: p)
+            monkeypatch.setattr(scoring_mod, "layers_as_bits", lambda p: p)
+        rows = run_sweep(mixed, grid, DATA, progress=False, generate_tokens=4)
+        runs.append(([(r["layer"], r["coeff"], r["prompt"], r["text"], r["logprob"]) for r in rows],
+                     scoring_mod.mean_logprobs(mixed, convs, list(DATA.responses)).tolist()))
+    assert runs[0] == runs[1]
