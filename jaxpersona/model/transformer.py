@@ -255,12 +255,18 @@ def _head_slice(params: Params, cfg: ModelConfig, x: jax.Array, start: jax.Array
     A tied head contracts against ``[V, D]`` directly: no transposed copy of the embedding. A head held as its
     bits (inside :func:`_vocab_scan`'s loop, :func:`cpu_loop_weights`) is read as bfloat16."""
     if cfg.tie_embeddings:
-        w = from_bits(jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0))
-        z = jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
+        w = jax.lax.dynamic_slice_in_dim(params["embed"], start, size, axis=0)
     else:
-        w = from_bits(jax.lax.dynamic_slice_in_dim(params["lm_head"], start, size, axis=1))
-        z = jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
-    return softcap(z, cfg.final_softcap)
+        w = jax.lax.dynamic_slice_in_dim(params["lm_head"], start, size, axis=1)
+    return _head_logits(cfg, x, w)
+
+
+def _head_logits(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., D]`` against a slice of the head: ``w [v, D]`` (tied: rows of the embedding) or ``[D, v]``
+    (``lm_head``), possibly as its bits -> softcapped float32 logits ``[..., v]``."""
+    w = from_bits(w)
+    spec = "...d,vd->...v" if cfg.tie_embeddings else "...d,dv->...v"
+    return softcap(jnp.einsum(spec, as_operand(x, w), w, preferred_element_type=jnp.float32), cfg.final_softcap)
 
 
 def vocab_stride(vocab: int, chunk: int) -> int:
@@ -296,15 +302,8 @@ def _vocab_scan(params: Params, cfg: ModelConfig, xs: tuple[jax.Array, ...], chu
             @jax.checkpoint
             def strided(carry: Any, i: jax.Array) -> tuple[Any, None]:
                 ids = jnp.arange(v // n, dtype=jnp.int32) * n + i
-                if cfg.tie_embeddings:
-                    w = from_bits(jax.lax.dynamic_index_in_dim(w3, i, axis=1, keepdims=False))
-                    logits = tuple(jnp.einsum("...d,vd->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
-                                   for x in normed)
-                else:
-                    w = from_bits(jax.lax.dynamic_index_in_dim(w3, i, axis=2, keepdims=False))
-                    logits = tuple(jnp.einsum("...d,dv->...v", as_operand(x, w), w, preferred_element_type=jnp.float32)
-                                   for x in normed)
-                return step(carry, tuple(softcap(z, cfg.final_softcap) for z in logits), ids), None
+                w = jax.lax.dynamic_index_in_dim(w3, i, axis=1 if cfg.tie_embeddings else 2, keepdims=False)
+                return step(carry, tuple(_head_logits(cfg, x, w) for x in normed), ids), None
 
             return jax.lax.scan(strided, init, jnp.arange(n, dtype=jnp.int32))[0]
 
@@ -441,6 +440,9 @@ def as_bits(tree: Any) -> Any:
     return jax.tree.map(lambda x: _bits(x) if x.dtype == jnp.bfloat16 else x, tree)
 
 
+_as_bits_jit = jax.jit(as_bits)
+
+
 def from_bits(tree: Any) -> Any:
     """The inverse of :func:`as_bits` (params hold no ``uint16`` leaves of their own: a ``uint16`` leaf is a
     bfloat16 weight's bits, from :func:`as_bits` or :func:`layers_as_bits`)."""
@@ -466,12 +468,9 @@ def layers_as_bits(params: Params) -> Params:
         if len(devices) == 1:  # a view of the same memory, no copy; placed as the weights were (committed or not)
             view = np.asarray(x).view(np.uint16)
             return jax.device_put(view, next(iter(devices))) if x.committed else jax.device_put(view)
-        return _bitcast_u16(x)  # sharded: keeps its sharding
+        return _as_bits_jit(x)  # sharded: keeps its sharding
 
     return {**params, "layers": jax.tree.map(bits, params["layers"])}
-
-
-_bitcast_u16 = jax.jit(lambda w: jax.lax.bitcast_convert_type(w, jnp.uint16))
 
 
 def cpu_loop_weights(loop: Callable[[Any], Any], weights: Any) -> Any:
