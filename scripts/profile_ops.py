@@ -213,11 +213,12 @@ def target_decode(model, temperature: float = 0.0):
     return run
 
 
-def target_main(out_dir: str):
+def target_main(out_dir: str, matmul_dtype: str | None = None):
     from jaxpersona import cli
 
     def run():
-        rc = cli.main(["extract", "--trait", "evil", "--out", out_dir, "--quiet"])
+        extra = ["--matmul-dtype", matmul_dtype] if matmul_dtype else []
+        rc = cli.main(["extract", "--trait", "evil", "--out", out_dir, "--quiet", *extra])
         if rc:
             sys.exit(f"the main job exited {rc}")
 
@@ -231,14 +232,14 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.0, help="decode: sample at this temperature (top-p 0.95)")
     ap.add_argument("--matmul-dtype", default=None, choices=("float32", "bfloat16"),
-                    help="train/generate/decode: the model in mixed precision (see README, Precision)")
+                    help="the model in mixed precision (see README, Precision)")
     ap.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary directory)")
     ap.add_argument("--out", default=None, help="write the summary as JSON here")
     args = ap.parse_args()
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="jp_trace_")
     if args.target == "main":
         run_dir = tempfile.mkdtemp(prefix="jp_main_")
-        fn = target_main(run_dir)
+        fn = target_main(run_dir, args.matmul_dtype)
         t0 = time.perf_counter()
         traced(fn, trace_dir)  # the main job compiles inside the trace: compile time shows as wall, not op time
     else:

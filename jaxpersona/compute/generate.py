@@ -44,6 +44,23 @@ class GenerateOutput(NamedTuple):
     lengths: jax.Array  # [B] new tokens up to and including EOS
 
 
+def greedy_ids(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis of ``logits [..., V]`` as int32, the same ids (the first maximum; the first
+    NaN where a row has one) in cheap passes: the first block of ids holding the row's maximum (or its first
+    NaN), then ``argmax`` inside that block. XLA:CPU's one-pass argmax (a value-and-index reduction) is ~7x
+    slower over a whole vocabulary, which a greedy decode step reads for every row. No ``cond``, so it stays
+    cheap under ``vmap``."""
+    v = logits.shape[-1]
+    bs = next((s for s in (256, 128, 64, 32) if v % s == 0 and v > s), None)
+    if bs is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    blocks = logits.reshape(*logits.shape[:-1], v // bs, bs)
+    nan = jnp.isnan(blocks).any(-1)  # XLA:CPU's max may skip NaN, so blocks holding one are found apart
+    j = jnp.where(nan.any(-1), jnp.argmax(nan, axis=-1), jnp.argmax(blocks.max(-1), axis=-1))
+    inner = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]
+    return (j * bs + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+
+
 def _nucleus_threshold(scaled: jax.Array, key: jax.Array, top_p: jax.Array) -> jax.Array:
     """Exact top-p over the whole vocabulary without a sort.
 
@@ -178,7 +195,7 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
 
     def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
         if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return greedy_ids(logits)
         return sample_token(logits, jax.random.fold_in(key, step), temperature, top_p).astype(jnp.int32)
 
     class State(NamedTuple):
@@ -270,9 +287,9 @@ def generate_loop(
     early_exit: bool = True,
     logprobs: bool = True,
 ) -> GenerateOutput:
-    """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, cache of size
-    ``T + max_new_tokens``, under the same adapter); only the last prompt token then runs here, under the
-    hook. ``trunk``: the prompt already prefilled below ``resid[trunk.start]`` (:func:`prefill_trunk`; the hook
+    """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, under the same adapter)
+    in a cache of ``T + max_new_tokens`` slots, or held by its shared :class:`KVPrefix` (``T - 1`` slots) with
+    ``1 + max_new_tokens`` slots of its own; only the last prompt token then runs here, under the hook. ``trunk``: the prompt already prefilled below ``resid[trunk.start]`` (:func:`prefill_trunk`; the hook
     must be off below it): only blocks ``start..L-1`` of the prompt run here, the same numbers as the whole
     prefill. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``. Callers that
     ``vmap`` this pass ``early_exit=False`` (see :func:`_decode`); ``logprobs=False`` when they are not read."""
@@ -291,7 +308,8 @@ def generate_loop(
         if prefix_cache is None:
             pre = forward(params, cfg, tokens, valid=valid, cache=KVCache.empty(cfg, b, t + max_new_tokens, dtype),
                           cache_index=0, hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
-        else:
+        else:  # a shared KVPrefix holds the first slots: this cache's own slots count after it
+            t = t - (0 if prefix_cache.prefix is None else prefix_cache.prefix.valid.shape[1])
             pre = forward(params, cfg, tokens[:, -1:], valid=valid[:, -1:], cache=prefix_cache, cache_index=t - 1,
                           hook=hook, logits="last", adapter=adapter, adapter_select=adapter_select)
         logits, cache = pre.last_logits(), pre.kv()

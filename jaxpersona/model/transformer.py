@@ -80,12 +80,26 @@ class HookContext(NamedTuple):
 Hook = Callable[[jax.Array, jax.Array, HookContext], jax.Array]
 
 
-class KVCache(NamedTuple):
-    """Fixed-size cache. ``k``/``v``: ``[L, B, KV, S, hd]``; ``valid``: ``[B, S]`` (False = padding/empty)."""
+class KVPrefix(NamedTuple):
+    """Keys/values of a prompt prefix that many caches share, read and never written: ``k``/``v``
+    ``[L, B, KV, P, hd]``, ``valid [B, P]``. A :class:`KVCache` that carries one attends over the prefix's ``P``
+    slots first and then its own, as one cache of ``P + S`` slots would; its ``cache_index`` counts its own
+    slots only. Under ``vmap`` over grid points the prefix stays unbatched: each layer's prefix is read once for
+    all of them, not copied per point (a sweep's greedy generations after one unintervened prompt)."""
 
     k: jax.Array
     v: jax.Array
     valid: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Fixed-size cache. ``k``/``v``: ``[L, B, KV, S, hd]``; ``valid``: ``[B, S]`` (False = padding/empty);
+    ``prefix``: an optional shared :class:`KVPrefix` attended before these slots."""
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    prefix: KVPrefix | None = None
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype: Any) -> KVCache:
@@ -172,24 +186,35 @@ class Blocked(NamedTuple):
 
 
 def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-              blocked: Blocked | None = None) -> jax.Array:
+              blocked: Blocked | None = None, prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Grouped-query attention. q ``[B,T,H,hd]``, k/v ``[B,KV,S,hd]``, mask ``[B,T,S]`` -> ``[B,T,H*hd]``.
 
     Heads are laid out ``[B, KV, G*T, hd]`` so both products are plain batched matmuls (fast on CPU).
-    ``blocked``: see :class:`Blocked`.
+    ``blocked``: see :class:`Blocked`. ``prefix``: keys/values ``[B,KV,P,hd]`` attended before ``k``/``v`` (one
+    softmax over both; ``mask [B,T,P+S]``), each read where it lies instead of concatenated (:class:`KVPrefix`).
     """
     b, t, h, hd = q.shape
     kvh, g = cfg.n_kv_heads, h // cfg.n_kv_heads
     qg = q.reshape(b, t, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, hd)
     if blocked is not None:
+        if prefix is not None:
+            raise ValueError("blocked attention over a cache with a shared prefix is not supported")
         return _blocked_attention(cfg, qg, k, v, mask, blocked).reshape(b, kvh, g, t, hd).transpose(
             0, 3, 1, 2, 4).reshape(b, t, h * hd)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32) * cfg.scale
-    scores = softcap(scores, cfg.attn_softcap).reshape(b, kvh, g, t, -1)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qg, k, preferred_element_type=jnp.float32)
+    if prefix is not None:
+        scores = jnp.concatenate([jnp.einsum("bkqd,bksd->bkqs", qg, prefix[0], preferred_element_type=jnp.float32),
+                                  scores], axis=-1)
+    scores = softcap(scores * cfg.scale, cfg.attn_softcap).reshape(b, kvh, g, t, -1)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(b, kvh, g, t, hd)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+    if prefix is None:
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    else:
+        p = prefix[1].shape[2]
+        out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :p], prefix[1])
+               + jnp.einsum("bkqs,bksd->bkqd", probs[..., p:], v))
+    return out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 
 def _blocked_attention(cfg: ModelConfig, qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -535,12 +560,12 @@ def project_qkv(
 
 def finish_block(
     cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-    mask: jax.Array, blocked: Blocked | None = None,
+    mask: jax.Array, blocked: Blocked | None = None, prefix: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``; ``blocked``: see :class:`Blocked`), output
-    projection, MLP; residual adds."""
+    """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``; ``blocked``: see :class:`Blocked`; ``prefix``: this
+    layer's shared prefix keys/values, see :func:`attention`), output projection, MLP; residual adds."""
     eps, off = cfg.rms_eps, cfg.norm_offset
-    attn = linear(lp, lora, "wo", constrain(attention(cfg, q, k, v, mask, blocked), "batch", "seq", "heads"))
+    attn = linear(lp, lora, "wo", constrain(attention(cfg, q, k, v, mask, blocked, prefix), "batch", "seq", "heads"))
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
@@ -604,12 +629,17 @@ def prepare(
     cache_index: jax.Array | int = 0,
 ) -> Prepared:
     """Masks, rope tables and hook context for a ``[B, T]`` chunk written at ``cache_index`` (a scalar, or
-    ``[B]``: each row its own slot, as in a continuously batched server)."""
+    ``[B]``: each row its own slot, as in a continuously batched server). With a cache's shared
+    :class:`KVPrefix` of ``P`` slots, the masks cover ``P + S`` keys and the hook context's slots count from the
+    prefix's first (as in one cache of ``P + S`` slots); ``k_valid`` stays the cache's own ``[B, S]``."""
     b, t = valid.shape
     valid = valid.astype(bool)
     index = jnp.asarray(cache_index, jnp.int32)
+    prefix = None if cache is None else cache.prefix
     if positions is None:
         prior = jnp.zeros((b,), jnp.int32) if cache is None else cache.valid.sum(axis=1).astype(jnp.int32)
+        if prefix is not None:
+            prior = prior + prefix.valid.sum(axis=1).astype(jnp.int32)
         positions = jnp.maximum(prior[:, None] + jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
     slots = chunk_slots(index, b, t)
     if cache is None:
@@ -618,7 +648,11 @@ def prepare(
         k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
     else:
         k_valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(valid)
-    mask_full, mask_local = attention_masks(cfg, slots, k_valid)
+    if prefix is not None:
+        slots = slots + prefix.valid.shape[1]
+        mask_full, mask_local = attention_masks(cfg, slots, jnp.concatenate([prefix.valid.astype(bool), k_valid], 1))
+    else:
+        mask_full, mask_local = attention_masks(cfg, slots, k_valid)
     rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
     rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
     return Prepared(HookContext(positions, slots, valid), mask_full, mask_local, rope_g, rope_l, k_valid)
@@ -728,6 +762,9 @@ def run_layers(
     """
     index = jnp.asarray(cache_index, jnp.int32)
     shared = cache if read_only else None  # read, never carried
+    prefix = None if cache is None else cache.prefix  # read, never carried (see KVPrefix)
+    if prefix is not None and read_only:
+        raise ValueError("a read-only cache cannot carry a shared prefix")
 
     def make_step(stacked: Params) -> Callable[..., Any]:
         def step(carry, xs):
@@ -749,7 +786,8 @@ def run_layers(
                 else:  # write the new keys/values in place first, then read this layer's slice
                     q, k, v = project_qkv(cfg, w, lora, h, rope)
                     ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                    h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked)
+                    pre = None if prefix is None else (prefix.k[layer], prefix.v[layer])
+                    h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked, pre)
                 h = apply_hook(hook, layer + 1, h, prep.ctx)
                 return h, record(buf, layer + 1, h), ck, cv
 
@@ -771,7 +809,7 @@ def run_layers(
         return jax.lax.scan(make_step(stacked), (h, buf, ck, cv), xs)[0]
 
     h, buf, ck, cv = cpu_loop_weights(scan, params["layers"])
-    return h, buf, (KVCache(ck, cv, prep.k_valid) if carried is not None else None)
+    return h, buf, (KVCache(ck, cv, prep.k_valid, prefix) if carried is not None else None)
 
 
 def final_hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array, hook: Hook | None = None,

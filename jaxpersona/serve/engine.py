@@ -61,7 +61,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.artifacts.adapters import shard_adapter
-from jaxpersona.compute.generate import sample_rows
+from jaxpersona.compute.generate import greedy_ids, sample_rows
 from jaxpersona.edit.interventions import (
     Cap,
     Mixture,
@@ -383,7 +383,7 @@ def pick_tokens(logits: jax.Array, keys: jax.Array, counts: jax.Array, temps: ja
     """One token per row: argmax where ``temps == 0``, else a sample with the row's temperature, top-p and
     key ``fold_in(keys[b], counts[b])`` (so a row's draws depend only on its own seed and step;
     :func:`~jaxpersona.compute.generate.sample_rows`)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_ids(logits)
 
     def sampled() -> jax.Array:
         rows = jax.vmap(lambda kd, c: jax.random.fold_in(jax.random.wrap_key_data(kd), c))(keys, counts)

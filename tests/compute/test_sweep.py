@@ -298,3 +298,17 @@ def test_mixed_precision_sweep_and_scores_equal_with_the_weights_as_bits(model, 
         runs.append(([(r["layer"], r["coeff"], r["prompt"], r["text"], r["logprob"]) for r in rows],
                      scoring_mod.mean_logprobs(mixed, convs, list(DATA.responses)).tolist()))
     assert runs[0] == runs[1]
+
+
+def test_generation_groups_with_a_shared_prefix_take_a_whole_set():
+    """With ``response`` positions (a shared prompt prefix) one batched generation takes all of a set's points
+    when they fit (the default grid's 21 points x 20 prompts: one call, no padding point); otherwise whole chunks
+    up to GEN_ROWS rows, padded to a multiple of the devices; a small memory budget keeps the old size."""
+    chunks = [(0, [{}] * 6, 6), (0, [{}] * 5, 5), (0, [{}] * 5, 5), (0, [{}] * 5, 5)]
+    assert sweep_mod._generation_group(chunks, 6, 20, True, 1, 1, None) == 21
+    assert sweep_mod._generation_group(chunks, 6, 20, False, 1, 1, None) == 6
+    assert sweep_mod._generation_group(chunks, 6, 20, True, 4, 1, None) == 24
+    assert sweep_mod._generation_group(chunks, 6, 20, True, 1, 10 ** 9, 10 ** 9) == 6
+    assert sweep_mod._generation_group(chunks[:1], 6, 20, True, 1, 1, None) == 6
+    paired = chunks + [(1, [{}] * 3, 3)]
+    assert sweep_mod._generation_group(paired, 6, 20, True, 1, 1, None) == 21
