@@ -731,16 +731,24 @@ figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
       color:#b3261e; }
 """
 
-# After load: record on each treescope view whether its shadow DOM holds a rendering (and flag it if not).
+# After load: record on each treescope view whether its shadow DOM holds a rendering. A view still empty is
+# looked at again every 100 ms (treescope may insert after the load event on a busy machine) and flagged as
+# failed only if it is still empty after 3 s.
 STATUS_JS = """
 window.addEventListener("load", () => {
-  for (const v of document.querySelectorAll(".ts-view")) {
-    const c = v.querySelector("treescope-container");
-    const loading = !c || !c.shadowRoot || !c.state || c.state.loadingMsg;  // treescope clears it on insert
-    const n = loading ? 0 : c.shadowRoot.querySelectorAll("*").length;
-    v.dataset.rendered = String(n);
-    if (n === 0) v.classList.add("ts-failed");
-  }
+  const check = (tries) => {
+    let empty = 0;
+    for (const v of document.querySelectorAll(".ts-view")) {
+      const c = v.querySelector("treescope-container");
+      const loading = !c || !c.shadowRoot || !c.state || c.state.loadingMsg;  // treescope clears it on insert
+      const n = loading ? 0 : c.shadowRoot.querySelectorAll("*").length;
+      v.dataset.rendered = String(n);
+      v.classList.toggle("ts-failed", n === 0 && tries === 0);
+      if (n === 0) empty++;
+    }
+    if (empty && tries > 0) setTimeout(() => check(tries - 1), 100);
+  };
+  check(30);
 });
 """
 

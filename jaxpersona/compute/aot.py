@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpersona import errors
 from jaxpersona.compute.accelerators import GIB, Accelerator, accelerator, host_bounds, topology_name
 from jaxpersona.compute.activations import reduced_resid
-from jaxpersona.compute.generate import continue_turn
+from jaxpersona.compute.generate import continue_turn, greedy_ids
 from jaxpersona.compute.plan import kv_bytes, param_bytes, read_config
 from jaxpersona.compute.sweep import score_chunk
 from jaxpersona.compute.train import TrainConfig, make_optimizer, train_step
@@ -278,7 +278,7 @@ def build_program(stage: str, cfg: ModelConfig, mesh: Any, sizes: Sizes, dtype: 
 
         def step(p: Any, tk: Any, c: Any, at: Any) -> Any:
             out = forward(p, cfg, tk, cache=c, cache_index=at, logits="last")
-            return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache
+            return greedy_ids(out.logits[:, -1]), out.cache
 
         fn = jax.jit(step, donate_argnums=(2,))
         return Program(fn, (params, tok, cache, index), (("fwd", b, 1, sizes.slots, b),), 1, True,

@@ -45,20 +45,29 @@ class GenerateOutput(NamedTuple):
 
 
 def greedy_ids(logits: jax.Array) -> jax.Array:
-    """``argmax`` over the last axis of ``logits [..., V]`` as int32, the same ids (the first maximum; the first
-    NaN where a row has one) in cheap passes: the first block of ids holding the row's maximum (or its first
-    NaN), then ``argmax`` inside that block. XLA:CPU's one-pass argmax (a value-and-index reduction) is ~7x
-    slower over a whole vocabulary, which a greedy decode step reads for every row. No ``cond``, so it stays
+    """``argmax`` over the last axis of ``logits [..., V]`` as int32: the first maximum, or the first NaN where a
+    row has one. On a CPU in cheap passes: the first block of ids holding the row's maximum (or its first NaN),
+    then ``argmax`` inside that block. XLA:CPU's one-pass argmax (a value-and-index reduction) is ~7x slower
+    over a whole vocabulary, which a greedy decode step reads for every row. Other platforms keep the one-pass
+    ``argmax`` (``jax.lax.platform_dependent`` picks at lowering; the ids are the same). No ``cond``, so it stays
     cheap under ``vmap``."""
     v = logits.shape[-1]
     bs = next((s for s in (256, 128, 64, 32) if v % s == 0 and v > s), None)
-    if bs is None:
+
+    def one_pass() -> jax.Array:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    blocks = logits.reshape(*logits.shape[:-1], v // bs, bs)
-    nan = jnp.isnan(blocks).any(-1)  # XLA:CPU's max may skip NaN, so blocks holding one are found apart
-    j = jnp.where(nan.any(-1), jnp.argmax(nan, axis=-1), jnp.argmax(blocks.max(-1), axis=-1))
-    inner = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]
-    return (j * bs + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+
+    def blocked() -> jax.Array:
+        assert bs is not None
+        blocks = logits.reshape(*logits.shape[:-1], v // bs, bs)
+        nan = jnp.isnan(blocks).any(-1)  # XLA:CPU's max may skip NaN, so blocks holding one are found apart
+        j = jnp.where(nan.any(-1), jnp.argmax(nan, axis=-1), jnp.argmax(blocks.max(-1), axis=-1))
+        inner = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]
+        return (j * bs + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+
+    if bs is None:
+        return one_pass()
+    return jax.lax.platform_dependent(cpu=blocked, default=one_pass)
 
 
 def _nucleus_threshold(scaled: jax.Array, key: jax.Array, top_p: jax.Array) -> jax.Array:

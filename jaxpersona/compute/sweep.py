@@ -471,7 +471,7 @@ def _generation_group(chunks: list[tuple[int, list[dict[str, Any]], int]], csize
     per_set = max(sum(len(c) for s, c, _ in chunks if s == si) for si in {s for s, _, _ in chunks})
     fit = max(1, (int(0.5 * available_bytes()) if budget is None else int(budget)) // max(point_bytes, 1))
     wide = min(per_set, max(csize, SHARED_GEN_ROWS // max(1, n_prompts)), max(csize, fit))
-    return max(min(group, per_set), -(-wide // n_dev) * n_dev)
+    return -(-max(min(group, per_set), wide) // n_dev) * n_dev  # the grid axis is sharded over the devices
 
 
 def _generate_texts(plan: _Plan, si: int, points: list[dict[str, Any]], size: int) -> list[list[str]]:

@@ -211,9 +211,9 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
     if prefix is None:
         out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
     else:
-        p = prefix[1].shape[2]
-        out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :p], prefix[1])
-               + jnp.einsum("bkqs,bksd->bkqd", probs[..., p:], v))
+        p, f32 = prefix[1].shape[2], jnp.float32  # the two partial sums in float32, rounded once as one product is
+        out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :p], prefix[1], preferred_element_type=f32)
+               + jnp.einsum("bkqs,bksd->bkqd", probs[..., p:], v, preferred_element_type=f32)).astype(v.dtype)
     return out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
 
 

@@ -310,5 +310,9 @@ def test_generation_groups_with_a_shared_prefix_take_a_whole_set():
     assert sweep_mod._generation_group(chunks, 6, 20, True, 4, 1, None) == 24
     assert sweep_mod._generation_group(chunks, 6, 20, True, 1, 10 ** 9, 10 ** 9) == 6
     assert sweep_mod._generation_group(chunks[:1], 6, 20, True, 1, 1, None) == 6
+    # a budget that bounds the group below the set: still a multiple of the devices (2 and 4 data shards)
+    tight = [(0, [{}] * 6, 6)] * 3 + [(0, [{}] * 3, 4)]
+    assert sweep_mod._generation_group(tight, 6, 5, True, 2, 10 ** 6, 10 ** 7) % 2 == 0
+    assert sweep_mod._generation_group(tight, 6, 5, True, 4, 10 ** 6, 10 ** 7) % 4 == 0
     paired = chunks + [(1, [{}] * 3, 3)]
     assert sweep_mod._generation_group(paired, 6, 20, True, 1, 1, None) == 21
