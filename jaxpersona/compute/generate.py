@@ -298,7 +298,8 @@ def generate_loop(
 ) -> GenerateOutput:
     """``prefix_cache``: the first ``T-1`` prompt tokens already prefilled (unintervened, under the same adapter)
     in a cache of ``T + max_new_tokens`` slots, or held by its shared :class:`KVPrefix` (``T - 1`` slots) with
-    ``1 + max_new_tokens`` slots of its own; only the last prompt token then runs here, under the hook. ``trunk``: the prompt already prefilled below ``resid[trunk.start]`` (:func:`prefill_trunk`; the hook
+    ``1 + max_new_tokens`` slots of its own; only the last prompt token then runs here, under the hook.
+    ``trunk``: the prompt already prefilled below ``resid[trunk.start]`` (:func:`prefill_trunk`; the hook
     must be off below it): only blocks ``start..L-1`` of the prompt run here, the same numbers as the whole
     prefill. ``adapter`` (``adapter_select [B]`` for a stack): a LoRA adapter beside ``params``. Callers that
     ``vmap`` this pass ``early_exit=False`` (see :func:`_decode`); ``logprobs=False`` when they are not read."""
