@@ -38,6 +38,7 @@ from jaxpersona.artifacts.records import atomic_write
 from jaxpersona.compute.batching import BUCKET, Batch, pad_left, round_up
 from jaxpersona.compute.generate import generate_loop, prefill_trunk
 from jaxpersona.compute.handle import Model
+from jaxpersona.compute.plan import kv_bytes
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import (
     ScoringSet,
@@ -591,9 +592,8 @@ def run_sweep(
     loaded = [store.load(k) if store else None for k in keys]
     texts: dict[int, list[str]] = {}  # id(point) -> its generations, made a group of chunks at a time
     n_prompts = len(gens[0][0].tokens) if gens else 1
-    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (1 + generate_tokens) * 4
-    group = _generation_group(chunks, csize, n_prompts, split, n_dev,
-                              n_prompts * (kv_bytes + 3 * cfg.vocab_size * 4), budget_bytes)
+    row_bytes = kv_bytes(cfg, 1, 1 + generate_tokens, 1, 1, 4) + 3 * cfg.vocab_size * 4  # own cache + logits
+    group = _generation_group(chunks, csize, n_prompts, split, n_dev, n_prompts * row_bytes, budget_bytes)
     for n, ((si, chunk, width), key) in enumerate(zip(chunks, keys)):
         done = loaded[n]
         if done is None:

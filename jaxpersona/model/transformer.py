@@ -648,11 +648,10 @@ def prepare(
         k_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, index, axis=1)
     else:
         k_valid = cache.valid.at[jnp.arange(b)[:, None], slots].set(valid)
-    if prefix is not None:
-        slots = slots + prefix.valid.shape[1]
-        mask_full, mask_local = attention_masks(cfg, slots, jnp.concatenate([prefix.valid.astype(bool), k_valid], 1))
-    else:
-        mask_full, mask_local = attention_masks(cfg, slots, k_valid)
+    keys = k_valid
+    if prefix is not None:  # the prefix's slots come first
+        slots, keys = slots + prefix.valid.shape[1], jnp.concatenate([prefix.valid.astype(bool), k_valid], 1)
+    mask_full, mask_local = attention_masks(cfg, slots, keys)
     rope_g = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions)
     rope_l = rope_tables(cfg.rope_local.inv_freq(cfg.head_dim), positions) if cfg.rope_local else rope_g
     return Prepared(HookContext(positions, slots, valid), mask_full, mask_local, rope_g, rope_l, k_valid)
