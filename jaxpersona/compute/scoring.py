@@ -113,16 +113,66 @@ def encode_split(model: Model, conversations: Sequence[list[dict[str, str]]], re
     return split_rows(ids, model.pad_id, max(p_width or 0, p_need), max(s_width or 0, s_need))
 
 
-def split_rows(ids: Sequence[tuple[list[int], list[int]]], pad: int, pw: int, sw: int) -> dict[str, np.ndarray]:
+def shared_prompts(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]
+                   ) -> tuple[list[tuple[int, ...]], list[int], list[tuple[list[int], list[int]]]]:
+    """``(prompts, pick, ids)``: the distinct prompts of the rows (token ids, in first-seen order), each row's
+    prompt index, and the rows' ``(prompt, response)`` ids (:meth:`~jaxpersona.compute.handle.Model.pair_ids`)."""
+    check_pairs(len(conversations), len(responses))
+    ids = model.pair_ids(conversations, responses)
+    for (p, r), conv in zip(ids, conversations):
+        if not r:
+            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    index: dict[tuple[int, ...], int] = {}
+    pick = [index.setdefault(tuple(p), len(index)) for p, _ in ids]
+    return list(index), pick, ids
+
+
+def encode_shared(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                  rows: int, q_rows: int, p_width: int, s_width: int) -> dict[str, np.ndarray]:
+    """Rows laid out as their distinct prompts and a per-row suffix, for interventions that also act on the
+    prompt (each distinct prompt then runs once per grid point, not once per row): ``prompt_tokens /
+    prompt_valid [Q, P]`` (a prompt minus its last token, left-padded), ``last_tokens [Q]`` (its last token),
+    ``pick [B]`` (each row's prompt) and the :func:`encode_split` suffix ``tokens / valid [B, S]`` (last prompt
+    token + response) with its targets. ``rows`` / ``q_rows``: pad to this many rows / prompts (repeating the
+    last); ``p_width`` / ``s_width``: the widths (large enough: :func:`shared_shape`)."""
+    prompts, pick, ids = shared_prompts(model, conversations, responses)
+    ids += [ids[-1]] * (rows - len(ids))
+    pick += [pick[-1]] * (rows - len(pick))
+    prompts += [prompts[-1]] * (q_rows - len(prompts))
+    out = split_rows(ids, model.pad_id, p_width, s_width)
+    for k in ("prefix_tokens", "prefix_valid", "select"):
+        out.pop(k)
+    out["prompt_tokens"] = np.full((q_rows, p_width), model.pad_id, np.int32)
+    out["prompt_valid"] = np.zeros((q_rows, p_width), bool)
+    for q, u in enumerate(prompts):
+        if len(u) > 1:
+            out["prompt_tokens"][q, p_width - len(u) + 1:] = u[:-1]
+            out["prompt_valid"][q, p_width - len(u) + 1:] = True
+    out["last_tokens"] = np.asarray([u[-1] for u in prompts], np.int32)
+    out["pick"] = np.asarray(pick, np.int32)
+    return out
+
+
+def shared_shape(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]
+                 ) -> tuple[int, int, int]:
+    """``(distinct prompts, prompt width, suffix width)`` for :func:`encode_shared`."""
+    prompts, _, ids = shared_prompts(model, conversations, responses)
+    p_width, s_width = _split_widths(ids)
+    return len(prompts), p_width, s_width
+
+
+def split_rows(ids: Sequence[tuple[list[int], list[int]]], pad: int, pw: int, sw: int, *,
+               last_input: bool = True) -> dict[str, np.ndarray]:
     """The :func:`encode_split` layout of token-id pairs ``(prompt, response)`` at prefix width ``pw`` and suffix
-    width ``sw`` (both large enough)."""
-    b = len(ids)
+    width ``sw`` (both large enough). ``last_input=False``: the suffix stops before the response's last token,
+    which predicts nothing (``sw`` >= the longest response; for scores that read no residual of that token)."""
+    b, rw = len(ids), sw - 1 if last_input else sw
     out = {"prefix_tokens": np.full((b, pw), pad, np.int32), "prefix_valid": np.zeros((b, pw), bool),
            "tokens": np.full((b, sw), pad, np.int32), "valid": np.zeros((b, sw), bool),
-           "pred_idx": np.zeros((b, sw - 1), np.int32), "pred_tok": np.zeros((b, sw - 1), np.int32),
-           "pred_ok": np.zeros((b, sw - 1), bool), "resp": np.zeros((b, sw), bool), "select": np.zeros((b, pw + sw), bool)}
+           "pred_idx": np.zeros((b, rw), np.int32), "pred_tok": np.zeros((b, rw), np.int32),
+           "pred_ok": np.zeros((b, rw), bool), "resp": np.zeros((b, sw), bool), "select": np.zeros((b, pw + sw), bool)}
     for i, (p, r) in enumerate(ids):
-        pre, suf = p[:-1], [p[-1], *r]
+        pre, suf = p[:-1], [p[-1], *r] if last_input else [p[-1], *r[:-1]]
         if pre:
             out["prefix_tokens"][i, pw - len(pre):] = pre
             out["prefix_valid"][i, pw - len(pre):] = True
@@ -164,15 +214,21 @@ def _prefix_cache(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: ja
     return forward(params, cfg, tokens, valid=valid, cache=empty, logits=False, adapter=adapter).kv()
 
 
+def gather_prefix(prefix: KVCache, pick: jax.Array, room: int) -> KVCache:
+    """Row ``b`` of the result holds prefix ``pick[b]`` of ``prefix`` (``[L, Q, KV, P, hd]``) followed by ``room``
+    empty slots: ``[L, B, KV, P + room, hd]`` (a suffix of ``room`` tokens is written at slot ``P``)."""
+    grow = ((0, 0), (0, 0), (0, 0), (0, room), (0, 0))
+    return KVCache(jnp.pad(prefix.k[:, pick], grow), jnp.pad(prefix.v[:, pick], grow),
+                   jnp.pad(prefix.valid[pick], ((0, 0), (0, room))))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _suffix_logprob_chunk(params: Params, cfg: ModelConfig, prefix: KVCache, pick: jax.Array,
                           data: dict[str, jax.Array], adapter: Any = None) -> jax.Array:
     """Mean target log-prob ``[B]`` of suffixes ``data`` (:func:`encode_split` layout) after the cached prefix
     ``pick [B]`` of ``prefix`` (``[L, Q, KV, P, hd]``)."""
     p, s = prefix.valid.shape[1], data["tokens"].shape[1]
-    grow = ((0, 0), (0, 0), (0, 0), (0, s), (0, 0))
-    cache = KVCache(jnp.pad(prefix.k[:, pick], grow), jnp.pad(prefix.v[:, pick], grow),
-                    jnp.pad(prefix.valid[pick], ((0, 0), (0, s))))
+    cache = gather_prefix(prefix, pick, s)
     # read_only: each block attends over its own layer of the cache; the cache is never carried through the layer
     # scan (a carried cache is copied whole at every layer), and none is returned (nothing reads it)
     prep = prepare(cfg, data["valid"], cache=cache, cache_index=p)
@@ -189,7 +245,8 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
 
     Each distinct prompt runs once (its KV cache is shared by every response to it); the responses are then
     scored ``batch_size`` at a time in order of length, each batch padded only to its own longest row (rounded
-    up to 32 tokens, so a handful of shapes compile). Empty responses give NaN. Under the model's LoRA adapter,
+    up to 8 tokens, so a handful of shapes compile); a response's last token is no input (it predicts nothing), and
+    a repeated (prompt, response) pair is scored once. Empty responses give NaN. Under the model's LoRA adapter,
     if it carries one."""
     out = np.full(len(responses), np.nan, np.float64)
     live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
@@ -210,13 +267,16 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
     model.check_length(Batch(pre, pre_valid))
     params = layers_as_bits(model.params)  # mixed precision on a CPU: bitcast once, not in every call below
     prefix = _prefix_cache(params, model.cfg, jnp.asarray(pre), jnp.asarray(pre_valid), model.adapter)
-    order = sorted(range(len(live)), key=lambda j: len(ids[j][1]))
-    rows = min(batch_size, len(live))
+    seen: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    first = [seen.setdefault((tuple(p), tuple(r)), j) for j, (p, r) in enumerate(ids)]  # a repeated pair: once
+    order = sorted(seen.values(), key=lambda j: len(ids[j][1]))
+    got = np.full(len(live), np.nan, np.float64)
+    rows = min(batch_size, len(order))
     for s in range(0, len(order), rows):
         part = order[s : s + rows]
         part_ids = [ids[j] for j in part] + [ids[part[-1]]] * (rows - len(part))
-        s_width = round_up(1 + max(len(r) for _, r in part_ids), 2 * BUCKET)
-        enc = split_rows(part_ids, model.pad_id, p_width, s_width)
+        s_width = round_up(max(len(r) for _, r in part_ids), 8)
+        enc = split_rows(part_ids, model.pad_id, p_width, s_width, last_input=False)
         model.check_length(Batch(np.concatenate([enc["prefix_tokens"], enc["tokens"]], axis=1),
                                  np.concatenate([enc["prefix_valid"], enc["valid"]], axis=1)))
         pick = np.asarray([prompts[tuple(p[:-1])] for p, _ in part_ids], np.int32)
@@ -224,5 +284,6 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
                                               {k: jnp.asarray(enc[k]) for k in ("tokens", "valid", "pred_idx",
                                                                                 "pred_tok", "pred_ok")},
                                               model.adapter))
-        out[[live[j] for j in part]] = lp[: len(part)]
+        got[part] = lp[: len(part)]
+    out[live] = got[first]
     return out

@@ -8,6 +8,10 @@ onto any vectors at any layers) is one jitted function per chunk of grid points:
   run in order of start layer and the unintervened trunk is carried from one chunk's start to the next
   (:class:`Trunk`), so every block below the last start runs once per sweep; only the suffix runs per grid
   point (``run_layers`` with a traced span, so one compile serves every split point);
+* **distinct prompts once** (``all`` positions, no projections): rows that share a prompt (a question's
+  positive and negative answer) run it once per grid point (:class:`PromptsTrunk`,
+  :func:`score_prompts_chunk`), and each point's greedy generation continues from that prompt's keys/values
+  instead of prefilling it again;
 * logits are computed only at target-response positions;
 * chunks are sized from a memory budget and their rows are appended to ``results.jsonl`` as they
   finish; a killed sweep resumes from ``progress.json`` without redoing finished chunks;
@@ -44,7 +48,10 @@ from jaxpersona.compute.scoring import (
     ScoringSet,
     check_pairs,
     encode_scoring,
+    encode_shared,
     encode_split,
+    gather_prefix,
+    shared_shape,
     split_shape,
     target_logprob,
     target_shape,
@@ -289,6 +296,84 @@ def generate_chunk(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: j
     return jax.vmap(one)(hooks)
 
 
+class PromptsTrunk(NamedTuple):
+    """The unintervened forward below resid[start] of a set laid out as distinct prompts and per-row suffixes
+    (:func:`~jaxpersona.compute.scoring.encode_shared`), carried from chunk to chunk as :class:`Trunk` is."""
+
+    ph: jax.Array  # [Q, P, D] the prompts (minus their last token) at resid[start]
+    cache: KVCache  # [L, Q, KV, P, hd] the prompts' keys/values of layers < start; ``valid`` the prompts'
+    h: jax.Array  # [B, S, D] the suffixes (last prompt token + response) at resid[start]
+
+
+def _everywhere(hook: Any, rows: int) -> Any:
+    """``hook`` acting on every valid token of a ``rows``-row batch (``all`` positions, any layout)."""
+    return dataclasses.replace(hook, positions=iv.Positions.all(jnp.ones((rows, 1), bool)))
+
+
+def _prompts_pass(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], ph: jax.Array, cache: KVCache,
+                  h: jax.Array, lo: jax.Array, hi: jax.Array, hook: Any, adapter: Any) -> PromptsTrunk:
+    """Blocks ``lo .. hi-1`` of the prompts (writing their keys/values into ``cache``), then of the suffixes, each
+    row reading its prompt's keys/values; ``hook`` (on every token, applied at ``resid[lo]`` first) or none."""
+    q, b = data["prompt_tokens"].shape[0], data["tokens"].shape[0]
+    pprep = prepare(cfg, data["prompt_valid"], cache=cache._replace(valid=jnp.zeros_like(cache.valid)), cache_index=0)
+    hp = None if hook is None else _everywhere(hook, q)
+    none = jnp.zeros((0,), ph.dtype)
+    ph, _, written = run_layers(params, cfg, apply_hook(hp, lo, ph, pprep.ctx), pprep, none,
+                                Recorder.make(cfg, None, data["prompt_valid"]), hook=hp, cache=cache, cache_index=0,
+                                span=(lo, hi), adapter=adapter)
+    assert written is not None
+    p, s = data["prompt_tokens"].shape[1], data["tokens"].shape[1]
+    rows = gather_prefix(written, data["pick"], s)
+    sprep = prepare(cfg, data["valid"], cache=rows, cache_index=p)
+    hs = None if hook is None else _everywhere(hook, b)
+    h, _, _ = run_layers(params, cfg, apply_hook(hs, lo, h, sprep.ctx), sprep, none,
+                         Recorder.make(cfg, None, data["valid"]), hook=hs, cache=rows, cache_index=p, span=(lo, hi),
+                         adapter=adapter, read_only=True)
+    return PromptsTrunk(ph, written, h)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prompts_trunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], lo: jax.Array, hi: jax.Array,
+                  trunk: PromptsTrunk | None = None, *, adapter: Any = None) -> PromptsTrunk:
+    """Carry ``trunk`` (default: the embeddings, ``lo`` = 0) from resid[lo] to resid[hi], unintervened."""
+    if trunk is None:
+        q, p = data["prompt_tokens"].shape
+        empty = KVCache.empty(cfg, q, p, activation_dtype(params))
+        trunk = PromptsTrunk(embed(params, cfg, data["prompt_tokens"]), empty._replace(valid=data["prompt_valid"]),
+                             embed(params, cfg, data["tokens"]))
+    return _prompts_pass(params, cfg, data, trunk.ph, trunk.cache, trunk.h, lo, hi, None, adapter)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_ids", "pad_id"))
+def score_prompts_chunk(params: Params, cfg: ModelConfig, data: dict[str, jax.Array], hooks: Any, start: jax.Array,
+                        trunk: PromptsTrunk, *, max_new_tokens: int, eos_ids: tuple[int, ...], pad_id: int,
+                        adapter: Any = None) -> dict[str, Any]:
+    """A chunk of grid points ``hooks`` (leading axis G; off below resid ``start``, on every token above) over a set
+    laid out by :func:`~jaxpersona.compute.scoring.encode_shared`: per point, each distinct prompt runs once from
+    ``start`` (not once per row that shares it), its rows' suffixes read its keys/values, and the greedy
+    generation (``max_new_tokens`` > 0) continues from the same prompt cache.
+
+    Returns ``logprob [G, B]`` and, with generation, ``gen``: a ``GenerateOutput`` of ``[G, Q, N]``."""
+    n = jnp.int32(cfg.n_layers)
+    q = data["prompt_tokens"].shape[0]
+
+    def one(hook: Any) -> dict[str, Any]:
+        got = _prompts_pass(params, cfg, data, trunk.ph, trunk.cache, trunk.h, start, n, hook, adapter)
+        out: dict[str, Any] = {"logprob": target_logprob(params, cfg, got.h, data)}
+        if max_new_tokens:
+            own = KVCache.empty(cfg, q, 1 + max_new_tokens, activation_dtype(params))
+            cache = own._replace(prefix=KVPrefix(got.cache.k, got.cache.v, got.cache.valid))
+            tokens = jnp.concatenate([data["prompt_tokens"], data["last_tokens"][:, None]], axis=1)
+            valid = jnp.concatenate([data["prompt_valid"], jnp.ones((q, 1), bool)], axis=1)
+            out["gen"] = generate_loop(params, cfg, tokens, valid, jax.random.key(0), jnp.float32(0.0),
+                                       jnp.float32(1.0), _everywhere(hook, q), max_new_tokens=max_new_tokens,
+                                       greedy=True, eos_ids=eos_ids, pad_id=pad_id, prefix_cache=cache,
+                                       adapter=adapter, early_exit=False, logprobs=False)
+        return out
+
+    return jax.vmap(one)(hooks)
+
+
 def point_bytes(cfg: ModelConfig, batch: int, seq: int, n_targets: int, itemsize: int = 4) -> int:
     """Rough peak bytes one grid point needs (activations, attention scores, target logits)."""
     act = batch * seq * (6 * cfg.d_model + 3 * cfg.d_ff + cfg.n_heads * cfg.head_dim * 3)
@@ -358,6 +443,7 @@ class _Plan:
     csize: int  # the most grid points in one chunk
     mesh: Any
     split: bool  # shared unintervened prefix (``response`` positions)
+    prompts: bool  # distinct prompts run once per point, then each row's suffix (``all`` positions, no capture)
     generate_tokens: int
     gens: list[tuple[Batch, list[int]]]  # per set: (batch of unique prompts, row -> unique index)
     gen_pos: list[iv.Positions]  # per set: where the interventions act when generating
@@ -377,11 +463,21 @@ def _scoring_sets(grid: Grid, data: ScoringSet | Sequence[ScoringSet]) -> tuple[
     return sets, paired
 
 
-def _encode_sets(model: Model, grid: Grid, sets: list[ScoringSet], split: bool
+def _encode_sets(model: Model, grid: Grid, sets: list[ScoringSet], split: bool, prompts: bool = False
                  ) -> tuple[list[dict[str, np.ndarray]], list[iv.Positions], int, int]:
-    """Every set encoded to one shape: ``(encoded rows per set, positions per set, width, r_width)``."""
+    """Every set encoded to one shape: ``(encoded rows per set, positions per set, width, r_width)``. ``split``:
+    the :func:`encode_split` layout; ``prompts``: :func:`encode_shared` (``width`` the prompts', ``r_width``
+    the suffixes')."""
     cfg = model.cfg
     rows_n = max(len(d.prompts) for d in sets)
+    if prompts:
+        dims = [shared_shape(model, d.conversations(), d.responses) for d in sets]
+        q_rows, p_width, s_width = (max(x[i] for x in dims) for i in range(3))
+        encs = [encode_shared(model, d.conversations(), d.responses, rows=rows_n, q_rows=q_rows, p_width=p_width,
+                              s_width=s_width) for d in sets]
+        for e in encs:
+            check_context(cfg, np.concatenate([e["prompt_valid"][e["pick"]], e["valid"]], axis=1))
+        return encs, [iv.Positions.all(e["valid"]) for e in encs], p_width, s_width
     shape_of = split_shape if split else target_shape
     shapes = [shape_of(model, d.conversations(), d.responses) for d in sets]
     width, r_width = max(w for w, _ in shapes), max(r for _, r in shapes)
@@ -492,29 +588,42 @@ def _generate_texts(plan: _Plan, si: int, points: list[dict[str, Any]], size: in
     return [[tx[j] for j in gmap] for tx in decoded]
 
 
-def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], width: int, trunks: dict[int, tuple[int, Trunk]],
+def _chunk_rows(plan: _Plan, si: int, chunk: list[dict[str, Any]], width: int, trunks: dict[int, tuple[int, Any]],
                 texts: list[list[str]] | None = None) -> list[dict[str, Any]]:
     """Score one chunk of grid points on set ``si``, padded to ``width`` points (a fixed shape per group size,
     see :func:`_chunks`): one row per (grid point, prompt). ``trunks``: per set,
     the last trunk and its layer; advanced here to this chunk's start layer. ``texts``: per point, its
-    generations (:func:`_generate_texts`), added to the rows."""
-    grid, cfg, params, adapter = plan.grid, plan.model.cfg, plan.params, plan.adapter
+    generations (:func:`_generate_texts`), added to the rows; with ``plan.prompts`` they are made here, from the
+    prompts' cache the scoring computed."""
+    grid, cfg, params, adapter, model = plan.grid, plan.model.cfg, plan.params, plan.adapter, plan.model
     padded = chunk + [chunk[-1]] * (width - len(chunk))
     hooks = build_hooks(grid, cfg, padded, plan.pos[si])
     if plan.mesh is not None:
         hooks = _shard(hooks, plan.mesh, P("data"))
     start = chunk[0]["layer"]
     lo, trunk = trunks.get(si, (0, None))
-    if trunk is None or lo > start:
-        lo, trunk = 0, trunk_start(params, cfg, plan.data[si], capture=plan.capture, adapter=adapter)
-    if start > lo:
-        trunk = trunk_advance(params, cfg, plan.data[si], trunk, jnp.int32(lo), jnp.int32(start),
-                              capture=plan.capture, adapter=adapter)
-    trunks[si] = (start, trunk)
-    res = score_chunk(params, cfg, plan.data[si], hooks, jnp.int32(start), jnp.asarray(plan.units),
-                      capture=plan.capture, adapter=adapter, trunk=trunk)
-
-    res = to_host(res)
+    if plan.prompts:
+        if trunk is None or lo > start:
+            lo, trunk = 0, None
+        if trunk is None or start > lo:
+            trunk = prompts_trunk(params, cfg, plan.data[si], jnp.int32(lo), jnp.int32(start), trunk, adapter=adapter)
+        trunks[si] = (start, trunk)
+        res = to_host(score_prompts_chunk(params, cfg, plan.data[si], hooks, jnp.int32(start), trunk,
+                                          max_new_tokens=int(plan.generate_tokens), eos_ids=model.eos_ids,
+                                          pad_id=model.pad_id, adapter=adapter))
+        if plan.generate_tokens:
+            pick = np.asarray(plan.data[si]["pick"])
+            decoded = [model.decode(jax.tree.map(lambda x, g=g: x[g], res["gen"])) for g in range(len(chunk))]
+            texts = [[tx[pick[i]] for i in range(len(plan.sets[si].prompts))] for tx in decoded]
+    else:
+        if trunk is None or lo > start:
+            lo, trunk = 0, trunk_start(params, cfg, plan.data[si], capture=plan.capture, adapter=adapter)
+        if start > lo:
+            trunk = trunk_advance(params, cfg, plan.data[si], trunk, jnp.int32(lo), jnp.int32(start),
+                                  capture=plan.capture, adapter=adapter)
+        trunks[si] = (start, trunk)
+        res = to_host(score_chunk(params, cfg, plan.data[si], hooks, jnp.int32(start), jnp.asarray(plan.units),
+                                  capture=plan.capture, adapter=adapter, trunk=trunk))
     done = []
     for g, pt in enumerate(chunk):
         for i in range(len(plan.sets[si].prompts)):
@@ -560,15 +669,18 @@ def run_sweep(
     cfg = model.cfg
     grid.validate(cfg)
     sets, paired = _scoring_sets(grid, data)
-    # response positions never touch the prompt before its last token: that prefix runs once per chunk
-    split = grid.positions == "response"
-    encs, pos, width, r_width = _encode_sets(model, grid, sets, split)
     names, units, capture = _projections(cfg, project, project_layers)
+    # response positions never touch the prompt before its last token: that prefix runs once per chunk; with all
+    # positions each distinct prompt runs once per grid point (not once per row), and generations continue from it
+    split = grid.positions == "response"
+    prompts = grid.positions == "all" and capture is None
+    encs, pos, width, r_width = _encode_sets(model, grid, sets, split, prompts)
 
     points = grid.points()
     b, t = encs[0]["tokens"].shape
     n_dev = mesh.shape["data"] if mesh is not None else 1
-    size = chunk_size(len(points), point_bytes(cfg, b, t + (width if split else 0), r_width), budget_bytes, chunking, n_dev)
+    size = chunk_size(len(points), point_bytes(cfg, b, t + (width if split or prompts else 0), r_width), budget_bytes,
+                      chunking, n_dev)
     gens, gen_pos = _generation_inputs(model, grid, sets, generate_tokens)
     chunks, csize = _chunks(points, len(sets), paired, size, n_dev)
 
@@ -586,8 +698,8 @@ def run_sweep(
     if mesh is not None:
         data_js = [_shard(d, mesh, P()) for d in data_js]
     plan = _Plan(model, grid, sets, params, adapter, data_js, pos, units, names, capture, csize, mesh, split,
-                 generate_tokens, gens, gen_pos)
-    trunks: dict[int, tuple[int, Trunk]] = {}  # per set: the unintervened trunk, carried from chunk to chunk
+                 prompts, generate_tokens, gens, gen_pos)
+    trunks: dict[int, tuple[int, Any]] = {}  # per set: the unintervened trunk, carried from chunk to chunk
     keys = [_chunk_key(grid, sets[si], chunk, names, project_layers, generate_tokens) for si, chunk, _ in chunks]
     loaded = [store.load(k) if store else None for k in keys]
     texts: dict[int, list[str]] = {}  # id(point) -> its generations, made a group of chunks at a time
@@ -597,14 +709,14 @@ def run_sweep(
     for n, ((si, chunk, width), key) in enumerate(zip(chunks, keys)):
         done = loaded[n]
         if done is None:
-            if generate_tokens and id(chunk[0]) not in texts:  # this chunk and the next pending ones of its set
+            if generate_tokens and not prompts and id(chunk[0]) not in texts:  # this and the next pending chunks
                 todo: list[dict[str, Any]] = []
                 for m in range(n, len(chunks)):  # whole chunks, up to `group` points
                     if loaded[m] is None and chunks[m][0] == si and len(todo) + len(chunks[m][1]) <= group:
                         todo += chunks[m][1]
                 texts.update(zip(map(id, todo), _generate_texts(plan, si, todo, group)))
-            done = _chunk_rows(plan, si, chunk, width, trunks, [texts.pop(id(p)) for p in chunk] if generate_tokens
-                               else None)
+            done = _chunk_rows(plan, si, chunk, width, trunks, [texts.pop(id(p)) for p in chunk]
+                               if generate_tokens and not prompts else None)
             if store:
                 store.save(key, done)
         rows += done

@@ -34,7 +34,7 @@ def generate_cached(
 
     Jobs are grouped by prompt length (longest first, ties in job order) into chunks of
     ``batch_size``; chunk ``c`` is sampled with key ``(seed, c)`` and padded only to its own longest
-    prompt (rounded up to 32 tokens: a few compiles, little padding). The grouping depends only on
+    prompt (rounded up to 32 tokens: a few compiles, little padding) and, the last chunk, to a multiple of 8 rows. The grouping depends only on
     the jobs, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
     ``stage``: the run stage this is part of; the jobs already in ``store`` count as its cache hits.
     """
@@ -48,7 +48,8 @@ def generate_cached(
         todo = [j for j in chunk if j[0] not in store]
         if todo:
             seqs = [ids[k] for k, _, _ in chunk]
-            seqs += [seqs[-1]] * (min(batch_size, len(jobs)) - len(seqs))  # a full batch: one compile per width
+            # padded to a multiple of 8 rows (the draws of the real rows do not depend on the padding rows)
+            seqs += [seqs[-1]] * (min(round_up(len(seqs), 8), batch_size, len(jobs)) - len(seqs))
             width = round_up(max(len(x) for x in seqs), 32)
             out = model.generate_tokens(pad_left(seqs, model.pad_id, bucket=width), max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_p=top_p if temperature > 0 else 1.0,

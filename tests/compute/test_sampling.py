@@ -121,3 +121,18 @@ def test_a_loop_without_early_exit_or_logprobs_gives_the_same_tokens(tiny_llama,
     np.testing.assert_array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
     assert np.asarray(want.lengths).min() < 12  # some row did end early
     assert not np.asarray(got.logprobs).any() and np.asarray(want.logprobs).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_batchs_first_rows_draw_what_they_draw_with_more_rows_after_them(seed):
+    """The generate stage pads its last chunk of jobs to a multiple of 8 rows, not to a full batch: the real rows'
+    draws must not depend on the padding rows (copies of the last real row) after them, on every path."""
+    logits, _, _, _ = batch(seed, b=24)
+    key = jax.random.key(seed)
+    for top_p in (1.0, 0.9, 0.5):
+        for n in (8, 16):
+            padded = jnp.concatenate([logits[:n - 3], jnp.repeat(logits[n - 4 : n - 3], 3, axis=0)])
+            longer = jnp.concatenate([padded, jnp.repeat(logits[n - 4 : n - 3], 24 - n, axis=0)])
+            short = jax.jit(sample_token)(padded, key, jnp.float32(0.8), jnp.float32(top_p))
+            np.testing.assert_array_equal(short[: n - 3],
+                                          jax.jit(sample_token)(longer, key, jnp.float32(0.8), jnp.float32(top_p))[: n - 3])

@@ -135,8 +135,9 @@ def test_chunking_gives_same_rows(model, bank):
         run_sweep(model, grid, DATA, budget_bytes=1, chunking=False, progress=False)
 
 
-def test_resume_skips_finished_chunks(model, bank, tmp_path, monkeypatch):
-    grid = Grid("steer", bank[:1], ("a",), layers=(3, 9, 15), coeffs=(1.0, 2.0))
+@pytest.mark.parametrize("positions,scorer", [("all", "score_prompts_chunk"), ("response", "score_chunk")])
+def test_resume_skips_finished_chunks(model, bank, tmp_path, monkeypatch, positions, scorer):
+    grid = Grid("steer", bank[:1], ("a",), layers=(3, 9, 15), coeffs=(1.0, 2.0), positions=positions)
     first = run_sweep(model, grid, DATA, out_dir=tmp_path, progress=False)
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert len(progress) == 3
@@ -145,8 +146,8 @@ def test_resume_skips_finished_chunks(model, bank, tmp_path, monkeypatch):
     del progress[last]
     (tmp_path / "progress.json").write_text(json.dumps(progress))
     calls = []
-    real = sweep_mod.score_chunk
-    monkeypatch.setattr(sweep_mod, "score_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(sweep_mod, scorer)
+    monkeypatch.setattr(sweep_mod, scorer, lambda *a, **k: calls.append(1) or real(*a, **k))
     again = run_sweep(model, grid, DATA, out_dir=tmp_path, progress=False)
     assert len(calls) == 1  # only the unfinished chunk is recomputed
     assert [r["logprob"] for r in again] == pytest.approx([r["logprob"] for r in first], abs=1e-6)
@@ -247,6 +248,36 @@ def test_sweep_generation_matches_per_point_generate(model, bank, positions):
                 != [r["text"] for r in rows if r["coeff"] == 12.0 and r["layer"] == layer])
 
 
+@pytest.mark.parametrize("kind,coeffs,window", [("steer", (0.0, 6.0), 1), ("cap", (-1.0, 4.0), 2)])
+def test_all_positions_run_each_distinct_prompt_once_and_equal_points_one_by_one(model, bank, kind, coeffs, window):
+    """With ``all`` positions a set whose rows share prompts (each question's positive and negative answer, as the
+    persona pipeline scores them) runs each distinct prompt once per grid point, and its greedy generation
+    continues from that prompt's keys/values: the rows equal a full forward / a full generate per point, and
+    unpaired sets of several shapes (other sets padded to the widest) too."""
+    from jaxpersona.compute.scoring import encode_shared
+
+    qs = ("Name a fruit.", "What is two plus two?", "Say hi.")
+    data = ScoringSet(qs + qs[:2], ("An apple, of course.", "Four.", "Hi there!", "A rock.", "Seven, maybe more."),
+                      "You are a helpful assistant.")
+    other = ScoringSet(("Describe your week in one line, please, in your own words.",) * 2,
+                       ("It was fine.", "A long, busy and wonderful week of work and rest."))
+    enc = encode_shared(model, data.conversations(), data.responses, rows=6, q_rows=4, p_width=48, s_width=16)
+    assert enc["pick"].tolist() == [0, 1, 2, 0, 1, 1] and enc["prompt_tokens"].shape == (4, 48)
+    assert enc["last_tokens"].tolist()[:3] == [ids[-1] for ids in model.chat_ids(data.conversations()[:3])]
+    grid = Grid(kind, bank, ("a", "b"), layers=(4, 11), coeffs=coeffs, positions="all", window=window)
+    rows = run_sweep(model, grid, [data, other], generate_tokens=6, progress=False)
+    for k, d in enumerate((data, other)):
+        flat = encode_scoring(model, d)
+        batch = model.encode(list(d.prompts), chat=True, system=d.system)
+        for p in (p for p in grid.points() if p["vector_index"] == k):
+            one = lambda pos: jax.tree.map(lambda x: x[0], sweep_mod.build_hooks(grid, model.cfg, [p], pos))
+            got = [r for r in rows if (r["vector"], r["layer"], r["coeff"]) == (p["vector"], p["layer"], p["coeff"])]
+            want = reference_logprob(model, flat, one(positions_for("all", flat["valid"], flat["resp"])))
+            np.testing.assert_allclose([r["logprob"] for r in got], want, atol=2e-4, rtol=1e-5)
+            texts = model.decode(model.generate_tokens(batch, max_new_tokens=6, hook=one(iv.Positions.all(batch.valid))))
+            assert [r["text"] for r in got] == texts, p
+
+
 def test_paired_sets_equal_each_set_alone_and_baseline_once(model, bank):
     """One set per vector (``--all-traits``): vector k scored on set k only, all sets padded to one
     shape, equals running each (vector, set) alone; ``baseline_once`` emits coefficient 0 once."""
@@ -272,10 +303,17 @@ def test_mean_logprobs_equals_full_forward(model):
     from jaxpersona.compute.scoring import mean_logprobs
 
     convs = DATA.conversations()
-    got = mean_logprobs(model, convs + convs[:1], list(DATA.responses) + [""], batch_size=2)
+    # a repeated (prompt, response) pair is scored once and gets that score; a response's last token is no input
+    got = mean_logprobs(model, convs + convs[:1] + convs[1:], list(DATA.responses) + ["", DATA.responses[1]],
+                        batch_size=2)
     want = reference_logprob(model, encode_scoring(model, DATA), None)
     np.testing.assert_allclose(got[:2], want, atol=2e-5)
     assert np.isnan(got[2])  # an empty response has no score
+    assert got[3] == got[1]
+    short = ["Yes.", "It was a wonderful, joyful week in every way, with friends and long walks by the sea."]
+    one = ScoringSet(DATA.prompts, tuple(short), DATA.system)
+    np.testing.assert_allclose(mean_logprobs(model, convs, short, batch_size=1),
+                               reference_logprob(model, encode_scoring(model, one), None), atol=2e-5)
 
 
 def test_mixed_precision_sweep_and_scores_equal_with_the_weights_as_bits(model, bank, monkeypatch):
