@@ -679,8 +679,10 @@ def run_sweep(
     points = grid.points()
     b, t = encs[0]["tokens"].shape
     n_dev = mesh.shape["data"] if mesh is not None else 1
-    size = chunk_size(len(points), point_bytes(cfg, b, t + (width if split or prompts else 0), r_width), budget_bytes,
-                      chunking, n_dev)
+    seq, targets = t + (width if split else 0), r_width
+    if prompts:  # the flat layout's estimate: a sweep is chunked (and its chunks keyed) as before the layout
+        seq, targets = (max(x) for x in zip(*(target_shape(model, d.conversations(), d.responses) for d in sets)))
+    size = chunk_size(len(points), point_bytes(cfg, b, seq, targets), budget_bytes, chunking, n_dev)
     gens, gen_pos = _generation_inputs(model, grid, sets, generate_tokens)
     chunks, csize = _chunks(points, len(sets), paired, size, n_dev)
 

@@ -278,6 +278,20 @@ def test_all_positions_run_each_distinct_prompt_once_and_equal_points_one_by_one
             assert [r["text"] for r in got] == texts, p
 
 
+def test_all_positions_chunk_as_the_flat_layout_did(model, bank, monkeypatch):
+    """The distinct-prompt layout keeps the flat layout's memory estimate per grid point, so a sweep under a
+    tight budget is cut into the same chunks (the same chunk keys: a run directory of an earlier version resumes)."""
+    from jaxpersona.compute.scoring import target_shape
+
+    seen = []
+    real = sweep_mod.chunk_size
+    monkeypatch.setattr(sweep_mod, "chunk_size", lambda n, per, *a: seen.append(per) or real(n, per, *a))
+    grid = Grid("steer", bank[:1], ("a",), layers=(3, 9), coeffs=(1.0, 2.0, 3.0), positions="all")
+    per = sweep_mod.point_bytes(model.cfg, len(DATA.prompts), *target_shape(model, DATA.conversations(), DATA.responses))
+    rows = run_sweep(model, grid, DATA, budget_bytes=2 * per, progress=False)
+    assert seen == [per] and len(rows) == 6 * len(DATA.prompts)
+
+
 def test_paired_sets_equal_each_set_alone_and_baseline_once(model, bank):
     """One set per vector (``--all-traits``): vector k scored on set k only, all sets padded to one
     shape, equals running each (vector, set) alone; ``baseline_once`` emits coefficient 0 once."""
