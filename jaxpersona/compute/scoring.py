@@ -47,6 +47,17 @@ def check_pairs(n_prompts: int, n_responses: int) -> None:
         raise errors.InputError(f"need one response per prompt, got {n_prompts} prompts and {n_responses} responses")
 
 
+def target_ids(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str]
+               ) -> list[tuple[list[int], list[int]]]:
+    """The rows' ``(prompt, response)`` token ids; an empty target response is an :class:`InputError`."""
+    check_pairs(len(conversations), len(responses))
+    ids = model.pair_ids(conversations, responses)
+    for (_, r), conv in zip(ids, conversations):
+        if not r:
+            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    return ids
+
+
 def encode_targets(model: Model, conversations: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
                    rows: int | None = None, width: int | None = None, r_width: int | None = None) -> dict[str, np.ndarray]:
     """Tokenize chat prompt + response per row: tokens/valid ``[B, T]``, the target positions
@@ -55,12 +66,7 @@ def encode_targets(model: Model, conversations: Sequence[list[dict[str, str]]], 
 
     ``rows``/``width``/``r_width`` pad to a fixed ``[rows, width]`` batch with ``R = r_width`` (extra
     rows copy the last one; callers drop them), so differently sized sets share one compile."""
-    check_pairs(len(conversations), len(responses))
-
-    pairs = model.pair_ids(conversations, responses)
-    for conv, (_, resp_ids) in zip(conversations, pairs):
-        if not resp_ids:
-            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    pairs = target_ids(model, conversations, responses)
     batch, n_prompt, length = pad_pairs(pairs, model.pad_id, rows=rows, width=width)
     b, t = batch.tokens.shape
     r_max = max(int((length - n_prompt).max()), r_width or 0)
@@ -102,11 +108,7 @@ def encode_split(model: Model, conversations: Sequence[list[dict[str, str]]], re
     ``tokens/valid [B, S]`` (last prompt token + response, right-padded), targets in suffix
     coordinates, ``resp [B, S]`` (response tokens) and ``select [B, P+S]`` (the slots the
     ``response`` selector covers: last prompt token + response)."""
-    check_pairs(len(conversations), len(responses))
-    ids = model.pair_ids(conversations, responses)
-    for (p, r), conv in zip(ids, conversations):
-        if not r:
-            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    ids = target_ids(model, conversations, responses)
     if rows is not None and rows > len(ids):
         ids += [ids[-1]] * (rows - len(ids))
     p_need, s_need = _split_widths(ids)
@@ -117,11 +119,7 @@ def shared_prompts(model: Model, conversations: Sequence[list[dict[str, str]]], 
                    ) -> tuple[list[tuple[int, ...]], list[int], list[tuple[list[int], list[int]]]]:
     """``(prompts, pick, ids)``: the distinct prompts of the rows (token ids, in first-seen order), each row's
     prompt index, and the rows' ``(prompt, response)`` ids (:meth:`~jaxpersona.compute.handle.Model.pair_ids`)."""
-    check_pairs(len(conversations), len(responses))
-    ids = model.pair_ids(conversations, responses)
-    for (p, r), conv in zip(ids, conversations):
-        if not r:
-            raise errors.InputError(f"empty target response for prompt {conv[-1]['content']!r}")
+    ids = target_ids(model, conversations, responses)
     index: dict[tuple[int, ...], int] = {}
     pick = [index.setdefault(tuple(p), len(index)) for p, _ in ids]
     return list(index), pick, ids

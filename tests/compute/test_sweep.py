@@ -177,6 +177,10 @@ def test_nan_vector_and_mismatched_data(model, bank):
         run_sweep(model, Grid("steer", v, ("a",), (3,), (1.0,)), DATA, progress=False)
     with pytest.raises(errors.InputError, match="one response per prompt"):
         run_sweep(model, Grid("steer", bank[:1], ("a",), (3,), (1.0,)), ScoringSet(("a", "b"), ("x",)), progress=False)
+    for positions in ("all", "response", "prompt"):  # every layout: an empty target is an error, not a NaN row
+        with pytest.raises(errors.InputError, match="empty target response for prompt 'b'"):
+            run_sweep(model, Grid("steer", bank[:1], ("a",), (3,), (1.0,), positions=positions),
+                      ScoringSet(("a", "b"), ("x", "")), progress=False)
 
 
 def test_positions_selectors_in_scoring(model):
