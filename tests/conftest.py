@@ -6,9 +6,11 @@ HF conversion of the real models is slow, and reusing it across tests and runs i
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -24,13 +26,21 @@ if not os.environ.get("JAX_PLATFORMS") and importlib.util.find_spec("libtpu") is
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# compiled programs of the test session go to a directory of its own (shared by the CLI subprocesses it starts),
-# never the user's cache; under pytest-xdist one per worker (JAX writes cache entries without a lock, so two
-# workers sharing one could read each other's half-written files)
-_owner, _me = os.environ.get("JAXPERSONA_TEST_CACHE_OWNER"), os.environ.get("PYTEST_XDIST_WORKER", "main")
-if "JAXPERSONA_COMPILE_CACHE" not in os.environ or (_owner is not None and _owner != _me):  # not one the user set
-    os.environ["JAXPERSONA_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="jaxpersona-test-xla-")
-    os.environ["JAXPERSONA_TEST_CACHE_OWNER"] = _me
+# compiled programs go to one directory of the test session's own (never the user's cache), shared by the
+# pytest-xdist workers (the controller makes it; the workers and the subprocesses they start inherit the
+# variable): a program one test compiled is loaded by any other test, in either worker, that builds the same one.
+# JAX locks a bounded cache directory around every read and write (compiling.enable_compile_cache), so the
+# workers never read each other's half-written entries. The CLI commands cache every program, as for a user; the
+# library tests only programs that took a second or more to compile (writing each of their many small programs,
+# and scanning the directory on each write, costs more than the hits win).
+if "JAXPERSONA_COMPILE_CACHE" not in os.environ:  # not one the user set: the controller (or a run without xdist)
+    os.environ["JAXPERSONA_COMPILE_CACHE"] = _session_cache = tempfile.mkdtemp(prefix="jaxpersona-test-xla-")
+    atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
+
+from jaxpersona.compute.compiling import enable_compile_cache  # noqa: E402
+
+if enable_compile_cache() is not None:  # (the CLI's compile_cache() restores these settings after a command)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:

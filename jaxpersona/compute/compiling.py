@@ -4,7 +4,10 @@
   ``$JAXPERSONA_COMPILE_CACHE``, else ``xla/`` in the package's cache, ``$JAXPERSONA_CACHE`` or
   ``~/.cache/jaxpersona``), so a second run of a pipeline loads its compiled programs instead of compiling them.
   ``JAXPERSONA_COMPILE_CACHE=off`` (or the CLI's ``--no-compile-cache``) turns it off. The CLI enables it;
-  library users call it themselves.
+  library users call it themselves. The cache is bounded (:data:`MAX_BYTES`, least recently used entries
+  evicted first), and bounded is also what makes JAX take a file lock around every read and write, so several
+  processes (parallel runs, a server beside a sweep, test workers) can share one directory without reading each
+  other's half-written entries.
 * :data:`COMPILE_CLOCK` sums, from JAX's own monitoring events, the seconds spent tracing, lowering and
   compiling, and counts persistent-cache hits and misses. The runner reads it around every stage and
   records ``compile_s`` beside ``wall_s`` in ``run.json``.
@@ -30,6 +33,7 @@ from jaxpersona import errors
 from jaxpersona.model.registry import cache_dir
 
 OFF_VALUES = ("0", "off", "false", "no")
+MAX_BYTES = 4 << 30  # the persistent cache's size bound (LRU eviction; with a bound, JAX locks the directory)
 
 # JAX events that are compile work (seconds), and the persistent cache's counters
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -47,10 +51,12 @@ def default_cache_dir() -> Path:
     return cache_dir() / "xla"
 
 
-def enable_compile_cache(path: str | Path | None = None) -> Path | None:
+def enable_compile_cache(path: str | Path | None = None, max_bytes: int = MAX_BYTES) -> Path | None:
     """Use the persistent compilation cache at ``path`` (default :func:`default_cache_dir`); returns the
     directory, or None when ``JAXPERSONA_COMPILE_CACHE`` turns it off or the directory cannot be created (a
-    warning: the run goes on, compiling as usual). Every program is cached, however quick its compile."""
+    warning: the run goes on, compiling as usual). Every program is cached, however quick its compile; the
+    directory holds at most ``max_bytes`` (least recently used entries evicted), its reads and writes under a
+    file lock, so concurrent processes may share it."""
     if os.environ.get("JAXPERSONA_COMPILE_CACHE", "").strip().lower() in OFF_VALUES:
         return None
     target = Path(path).expanduser() if path is not None else default_cache_dir()
@@ -66,11 +72,12 @@ def enable_compile_cache(path: str | Path | None = None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(target))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
     return target
 
 
 _CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes")
+               "jax_persistent_cache_min_entry_size_bytes", "jax_compilation_cache_max_size")
 
 
 @contextlib.contextmanager
