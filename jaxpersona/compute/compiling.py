@@ -33,6 +33,8 @@ from jaxpersona import errors
 from jaxpersona.model.registry import cache_dir
 
 OFF_VALUES = ("0", "off", "false", "no")
+# the names JAX's bounded cache gives an entry and its last-use time (jax/_src/lru_cache.py)
+ENTRY_SUFFIX, LAST_USE_SUFFIX = "-cache", "-atime"
 MAX_BYTES = 4 << 30  # the persistent cache's size bound (LRU eviction; with a bound, JAX locks the directory)
 
 # JAX events that are compile work (seconds), and the persistent cache's counters
@@ -73,7 +75,19 @@ def enable_compile_cache(path: str | Path | None = None, max_bytes: int = MAX_BY
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_compilation_cache_max_size", int(max_bytes))
+    _date_unbounded_entries(target)
     return target
+
+
+def _date_unbounded_entries(target: Path) -> None:
+    """A directory an unbounded cache wrote (jaxpersona 0.7.7 and earlier) has entries without the last-use file a
+    bounded cache keeps beside each one; JAX's eviction reads that file on every write and, where it is missing,
+    writes no new entry at all (a warning per program). Give each such entry its file's time as its last use."""
+    for entry in target.glob(f"*{ENTRY_SUFFIX}"):
+        used = entry.with_name(entry.name[: -len(ENTRY_SUFFIX)] + LAST_USE_SUFFIX)
+        if not used.exists():
+            with contextlib.suppress(OSError):  # another process may be evicting it: nothing to date
+                used.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
 
 
 _CACHE_KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",

@@ -54,6 +54,32 @@ def test_second_process_loads_what_the_first_compiled(tmp_path: Path) -> None:
     assert (cache / ".lockfile").exists()
 
 
+UNBOUNDED = """
+import sys, jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+jax.jit(lambda x: x * 5.0 - 2.0)(jnp.ones(4)).block_until_ready()
+"""
+
+
+def test_a_directory_an_unbounded_cache_wrote_keeps_caching(tmp_path: Path) -> None:
+    """Entries an unbounded cache wrote (jaxpersona <= 0.7.7) have no last-use file; the bounded cache must still
+    write new programs there (JAX's eviction otherwise fails on every write, with a warning, and caches nothing)."""
+    cache = tmp_path / "xla"
+    old = subprocess.run([sys.executable, "-c", UNBOUNDED, str(cache)], capture_output=True, text=True, timeout=300)
+    assert old.returncode == 0, old.stderr[-2000:]
+    before = {p.name for p in cache.iterdir() if p.name.endswith(compiling.ENTRY_SUFFIX)}
+    assert before and not any(p.name.endswith(compiling.LAST_USE_SUFFIX) for p in cache.iterdir())
+    got = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", PROGRAM, str(cache)], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "JAXPERSONA_COMPILE_CACHE": ""})
+    assert got.returncode == 0 and "Error writing" not in got.stderr, got.stderr[-2000:]
+    after = {p.name for p in cache.iterdir() if p.name.endswith(compiling.ENTRY_SUFFIX)}
+    assert after > before  # the new program was written
+    for name in after:  # and every entry, old and new, has its last-use time
+        assert (cache / (name[: -len(compiling.ENTRY_SUFFIX)] + compiling.LAST_USE_SUFFIX)).exists()
+
+
 def test_off_switch_and_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("JAXPERSONA_COMPILE_CACHE", "off")
     assert compiling.enable_compile_cache(tmp_path / "x") is None and not (tmp_path / "x").exists()
