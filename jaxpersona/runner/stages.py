@@ -35,7 +35,8 @@ def generate_cached(
     Jobs are grouped by prompt length (longest first, ties in job order) into chunks of
     ``batch_size``; chunk ``c`` is sampled with key ``(seed, c)`` and padded only to its own longest
     prompt (rounded up to 32 tokens: a few compiles, little padding) and, the last chunk, to a multiple of
-    8 rows. The grouping depends only on the jobs, so a resumed run reproduces an uninterrupted one. Returns ``{key: record}``.
+    8 rows. The grouping depends only on the jobs, so a resumed run reproduces an uninterrupted one.
+    Returns ``{key: record}``.
     ``stage``: the run stage this is part of; the jobs already in ``store`` count as its cache hits.
     """
     ids = dict(zip([k for k, _, _ in jobs], model.chat_ids([conv for _, conv, _ in jobs])))
