@@ -727,28 +727,34 @@ figure { margin:14px 0 26px; } figure img { max-width:100%; border:1px solid var
 figcaption { color:var(--muted); font-size:13px; margin-top:4px; }
 .ts-view { border:1px solid var(--line); border-radius:6px; padding:8px 12px; margin:10px 0 18px; overflow:auto; }
 .ts-view .cap { margin:0 0 6px; color:var(--muted); font-size:13px; }
-.ts-view.ts-failed::before { content:"this interactive view did not render (JavaScript off?); see 'as text'";
+.ts-view.ts-failed::before { content:"this interactive view did not render; see 'as text'";
       color:#b3261e; }
 """
 
-# After load: record on each treescope view whether its shadow DOM holds a rendering. A view still empty is
-# looked at again every 100 ms (treescope may insert after the load event on a busy machine) and flagged as
-# failed only if it is still empty after 3 s.
+# After load: record on each treescope view whether its shadow DOM holds a rendering. A view treescope inserted
+# while the page loaded is counted at once; one it defers (a compressed payload, decompressed asynchronously, and
+# only once the view is near the window) is counted when treescope is done with it: its ``state.chain``, the
+# promise its rendering steps hang on (rejected if one fails). So a slow or off-screen view is never flagged
+# "failed"; one below the window settles when scrolled near. When every view has settled,
+# <html data-ts-status="done">.
 STATUS_JS = """
 window.addEventListener("load", () => {
-  const check = (tries) => {
-    let empty = 0;
-    for (const v of document.querySelectorAll(".ts-view")) {
-      const c = v.querySelector("treescope-container");
-      const loading = !c || !c.shadowRoot || !c.state || c.state.loadingMsg;  // treescope clears it on insert
-      const n = loading ? 0 : c.shadowRoot.querySelectorAll("*").length;
-      v.dataset.rendered = String(n);
-      v.classList.toggle("ts-failed", n === 0 && tries === 0);
-      if (n === 0) empty++;
-    }
-    if (empty && tries > 0) setTimeout(() => check(tries - 1), 100);
+  const count = (c) => {
+    const loading = !c || !c.shadowRoot || !c.state || c.state.loadingMsg;  // treescope clears it on insert
+    return loading ? 0 : c.shadowRoot.querySelectorAll("*").length;
   };
-  check(30);
+  const settle = async (v) => {
+    const c = v.querySelector("treescope-container");
+    let n = count(c);
+    if (n === 0 && c && c.state && c.state.chain) {
+      try { await c.state.chain; } catch (e) { /* counted as not rendered */ }
+      n = count(c);
+    }
+    v.dataset.rendered = String(n);
+    v.classList.toggle("ts-failed", n === 0);
+  };
+  Promise.all([...document.querySelectorAll(".ts-view")].map(settle))
+    .then(() => { document.documentElement.dataset.tsStatus = "done"; });
 });
 """
 

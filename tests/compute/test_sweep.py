@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -199,40 +195,6 @@ def test_positions_selectors_in_scoring(model):
     assert not (prompt & resp).any()
 
 
-SHARDED = textwrap.dedent(
-    """
-    import json, sys, numpy as np, jax
-    from jaxpersona.compute.handle import load
-    from jaxpersona.compute.scoring import ScoringSet
-    from jaxpersona.compute.sweep import Grid, data_mesh, run_sweep
-    assert jax.device_count() == 8, jax.devices()
-    m = load("smollm2-135m-instruct")
-    rng = np.random.default_rng(1)
-    bank = (rng.normal(size=(1, m.cfg.n_resid, m.cfg.d_model)) * 0.5).astype(np.float32)
-    data = ScoringSet(("How are you?", "Name a color."), ("Great, thanks!", "Blue."))
-    grid = Grid("steer", bank, ("a",), layers=(4, 12), coeffs=(-5.0, 0.0, 5.0))
-    mesh = data_mesh()
-    a = run_sweep(m, grid, data, project={"a": bank[0, 12]}, project_layers=(12, 30), progress=False)
-    b = run_sweep(m, grid, data, project={"a": bank[0, 12]}, project_layers=(12, 30), mesh=mesh, progress=False)
-    json.dump({"single": a, "sharded": b}, sys.stdout)
-    """
-)
-
-
-def test_sharded_sweep_on_8_cpu_devices_matches_one_device():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    single, sharded = res["single"], res["sharded"]
-    assert len(single) == len(sharded) == 12
-    for x, y in zip(single, sharded):
-        assert (x["layer"], x["coeff"], x["prompt"]) == (y["layer"], y["coeff"], y["prompt"])
-        for k in x:
-            if k.startswith(("logprob", "proj/")):
-                assert x[k] == pytest.approx(y[k], abs=1e-4, rel=1e-5), k
-
-
 @pytest.mark.parametrize("positions", ["response", "all", "prompt"])
 def test_sweep_generation_matches_per_point_generate(model, bank, positions):
     """The sweep's greedy texts equal one full generate per point: with ``response`` positions the prompt's
@@ -343,7 +305,7 @@ def test_mixed_precision_sweep_and_scores_equal_with_the_weights_as_bits(model, 
     from jaxpersona.model.params import with_matmul_dtype
 
     mixed = dataclasses.replace(model, params=with_matmul_dtype(model.params, "bfloat16"))
-    grid = Grid("steer", bank, ("a", "b"), layers=(5, 12), coeffs=(0.0, 4.0), positions="all")
+    grid = Grid("steer", bank[:1], ("a",), layers=(5, 12), coeffs=(0.0, 4.0), positions="all")
     convs = DATA.conversations()
     runs = []
     for as_bits in (True, False):

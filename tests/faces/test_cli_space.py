@@ -102,6 +102,7 @@ temperatures = [1.0]
 max_new_tokens = 8
 batch_size = 4
 n_boot = 200
+mix_questions = 0
 """
 
 

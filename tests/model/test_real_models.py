@@ -99,9 +99,35 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, hf_smollm2) -> None:
     check_against_hf(smollm2, hf_smollm2)
 
 
+def parse_metadata_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers parses a GGUF file's metadata (a pure-Python pass over the whole vocabulary, ~10 s for
+    Qwen's or Gemma's) for every config and tokenizer it builds from it: parse each file once and serve
+    every metadata-only call from that. Calls that read the tensors parse the file themselves."""
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
+
+    parsed: dict[str, dict] = {}
+    parse = hf_gguf.load_gguf_checkpoint
+
+    def parse_once(p, return_tensors=False, **kw):
+        if return_tensors or kw:
+            return parse(p, return_tensors=return_tensors, **kw)
+        if str(p) not in parsed:
+            parsed[str(p)] = parse(p, return_tensors=False)
+        return dict(parsed[str(p)])
+
+    monkeypatch.setattr(hf_gguf, "load_gguf_checkpoint", parse_once)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, family", [("qwen2.5-coder-0.5b-instruct", "qwen2"), ("gemma3-270m", "gemma3")])
-def test_real_logits_match_transformers_gguf(name: str, family: str) -> None:
+def test_real_logits_match_transformers_gguf(name: str, family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits and residual stream against transformers' GGUF loading; then our reader's config, tokenizer and
+    family specifics against transformers' (test_gguf_loader checks SmolLM2's tensors one by one too)."""
+    from test_gguf_loader import _compare_tokenizers, _compare_with_transformers
+
+    from jaxpersona.model.loaders.gguf import read_gguf
+
+    parse_metadata_once(monkeypatch)
     model = jm.load(name)
     assert model.cfg.family == family
     hf = hf_from_gguf(name)
@@ -110,6 +136,18 @@ def test_real_logits_match_transformers_gguf(name: str, family: str) -> None:
     finally:
         del hf, model
         gc.collect()
+    path = registry.resolve(name)  # the installed package's file; ModelNotFoundError (pip command) if missing
+    m = read_gguf(path)
+    _compare_with_transformers(path, m, tensors=False)
+    tok = m.build_tokenizer()
+    _compare_tokenizers(path, tok)
+    if m.architecture == "gemma3":
+        assert tok.add_bos_token is True and tok("Hi").input_ids[0] == tok.bos_token_id
+        assert m.hf_config["layer_types"][5] == "full_attention" and m.hf_config["query_pre_attn_scalar"] == 256
+        assert 106 in m.eog_token_ids  # <end_of_turn>
+    else:
+        assert m.hf_config["tie_word_embeddings"] is False and "lm_head.weight" in m.tensors
+        assert "model.layers.0.self_attn.q_proj.bias" in m.tensors
 
 
 # --------------------------------------------------------------------------------------------

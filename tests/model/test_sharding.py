@@ -33,7 +33,7 @@ def results(tiny_llama) -> list[dict]:
 
 def test_every_mesh_gives_the_single_device_numbers(results) -> None:
     meshes = results[0]
-    assert set(meshes) == {"tp1x8", "tp2x4", "tp4x2", "tp8x1", "fsdp2x4"}
+    assert set(meshes) == {"tp1x8", "tp2x4", "tp8x1", "fsdp2x4"}
     for name, r in meshes.items():
         assert r["logits"] < 1e-4 and r["capture"] < 1e-4, (name, r)  # fp32; reductions reordered across shards
         assert r["generate_equal"], name
@@ -127,35 +127,6 @@ def test_bad_meshes(tiny_llama) -> None:
     sharding.check_divisible(cfg, 4)  # 2 KV heads on 4: repeated (layout_for_mesh)
     with pytest.raises(errors.MeshError, match="FSDP"):
         sharding.check_divisible(cfg, 1, data_axis=7, fsdp=True)
-
-
-def test_two_processes_give_the_rows_of_one(tiny_llama, tmp_path) -> None:
-    """2 local CPU processes x 4 virtual devices (jax.distributed, gloo): a sweep sharded over all 8 devices
-    returns the rows one process computes alone."""
-    import socket
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "multiprocess_sweep.py"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(pid), port, str(tiny_llama.path),
-                               str(tmp_path / "multi.json")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
-    errs = []
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        errs.append(err)
-        assert p.returncode == 0, err[-3000:]
-    single = subprocess.run([sys.executable, str(script), "-1", port, str(tiny_llama.path), str(tmp_path / "one.json")],
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    multi, one = json.loads((tmp_path / "multi.json").read_text()), json.loads((tmp_path / "one.json").read_text())
-    assert multi["processes"] == 2 and multi["devices"] == 8 and one["processes"] == 1
-    assert len(multi["rows"]) == len(one["rows"]) == 2 * 2 * 4 * 3  # vectors x layers x coeffs x prompts
-    for a, b in zip(multi["rows"], one["rows"]):
-        assert {k: v for k, v in a.items() if k != "logprob"} == {k: v for k, v in b.items() if k != "logprob"}
-        assert abs(a["logprob"] - b["logprob"]) < 1e-5
 
 
 def test_weights_that_do_not_fit_a_device_are_refused_before_reading(tiny_llama, monkeypatch) -> None:

@@ -133,7 +133,7 @@ def test_consistency_run_resumes_and_reports(model, tmp_path, monkeypatch) -> No
     from jaxpersona.report import write_report
 
     page = write_report(tmp_path, tmp_path.parent / f"{tmp_path.name}_report" / "consistency.html")
-    check_report(page, tmp_path, "consistency", tmp_path.parent / "chromium", set())
+    check_report(page, tmp_path, "consistency", set())
     assert '<span class="kind">consistency</span>' in page.read_text()
     res = s["results"]["1"]["measures"]
     assert set(res) == {"activation", "proj:x", "proj:y", "score:evil"}

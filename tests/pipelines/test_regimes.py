@@ -78,7 +78,7 @@ def test_regimes_run_end_to_end_and_resumes(model, tmp_path, monkeypatch) -> Non
     from jaxpersona.report import write_report
 
     page = write_report(tmp_path, tmp_path.parent / f"{tmp_path.name}_report" / "regimes.html")
-    dom = check_report(page, tmp_path, "regimes", tmp_path.parent / "chromium", {"bank:vectors", "steer"})
+    dom = check_report(page, tmp_path, "regimes", {"bank:vectors", "steer"})
     assert {i["alt"].split(":")[0] for i in dom.images} >= {"cosines.png", "shift_vs_trait.png"}
     assert '<span class="kind">regimes</span>' in page.read_text()
     # the trait data is stored without the system prompt that produced it
