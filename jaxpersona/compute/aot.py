@@ -25,7 +25,10 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -37,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpersona import errors
 from jaxpersona.compute.accelerators import GIB, Accelerator, accelerator, host_bounds, topology_name
 from jaxpersona.compute.activations import reduced_resid
+from jaxpersona.compute.compiling import persistent_cache_off
 from jaxpersona.compute.generate import continue_turn, greedy_ids
 from jaxpersona.compute.plan import kv_bytes, param_bytes, read_config
 from jaxpersona.compute.sweep import score_chunk
@@ -104,6 +108,29 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+@contextlib.contextmanager
+def libtpu_starting_quietly() -> Iterator[None]:
+    """libtpu, started on a machine that is no TPU host (a deviceless compile), writes its probes of the host
+    (accelerator type, worker hostnames) to the process's stderr: warnings and an ``E0000 ... INVALID_ARGUMENT``
+    line with a source trace, although nothing is wrong. Hold file descriptor 2 while it starts; what it wrote is
+    shown only if starting fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as log:
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            except BaseException:
+                os.dup2(saved, 2)
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace"))
+                raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def target_mesh(acc: Accelerator, data: int, model: int) -> tuple[jax.sharding.Mesh, str]:
     """The mesh the program is compiled for, and how: ``"tpu-deviceless"`` (libtpu, the named topology),
     ``"gpu-compiled"`` (a GPU target on a machine with that many GPUs) or ``"cpu-estimate"`` (this machine's CPU
@@ -116,8 +143,9 @@ def target_mesh(acc: Accelerator, data: int, model: int) -> tuple[jax.sharding.M
         # for processes that own TPU chips, and a deviceless compile owns none
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         bounds = host_bounds(acc, chips)
-        topo = topologies.get_topology_desc(topology_name=topology_name(acc, chips), platform="tpu",
-                                            **({"chips_per_host_bounds": bounds} if bounds else {}))
+        with libtpu_starting_quietly():
+            topo = topologies.get_topology_desc(topology_name=topology_name(acc, chips), platform="tpu",
+                                                **({"chips_per_host_bounds": bounds} if bounds else {}))
         if len(topo.devices) != chips:  # v4 reports each TensorCore of a megacore chip
             raise errors.MeshError(f"{topology_name(acc, chips)} has {len(topo.devices)} devices, not {chips}")
         from jax.experimental import mesh_utils
@@ -474,8 +502,11 @@ def dry_run(spec: str, stage: str, mesh: Any = "1x1", accelerator_name: str = "v
     upcast = backend == "cpu-estimate" and item < 4
     prog = build_program(stage, cfg, jmesh, sizes, jnp.float32 if upcast else jdt, fsdp)
     t0 = time.perf_counter()
+    # a deviceless TPU executable can be written to the persistent compile cache but not read back (no TPU client
+    # to load it: every later read warned "PjRtCompiler must be constructed with a Client"): keep it out
+    no_cache = persistent_cache_off() if backend == "tpu-deviceless" else contextlib.nullcontext()
     try:
-        with jax.set_mesh(jmesh) if prog.on_mesh else contextlib.nullcontext():
+        with jax.set_mesh(jmesh) if prog.on_mesh else contextlib.nullcontext(), no_cache:
             compiled = prog.fn.lower(*prog.args).compile()
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that cannot fit its HBM
         if "RESOURCE_EXHAUSTED" not in str(e):

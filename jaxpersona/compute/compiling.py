@@ -108,6 +108,21 @@ def compile_cache(path: str | Path | None = None) -> Iterator[Path | None]:
         jax_compilation_cache.reset_cache()
 
 
+@contextlib.contextmanager
+def persistent_cache_off() -> Iterator[None]:
+    """No persistent-cache read or write inside the block, then the process's cache as it was: for programs that
+    cannot be loaded back (a deviceless TPU executable has no TPU client to load it into). Process-wide while it
+    lasts, like every JAX cache setting."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    jax_compilation_cache.reset_cache()  # jax remembers whether it uses a cache: ask it again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        jax_compilation_cache.reset_cache()
+
+
 def cache_dir_in_use() -> str | None:
     """The persistent compile cache directory this process uses (None: off)."""
     value = jax.config.values.get("jax_compilation_cache_dir")

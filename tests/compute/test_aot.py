@@ -101,6 +101,18 @@ def test_the_planner_picks_a_layout_within_the_heads_and_the_cli_prints_it(capsy
     assert "attention heads (28)" in capsys.readouterr().err
 
 
+def test_a_deviceless_tpu_plan_prints_no_libtpu_start_up_noise() -> None:
+    """On a machine that is no TPU host, libtpu's start (for the deviceless compile) writes warnings and an
+    ``E0000 ... INVALID_ARGUMENT`` line to stderr although nothing is wrong: a user of ``jaxpersona plan --slice``
+    sees none of it (a fresh process: libtpu starts once per process)."""
+    r = subprocess.run([sys.executable, "-m", "jaxpersona.cli", "plan", "--model", "qwen2.5-7b-instruct", "--slice",
+                        "v5e-8", "--stage", "decode", "--batch", "16", "--context", "2048"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled deviceless for the TPU topology" in r.stdout
+    assert r.stderr == "", r.stderr[-3000:]
+
+
 def test_a_large_vocabulary_is_scored_shard_locally_under_tensor_parallelism() -> None:
     """Qwen2.5-7B's 152,064-id head, split over a model axis of 4: the sweep scores targets in strided vocabulary
     chunks, so no chunk gathers the head (contiguous chunks of a sharded vocabulary made the partitioner all-gather
@@ -122,6 +134,25 @@ def test_wire_bytes_of_ring_collectives() -> None:
     assert wire_bytes(c("reduce-scatter", 4), 8) == 3 * 2048
     assert wire_bytes(c("collective-permute", None), 1) == 2048
     assert wire_bytes(c("all-reduce", 1), 8) == 0.0
+
+
+def test_a_deviceless_tpu_program_stays_out_of_the_compile_cache(small, tmp_path) -> None:
+    """A deviceless TPU executable can be written to the persistent cache but not loaded back (no TPU client): with
+    a cache on, two dry runs of one program warn nothing and leave no entry; the CPU programs still cache."""
+    import warnings
+
+    import jax
+
+    from jaxpersona.compute.compiling import compile_cache
+
+    with compile_cache(tmp_path / "xla"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # JAX's "Error reading persistent compilation cache entry" is a UserWarning
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # restored by compile_cache
+        for _ in range(2):
+            assert dry_run(small, "decode", "2x4", "v5e", sizes=SIZES["decode"]).backend == "tpu-deviceless"
+        assert not list((tmp_path / "xla").glob("*-cache"))
+        jax.jit(lambda x: x * 3 + 1)(jax.numpy.arange(5.0)).block_until_ready()
+        assert list((tmp_path / "xla").glob("*-cache"))
 
 
 def test_without_libtpu_a_tpu_target_is_a_labelled_cpu_estimate(small, monkeypatch, capsys) -> None:
