@@ -507,6 +507,42 @@ def cmd_regimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tpu_chips_on_pci() -> bool:
+    """Whether a TPU chip is on the PCI bus, by JAX's own detection (Google's vendor id and the TPU device ids it
+    knows); where that function is not there (another JAX), any Google PCI device counts, to be safe."""
+    import glob
+
+    try:
+        from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
+    except ImportError:
+        pass
+    else:
+        return num_available_tpu_chips_and_device_id()[0] > 0
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == "0x1ae0":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _cpu_platform_unless_accelerated() -> None:
+    """Before JAX starts its backends, in a process the CLI runs: with no ``JAX_PLATFORMS`` set, no TPU on the PCI
+    bus and no CUDA plugin, JAX runs on the CPU. Otherwise libtpu, when installed (the ``aot`` extra, for
+    deviceless TPU compiles), probes the host as JAX starts (~2 s) and prints two warnings and an ``E0000 ...
+    INVALID_ARGUMENT`` line, with a source trace, on every command of a machine that has no TPU."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)) or _tpu_chips_on_pci():
+        return
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _plan_devices(chips: int) -> None:
     """Before JAX starts its backends: the CPU platform (libtpu, when installed for deviceless TPU compiles, must
     not claim a TPU this command does not use) with ``chips`` devices for CPU-backend estimates of GPU meshes."""
@@ -876,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cpu_platform_unless_accelerated()
     try:
         if args.coordinator:
             library("distributed").init_distributed(args.coordinator, args.num_processes, args.process_id)

@@ -91,6 +91,20 @@ def test_sweep_on_a_mesh_equals_one_device(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "needs 16 devices" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_a_command_on_a_machine_without_a_tpu_prints_no_libtpu_probes() -> None:
+    """The ``aot`` extra installs libtpu (the suite has it); on a machine with no TPU and no CUDA plugin, a command
+    run with JAX_PLATFORMS unset starts JAX on the CPU, so libtpu's host probes (warnings, an ``E0000 ...
+    INVALID_ARGUMENT`` line) never print; JAX_PLATFORMS set by the user stands."""
+    import importlib.util
+
+    assert importlib.util.find_spec("libtpu") is not None, "the test extras include libtpu (the aot extra)"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-m", "jaxpersona.cli", "chat", "Hi", "--max-new-tokens", "2"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
+    assert "E0000" not in r.stderr and "TPU_ACCELERATOR_TYPE" not in r.stderr, r.stderr[-3000:]
+
+
 def test_bad_config_files(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("model = [unclosed")
