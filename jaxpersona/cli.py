@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -507,11 +509,13 @@ def cmd_regimes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cuda_plugin_installed() -> bool:
+    return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+
+
 def _tpu_chips_on_pci() -> bool:
     """Whether a TPU chip is on the PCI bus, by JAX's own detection (Google's vendor id and the TPU device ids it
     knows); where that function is not there (another JAX), any Google PCI device counts, to be safe."""
-    import glob
-
     try:
         from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
     except ImportError:
@@ -532,11 +536,9 @@ def _cpu_platform_unless_accelerated() -> None:
     bus and no CUDA plugin, JAX runs on the CPU. Otherwise libtpu, when installed (the ``aot`` extra, for
     deviceless TPU compiles), probes the host as JAX starts (~2 s) and prints two warnings and an ``E0000 ...
     INVALID_ARGUMENT`` line, with a source trace, on every command of a machine that has no TPU."""
-    import importlib.util
-
     if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
         return
-    if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)) or _tpu_chips_on_pci():
+    if _cuda_plugin_installed() or _tpu_chips_on_pci():
         return
     import jax
 
@@ -546,12 +548,9 @@ def _cpu_platform_unless_accelerated() -> None:
 def _plan_devices(chips: int) -> None:
     """Before JAX starts its backends: the CPU platform (libtpu, when installed for deviceless TPU compiles, must
     not claim a TPU this command does not use) with ``chips`` devices for CPU-backend estimates of GPU meshes."""
-    import importlib.util
-
     import jax
 
-    on_gpu = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
-    if not os.environ.get("JAX_PLATFORMS") and not on_gpu:  # a GPU machine compiles GPU targets on its GPUs
+    if not os.environ.get("JAX_PLATFORMS") and not _cuda_plugin_installed():  # a GPU machine: on its own GPUs
         jax.config.update("jax_platforms", "cpu")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:
