@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -36,6 +34,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from jaxpersona import errors
+from jaxpersona.compute.accelerators import cuda_plugin_installed, libtpu_available, tpu_chips_on_pci
 from jaxpersona.model import registry
 
 # What each command calls in the library, as "module:name" (``main`` uses "distributed" for
@@ -509,36 +508,12 @@ def cmd_regimes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda_plugin_installed() -> bool:
-    return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
-
-
-def _tpu_chips_on_pci() -> bool:
-    """Whether a TPU chip is on the PCI bus, by JAX's own detection (Google's vendor id and the TPU device ids it
-    knows); where that function is not there (another JAX), any Google PCI device counts, to be safe."""
-    try:
-        from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
-    except ImportError:
-        pass
-    else:
-        return num_available_tpu_chips_and_device_id()[0] > 0
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            if Path(vendor).read_text().strip() == "0x1ae0":
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def _cpu_platform_unless_accelerated() -> None:
     """Before JAX starts its backends, in a process the CLI runs: with no ``JAX_PLATFORMS`` set, no TPU on the PCI
     bus and no CUDA plugin, JAX runs on the CPU. Otherwise libtpu, when installed (the ``aot`` extra, for
     deviceless TPU compiles), probes the host as JAX starts (~2 s) and prints two warnings and an ``E0000 ...
     INVALID_ARGUMENT`` line, with a source trace, on every command of a machine that has no TPU."""
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
-        return
-    if _cuda_plugin_installed() or _tpu_chips_on_pci():
+    if os.environ.get("JAX_PLATFORMS") or not libtpu_available() or cuda_plugin_installed() or tpu_chips_on_pci():
         return
     import jax
 
@@ -550,7 +525,7 @@ def _plan_devices(chips: int) -> None:
     not claim a TPU this command does not use) with ``chips`` devices for CPU-backend estimates of GPU meshes."""
     import jax
 
-    if not os.environ.get("JAX_PLATFORMS") and not _cuda_plugin_installed():  # a GPU machine: on its own GPUs
+    if not os.environ.get("JAX_PLATFORMS") and not cuda_plugin_installed():  # a GPU machine: on its own GPUs
         jax.config.update("jax_platforms", "cpu")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         try:

@@ -1,4 +1,5 @@
-"""Accelerator specs for plans and rooflines, and slice names (``v5e-64``, ``v5p-8``, ``8xh100``).
+"""Accelerator specs for plans and rooflines, slice names (``v5e-64``, ``v5p-8``, ``8xh100``), and what this host
+has: the TPU and CUDA runtimes installed, TPU chips on its PCI bus (no JAX backend is started to find out).
 
 Peaks are the vendors' dense bf16 figures (Cloud TPU pages; NVIDIA's H100/H200 SXM data sheets), HBM bandwidth
 and the per-chip interconnect bandwidth (ICI for TPUs, NVLink for GPUs), both directions together as the
@@ -8,7 +9,10 @@ vendors quote them; a ring collective moves data one way, so :func:`link_bytes_p
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import re
+from pathlib import Path
 
 from jaxpersona import errors
 
@@ -90,3 +94,31 @@ def parse_slice(text: str) -> tuple[Accelerator, int]:
     if t in ACCELERATORS:
         return ACCELERATORS[t], 1
     raise errors.InputError(f"slice {text!r}: write it as v5e-64, v5p-8 (TensorCores), 8xh100 or h200")
+
+
+# --- this host ------------------------------------------------------------------------------------
+def libtpu_available() -> bool:
+    """libtpu is installed (the ``aot`` extra: deviceless TPU compiles; on a TPU host, the TPU runtime)."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def cuda_plugin_installed() -> bool:
+    return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13))
+
+
+def tpu_chips_on_pci() -> bool:
+    """Whether a TPU chip is on the PCI bus, by JAX's own detection (Google's vendor id and the TPU device ids it
+    knows); where that function is not there (another JAX), any Google PCI device counts, to be safe."""
+    try:
+        from jax._src.hardware_utils import num_available_tpu_chips_and_device_id
+    except ImportError:
+        pass
+    else:
+        return num_available_tpu_chips_and_device_id()[0] > 0
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            if Path(vendor).read_text().strip() == "0x1ae0":
+                return True
+        except OSError:
+            continue
+    return False

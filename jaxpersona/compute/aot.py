@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import sys
 import tempfile
@@ -38,7 +37,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpersona import errors
-from jaxpersona.compute.accelerators import GIB, Accelerator, accelerator, host_bounds, topology_name
+from jaxpersona.compute.accelerators import (GIB, Accelerator, accelerator, host_bounds, libtpu_available,
+                                             topology_name)
 from jaxpersona.compute.activations import reduced_resid
 from jaxpersona.compute.compiling import persistent_cache_off
 from jaxpersona.compute.generate import continue_turn, greedy_ids
@@ -104,10 +104,6 @@ USED = {"prefill": ("batch", "seq", "context"), "activations": ("batch", "seq"),
 
 
 # --- meshes ---------------------------------------------------------------------------------------
-def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
-
-
 @contextlib.contextmanager
 def libtpu_starting_quietly() -> Iterator[None]:
     """libtpu, started on a machine that is no TPU host (a deviceless compile), writes its probes of the host
