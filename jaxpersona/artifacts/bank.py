@@ -58,8 +58,13 @@ def _now() -> str:
 
 def _json_normalize(obj: Any, what: str) -> Any:
     """``obj`` after a strict JSON round trip (tuples -> lists, keys -> str); InputError if not JSON-able."""
+    def plain(x: Any) -> Any:  # numpy scalars (an argmax's np.int64 best layer) as the Python numbers they are
+        if isinstance(x, (np.generic, np.ndarray)) and np.ndim(x) == 0:
+            return x.item()
+        raise TypeError(f"Object of type {type(x).__name__} is not JSON serializable")
+
     try:
-        return json.loads(json.dumps(obj, allow_nan=False))
+        return json.loads(json.dumps(obj, allow_nan=False, default=plain))
     except (TypeError, ValueError) as e:
         raise errors.InputError(
             f"{what} is not JSON-serialisable ({e}); use only str, int, float (finite), bool, None, "
@@ -172,6 +177,9 @@ class VectorBank:
                 "every entry must be [L+1, D] with the same shape, got "
                 + ", ".join(f"{n}: {list(a.shape)}" for n, a in zip(names, arrs))
             )
+        unknown = [n for n in (meta or {}) if n not in entries]
+        if unknown:
+            raise errors.InputError(f"meta given for {unknown}, which are not entries of the bank ({list(names)})")
         metas = tuple(dict((meta or {}).get(n, {})) for n in names)
         return cls(np.stack(arrs), names, model, metas)
 
@@ -223,7 +231,7 @@ class VectorBank:
 
         ``layer`` indexes resid points (``0..L``; negative counts from the end).
         """
-        if not isinstance(layer, (int, np.integer)) or not -self.n_resid <= layer < self.n_resid:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -self.n_resid <= layer < self.n_resid:
             raise errors.InputError(
                 f"layer {layer!r} is out of range: the bank has resid points 0..{self.n_resid - 1} "
                 "(0 = embeddings, l = output of block l-1)"
@@ -237,7 +245,8 @@ class VectorBank:
         return (v / norm).astype(np.float32)
 
     def with_entry(self, name: str, vectors: Any, meta: Mapping[str, Any] | None = None) -> VectorBank:
-        """A new bank with entry ``name`` (``[L+1, D]``) added, or replaced in place if it exists."""
+        """A new bank with entry ``name`` (``[L+1, D]``) added, or replaced in place if it exists; ``meta`` None
+        keeps a replaced entry's meta (its ``resid_norm``, which relative coefficients need), a dict replaces it."""
         v = as_f32(vectors, f"vectors of {name!r}")
         if v.shape != (self.n_resid, self.d_model):
             raise errors.InputError(
@@ -250,7 +259,7 @@ class VectorBank:
         if name in names:
             i = names.index(name)
             vecs[i] = v
-            metas[i] = dict(meta or {})
+            metas[i] = dict(metas[i] if meta is None else meta)
         else:
             names.append(name)
             metas.append(dict(meta or {}))
@@ -299,7 +308,10 @@ class VectorBank:
                 raise errors.InputError(
                     f"{path} exists and is not a vector bank; refusing to overwrite it. Choose another path"
                 )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            raise errors.InputError(f"cannot save a bank under {path.parent}: a part of that path is a file") from e
         tmp = path.parent / f".{path.name}{TMP_TAG}{uuid.uuid4().hex[:12]}"
         try:
             ocp = load_orbax()

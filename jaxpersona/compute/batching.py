@@ -11,7 +11,7 @@ bucket, so its padded shapes (and so its numbers) are what they were.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,6 +25,13 @@ class Batch(NamedTuple):
 
     tokens: np.ndarray
     valid: np.ndarray
+
+
+def check_batch_size(batch_size: Any, what: str = "batch_size") -> int:
+    """``batch_size`` as an int, or :class:`~jaxpersona.errors.InputError` unless it is a whole number >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise errors.InputError(f"{what} must be a whole number >= 1, got {batch_size!r}")
+    return int(batch_size)
 
 
 def round_up(n: int, multiple: int) -> int:

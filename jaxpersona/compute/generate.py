@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpersona import errors
+from jaxpersona.edit.interventions import check_for_model
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack
 from jaxpersona.model.params import Params, activation_dtype
@@ -400,6 +401,8 @@ def generate(
     tokens, valid = check_tokens(cfg, tokens, valid)
     check_sampling(temperature, top_p, max_new_tokens)
     check_context(cfg, valid, max_new_tokens)
+    if hook is not None:  # a wrong-length per-layer vector would otherwise be read clamped, without a word
+        check_for_model(hook, cfg.d_model, cfg.n_resid, tokens.shape)
     if not valid[:, -1].all():
         raise errors.InputError("prompts must be left-padded: the last column of `valid` must be all True")
     if key is None:

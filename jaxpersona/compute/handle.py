@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from jaxpersona.artifacts.records import digest
 from jaxpersona.compute.batching import BUCKET, Batch, pad_left
 from jaxpersona.compute.generate import GenerateOutput, generate
 from jaxpersona.data.chat import Message, conversation
-from jaxpersona.edit.interventions import check_for_model
+from jaxpersona.edit.interventions import check_for_model, check_hook_argument, whole_indices
 from jaxpersona.model import registry
 from jaxpersona.model.config import ModelConfig, parse_dtype
 from jaxpersona.model.loaders.gguf import convert_gguf_to_hf_dir
@@ -140,6 +141,9 @@ class Model:
                  ) -> list[tuple[list[int], list[int]]]:
         """``(prompt ids, response ids)`` per row; the response is re-tokenized from its text (as persona_vectors
         does; an empty response has no ids)."""
+        if len(conversations) != len(responses):  # zip would drop the extra rows without a word
+            raise errors.InputError(f"need one response per conversation, got {len(conversations)} conversations and "
+                                    f"{len(responses)} responses")
         return [(p, self.tokenizer.encode(r, add_special_tokens=False) if r else [])
                 for p, r in zip(self.chat_ids(conversations), responses)]
 
@@ -197,6 +201,12 @@ class Model:
         return texts
 
     # --- computation ----------------------------------------------------------------------
+    def _check_hook(self, hook: Hook | None, batch: Batch) -> None:
+        """A hook an argument of the jitted forward can take, fitting this model and ``batch``."""
+        if hook is not None:
+            check_hook_argument(hook, "hook")
+            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid, np.shape(batch.tokens))
+
     def check_length(self, batch: Batch, new_tokens: int = 0) -> None:
         """Refuse a batch whose longest prompt (valid tokens, not bucket padding) + new tokens
         exceeds the context; also checks shapes and token ids."""
@@ -212,13 +222,17 @@ class Model:
         hook: Hook | None = None,
         logits: bool | str = True,
     ):
-        """Jitted :func:`~jaxpersona.model.transformer.forward` on a batch."""
+        """Jitted :func:`~jaxpersona.model.transformer.forward` on a batch. ``logits``: True (every position),
+        ``"last"`` or False."""
         self.check_length(batch)
-        if hook is not None:
-            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid)
+        self._check_hook(hook, batch)
         if capture is not None:
             capture.validate(self.cfg)
+        if logits not in (True, False, "last"):
+            raise errors.InputError(f"logits must be True, False or 'last', got {logits!r}")
         cmask = batch.valid if capture_mask is None else capture_mask
+        if np.shape(cmask) != np.shape(batch.tokens):
+            raise errors.InputError(f"capture_mask has shape {np.shape(cmask)}; the batch is {np.shape(batch.tokens)}")
         return _forward_jit(
             self.params, self.cfg, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(cmask, bool), hook,
             self.adapter, capture=capture, logits=logits,
@@ -235,7 +249,8 @@ class Model:
     ) -> np.ndarray:
         """Residual stream at ``resid[l]`` for each ``l`` in ``layers``: ``[n, B, D]`` (or ``[n, B, T, D]``)."""
         batch = self.encode(texts, chat=chat, system=system)
-        out = self.run(batch, capture=Capture(tuple(int(l) for l in layers), reduce), logits=False)
+        idx = tuple(int(l) for l in whole_indices(layers, "resid layers")) if len(layers) else ()  # 1.7 is not resid[1]
+        out = self.run(batch, capture=Capture(idx, reduce), logits=False)
         return np.asarray(out.captured.astype(jnp.float32))
 
     def generate(
@@ -258,8 +273,11 @@ class Model:
     def generate_tokens(self, batch: Batch, *, max_new_tokens: int = 64, temperature: float = 0.0,
                         top_p: float = 1.0, seed: int = 0, hook: Hook | None = None) -> GenerateOutput:
         self.check_length(batch, max_new_tokens)
-        if hook is not None:
-            check_for_model(hook, self.cfg.d_model, self.cfg.n_resid)
+        self._check_hook(hook, batch)
+        try:
+            seed = operator.index(seed)  # an int, a numpy or 0-d JAX integer
+        except TypeError:
+            raise errors.InputError(f"seed must be an int (the key is made from it), got {type(seed).__name__}") from None
         return generate(
             self.params, self.cfg, batch.tokens, batch.valid, max_new_tokens=max_new_tokens,
             key=jax.random.key(seed), temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.batching import BUCKET, Batch, pad_pairs, round_up
+from jaxpersona.compute.batching import BUCKET, Batch, check_batch_size, pad_pairs, round_up
 from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
@@ -37,6 +37,16 @@ class ScoringSet:
     prompts: tuple[str, ...]
     responses: tuple[str, ...]
     system: str | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("prompts", "responses"):  # a bare string would be scored one character per row
+            x = getattr(self, what)
+            if isinstance(x, (str, bytes)) or not all(isinstance(t, str) for t in x):
+                raise errors.InputError(f"ScoringSet {what} must be a sequence of strings, got {type(x).__name__} "
+                                        f"{str(x)[:60]!r}")
+        if len(self.prompts) != len(self.responses):
+            raise errors.InputError(f"need one response per prompt, got {len(self.prompts)} prompts and "
+                                    f"{len(self.responses)} responses")
 
     def conversations(self) -> list[list[dict[str, str]]]:
         return [conversation(p, self.system) for p in self.prompts]
@@ -246,6 +256,8 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
     up to 8 tokens, so a handful of shapes compile); a response's last token is no input (it predicts nothing), and
     a repeated (prompt, response) pair is scored once. Empty responses give NaN. Under the model's LoRA adapter,
     if it carries one."""
+    check_pairs(len(conversations), len(responses))
+    check_batch_size(batch_size)
     out = np.full(len(responses), np.nan, np.float64)
     live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
     if not live:

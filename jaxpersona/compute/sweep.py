@@ -41,7 +41,7 @@ from jaxpersona.artifacts.adapters import shard_adapter
 from jaxpersona.artifacts.records import atomic_write
 from jaxpersona.compute.batching import BUCKET, Batch, pad_left, round_up
 from jaxpersona.compute.generate import generate_loop, prefill_trunk
-from jaxpersona.compute.handle import Model
+from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.plan import kv_bytes
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.compute.scoring import (
@@ -85,7 +85,7 @@ class Grid:
 
     ``vectors``: ``[K, D]`` (one direction for every layer) or ``[K, L+1, D]`` (a direction per
     resid point, as persona-vector banks are). ``window``: the intervention acts on resid
-    ``layer .. layer+window-1``. ``coeffs`` mean: steer coefficient; cap ceiling (``cap_floor``
+    ``layer .. layer+window-1`` (with per-layer vectors, along the direction of ``resid[layer]`` at all of them). ``coeffs`` mean: steer coefficient; cap ceiling (``cap_floor``
     adds a floor); ablate re-add coefficient.
     """
 
@@ -119,6 +119,24 @@ class Grid:
             raise errors.InputError(f"coefficients must be finite, got {self.coeffs}")
         if not self.layers or not self.coeffs:
             raise errors.InputError("the grid needs at least one layer and one coefficient")
+        if isinstance(self.names, str) or not all(isinstance(n, str) and n for n in self.names):
+            raise errors.InputError(f"grid names must be a sequence of non-empty strings, got {self.names!r}")
+        iv.whole_indices(self.layers, "grid layers")
+        if isinstance(self.window, bool) or int(self.window) != self.window or self.window < 1:
+            raise errors.InputError(f"grid window must be a whole number >= 1, got {self.window!r}")
+        for what, xs in (("names", self.names), ("layers", self.layers), ("coefficients", self.coeffs)):
+            if len(set(xs)) != len(xs):  # duplicate rows that nothing in a row tells apart
+                raise errors.InputError(f"grid {what} repeat: {list(xs)}")
+        if self.kind != "steer":  # ablate and cap act along v's direction: the rows the grid uses must have one
+            rows = v if v.ndim == 2 else v[:, [l for l in self.layers if 0 <= l < v.shape[1]]]
+            zero = [n for n, x in zip(self.names, rows) if np.any(np.linalg.norm(x, axis=-1) == 0)]
+            if zero:
+                raise errors.InputError(f"a {self.kind} grid needs non-zero vectors (a zero vector has no direction): "
+                                        f"{zero}")
+        if self.kind == "cap" and (np.isnan(self.cap_floor) or self.cap_floor == np.inf
+                                   or self.cap_floor > min(self.coeffs)):
+            raise errors.InputError(f"cap_floor {self.cap_floor} must be a number (or -inf) at or below every ceiling "
+                                    f"(the coefficients, lowest {min(self.coeffs)})")
         bad = [l for l in self.layers if not (0 <= l and l + self.window - 1 <= cfg.n_layers)]
         if bad:
             raise errors.InputError(f"layers {bad} (window {self.window}) fall outside resid[0..{cfg.n_layers}]")
@@ -506,7 +524,11 @@ def _projections(cfg: ModelConfig, project: dict[str, np.ndarray] | None, projec
         if v.shape != (cfg.d_model,) or not np.all(np.isfinite(v)) or not np.any(v):
             raise errors.InputError(f"projection vector {n!r} must be a finite nonzero [{cfg.d_model}] vector")
         units[i] = v / np.linalg.norm(v)
-    capture = Capture(tuple(int(l) for l in project_layers), "mean") if (names and project_layers) else None
+    if bool(names) != bool(len(project_layers)):  # one without the other would silently give no projection columns
+        raise errors.InputError("projections need both `project` (vectors) and `project_layers` (resid points), "
+                                f"got {len(names)} vector(s) and layers {list(project_layers)}")
+    layers = tuple(int(l) for l in iv.whole_indices(project_layers, "project_layers")) if names else ()
+    capture = Capture(layers, "mean") if names else None
     if capture is not None:
         capture.validate(cfg)
     return names, units, capture
@@ -668,6 +690,10 @@ def run_sweep(
     """
     cfg = model.cfg
     grid.validate(cfg)
+    if isinstance(generate_tokens, bool) or int(generate_tokens) != generate_tokens or generate_tokens < 0:
+        raise errors.InputError(f"generate_tokens must be a whole number >= 0, got {generate_tokens!r}")
+    if budget_bytes is not None and not budget_bytes > 0:
+        raise errors.InputError(f"budget_bytes must be positive (or None: half the free memory), got {budget_bytes!r}")
     sets, paired = _scoring_sets(grid, data)
     names, units, capture = _projections(cfg, project, project_layers)
     # response positions never touch the prompt before its last token: that prefix runs once per chunk; with all
@@ -686,7 +712,7 @@ def run_sweep(
     gens, gen_pos = _generation_inputs(model, grid, sets, generate_tokens)
     chunks, csize = _chunks(points, len(sets), paired, size, n_dev)
 
-    store = _Store(Path(out_dir)) if out_dir is not None else None
+    store = _Store(Path(out_dir), model_fingerprint(model)) if out_dir is not None else None
     params: Params = model.params
     adapter: Adapter | AdapterStack | None = model.adapter
     if mesh is not None and "model" in mesh.axis_names:  # 2-D (data, model): tensor-parallel weights
@@ -743,16 +769,35 @@ class _Store:
     A chunk counts as finished only once ``progress.json`` (replaced atomically after its rows are
     flushed) lists it. Files that cannot be read back (cut short, corrupt: a torn line, an unreadable
     ``progress.json``, a finished chunk whose rows are missing) are not trusted: the chunks they lack are
-    recomputed, with one :class:`~jaxpersona.errors.CacheWarning` per store."""
+    recomputed, with one :class:`~jaxpersona.errors.CacheWarning` per store.
 
-    def __init__(self, root: Path) -> None:
+    ``model``: the identity of the model the rows come from (:func:`~jaxpersona.compute.handle.model_fingerprint`),
+    kept in ``model.json``: a store written by another model (or the same one under another adapter) raises
+    :class:`~jaxpersona.errors.ResumeMismatchError` instead of serving its rows. A store from before 0.7.10 has no
+    ``model.json``; it is adopted as it is."""
+
+    def __init__(self, root: Path, model: str) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.progress = root / "progress.json"
         self.results = root / "results.jsonl"
         self._warned = False
+        self._check_model(root / "model.json", model)
         self.done: dict[str, int] = self._read_progress()
         self._rows: dict[str, list[dict[str, Any]]] | None = None
+
+    @staticmethod
+    def _check_model(path: Path, model: str) -> None:
+        try:
+            had = json.loads(path.read_text()).get("model") if path.exists() else None
+        except (OSError, ValueError, AttributeError):
+            had = None  # unreadable: rewritten below
+        if had is not None and had != model:
+            raise errors.ResumeMismatchError(
+                f"{path.parent} holds sweep rows of another model (or adapter): its rows would be served as this "
+                "model's. Use another out_dir, or delete that one to recompute.")
+        if had is None:
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"model": model}), encoding="utf-8"))
 
     def _warn(self, what: str) -> None:
         if not self._warned:

@@ -25,10 +25,10 @@ def percentile_floors(projections: list[np.ndarray], layers: list[int], percenti
     """Per capped resid point, the ``percentile`` of the pooled per-token projections
     (``projections``: one ``[L+1, n_tokens]`` array per answer): ``[len(layers)]``."""
     check_percentile(percentile)
-    pooled = np.concatenate([np.asarray(p, np.float64)[layers] for p in projections if p.shape[1]], axis=1)
-    if pooled.size == 0:
+    parts = [np.asarray(p, np.float64)[layers] for p in projections if p.shape[1]]
+    if not parts or not sum(x.size for x in parts):
         raise errors.InputError("no tokens to calibrate on: every default answer is empty")
-    return np.percentile(pooled, percentile, axis=1).astype(np.float32)
+    return np.percentile(np.concatenate(parts, axis=1), percentile, axis=1).astype(np.float32)
 
 
 def check_percentile(percentile: float) -> None:
@@ -87,8 +87,15 @@ class CapConfig:
                                     f"{np.shape(self.ceilings)}")
         if any(not 0 <= l < self.n_resid for l in self.layers):
             raise errors.InputError(f"capping config layers {self.layers} outside resid[0..{self.n_resid - 1}]")
-        if np.any(np.asarray(self.floors) > np.asarray(self.ceilings)):
+        lo, hi, d = (np.asarray(x, np.float64) for x in (self.floors, self.ceilings, self.directions))
+        if np.any(np.isnan(lo)) or np.any(np.isnan(hi)) or np.any(lo == np.inf) or np.any(hi == -np.inf):
+            raise errors.InputError("capping config: floors and ceilings must be numbers (a floor may be -inf, a "
+                                    f"ceiling +inf), got floors {lo.tolist()} and ceilings {hi.tolist()}")
+        if np.any(lo > hi):
             raise errors.InputError("capping config: a floor is above its ceiling")
+        if not np.all(np.isfinite(d)) or np.any(np.linalg.norm(d, axis=-1) == 0):
+            raise errors.InputError("capping config: every direction must be a finite, non-zero vector (a zero one "
+                                    "has no direction to cap along)")
 
     def check_model(self, cfg: Any) -> None:
         if (self.d_model, self.n_resid) != (cfg.d_model, cfg.n_resid):

@@ -24,6 +24,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def steering_vectors(vectors: np.ndarray, resid_norm: np.ndarray | None, units: str) -> np.ndarray:
     """``[L+1, D]`` vectors a coefficient multiplies: ``|resid[l]| * v̂[l]`` (relative units) or ``v[l]``."""
     v = np.asarray(vectors, np.float32)
+    if units not in ("absolute", "relative"):  # a typo would otherwise scale by the residual norm
+        raise errors.InputError(f"coefficient units must be 'relative' or 'absolute', got {units!r}")
     if units == "absolute":
         return v
     if resid_norm is None:

@@ -80,15 +80,24 @@ class Positions:
     @staticmethod
     def explicit(mask: Any, after: Any = False) -> Positions:
         mask = jnp.asarray(mask, bool)
+        if mask.ndim != 2:
+            raise errors.InputError(f"Positions.explicit: mask must be [B, P] (batch, prompt slots), got shape "
+                                    f"{tuple(mask.shape)}")
         return Positions(mask, jnp.broadcast_to(jnp.asarray(after, bool), mask.shape[:1]))
+
+
+def whole_indices(layers: Any, what: str = "layers") -> np.ndarray:
+    """``layers`` (an int, list or range) as an int64 array, or :class:`~jaxpersona.errors.InputError` when empty,
+    not numbers, or not whole (``1.5``; a bool is not an index either). No range check."""
+    raw = np.atleast_1d(np.asarray(list(layers) if isinstance(layers, range) else layers))
+    if raw.size == 0 or not np.issubdtype(raw.dtype, np.number) or np.any(raw != np.round(raw)):
+        raise errors.InputError(f"{what} must be whole resid indices, got {layers!r}")
+    return raw.astype(np.int64)
 
 
 def layer_weights(n_resid: int, layers: Any, weight: float = 1.0) -> jax.Array:
     """``[L+1]`` weights: ``weight`` at each resid index in ``layers`` (an int, list or range)."""
-    raw = np.atleast_1d(np.asarray(list(layers) if isinstance(layers, range) else layers))
-    if raw.size == 0 or not np.issubdtype(raw.dtype, np.number) or np.any(raw != np.round(raw)):
-        raise errors.InputError(f"layers must be whole resid indices, got {layers!r}")
-    idx = raw.astype(np.int64)
+    idx = whole_indices(layers)
     bad = idx[(idx < 0) | (idx >= n_resid)]
     if bad.size:
         raise errors.InputError(
@@ -235,8 +244,15 @@ def _vector(v: Any, d_model: int, what: str) -> jax.Array:
     return jnp.asarray(v)
 
 
-def _scalar(x: Any, what: str, allow_inf: bool = False) -> jax.Array:
-    a = np.asarray(x, np.float32)
+def _scalar(x: Any, what: str, allow_inf: bool = False, per_layer: bool = False) -> jax.Array:
+    """A float32 scalar (``per_layer``: or an ``[L+1]`` vector, checked against the model later)."""
+    try:
+        a = np.asarray(x, np.float32)
+    except (TypeError, ValueError) as e:
+        raise errors.InputError(f"{what} must be a number, got {x!r:.60}") from e
+    if a.ndim > (1 if per_layer else 0):
+        raise errors.InputError(f"{what} must be a number{' (or one per resid point)' if per_layer else ''}, got "
+                                f"shape {a.shape}")
     if np.any(np.isnan(a)) or (not allow_inf and not np.all(np.isfinite(a))):
         raise errors.InputError(f"{what} must be finite, got {x}")
     return jnp.asarray(a)
@@ -261,7 +277,8 @@ def cap(n_resid: int, vector: Any, layers: Any, positions: Positions, lo: Any = 
     """A validated :class:`Cap`: clamp ``<h, v̂>`` to ``[lo, hi]`` at ``layers``/``positions`` (bounds scalars
     or ``[L+1]``; ``-inf``/``inf`` leave that side open). ``vector``: ``[D]`` or ``[L+1, D]``, non-zero."""
     v = _vector(vector, np.shape(vector)[-1] if np.ndim(vector) else 0, "cap")
-    lo_a, hi_a = _scalar(lo, "cap floor", allow_inf=True), _scalar(hi, "cap ceiling", allow_inf=True)
+    lo_a, hi_a = (_scalar(lo, "cap floor", allow_inf=True, per_layer=True),
+                  _scalar(hi, "cap ceiling", allow_inf=True, per_layer=True))
     if np.any(np.asarray(lo_a) > np.asarray(hi_a)):
         raise errors.InputError(f"cap floor {lo} is above the ceiling {hi}")
     if np.any(np.asarray(hi_a) == -np.inf) or np.any(np.asarray(lo_a) == np.inf):
@@ -290,15 +307,30 @@ def mixture(n_resid: int, vectors: Any, layers: Any, positions: Positions, alpha
                    positions, cond)
 
 
-def check_for_model(hook: Any, d_model: int, n_resid: int) -> None:
+def check_for_model(hook: Any, d_model: int, n_resid: int, batch: tuple[int, int] | None = None) -> None:
     """Raise :class:`~jaxpersona.errors.InputError` if an intervention (or any item of a possibly
-    nested :class:`Chain`) does not fit the model. Other hooks pass through unchecked."""
+    nested :class:`Chain`) does not fit the model — or, with ``batch = (B, T)``, the batch it is applied to: its
+    :class:`Positions` must have been made from a ``[B, T]`` (or ``[1, T]``) prompt batch, else a prompt slot past
+    the positions' own width would count as a generated token. Other hooks pass through unchecked."""
     def flat(h: Any) -> list[Any]:
         return [x for it in h.items for x in flat(it)] if isinstance(h, Chain) else [h]
 
     for it in flat(hook):
         if not isinstance(it, (Steer, Ablate, Cap, Mixture)):
             continue  # a user-defined hook: its own business
+        pos = getattr(it, "positions", None)
+        if batch is not None and isinstance(pos, Positions):
+            b, t = batch
+            if pos.mask.ndim != 2 or pos.mask.shape[1] != t or pos.mask.shape[0] not in (1, b) \
+                    or pos.after.shape[-1:] != pos.mask.shape[:1]:
+                raise errors.InputError(
+                    f"{type(it).__name__}: its positions were made for a prompt batch of shape "
+                    f"{tuple(pos.mask.shape)}, this batch is [{b}, {t}]: build them from this batch's `valid` "
+                    "(Positions.all/prompt/response(batch.valid))")
+        if batch is not None and isinstance(it, Mixture) and it.weights.ndim == 2 and \
+                it.weights.shape[0] not in (1, batch[0]):
+            raise errors.InputError(f"Mixture: per-row weights for {it.weights.shape[0]} rows; this batch has "
+                                    f"{batch[0]}")
         vec = it.vectors if isinstance(it, Mixture) else it.vector
         if vec.shape[-1] != d_model:
             raise errors.InputError(

@@ -856,7 +856,8 @@ def forward(
         scalar or ``[B]`` (each row written at its own slot).
       capture: which ``resid`` points to return (see :class:`Capture`); ``capture_mask [B, T]``
         selects the tokens for ``mean``/``last`` (default ``valid``).
-      hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention).
+      hook: ``hook(layer, h, ctx) -> h`` applied at every ``resid[l]`` (an intervention). Not checked here (this
+        runs traced): check it with :func:`jaxpersona.edit.interventions.check_for_model`, as ``Model.run`` does.
       logits: True for ``[B, T, V]``, ``"last"`` for the last position only ``[B, 1, V]``, False for none.
       adapter: a :class:`~jaxpersona.model.lora.Adapter` (or an ``AdapterStack`` with ``adapter_select [B]``,
         the adapter each example uses), applied inside every block: its per-layer factors are scanned beside

@@ -24,6 +24,7 @@ from jaxpersona.compute.scoring import ScoringSet
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
+from jaxpersona.edit.interventions import whole_indices
 from jaxpersona.model.sharding import mesh_option
 from jaxpersona.runner.run import open_run
 
@@ -116,19 +117,22 @@ def run_sweep_config(
         g = _need(cfg, "grid", "grid")
         grid = Grid(
             kind=g.get("kind", "steer"), vectors=vec[None], names=(name,),
-            layers=tuple(int(x) for x in _need(g, "layers", "grid")),
+            layers=tuple(_need(g, "layers", "grid")),  # whole numbers, checked by the grid (1.5 is not read as 1)
             coeffs=tuple(float(x) for x in _need(g, "coeffs", "grid")),
             positions=g.get("positions", "all"), window=int(g.get("window", 1)), unit=bool(g.get("unit", False)),
             cap_floor=float(g.get("cap_floor", -np.inf)),
         )
         d = _need(cfg, "data", "data")
         data = ScoringSet(tuple(_need(d, "prompts", "data")), tuple(_need(d, "responses", "data")), d.get("system"))
-        proj_layers = tuple(cfg.get("project", {}).get("layers", ()))
+        proj_layers = tuple(int(l) for l in whole_indices(cfg["project"]["layers"], "[project] layers")) \
+            if cfg.get("project", {}).get("layers") else ()
+        if any(not 0 <= l < m.cfg.n_resid for l in proj_layers):
+            raise errors.InputError(f"[project] layers {list(proj_layers)} fall outside resid[0..{m.cfg.n_resid - 1}]")
         opts = cfg.get("run", {})
         budget = int(opts["budget_mb"]) << 20 if "budget_mb" in opts else None
         with run.stage("sweep"):
             rows = run_sweep(
-                m, grid, data, project={name: vec[max(proj_layers)] if proj_layers else vec[-1]},
+                m, grid, data, project={name: vec[max(proj_layers)]} if proj_layers else None,
                 project_layers=proj_layers, budget_bytes=budget, chunking=bool(opts.get("chunking", True)),
                 out_dir=run.out, progress=progress, generate_tokens=int(opts.get("generate_tokens", 0)),
                 mesh=device_mesh,
