@@ -150,7 +150,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="serve the weights with this adapter merged in (every request; the merged copy is kept in "
                         "the cache)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--batch", type=int, default=8, help="rows decoded together (continuous batching)")
     p.add_argument("--max-context", type=int, default=1024, help="KV-cache slots per row (prompt + new tokens)")
     p.add_argument("--max-interventions", type=int, default=4, help="intervention items per request")
@@ -211,6 +211,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.prompts and args.prompt:
+        raise errors.InputError("pass PROMPT arguments or --prompts FILE, not both")
     if args.prompts:
         path = Path(args.prompts)
         if not path.exists():
@@ -233,12 +235,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_resid(args: argparse.Namespace) -> int:
     """Residual-stream activations ``[len(layers), ...]`` (per ``--reduce``): saved with ``--out``, else
     one line of shape and mean norm per resid point."""
+    out = None
+    if args.out:  # checked before any model work; numpy would append .npy, so the path said is the one written
+        out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
+        if out.is_dir() or not out.parent.is_dir():
+            raise errors.InputError(f"--out {args.out}: write to a .npy file in an existing directory")
     model = library("resid").load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     layers = _parse_layers(args.layers) if args.layers else tuple(range(model.cfg.n_resid))
     acts = model.resid(args.text, layers, args.reduce, chat=args.chat, system=args.system)
-    if args.out:
-        np.save(args.out, acts)
-        print(f"saved resid {list(acts.shape)} (layers {list(layers)}, reduce={args.reduce}) to {args.out}")
+    if out is not None:
+        np.save(out, acts)
+        print(f"saved resid {list(acts.shape)} (layers {list(layers)}, reduce={args.reduce}) to {out}")
     else:
         for l, a in zip(layers, acts):
             norms = np.linalg.norm(a.reshape(-1, a.shape[-1]), axis=-1)
@@ -263,6 +270,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     lib = library("extract")
     config = lib.load_extract_config(args.config, full=args.full)
+    if args.all_traits and args.trait:
+        raise errors.InputError("pass --trait NAME or --all-traits, not both")
     names = lib.list_traits() if args.all_traits else ([args.trait] if args.trait else lib.load_run_traits(args.config))
     if not names:
         raise errors.InputError("extract needs --trait NAME|FILE, --all-traits, or traits = [...] in the --config file")
@@ -313,6 +322,8 @@ def cmd_space(args: argparse.Namespace) -> int:
 def cmd_consistency(args: argparse.Namespace) -> int:
     lib = library("consistency")
     config = lib.load_consistency_config(args.config)
+    if args.entries and not args.bank:
+        raise errors.InputError("--entries names entries of a --bank; pass the bank too")
     model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     bank = lib.VectorBank.load(args.bank, model.cfg) if args.bank else None
     if bank is not None and args.entries:
@@ -414,7 +425,12 @@ def cmd_screen(args: argparse.Namespace) -> int:
         meta = bank.meta_of(args.trait)  # unknown trait -> an error listing the bank's entries
         if "best_layer" not in meta:
             raise errors.InputError(f"no best layer recorded for {args.trait!r} in {args.vectors}; pass --layer")
+        if isinstance(meta["best_layer"], bool) or not isinstance(meta["best_layer"], int):
+            raise errors.InputError(f"the best layer recorded for {args.trait!r} in {args.vectors} is "
+                                    f"{meta['best_layer']!r}, not a resid index; pass --layer")
         layer = int(meta["best_layer"])
+    if args.top < 0:
+        raise errors.InputError(f"--top must be >= 0, got {args.top}")
     res = lib.screen_dataset(model, bank.get(args.trait), layer, args.data, args.out or "runs/screen",
                              max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     print(f"{res['n']} samples, layer {res['layer']}: mean projection difference {res['mean_difference']:+.3f}")
@@ -427,6 +443,8 @@ def cmd_trait_data(args: argparse.Namespace) -> int:
     lib = library("trait-data")
     trait = lib.load_trait(args.trait)
     qs = list(trait.questions) + (list(trait.eval_questions) if args.with_eval_questions else [])
+    if args.n_questions < 0:
+        raise errors.InputError(f"--n-questions must be >= 0 (0 = all), got {args.n_questions}")
     qs = qs[: args.n_questions] if args.n_questions else qs
     if args.n_pairs < 1 or not qs:
         raise errors.InputError("--n-pairs must be >= 1 and the trait needs questions")
@@ -536,6 +554,11 @@ def _plan_devices(chips: int) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     lib = library("plan")
+    if not 0 < args.headroom <= 1:  # NaN fails this too
+        raise errors.InputError(f"--headroom is the usable fraction of a device's memory, in (0, 1]; got {args.headroom}")
+    for flag in ("batch", "seq", "grid"):  # 0 is no size (it used to fall back to the default without a word)
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise errors.InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.stage is None and args.slice is None:
         plan = lib.make_plan(args.model, args.mesh, batch=args.batch or 1, seq=args.seq or 2048,
                              new_tokens=args.new_tokens or 0, grid=args.grid or 1, dtype=args.dtype, fsdp=args.fsdp,
@@ -884,6 +907,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _port(text: str) -> int:
+    """A TCP port for ``--port`` (argparse rejects anything else before the model loads)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number in 0..65535, got {text!r}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _cpu_platform_unless_accelerated()
@@ -897,6 +931,12 @@ def main(argv: list[str] | None = None) -> int:
     except errors.JaxPersonaError as e:
         print(f"jaxpersona: error: {e}", file=sys.stderr)
         return e.exit_code
+    except (OSError, UnicodeDecodeError) as e:  # a path that is a directory, not UTF-8, a missing parent, ...
+        if isinstance(e, BrokenPipeError):  # `jaxpersona traits list | head -1`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail too
+            return 0
+        print(f"jaxpersona: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

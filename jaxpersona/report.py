@@ -131,6 +131,10 @@ def run_manifest(run_dir: Path) -> dict[str, Any] | None:
     manifest = read_manifest(run_dir)
     if manifest is not None:
         return manifest
+    if (run_dir / "run.json").exists():  # there but unreadable: a report reads, it never replaces provenance
+        warnings.warn(f"{run_dir / 'run.json'} cannot be read; the page recognises the run by its files and leaves "
+                      "run.json as it is", errors.CacheWarning, stacklevel=2)
+        return legacy.adopt(run_dir, write=False)
     try:
         return legacy.adopt(run_dir)
     except OSError:  # cannot write there: recognise it for this page only

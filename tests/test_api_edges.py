@@ -8,6 +8,7 @@ milliseconds after its compile.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -239,3 +240,28 @@ def test_bank_meta_survives_a_replaced_entry_and_is_checked(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(errors.InputError, match="is a file"):
         bank.save(tmp_path / "file" / "bank")
+
+
+# --- pipeline configs: a value that passes every `x < 0` check (NaN), or a layer that is no index ---------------
+@pytest.mark.parametrize("which,change,match", [
+    ("extract", dict(steer_layers=(15.5,)), "wrong type"),  # failed only at the steering stage
+    ("extract", dict(temperature=float("inf")), "finite"),
+    ("extract", dict(filter="absolute", trait_threshold=500.0), r"in \[0, 100\]"),
+    ("train", dict(kl_beta=float("nan")), "finite"),  # was a NaN loss at the first update, blamed on lr
+    ("train", dict(weight_decay=float("nan")), "finite"),
+    ("regimes", dict(steer_coeff=float("nan")), "finite"),
+    ("regimes", dict(kl_beta=-1.0), "kl_beta"),
+    ("space", dict(edit_coeff=float("nan")), "finite"),
+])
+def test_pipeline_configs_refuse_nan_and_non_whole_layers(model, which, change, match):
+    from jaxpersona.compute.train import TrainConfig
+    from jaxpersona.pipelines.persona import ExtractConfig
+    from jaxpersona.pipelines.regimes import RegimesConfig
+    from jaxpersona.pipelines.space import SpaceConfig
+
+    base = {"extract": ExtractConfig(), "train": TrainConfig(), "regimes": RegimesConfig(), "space": SpaceConfig()}
+    cfg = base[which]
+    cfg.validate() if which == "train" else cfg.validate(model.cfg.n_resid if which == "extract" else model.cfg)
+    bad = dataclasses.replace(cfg, **change)
+    with pytest.raises(errors.InputError, match=match):
+        bad.validate() if which == "train" else bad.validate(model.cfg.n_resid if which == "extract" else model.cfg)

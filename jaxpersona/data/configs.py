@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -22,20 +23,28 @@ def replace_checked(config: Any, what: str, **kw: Any) -> Any:
 
 
 def check_types(config: Any, what: str) -> None:
-    """Every field holds its annotated type (``int``, ``float``, ``str``, ``bool``, tuples of numbers;
-    other annotations are checked by the config itself)."""
+    """Every field holds its annotated type (``int``, ``float``, ``str``, ``bool``, tuples of ints, of numbers or
+    of strings; other annotations are checked by the config itself). Numbers are finite: a NaN passes every
+    ``x < 0`` check and would fail only minutes into the run (a NaN loss), an inf means nothing as a setting."""
+    def whole(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool),
-              "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
+        ok = {"int": whole(v), "float": number(v), "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
         if kind.startswith("tuple[str"):
             ok = isinstance(v, tuple) and all(isinstance(x, str) for x in v)
+        elif kind.startswith("tuple[int"):  # layers: 15.5 is no resid point
+            ok = isinstance(v, tuple) and all(whole(x) for x in v)
         elif kind.startswith("tuple"):
-            ok = isinstance(v, tuple) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            ok = isinstance(v, tuple) and all(number(x) for x in v)
         if ok is False:
-            raise errors.InputError(f"{what} config {f.name} = {v!r} has the wrong type; expected {kind}")
+            raise errors.InputError(f"{what} config {f.name} = {v!r} has the wrong type; expected {kind}"
+                                    + (" (a finite number)" if "float" in kind else ""))
 
 
 def check_positive(config: Any, what: str, names: tuple[str, ...]) -> None:

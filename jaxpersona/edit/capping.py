@@ -18,7 +18,7 @@ from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.artifacts.interop import require_torch
 from jaxpersona.artifacts.records import read_json
 from jaxpersona.edit.directions import cosine, unit
-from jaxpersona.edit.interventions import Cap, Chain, Positions
+from jaxpersona.edit.interventions import Cap, Chain, Positions, whole_indices
 
 
 def percentile_floors(projections: list[np.ndarray], layers: list[int], percentile: float) -> np.ndarray:
@@ -51,7 +51,10 @@ def cap_layer_range(n_layers: int, spec: Any) -> list[int]:
             raise errors.InputError(f"cap_layers {spec!r}: need 0 <= a < b <= 1")
         lo, hi = int(math.floor(a * n_layers)), max(int(math.floor(b * n_layers)), int(math.floor(a * n_layers)) + 1)
         return [blk + 1 for blk in range(lo, hi)]
-    layers = [int(x) for x in spec]
+    if isinstance(spec, (int, float)) or not hasattr(spec, "__iter__"):
+        raise errors.InputError(f"cap_layers {spec!r}: use a list of resid indices (e.g. [20, 21]) or 'a:b' with "
+                                "fractions of the depth")
+    layers = [int(x) for x in whole_indices(list(spec), f"cap_layers {spec!r}")] if len(spec) else []
     bad = [l for l in layers if not 0 <= l <= n_layers]
     if not layers or bad:
         raise errors.InputError(f"cap_layers {spec!r}: resid indices must be in 0..{n_layers}")
@@ -177,7 +180,8 @@ class CapConfig:
             caps = data["caps"]
             num = lambda x, inf: inf if x is None else float(x)  # noqa: E731
             out = cls(str(data["model"]), int(data["n_resid"]), int(data["d_model"]),
-                      tuple(int(c["layer"]) for c in caps),
+                      tuple(int(l) for l in whole_indices([c["layer"] for c in caps], "capping config layers")
+                            ) if caps else (),
                       np.asarray([c["direction"] for c in caps], np.float32).reshape(len(caps), int(data["d_model"])),
                       np.asarray([num(c["floor"], -np.inf) for c in caps], np.float32),
                       np.asarray([num(c["ceiling"], np.inf) for c in caps], np.float32), dict(data.get("info", {})))
@@ -231,7 +235,7 @@ def import_reference_capping(path: str | Path, *, model: str, n_resid: int, expe
     records the cosine of each imported direction with it (positive: the floor is on the Assistant side)."""
     torch = require_torch()
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=False)
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise errors.InputError(f"capping config {path} does not exist") from None
     except Exception as e:  # pickle / zip errors of many kinds

@@ -65,6 +65,8 @@ class Capture:
                 f"capture layers {bad} are outside resid[0..{cfg.n_layers}] "
                 f"(resid[0] = embeddings, resid[l] = output of block l-1)"
             )
+        if len(set(self.layers)) != len(self.layers):  # one slot per resid point: a repeat would stay zeros
+            raise errors.InputError(f"capture layers {list(self.layers)} repeat a resid index; ask for each once")
         if self.reduce not in ("tokens", "mean", "last"):
             raise errors.InputError(f"capture reduce {self.reduce!r}; use 'tokens', 'mean' or 'last'")
 

@@ -161,8 +161,9 @@ class ExtractConfig:
             raise errors.InputError(f"extract config filter must be one of {FILTERS}, got {self.filter!r}")
         if self.coeff_units not in ("relative", "absolute"):
             raise errors.InputError(f"extract config coeff_units must be 'relative' or 'absolute', got {self.coeff_units!r}")
-        if self.filter == "relative" and not (0 <= self.trait_threshold <= 100 and 0 <= self.coherence_threshold <= 100):
-            raise errors.InputError("with filter = 'relative' the thresholds are percentiles in [0, 100]")
+        if not (0 <= self.trait_threshold <= 100 and 0 <= self.coherence_threshold <= 100):
+            raise errors.InputError("the thresholds are in [0, 100]: judge scores (filter = 'absolute') or percentiles "
+                                    f"(filter = 'relative'); got {self.trait_threshold}, {self.coherence_threshold}")
         if not 0.5 <= self.judge_min_auroc <= 1:
             raise errors.InputError(f"judge_min_auroc must be in [0.5, 1], got {self.judge_min_auroc}")
         if not 0 <= self.max_bad < 1:

@@ -124,6 +124,8 @@ class RegimesConfig:
                                     f"datasets {list(DATASETS)}")
         if self.prevention not in ("steer", "ablate"):
             raise errors.InputError(f"regimes prevention must be 'steer' or 'ablate', got {self.prevention!r}")
+        if self.kl_beta < 0:  # checked here, not at the fine-tune stage minutes later
+            raise errors.InputError(f"regimes kl_beta must be >= 0, got {self.kl_beta}")
         if self.n_train_questions < 4 or self.n_eval_questions < 2:
             raise errors.InputError("regimes needs >= 4 train questions (half-split nulls) and >= 2 eval questions")
         for l in (*self.bipo_layers, *self.compose_layers):

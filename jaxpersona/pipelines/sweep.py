@@ -35,14 +35,62 @@ def _need(table: dict[str, Any], key: str, where: str) -> Any:
     return table[key]
 
 
+# The sweep config's tables and their keys' types ("ints": a list of whole numbers, "strs": of strings, "nums": of
+# numbers). A key outside them (a typo) or of another type is an error, as in the other pipelines' configs: a
+# `layers = "12"` would otherwise sweep layers 1 and 2, `unit = "false"` be true, `positive = "text"` contrast
+# the text's characters.
+SCHEMA: dict[str, dict[str, str]] = {
+    "": {"model": "str", "dtype": "str", "out_dir": "str", "vector": "table", "grid": "table", "data": "table",
+         "project": "table", "run": "table"},
+    "vector": {"name": "str", "entry": "str", "bank": "str", "file": "str", "positive": "strs", "negative": "strs",
+               "contrast_reduce": "str"},
+    "grid": {"kind": "str", "layers": "ints", "coeffs": "nums", "units": "str", "positions": "str", "unit": "bool",
+             "window": "int", "cap_floor": "num"},
+    "data": {"system": "str", "prompts": "strs", "responses": "strs"},
+    "project": {"layers": "ints"},
+    "run": {"budget_mb": "int", "chunking": "bool", "generate_tokens": "int"},
+}
+
+
+def _is(kind: str, x: Any) -> bool:
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    return {"str": isinstance(x, str), "bool": isinstance(x, bool), "int": whole(x), "num": num(x),
+            "table": isinstance(x, dict),
+            "strs": isinstance(x, list) and all(isinstance(v, str) for v in x),
+            "ints": isinstance(x, list) and all(whole(v) for v in x),
+            "nums": isinstance(x, list) and all(num(v) for v in x)}[kind]
+
+
+def check_config(cfg: dict[str, Any], path: Path) -> None:
+    """Unknown keys and wrong types of a sweep config are :class:`~jaxpersona.errors.InputError` s naming them."""
+    words = {"str": "a string", "bool": "true or false", "int": "a whole number", "num": "a number",
+             "table": "a [table]", "strs": "a list of strings", "ints": "a list of whole numbers",
+             "nums": "a list of numbers"}
+    for table, keys in SCHEMA.items():
+        got = cfg if not table else cfg.get(table, {})
+        where = f"[{table}]" if table else "the top level"
+        for k, v in got.items():
+            if k not in keys:
+                raise errors.InputError(f"{path}: unknown key {k!r} in {where}; known: {', '.join(keys)}")
+            if not _is(keys[k], v):
+                raise errors.InputError(f"{path}: {where} {k} must be {words[keys[k]]}, got {v!r:.80}")
+    run = cfg.get("run", {})
+    if run.get("budget_mb", 1) < 1 or run.get("generate_tokens", 0) < 0:
+        raise errors.InputError(f"{path}: [run] budget_mb must be >= 1 and generate_tokens >= 0")
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.exists():
-        raise errors.InputError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise errors.InputError(f"config file {path} does not exist" if not path.exists() else
+                                f"config {path} is not a file")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise errors.InputError(f"{path} is not valid TOML: {e}") from e
+    check_config(cfg, path)
+    return cfg
 
 
 def build_vector(model: Model, spec: dict[str, Any], base: Path) -> tuple[str, np.ndarray, np.ndarray | None]:
@@ -58,7 +106,13 @@ def build_vector(model: Model, spec: dict[str, Any], base: Path) -> tuple[str, n
         f = (base / spec["file"]) if not Path(spec["file"]).is_absolute() else Path(spec["file"])
         if not f.exists():
             raise errors.InputError(f"vector file {f} does not exist")
-        v = np.load(f).astype(np.float32)
+        try:
+            v = np.load(f, allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError) as e:
+            raise errors.InputError(f"vector file {f} is not a .npy array of numbers: {e}") from e
+        if v.ndim not in (1, 2) or v.shape[-1] != model.cfg.d_model or (v.ndim == 2 and v.shape[0] != model.cfg.n_resid):
+            raise errors.InputError(f"vector file {f} has shape {list(v.shape)}; expected [{model.cfg.d_model}] or "
+                                    f"[{model.cfg.n_resid}, {model.cfg.d_model}] for this model")
         if v.ndim == 1:
             v = np.broadcast_to(v, (model.cfg.n_resid, v.shape[0])).copy()
         return name, v, None

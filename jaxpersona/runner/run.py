@@ -336,6 +336,8 @@ def open_run(out_dir: str | Path, kind: str, config: Mapping[str, Any], *, model
     Writes ``config.json`` (``config`` as given) unless ``write_config`` is False, and ``run.json``.
     A directory from before ``run.json`` existed is adopted (its kind recognised by the old rules)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise errors.InputError(f"the output directory {out} is a file; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:

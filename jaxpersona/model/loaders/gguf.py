@@ -301,19 +301,42 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast
     return _build_tokenizer(arch, tokenizer_data, tokenizer_kwargs)
 
 
+# what a conversion writes (transformers' tokenizer files vary with its version; the written ones are added)
+CONVERTED_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                             "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                             "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model"})
+
+
+def _check_replaceable(out: Path, written: set[str] = set()) -> None:  # noqa: B006 (read only)
+    """Refuse to replace ``out`` unless it is absent, an empty directory, or a directory of converted-model files."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise errors.InputError(f"{out} exists and is not a directory: refusing to replace it with a converted model "
+                                "(choose another output directory)")
+    foreign = sorted(p.name for p in out.iterdir() if not p.is_file() or p.name not in CONVERTED_FILES | written)
+    if foreign:
+        raise errors.InputError(f"{out} holds files that are not a converted model's ({', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}): refusing to replace it; choose another (or an "
+                                "empty) output directory")
+
+
 def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Convert a GGUF file into a normal HF model directory and return its path.
 
     Writes ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32) and the
     tokenizer files. The directory is built under a temporary name next to ``out_dir`` and moved
     into place with ``os.replace``, so an interrupted conversion never leaves a half-written
-    ``out_dir``; an existing ``out_dir`` is replaced.
+    ``out_dir``. An existing ``out_dir`` is replaced only when it is empty or an earlier conversion (its files
+    all among those a conversion writes); anything else there is a user's, and
+    :class:`~jaxpersona.errors.InputError` is raised before any work.
     """
     from safetensors.numpy import save_file
 
+    out = Path(out_dir).absolute()
+    _check_replaceable(out)
     model = read_gguf(gguf_path)
     tokenizer = model.build_tokenizer()
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -326,6 +349,7 @@ def convert_gguf_to_hf_dir(gguf_path: str | os.PathLike[str], out_dir: str | os.
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
+        _check_replaceable(out, {f.name for f in tmp.iterdir()})
         old = None
         if out.exists() or out.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
