@@ -376,6 +376,9 @@ def cmd_traits(args: argparse.Namespace) -> int:
         return 0
     if not args.name or not args.description:
         raise errors.InputError('traits new needs a NAME and --description "..."')
+    out = Path(args.out or f"{args.name}.json")
+    if out.is_dir() or not out.parent.is_dir():  # checked before minutes of drafting, not after
+        raise errors.InputError(f"--out {out}: write the trait to a file in an existing directory")
     if args.endpoint:
         if not args.endpoint_model:
             raise errors.InputError("--endpoint needs --endpoint-model")
@@ -383,7 +386,6 @@ def cmd_traits(args: argparse.Namespace) -> int:
     else:
         completer = lib.LocalCompleter(lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype))
     trait = lib.draft_trait(args.name, args.description, completer, seed=args.seed)
-    out = Path(args.out or f"{args.name}.json")
     lib.save_trait(trait, out)
     print(f"wrote {out}: {len(trait.pairs)} pairs, {len(trait.questions)} extraction + "
           f"{len(trait.eval_questions)} evaluation questions (validated; review and edit before use)")
@@ -432,7 +434,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise errors.InputError(f"--top must be >= 0, got {args.top}")
     res = lib.screen_dataset(model, bank.get(args.trait), layer, args.data, args.out or "runs/screen",
-                             max_new_tokens=args.max_new_tokens, progress=not args.quiet)
+                             max_new_tokens=args.max_new_tokens, progress=not args.quiet, log=_log(args.quiet))
     print(f"{res['n']} samples, layer {res['layer']}: mean projection difference {res['mean_difference']:+.3f}")
     for r in res["rows"][: args.top]:
         print(f"  #{r['index']:<5} {r['difference']:+8.3f}  {r['prompt'][:60]!r}")

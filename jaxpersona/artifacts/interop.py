@@ -337,6 +337,9 @@ def import_pt_into_bank(pt: str | os.PathLike[str], name: str, bank: str | os.Pa
     target = Path(bank)
     if target.exists():
         old = VectorBank.load(target)
+        if model not in ("unknown", old.model):  # "unknown": no --model-id given
+            raise errors.ModelMismatchError(f"{target} is a bank of {old.model!r}; an entry for {model!r} does not "
+                                            "belong in it (choose another --bank, or leave out --model-id)")
         new = old.with_entry(name, new.get(name), new.meta_of(name))
     new.save(target, overwrite=True)
     return target

@@ -105,7 +105,7 @@ class Model:
         if not getattr(tok, "chat_template", None):
             raise errors.ChatTemplateError(
                 f"model {self.name or self.cfg.family!r} has no chat template (a base model?); "
-                "pass raw text prompts instead (chat=False)"
+                "pass raw text prompts instead (chat=False; on the command line `jaxpersona generate --raw`)"
             )
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:

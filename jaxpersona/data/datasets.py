@@ -34,7 +34,7 @@ def read_chat_jsonl(path: str | Path) -> list[tuple[list[Message], str]]:
     if not path.exists():
         raise errors.DatasetError(f"dataset {path} does not exist")
     samples = []
-    with open(path) as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM (some editors write one) is not part of line 1
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -127,7 +127,7 @@ def load_questions(path: str | Path) -> tuple[str, ...]:
     if not path.is_file():
         raise RoleFileError(f"question file {path} does not exist")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -156,7 +156,7 @@ def load_roles(path: str | Path | None = None, *, questions: str | Path | None =
     for f in files:
         name = f.stem
         try:
-            data = json.loads(f.read_text(encoding="utf-8"))
+            data = json.loads(f.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise _fix_json(f, e) from None
         except UnicodeDecodeError as e:
@@ -236,7 +236,7 @@ def load_conversations(path: str | Path | None = None) -> tuple[Script, ...]:
         return tuple(s for f in files for s in load_conversations(f))
     if not path.is_file():
         raise ConversationError(f"conversation file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".json":
         try:
             return (_script(json.loads(text), str(path), path.stem),)

@@ -367,7 +367,7 @@ def _parse_json(text: str, src: str) -> Any:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise TraitFileError(f"trait file {path}: no such file. Check the path, or pass a shipped trait name "
                              f"({', '.join(list_traits())}).") from None
@@ -395,7 +395,7 @@ def load_trait(name_or_path: str | os.PathLike[str], *, allow_no_eval: bool = Fa
         res = _shipped_dir() / f"{name}.json"
         if res.is_file():
             src = str(res)
-            return trait_from_dict(_parse_json(res.read_text(encoding="utf-8"), src), src, default_name=name,
+            return trait_from_dict(_parse_json(res.read_text(encoding="utf-8-sig"), src), src, default_name=name,
                                    allow_no_eval=allow_no_eval)
         if not Path(name).is_file():
             raise TraitFileError(f"unknown trait {name!r}: it is not a shipped trait and no file of that name "
@@ -469,7 +469,7 @@ def load_anchors(trait: Trait, path: str | os.PathLike[str] | None = None) -> An
         res = _shipped_dir() / "anchors" / f"{trait.name}.json"
         if not res.is_file():
             return None
-        return anchors_from_dict(_parse_json(res.read_text(encoding="utf-8"), str(res)), trait, str(res))
+        return anchors_from_dict(_parse_json(res.read_text(encoding="utf-8-sig"), str(res)), trait, str(res))
     p = Path(path)
     return anchors_from_dict(_parse_json(_read(p), str(p)), trait, p)
 

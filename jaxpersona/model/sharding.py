@@ -266,8 +266,13 @@ def init_distributed(coordinator: str, num_processes: int, process_id: int) -> N
     """Join a multi-process run (several hosts, or several processes on one host) before anything touches
     the devices: ``jax.devices()`` then spans every process and the same mesh / sweep code runs unchanged.
     On CPU the cross-process collectives go through gloo."""
-    if num_processes < 1 or not 0 <= process_id < num_processes:
+    if num_processes < 1:
+        raise errors.InputError(f"--num-processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
         raise errors.InputError(f"process id {process_id} must be in 0..{num_processes - 1}")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise errors.InputError(f"--coordinator {coordinator!r}: give HOST:PORT (e.g. 10.0.0.1:1234)")
     if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)

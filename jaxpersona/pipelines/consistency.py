@@ -224,6 +224,9 @@ def run_consistency(model: Model, config: ConsistencyConfig, out_dir: str | Path
     config.validate(cfg)
     if bank is not None:
         bank.check_model(cfg)
+    if space_dir is not None and config.turn_scripts and not (Path(space_dir) / "capping.json").is_file():
+        # checked before the temperature stages, not at the turns stage after them
+        raise errors.InputError(f"--space {space_dir}: no capping.json there; give a `jaxpersona space` run directory")
     with open_run(out_dir, "consistency", {"model": model.name, **dataclasses.asdict(config)}, model=model,
                   seeds={"seed": config.seed}, log=log, progress=progress) as run:
         personas = personas_of(config.personas, config.n_personas, config.prompt_index)

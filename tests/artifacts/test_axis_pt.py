@@ -73,6 +73,9 @@ def test_import_their_raw_tensor_and_bf16(bank, tmp_path) -> None:
     assert VectorBank.load(target).meta_of("theirs")["imported_from"] == "assistant-axis .pt"
     with pytest.raises(errors.InputError, match="shape"):
         import_pt_into_bank(tmp_path / "raw.pt", "wrong", target, "org/tiny", fmt="pt")
+    with pytest.raises(errors.ModelMismatchError, match="does not belong"):  # the model id was silently dropped
+        import_pt_into_bank(tmp_path / "raw.pt", "other", target, "org/another", fmt="assistant-axis-pt")
+    assert "other" not in VectorBank.load(target).names
     # their metadata may hold non-JSON values: kept as text / lists
     torch.save({"axis": theirs, "metadata": {"layers": (1, 2), "t": torch.ones(2), "n": None}}, tmp_path / "m.pt")
     m = import_assistant_axis_pt(tmp_path / "m.pt", "a", "org/tiny").meta_of("a")["axis_metadata"]

@@ -134,3 +134,20 @@ def test_report_leaves_a_damaged_run_json_as_it_is(tmp_path, capsys):
         assert main(["report", str(out), "--out", str(tmp_path / "r.html")]) == 0
     assert (out / "run.json").read_text() == "{"  # was replaced by a made-up pre-0.5 manifest
     assert (tmp_path / "r.html").stat().st_size > 1000
+
+
+def test_checks_that_used_to_come_after_the_work(tmp_path, capsys):
+    _one_line_error(capsys, main(["traits", "new", "calm", "--description", "a calm assistant", "--out",
+                                  str(tmp_path / "no" / "calm.json")]), "existing directory")  # was after drafting
+    _one_line_error(capsys, main(["--coordinator", "foo", "chat", "hi"]), "HOST:PORT")  # was an IndexError
+    _one_line_error(capsys, main(["--coordinator", "127.0.0.1:1", "--num-processes", "0", "chat", "hi"]),
+                    "--num-processes must be >= 1")
+
+
+def test_data_files_with_a_utf8_bom_are_read(tmp_path):
+    from jaxpersona.data.datasets import read_chat_jsonl
+
+    f = tmp_path / "d.jsonl"
+    f.write_bytes("\ufeff".encode() + b'{"messages": [{"role": "user", "content": "hi"}, '
+                  b'{"role": "assistant", "content": "hello"}]}\n')
+    assert read_chat_jsonl(f) == [([{"role": "user", "content": "hi"}], "hello")]
