@@ -558,10 +558,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     lib = library("plan")
     if not 0 < args.headroom <= 1:  # NaN fails this too
         raise errors.InputError(f"--headroom is the usable fraction of a device's memory, in (0, 1]; got {args.headroom}")
-    for flag in ("batch", "seq", "grid"):  # 0 is no size (it used to fall back to the default without a word)
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise errors.InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.stage is None and args.slice is None:
+        for flag in ("batch", "seq", "grid"):  # 0 is no size (it fell back to the default without a word)
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise errors.InputError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
         plan = lib.make_plan(args.model, args.mesh, batch=args.batch or 1, seq=args.seq or 2048,
                              new_tokens=args.new_tokens or 0, grid=args.grid or 1, dtype=args.dtype, fsdp=args.fsdp,
                              accelerator=args.accelerator, headroom=args.headroom)

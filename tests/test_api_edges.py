@@ -156,21 +156,19 @@ def test_scoring_refuses_unpaired_or_bare_string_inputs(model):
 
 
 # --- hooks fit the model and the batch they run on ----------------------------------------------------
-def test_positions_from_another_batch_are_refused(model):
-    short, long = model.encode(["Hi"], chat=True), model.encode(["Hi " * 30], chat=True)
-    assert short.tokens.shape[1] != long.tokens.shape[1]
-    hook = iv.steer(model.cfg.n_resid, _vec(model)[0], 1.0, 1, iv.Positions.response(short.valid))
-    model.run(short, hook=hook)  # its own batch: fine
-    with pytest.raises(errors.InputError, match="positions were made for a prompt batch"):
-        model.run(long, hook=hook)  # would steer every prompt slot past the short batch's width
-    with pytest.raises(errors.InputError, match="positions were made for a prompt batch"):
-        model.generate_tokens(long, max_new_tokens=2, hook=hook)
+def test_positions_for_another_number_of_rows_are_refused(model):
     two = model.encode(["Hi", "Yo"], chat=True)
-    with pytest.raises(errors.InputError, match="positions were made"):
-        model.run(two, hook=iv.steer(model.cfg.n_resid, _vec(model)[0], 1.0, 1, iv.Positions.all(
-            np.ones((3, two.tokens.shape[1]), bool))))
+    three = iv.steer(model.cfg.n_resid, _vec(model)[0], 1.0, 1, iv.Positions.all(np.ones((3, two.tokens.shape[1]), bool)))
+    with pytest.raises(errors.InputError, match="has 2 rows"):  # was a bare broadcasting ValueError inside JAX
+        model.run(two, hook=three)
+    with pytest.raises(errors.InputError, match="has 2 rows"):
+        model.generate_tokens(two, max_new_tokens=2, hook=three)
     one_row = iv.steer(model.cfg.n_resid, _vec(model)[0], 1.0, 1, iv.Positions.all(two.valid[:1]))
     model.run(two, hook=one_row)  # one row of positions broadcasts over the batch
+    # a mask narrower than the batch is meaningful: [B, 1] all True with `after` is every token
+    narrow = iv.steer(model.cfg.n_resid, _vec(model)[0], 1.0, 1, iv.Positions(np.ones((2, 1), bool), np.ones(2, bool)))
+    wide = iv.steer(model.cfg.n_resid, _vec(model)[0], 1.0, 1, iv.Positions.all(two.valid))
+    np.testing.assert_array_equal(model.run(two, hook=narrow).logits, model.run(two, hook=wide).logits)
 
 
 def test_the_pure_generate_checks_its_hook(model):

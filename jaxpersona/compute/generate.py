@@ -162,7 +162,7 @@ def sample_rows(
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
     if not 0 <= temperature < float("inf"):
-        raise errors.InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise errors.InputError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise errors.InputError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 1:

@@ -310,8 +310,10 @@ def mixture(n_resid: int, vectors: Any, layers: Any, positions: Positions, alpha
 def check_for_model(hook: Any, d_model: int, n_resid: int, batch: tuple[int, int] | None = None) -> None:
     """Raise :class:`~jaxpersona.errors.InputError` if an intervention (or any item of a possibly
     nested :class:`Chain`) does not fit the model — or, with ``batch = (B, T)``, the batch it is applied to: its
-    :class:`Positions` must have been made from a ``[B, T]`` (or ``[1, T]``) prompt batch, else a prompt slot past
-    the positions' own width would count as a generated token. Other hooks pass through unchecked."""
+    :class:`Positions` (and a mixture's per-row weights) must have ``B`` rows or one. Their width is not checked:
+    a mask narrower than the batch is meaningful (slots past it are ``after``; ``[B, 1]`` all True with ``after``
+    is "every token"), so positions from a shorter batch of the same rows cannot be told from it — build them from
+    the batch they run on. Other hooks pass through unchecked."""
     def flat(h: Any) -> list[Any]:
         return [x for it in h.items for x in flat(it)] if isinstance(h, Chain) else [h]
 
@@ -320,12 +322,11 @@ def check_for_model(hook: Any, d_model: int, n_resid: int, batch: tuple[int, int
             continue  # a user-defined hook: its own business
         pos = getattr(it, "positions", None)
         if batch is not None and isinstance(pos, Positions):
-            b, t = batch
-            if pos.mask.ndim != 2 or pos.mask.shape[1] != t or pos.mask.shape[0] not in (1, b) \
-                    or pos.after.shape[-1:] != pos.mask.shape[:1]:
+            b = batch[0]
+            if pos.mask.ndim != 2 or pos.mask.shape[0] not in (1, b) or pos.after.shape[-1:] != pos.mask.shape[:1]:
                 raise errors.InputError(
                     f"{type(it).__name__}: its positions were made for a prompt batch of shape "
-                    f"{tuple(pos.mask.shape)}, this batch is [{b}, {t}]: build them from this batch's `valid` "
+                    f"{tuple(pos.mask.shape)}, this batch has {b} rows: build them from this batch's `valid` "
                     "(Positions.all/prompt/response(batch.valid))")
         if batch is not None and isinstance(it, Mixture) and it.weights.ndim == 2 and \
                 it.weights.shape[0] not in (1, batch[0]):

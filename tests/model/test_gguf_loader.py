@@ -578,7 +578,7 @@ def test_convert_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.undo()
     monkeypatch.setattr(gl.GGUFModel, "build_tokenizer", lambda self: _FakeTokenizer())
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "merges.txt").write_text("old")  # an earlier conversion's file this one does not write: replaced
     assert convert_gguf_to_hf_dir(src, out) == out
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",

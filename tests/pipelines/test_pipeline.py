@@ -953,6 +953,8 @@ def test_shipped_persona_configs_match_the_presets() -> None:
     assert load_extract_config(root / "persona_default.toml") == ExtractConfig.default()
     full = load_extract_config(root / "persona_full.toml")
     assert full.filter == "auto" and full.samples == ExtractConfig.full().samples
+    old_grid = ExtractConfig.default().replace(n_eval=8, steer_positions=["response"], n_random=1)
+    assert load_extract_config(root / "persona_0.6_grid.toml") == old_grid  # the grid issue 21's target was set on
 
 
 def test_extract_config_rejects_unknown_top_level_keys(tmp_path) -> None:
