@@ -232,14 +232,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_file(out: Path, what: str) -> Path:
+    """``out``, checked before the work that produces it: a file path in an existing directory."""
+    if out.is_dir() or not out.parent.is_dir():
+        raise errors.InputError(f"--out {out}: write {what} in an existing directory")
+    return out
+
+
 def cmd_resid(args: argparse.Namespace) -> int:
     """Residual-stream activations ``[len(layers), ...]`` (per ``--reduce``): saved with ``--out``, else
     one line of shape and mean norm per resid point."""
     out = None
     if args.out:  # checked before any model work; numpy would append .npy, so the path said is the one written
-        out = Path(args.out if args.out.endswith(".npy") else args.out + ".npy")
-        if out.is_dir() or not out.parent.is_dir():
-            raise errors.InputError(f"--out {args.out}: write to a .npy file in an existing directory")
+        out = _output_file(Path(args.out if args.out.endswith(".npy") else args.out + ".npy"), "a .npy file")
     model = library("resid").load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     layers = _parse_layers(args.layers) if args.layers else tuple(range(model.cfg.n_resid))
     acts = model.resid(args.text, layers, args.reduce, chat=args.chat, system=args.system)
@@ -376,9 +381,7 @@ def cmd_traits(args: argparse.Namespace) -> int:
         return 0
     if not args.name or not args.description:
         raise errors.InputError('traits new needs a NAME and --description "..."')
-    out = Path(args.out or f"{args.name}.json")
-    if out.is_dir() or not out.parent.is_dir():  # checked before minutes of drafting, not after
-        raise errors.InputError(f"--out {out}: write the trait to a file in an existing directory")
+    out = _output_file(Path(args.out or f"{args.name}.json"), "the trait to a file")  # before minutes of drafting
     if args.endpoint:
         if not args.endpoint_model:
             raise errors.InputError("--endpoint needs --endpoint-model")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.batching import check_batch_size, pad_pairs
+from jaxpersona.compute.batching import check_count, pad_pairs
 from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import Message
 from jaxpersona.model.config import ModelConfig
@@ -47,7 +47,7 @@ def contrast_vectors(
     positive, negative = ([x] if isinstance(x, str) else list(x) for x in (positive, negative))  # a str: one text
     if not positive or not negative:
         raise errors.InputError("contrast_vectors needs at least one positive and one negative text")
-    check_batch_size(batch_size)
+    check_count(batch_size)
     layers = tuple(range(model.cfg.n_resid))
 
     def mean_resid(texts: list[str]) -> np.ndarray:
@@ -147,7 +147,7 @@ def iter_activations(model: Model, prompts: list[list[Message]], responses: list
     Rows are grouped by length (longest first) so a chunk pads only to its own longest row, rounded up
     to ``bucket`` tokens: a few compiles, far less padding than one width for all. Every chunk has the
     same number of rows."""
-    check_batch_size(batch_size)
+    check_count(batch_size)
     lengths = np.asarray([len(p) + len(r) for p, r in model.pair_ids(prompts, responses)])
     order = np.argsort(-lengths, kind="stable")
     n_chunks = -(-len(prompts) // batch_size)

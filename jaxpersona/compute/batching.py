@@ -27,11 +27,12 @@ class Batch(NamedTuple):
     valid: np.ndarray
 
 
-def check_batch_size(batch_size: Any, what: str = "batch_size") -> int:
-    """``batch_size`` as an int, or :class:`~jaxpersona.errors.InputError` unless it is a whole number >= 1."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise errors.InputError(f"{what} must be a whole number >= 1, got {batch_size!r}")
-    return int(batch_size)
+def check_count(n: Any, what: str = "batch_size", least: int = 1) -> int:
+    """``n`` as an int, or :class:`~jaxpersona.errors.InputError` unless it is a whole number >= ``least`` (a bool,
+    a float or a string is none)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < least:
+        raise errors.InputError(f"{what} must be a whole number >= {least}, got {n!r}")
+    return int(n)
 
 
 def round_up(n: int, multiple: int) -> int:

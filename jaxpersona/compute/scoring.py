@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.batching import BUCKET, Batch, check_batch_size, pad_pairs, round_up
+from jaxpersona.compute.batching import BUCKET, Batch, check_count, pad_pairs, round_up
 from jaxpersona.compute.handle import Model
 from jaxpersona.data.chat import conversation
 from jaxpersona.model.config import ModelConfig
@@ -257,7 +257,7 @@ def mean_logprobs(model: Model, conversations: Sequence[list[dict[str, str]]], r
     a repeated (prompt, response) pair is scored once. Empty responses give NaN. Under the model's LoRA adapter,
     if it carries one."""
     check_pairs(len(conversations), len(responses))
-    check_batch_size(batch_size)
+    check_count(batch_size)
     out = np.full(len(responses), np.nan, np.float64)
     live = [i for i, r in enumerate(responses) if r and model.tokenizer.encode(r, add_special_tokens=False)]
     if not live:

@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpersona import errors
 from jaxpersona.artifacts.adapters import shard_adapter
 from jaxpersona.artifacts.records import atomic_write
-from jaxpersona.compute.batching import BUCKET, Batch, pad_left, round_up
+from jaxpersona.compute.batching import BUCKET, Batch, check_count, pad_left, round_up
 from jaxpersona.compute.generate import generate_loop, prefill_trunk
 from jaxpersona.compute.handle import Model, model_fingerprint
 from jaxpersona.compute.plan import kv_bytes
@@ -122,8 +122,7 @@ class Grid:
         if isinstance(self.names, str) or not all(isinstance(n, str) and n for n in self.names):
             raise errors.InputError(f"grid names must be a sequence of non-empty strings, got {self.names!r}")
         iv.whole_indices(self.layers, "grid layers")
-        if isinstance(self.window, bool) or int(self.window) != self.window or self.window < 1:
-            raise errors.InputError(f"grid window must be a whole number >= 1, got {self.window!r}")
+        check_count(self.window, "grid window")
         for what, xs in (("names", self.names), ("layers", self.layers), ("coefficients", self.coeffs)):
             if len(set(xs)) != len(xs):  # duplicate rows that nothing in a row tells apart
                 raise errors.InputError(f"grid {what} repeat: {list(xs)}")
@@ -690,8 +689,7 @@ def run_sweep(
     """
     cfg = model.cfg
     grid.validate(cfg)
-    if isinstance(generate_tokens, bool) or int(generate_tokens) != generate_tokens or generate_tokens < 0:
-        raise errors.InputError(f"generate_tokens must be a whole number >= 0, got {generate_tokens!r}")
+    check_count(generate_tokens, "generate_tokens", least=0)
     if budget_bytes is not None and not budget_bytes > 0:
         raise errors.InputError(f"budget_bytes must be positive (or None: half the free memory), got {budget_bytes!r}")
     sets, paired = _scoring_sets(grid, data)

@@ -22,26 +22,30 @@ def replace_checked(config: Any, what: str, **kw: Any) -> Any:
     return dataclasses.replace(config, **kw)
 
 
+def is_whole(x: Any) -> bool:
+    """An int that is not a bool (a layer, a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any, finite: bool = True) -> bool:
+    """An int or float that is not a bool (``finite``: and not NaN or infinite)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and (not finite or math.isfinite(x))
+
+
 def check_types(config: Any, what: str) -> None:
     """Every field holds its annotated type (``int``, ``float``, ``str``, ``bool``, tuples of ints, of numbers or
     of strings; other annotations are checked by the config itself). Numbers are finite: a NaN passes every
     ``x < 0`` check and would fail only minutes into the run (a NaN loss), an inf means nothing as a setting."""
-    def whole(x: Any) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-        ok = {"int": whole(v), "float": number(v), "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
+        ok = {"int": is_whole(v), "float": is_number(v), "str": isinstance(v, str), "bool": isinstance(v, bool)}.get(kind)
         if kind.startswith("tuple[str"):
             ok = isinstance(v, tuple) and all(isinstance(x, str) for x in v)
         elif kind.startswith("tuple[int"):  # layers: 15.5 is no resid point
-            ok = isinstance(v, tuple) and all(whole(x) for x in v)
+            ok = isinstance(v, tuple) and all(is_whole(x) for x in v)
         elif kind.startswith("tuple"):
-            ok = isinstance(v, tuple) and all(number(x) for x in v)
+            ok = isinstance(v, tuple) and all(is_number(x) for x in v)
         if ok is False:
             raise errors.InputError(f"{what} config {f.name} = {v!r} has the wrong type; expected {kind}"
                                     + (" (a finite number)" if "float" in kind else ""))
@@ -53,15 +57,19 @@ def check_positive(config: Any, what: str, names: tuple[str, ...]) -> None:
             raise errors.InputError(f"{what} config {k} must be >= 1, got {getattr(config, k)}")
 
 
-def read_toml(path: str | Path, allowed: set[str], hint: str) -> dict[str, Any]:
-    """The TOML file's top-level table; unknown top-level keys are an error (``hint`` says what is known)."""
+def read_toml(path: str | Path, allowed: AbstractSet[str] | None, hint: str = "") -> dict[str, Any]:
+    """The TOML file's top-level table; unknown top-level keys are an error (``hint`` says what is known;
+    ``allowed`` None: the caller checks the keys)."""
     path = Path(path)
-    if not path.exists():
-        raise errors.InputError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise errors.InputError(f"config file {path} does not exist" if not path.exists() else
+                                f"config {path} is not a file")
     try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise errors.InputError(f"{path} is not valid TOML: {e}") from e
+    if allowed is None:
+        return table
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise errors.InputError(f"{path}: unknown top-level keys {unknown}; {hint}")

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from jaxpersona import errors
+from jaxpersona.compute.batching import check_count
 from jaxpersona.data.chat import Message
 
 if TYPE_CHECKING:
@@ -262,10 +263,8 @@ class LocalCompleter:
     """
 
     def __init__(self, model: Model, batch_size: int = 16) -> None:
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise errors.InputError(f"batch_size must be an integer >= 1, got {batch_size}")
+        self.batch_size = check_count(batch_size)
         self.model = model
-        self.batch_size = int(batch_size)
 
     def __repr__(self) -> str:
         return f"LocalCompleter(model={self.model.name or self.model.cfg.family!r}, batch_size={self.batch_size})"

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpersona import errors
-from jaxpersona.compute.batching import pad_left
+from jaxpersona.compute.batching import check_count, pad_left
 from jaxpersona.compute.handle import load
 from jaxpersona.measure.endpoint import OpenAIEndpoint, redact_url
 from jaxpersona.model.config import ModelConfig
@@ -334,11 +334,9 @@ class LocalJudge(Judge):
     """
 
     def __init__(self, model: Model, *, batch_size: int = 8, answer_prefix: str = "") -> None:
-        if int(batch_size) != batch_size or batch_size < 1:
-            raise errors.InputError(f"batch_size must be an integer >= 1, got {batch_size}")
+        self.batch_size = check_count(batch_size)
         model.base_only("the local judge")
         self.model = model
-        self.batch_size = int(batch_size)
         self.answer_prefix = answer_prefix
         self._trie: IntegerTrie | None = None
         self._device_trie: IntegerTrie | None = None

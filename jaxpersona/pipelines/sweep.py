@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from jaxpersona.artifacts.bank import VectorBank
 from jaxpersona.compute.activations import VARIANTS, contrast_vectors, iter_activations
 from jaxpersona.compute.handle import Model, load
 from jaxpersona.compute.scoring import ScoringSet
+from jaxpersona.data.configs import is_number, is_whole, read_toml
 from jaxpersona.compute.sweep import Grid, run_sweep
 from jaxpersona.data.chat import conversation
 from jaxpersona.edit.directions import bank_resid_norm, steering_vectors
@@ -53,12 +53,11 @@ SCHEMA: dict[str, dict[str, str]] = {
 
 
 def _is(kind: str, x: Any) -> bool:
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    return {"str": isinstance(x, str), "bool": isinstance(x, bool), "int": whole(x), "num": num(x),
+    num = lambda v: is_number(v, finite=False)  # noqa: E731  (cap_floor = -inf; the grid checks the rest)
+    return {"str": isinstance(x, str), "bool": isinstance(x, bool), "int": is_whole(x), "num": num(x),
             "table": isinstance(x, dict),
             "strs": isinstance(x, list) and all(isinstance(v, str) for v in x),
-            "ints": isinstance(x, list) and all(whole(v) for v in x),
+            "ints": isinstance(x, list) and all(is_whole(v) for v in x),
             "nums": isinstance(x, list) and all(num(v) for v in x)}[kind]
 
 
@@ -82,13 +81,7 @@ def check_config(cfg: dict[str, Any], path: Path) -> None:
 
 def load_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise errors.InputError(f"config file {path} does not exist" if not path.exists() else
-                                f"config {path} is not a file")
-    try:
-        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise errors.InputError(f"{path} is not valid TOML: {e}") from e
+    cfg = read_toml(path, None)  # its keys are checked below, table by table
     check_config(cfg, path)
     return cfg
 

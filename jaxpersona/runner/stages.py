@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from jaxpersona.artifacts.records import KeyedJsonl, digest
-from jaxpersona.compute.batching import check_batch_size, pad_left, round_up
+from jaxpersona.compute.batching import check_count, pad_left, round_up
 from jaxpersona.compute.handle import Model
 from jaxpersona.compute.progress import progress_bar
 from jaxpersona.data.chat import Message
@@ -39,7 +39,7 @@ def generate_cached(
     Returns ``{key: record}``.
     ``stage``: the run stage this is part of; the jobs already in ``store`` count as its cache hits.
     """
-    check_batch_size(batch_size)
+    check_count(batch_size)
     ids = dict(zip([k for k, _, _ in jobs], model.chat_ids([conv for _, conv, _ in jobs])))
     order = sorted(range(len(jobs)), key=lambda i: -len(ids[jobs[i][0]]))
     chunks = [[jobs[i] for i in order[j : j + batch_size]] for j in range(0, len(jobs), batch_size)]
