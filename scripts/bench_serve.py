@@ -563,7 +563,8 @@ def section_decode(model, args, results: dict) -> None:
         eng.cache, eng.logits, out = decode_step(
             eng.params, eng.cfg, eng.cache, eng.logits, jnp.full(b, span - 1, jnp.int32), jnp.ones(b, bool),
             jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32), jnp.ones(b, jnp.float32),
-            None, units, layers, logprobs=jnp.asarray(False), readout=False, blocked=Blocked(args.attn_block, span))
+            None, units, layers, logprobs=jnp.asarray(False), readout=False, blocked=Blocked(args.attn_block, span),
+            cpu_kernel=eng.cpu_kernel)
         jax.block_until_ready((eng.cache, eng.logits, out))
         return time.perf_counter() - t0
 
@@ -784,7 +785,8 @@ def summary(results: dict, args) -> list[str]:
     lines = [(f"device {results['device']}; {args.clients} clients x {args.rounds} rounds x {args.max_tokens} "
               f"tokens, batch {args.batch}, max_context {args.max_context}, prefill_chunk {args.prefill_chunk}, "
               f"prefill_rows {args.prefill_rows}, attn_block {args.attn_block}, prefix cache {args.prefix_cache_mb:g} MB; medians of {args.repeats} "
-              f"alternating repeats (tok/s min-max in brackets)")]
+              f"alternating repeats (tok/s min-max in brackets); decode projections by "
+              + ("the CPU kernel" if results.get("cpu_kernel") else f"XLA ({results.get('cpu_kernel_off_because')})"))]
     hf = results.get("hf", {})
     rows = [(k, results[k], hf.get(k)) for k in ("none", "mixed", "none_new_connection") if k in results]
     ad = results.get("adapters")
@@ -928,8 +930,11 @@ def main() -> None:
     bank_dir = contrast_bank(model, out.parent / "serve_bank")
     bank = VectorBank.load(bank_dir)
     mixed = interventions(bank, model.cfg)
+    from jaxpersona.model import skinny
+
     results: dict = {"config": {**vars(args), "sections": sorted(want)}, "platform": platform.platform(),
-                     "device": str(jax.devices()[0]), "seconds": {}}
+                     "device": str(jax.devices()[0]), "seconds": {},
+                     "cpu_kernel": skinny.available(), "cpu_kernel_off_because": skinny.unavailable_reason()}
 
     def timed(name: str, fn: Callable[[], None]) -> None:
         t0 = time.perf_counter()

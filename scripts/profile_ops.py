@@ -207,7 +207,7 @@ def target_decode(model, temperature: float = 0.0):
                 eng.params, eng.cfg, eng.cache, eng.logits, jnp.full(b, span - 1, jnp.int32), jnp.ones(b, bool),
                 jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.full(b, temperature, jnp.float32),
                 jnp.full(b, 0.95, jnp.float32), None, units, layers, logprobs=jnp.asarray(False), readout=False,
-                blocked=Blocked(64, span))
+                blocked=Blocked(64, span), cpu_kernel=eng.cpu_kernel)
             jax.device_get(out)
 
     return run

@@ -36,6 +36,7 @@ from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack, LayerFactors, layer_factors
 from jaxpersona.model.params import Params, activation_dtype
+from jaxpersona.model import skinny
 from jaxpersona.model.sharding import constrain
 
 Reduce = Literal["tokens", "mean", "last"]
@@ -510,9 +511,24 @@ def cpu_loop_weights(loop: Callable[[Any], Any], weights: Any) -> Any:
     return jax.lax.platform_dependent(cpu=lambda: loop(as_bits(weights)), default=lambda: loop(weights))
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+class LayerWeight(NamedTuple):
+    """One layer's weight left in its stack ``[L, in, out]``: ``stack[layer]``, read in place by the CPU kernel
+    (:mod:`jaxpersona.model.skinny`) instead of being sliced out (a copy on XLA:CPU). See ``run_layers(...,
+    cpu_kernel=True)``."""
+
+    stack: jax.Array
+    layer: jax.Array
+
+
+KERNEL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections the kernel reads in place
+
+
+def matmul(x: jax.Array, w: jax.Array | LayerWeight) -> jax.Array:
     """``x @ w`` ``[..., in] x [in, out]``, accumulated and returned in ``x``'s dtype; with a narrower weight the
-    product is taken in the weight's dtype (:func:`as_operand`)."""
+    product is taken in the weight's dtype (:func:`as_operand`). A :class:`LayerWeight` is multiplied by
+    :func:`jaxpersona.model.skinny.matmul` (float32)."""
+    if isinstance(w, LayerWeight):
+        return skinny.matmul(x, w.stack, w.layer)
     if w.dtype == x.dtype:
         return x @ w
     return jnp.dot(as_operand(x, w), w, preferred_element_type=x.dtype)
@@ -748,6 +764,7 @@ def run_layers(
     remat: bool = False,
     blocked: Blocked | None = None,
     read_only: bool = False,
+    cpu_kernel: bool = False,
 ) -> tuple[jax.Array, Buf, KVCache | None]:
     """Blocks ``0..L-1`` (or only ``start <= l < stop`` with ``span``) as one ``lax.scan``.
 
@@ -759,8 +776,12 @@ def run_layers(
     first slots in blocks, see :class:`Blocked`. ``read_only`` (with a cache): each block attends over its
     layer of the cache with the new keys/values written into a copy of that layer only, and no cache is
     returned — the cache is never carried through the scan, so one shared cache serves many vmapped rows
-    (a sweep's grid points over one prompt prefix) without a per-row copy of every layer.
+    (a sweep's grid points over one prompt prefix) without a per-row copy of every layer. ``cpu_kernel``: the
+    float32 projections (:data:`KERNEL_WEIGHTS`) are read in place from their stacks by the CPU kernel
+    (:class:`LayerWeight`, :mod:`jaxpersona.model.skinny`) where it is available — for few-row calls (a decode
+    step) on one CPU device; the other weights are sliced as before.
     """
+    use_kernel = cpu_kernel and skinny.available()
     index = jnp.asarray(cache_index, jnp.int32)
     shared = cache if read_only else None  # read, never carried
     prefix = None if cache is None else cache.prefix  # read, never carried (see KVPrefix)
@@ -777,6 +798,9 @@ def run_layers(
 
             def run(h, buf, ck, cv):
                 w = from_bits(lp if span is None else jax.tree.map(lambda x: x[layer], stacked))  # see `xs` below
+                if use_kernel:  # these slices are then unused, and XLA drops them
+                    w = {**w, **{n: LayerWeight(stacked[n], layer) for n in KERNEL_WEIGHTS
+                                 if stacked[n].dtype == jnp.float32 and h.dtype == jnp.float32}}
                 if cache is None:
                     h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
                 elif shared is not None:  # read_only: this layer's keys/values with the new ones written in
@@ -847,6 +871,7 @@ def forward(
     adapter: Adapter | AdapterStack | None = None,
     adapter_select: jax.Array | None = None,
     blocked: Blocked | None = None,
+    cpu_kernel: bool = False,
 ) -> ForwardOutput:
     """Run the model on ``tokens [B, T]`` (int32).
 
@@ -866,6 +891,7 @@ def forward(
         the layer weights (``params`` stay the plain weights).
       blocked: with a cache, attend over its first ``span`` slots in blocks (:class:`Blocked`): a row's
         numbers do not depend on ``span``, so a server can attend over only the slots in use.
+      cpu_kernel: read the float32 projections in place with the CPU kernel (see :func:`run_layers`).
     """
     chex.assert_rank(tokens, 2)
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
@@ -875,7 +901,7 @@ def forward(
     buf = record(record.empty(h), jnp.int32(0), h)
     h, buf, new_cache = run_layers(
         params, cfg, h, prep, buf, record, hook=hook, cache=cache, cache_index=cache_index, adapter=adapter,
-        adapter_select=adapter_select, blocked=blocked if cache is not None else None,
+        adapter_select=adapter_select, blocked=blocked if cache is not None else None, cpu_kernel=cpu_kernel,
     )
     out_logits = None
     if logits == "last":

@@ -576,5 +576,8 @@ def run_server(model: str, dtype: str = "float32", *, matmul_dtype: str | None =
     print(f"serving {res.model_name} on {server.url} (batch {ecfg.batch}, {len(res.vectors)} bank vectors, "
           f"presets: {', '.join(sorted(res.presets)) or 'none'}{', API key required' if api_key else ''}; "
           f"playground: {server.url[:-3]}/, metrics: {server.url[:-3]}/metrics)", file=sys.stderr, flush=True)
+    if server.engine.cpu_kernel:
+        print("decode steps read the float32 projection weights with the CPU kernel (JAXPERSONA_CPU_KERNEL=0: "
+              "XLA's dots)", file=sys.stderr, flush=True)
     server.serve_forever()
     return 0

@@ -69,6 +69,7 @@ from jaxpersona.edit.interventions import (
     Steer,
     pytree_dataclass,
 )
+from jaxpersona.model import skinny
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import AdapterStack, check_adapter
 from jaxpersona.model.params import Params, activation_dtype
@@ -95,7 +96,9 @@ class EngineConfig:
     ``prefill_chunk``: prompts are prefilled in blocks of this many tokens (also the prefix cache's block);
     ``prefill_rows``: prompts prefilled side by side in one call; ``attn_block``: attention reads the cache in
     blocks of this many slots, over only the slots in use; ``prefix_cache_mb``: device memory for cached
-    prompt blocks (0: no prefix cache). ``max_context`` must be a multiple of both block sizes."""
+    prompt blocks (0: no prefix cache); ``cpu_kernel``: float32 decode steps on one CPU device read the
+    projection weights with the CPU kernel (:mod:`jaxpersona.model.skinny`) where it is available (False:
+    XLA's dots). ``max_context`` must be a multiple of both block sizes."""
 
     batch: int = 8
     max_context: int = 1024
@@ -107,6 +110,7 @@ class EngineConfig:
     max_mixture: int = 8  # directions a request's persona mixture may hold (K <= max_mixture)
     attn_block: int = 64
     prefix_cache_mb: float = 256.0
+    cpu_kernel: bool = True
 
     def __post_init__(self) -> None:
         for f in ("batch", "max_context", "max_interventions", "max_readout", "max_queue", "prefill_chunk",
@@ -419,24 +423,26 @@ def read_logits(logits: jax.Array, tok: jax.Array, wanted: jax.Array | bool = Tr
     return jax.lax.cond(jnp.asarray(wanted), read, skip)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "readout", "blocked"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "readout", "blocked", "cpu_kernel"), donate_argnames=("cache",))
 def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Array, index: jax.Array,
                 active: jax.Array, keys: jax.Array, counts: jax.Array, temps: jax.Array, top_ps: jax.Array,
                 hook: RowInterventions | None, units: jax.Array, layers: jax.Array,
                 adapter: AdapterStack | None = None, adapter_select: jax.Array | None = None,
                 logprobs: jax.Array | bool = True, *, readout: bool,
-                blocked: Blocked) -> tuple[KVCache, jax.Array, StepOut]:
+                blocked: Blocked, cpu_kernel: bool = False) -> tuple[KVCache, jax.Array, StepOut]:
     """Pick each row's next token from ``logits [B, V]`` and run it through the model at the row's slot
     ``index [B]`` (inactive rows write nothing valid), each row under its own interventions (``hook``) and
     adapter (``adapter_select [B]`` into the stack ``adapter``; both None: no adapter); attention over the
     first ``blocked.span`` slots. ``units [B, R, D]`` / ``layers [B, R]``: the readout directions;
-    ``logprobs`` (traced bool): whether any row asked for log-probs (else the step's are zeros). Returns the
-    cache, the next logits ``[B, V]`` and the step's outputs."""
+    ``logprobs`` (traced bool): whether any row asked for log-probs (else the step's are zeros);
+    ``cpu_kernel``: see :func:`jaxpersona.model.transformer.run_layers`. Returns the cache, the next logits
+    ``[B, V]`` and the step's outputs."""
     tok = pick_tokens(logits, keys, counts, temps, top_ps)
     lp, top_id, top_lp = read_logits(logits, tok, logprobs)
     capture = Capture(tuple(range(cfg.n_resid)), "tokens") if readout else None
     out = forward(params, cfg, tok[:, None], valid=active[:, None], cache=cache, cache_index=index, hook=hook,
-                  logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select, blocked=blocked)
+                  logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select, blocked=blocked,
+                  cpu_kernel=cpu_kernel)
     proj = jnp.zeros((0,), jnp.float32)
     if readout:  # captured [N, B, 1, D]: each row's readout layers, projected on its unit directions
         h = jnp.swapaxes(out.captured[:, :, 0], 0, 1).astype(jnp.float32)  # [B, N, D]
@@ -569,6 +575,9 @@ class Engine:
         # the steps trace under the mesh, so the forward's activation constraints act (batch over data, heads and
         # MLP over model: jaxpersona.model.sharding.constrain)
         self.on_mesh: Callable[[], Any] = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext
+        # the decode step's projections by the CPU kernel: one CPU device only (a mesh shards the weights)
+        self.cpu_kernel = bool(ecfg.cpu_kernel and mesh is None and jax.default_backend() == "cpu"
+                               and skinny.available())
         if adapters is not None:
             if not isinstance(adapters, AdapterStack):
                 raise errors.InputError(f"serve: adapters must be an AdapterStack (stack_adapters([None, ...])), "
@@ -895,7 +904,7 @@ class Engine:
                         self.params, self.cfg, self.cache, self.logits, jnp.zeros(b, jnp.int32), jnp.zeros(b, bool),
                         jnp.asarray(self.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
                         jnp.ones(b, jnp.float32), None, units, layers, *self._adapter_args(), jnp.asarray(False),
-                        readout=False, blocked=Blocked(self.ecfg.attn_block, span))
+                        readout=False, blocked=Blocked(self.ecfg.attn_block, span), cpu_kernel=self.cpu_kernel)
             self.cache = self.cache._replace(valid=jnp.zeros_like(self.cache.valid))
             self.logits = jnp.zeros_like(self.logits)
 
@@ -914,7 +923,7 @@ class Engine:
                 self.params, self.cfg, self.cache, self.logits, jnp.asarray(index), jnp.asarray(active),
                 jnp.asarray(self.keys), jnp.asarray(counts), jnp.asarray(self.temps), jnp.asarray(self.top_ps),
                 rows if any_items else None, units, layers, *self._adapter_args(), jnp.asarray(logprobs),
-                readout=readout, blocked=Blocked(self.ecfg.attn_block, span))
+                readout=readout, blocked=Blocked(self.ecfg.attn_block, span), cpu_kernel=self.cpu_kernel)
         out = jax.device_get(out)
         self.stats["steps"] += 1
         self._last_step = time.perf_counter() - t0

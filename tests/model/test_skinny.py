@@ -1,0 +1,153 @@
+"""The CPU kernel for few-row float32 matmuls against a stacked weight (jaxpersona.model.skinny): built where a
+C++ compiler and AVX-512F exist (as on the CI machine), exact to fp32 rounding against a float64 reference,
+row-independent bit for bit, differentiable, and used by the serving engine's decode step with the same
+tokens as XLA's dots."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpersona.model import skinny
+
+
+def machine_can_build() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return (platform.machine().lower() in ("x86_64", "amd64") and " avx512f" in flags
+            and (shutil.which("g++") or shutil.which("c++")) is not None and os.environ.get(skinny.ENV) != "0")
+
+
+def test_the_kernel_is_built_where_the_machine_can_build_it():
+    """Not a skip: on a machine with g++ and AVX-512F (the CI machine) the kernel must build and load; elsewhere
+    it must say why not, and callers keep XLA's dot."""
+    if machine_can_build():
+        assert skinny.available(), skinny.unavailable_reason()
+        assert skinny.library_path().exists()
+    else:
+        assert not skinny.available() and skinny.unavailable_reason()
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 576, 1536), (16, 1536, 576), (1, 576, 192), (13, 300, 100), (6, 64, 37),
+                                   (7, 250, 16), (40, 896, 128), (2, 17, 5)])
+def test_matches_a_float64_reference_for_every_layer(m, k, n):
+    """Shapes cover K split in parts (K >= 256) and not, widths that are not multiples of 64 or 16 (masked
+    tails), row counts that are not multiples of the 6-row tile."""
+    rng = np.random.default_rng(m * 1000 + k + n)
+    stack = rng.standard_normal((3, k, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    f = jax.jit(skinny.matmul)
+    for layer in range(3):
+        got = np.asarray(f(jnp.asarray(x), jnp.asarray(stack), layer))
+        ref = x.astype(np.float64) @ stack[layer].astype(np.float64)
+        scale = np.abs(x).astype(np.float64) @ np.abs(stack[layer]).astype(np.float64)  # the sum's magnitude
+        assert got.shape == (m, n)
+        assert np.all(np.abs(got - ref) <= 1e-6 * scale + 1e-30), np.max(np.abs(got - ref) / scale)
+
+
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
+    """The server's invariant: a row's result does not depend on the rows beside it (nor on leading dims)."""
+    rng = np.random.default_rng(0)
+    stack = jnp.asarray(rng.standard_normal((2, 576, 1536)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((16, 576)).astype(np.float32))
+    f = jax.jit(skinny.matmul)
+    full = np.asarray(f(x, stack, 1))
+    for rows in ([3], [0, 15], list(range(5)), list(range(7, 16))):
+        np.testing.assert_array_equal(np.asarray(f(x[jnp.asarray(rows)], stack, 1)), full[rows])
+    np.testing.assert_array_equal(np.asarray(f(x.reshape(4, 4, 576), stack, 1)).reshape(16, -1), full)
+
+
+def test_gradients_and_vmap_follow_xla():
+    rng = np.random.default_rng(1)
+    stack = jnp.asarray(rng.standard_normal((3, 40, 24)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((5, 40)).astype(np.float32))
+
+    def loss(fn):
+        return lambda x, s: jnp.sum(jnp.tanh(fn(x, s)))
+
+    got = jax.grad(loss(lambda x, s: skinny.matmul(x, s, 2)), argnums=(0, 1))(x, stack)
+    want = jax.grad(loss(lambda x, s: x @ s[2]), argnums=(0, 1))(x, stack)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    batched = jax.vmap(lambda xi: skinny.matmul(xi, stack, 1))(x[:, None])[:, 0]
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(x @ stack[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_turned_off_by_the_environment_it_falls_back_to_xla_exactly():
+    code = ("import numpy as np, jax.numpy as jnp\n"
+            "from jaxpersona.model import skinny\n"
+            "s = jnp.asarray(np.random.default_rng(0).standard_normal((2, 300, 70)).astype(np.float32))\n"
+            "x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 300)).astype(np.float32))\n"
+            "assert not skinny.available() and skinny.unavailable_reason() == 'JAXPERSONA_CPU_KERNEL=0'\n"
+            "assert (np.asarray(skinny.matmul(x, s, 1)) == np.asarray(x @ s[1])).all()\n")
+    env = {**os.environ, skinny.ENV: "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def served(model, prompts: list[str], max_tokens: int, cpu_kernel: bool) -> list[tuple[list, list]]:
+    """Greedy tokens and log-probs of each prompt, submitted together to an engine (batch 4)."""
+    import queue
+
+    from jaxpersona.serve.engine import Engine, EngineConfig, Sequence
+
+    eng = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id,
+                 EngineConfig(batch=4, max_context=128, prefix_cache_mb=0, cpu_kernel=cpu_kernel))
+    assert eng.cpu_kernel == (cpu_kernel and skinny.available())
+    eng.start()
+    try:
+        qs = []
+        for p in prompts:
+            ids, _ = model.tokens_and_role([{"role": "user", "content": p}], "assistant")
+            qs.append(queue.Queue())
+            eng.submit([Sequence(0, list(ids), max_tokens, qs[-1], logprobs=0, ignore_eos=True)])
+        out = []
+        for q in qs:
+            toks, lps = [], []
+            while (ev := q.get(timeout=600))[0] != "done":
+                toks.append(ev[3][0])
+                lps.append(ev[3][1])
+            out.append((toks, lps))
+        return out
+    finally:
+        eng.stop()
+
+
+def test_the_engine_decode_step_reads_weights_in_place_with_xlas_tokens(smollm2):
+    """The server's decode step on the embedded model: with the kernel, no projection weight is sliced out of
+    its stack (the copies it exists to avoid) and the kernel's custom call is in the program; served greedy
+    tokens equal XLA's and log-probs agree within 1e-4."""
+    from jaxpersona.model.transformer import Blocked
+    from jaxpersona.serve.engine import Engine, EngineConfig, decode_step
+
+    m = smollm2
+    if not skinny.available():
+        assert not machine_can_build()
+        return
+    b = 4
+    eng = Engine(m.params, m.cfg, m.tokenizer, m.eos_ids, m.pad_id, EngineConfig(batch=b, max_context=64,
+                                                                                  prefix_cache_mb=0))
+    assert eng.cpu_kernel
+    _, units, layers = eng.table.device()
+    hlo = decode_step.lower(eng.params, m.cfg, eng.cache, eng.logits, jnp.zeros(b, jnp.int32), jnp.ones(b, bool),
+                            jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
+                            jnp.ones(b, jnp.float32), None, units, layers, logprobs=jnp.asarray(True),
+                            readout=False, blocked=Blocked(32, 64), cpu_kernel=True).compile().as_text()
+    assert skinny.TARGET in hlo
+    sliced = [line for line in hlo.splitlines() if "dynamic-slice" in line and "fusion(" in line
+              and any(f"f32[{a},{c}]" in line for a, c in [(576, 1536), (1536, 576), (576, 576), (576, 192)])]
+    assert not sliced, sliced[:3]
+    prompts = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
+    xla, kernel = served(m, prompts, 12, False), served(m, prompts, 12, True)
+    for (t0, l0), (t1, l1) in zip(xla, kernel):
+        assert t0 == t1
+        np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-4)
+    assert any(l0 != l1 for (_, l0), (_, l1) in zip(xla, kernel))  # the two really ran different kernels
