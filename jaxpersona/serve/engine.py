@@ -97,8 +97,8 @@ class EngineConfig:
     ``prefill_rows``: prompts prefilled side by side in one call; ``attn_block``: attention reads the cache in
     blocks of this many slots, over only the slots in use; ``prefix_cache_mb``: device memory for cached
     prompt blocks (0: no prefix cache); ``cpu_kernel``: float32 decode steps on one CPU device read the
-    projection weights with the CPU kernel (:mod:`jaxpersona.model.skinny`) where it is available (False:
-    XLA's dots). ``max_context`` must be a multiple of both block sizes."""
+    projection weights with the CPU kernel (:mod:`jaxpersona.model.skinny`) where it is available, and so do
+    prefill calls when ``prefill_rows x prefill_chunk <= skinny.FEW_ROWS`` (False: XLA's dots). ``max_context`` must be a multiple of both block sizes."""
 
     batch: int = 8
     max_context: int = 1024
@@ -451,10 +451,11 @@ def decode_step(params: Params, cfg: ModelConfig, cache: KVCache, logits: jax.Ar
     return out.cache, out.logits[:, 0], StepOut(tok, lp, top_id, top_lp, proj)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "blocked"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "blocked", "cpu_kernel"), donate_argnames=("cache",))
 def prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, valid: jax.Array,
                   index: jax.Array, last: jax.Array, hook: RowInterventions | None, adapter: AdapterStack | None = None,
-                  adapter_select: jax.Array | None = None, *, blocked: Blocked) -> tuple[KVCache, jax.Array]:
+                  adapter_select: jax.Array | None = None, *, blocked: Blocked,
+                  cpu_kernel: bool = False) -> tuple[KVCache, jax.Array]:
     """One prompt block per prefill row: ``tokens [n, C]`` (``valid`` False past a prompt's end) written at
     slots ``index [n] ..`` of the first ``n`` rows of the prefill buffer ``cache [L, R, KV, S, hd]`` (``n <= R``:
     a call computes only the rows in use, see :meth:`EngineConfig.prefill_buckets`), each row under its
@@ -464,7 +465,7 @@ def prefill_chunk(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.
     sub = KVCache(cache.k[:, :n, :, :sp], cache.v[:, :n, :, :sp], cache.valid[:n, :sp])
     out = forward(params, cfg, tokens, valid=valid, cache=sub, cache_index=index, hook=hook, logits=False,
                   capture=Capture((cfg.n_layers,), "tokens"), adapter=adapter, adapter_select=adapter_select,
-                  blocked=blocked)
+                  blocked=blocked, cpu_kernel=cpu_kernel)
     assert out.cache is not None
     cache = KVCache(cache.k.at[:, :n, :, :sp].set(out.cache.k), cache.v.at[:, :n, :, :sp].set(out.cache.v),
                     cache.valid.at[:n, :sp].set(out.cache.valid))
@@ -575,9 +576,13 @@ class Engine:
         # the steps trace under the mesh, so the forward's activation constraints act (batch over data, heads and
         # MLP over model: jaxpersona.model.sharding.constrain)
         self.on_mesh: Callable[[], Any] = (lambda: jax.set_mesh(mesh)) if mesh is not None else contextlib.nullcontext
-        # the decode step's projections by the CPU kernel: one CPU device only (a mesh shards the weights)
+        # the decode step's projections by the CPU kernel: one CPU device only (a mesh shards the weights); the
+        # prefill's too while its calls are few-row ([prefill_rows, prefill_chunk] tokens at most), where the
+        # kernel is at least as fast as XLA's dot. Fixed per engine: every prefill call takes the same path, so
+        # a prompt's numbers do not depend on the rows prefilled beside it.
         self.cpu_kernel = bool(ecfg.cpu_kernel and mesh is None and jax.default_backend() == "cpu"
                                and skinny.available())
+        self.prefill_kernel = self.cpu_kernel and ecfg.prefill_rows * ecfg.prefill_chunk <= skinny.FEW_ROWS
         if adapters is not None:
             if not isinstance(adapters, AdapterStack):
                 raise errors.InputError(f"serve: adapters must be an AdapterStack (stack_adapters([None, ...])), "
@@ -817,7 +822,8 @@ class Engine:
         with self.on_mesh():
             self.pcache, logits = prefill_chunk(
                 self.params, self.cfg, self.pcache, jnp.asarray(tokens), jnp.asarray(valid), jnp.asarray(index),
-                jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span))
+                jnp.asarray(last), hook, *self._adapter_args(rows), blocked=Blocked(self.ecfg.attn_block, span),
+                cpu_kernel=self.prefill_kernel)
         logits.block_until_ready()  # the time budget counts work done, not work dispatched
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += r  # rows computed (a lone prompt: 1)
@@ -894,7 +900,8 @@ class Engine:
                     scratch, _ = prefill_chunk(self.params, self.cfg, scratch,
                                                jnp.full((r, c), self.pad_id, jnp.int32), jnp.zeros((r, c), bool),
                                                jnp.asarray(zeros), jnp.asarray(zeros), None, *ad,
-                                               blocked=Blocked(self.ecfg.attn_block, span))
+                                               blocked=Blocked(self.ecfg.attn_block, span),
+                                               cpu_kernel=self.prefill_kernel)
         if decode and not self.started:
             b = self.ecfg.batch
             units, layers = self.table.device()[1:]

@@ -102,6 +102,7 @@ def served(model, prompts: list[str], max_tokens: int, cpu_kernel: bool) -> list
     eng = Engine(model.params, model.cfg, model.tokenizer, model.eos_ids, model.pad_id,
                  EngineConfig(batch=4, max_context=128, prefix_cache_mb=0, cpu_kernel=cpu_kernel))
     assert eng.cpu_kernel == (cpu_kernel and skinny.available())
+    assert eng.prefill_kernel == eng.cpu_kernel  # 1 row x 16 tokens a prefill call: few rows
     eng.start()
     try:
         qs = []
@@ -123,8 +124,8 @@ def served(model, prompts: list[str], max_tokens: int, cpu_kernel: bool) -> list
 
 def test_the_engine_decode_step_reads_weights_in_place_with_xlas_tokens(smollm2):
     """The server's decode step on the embedded model: with the kernel, no projection weight is sliced out of
-    its stack (the copies it exists to avoid) and the kernel's custom call is in the program; served greedy
-    tokens equal XLA's and log-probs agree within 1e-4."""
+    its stack (the copies it exists to avoid) and the kernel's custom call is in the program; prefill calls of
+    few rows use it too; served greedy tokens equal XLA's and log-probs agree within 1e-4."""
     from jaxpersona.model.transformer import Blocked
     from jaxpersona.serve.engine import Engine, EngineConfig, decode_step
 
@@ -145,6 +146,9 @@ def test_the_engine_decode_step_reads_weights_in_place_with_xlas_tokens(smollm2)
     sliced = [line for line in hlo.splitlines() if "dynamic-slice" in line and "fusion(" in line
               and any(f"f32[{a},{c}]" in line for a, c in [(576, 1536), (1536, 576), (576, 576), (576, 192)])]
     assert not sliced, sliced[:3]
+    wide = Engine(m.params, m.cfg, m.tokenizer, m.eos_ids, m.pad_id,
+                  EngineConfig(batch=b, max_context=512, prefill_chunk=256, prefix_cache_mb=0))
+    assert wide.cpu_kernel and not wide.prefill_kernel  # 256-token prefill calls keep XLA's dots
     prompts = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
     xla, kernel = served(m, prompts, 12, False), served(m, prompts, 12, True)
     for (t0, l0), (t1, l1) in zip(xla, kernel):
