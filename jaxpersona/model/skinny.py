@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxpersona import errors
 from jaxpersona.model import registry
 
 TARGET = "jaxpersona_skinny_matmul"
@@ -100,7 +101,7 @@ def unavailable_reason() -> str | None:
 
 def applies(x: jax.Array, stack: jax.Array) -> bool:
     """Whether ``matmul(x, stack, layer)`` may use the kernel: float32 both, the kernel available."""
-    return x.dtype == jnp.float32 and stack.dtype == jnp.float32 and stack.ndim == 3 and available()
+    return x.dtype == jnp.float32 and stack.dtype == jnp.float32 and available()
 
 
 @jax.custom_jvp
@@ -122,6 +123,9 @@ def _kernel_jvp(primals, tangents):  # type: ignore[no-untyped-def]
 def matmul(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
     """``x [..., K] @ stack[layer] [K, N]`` -> ``[..., N]`` float32, with the kernel where :func:`applies` (on a
     CPU; elsewhere XLA's dot of the slice)."""
+    if stack.ndim != 3 or x.ndim < 1 or x.shape[-1] != stack.shape[1]:
+        raise errors.ShapeMismatchError(f"skinny.matmul: x {tuple(x.shape)} against a stack {tuple(stack.shape)}; "
+                                        "needs x [..., K] and stack [L, K, N]")
     layer = jnp.asarray(layer, jnp.int32)
     if not applies(x, stack):
         return x @ jax.lax.dynamic_index_in_dim(stack, layer, 0, keepdims=False)

@@ -65,6 +65,15 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
     np.testing.assert_array_equal(np.asarray(f(x.reshape(4, 4, 576), stack, 1)).reshape(16, -1), full)
 
 
+def test_shapes_that_do_not_fit_are_a_typed_error():
+    from jaxpersona import errors
+
+    stack = jnp.zeros((2, 8, 4), jnp.float32)
+    for x, s in ((jnp.zeros((3, 7), jnp.float32), stack), (jnp.zeros((3, 8), jnp.float32), stack[0])):
+        with pytest.raises(errors.ShapeMismatchError, match="needs x"):
+            skinny.matmul(x, s, 0)
+
+
 def test_gradients_and_vmap_follow_xla():
     rng = np.random.default_rng(1)
     stack = jnp.asarray(rng.standard_normal((3, 40, 24)).astype(np.float32))
