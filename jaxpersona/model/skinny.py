@@ -104,6 +104,11 @@ def applies(x: jax.Array, stack: jax.Array) -> bool:
     return x.dtype == jnp.float32 and stack.dtype == jnp.float32 and available()
 
 
+def _sliced(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
+    """``x @ stack[layer]`` by XLA (the slice is a copy on a CPU)."""
+    return x @ jax.lax.dynamic_index_in_dim(stack, layer, 0, keepdims=False)
+
+
 @jax.custom_jvp
 def _kernel(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], stack.shape[2]), jnp.float32),
@@ -115,9 +120,7 @@ def _kernel(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
 def _kernel_jvp(primals, tangents):  # type: ignore[no-untyped-def]
     x, stack, layer = primals
     dx, dstack, _ = tangents
-    w = jax.lax.dynamic_index_in_dim(stack, layer, 0, keepdims=False)
-    dw = jax.lax.dynamic_index_in_dim(dstack, layer, 0, keepdims=False)
-    return _kernel(x, stack, layer), dx @ w + x @ dw
+    return _kernel(x, stack, layer), _sliced(dx, stack, layer) + _sliced(x, dstack, layer)
 
 
 def matmul(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
@@ -128,7 +131,5 @@ def matmul(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
                                         "needs x [..., K] and stack [L, K, N]")
     layer = jnp.asarray(layer, jnp.int32)
     if not applies(x, stack):
-        return x @ jax.lax.dynamic_index_in_dim(stack, layer, 0, keepdims=False)
-    return jax.lax.platform_dependent(
-        x, stack, layer, cpu=_kernel,
-        default=lambda x, s, i: x @ jax.lax.dynamic_index_in_dim(s, i, 0, keepdims=False))
+        return _sliced(x, stack, layer)
+    return jax.lax.platform_dependent(x, stack, layer, cpu=_kernel, default=_sliced)

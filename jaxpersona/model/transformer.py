@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
-from jaxpersona.model.lora import Adapter, AdapterStack, LayerFactors, layer_factors
+from jaxpersona.model.lora import TARGETS, Adapter, AdapterStack, LayerFactors, layer_factors
 from jaxpersona.model.params import Params, activation_dtype
 from jaxpersona.model import skinny
 from jaxpersona.model.sharding import constrain
@@ -520,7 +520,7 @@ class LayerWeight(NamedTuple):
     layer: jax.Array
 
 
-KERNEL_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the projections the kernel reads in place
+KERNEL_WEIGHTS = tuple(TARGETS.values())  # the projections the kernel reads in place (a LoRA's targets)
 
 
 def matmul(x: jax.Array, w: jax.Array | LayerWeight) -> jax.Array:
@@ -781,7 +781,6 @@ def run_layers(
     (:class:`LayerWeight`, :mod:`jaxpersona.model.skinny`) where it is available — for few-row calls (a decode
     step) on one CPU device; the other weights are sliced as before.
     """
-    use_kernel = cpu_kernel and skinny.available()
     index = jnp.asarray(cache_index, jnp.int32)
     shared = cache if read_only else None  # read, never carried
     prefix = None if cache is None else cache.prefix  # read, never carried (see KVPrefix)
@@ -798,9 +797,9 @@ def run_layers(
 
             def run(h, buf, ck, cv):
                 w = from_bits(lp if span is None else jax.tree.map(lambda x: x[layer], stacked))  # see `xs` below
-                if use_kernel:  # these slices are then unused, and XLA drops them
+                if cpu_kernel:  # these slices are then unused, and XLA drops them (bfloat16 bits stay sliced)
                     w = {**w, **{n: LayerWeight(stacked[n], layer) for n in KERNEL_WEIGHTS
-                                 if stacked[n].dtype == jnp.float32 and h.dtype == jnp.float32}}
+                                 if skinny.applies(h, stacked[n])}}
                 if cache is None:
                     h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
                 elif shared is not None:  # read_only: this layer's keys/values with the new ones written in

@@ -98,7 +98,8 @@ class EngineConfig:
     blocks of this many slots, over only the slots in use; ``prefix_cache_mb``: device memory for cached
     prompt blocks (0: no prefix cache); ``cpu_kernel``: float32 decode steps on one CPU device read the
     projection weights with the CPU kernel (:mod:`jaxpersona.model.skinny`) where it is available, and so do
-    prefill calls when ``prefill_rows x prefill_chunk <= skinny.FEW_ROWS`` (False: XLA's dots). ``max_context`` must be a multiple of both block sizes."""
+    prefill calls when ``prefill_rows x prefill_chunk <= skinny.FEW_ROWS`` (False: XLA's dots).
+    ``max_context`` must be a multiple of both block sizes."""
 
     batch: int = 8
     max_context: int = 1024
