@@ -1,13 +1,17 @@
 #!/usr/bin/env python
-"""The matmul ceiling under the decode-bound targets: ``x @ W`` at SmolLM2-135M's projection shapes, XLA vs torch.
+"""The matmul ceiling under the decode-bound targets: ``x @ W`` at SmolLM2-135M's projection shapes and its tied
+head, XLA vs jaxpersona's CPU kernel vs torch.
 
 Serving (16 rows per decode step), sampled generation (16 rows) and the LoRA step's backward all spend most of
 their time in matmuls whose row count M is small. This measures ``[M, K] x [K, N]`` fp32 matmuls as a decode step
 meets them: one per layer over 30 layers' weights (``[30, K, N]``, 30 x K x N x 4 bytes streamed from memory, not
 one cache-resident matrix), inside one call (a ``lax.scan`` in XLA, a Python loop in torch), for each M and each
-projection shape, four ways in one run:
+projection shape, five ways in one run:
 
   * ``xla``   — ``jax.jit(jnp.dot)`` with the machine's cores;
+  * ``kernel`` — :func:`jaxpersona.model.skinny.matmul`, each layer read in place from the stack (what every
+    decode step uses on one CPU device); the head, ``x @ E.T`` with the embedding ``E [V, D]``, by
+    :func:`jaxpersona.model.skinny.matmul_t` (``-`` where the kernel is not available);
   * ``xla1``  — the same in a child process pinned to one core (``os.sched_setaffinity`` before JAX starts);
   * ``torch`` — ``torch.nn.functional.linear`` with as many threads as cores;
   * ``torch1`` — torch with one thread.
@@ -15,7 +19,7 @@ projection shape, four ways in one run:
 When ``xla`` equals ``xla1``, XLA ran that matmul on one thread. Results (median of ``--repeats`` calls, µs,
 GB/s of weights streamed, GFLOP/s; per layer) go to stdout and ``--out``.
 
-    python scripts/bench_matmul.py                       # ~1 min on 2 cores
+    python scripts/bench_matmul.py                       # ~3 min on 2 cores
     python scripts/bench_matmul.py --rows 1,16,64 --out bench_results/matmul.json
 """
 
@@ -30,6 +34,7 @@ import time
 
 # (name, K, N) of SmolLM2-135M's projections (x @ W with W [K, N]) and its tied head
 SHAPES = (("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576))
+HEAD = ("head", 576, 49152)  # the tied head: x [M, D] @ E.T, E [V, D] (one matrix, 113 MB: not per layer)
 LAYERS = 30
 
 
@@ -44,11 +49,14 @@ def _median_us(fn, repeats: int) -> float:
     return ts[len(ts) // 2] * 1e6
 
 
-def time_xla(rows: list[int], repeats: int) -> dict[str, float]:
+def time_xla(rows: list[int], repeats: int, kernel: bool = False) -> dict[str, float]:
+    """µs per layer of ``x @ W`` by XLA's dot (``kernel``: by the CPU kernel, each layer read in place)."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import jax.numpy as jnp
     import numpy as np
+
+    from jaxpersona.model import skinny
 
     @jax.jit
     def layers(x, ws):  # [M, K], [L, K, N] -> [M]: one matmul per layer, each result used
@@ -56,13 +64,26 @@ def time_xla(rows: list[int], repeats: int) -> dict[str, float]:
             return acc + jnp.dot(x, w)[:, 0], None
         return jax.lax.scan(body, jnp.zeros(x.shape[0], x.dtype), ws)[0]
 
+    @jax.jit
+    def layers_k(x, ws):
+        def body(acc, layer):
+            return acc + skinny.matmul(x, ws, layer)[:, 0], None
+        return jax.lax.scan(body, jnp.zeros(x.shape[0], x.dtype), jnp.arange(ws.shape[0]))[0]
+
+    head = jax.jit(skinny.matmul_t if kernel else lambda x, e: jnp.einsum("mk,vk->mv", x, e))
     rng = np.random.default_rng(0)
     out = {}
     for name, k, n in SHAPES:
         ws = jnp.asarray(rng.standard_normal((LAYERS, k, n), dtype=np.float32))
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
-            out[f"{name}|{m}"] = _median_us(lambda: layers(x, ws).block_until_ready(), repeats) / LAYERS
+            fn = layers_k if kernel else layers
+            out[f"{name}|{m}"] = _median_us(lambda: fn(x, ws).block_until_ready(), repeats) / LAYERS
+    name, k, n = HEAD
+    e = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
+    for m in rows:
+        x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+        out[f"{name}|{m}"] = _median_us(lambda: head(x, e).block_until_ready(), max(3, repeats // 5))
     return out
 
 
@@ -83,6 +104,11 @@ def time_torch(rows: list[int], repeats: int, threads: int) -> dict[str, float]:
                         acc += torch.nn.functional.linear(x, w)[:, 0]
 
                 out[f"{name}|{m}"] = _median_us(layers, repeats) / LAYERS
+        name, k, n = HEAD
+        e = torch.randn(n, k)
+        for m in rows:
+            x = torch.randn(m, k)
+            out[f"{name}|{m}"] = _median_us(lambda: torch.nn.functional.linear(x, e), max(3, repeats // 5))
     return out
 
 
@@ -102,17 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     child = subprocess.run([sys.executable, __file__, "--child-xla1", "--rows", args.rows,
                             "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
     res = {"xla1": json.loads(child.stdout.strip().splitlines()[-1]), "xla": time_xla(rows, args.repeats)}
+    from jaxpersona.model import skinny
+
+    if skinny.available():
+        res["kernel"] = time_xla(rows, args.repeats, kernel=True)
+    else:
+        print(f"the CPU kernel is not available ({skinny.unavailable_reason()}): no kernel column", file=sys.stderr)
     try:
         res["torch"] = time_torch(rows, args.repeats, cores)
         res["torch1"] = time_torch(rows, args.repeats, 1)
     except ImportError:
         print("torch is not installed (the `test` extra): XLA only", file=sys.stderr)
-    cols = [c for c in ("xla", "xla1", "torch", "torch1") if c in res]
-    print(f"fp32 x @ W over {LAYERS} layers' weights, {cores} cores; µs per layer (GB/s of weights); torch/xla = speed of torch's {cores} threads "
-          "relative to XLA's")
-    print(f"{'shape':>8} {'M':>5} " + " ".join(f"{c:>16}" for c in cols) + "  torch/xla")
+    cols = [c for c in ("xla", "kernel", "xla1", "torch", "torch1") if c in res]
+    print(f"fp32 x @ W over {LAYERS} layers' weights (the head: one [V, D] matrix), {cores} cores; µs per layer "
+          f"(GB/s of weights); torch/xla, kernel/xla = speed relative to XLA's dot")
+    print(f"{'shape':>8} {'M':>5} " + " ".join(f"{c:>16}" for c in cols) + "  torch/xla kernel/xla")
     table = []
-    for name, k, n in SHAPES:
+    for name, k, n in (*SHAPES, HEAD):
         for m in rows:
             key = f"{name}|{m}"
             row = {"shape": name, "K": k, "N": n, "M": m}
@@ -123,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{us:8.0f} ({k * n * 4 / us / 1e3:5.1f})")
             row["gflops_xla"] = 2 * m * k * n / res["xla"][key] / 1e3
             ratio = res["xla"][key] / res["torch"][key] if "torch" in res else None
-            row["torch_over_xla"] = ratio
+            kratio = res["xla"][key] / res["kernel"][key] if "kernel" in res else None
+            row["torch_over_xla"], row["kernel_over_xla"] = ratio, kratio
             table.append(row)
             print(f"{name:>8} {m:>5} " + " ".join(f"{c:>16}" for c in cells)
-                  + (f"  {ratio:8.2f}" if ratio is not None else ""))
+                  + (f"  {ratio:8.2f}" if ratio is not None else "         -")
+                  + (f"  {kratio:9.2f}" if kratio is not None else ""))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

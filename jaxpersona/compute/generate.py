@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxpersona import errors
 from jaxpersona.edit.interventions import check_for_model
+from jaxpersona.model import skinny
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import Adapter, AdapterStack
 from jaxpersona.model.params import Params, activation_dtype
@@ -202,6 +203,9 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
     b = logits.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     capture = _monitor_capture(monitor)
+    # a step's float32 projections by the CPU kernel (one CPU device): the same numbers for a row alone, in any
+    # batch or vmapped over grid points or seeds (the prefill keeps XLA's dots)
+    cpu_kernel = skinny.for_decode()
 
     def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
         if greedy:
@@ -233,7 +237,8 @@ def _decode(params: Params, cfg: ModelConfig, logits: jax.Array, cache: KVCache,
         lps = s.logprobs.at[:, s.step].set(lp)
         lengths = s.lengths + (~s.done).astype(jnp.int32)
         nxt = forward(params, cfg, tok[:, None], valid=~s.done[:, None], cache=s.cache, cache_index=start + s.step,
-                      hook=hook, logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select)
+                      hook=hook, logits="last", capture=capture, adapter=adapter, adapter_select=adapter_select,
+                      cpu_kernel=cpu_kernel)
         proj = s.proj
         if capture is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, _project(nxt.captured, units), s.step, axis=1)

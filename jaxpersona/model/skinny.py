@@ -1,18 +1,20 @@
-"""A CPU kernel for few-row float32 matmuls against one layer of a stacked weight, read in place.
+"""A CPU kernel for float32 matmuls against one layer of a stacked weight, read in place.
 
 ``matmul(x, stack, layer)`` is ``x @ stack[layer]`` (``x [..., K]``, ``stack [L, K, N]``, ``layer`` an int32
 scalar, e.g. the layer scan's counter) -> ``[..., N]``. A decode step is a handful of rows against every weight
 of the model; inside the layer scan XLA:CPU copies each layer's slice out of the stacked weights before its
 dot, and its dot (as torch's) streams a weight at ~9 GB/s at 16 rows on a 2-core Xeon. The kernel
-(``skinny_matmul.cc``, an XLA FFI custom call) reads the layer where it lies at ~16 GB/s: measured on the
-server's decode step (SmolLM2-135M, 16 rows), see the README's *Serving* section.
+(``skinny_matmul.cc``, an XLA FFI custom call) reads the layer where it lies at ~16 GB/s for few rows, and from
+32 rows on multiplies packed panels of the weight at XLA's rate (1.2x XLA at 16-128 rows, 1.0x at 420-1024:
+``scripts/bench_matmul.py``). Used by every decode step of the library's generation and the server's.
 
 Numerics: each output is a fixed-order fp32 sum (parts of K, each in order, then added), the same for any
-number of rows, batch or thread count; it differs from XLA's dot in the last bits (~1e-6 relative), as two
-BLAS libraries do. It is built on first use with the system's C++ compiler (``g++ -O3 -march=native``, into
-``<cache>/kernels/``) and needs an x86-64 CPU with AVX-512F; anything else (no compiler, another CPU, a GPU or
-TPU, ``JAXPERSONA_CPU_KERNEL=0``) leaves :func:`available` False, and callers keep XLA's dot. Gradients flow
-(its JVP uses XLA's dots); under ``vmap`` it runs once per batch element.
+number of rows, batch or thread count, and for either path; it differs from XLA's dot in the last bits (~1e-6
+relative), as two BLAS libraries do. It is built on first use with the system's C++ compiler (``g++ -O3
+-march=native``, into ``<cache>/kernels/``) and needs an x86-64 CPU with AVX-512F; anything else (no compiler,
+another CPU, a GPU or TPU, ``JAXPERSONA_CPU_KERNEL=0``) leaves :func:`available` False, and callers keep XLA's
+dot. Gradients flow (its JVP uses XLA's dots); under ``vmap`` the batch becomes more rows of one call (the
+same numbers as one call per element).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from jaxpersona import errors
 from jaxpersona.model import registry
 
 TARGET = "jaxpersona_skinny_matmul"
+TARGET_T = "jaxpersona_skinny_matmul_t"  # x @ w.T for w [N, K] (a tied head)
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 ENV = "JAXPERSONA_CPU_KERNEL"  # "0": never use the kernel
-FEW_ROWS = 128  # up to this many rows the kernel is at least as fast as XLA's dot (2-core Xeon, SmolLM2's shapes)
+FEW_ROWS = 128  # the server's prefill calls use the kernel up to this many rows (where it beats XLA's dot by 1.1-1.2x)
 _state: dict[str, str] = {}
 
 
@@ -88,6 +91,7 @@ def available() -> bool:
             _state["reason"] = "this CPU has no AVX-512F"
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpSkinnyMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(TARGET_T, jax.ffi.pycapsule(lib.JpSkinnyMatmulT), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _state["reason"] = str(e)
         return False
@@ -97,6 +101,12 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True or was not asked)."""
     return _state.get("reason")
+
+
+def for_decode() -> bool:
+    """Whether the library's decode steps read their float32 projections with the kernel: a CPU backend with one
+    device (a mesh shards the weights; the kernel has no partitioning rule) and the kernel :func:`available`."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and available()
 
 
 def applies(x: jax.Array, stack: jax.Array) -> bool:
@@ -109,11 +119,33 @@ def _sliced(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
     return x @ jax.lax.dynamic_index_in_dim(stack, layer, 0, keepdims=False)
 
 
+@jax.custom_batching.custom_vmap
+def _call(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], stack.shape[2]), jnp.float32))
+    return call(x, stack, layer)
+
+
+@_call.def_vmap
+def _call_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, stack: jax.Array,
+               layer: jax.Array) -> tuple[jax.Array, bool]:
+    """A batch of ``x`` against one weight: the batch becomes more rows of one call (a row's numbers do not
+    depend on the rows beside it, so this equals one call per element, bit for bit). A batched weight or layer
+    (not a decode step's case): one call per element."""
+    x_b, stack_b, layer_b = in_batched
+    if not stack_b and not layer_b:
+        return _call(x, stack, layer), True
+    if not x_b:
+        x = jnp.broadcast_to(x, (axis_size, *x.shape))
+    if not stack_b:
+        stack = jnp.broadcast_to(stack, (axis_size, *stack.shape))
+    if not layer_b:
+        layer = jnp.broadcast_to(layer, (axis_size, *layer.shape))
+    return jax.lax.map(lambda a: _call(*a), (x, stack, layer)), True
+
+
 @jax.custom_jvp
 def _kernel(x: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], stack.shape[2]), jnp.float32),
-                            vmap_method="sequential")
-    return call(x, stack, layer.astype(jnp.int32))
+    return _call(x, stack, layer.astype(jnp.int32))
 
 
 @_kernel.defjvp
@@ -133,3 +165,48 @@ def matmul(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
     if not applies(x, stack):
         return _sliced(x, stack, layer)
     return jax.lax.platform_dependent(x, stack, layer, cpu=_kernel, default=_sliced)
+
+
+def _xla_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w.T`` by XLA."""
+    return jnp.einsum("...k,nk->...n", x, w)
+
+
+@jax.custom_batching.custom_vmap
+def _call_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jax.ffi.ffi_call(TARGET_T, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))(x, w)
+
+
+@_call_t.def_vmap
+def _call_t_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array) -> tuple[jax.Array, bool]:
+    """As :func:`_call_vmap`: a batch of ``x`` becomes more rows; a batched ``w``, one call per element."""
+    x_b, w_b = in_batched
+    if not w_b:
+        return _call_t(x, w), True
+    if not x_b:
+        x = jnp.broadcast_to(x, (axis_size, *x.shape))
+    return jax.lax.map(lambda a: _call_t(*a), (x, w)), True
+
+
+@jax.custom_jvp
+def _kernel_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _call_t(x, w)
+
+
+@_kernel_t.defjvp
+def _kernel_t_jvp(primals, tangents):  # type: ignore[no-untyped-def]
+    x, w = primals
+    dx, dw = tangents
+    return _kernel_t(x, w), _xla_t(dx, w) + _xla_t(x, dw)
+
+
+def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w.T`` for ``w [N, K]`` (rows of a tied embedding: the head) -> ``[..., N]`` float32, with the
+    kernel where it applies (float32, on a CPU): each logit a sum over ``k`` in order, the same for any number
+    of rows or batch; elsewhere XLA's dot."""
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise errors.ShapeMismatchError(f"skinny.matmul_t: x {tuple(x.shape)} against w {tuple(w.shape)}; "
+                                        "needs x [..., K] and w [N, K]")
+    if not (x.dtype == jnp.float32 and w.dtype == jnp.float32 and available()):
+        return _xla_t(x, w)
+    return jax.lax.platform_dependent(x, w, cpu=_kernel_t, default=_xla_t)

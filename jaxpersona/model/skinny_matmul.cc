@@ -1,21 +1,27 @@
-// A float32 matmul for few rows against one layer of a stacked weight, read where it lies.
+// A float32 matmul against one layer of a stacked weight, read where it lies.
 //
 //   out[..., N] = x[..., K] @ w[layer][K, N]        x: any leading dims (M rows in all), w: [L, K, N]
 //
 // Why: a decode step multiplies a handful of rows (one token per sequence) by every weight of the model.
 // XLA:CPU's layer scan copies each layer's slice out of the stacked [L, K, N] weights before its dot, and
 // its dot kernel (as torch's) streams a weight at ~9 GB/s at 16 rows on a 2-core Xeon. This kernel reads
-// the layer in place at ~16 GB/s: K is cut into P contiguous parts (blocks of rows of w, P = K/128 capped
-// to 1..8), which the caller and the XLA intra-op pool's workers take from a counter; within a part,
-// register tiles of 6 rows x 64 columns reuse a 16 x 64 block of w from L1; the parts' sums are added last.
+// the layer in place. K is cut into P contiguous parts (blocks of rows of w, P = K/128 capped to 1..8).
+//  * Few rows (M < MANY_ROWS): a streaming path at ~16 GB/s. The caller and the XLA intra-op pool's workers
+//    take parts from a counter; within a part, register tiles of 6 rows x 64 columns reuse a 16 x 64 block of
+//    w from L1; each part has its own output buffer, and the parts' sums are added last.
+//  * Many rows (a vmapped batch of decode steps): (row block, 64-column tile) work items; for each part in
+//    order, the part's panel of w is packed contiguous (a strided panel thrashes L1's sets) and every 6-row
+//    tile sums the part in registers, then adds it to the output: XLA's dot rate, no buffers.
 //
 // Numerics: every output element is ((part_0 + part_1) + part_2) + ..., each part a sum over its k in order
-// (fp32 FMA); P depends on K alone, so a number is the same for any number of rows, any batch the row sits
-// in and any thread count (the server's "alone or in any batch" invariant).
+// (fp32 FMA from zero) on both paths; P depends on K alone, so a number is the same for any number of rows,
+// any batch the row sits in and any thread count (the server's "alone or in any batch" invariant, and a
+// vmapped sweep's rows equal one generation per grid point).
 //
 // Built at run time by jaxpersona.model.skinny (g++ -O3 -march=native); needs AVX-512F, else unused.
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -40,6 +46,8 @@ namespace {
 
 constexpr int64_t KB = 16;  // rows of w per pass over a column tile (a 16 x 64 fp32 block: 4 KiB, in L1)
 constexpr int RG = 6;       // rows of x per register tile (6 x 4 zmm accumulators)
+constexpr int64_t MANY_ROWS = 32;  // from here on: column tiles x row blocks, parts in registers (Block)
+constexpr int64_t RB = 240;         // rows per (row block, column tile) work item
 
 template <bool MASK>
 inline __m512 Load(__mmask16 m, const float* p) {
@@ -77,7 +85,10 @@ inline void Tile(const float* x, int64_t K, const float* w, int64_t N, int64_t k
 
 template <bool MASK>
 void Rows(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o, int64_t M,
-          const __mmask16* m, bool first) {
+          const __mmask16* m, bool first, const float* next, int64_t next_rows) {
+  // the next block of w (next_rows rows of 64 columns at `next`), on its way from memory while this one is used
+  for (int64_t k = 0; k < next_rows; ++k)
+    for (int c = 0; c < 64; c += 16) _mm_prefetch(reinterpret_cast<const char*>(next + k * N + c), _MM_HINT_T0);
   for (int64_t r0 = 0; r0 < M; r0 += RG) {
     const float* xr = x + r0 * K;
     float* orow = o + r0 * N;
@@ -107,11 +118,98 @@ void Part(const float* x, const float* w, float* o, int64_t M, int64_t K, int64_
         const int64_t left = N - j - 16 * c;
         m[c] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
       }
+      // this k-block's next column tile (a tail tile's prefetch may touch the next row's first lines: harmless)
+      const float* next = w + k0 * N + j + 64;
+      const int64_t next_rows = j + 64 < N && M >= 4 ? k1 - k0 : 0;  // 1-3 rows: the hardware prefetcher keeps up
       if (j + 64 <= N)
-        Rows<false>(x, K, w + j, N, k0, k1, o + j, M, m, first);
+        Rows<false>(x, K, w + j, N, k0, k1, o + j, M, m, first, next, next_rows);
       else
-        Rows<true>(x, K, w + j, N, k0, k1, o + j, M, m, first);
+        Rows<true>(x, K, w + j, N, k0, k1, o + j, M, m, first, next, next_rows);
     }
+  }
+}
+
+// The many-row path: o[r0:r1, j:j+64] for every part of K in order, each part's sum held in registers and added
+// to o as the part ends -- the same numbers as Part() into separate buffers added in order (a part's sum is the
+// same sequence of FMAs from zero; a sum stored and reloaded is exact), with no buffers and a weight panel
+// (a part x 64 columns) reused from cache by every row tile.
+template <int ROWS, bool MASK>
+inline void PartTile(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o,
+                     const __mmask16* m, bool first) {
+  // w: the packed panel (row k - k0 at w + 64 * (k - k0), zero past N)
+  __m512 a[ROWS][4];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; ++k) {
+    const float* wk = w + (k - k0) * 64;
+    const __m512 w0 = _mm512_load_ps(wk), w1 = _mm512_load_ps(wk + 16), w2 = _mm512_load_ps(wk + 32),
+                 w3 = _mm512_load_ps(wk + 48);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
+      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < 4; ++c) {
+      __m512 v = first ? a[r][c] : _mm512_add_ps(Load<MASK>(m[c], o + r * N + 16 * c), a[r][c]);
+      if (MASK)
+        _mm512_mask_storeu_ps(o + r * N + 16 * c, m[c], v);
+      else
+        _mm512_storeu_ps(o + r * N + 16 * c, v);
+    }
+}
+
+template <bool MASK>
+void PartRows(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o, int64_t M,
+              const __mmask16* m, bool first) {
+  for (int64_t r0 = 0; r0 < M; r0 += RG) {
+    const float* xr = x + r0 * K;
+    float* orow = o + r0 * N;
+    switch (M - r0 < RG ? M - r0 : RG) {
+      case 6: PartTile<6, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 5: PartTile<5, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 4: PartTile<4, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 3: PartTile<3, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 2: PartTile<2, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+      default: PartTile<1, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+    }
+  }
+}
+
+// o[r0:r1, j:j+64] over all P parts (of `step` rows of w each) in order; `pack` holds step x 64 floats (64-byte
+// aligned): each part's panel of w is copied there first, contiguous (a strided panel thrashes L1's sets).
+void Block(const float* x, const float* w, float* o, int64_t K, int64_t N, int64_t P, int64_t step, int64_t r0,
+           int64_t r1, int64_t j, float* pack) {
+  __mmask16 m[4];
+  for (int c = 0; c < 4; ++c) {
+    const int64_t left = N - j - 16 * c;
+    m[c] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t ka = p * step < K ? p * step : K, kb = (p + 1) * step < K ? (p + 1) * step : K;
+    if (ka >= kb) {  // an empty part adds +0.0 (as Part() writes zeros): o + 0 == o except -0 -> +0
+      if (p == 0) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int c = 0; c < 4; ++c) _mm512_mask_storeu_ps(o + r * N + j + 16 * c, m[c], _mm512_setzero_ps());
+      } else {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int c = 0; c < 4; ++c) {
+            float* q = o + r * N + j + 16 * c;
+            _mm512_mask_storeu_ps(q, m[c], _mm512_add_ps(_mm512_maskz_loadu_ps(m[c], q), _mm512_setzero_ps()));
+          }
+      }
+      continue;
+    }
+    for (int64_t k = ka; k < kb; ++k)
+      for (int c = 0; c < 4; ++c)
+        _mm512_store_ps(pack + (k - ka) * 64 + 16 * c, _mm512_maskz_loadu_ps(m[c], w + k * N + j + 16 * c));
+    if (j + 64 <= N)
+      PartRows<false>(x + r0 * K, K, pack, N, ka, kb, o + r0 * N + j, r1 - r0, m, p == 0);
+    else
+      PartRows<true>(x + r0 * K, K, pack, N, ka, kb, o + r0 * N + j, r1 - r0, m, p == 0);
   }
 }
 
@@ -121,6 +219,60 @@ struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
+
+
+// ---- out[..., N] = x[..., K] @ w[N, K]^T: a head held as rows [N, K] (a tied embedding) ----
+// Rows of x sit in the 16 lanes of a register (x is copied transposed, [groups][K][16], zero past M); each of
+// NB rows of w is broadcast one element at a time against G groups of 16 rows. out[r, n] = sum over k in order
+// of x[r, k] * w[n, k] (fp32 FMA from zero): the same for any M, batch, grouping or thread count.
+constexpr int NB = 8;      // rows of w per register tile
+constexpr int64_t VB = 64; // rows of w per work item
+
+template <int G, int NBT>
+inline void HeadTile(const float* xt, int64_t gstride, int64_t K, const float* w, float* tmp, const float* next) {
+  __m512 a[G][NBT];
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NBT; ++i) a[g][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (next && k % 16 == 0)  // the next NB rows of w, a line of each per 16 k: streaming one tile ahead
+      for (int i = 0; i < NB; ++i) _mm_prefetch(reinterpret_cast<const char*>(next + i * K + k), _MM_HINT_T0);
+    __m512 xv[G];
+    for (int g = 0; g < G; ++g) xv[g] = _mm512_load_ps(xt + g * gstride + k * 16);
+    for (int i = 0; i < NBT; ++i) {
+      const __m512 wv = _mm512_set1_ps(w[i * K + k]);
+      for (int g = 0; g < G; ++g) a[g][i] = _mm512_fmadd_ps(xv[g], wv, a[g][i]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int i = 0; i < NBT; ++i) _mm512_storeu_ps(tmp + (g * NB + i) * 16, a[g][i]);
+}
+
+// rows n0..n1 of w against groups g0..g0+G-1 (rows 16 g0 .. of x, fewer than 16 in a last group)
+template <int G>
+void HeadItem(const float* xt, int64_t K, const float* w, float* o, int64_t M, int64_t N, int64_t g0, int64_t n0,
+              int64_t n1) {
+  alignas(64) float tmp[G * NB * 16];
+  const int64_t gstride = K * 16;
+  const float* xg = xt + g0 * gstride;
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int64_t nb = n1 - n < NB ? n1 - n : NB;
+    if (nb == NB) {
+      HeadTile<G, NB>(xg, gstride, K, w + n * K, tmp, n + 2 * NB <= N ? w + (n + NB) * K : nullptr);
+    } else {
+      for (int64_t i = 0; i < nb; ++i) {
+        alignas(64) float one[G * NB * 16];
+        HeadTile<G, 1>(xg, gstride, K, w + (n + i) * K, one, nullptr);
+        for (int g = 0; g < G; ++g) std::memcpy(tmp + (g * NB + i) * 16, one + g * NB * 16, sizeof(float) * 16);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int lane = 0; lane < 16; ++lane) {
+        const int64_t r = (g0 + g) * 16 + lane;
+        if (r >= M) break;
+        for (int64_t i = 0; i < nb; ++i) o[r * N + n + i] = tmp[(g * NB + i) * 16 + lane];
+      }
+  }
+}
 
 }  // namespace
 #endif
@@ -145,11 +297,30 @@ static ffi::Error SkinnyMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   const float* wl = w.typed_data() + l * K * N;
   // P parts of K (a function of K alone, so the sums' order never depends on threads or rows)
   const int64_t P = K >= 256 ? (K / 128 < 8 ? K / 128 : 8) : 1;
+  const int64_t step = ((K / P + KB - 1) / KB) * KB;
+  if (M >= MANY_ROWS) {  // (row block, column tile) items, every part of K in order within one: no buffers
+    const int64_t tiles = (N + 63) / 64, blocks = (M + RB - 1) / RB, items = tiles * blocks;
+    auto job = std::make_shared<Job>();
+    auto work = [=](Job* j) {
+      float* pack = nullptr;  // step x 64 floats, allocated by a thread that gets an item
+      for (int64_t i; (i = j->next.fetch_add(1)) < items;) {
+        if (!pack) pack = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * step * 64));
+        const int64_t b = i / tiles, t = i % tiles, r0 = b * RB, r1 = r0 + RB < M ? r0 + RB : M;
+        Block(xp, wl, o, K, N, P, step, r0, r1, t * 64, pack);
+        j->done.fetch_add(1, std::memory_order_acq_rel);
+      }
+      std::free(pack);
+    };
+    const int64_t helpers = pool.num_threads() < items - 1 ? pool.num_threads() : items - 1;
+    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, work]() { work(job.get()); });
+    work(job.get());
+    while (job->done.load(std::memory_order_acquire) < items) _mm_pause();
+    return ffi::Error::Success();
+  }
   if (P == 1) {
     Part(xp, wl, o, M, K, N, 0, K);
     return ffi::Error::Success();
   }
-  const int64_t step = ((K / P + KB - 1) / KB) * KB;
   std::unique_ptr<float[]> partial(new float[static_cast<size_t>((P - 1) * M * N)]);  // each part writes all of its
   float* pp = partial.get();
   auto job = std::make_shared<Job>();
@@ -182,5 +353,59 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpSkinnyMatmul, SkinnyMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [..., K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [L, K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()  // layer []
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [..., N]
+);
+
+static ffi::Error SkinnyMatmulTImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                    ffi::ResultBuffer<ffi::F32> out) {
+#ifndef __AVX512F__
+  return ffi::Error::Internal("jaxpersona skinny_matmul was built without AVX-512F");
+#else
+  const auto wd = w.dimensions();
+  const auto xd = x.dimensions();
+  if (wd.size() != 2 || xd.size() < 1) return ffi::Error::InvalidArgument("skinny_matmul_t: w must be [N, K]");
+  const int64_t N = wd[0], K = wd[1];
+  if (xd.back() != K) return ffi::Error::InvalidArgument("skinny_matmul_t: x's last dim must equal w's K");
+  const int64_t M = K ? x.element_count() / K : 0;
+  float* o = out->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const int64_t groups = (M + 15) / 16;
+  float* xt = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * groups * K * 16));
+  std::memset(xt, 0, sizeof(float) * groups * K * 16);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t k = 0; k < K; ++k) xt[(r / 16) * K * 16 + k * 16 + r % 16] = xp[r * K + k];
+  const int64_t pairs = (groups + 1) / 2, blocks = (N + VB - 1) / VB, items = pairs * blocks;
+  struct Shared {
+    Job job;
+    float* xt;
+    ~Shared() { std::free(xt); }
+  };
+  auto sh = std::make_shared<Shared>();
+  sh->xt = xt;
+  auto work = [=](Shared* h) {
+    for (int64_t i; (i = h->job.next.fetch_add(1)) < items;) {
+      const int64_t pr = i / blocks, b = i % blocks, n0 = b * VB, n1 = n0 + VB < N ? n0 + VB : N;
+      if (2 * pr + 1 < groups)
+        HeadItem<2>(h->xt, K, wp, o, M, N, 2 * pr, n0, n1);
+      else
+        HeadItem<1>(h->xt, K, wp, o, M, N, 2 * pr, n0, n1);
+      h->job.done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  };
+  const int64_t helpers = pool.num_threads() < items - 1 ? pool.num_threads() : items - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh, work]() { work(sh.get()); });
+  work(sh.get());
+  while (sh->job.done.load(std::memory_order_acquire) < items) _mm_pause();
+  return ffi::Error::Success();
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpSkinnyMatmulT, SkinnyMatmulTImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [..., K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [N, K]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [..., N]
 );

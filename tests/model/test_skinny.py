@@ -1,7 +1,7 @@
-"""The CPU kernel for few-row float32 matmuls against a stacked weight (jaxpersona.model.skinny): built where a
-C++ compiler and AVX-512F exist (as on the CI machine), exact to fp32 rounding against a float64 reference,
-row-independent bit for bit, differentiable, and used by the serving engine's decode step with the same
-tokens as XLA's dots."""
+"""The CPU kernels for float32 matmuls against a stacked weight and a tied head (jaxpersona.model.skinny): built
+where a C++ compiler and AVX-512F exist (as on the CI machine), exact to fp32 rounding against a float64
+reference, row-independent bit for bit (few rows, many rows, vmapped), differentiable, and used by the serving
+engine's and the library's decode steps with the same tokens as XLA's dots."""
 
 from __future__ import annotations
 
@@ -63,6 +63,74 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
     for rows in ([3], [0, 15], list(range(5)), list(range(7, 16))):
         np.testing.assert_array_equal(np.asarray(f(x[jnp.asarray(rows)], stack, 1)), full[rows])
     np.testing.assert_array_equal(np.asarray(f(x.reshape(4, 4, 576), stack, 1)).reshape(16, -1), full)
+
+
+@pytest.mark.parametrize("k,n", [(576, 1536), (1536, 576), (300, 130), (100, 70)])
+def test_many_rows_give_the_few_row_bits(k, n):
+    """From 32 rows on the kernel takes its many-row path (packed panels, each part's sum in registers): every
+    row equals the few-row path's bits (the row alone, or 5 at a time), K split in parts or not, masked tails."""
+    if not skinny.available():
+        assert not machine_can_build()
+        return
+    rng = np.random.default_rng(k + n)
+    stack = jnp.asarray(rng.standard_normal((2, k, n)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((203, k)).astype(np.float32))
+    f = jax.jit(skinny.matmul)
+    many = np.asarray(f(x, stack, 1))
+    np.testing.assert_array_equal(np.concatenate([np.asarray(f(x[i:i + 5], stack, 1)) for i in range(0, 203, 5)]),
+                                  many)
+    np.testing.assert_array_equal(np.asarray(f(x[7:8], stack, 1)), many[7:8])
+    ref = np.asarray(x).astype(np.float64) @ np.asarray(stack[1]).astype(np.float64)
+    np.testing.assert_allclose(many, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_vmap_makes_the_batch_rows_of_one_call():
+    """Under vmap (a sweep's grid points, a consistency run's seeds) the batch becomes more rows of one call, not
+    a loop of calls, with each element's bits; a batched layer index falls back to one call per element."""
+    if not skinny.available():
+        assert not machine_can_build()
+        return
+    rng = np.random.default_rng(3)
+    stack = jnp.asarray(rng.standard_normal((3, 576, 192)).astype(np.float32))
+    xs = jnp.asarray(rng.standard_normal((7, 9, 576)).astype(np.float32))
+    f = jax.jit(jax.vmap(lambda a: skinny.matmul(a, stack, 2)))
+    hlo = f.lower(xs).compile().as_text()
+    assert hlo.count(f'custom_call_target="{skinny.TARGET}"') == 1 and "while" not in hlo
+    each = np.stack([np.asarray(skinny.matmul(xs[i], stack, 2)) for i in range(7)])
+    np.testing.assert_array_equal(np.asarray(f(xs)), each)
+    by_layer = jax.vmap(lambda a, l: skinny.matmul(a, stack, l))(xs[:3], jnp.arange(3))
+    np.testing.assert_array_equal(np.asarray(by_layer),
+                                  np.stack([np.asarray(skinny.matmul(xs[i], stack, i)) for i in range(3)]))
+
+
+@pytest.mark.parametrize("m,v,k", [(16, 49152, 576), (1, 1000, 100), (37, 77, 300), (5, 8, 17)])
+def test_the_tied_head_kernel_matches_a_reference_and_is_row_independent(m, v, k):
+    """``matmul_t(x, w) = x @ w.T`` for a head held as rows ``[V, D]`` (a tied embedding): exact to fp32 rounding
+    against float64, any vocabulary and width (tails of the 8-row tile and of the 16-row lane groups), the same
+    bits for a row alone, in a batch or vmapped, differentiable; shapes that do not fit are a typed error."""
+    from jaxpersona import errors
+
+    rng = np.random.default_rng(m + v + k)
+    w = rng.standard_normal((v, k)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    f = jax.jit(skinny.matmul_t)
+    got = np.asarray(f(jnp.asarray(x), jnp.asarray(w)))
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w.T).astype(np.float64)
+    assert got.shape == (m, v) and np.all(np.abs(got - ref) <= 1e-6 * scale + 1e-30)
+    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x[-1:]), jnp.asarray(w))), got[-1:])
+    if m % 2 == 0:
+        halves = jax.jit(jax.vmap(skinny.matmul_t, in_axes=(0, None)))(jnp.asarray(x).reshape(2, m // 2, k),
+                                                                       jnp.asarray(w))
+        np.testing.assert_array_equal(np.asarray(halves).reshape(m, v), got)
+    if v <= 1000:
+        loss = lambda fn: lambda a, b: jnp.sum(jnp.tanh(fn(a, b)))  # noqa: E731
+        g = jax.grad(loss(skinny.matmul_t), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+        r = jax.grad(loss(lambda a, b: a @ b.T), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+        for a, b in zip(g, r):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    with pytest.raises(errors.ShapeMismatchError, match="needs x"):
+        skinny.matmul_t(jnp.asarray(x[:, :-1]), jnp.asarray(w))
 
 
 def test_shapes_that_do_not_fit_are_a_typed_error():
@@ -164,3 +232,47 @@ def test_the_engine_decode_step_reads_weights_in_place_with_xlas_tokens(smollm2)
         assert t0 == t1
         np.testing.assert_allclose(l1, l0, rtol=0, atol=1e-4)
     assert any(l0 != l1 for (_, l0), (_, l1) in zip(xla, kernel))  # the two really ran different kernels
+
+
+LIBRARY_GREEDY = """
+import json, sys
+import numpy as np
+from jaxpersona import load
+from jaxpersona.compute.generate import generate
+from jaxpersona.model import registry
+m = load(registry.DEFAULT_MODEL)
+b = m.encode(json.loads(sys.argv[1]), chat=True)
+out = generate(m.params, m.cfg, b.tokens, b.valid, max_new_tokens=12, eos_ids=(), pad_id=m.pad_id)
+print(json.dumps([np.asarray(out.tokens).tolist(), np.asarray(out.logprobs).tolist()]))
+"""
+
+
+def test_library_generation_decodes_with_the_kernel_and_xlas_tokens(smollm2):
+    """Every decode step of the library's generation (generate, the sweep's vmapped generations, seeds) reads
+    its projections and tied head with the kernels on one CPU device: both custom calls are in the program,
+    and greedy tokens on the embedded model equal XLA's (``JAXPERSONA_CPU_KERNEL=0``, another process) with
+    log-probs within 1e-4."""
+    import json
+
+    from jaxpersona.compute.generate import generate, generate_loop
+
+    m = smollm2
+    if not skinny.available():
+        assert not machine_can_build()
+        return
+    assert skinny.for_decode()
+    prompts = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?"]
+    b = m.encode(prompts, chat=True)
+    hlo = generate_loop.lower(m.params, m.cfg, jnp.asarray(b.tokens), jnp.asarray(b.valid), jax.random.key(0),
+                              jnp.float32(0), jnp.float32(1), None, max_new_tokens=4, greedy=True, eos_ids=(),
+                              pad_id=0).compile().as_text()
+    assert f'custom_call_target="{skinny.TARGET}"' in hlo and f'custom_call_target="{skinny.TARGET_T}"' in hlo
+    out = generate(m.params, m.cfg, b.tokens, b.valid, max_new_tokens=12, eos_ids=(), pad_id=m.pad_id)
+    env = {**os.environ, skinny.ENV: "0"}
+    done = subprocess.run([sys.executable, "-c", LIBRARY_GREEDY, json.dumps(prompts)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokens, logprobs = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(logprobs), rtol=0, atol=1e-4)
+    assert not np.array_equal(np.asarray(out.logprobs), np.asarray(logprobs))  # two kernels really ran
