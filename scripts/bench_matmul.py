@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The matmul ceiling under the decode-bound targets: ``x @ W`` at SmolLM2-135M's projection shapes and its tied
-head, XLA vs jaxpersona's CPU kernel vs torch.
+"""The matmul ceiling under the decode-bound targets: ``x @ W`` at SmolLM2-135M's projection shapes, XLA vs
+jaxpersona's CPU kernel vs torch.
 
 Serving (16 rows per decode step), sampled generation (16 rows) and the LoRA step's backward all spend most of
 their time in matmuls whose row count M is small. This measures ``[M, K] x [K, N]`` fp32 matmuls as a decode step
@@ -10,8 +10,7 @@ projection shape, five ways in one run:
 
   * ``xla``   — ``jax.jit(jnp.dot)`` with the machine's cores;
   * ``kernel`` — :func:`jaxpersona.model.skinny.matmul`, each layer read in place from the stack (what every
-    decode step uses on one CPU device); the head, ``x @ E.T`` with the embedding ``E [V, D]``, by
-    :func:`jaxpersona.model.skinny.matmul_t` (``-`` where the kernel is not available);
+    decode step uses on one CPU device; no column where the kernel is not available);
   * ``xla1``  — the same in a child process pinned to one core (``os.sched_setaffinity`` before JAX starts);
   * ``torch`` — ``torch.nn.functional.linear`` with as many threads as cores;
   * ``torch1`` — torch with one thread.
@@ -32,9 +31,8 @@ import subprocess
 import sys
 import time
 
-# (name, K, N) of SmolLM2-135M's projections (x @ W with W [K, N]) and its tied head
+# (name, K, N) of SmolLM2-135M's projections (x @ W with W [K, N])
 SHAPES = (("q/o", 576, 576), ("k/v", 576, 192), ("gate/up", 576, 1536), ("down", 1536, 576))
-HEAD = ("head", 576, 49152)  # the tied head: x [M, D] @ E.T, E [V, D] (one matrix, 113 MB: not per layer)
 LAYERS = 30
 
 
@@ -70,7 +68,6 @@ def time_xla(rows: list[int], repeats: int, kernel: bool = False) -> dict[str, f
             return acc + skinny.matmul(x, ws, layer)[:, 0], None
         return jax.lax.scan(body, jnp.zeros(x.shape[0], x.dtype), jnp.arange(ws.shape[0]))[0]
 
-    head = jax.jit(skinny.matmul_t if kernel else lambda x, e: jnp.einsum("mk,vk->mv", x, e))
     rng = np.random.default_rng(0)
     out = {}
     for name, k, n in SHAPES:
@@ -79,11 +76,6 @@ def time_xla(rows: list[int], repeats: int, kernel: bool = False) -> dict[str, f
             x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
             fn = layers_k if kernel else layers
             out[f"{name}|{m}"] = _median_us(lambda: fn(x, ws).block_until_ready(), repeats) / LAYERS
-    name, k, n = HEAD
-    e = jnp.asarray(rng.standard_normal((n, k), dtype=np.float32))
-    for m in rows:
-        x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
-        out[f"{name}|{m}"] = _median_us(lambda: head(x, e).block_until_ready(), max(3, repeats // 5))
     return out
 
 
@@ -104,11 +96,6 @@ def time_torch(rows: list[int], repeats: int, threads: int) -> dict[str, float]:
                         acc += torch.nn.functional.linear(x, w)[:, 0]
 
                 out[f"{name}|{m}"] = _median_us(layers, repeats) / LAYERS
-        name, k, n = HEAD
-        e = torch.randn(n, k)
-        for m in rows:
-            x = torch.randn(m, k)
-            out[f"{name}|{m}"] = _median_us(lambda: torch.nn.functional.linear(x, e), max(3, repeats // 5))
     return out
 
 
@@ -140,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("torch is not installed (the `test` extra): XLA only", file=sys.stderr)
     cols = [c for c in ("xla", "kernel", "xla1", "torch", "torch1") if c in res]
-    print(f"fp32 x @ W over {LAYERS} layers' weights (the head: one [V, D] matrix), {cores} cores; µs per layer "
+    print(f"fp32 x @ W over {LAYERS} layers' weights, {cores} cores; µs per layer "
           f"(GB/s of weights); torch/xla, kernel/xla = speed relative to XLA's dot")
     print(f"{'shape':>8} {'M':>5} " + " ".join(f"{c:>16}" for c in cols) + "  torch/xla kernel/xla")
     table = []
-    for name, k, n in (*SHAPES, HEAD):
+    for name, k, n in SHAPES:
         for m in rows:
             key = f"{name}|{m}"
             row = {"shape": name, "K": k, "N": n, "M": m}

@@ -36,7 +36,6 @@ from jaxpersona import errors
 from jaxpersona.model import registry
 
 TARGET = "jaxpersona_skinny_matmul"
-TARGET_T = "jaxpersona_skinny_matmul_t"  # x @ w.T for w [N, K] (a tied head)
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 ENV = "JAXPERSONA_CPU_KERNEL"  # "0": never use the kernel
 FEW_ROWS = 128  # the server's prefill calls use the kernel up to this many rows (where it beats XLA's dot by 1.1-1.2x)
@@ -91,7 +90,6 @@ def available() -> bool:
             _state["reason"] = "this CPU has no AVX-512F"
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpSkinnyMatmul), platform="cpu")
-        jax.ffi.register_ffi_target(TARGET_T, jax.ffi.pycapsule(lib.JpSkinnyMatmulT), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _state["reason"] = str(e)
         return False
@@ -166,47 +164,3 @@ def matmul(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
         return _sliced(x, stack, layer)
     return jax.lax.platform_dependent(x, stack, layer, cpu=_kernel, default=_sliced)
 
-
-def _xla_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w.T`` by XLA."""
-    return jnp.einsum("...k,nk->...n", x, w)
-
-
-@jax.custom_batching.custom_vmap
-def _call_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jax.ffi.ffi_call(TARGET_T, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))(x, w)
-
-
-@_call_t.def_vmap
-def _call_t_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array) -> tuple[jax.Array, bool]:
-    """As :func:`_call_vmap`: a batch of ``x`` becomes more rows; a batched ``w``, one call per element."""
-    x_b, w_b = in_batched
-    if not w_b:
-        return _call_t(x, w), True
-    if not x_b:
-        x = jnp.broadcast_to(x, (axis_size, *x.shape))
-    return jax.lax.map(lambda a: _call_t(*a), (x, w)), True
-
-
-@jax.custom_jvp
-def _kernel_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    return _call_t(x, w)
-
-
-@_kernel_t.defjvp
-def _kernel_t_jvp(primals, tangents):  # type: ignore[no-untyped-def]
-    x, w = primals
-    dx, dw = tangents
-    return _kernel_t(x, w), _xla_t(dx, w) + _xla_t(x, dw)
-
-
-def matmul_t(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [..., K] @ w.T`` for ``w [N, K]`` (rows of a tied embedding: the head) -> ``[..., N]`` float32, with the
-    kernel where it applies (float32, on a CPU): each logit a sum over ``k`` in order, the same for any number
-    of rows or batch; elsewhere XLA's dot."""
-    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
-        raise errors.ShapeMismatchError(f"skinny.matmul_t: x {tuple(x.shape)} against w {tuple(w.shape)}; "
-                                        "needs x [..., K] and w [N, K]")
-    if not (x.dtype == jnp.float32 and w.dtype == jnp.float32 and available()):
-        return _xla_t(x, w)
-    return jax.lax.platform_dependent(x, w, cpu=_kernel_t, default=_xla_t)

@@ -254,16 +254,9 @@ def _blocked_attention(cfg: ModelConfig, qg: jax.Array, k: jax.Array, v: jax.Arr
     return (acc / l[..., None]).astype(v.dtype)
 
 
-def unembed(params: Params, cfg: ModelConfig, h: jax.Array, *, cpu_kernel: bool = False) -> jax.Array:
-    """Final norm + LM head: ``[..., D] -> [..., V]`` float32 logits. ``cpu_kernel``: a float32 head by the CPU
-    kernel (:func:`~jaxpersona.model.skinny.matmul_t` for a tied head, :func:`~jaxpersona.model.skinny.matmul`
-    for ``lm_head``), as a decode step's projections."""
+def unembed(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Final norm + LM head: ``[..., D] -> [..., V]`` float32 logits."""
     x = rms_norm(h, params["final_norm"], cfg.rms_eps, cfg.norm_offset)
-    if cpu_kernel:
-        head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-        if x.dtype == jnp.float32 and head.dtype == jnp.float32:
-            z = skinny.matmul_t(x, head) if cfg.tie_embeddings else skinny.matmul(x, head[None], 0)
-            return softcap(z, cfg.final_softcap)
     return _head_slice(params, cfg, x, jnp.int32(0), cfg.vocab_size)
 
 
@@ -911,7 +904,7 @@ def forward(
     )
     out_logits = None
     if logits == "last":
-        out_logits = constrain(unembed(params, cfg, h[:, -1:], cpu_kernel=cpu_kernel), "batch", "seq", "vocab")
+        out_logits = constrain(unembed(params, cfg, h[:, -1:]), "batch", "seq", "vocab")
     elif logits:
         out_logits = constrain(unembed(params, cfg, h), "batch", "seq", "vocab")
     return ForwardOutput(out_logits, buf if capture is not None else None, new_cache)

@@ -97,9 +97,8 @@ class EngineConfig:
     ``prefill_rows``: prompts prefilled side by side in one call; ``attn_block``: attention reads the cache in
     blocks of this many slots, over only the slots in use; ``prefix_cache_mb``: device memory for cached
     prompt blocks (0: no prefix cache); ``cpu_kernel``: float32 decode steps on one CPU device read the
-    projection weights and the head with the CPU kernels (:mod:`jaxpersona.model.skinny`) where they are
-    available, and prefill calls read the projections so when ``prefill_rows x prefill_chunk <=
-    skinny.FEW_ROWS`` (False: XLA's dots).
+    projection weights with the CPU kernel (:mod:`jaxpersona.model.skinny`) where it is available, and so do
+    prefill calls when ``prefill_rows x prefill_chunk <= skinny.FEW_ROWS`` (False: XLA's dots).
     ``max_context`` must be a multiple of both block sizes."""
 
     batch: int = 8

@@ -1,5 +1,4 @@
-"""The CPU kernels for float32 matmuls against a stacked weight and a tied head (jaxpersona.model.skinny): built
-where a C++ compiler and AVX-512F exist (as on the CI machine), exact to fp32 rounding against a float64
+"""The CPU kernel for float32 matmuls against a stacked weight (jaxpersona.model.skinny): built where a C++ compiler and AVX-512F exist (as on the CI machine), exact to fp32 rounding against a float64
 reference, row-independent bit for bit (few rows, many rows, vmapped), differentiable, and used by the serving
 engine's and the library's decode steps with the same tokens as XLA's dots."""
 
@@ -101,36 +100,6 @@ def test_vmap_makes_the_batch_rows_of_one_call():
     by_layer = jax.vmap(lambda a, l: skinny.matmul(a, stack, l))(xs[:3], jnp.arange(3))
     np.testing.assert_array_equal(np.asarray(by_layer),
                                   np.stack([np.asarray(skinny.matmul(xs[i], stack, i)) for i in range(3)]))
-
-
-@pytest.mark.parametrize("m,v,k", [(16, 49152, 576), (1, 1000, 100), (37, 77, 300), (5, 8, 17)])
-def test_the_tied_head_kernel_matches_a_reference_and_is_row_independent(m, v, k):
-    """``matmul_t(x, w) = x @ w.T`` for a head held as rows ``[V, D]`` (a tied embedding): exact to fp32 rounding
-    against float64, any vocabulary and width (tails of the 8-row tile and of the 16-row lane groups), the same
-    bits for a row alone, in a batch or vmapped, differentiable; shapes that do not fit are a typed error."""
-    from jaxpersona import errors
-
-    rng = np.random.default_rng(m + v + k)
-    w = rng.standard_normal((v, k)).astype(np.float32)
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    f = jax.jit(skinny.matmul_t)
-    got = np.asarray(f(jnp.asarray(x), jnp.asarray(w)))
-    ref = x.astype(np.float64) @ w.T.astype(np.float64)
-    scale = np.abs(x).astype(np.float64) @ np.abs(w.T).astype(np.float64)
-    assert got.shape == (m, v) and np.all(np.abs(got - ref) <= 1e-6 * scale + 1e-30)
-    np.testing.assert_array_equal(np.asarray(f(jnp.asarray(x[-1:]), jnp.asarray(w))), got[-1:])
-    if m % 2 == 0:
-        halves = jax.jit(jax.vmap(skinny.matmul_t, in_axes=(0, None)))(jnp.asarray(x).reshape(2, m // 2, k),
-                                                                       jnp.asarray(w))
-        np.testing.assert_array_equal(np.asarray(halves).reshape(m, v), got)
-    if v <= 1000:
-        loss = lambda fn: lambda a, b: jnp.sum(jnp.tanh(fn(a, b)))  # noqa: E731
-        g = jax.grad(loss(skinny.matmul_t), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
-        r = jax.grad(loss(lambda a, b: a @ b.T), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
-        for a, b in zip(g, r):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-    with pytest.raises(errors.ShapeMismatchError, match="needs x"):
-        skinny.matmul_t(jnp.asarray(x[:, :-1]), jnp.asarray(w))
 
 
 def test_shapes_that_do_not_fit_are_a_typed_error():
@@ -249,8 +218,7 @@ print(json.dumps([np.asarray(out.tokens).tolist(), np.asarray(out.logprobs).toli
 
 def test_library_generation_decodes_with_the_kernel_and_xlas_tokens(smollm2):
     """Every decode step of the library's generation (generate, the sweep's vmapped generations, seeds) reads
-    its projections and tied head with the kernels on one CPU device: both custom calls are in the program,
-    and greedy tokens on the embedded model equal XLA's (``JAXPERSONA_CPU_KERNEL=0``, another process) with
+    its projections with the kernel on one CPU device: its custom call is in the program, and greedy tokens on the embedded model equal XLA's (``JAXPERSONA_CPU_KERNEL=0``, another process) with
     log-probs within 1e-4."""
     import json
 
@@ -266,7 +234,7 @@ def test_library_generation_decodes_with_the_kernel_and_xlas_tokens(smollm2):
     hlo = generate_loop.lower(m.params, m.cfg, jnp.asarray(b.tokens), jnp.asarray(b.valid), jax.random.key(0),
                               jnp.float32(0), jnp.float32(1), None, max_new_tokens=4, greedy=True, eos_ids=(),
                               pad_id=0).compile().as_text()
-    assert f'custom_call_target="{skinny.TARGET}"' in hlo and f'custom_call_target="{skinny.TARGET_T}"' in hlo
+    assert f'custom_call_target="{skinny.TARGET}"' in hlo
     out = generate(m.params, m.cfg, b.tokens, b.valid, max_new_tokens=12, eos_ids=(), pad_id=m.pad_id)
     env = {**os.environ, skinny.ENV: "0"}
     done = subprocess.run([sys.executable, "-c", LIBRARY_GREEDY, json.dumps(prompts)], env=env, capture_output=True,
