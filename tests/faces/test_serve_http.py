@@ -88,7 +88,7 @@ def _bounded(body):
 SENT: list[int] = []
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
 @given(body=st.one_of(SHAPED, JSON), endpoint=st.sampled_from(ENDPOINTS))
 def _fuzz_one(client, server, body, endpoint):
     raw = json.dumps(_bounded(body), allow_nan=True)
