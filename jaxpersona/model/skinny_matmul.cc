@@ -54,51 +54,55 @@ inline __m512 Load(__mmask16 m, const float* p) {
   return MASK ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
 }
 
-// o[r, 0:64] (+)= x[r, k0:k1] @ w[k0:k1, 0:64] for r < ROWS; with MASK, m[c] masks columns 16c..16c+15 (the
-// last tile of a width that is not a multiple of 64; masked loads cost ~1/3 more, so only there).
-template <int ROWS, bool MASK>
+// Rows r < ROWS of a 64-column output tile over k0 <= k < k1, with MASK (m[c] masks columns 16c..16c+15 of the
+// last tile of a width that is not a multiple of 64; masked loads cost ~1/3 more, so only there):
+//  * !PACKED (few rows): w is the weight itself (row stride N); the sum carries on from o unless `first`, and
+//    o = the sum;
+//  * PACKED (many rows): w is a packed panel (row k - k0 at w + 64 (k - k0), zero past N); the sum starts from
+//    zero and o = it (`first`) or o + it (a later part of K).
+template <int ROWS, bool MASK, bool PACKED>
 inline void Tile(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o,
                  const __mmask16* m, bool first) {
   __m512 a[ROWS][4];
   for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < 4; ++c) a[r][c] = first ? _mm512_setzero_ps() : Load<MASK>(m[c], o + r * N + 16 * c);
+    for (int c = 0; c < 4; ++c)
+      a[r][c] = PACKED || first ? _mm512_setzero_ps() : Load<MASK>(m[c], o + r * N + 16 * c);
   for (int64_t k = k0; k < k1; ++k) {
-    const float* wk = w + k * N;
-    const __m512 w0 = Load<MASK>(m[0], wk), w1 = Load<MASK>(m[1], wk + 16), w2 = Load<MASK>(m[2], wk + 32),
-                 w3 = Load<MASK>(m[3], wk + 48);
+    __m512 wv[4];
+    for (int c = 0; c < 4; ++c)
+      wv[c] = PACKED ? _mm512_load_ps(w + (k - k0) * 64 + 16 * c) : Load<MASK>(m[c], w + k * N + 16 * c);
     for (int r = 0; r < ROWS; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * K + k]);
-      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-      a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
-      a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_fmadd_ps(xv, wv[c], a[r][c]);
     }
   }
   for (int r = 0; r < ROWS; ++r)
     for (int c = 0; c < 4; ++c) {
+      const __m512 v = PACKED && !first ? _mm512_add_ps(Load<MASK>(m[c], o + r * N + 16 * c), a[r][c]) : a[r][c];
       if (MASK)
-        _mm512_mask_storeu_ps(o + r * N + 16 * c, m[c], a[r][c]);
+        _mm512_mask_storeu_ps(o + r * N + 16 * c, m[c], v);
       else
-        _mm512_storeu_ps(o + r * N + 16 * c, a[r][c]);
+        _mm512_storeu_ps(o + r * N + 16 * c, v);
     }
 }
 
-template <bool MASK>
+// Tile() over M rows in 6-row register tiles; first prefetches the next block of w (next_rows rows of 64
+// columns at `next`), on its way from memory while this one is used.
+template <bool MASK, bool PACKED>
 void Rows(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o, int64_t M,
-          const __mmask16* m, bool first, const float* next, int64_t next_rows) {
-  // the next block of w (next_rows rows of 64 columns at `next`), on its way from memory while this one is used
+          const __mmask16* m, bool first, const float* next = nullptr, int64_t next_rows = 0) {
   for (int64_t k = 0; k < next_rows; ++k)
     for (int c = 0; c < 64; c += 16) _mm_prefetch(reinterpret_cast<const char*>(next + k * N + c), _MM_HINT_T0);
   for (int64_t r0 = 0; r0 < M; r0 += RG) {
     const float* xr = x + r0 * K;
     float* orow = o + r0 * N;
     switch (M - r0 < RG ? M - r0 : RG) {
-      case 6: Tile<6, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 5: Tile<5, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 4: Tile<4, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 3: Tile<3, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 2: Tile<2, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      default: Tile<1, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 6: Tile<6, MASK, PACKED>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 5: Tile<5, MASK, PACKED>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 4: Tile<4, MASK, PACKED>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 3: Tile<3, MASK, PACKED>(xr, K, w, N, k0, k1, orow, m, first); break;
+      case 2: Tile<2, MASK, PACKED>(xr, K, w, N, k0, k1, orow, m, first); break;
+      default: Tile<1, MASK, PACKED>(xr, K, w, N, k0, k1, orow, m, first); break;
     }
   }
 }
@@ -122,9 +126,9 @@ void Part(const float* x, const float* w, float* o, int64_t M, int64_t K, int64_
       const float* next = w + k0 * N + j + 64;
       const int64_t next_rows = j + 64 < N && M >= 4 ? k1 - k0 : 0;  // 1-3 rows: the hardware prefetcher keeps up
       if (j + 64 <= N)
-        Rows<false>(x, K, w + j, N, k0, k1, o + j, M, m, first, next, next_rows);
+        Rows<false, false>(x, K, w + j, N, k0, k1, o + j, M, m, first, next, next_rows);
       else
-        Rows<true>(x, K, w + j, N, k0, k1, o + j, M, m, first, next, next_rows);
+        Rows<true, false>(x, K, w + j, N, k0, k1, o + j, M, m, first, next, next_rows);
     }
   }
 }
@@ -133,52 +137,6 @@ void Part(const float* x, const float* w, float* o, int64_t M, int64_t K, int64_
 // to o as the part ends -- the same numbers as Part() into separate buffers added in order (a part's sum is the
 // same sequence of FMAs from zero; a sum stored and reloaded is exact), with no buffers and a weight panel
 // (a part x 64 columns) reused from cache by every row tile.
-template <int ROWS, bool MASK>
-inline void PartTile(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o,
-                     const __mmask16* m, bool first) {
-  // w: the packed panel (row k - k0 at w + 64 * (k - k0), zero past N)
-  __m512 a[ROWS][4];
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* wk = w + (k - k0) * 64;
-    const __m512 w0 = _mm512_load_ps(wk), w1 = _mm512_load_ps(wk + 16), w2 = _mm512_load_ps(wk + 32),
-                 w3 = _mm512_load_ps(wk + 48);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * K + k]);
-      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-      a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
-      a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
-    }
-  }
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < 4; ++c) {
-      __m512 v = first ? a[r][c] : _mm512_add_ps(Load<MASK>(m[c], o + r * N + 16 * c), a[r][c]);
-      if (MASK)
-        _mm512_mask_storeu_ps(o + r * N + 16 * c, m[c], v);
-      else
-        _mm512_storeu_ps(o + r * N + 16 * c, v);
-    }
-}
-
-template <bool MASK>
-void PartRows(const float* x, int64_t K, const float* w, int64_t N, int64_t k0, int64_t k1, float* o, int64_t M,
-              const __mmask16* m, bool first) {
-  for (int64_t r0 = 0; r0 < M; r0 += RG) {
-    const float* xr = x + r0 * K;
-    float* orow = o + r0 * N;
-    switch (M - r0 < RG ? M - r0 : RG) {
-      case 6: PartTile<6, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 5: PartTile<5, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 4: PartTile<4, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 3: PartTile<3, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      case 2: PartTile<2, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-      default: PartTile<1, MASK>(xr, K, w, N, k0, k1, orow, m, first); break;
-    }
-  }
-}
-
 // o[r0:r1, j:j+64] over all P parts (of `step` rows of w each) in order; `pack` holds step x 64 floats (64-byte
 // aligned): each part's panel of w is copied there first, contiguous (a strided panel thrashes L1's sets).
 void Block(const float* x, const float* w, float* o, int64_t K, int64_t N, int64_t P, int64_t step, int64_t r0,
@@ -207,9 +165,9 @@ void Block(const float* x, const float* w, float* o, int64_t K, int64_t N, int64
       for (int c = 0; c < 4; ++c)
         _mm512_store_ps(pack + (k - ka) * 64 + 16 * c, _mm512_maskz_loadu_ps(m[c], w + k * N + j + 16 * c));
     if (j + 64 <= N)
-      PartRows<false>(x + r0 * K, K, pack, N, ka, kb, o + r0 * N + j, r1 - r0, m, p == 0);
+      Rows<false, true>(x + r0 * K, K, pack, N, ka, kb, o + r0 * N + j, r1 - r0, m, p == 0);
     else
-      PartRows<true>(x + r0 * K, K, pack, N, ka, kb, o + r0 * N + j, r1 - r0, m, p == 0);
+      Rows<true, true>(x + r0 * K, K, pack, N, ka, kb, o + r0 * N + j, r1 - r0, m, p == 0);
   }
 }
 
