@@ -132,7 +132,19 @@ def _add_judge_args(p: argparse.ArgumentParser, default: str = "self") -> None:
                         + ("; 'none': no judge" if default == "none" else ""))
     g.add_argument("--judge-url", default=None, help="OpenAI-compatible base URL (e.g. https://api.openai.com/v1)")
     g.add_argument("--judge-model", default=None, help="model name at --judge-url (e.g. gpt-4.1-mini)")
-    g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="env var holding the API key (never logged)")
+    g.add_argument("--judge-key-env", default=None, help="env var holding the API key (never logged; default "
+                   "OPENAI_API_KEY, sent when set; a variable named here must be set)")
+
+
+def _judge_key_env(args: argparse.Namespace) -> str:
+    """The judge's key variable, checked before any work: one named with ``--judge-key-env`` must be set (an unset
+    default, OPENAI_API_KEY, sends no key: a local endpoint)."""
+    if args.judge_key_env is None:
+        return "OPENAI_API_KEY"
+    if args.judge_url and not os.environ.get(args.judge_key_env):
+        raise errors.InputError(f"--judge-key-env {args.judge_key_env}: that environment variable is not set (or is "
+                                "empty); set it to the endpoint's API key, or leave the option out to send no key")
+    return args.judge_key_env
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -202,6 +214,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if not args.message.strip():
+        raise errors.InputError("chat: the message is empty")
     lib = library("chat")
     model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     hook = lib.every_token_hook(args.cap, model.cfg, 1) if args.cap else None
@@ -222,6 +236,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompts = list(args.prompt)
     if not prompts:
         raise errors.InputError("no prompts: pass PROMPT arguments or --prompts FILE (one prompt per line)")
+    if blank := [i + 1 for i, p in enumerate(prompts) if not p.strip()]:
+        raise errors.InputError(f"generate: prompt {blank[0]} of {len(prompts)} is empty")
     lib = library("generate")
     model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     hook = lib.every_token_hook(args.cap, model.cfg, len(prompts)) if args.cap else None
@@ -273,6 +289,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    key_env = _judge_key_env(args)
     lib = library("extract")
     config = lib.load_extract_config(args.config, full=args.full)
     if args.all_traits and args.trait:
@@ -289,7 +306,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         config = config.replace(seed=args.seed)
     model = lib.load(args.model, dtype=args.dtype, matmul_dtype=args.matmul_dtype)
     judge, judge_id = lib.build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
-                                      key_env=args.judge_key_env)
+                                      key_env=key_env)
     if len(traits) == 1:
         out = Path(args.out or f"runs/persona_{traits[0].name}")
         result = lib.run_extract(model, traits[0], judge, config, out, judge_id=judge_id, anchors=anchors,
@@ -304,6 +321,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_space(args: argparse.Namespace) -> int:
+    key_env = _judge_key_env(args)
     lib = library("space")
     config = lib.load_space_config(args.config, full=args.full)
     if args.seed is not None:
@@ -315,7 +333,7 @@ def cmd_space(args: argparse.Namespace) -> int:
         judge, judge_id = None, "none"
     else:
         judge, judge_id = lib.build_judge(model, args.judge, url=args.judge_url, judge_model=args.judge_model,
-                                          key_env=args.judge_key_env)
+                                          key_env=key_env)
     out = Path(args.out or "runs/space")
     result = lib.run_space(model, roles, scripts, judge, config, out, judge_id=judge_id, progress=not args.quiet,
                            log=_log(args.quiet))

@@ -144,6 +144,25 @@ def test_checks_that_used_to_come_after_the_work(tmp_path, capsys):
                     "--num-processes must be >= 1")
 
 
+def test_empty_messages_and_an_unset_named_key_variable_are_refused_before_the_model_loads(capsys, monkeypatch):
+    """``chat ""`` and a blank ``generate`` prompt were sent to the model as they were; a ``--judge-key-env`` that
+    names an unset variable sent no key and failed at the first judgement, after the model work. The default
+    (OPENAI_API_KEY) may stay unset: a local endpoint takes no key."""
+    from jaxpersona import cli
+
+    real = cli.library
+    monkeypatch.setattr(cli, "library", lambda name: real(name) if name == "compile-cache" else pytest.fail(name))
+    _one_line_error(capsys, main(["chat", "  "]), "the message is empty")
+    _one_line_error(capsys, main(["generate", "hi", ""]), "prompt 2 of 2 is empty")
+    monkeypatch.delenv("JP_SURELY_UNSET_KEY", raising=False)
+    for cmd in (["extract", "--trait", "evil"], ["space"]):
+        _one_line_error(capsys, main([*cmd, "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                                      "--judge-key-env", "JP_SURELY_UNSET_KEY"]), "JP_SURELY_UNSET_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    args = cli.build_parser().parse_args(["extract", "--trait", "evil", "--judge-url", "http://127.0.0.1:9/v1"])
+    assert cli._judge_key_env(args) == "OPENAI_API_KEY"
+
+
 def test_data_files_with_a_utf8_bom_are_read(tmp_path):
     from jaxpersona.data.datasets import read_chat_jsonl
 
