@@ -5,8 +5,9 @@ scalar, e.g. the layer scan's counter) -> ``[..., N]``. A decode step is a handf
 of the model; inside the layer scan XLA:CPU copies each layer's slice out of the stacked weights before its
 dot, and its dot (as torch's) streams a weight at ~9 GB/s at 16 rows on a 2-core Xeon. The kernel
 (``skinny_matmul.cc``, an XLA FFI custom call) reads the layer where it lies at ~16 GB/s for few rows, and from
-32 rows on multiplies packed panels of the weight at XLA's rate (1.2x XLA at 16-128 rows, 1.0x at 420-1024:
-``scripts/bench_matmul.py``). Used by every decode step of the library's generation and the server's.
+32 rows on multiplies packed panels of the weight at XLA's rate or a little above (a layer's 7 projections: 2.1x
+XLA's speed at 16 rows, 1.04x at 1024; ``scripts/bench_matmul.py``). Used by every decode step of the
+library's generation and the server's.
 
 Numerics: each output is a fixed-order fp32 sum (parts of K, each in order, then added), the same for any
 number of rows, batch or thread count, and for either path; it differs from XLA's dot in the last bits (~1e-6
@@ -129,16 +130,16 @@ def _call_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, stack: jax.
     """A batch of ``x`` against one weight: the batch becomes more rows of one call (a row's numbers do not
     depend on the rows beside it, so this equals one call per element, bit for bit). A batched weight or layer
     (not a decode step's case): one call per element."""
-    x_b, stack_b, layer_b = in_batched
-    if not stack_b and not layer_b:
+    if not in_batched[1] and not in_batched[2]:
         return _call(x, stack, layer), True
-    if not x_b:
-        x = jnp.broadcast_to(x, (axis_size, *x.shape))
-    if not stack_b:
-        stack = jnp.broadcast_to(stack, (axis_size, *stack.shape))
-    if not layer_b:
-        layer = jnp.broadcast_to(layer, (axis_size, *layer.shape))
-    return jax.lax.map(lambda a: _call(*a), (x, stack, layer)), True
+    args = (x, stack, layer)
+    mapped = tuple(a for a, b in zip(args, in_batched) if b)  # unbatched arguments are read as they are
+
+    def one(m: tuple[jax.Array, ...]) -> jax.Array:
+        it = iter(m)
+        return _call(*(next(it) if b else a for a, b in zip(args, in_batched)))
+
+    return jax.lax.map(one, mapped), True
 
 
 @jax.custom_jvp
@@ -163,4 +164,3 @@ def matmul(x: jax.Array, stack: jax.Array, layer: jax.Array | int) -> jax.Array:
     if not applies(x, stack):
         return _sliced(x, stack, layer)
     return jax.lax.platform_dependent(x, stack, layer, cpu=_kernel, default=_sliced)
-

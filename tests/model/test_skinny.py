@@ -85,7 +85,7 @@ def test_many_rows_give_the_few_row_bits(k, n):
 
 def test_vmap_makes_the_batch_rows_of_one_call():
     """Under vmap (a sweep's grid points, a consistency run's seeds) the batch becomes more rows of one call, not
-    a loop of calls, with each element's bits; a batched layer index falls back to one call per element."""
+    a loop of calls, with each element's bits; a batched layer index or weight falls back to one call per element."""
     if not skinny.available():
         assert not machine_can_build()
         return
@@ -100,6 +100,10 @@ def test_vmap_makes_the_batch_rows_of_one_call():
     by_layer = jax.vmap(lambda a, l: skinny.matmul(a, stack, l))(xs[:3], jnp.arange(3))
     np.testing.assert_array_equal(np.asarray(by_layer),
                                   np.stack([np.asarray(skinny.matmul(xs[i], stack, i)) for i in range(3)]))
+    stacks = jnp.stack([stack, 2 * stack])  # a batched weight, x read as it is
+    by_weight = jax.vmap(lambda s: skinny.matmul(xs[0], s, 1))(stacks)
+    np.testing.assert_array_equal(np.asarray(by_weight),
+                                  np.stack([np.asarray(skinny.matmul(xs[0], s, 1)) for s in stacks]))
 
 
 def test_shapes_that_do_not_fit_are_a_typed_error():
