@@ -133,12 +133,11 @@ void Part(const float* x, const float* w, float* o, int64_t M, int64_t K, int64_
   }
 }
 
-// The many-row path: o[r0:r1, j:j+64] for every part of K in order, each part's sum held in registers and added
-// to o as the part ends -- the same numbers as Part() into separate buffers added in order (a part's sum is the
-// same sequence of FMAs from zero; a sum stored and reloaded is exact), with no buffers and a weight panel
-// (a part x 64 columns) reused from cache by every row tile.
-// o[r0:r1, j:j+64] over all P parts (of `step` rows of w each) in order; `pack` holds step x 64 floats (64-byte
-// aligned): each part's panel of w is copied there first, contiguous (a strided panel thrashes L1's sets).
+// The many-row path: o[r0:r1, j:j+64] over all P parts (of `step` rows of w each) in order, each part's sum held
+// in registers and added to o as the part ends -- the same numbers as Part() into separate buffers added in
+// order (a part's sum is the same sequence of FMAs from zero; a sum stored and reloaded is exact). `pack` holds
+// step x 64 floats (64-byte aligned): each part's panel of w is copied there first, contiguous (a strided panel
+// thrashes L1's sets), and every row tile reuses it from cache.
 void Block(const float* x, const float* w, float* o, int64_t K, int64_t N, int64_t P, int64_t step, int64_t r0,
            int64_t r1, int64_t j, float* pack) {
   __mmask16 m[4];
