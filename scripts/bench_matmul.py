@@ -68,13 +68,13 @@ def time_xla(rows: list[int], repeats: int, kernel: bool = False) -> dict[str, f
             return acc + skinny.matmul(x, ws, layer)[:, 0], None
         return jax.lax.scan(body, jnp.zeros(x.shape[0], x.dtype), jnp.arange(ws.shape[0]))[0]
 
+    fn = layers_k if kernel else layers
     rng = np.random.default_rng(0)
     out = {}
     for name, k, n in SHAPES:
         ws = jnp.asarray(rng.standard_normal((LAYERS, k, n), dtype=np.float32))
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
-            fn = layers_k if kernel else layers
             out[f"{name}|{m}"] = _median_us(lambda: fn(x, ws).block_until_ready(), repeats) / LAYERS
     return out
 
