@@ -16,6 +16,9 @@ relative), as two BLAS libraries do. It is built on first use with the system's 
 another CPU, a GPU or TPU, ``JAXPERSONA_CPU_KERNEL=0``) leaves :func:`available` False, and callers keep XLA's
 dot. Gradients flow (its JVP uses XLA's dots); under ``vmap`` the batch becomes more rows of one call (the
 same numbers as one call per element).
+
+The package's other CPU kernel, :mod:`jaxpersona.model.cache_attention` (a decode step's attention over the
+carried cache), is built into the same library (:data:`KERNELS`) and shares :func:`available`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from jaxpersona.model import registry
 
 TARGET = "jaxpersona_skinny_matmul"
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
+# every CPU kernel of the package, built into one library: (source, FFI target, handler symbol)
+KERNELS = ((SOURCE, TARGET, "JpSkinnyMatmul"),
+           (Path(__file__).with_name("cache_attention.cc"), "jaxpersona_cache_attention", "JpCacheAttention"))
 ENV = "JAXPERSONA_CPU_KERNEL"  # "0": never use the kernel
 FEW_ROWS = 128  # the server's prefill calls use the kernel up to this many rows (where it beats XLA's dot by 1.1-1.2x)
 _state: dict[str, str] = {}
@@ -48,8 +54,9 @@ def _compiler() -> str | None:
 
 
 def library_path() -> Path:
-    """Where the built kernel for this source, jaxlib and machine lives (``<cache>/kernels/``)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + jax.lib.__version__.encode() + platform.machine().encode()
+    """Where the built kernels for these sources, jaxlib and machine live (``<cache>/kernels/``)."""
+    sources = b"".join(src.read_bytes() for src, _, _ in KERNELS)
+    key = hashlib.sha256(sources + jax.lib.__version__.encode() + platform.machine().encode()
                          + platform.node().encode()).hexdigest()[:16]
     return registry.cache_dir() / "kernels" / f"skinny_matmul-{key}.so"
 
@@ -62,7 +69,7 @@ def _build(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
-           str(SOURCE), "-o", tmp]
+           *(str(src) for src, _, _ in KERNELS), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode:
@@ -90,7 +97,8 @@ def available() -> bool:
         if not lib.jp_skinny_supported():
             _state["reason"] = "this CPU has no AVX-512F"
             return False
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JpSkinnyMatmul), platform="cpu")
+        for _, target, symbol in KERNELS:
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _state["reason"] = str(e)
         return False

@@ -36,7 +36,7 @@ from jaxpersona import errors
 from jaxpersona.model.config import ModelConfig
 from jaxpersona.model.lora import TARGETS, Adapter, AdapterStack, LayerFactors, layer_factors
 from jaxpersona.model.params import Params, activation_dtype
-from jaxpersona.model import skinny
+from jaxpersona.model import cache_attention, skinny
 from jaxpersona.model.sharding import constrain
 
 Reduce = Literal["tokens", "mean", "last"]
@@ -218,6 +218,23 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
         out = (jnp.einsum("bkqs,bksd->bkqd", probs[..., :p], prefix[1], preferred_element_type=f32)
                + jnp.einsum("bkqs,bksd->bkqd", probs[..., p:], v, preferred_element_type=f32)).astype(v.dtype)
     return out.reshape(b, kvh, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+
+def layer_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, mask: jax.Array,
+                    blocked: Blocked | None = None, prefix: KVPrefix | None = None) -> jax.Array:
+    """:func:`attention` of ``q [B,T,H,hd]`` over layer ``layer`` of a whole cache ``k``/``v`` ``[L,B,KV,S,hd]``
+    (``mask [B,T,S]``, or ``[B,T,P+S]`` after a shared ``prefix``; ``blocked``: only the first ``span`` slots)
+    -> ``[B,T,H*hd]``, read in place by the CPU kernel of :mod:`jaxpersona.model.cache_attention` where it
+    applies on a CPU backend; else the layer's slices, by XLA. The kernel is chosen here, not by
+    ``lax.platform_dependent``: that is a conditional, and XLA:CPU copies a whole cache into it. The same
+    numbers for any ``blocked`` span that covers a row's keys."""
+    sm = k.shape[3] if blocked is None else blocked.span
+    pkv = None if prefix is None else (prefix.k, prefix.v)
+    if jax.default_backend() == "cpu" and sm <= k.shape[3] and cache_attention.applies(cfg, q, k):
+        width = sm + (0 if prefix is None else prefix.k.shape[3])
+        return cache_attention.attend(cfg, q, k, v, layer, mask[..., :width], pkv)
+    pre = None if pkv is None else (pkv[0][layer], pkv[1][layer])
+    return attention(cfg, q, k[layer], v[layer], mask, blocked, pre)
 
 
 def _blocked_attention(cfg: ModelConfig, qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -582,8 +599,13 @@ def finish_block(
 ) -> jax.Array:
     """Attention over k/v ``[B,KV,S,hd]`` (mask ``[B,T,S]``; ``blocked``: see :class:`Blocked`; ``prefix``: this
     layer's shared prefix keys/values, see :func:`attention`), output projection, MLP; residual adds."""
+    return block_tail(cfg, lp, lora, x, attention(cfg, q, k, v, mask, blocked, prefix))
+
+
+def block_tail(cfg: ModelConfig, lp: Params, lora: LayerFactors, x: jax.Array, heads: jax.Array) -> jax.Array:
+    """The rest of a block after its attention ``heads [B,T,H*hd]``: output projection, MLP; residual adds."""
     eps, off = cfg.rms_eps, cfg.norm_offset
-    attn = linear(lp, lora, "wo", constrain(attention(cfg, q, k, v, mask, blocked, prefix), "batch", "seq", "heads"))
+    attn = linear(lp, lora, "wo", constrain(heads, "batch", "seq", "heads"))
     if cfg.o_bias:
         attn = attn + lp["bo"]
     if cfg.sandwich_norm:
@@ -779,7 +801,8 @@ def run_layers(
     (a sweep's grid points over one prompt prefix) without a per-row copy of every layer. ``cpu_kernel``: the
     float32 projections (:data:`KERNEL_WEIGHTS`) are read in place from their stacks by the CPU kernel
     (:class:`LayerWeight`, :mod:`jaxpersona.model.skinny`) where it is available — for few-row calls (a decode
-    step) on one CPU device; the other weights are sliced as before.
+    step) on one CPU device; the other weights are sliced as before. With a carried cache,
+    attention reads its layer of the cache (and of a shared prefix) in place too (:func:`layer_attention`).
     """
     index = jnp.asarray(cache_index, jnp.int32)
     shared = cache if read_only else None  # read, never carried
@@ -810,8 +833,11 @@ def run_layers(
                 else:  # write the new keys/values in place first, then read this layer's slice
                     q, k, v = project_qkv(cfg, w, lora, h, rope)
                     ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                    pre = None if prefix is None else (prefix.k[layer], prefix.v[layer])
-                    h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked, pre)
+                    if cpu_kernel:
+                        h = block_tail(cfg, w, lora, h, layer_attention(cfg, q, ck, cv, layer, mask, blocked, prefix))
+                    else:
+                        pre = None if prefix is None else (prefix.k[layer], prefix.v[layer])
+                        h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked, pre)
                 h = apply_hook(hook, layer + 1, h, prep.ctx)
                 return h, record(buf, layer + 1, h), ck, cv
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpersona.model import skinny
+from jaxpersona.model import cache_attention, skinny
 
 
 def machine_can_build() -> bool:
@@ -143,6 +144,17 @@ def test_turned_off_by_the_environment_it_falls_back_to_xla_exactly():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def cache_copies(hlo: str, cfg) -> list[str]:
+    """What copies a stacked KV cache ``f32[L, B, KV, S, hd]`` in a compiled program: fused computations that
+    take the whole cache and return a layer's keys or values ``f32[B, KV, s, hd]`` (XLA's slice, or its blocks,
+    before the attention products), and copies of the whole cache other than from a broadcast (its zeros)."""
+    kv, hd = cfg.n_kv_heads, cfg.head_dim
+    cache = rf"f32\[{cfg.n_layers},\d+,{kv},\d+,{hd}\]"
+    layer_of = re.compile(rf"^%\S+ \(.*: {cache}.*\) -> f32\[\d+,{kv},\d+,{hd}\] {{")
+    whole = re.compile(rf"= {cache}\S* copy\((?!%\S*broadcast)")
+    return [line for line in hlo.splitlines() if layer_of.search(line) or whole.search(line)]
+
+
 def served(model, prompts: list[str], max_tokens: int, cpu_kernel: bool) -> list[tuple[list, list]]:
     """Greedy tokens and log-probs of each prompt, submitted together to an engine (batch 4)."""
     import queue
@@ -192,7 +204,13 @@ def test_the_engine_decode_step_reads_weights_in_place_with_xlas_tokens(smollm2)
                             jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
                             jnp.ones(b, jnp.float32), None, units, layers, logprobs=jnp.asarray(True),
                             readout=False, blocked=Blocked(32, 64), cpu_kernel=True).compile().as_text()
-    assert skinny.TARGET in hlo
+    assert skinny.TARGET in hlo and cache_attention.TARGET in hlo  # projections and attention read in place
+    assert not cache_copies(hlo, m.cfg), cache_copies(hlo, m.cfg)[:2]
+    xla = decode_step.lower(eng.params, m.cfg, eng.cache, eng.logits, jnp.zeros(b, jnp.int32), jnp.ones(b, bool),
+                            jnp.asarray(eng.keys), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
+                            jnp.ones(b, jnp.float32), None, units, layers, logprobs=jnp.asarray(True),
+                            readout=False, blocked=Blocked(32, 64), cpu_kernel=False).compile().as_text()
+    assert cache_attention.TARGET not in xla and cache_copies(xla, m.cfg)  # what the kernel saves (and the check sees)
     sliced = [line for line in hlo.splitlines() if "dynamic-slice" in line and "fusion(" in line
               and any(f"f32[{a},{c}]" in line for a, c in [(576, 1536), (1536, 576), (576, 576), (576, 192)])]
     assert not sliced, sliced[:3]
@@ -222,8 +240,9 @@ print(json.dumps([np.asarray(out.tokens).tolist(), np.asarray(out.logprobs).toli
 
 def test_library_generation_decodes_with_the_kernel_and_xlas_tokens(smollm2):
     """Every decode step of the library's generation (generate, the sweep's vmapped generations, seeds) reads
-    its projections with the kernel on one CPU device: its custom call is in the program, and greedy tokens on the embedded model equal XLA's (``JAXPERSONA_CPU_KERNEL=0``, another process) with
-    log-probs within 1e-4."""
+    its projections and its attention over the cache with the kernels on one CPU device: their custom calls are
+    in the program and no layer of the cache is copied out; greedy tokens on the embedded model equal XLA's
+    (``JAXPERSONA_CPU_KERNEL=0``, another process) with log-probs within 1e-4."""
     import json
 
     from jaxpersona.compute.generate import generate, generate_loop
@@ -239,6 +258,14 @@ def test_library_generation_decodes_with_the_kernel_and_xlas_tokens(smollm2):
                               jnp.float32(0), jnp.float32(1), None, max_new_tokens=4, greedy=True, eos_ids=(),
                               pad_id=0).compile().as_text()
     assert f'custom_call_target="{skinny.TARGET}"' in hlo
+    assert f'custom_call_target="{cache_attention.TARGET}"' in hlo
+    with pytest.MonkeyPatch.context() as mp:  # the decode without the kernels (another trace: 5 new tokens)
+        mp.setattr(skinny, "for_decode", lambda: False)
+        xla = generate_loop.lower(m.params, m.cfg, jnp.asarray(b.tokens), jnp.asarray(b.valid), jax.random.key(0),
+                                  jnp.float32(0), jnp.float32(1), None, max_new_tokens=5, greedy=True, eos_ids=(),
+                                  pad_id=0).compile().as_text()
+    # the prefill keeps XLA's attention (its layer's keys and values sliced out: 2); the decode step no longer
+    assert len(cache_copies(hlo, m.cfg)) == 2 and len(cache_copies(xla, m.cfg)) > 2, cache_copies(xla, m.cfg)
     out = generate(m.params, m.cfg, b.tokens, b.valid, max_new_tokens=12, eos_ids=(), pad_id=m.pad_id)
     env = {**os.environ, skinny.ENV: "0"}
     done = subprocess.run([sys.executable, "-c", LIBRARY_GREEDY, json.dumps(prompts)], env=env, capture_output=True,

@@ -1,0 +1,75 @@
+"""A CPU kernel for a decode step's attention over one layer of the carried KV cache, read in place.
+
+``attend(cfg, q, k, v, layer, mask, prefix)`` is :func:`jaxpersona.model.transformer.attention` of
+``q [B, T, H, hd]`` over ``k[layer]``/``v[layer]`` (``k``/``v`` the whole cache ``[L, B, KV, S, hd]``), after the
+slots of a shared prompt prefix if one is given (a :class:`~jaxpersona.model.transformer.KVPrefix`'s whole
+``[L, B, KV, Pp, hd]``) -> ``[B, T, H*hd]``; ``mask [B, T, Pp + Sm]``, ``Sm <= S``: only the first ``Sm`` own slots
+are read. Inside the layer scan XLA:CPU copies each layer's slice of the cache out before its two attention
+products (~9% of a sampled 16x64 generation's op time); the kernel (``cache_attention.cc``, built with
+:mod:`jaxpersona.model.skinny`'s kernels) reads it where it lies, and only the slots a row may attend.
+
+Numerics: per (row, head) a fixed-order dot, XLA's softmax (a masked slot is skipped, as XLA's ``exp`` makes it
+exactly 0) and the weighted sum in slot order: a row's numbers depend on its own query, keys, values and mask
+only (any batch, grid point or thread count; a prefix's keys then the cache's give the bits of one cache
+holding both), and differ from XLA's in the last bits. Under ``vmap`` the batch becomes more points of one
+call, the prefix staying one shared array. No gradient: it serves forward-only decode steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpersona.model import skinny
+from jaxpersona.model.config import ModelConfig
+
+TARGET = "jaxpersona_cache_attention"
+
+
+def applies(cfg: ModelConfig, q: jax.Array, k: jax.Array) -> bool:
+    """Whether :func:`attend` may use the kernel: float32 query and cache, no attention softcap, a head size that
+    is a multiple of 16, the kernels available."""
+    return (q.dtype == jnp.float32 and k.dtype == jnp.float32 and cfg.attn_softcap is None
+            and cfg.head_dim % 16 == 0 and skinny.available())
+
+
+@jax.custom_batching.custom_vmap
+def _call(q: jax.Array, k: jax.Array, v: jax.Array, pk: jax.Array, pv: jax.Array, layer: jax.Array,
+          mask: jax.Array, scale: jax.Array) -> jax.Array:
+    """q ``[..., B, T, H, hd]``, k/v ``[..., L, B, KV, S, hd]``, prefix pk/pv ``[L, B, KV, Pp, hd]`` (shared by
+    every leading index), mask ``[..., B, T, Pp + Sm]`` -> ``[..., B, T, H*hd]`` (the same leading dims on q, k/v
+    and mask: none, or vmapped points). The cache goes in as it is: a reshape of it after the layer's in-place
+    write would make XLA write a second copy for the call."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*q.shape[:-2], q.shape[-2] * q.shape[-1]), jnp.float32))
+    return call(q, k, v, pk, pv, layer, mask, scale)
+
+
+@_call.def_vmap
+def _call_vmap(axis_size: int, in_batched: list[bool], *args: jax.Array) -> tuple[jax.Array, bool]:
+    """The batch becomes one more leading dim of one call (each row's numbers are its own, so this equals one
+    call per element); an unbatched query, cache or mask is broadcast, an unbatched prefix stays shared (read
+    once per row for all points). A batched prefix, layer or scale: one call per element."""
+    if any(in_batched[i] for i in (3, 4, 5, 7)):
+        mapped = tuple(a for a, bt in zip(args, in_batched) if bt)
+
+        def one(m: tuple[jax.Array, ...]) -> jax.Array:
+            it = iter(m)
+            return _call(*(next(it) if bt else a for a, bt in zip(args, in_batched)))
+
+        return jax.lax.map(one, mapped), True
+    lead = (0, 1, 2, 6)  # q, k, v, mask carry the points
+    return _call(*(jnp.broadcast_to(a, (axis_size, *a.shape)) if i in lead and not bt else a
+                   for i, (a, bt) in enumerate(zip(args, in_batched)))), True
+
+
+def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, mask: jax.Array,
+           prefix: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """The kernel: attention of ``q [B, T, H, hd]`` over layer ``layer`` of the cache ``k``/``v``
+    ``[L, B, KV, S, hd]``, its first ``Sm`` slots, after the ``Pp`` slots of a shared ``prefix`` (its whole
+    ``k``/``v`` ``[L, B, KV, Pp, hd]``, a :class:`~jaxpersona.model.transformer.KVPrefix`'s) -> ``[B, T, H*hd]``;
+    ``mask [B, T, Pp + Sm]`` (True = may attend). Only where :func:`applies`, on a CPU (the caller keeps XLA's
+    attention elsewhere)."""
+    if prefix is None:
+        empty = jnp.zeros((k.shape[-5], q.shape[-4], cfg.n_kv_heads, 0, cfg.head_dim), jnp.float32)
+        prefix = (empty, empty)
+    return _call(q, k, v, prefix[0], prefix[1], layer.astype(jnp.int32), mask, jnp.float32(cfg.scale))
