@@ -2,7 +2,8 @@
 //
 //   out[p, b, t, h*hd] = softmax_s(scale * q[p, b, t, h] . key_s) . value_s    (G = H / KV query heads a kv head)
 //   q: [P, B, T, H, hd]   k, v: [P, L, B, KV, S, hd]   mask: [P, B, T, Pp + Sm]   (P: any leading dims, or none)
-//   pk, pv: [L, B, KV, Pp, hd], a prompt prefix every point shares (a transformer.KVPrefix; Pp = 0: none)
+//   pk, pv: [L, B, KV, Pp, hd], a prompt prefix every point shares (a transformer.KVPrefix; Pp = 0: none),
+//           or [P, L, B, KV, Pp, hd], each point its own (a sweep's steered prompts)
 //
 // Keys s < Pp are the prefix's slots, then the point's own slots s - Pp < Sm <= S (its slots >= Sm are not
 // read). Why: in a decode step XLA:CPU copies each layer's [B, KV, S, hd] slice of the carried cache out of the
@@ -125,23 +126,27 @@ static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
 #ifndef __AVX512F__
   return ffi::Error::Internal("jaxpersona cache_attention was built without AVX-512F");
 #else
-  // any leading dims on q, k/v and mask, the same on all (their product is P); none on the prefix
+  // any leading dims on q, k/v and mask, the same on all (their product is P); on the prefix none (shared by
+  // every point) or the same
   const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions(), vd = v.dimensions();
   const auto pd = pk.dimensions(), pvd = pv.dimensions();
   const size_t lead = qd.size() >= 4 ? qd.size() - 4 : 0;
+  const bool own_prefix = lead > 0 && pd.size() == lead + 5;  // one prefix per point
+  const size_t plead = own_prefix ? lead : 0;
   bool fits = qd.size() >= 4 && kd.size() == lead + 5 && vd.size() == lead + 5 && md.size() == lead + 3 &&
-              pd.size() == 5 && pvd.size() == 5;
+              pd.size() == plead + 5 && pvd.size() == pd.size();
   int64_t P = 1;
   for (size_t i = 0; fits && i < lead; ++i) {
-    fits = kd[i] == qd[i] && md[i] == qd[i];
+    fits = kd[i] == qd[i] && md[i] == qd[i] && (!own_prefix || pd[i] == qd[i]);
     P *= qd[i];
   }
   for (size_t i = 0; fits && i < kd.size(); ++i) fits = vd[i] == kd[i];
-  for (size_t i = 0; fits && i < 5; ++i) fits = pvd[i] == pd[i] && (i == 3 || pd[i] == kd[lead + i]);
+  for (size_t i = 0; fits && i < pd.size(); ++i) fits = pvd[i] == pd[i];
+  for (size_t i = 0; fits && i < 5; ++i) fits = i == 3 || pd[plead + i] == kd[lead + i];
   if (!fits)
     return ffi::Error::InvalidArgument(
-        "cache_attention: q [..,B,T,H,hd], k/v [..,L,B,KV,S,hd], prefix k/v [L,B,KV,Pp,hd], mask [..,B,T,Pp+Sm]");
-  Shape z{P, kd[lead], kd[lead + 1], kd[lead + 2], kd[lead + 3], kd[lead + 4], qd[lead + 1], 0, pd[3], 0};
+        "cache_attention: q [..,B,T,H,hd], k/v [..,L,B,KV,S,hd], prefix k/v [(..),L,B,KV,Pp,hd], mask [..,B,T,Pp+Sm]");
+  Shape z{P, kd[lead], kd[lead + 1], kd[lead + 2], kd[lead + 3], kd[lead + 4], qd[lead + 1], 0, pd[plead + 3], 0};
   z.Sm = md[lead + 2] - z.Pp;
   const int64_t H = qd[lead + 2];
   if (qd[lead] != z.B || qd[lead + 3] != z.hd || md[lead] != z.B || md[lead + 1] != z.T || z.KV == 0 || H % z.KV ||
@@ -164,9 +169,9 @@ static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
     std::vector<float> e(static_cast<size_t>(W > 0 ? W : 1));
     for (int64_t i; (i = j->next.fetch_add(1)) < items;) {  // (row, kv head), every point
       const int64_t kv = i % z.KV, b = i / z.KV;
-      const int64_t prefix = ((l * z.B + b) * z.KV + kv) * z.Pp * z.hd;
       for (int64_t p = 0; p < z.P; ++p) {
         const int64_t own = (((p * z.L + l) * z.B + b) * z.KV + kv) * z.S * z.hd;
+        const int64_t prefix = ((((own_prefix ? p : 0) * z.L + l) * z.B + b) * z.KV + kv) * z.Pp * z.hd;
         const int64_t row = (p * z.B + b) * z.T * H * z.hd + kv * z.G * z.hd;  // first query of this kv group
         Item(z, qp + row, pkp + prefix, pvp + prefix, kp + own, vp + own, mp + (p * z.B + b) * z.T * W, sc, op + row,
              e.data());
@@ -188,8 +193,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JpCacheAttention, CacheAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // q [..., B, T, H, hd]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // k [..., L, B, KV, S, hd]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // v [..., L, B, KV, S, hd]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // prefix k [L, B, KV, Pp, hd]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // prefix v [L, B, KV, Pp, hd]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // prefix k [(...), L, B, KV, Pp, hd]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // prefix v [(...), L, B, KV, Pp, hd]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // layer []
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [..., B, T, Pp + Sm]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // scale []

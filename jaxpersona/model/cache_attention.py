@@ -37,7 +37,7 @@ def applies(cfg: ModelConfig, q: jax.Array, k: jax.Array) -> bool:
 def _call(q: jax.Array, k: jax.Array, v: jax.Array, pk: jax.Array, pv: jax.Array, layer: jax.Array,
           mask: jax.Array, scale: jax.Array) -> jax.Array:
     """q ``[..., B, T, H, hd]``, k/v ``[..., L, B, KV, S, hd]``, prefix pk/pv ``[L, B, KV, Pp, hd]`` (shared by
-    every leading index), mask ``[..., B, T, Pp + Sm]`` -> ``[..., B, T, H*hd]`` (the same leading dims on q, k/v
+    every leading index) or ``[..., L, B, KV, Pp, hd]`` (one per leading index), mask ``[..., B, T, Pp + Sm]`` -> ``[..., B, T, H*hd]`` (the same leading dims on q, k/v
     and mask: none, or vmapped points). The cache goes in as it is: a reshape of it after the layer's in-place
     write would make XLA write a second copy for the call."""
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*q.shape[:-2], q.shape[-2] * q.shape[-1]), jnp.float32))
@@ -47,19 +47,23 @@ def _call(q: jax.Array, k: jax.Array, v: jax.Array, pk: jax.Array, pv: jax.Array
 @_call.def_vmap
 def _call_vmap(axis_size: int, in_batched: list[bool], *args: jax.Array) -> tuple[jax.Array, bool]:
     """The batch becomes one more leading dim of one call (each row's numbers are its own, so this equals one
-    call per element); an unbatched query, cache or mask is broadcast, an unbatched prefix stays shared (read
-    once per row for all points). A batched prefix, layer or scale: one call per element."""
-    if any(in_batched[i] for i in (3, 4, 5, 7)):
-        mapped = tuple(a for a, bt in zip(args, in_batched) if bt)
+    call per element); an unbatched query, cache or mask is broadcast. A prefix stays one shared array while
+    unbatched (read once per row for all points), and becomes one per point when batched (a sweep's steered
+    prompts). A batched layer or scale, or a prefix batched at one level of nested vmaps and shared at
+    another: one call per element."""
+    q, k, v, pk, pv, layer, mask, scale = args
+    if in_batched[5] or in_batched[7] or in_batched[3] != in_batched[4]:
+        return skinny.map_batched(_call, args, in_batched), True
 
-        def one(m: tuple[jax.Array, ...]) -> jax.Array:
-            it = iter(m)
-            return _call(*(next(it) if bt else a for a, bt in zip(args, in_batched)))
+    def lead(a: jax.Array, batched: bool) -> jax.Array:
+        return a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
 
-        return jax.lax.map(one, mapped), True
-    lead = (0, 1, 2, 6)  # q, k, v, mask carry the points
-    return _call(*(jnp.broadcast_to(a, (axis_size, *a.shape)) if i in lead and not bt else a
-                   for i, (a, bt) in enumerate(zip(args, in_batched)))), True
+    q, k, v, mask = (lead(a, in_batched[i]) for i, a in zip((0, 1, 2, 6), (q, k, v, mask)))
+    if in_batched[3] and pk.ndim - 5 != q.ndim - 4:  # per point at this level only, shared below it
+        return skinny.map_batched(_call, args, in_batched), True
+    if not in_batched[3] and pk.ndim > 5:  # per point below this level, shared at it
+        pk, pv = lead(pk, False), lead(pv, False)
+    return _call(q, k, v, pk, pv, layer, mask, scale), True
 
 
 def attend(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, mask: jax.Array,

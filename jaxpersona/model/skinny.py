@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -140,14 +141,19 @@ def _call_vmap(axis_size: int, in_batched: list[bool], x: jax.Array, stack: jax.
     (not a decode step's case): one call per element."""
     if not in_batched[1] and not in_batched[2]:
         return _call(x, stack, layer), True
-    args = (x, stack, layer)
-    mapped = tuple(a for a, b in zip(args, in_batched) if b)  # unbatched arguments are read as they are
+    return map_batched(_call, (x, stack, layer), in_batched), True
+
+
+def map_batched(call: Callable[..., jax.Array], args: tuple[jax.Array, ...], in_batched: list[bool]) -> jax.Array:
+    """A kernel's vmap rule when the batch cannot join one call: ``call`` once per element of the batched
+    ``args`` (``lax.map``); unbatched arguments are read as they are."""
+    mapped = tuple(a for a, b in zip(args, in_batched) if b)
 
     def one(m: tuple[jax.Array, ...]) -> jax.Array:
         it = iter(m)
-        return _call(*(next(it) if b else a for a, b in zip(args, in_batched)))
+        return call(*(next(it) if b else a for a, b in zip(args, in_batched)))
 
-    return jax.lax.map(one, mapped), True
+    return jax.lax.map(one, mapped)
 
 
 @jax.custom_jvp

@@ -158,3 +158,43 @@ def test_a_shared_prefix_is_attended_first_and_stays_one_array_under_vmap():
     batched = np.asarray(g(qp, okp))
     for i in range(points):
         assert (batched[i] == np.asarray(f(qp[i], okp[i], ov, mask, pk, pv))).all()
+
+
+def test_a_batched_layer_index_is_one_call_per_element():
+    """A vmap over the layer index (not a decode step's case) falls back to one call per layer: the same bits."""
+    if not need_kernel():
+        return
+    q, k, v, mask = case(5, 3, 1, 4, 2, 32, 20)
+    cfg = config(4, 2, 32)
+    f = jax.jit(lambda *a: cache_attention.attend(cfg, *a))
+    layers = jnp.arange(3, dtype=jnp.int32)
+    got = np.asarray(jax.jit(jax.vmap(lambda layer: cache_attention.attend(cfg, jnp.asarray(q), jnp.asarray(k),
+                                                                       jnp.asarray(v), layer, jnp.asarray(mask))))(layers))
+    for layer in range(3):
+        assert (got[layer] == np.asarray(f(q, k, v, jnp.int32(layer), mask))).all()
+
+
+def test_a_prefix_per_point_is_one_call_too():
+    """All-position sweep points steer their prompts, so each point has its own prefix (batched with the points):
+    still one custom call with no loop and no copy of a point's cache, the same bits as one call per point."""
+    if not need_kernel():
+        return
+    b, h, kv, hd, pre, own, points = 3, 6, 2, 32, 20, 6, 3
+    q, k, v, mask = case(6, b, 1, h, kv, hd, pre + own)
+    cfg = config(h, kv, hd)
+    kp, vp = np.stack([k * (i + 1) for i in range(points)]), np.stack([v - i for i in range(points)])
+    qp = np.stack([q + i for i in range(points)])
+
+    def one(q, k, v):
+        pk, pv = k[:, :, :, :pre], v[:, :, :, :pre]
+        return cache_attention.attend(cfg, q, k[:, :, :, pre:], v[:, :, :, pre:], jnp.int32(2), jnp.asarray(mask),
+                                      (pk, pv))
+
+    g = jax.jit(jax.vmap(one))
+    hlo = g.lower(qp, kp, vp).compile().as_text()
+    assert hlo.count(f'custom_call_target="{cache_attention.TARGET}"') == 1 and "while" not in hlo
+    batched = np.asarray(g(qp, kp, vp))
+    for i in range(points):
+        assert (batched[i] == np.asarray(jax.jit(one)(qp[i], kp[i], vp[i]))).all()
+        np.testing.assert_allclose(batched[i], reference(qp[i], kp[i][2], vp[i][2], mask, cfg.scale), rtol=0,
+                                   atol=1e-4)
