@@ -224,13 +224,15 @@ def layer_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, 
                     blocked: Blocked | None = None, prefix: KVPrefix | None = None) -> jax.Array:
     """:func:`attention` of ``q [B,T,H,hd]`` over layer ``layer`` of a whole cache ``k``/``v`` ``[L,B,KV,S,hd]``
     (``mask [B,T,S]``, or ``[B,T,P+S]`` after a shared ``prefix``; ``blocked``: only the first ``span`` slots)
-    -> ``[B,T,H*hd]``, read in place by the CPU kernel of :mod:`jaxpersona.model.cache_attention` where it
-    applies on a CPU backend; else the layer's slices, by XLA. The kernel is chosen here, not by
+    -> ``[B,T,H*hd]``, read in place by the CPU kernel of :mod:`jaxpersona.model.cache_attention` for one new
+    token a row (``T = 1``, a decode step) where it applies on a CPU backend; else the layer's slices, by XLA (a
+    prefill chunk of 16 tokens over a few hundred slots was ~1.5x slower in the kernel). The kernel is chosen here, not by
     ``lax.platform_dependent``: that is a conditional, and XLA:CPU copies a whole cache into it. The same
     numbers for any ``blocked`` span that covers a row's keys."""
     sm = k.shape[3] if blocked is None else blocked.span
     pkv = None if prefix is None else (prefix.k, prefix.v)
-    if jax.default_backend() == "cpu" and sm <= k.shape[3] and cache_attention.applies(cfg, q, k):
+    # one new token a row (a decode step): a chunk of several (a server's prefill) is a small matmul, XLA's
+    if q.shape[1] == 1 and jax.default_backend() == "cpu" and sm <= k.shape[3] and cache_attention.applies(cfg, q, k):
         width = sm + (0 if prefix is None else prefix.k.shape[3])
         return cache_attention.attend(cfg, q, k, v, layer, mask[..., :width], pkv)
     pre = None if pkv is None else (pkv[0][layer], pkv[1][layer])

@@ -116,8 +116,12 @@ def test_a_row_gets_the_same_bits_alone_in_any_batch_and_vmapped_as_one_call():
 
 
 def test_where_it_does_not_apply_the_layer_keeps_xlas_attention_exactly():
-    """A softcapped model (Gemma 2), bfloat16, or a head size that is not a multiple of 16 keep XLA's attention
-    of the layer's slice, bit for bit."""
+    """A softcapped model (Gemma 2), bfloat16, a head size that is not a multiple of 16, or a chunk of several
+    new tokens a row (a server's prefill: a small matmul, faster in XLA) keep XLA's attention of the layer's
+    slice, bit for bit."""
+    qc, kc, vc, mc = (jnp.asarray(a) for a in case(7, 2, 4, 4, 2, 32, 20))
+    got = transformer.layer_attention(config(4, 2, 32), qc, kc, vc, jnp.int32(1), mc)
+    assert (np.asarray(got) == np.asarray(transformer.attention(config(4, 2, 32), qc, kc[1], vc[1], mc))).all()
     q, k, v, mask = case(3, 2, 1, 4, 2, 24, 20)
     for cfg, dtype in ((config(4, 2, 24), jnp.float32), (config(4, 2, 32, softcap=50.0), jnp.float32),
                        (config(4, 2, 32), jnp.bfloat16)):
