@@ -28,6 +28,8 @@
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+
+#include "kernel_items.h"
 #endif
 
 namespace ffi = xla::ffi;
@@ -111,11 +113,6 @@ void Item(const Shape& z, const float* q, const float* pk, const float* pv, cons
   }
 }
 
-struct Job {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
 }  // namespace
 #endif
 
@@ -164,11 +161,9 @@ static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   float* op = out->typed_data();
   const int64_t items = z.B * z.KV, W = z.Pp + z.Sm;
   if (items == 0 || z.P == 0 || z.T == 0) return ffi::Error::Success();
-  auto job = std::make_shared<Job>();
-  auto work = [=](Job* j) {
-    std::vector<float> e(static_cast<size_t>(W > 0 ? W : 1));
-    for (int64_t i; (i = j->next.fetch_add(1)) < items;) {  // (row, kv head), every point
-      const int64_t kv = i % z.KV, b = i / z.KV;
+  jaxpersona::ForItems(pool, items, [=]() {
+    return [=, e = std::vector<float>(static_cast<size_t>(W > 0 ? W : 1))](int64_t i) mutable {
+      const int64_t kv = i % z.KV, b = i / z.KV;  // (row, kv head), every point
       for (int64_t p = 0; p < z.P; ++p) {
         const int64_t own = (((p * z.L + l) * z.B + b) * z.KV + kv) * z.S * z.hd;
         const int64_t prefix = ((((own_prefix ? p : 0) * z.L + l) * z.B + b) * z.KV + kv) * z.Pp * z.hd;
@@ -176,13 +171,8 @@ static ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
         Item(z, qp + row, pkp + prefix, pvp + prefix, kp + own, vp + own, mp + (p * z.B + b) * z.T * W, sc, op + row,
              e.data());
       }
-      j->done.fetch_add(1, std::memory_order_acq_rel);
-    }
-  };
-  const int64_t helpers = pool.num_threads() < items - 1 ? pool.num_threads() : items - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, work]() { work(job.get()); });
-  work(job.get());
-  while (job->done.load(std::memory_order_acquire) < items) _mm_pause();
+    };
+  });
   return ffi::Error::Success();
 #endif
 }

@@ -45,6 +45,7 @@ SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 # every CPU kernel of the package, built into one library: (source, FFI target, handler symbol)
 KERNELS = ((SOURCE, TARGET, "JpSkinnyMatmul"),
            (Path(__file__).with_name("cache_attention.cc"), "jaxpersona_cache_attention", "JpCacheAttention"))
+HEADER = Path(__file__).with_name("kernel_items.h")  # included by both (how their work is shared out)
 ENV = "JAXPERSONA_CPU_KERNEL"  # "0": never use the kernel
 FEW_ROWS = 128  # the server's prefill calls use the kernel up to this many rows (where it beats XLA's dot by 1.1-1.2x)
 _state: dict[str, str] = {}
@@ -56,7 +57,7 @@ def _compiler() -> str | None:
 
 def library_path() -> Path:
     """Where the built kernels for these sources, jaxlib and machine live (``<cache>/kernels/``)."""
-    sources = b"".join(src.read_bytes() for src, _, _ in KERNELS)
+    sources = b"".join(src.read_bytes() for src in (*(k[0] for k in KERNELS), HEADER))
     key = hashlib.sha256(sources + jax.lib.__version__.encode() + platform.machine().encode()
                          + platform.node().encode()).hexdigest()[:16]
     return registry.cache_dir() / "kernels" / f"skinny_matmul-{key}.so"

@@ -29,6 +29,8 @@
 
 #ifdef __AVX512F__
 #include <immintrin.h>
+
+#include "kernel_items.h"
 #endif
 
 namespace ffi = xla::ffi;
@@ -170,14 +172,6 @@ void Block(const float* x, const float* w, float* o, int64_t K, int64_t N, int64
   }
 }
 
-// Parts of K handed out by an atomic counter: the caller and any pool worker that wakes in time take the next
-// part; each part has its own output buffer, so who computes which part does not change a number.
-struct Job {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-
 }  // namespace
 #endif
 
@@ -204,21 +198,16 @@ static ffi::Error SkinnyMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   const int64_t step = ((K / P + KB - 1) / KB) * KB;
   if (M >= MANY_ROWS) {  // (row block, column tile) items, every part of K in order within one: no buffers
     const int64_t tiles = (N + 63) / 64, blocks = (M + RB - 1) / RB, items = tiles * blocks;
-    auto job = std::make_shared<Job>();
-    auto work = [=](Job* j) {
-      float* pack = nullptr;  // step x 64 floats, allocated by a thread that gets an item
-      for (int64_t i; (i = j->next.fetch_add(1)) < items;) {
-        if (!pack) pack = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * step * 64));
-        const int64_t b = i / tiles, t = i % tiles, r0 = b * RB, r1 = r0 + RB < M ? r0 + RB : M;
-        Block(xp, wl, o, K, N, P, step, r0, r1, t * 64, pack);
-        j->done.fetch_add(1, std::memory_order_acq_rel);
-      }
-      std::free(pack);
+    struct Free {
+      void operator()(float* f) const { std::free(f); }
     };
-    const int64_t helpers = pool.num_threads() < items - 1 ? pool.num_threads() : items - 1;
-    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, work]() { work(job.get()); });
-    work(job.get());
-    while (job->done.load(std::memory_order_acquire) < items) _mm_pause();
+    jaxpersona::ForItems(pool, items, [=]() {
+      return [=, pack = std::unique_ptr<float, Free>()](int64_t i) mutable {
+        if (!pack) pack.reset(static_cast<float*>(std::aligned_alloc(64, sizeof(float) * step * 64)));  // step x 64
+        const int64_t b = i / tiles, t = i % tiles, r0 = b * RB, r1 = r0 + RB < M ? r0 + RB : M;
+        Block(xp, wl, o, K, N, P, step, r0, r1, t * 64, pack.get());
+      };
+    });
     return ffi::Error::Success();
   }
   if (P == 1) {
@@ -227,19 +216,13 @@ static ffi::Error SkinnyMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   }
   std::unique_ptr<float[]> partial(new float[static_cast<size_t>((P - 1) * M * N)]);  // each part writes all of its
   float* pp = partial.get();
-  auto job = std::make_shared<Job>();
-  // part 0 goes to `o`, part p > 0 to partial[p - 1]
-  auto work = [=](Job* j) {
-    for (int64_t p; (p = j->next.fetch_add(1)) < P;) {
+  // parts of K handed out to the caller and the pool's workers; part 0 goes to `o`, part p > 0 to partial[p - 1]
+  jaxpersona::ForItems(pool, P, [=]() {
+    return [=](int64_t p) {
       const int64_t ka = p * step, kb = (p + 1) * step < K ? (p + 1) * step : K;
       Part(xp, wl, p == 0 ? o : pp + (p - 1) * M * N, M, K, N, ka < K ? ka : K, kb);
-      j->done.fetch_add(1, std::memory_order_acq_rel);
-    }
-  };
-  const int64_t helpers = pool.num_threads() < P - 1 ? pool.num_threads() : P - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job, work]() { work(job.get()); });
-  work(job.get());
-  while (job->done.load(std::memory_order_acquire) < P) _mm_pause();
+    };
+  });
   const int64_t n = M * N;
   for (int64_t p = 1; p < P; ++p) {  // o = ((part0 + part1) + part2) + ...
     const float* q = pp + (p - 1) * n;
