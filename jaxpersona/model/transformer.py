@@ -221,18 +221,18 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
 
 
 def layer_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, mask: jax.Array,
-                    blocked: Blocked | None = None, prefix: KVPrefix | None = None) -> jax.Array:
+                    blocked: Blocked | None = None, prefix: KVPrefix | None = None, *, kernel: bool = True) -> jax.Array:
     """:func:`attention` of ``q [B,T,H,hd]`` over layer ``layer`` of a whole cache ``k``/``v`` ``[L,B,KV,S,hd]``
     (``mask [B,T,S]``, or ``[B,T,P+S]`` after a shared ``prefix``; ``blocked``: only the first ``span`` slots)
-    -> ``[B,T,H*hd]``, read in place by the CPU kernel of :mod:`jaxpersona.model.cache_attention` for one new
-    token a row (``T = 1``, a decode step) where it applies on a CPU backend; else the layer's slices, by XLA (a
-    prefill chunk of 16 tokens over a few hundred slots was ~1.5x slower in the kernel). The kernel is chosen here, not by
-    ``lax.platform_dependent``: that is a conditional, and XLA:CPU copies a whole cache into it. The same
-    numbers for any ``blocked`` span that covers a row's keys."""
+    -> ``[B,T,H*hd]``. With ``kernel``, one new token a row (``T = 1``, a decode step) is read in place by the
+    CPU kernel of :mod:`jaxpersona.model.cache_attention` where it applies on a CPU backend; else (and for a
+    chunk of several tokens, a server's prefill: a small matmul, faster in XLA) the layer's slices, by XLA.
+    The kernel is chosen here, not by ``lax.platform_dependent``: that is a conditional, and XLA:CPU copies a
+    whole cache into it. The same numbers for any ``blocked`` span that covers a row's keys."""
     sm = k.shape[3] if blocked is None else blocked.span
     pkv = None if prefix is None else (prefix.k, prefix.v)
-    # one new token a row (a decode step): a chunk of several (a server's prefill) is a small matmul, XLA's
-    if q.shape[1] == 1 and jax.default_backend() == "cpu" and sm <= k.shape[3] and cache_attention.applies(cfg, q, k):
+    if (kernel and q.shape[1] == 1 and jax.default_backend() == "cpu" and sm <= k.shape[3]
+            and cache_attention.applies(cfg, q, k)):
         width = sm + (0 if prefix is None else prefix.k.shape[3])
         return cache_attention.attend(cfg, q, k, v, layer, mask[..., :width], pkv)
     pre = None if pkv is None else (pkv[0][layer], pkv[1][layer])
@@ -835,11 +835,8 @@ def run_layers(
                 else:  # write the new keys/values in place first, then read this layer's slice
                     q, k, v = project_qkv(cfg, w, lora, h, rope)
                     ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
-                    if cpu_kernel:
-                        h = block_tail(cfg, w, lora, h, layer_attention(cfg, q, ck, cv, layer, mask, blocked, prefix))
-                    else:
-                        pre = None if prefix is None else (prefix.k[layer], prefix.v[layer])
-                        h = finish_block(cfg, w, lora, h, q, ck[layer], cv[layer], mask, blocked, pre)
+                    heads = layer_attention(cfg, q, ck, cv, layer, mask, blocked, prefix, kernel=cpu_kernel)
+                    h = block_tail(cfg, w, lora, h, heads)
                 h = apply_hook(hook, layer + 1, h, prep.ctx)
                 return h, record(buf, layer + 1, h), ck, cv
 
