@@ -43,8 +43,9 @@ from jaxpersona.model import registry
 TARGET = "jaxpersona_skinny_matmul"
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 # every CPU kernel of the package, built into one library: (source, FFI target, handler symbol)
+ATTENTION_TARGET = "jaxpersona_cache_attention"  # jaxpersona.model.cache_attention's
 KERNELS = ((SOURCE, TARGET, "JpSkinnyMatmul"),
-           (Path(__file__).with_name("cache_attention.cc"), "jaxpersona_cache_attention", "JpCacheAttention"))
+           (Path(__file__).with_name("cache_attention.cc"), ATTENTION_TARGET, "JpCacheAttention"))
 HEADER = Path(__file__).with_name("kernel_items.h")  # included by both (how their work is shared out)
 ENV = "JAXPERSONA_CPU_KERNEL"  # "0": never use the kernel
 FEW_ROWS = 128  # the server's prefill calls use the kernel up to this many rows (where it beats XLA's dot by 1.1-1.2x)
