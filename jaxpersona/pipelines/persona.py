@@ -942,8 +942,8 @@ def _control(run: Run, model: Model, st: _TraitState, sw: dict[str, Any], ch: _C
         grid = Grid("steer", vectors, names, (int(layer),), (float(c),), positions=p)
         st.log(f"      control: {config.n_random} random direction(s) of the same norm at {p} positions, layer {layer}, "
                f"c={c:g}")
-        rows = run_sweep(model, grid, [data] * config.n_random, out_dir=run.path(st.sub + "control"),
-                         progress=run.progress, mesh=mesh)
+        # one scoring set for every direction: the points share one trunk and run as one chunk
+        rows = run_sweep(model, grid, data, out_dir=run.path(st.sub + "control"), progress=run.progress, mesh=mesh)
         lp = np.full((config.n_random, 2 * n_q), np.nan)
         for r in rows:
             lp[names.index(r["vector"]), r["prompt"]] = r["logprob"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from hlo_checks import cache_copies
 
 from jaxpersona.model import cache_attention, skinny
 
@@ -144,17 +145,6 @@ def test_turned_off_by_the_environment_it_falls_back_to_xla_exactly():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def cache_copies(hlo: str, cfg) -> list[str]:
-    """What copies a stacked KV cache ``f32[L, B, KV, S, hd]`` in a compiled program: fused computations that
-    take the whole cache and return a layer's keys or values ``f32[B, KV, s, hd]`` (XLA's slice, or its blocks,
-    before the attention products), and copies of the whole cache other than from a broadcast (its zeros)."""
-    kv, hd = cfg.n_kv_heads, cfg.head_dim
-    cache = rf"f32\[{cfg.n_layers},\d+,{kv},\d+,{hd}\]"
-    layer_of = re.compile(rf"^%\S+ \(.*: {cache}.*\) -> f32\[\d+,{kv},\d+,{hd}\] {{")
-    whole = re.compile(rf"= {cache}\S* copy\((?!%\S*broadcast)")
-    return [line for line in hlo.splitlines() if layer_of.search(line) or whole.search(line)]
-
-
 def served(model, prompts: list[str], max_tokens: int, cpu_kernel: bool) -> list[tuple[list, list]]:
     """Greedy tokens and log-probs of each prompt, submitted together to an engine (batch 4)."""
     import queue
@@ -264,8 +254,9 @@ def test_library_generation_decodes_with_the_kernel_and_xlas_tokens(smollm2):
         xla = generate_loop.lower(m.params, m.cfg, jnp.asarray(b.tokens), jnp.asarray(b.valid), jax.random.key(0),
                                   jnp.float32(0), jnp.float32(1), None, max_new_tokens=5, greedy=True, eos_ids=(),
                                   pad_id=0).compile().as_text()
-    # the prefill keeps XLA's attention (its layer's keys and values sliced out: 2); the decode step no longer
-    assert len(cache_copies(hlo, m.cfg)) == 2 and len(cache_copies(xla, m.cfg)) > 2, cache_copies(xla, m.cfg)
+    # the prefill streams the cache layer by layer (transformer.streams_cache) and the decode step reads it in place:
+    # no layer of it is copied out; XLA's decode step slices its layer's keys and values out (2)
+    assert not cache_copies(hlo, m.cfg) and len(cache_copies(xla, m.cfg)) >= 2, cache_copies(hlo, m.cfg)
     out = generate(m.params, m.cfg, b.tokens, b.valid, max_new_tokens=12, eos_ids=(), pad_id=m.pad_id)
     env = {**os.environ, skinny.ENV: "0"}
     done = subprocess.run([sys.executable, "-c", LIBRARY_GREEDY, json.dumps(prompts)], env=env, capture_output=True,
