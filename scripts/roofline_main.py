@@ -79,9 +79,14 @@ def count(run_dir: Path) -> tuple[dict[str, float], dict]:
     # the judge check: the trait rubric on the trait's anchors (and the coherence rubric when that passed); the
     # prompts' shared head is prefilled once per call, each remainder and the integer trie's nodes per prompt
     check = json.loads((run_dir / "judge_check.json").read_text())
-    judge = LocalJudge(model, answer_prefix="Score: ")
+    spec = str(config.get("judge", ""))
+    if not spec.startswith(f"local:{config['model']}:"):  # another model or an endpoint: not counted here
+        print(f"(the judge {spec!r} is not the model itself: its check is not counted)")
+        check = {"n": {}}
+    judge = LocalJudge(model, answer_prefix=spec.split(":", 2)[2].strip("'") if spec.count(":") >= 2 else "")
     nodes = int(judge.trie.tokens.shape[0])
     sets = anchor_sets(trait, load_anchors(trait))[: 2 if check.get("coherence_auroc") is not None else 1]
+    sets = sets if check.get("n") else []
     jc = 0.0
     for labelled in sets:
         seqs = [judge.render(p) for p in labelled.prompts]
