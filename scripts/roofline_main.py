@@ -12,7 +12,7 @@ shapes these stages multiply ([rows, 576] x [576, 1536] and friends, many rows):
   * ``xla``  — XLA's dot (what every stage uses), inside a 30-layer scan as a forward meets it;
   * ``blas`` — numpy's BLAS (OpenBLAS in the numpy wheel), the best general GEMM installed here.
 
-    python scripts/roofline_main.py RUN_DIR                 # ~1 min: the table for a run of the main job
+    python scripts/roofline_main.py runs/persona_evil       # ~1 min: the table for a run of the main job
     python scripts/roofline_main.py RUN_DIR --out bench_results/roofline_main.json
 
 What each stage counts (SmolLM2-135M: 212 MFLOP a token through all 30 blocks, 57 MFLOP a token of logits):
@@ -187,6 +187,10 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    need = ("run.json", "config.json", "responses.jsonl", "judge_check.json", "summary.json", "monitor.jsonl")
+    missing = [n for n in need if not (args.run_dir / n).is_file()]
+    if missing:
+        sys.exit(f"{args.run_dir} is not a finished `jaxpersona extract` run of one trait (missing {', '.join(missing)})")
     flops, manifest = count(args.run_dir)
     ceil = ceiling()
     stages = {s["name"]: s for s in manifest["stages"]}
