@@ -307,8 +307,10 @@ def test_per_row_cache_index_equals_rows_alone(tiny_llama):
         c1 = KVCache.empty(cfg, 1, 16, jnp.float32)
         a = forward(params, cfg, jnp.asarray(toks[b:b + 1, :4]), cache=c1, cache_index=s)
         a2 = forward(params, cfg, jnp.asarray(toks[b:b + 1, 4:]), cache=a.cache, cache_index=s + 4)
+        # alone, the 4-token chunk is a prefill at one slot: its cache is streamed layer by layer
+        # (transformer.streams_cache), another XLA program than the per-row slots' carried cache: float rounding
         np.testing.assert_allclose(out2.logits[b], a2.logits[0], atol=1e-5)
-        np.testing.assert_allclose(out2.cache.k[:, b], a2.cache.k[:, 0], atol=1e-6)
+        np.testing.assert_allclose(out2.cache.k[:, b], a2.cache.k[:, 0], atol=1e-5)
         assert np.array_equal(out2.cache.valid[b], a2.cache.valid[0])
 
 
