@@ -59,8 +59,9 @@ def count(run_dir: Path) -> tuple[dict[str, float], dict]:
 
     manifest = json.loads((run_dir / "run.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
-    ec = ExtractConfig.default().replace(**{k: v for k, v in config.items() if hasattr(ExtractConfig.default(), k)
-                                            and k not in ("trait", "model", "judge")})
+    default = ExtractConfig.default()
+    ec = default.replace(**{k: v for k, v in config.items()
+                            if hasattr(default, k) and k not in ("trait", "model", "judge")})
     model = load(config["model"])
     cfg = model.cfg
     L, blk, head = cfg.n_layers, block_flops(cfg), 2.0 * cfg.d_model * cfg.vocab_size
@@ -134,7 +135,8 @@ def count(run_dir: Path) -> tuple[dict[str, float], dict]:
 
     mon = [json.loads(x) for x in (run_dir / "monitor.jsonl").read_text().splitlines()]
     m_ids = model.pair_ids([r["messages"] for r in mon], [r["response"] for r in mon])
-    scored = 2 * sum(len(a) * (full + head) for _, a in m_ids) + 2 * len(qs) * np.mean([len(p) for p, _ in m_ids]) * full
+    scored = (2 * sum(len(a) * (full + head) for _, a in m_ids)  # the answers under two held-out system prompts
+              + 2 * len(qs) * np.mean([len(p) for p, _ in m_ids]) * full)
     out["monitor"] = generation(mon) + scored + sum((len(p) + len(a)) * full for p, a in m_ids)
     return out, manifest
 
@@ -190,7 +192,8 @@ def main() -> None:
     need = ("run.json", "config.json", "responses.jsonl", "judge_check.json", "summary.json", "monitor.jsonl")
     missing = [n for n in need if not (args.run_dir / n).is_file()]
     if missing:
-        sys.exit(f"{args.run_dir} is not a finished `jaxpersona extract` run of one trait (missing {', '.join(missing)})")
+        sys.exit(f"{args.run_dir} is not a finished `jaxpersona extract` run of one trait "
+                 f"(missing {', '.join(missing)})")
     flops, manifest = count(args.run_dir)
     ceil = ceiling()
     stages = {s["name"]: s for s in manifest["stages"]}
@@ -198,27 +201,24 @@ def main() -> None:
           f"{ceil['blas']:.0f} GFLOP/s (same products)")
     print(f"{'stage':12s} {'TFLOP':>7s} {'wall s':>7s} {'compile':>8s} {'run s':>7s} {'GFLOP/s':>8s} "
           f"{'of XLA':>7s} {'floor XLA':>10s} {'floor BLAS':>11s}")
-    rows, tot = [], {"flops": 0.0, "wall": 0.0, "compile": 0.0}
-    for name, f in flops.items():
-        s = stages.get(name, {})
-        wall, comp = float(s.get("wall_s", 0.0)), float(s.get("compile_s", 0.0))
+
+    def row_of(name: str, f: float, wall: float, comp: float) -> dict:
         run = max(wall - comp, 1e-9)
         row = {"stage": name, "tflop": f / 1e12, "wall_s": wall, "compile_s": comp, "run_s": run,
                "gflops": f / run / 1e9, "floor_xla_s": f / ceil["xla"] / 1e9, "floor_blas_s": f / ceil["blas"] / 1e9}
-        rows.append(row)
-        tot["flops"] += f
-        tot["wall"] += wall
-        tot["compile"] += comp
-        print(f"{name:12s} {f / 1e12:7.2f} {wall:7.1f} {comp:8.1f} {run:7.1f} {row['gflops']:8.0f} "
+        print(f"{name:12s} {row['tflop']:7.2f} {wall:7.1f} {comp:8.1f} {run:7.1f} {row['gflops']:8.0f} "
               f"{row['gflops'] / ceil['xla']:7.0%} {row['floor_xla_s']:10.1f} {row['floor_blas_s']:11.1f}")
-    f, run = tot["flops"], tot["wall"] - tot["compile"]
-    print(f"{'total':12s} {f / 1e12:7.2f} {tot['wall']:7.1f} {tot['compile']:8.1f} {run:7.1f} {f / run / 1e9:8.0f} "
-          f"{f / run / 1e9 / ceil['xla']:7.0%} {f / ceil['xla'] / 1e9:10.1f} {f / ceil['blas'] / 1e9:11.1f}")
+        return row
+
+    rows = [row_of(name, f, float(stages.get(name, {}).get("wall_s", 0.0)),
+                   float(stages.get(name, {}).get("compile_s", 0.0))) for name, f in flops.items()]
+    total = row_of("total", sum(flops.values()), sum(r["wall_s"] for r in rows),
+                   sum(r["compile_s"] for r in rows))
     print(f"(run.json total {manifest.get('wall_s', 0):.1f} s; counted stages exclude the judge's own 'judge' stage "
           "and the summary)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"ceiling_gflops": ceil, "stages": rows, "total": tot,
+        args.out.write_text(json.dumps({"ceiling_gflops": ceil, "stages": rows, "total": total,
                                         "run_dir": str(args.run_dir), "package": manifest.get("package")}, indent=1))
 
 

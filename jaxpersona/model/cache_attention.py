@@ -38,8 +38,8 @@ def _call(q: jax.Array, k: jax.Array, v: jax.Array, pk: jax.Array, pv: jax.Array
           mask: jax.Array, scale: jax.Array) -> jax.Array:
     """q ``[..., B, T, H, hd]``, k/v ``[..., L, B, KV, S, hd]``, prefix pk/pv ``[L, B, KV, Pp, hd]`` (shared by
     every leading index) or ``[..., L, B, KV, Pp, hd]`` (one per leading index), mask ``[..., B, T, Pp + Sm]``
-    -> ``[..., B, T, H*hd]`` (the same leading dims on q, k/v and mask: none, or vmapped points). The cache goes in as it is: a reshape of it after the layer's in-place
-    write would make XLA write a second copy for the call."""
+    -> ``[..., B, T, H*hd]`` (the same leading dims on q, k/v and mask: none, or vmapped points). The cache goes
+    in as it is: a reshape of it after the layer's in-place write would make XLA write a second copy for the call."""
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*q.shape[:-2], q.shape[-2] * q.shape[-1]), jnp.float32))
     return call(q, k, v, pk, pv, layer, mask, scale)
 

@@ -221,7 +221,8 @@ def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, mask: 
 
 
 def layer_attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, mask: jax.Array,
-                    blocked: Blocked | None = None, prefix: KVPrefix | None = None, *, kernel: bool = True) -> jax.Array:
+                    blocked: Blocked | None = None, prefix: KVPrefix | None = None, *,
+                    kernel: bool = True) -> jax.Array:
     """:func:`attention` of ``q [B,T,H,hd]`` over layer ``layer`` of a whole cache ``k``/``v`` ``[L,B,KV,S,hd]``
     (``mask [B,T,S]``, or ``[B,T,P+S]`` after a shared ``prefix``; ``blocked``: only the first ``span`` slots)
     -> ``[B,T,H*hd]``. With ``kernel``, one new token a row (``T = 1``, a decode step) is read in place by the
@@ -844,17 +845,17 @@ def run_layers(
                                  if skinny.applies(h, stacked[n])}}
                 if cache is None:
                     h = (remat_block if remat else block)(cfg, w, lora, h, rope, mask)
-                elif shared is not None:  # read_only: this layer's keys/values with the new ones written in
+                elif shared is not None or stream:  # one layer of the cache, with the new keys/values written in:
+                    # read_only, this layer of the shared cache (a copy, dropped after); streamed, the scan's slice
+                    # (handed on as the scan's output)
                     q, k, v = project_qkv(cfg, w, lora, h, rope)
-                    kl = write_cache(shared.k[layer][None], k, jnp.int32(0), index)[0]
-                    vl = write_cache(shared.v[layer][None], v, jnp.int32(0), index)[0]
-                    h = finish_block(cfg, w, lora, h, q, kl, vl, mask, blocked)
-                elif stream:  # this layer only: written, attended over, and handed on as the scan's output
-                    q, k, v = project_qkv(cfg, w, lora, h, rope)
-                    ck = write_cache(ck[None], k, jnp.int32(0), index)[0]
-                    cv = write_cache(cv[None], v, jnp.int32(0), index)[0]
-                    pre = None if prefix is None else (prefix.k[layer], prefix.v[layer])
-                    h = finish_block(cfg, w, lora, h, q, ck, cv, mask, blocked, pre)
+                    kl, vl = (shared.k[layer], shared.v[layer]) if shared is not None else (ck, cv)
+                    kl = write_cache(kl[None], k, jnp.int32(0), index)[0]
+                    vl = write_cache(vl[None], v, jnp.int32(0), index)[0]
+                    pre = None if prefix is None else (prefix.k[layer], prefix.v[layer])  # None when read_only
+                    h = finish_block(cfg, w, lora, h, q, kl, vl, mask, blocked, pre)
+                    if stream:
+                        ck, cv = kl, vl
                 else:  # write the new keys/values in place first, then read this layer's slice
                     q, k, v = project_qkv(cfg, w, lora, h, rope)
                     ck, cv = write_cache(ck, k, layer, index), write_cache(cv, v, layer, index)
